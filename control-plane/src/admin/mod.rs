@@ -1,0 +1,249 @@
+//! The admin API meshctl calls, behind a bearer token.
+
+use crate::discovery::{
+    ProxyTable, endpoint_from_proto, endpoint_to_proto, route_from_proto, route_to_proto,
+};
+use crate::model::RouteVersion;
+use crate::registry::{Registry, check_name};
+use crate::spiffe::SpiffeId;
+use crate::tokens;
+use mesh_proto::v1 as pb;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: Arc<str>,
+}
+
+impl AdminAuth {
+    pub fn new(token: &str) -> Self {
+        Self {
+            token: token.into(),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let (a, b) = (given.as_bytes(), self.token.as_bytes());
+        let same =
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong admin token"))
+        }
+    }
+}
+
+pub struct AdminService {
+    pub registry: Arc<Registry>,
+    pub proxies: Arc<ProxyTable>,
+}
+
+fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
+    pb::RouteInfo {
+        service: service.to_string(),
+        route: Some(route_to_proto(&v.route)),
+        revision: v.revision,
+        updated_at_unix: v.updated_at_unix,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_services(
+        &self,
+        _: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let st = self.registry.state();
+        let services = st
+            .services
+            .values()
+            .map(|s| {
+                let eps = st.endpoints.get(&s.name);
+                pb::ServiceInfo {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    identity: s.identity.clone(),
+                    endpoints: eps.map_or(0, |m| m.len() as u32),
+                    ready_endpoints: eps
+                        .map_or(0, |m| m.values().filter(|e| e.ready).count() as u32),
+                    versions: st.versions_of(&s.name),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        req: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        let filter = req.into_inner().service;
+        let st = self.registry.state();
+        if !filter.is_empty() && !st.services.contains_key(&filter) {
+            return Err(Status::not_found(format!("unknown service {filter:?}")));
+        }
+        let endpoints = st
+            .endpoints
+            .iter()
+            .filter(|(s, _)| filter.is_empty() || **s == filter)
+            .flat_map(|(s, m)| {
+                m.values().map(move |e| pb::EndpointInfo {
+                    service: s.clone(),
+                    endpoint: Some(endpoint_to_proto(e)),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
+    }
+
+    async fn add_endpoint(
+        &self,
+        req: Request<pb::AddEndpointRequest>,
+    ) -> Result<Response<pb::AddEndpointResponse>, Status> {
+        let m = req.into_inner();
+        let ep = m
+            .endpoint
+            .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+        let ns = if m.namespace.is_empty() {
+            "default"
+        } else {
+            &m.namespace
+        };
+        let sa = if m.service_account.is_empty() {
+            &m.service
+        } else {
+            &m.service_account
+        };
+        let id = SpiffeId::new(&self.registry.trust_domain, ns, sa)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.registry
+            .upsert_endpoint(&m.service, &id, endpoint_from_proto(ep))
+            .await?;
+        Ok(Response::new(pb::AddEndpointResponse {}))
+    }
+
+    async fn remove_endpoint(
+        &self,
+        req: Request<pb::RemoveEndpointRequest>,
+    ) -> Result<Response<pb::RemoveEndpointResponse>, Status> {
+        let m = req.into_inner();
+        self.registry
+            .remove_endpoint(&m.service, &m.endpoint_id, None)
+            .await?;
+        Ok(Response::new(pb::RemoveEndpointResponse {}))
+    }
+
+    async fn get_route(
+        &self,
+        req: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::RouteInfo>, Status> {
+        let service = req.into_inner().service;
+        let st = self.registry.state();
+        if !st.services.contains_key(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        Ok(Response::new(route_info(&service, st.route_of(&service))))
+    }
+
+    async fn set_route(
+        &self,
+        req: Request<pb::SetRouteRequest>,
+    ) -> Result<Response<pb::RouteInfo>, Status> {
+        let m = req.into_inner();
+        check_name("service", &m.service)?;
+        let route = route_from_proto(m.route.unwrap_or_default());
+        let v = self
+            .registry
+            .set_route(&m.service, route, !m.skip_validation)
+            .await?;
+        tracing::info!(service = %m.service, revision = v.revision, raw = m.skip_validation, "route set");
+        Ok(Response::new(route_info(&m.service, v)))
+    }
+
+    async fn list_routes(
+        &self,
+        _: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let st = self.registry.state();
+        let routes = st
+            .services
+            .keys()
+            .map(|s| route_info(s, st.route_of(s)))
+            .collect();
+        Ok(Response::new(pb::ListRoutesResponse { routes }))
+    }
+
+    async fn route_history(
+        &self,
+        req: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::RouteHistoryResponse>, Status> {
+        let service = req.into_inner().service;
+        let st = self.registry.state();
+        if !st.services.contains_key(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        let history = st
+            .routes
+            .get(&service)
+            .map(|r| {
+                std::iter::once(&r.current)
+                    .chain(&r.history)
+                    .map(|v| route_info(&service, v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(pb::RouteHistoryResponse { history }))
+    }
+
+    async fn list_proxies(
+        &self,
+        _: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        let mut proxies: Vec<pb::ProxyInfo> = self
+            .proxies
+            .proxies
+            .iter()
+            .map(|p| pb::ProxyInfo {
+                id: p.node_id.clone(),
+                identity: p.identity.clone(),
+                service: p.service.clone(),
+                version_label: p.version_label.clone(),
+                connected_at_unix: p.connected_at_unix,
+                acked_version: p.acked_version,
+                nacked_version: p.nacked_version,
+                nack_reason: p.nack_reason.clone(),
+                subscriptions: p.subscriptions.clone(),
+            })
+            .collect();
+        proxies.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let m = req.into_inner();
+        let id = SpiffeId::from_ns_sa(&self.registry.trust_domain, &m.identity).map_err(|e| {
+            Status::invalid_argument(format!("{e}; expected <namespace>/<service-account>"))
+        })?;
+        let (token, expires) = tokens::create(&self.registry, &id, m.ttl_seconds).await?;
+        tracing::info!(identity = %id, "bootstrap token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            identity: id.to_string(),
+            expires_at_unix: expires,
+        }))
+    }
+}

@@ -1,0 +1,68 @@
+//! `mesh-control-plane`: parse flags, run until SIGTERM/SIGINT.
+
+use clap::Parser;
+use mesh_control_plane::server::{Config, run};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "The mesh control plane: registry, config push, certificate authority, admin API"
+)]
+struct Args {
+    /// Data directory of the embedded store, the CA and the admin token.
+    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
+    data_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "mesh.local")]
+    trust_domain: String,
+    /// Address for proxies (discovery + identity).
+    #[arg(long, env = "MESH_GRPC_ADDR", default_value = "127.0.0.1:15010")]
+    grpc_addr: std::net::SocketAddr,
+    /// Address for meshctl (admin API).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15011")]
+    admin_addr: std::net::SocketAddr,
+    /// Workload certificate lifetime, seconds.
+    #[arg(long, default_value_t = 86400)]
+    cert_ttl_secs: u64,
+    /// Extra DNS names for the control plane's serving certificate.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Operator-provided CA certificate (PEM); with --ca-key, used instead of a generated root.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    if a.cert_ttl_secs < 60 {
+        eprintln!("error: --cert-ttl-secs must be at least 60");
+        return std::process::ExitCode::from(78);
+    }
+    let cfg = Config {
+        data_dir: a.data_dir,
+        trust_domain: a.trust_domain,
+        grpc_addr: a.grpc_addr,
+        admin_addr: a.admin_addr,
+        leaf_ttl: std::time::Duration::from_secs(a.cert_ttl_secs),
+        server_names: a.server_names,
+        ca_cert: a.ca_cert,
+        ca_key: a.ca_key,
+    };
+    match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

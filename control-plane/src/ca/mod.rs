@@ -1,0 +1,7 @@
+//! The certificate authority: a root (generated on first start or given by the operator) that
+//! signs workload CSRs into short-lived SPIFFE certificates, and the Identity gRPC service.
+
+pub mod issuer;
+pub mod service;
+
+pub use issuer::{CaError, CertificateAuthority};

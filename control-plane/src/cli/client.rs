@@ -1,0 +1,66 @@
+//! The admin API client: TLS to the control plane plus the bearer token.
+
+use super::Cli;
+use anyhow::Context;
+use mesh_proto::v1::admin_client::AdminClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+pub type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Connects to an admin API.
+pub async fn connect_with(server: &str, token: &str, ca_pem: &str) -> anyhow::Result<Admin> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(crate::server::SERVER_NAME);
+    let channel = Endpoint::from_shared(server.to_string())
+        .with_context(|| format!("invalid --server {server:?}"))?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {server}"))?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("admin token has invalid characters")?;
+    Ok(AdminClient::new(InterceptedService::new(
+        channel,
+        BearerToken(value),
+    )))
+}
+
+/// Connects using the CLI's flags, falling back to the local data dir for token and CA.
+pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => {
+            let p = cli.data_dir.join("admin-token");
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("no --token given and cannot read {}", p.display()))?
+                .trim()
+                .to_string()
+        }
+    };
+    let ca_path = cli
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| cli.data_dir.join("ca").join("root.pem"));
+    let ca = std::fs::read_to_string(&ca_path).with_context(|| {
+        format!(
+            "cannot read the CA certificate {} (set --ca-file)",
+            ca_path.display()
+        )
+    })?;
+    connect_with(&cli.server, &token, &ca).await
+}

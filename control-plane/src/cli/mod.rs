@@ -1,0 +1,485 @@
+//! meshctl: clap commands and output. No business logic: every command is one admin API call
+//! (plus `demo`, which starts local processes).
+
+pub mod client;
+pub mod demo;
+pub mod output;
+
+use clap::{Parser, Subcommand};
+use mesh_proto::v1 as pb;
+use output::{Table, print_json};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Operate the mesh: services, endpoints, routes, proxies, tokens"
+)]
+pub struct Cli {
+    /// Admin API address of the control plane.
+    #[arg(
+        long,
+        env = "MESH_ADMIN_SERVER",
+        default_value = "https://127.0.0.1:15011",
+        global = true
+    )]
+    pub server: String,
+    /// Admin token (default: read from <data-dir>/admin-token).
+    #[arg(long, env = "MESH_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate to verify the control plane (default: <data-dir>/ca/root.pem).
+    #[arg(long, env = "MESH_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// The control plane's data directory, for a local control plane.
+    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh", global = true)]
+    pub data_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    #[command(flatten)]
+    Admin(AdminCmd),
+    /// Start a local mesh (control plane, example services, sidecars) and send traffic through it.
+    Demo(demo::DemoArgs),
+}
+
+/// Commands that are one admin API call.
+#[derive(Subcommand, Debug, Clone)]
+pub enum AdminCmd {
+    /// List services.
+    Services,
+    /// List or change endpoints.
+    Endpoints {
+        #[command(subcommand)]
+        cmd: Option<EndpointsCmd>,
+        /// Only this service's endpoints.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Show or change routes.
+    Route {
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
+    /// Connected proxies and the config version each ACKed or NACKed.
+    Proxies,
+    /// Bootstrap tokens for VMs / single machines.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum EndpointsCmd {
+    /// Register an endpoint by hand (proxies normally register themselves).
+    Add {
+        service: String,
+        /// Endpoint id, unique within the service.
+        #[arg(long)]
+        id: String,
+        /// ip:port of the endpoint's sidecar inbound listener.
+        #[arg(long)]
+        address: String,
+        /// `version` label.
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Service account (default: the service name).
+        #[arg(long)]
+        service_account: Option<String>,
+    },
+    /// Remove an endpoint.
+    Remove { service: String, id: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum RouteCmd {
+    /// Set the weights of a service's versions, e.g. `--weights v1=90,v2=10`.
+    Set {
+        service: String,
+        #[arg(long)]
+        weights: String,
+    },
+    /// Show a service's route.
+    Get { service: String },
+    /// All services' routes.
+    List,
+    /// Earlier versions of a service's route, newest first.
+    History { service: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TokenCmd {
+    /// Create a token bound to one identity, e.g. `--identity default/web`.
+    Create {
+        #[arg(long)]
+        identity: String,
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Parses `v1=90,v2=10`. Refuses negative, non-numeric, duplicate and all-zero weights.
+pub fn parse_weights(s: &str) -> Result<Vec<pb::WeightedBackend>, String> {
+    let mut out: Vec<pb::WeightedBackend> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (v, w) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected <version>=<weight>"))?;
+        let v = v.trim();
+        if v.is_empty() {
+            return Err(format!("{part:?}: empty version"));
+        }
+        let w: i64 = w
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: weight is not a whole number"))?;
+        if w < 0 {
+            return Err(format!("{part:?}: weights cannot be negative"));
+        }
+        let weight = u32::try_from(w).map_err(|_| format!("{part:?}: weight too large"))?;
+        if out.iter().any(|b| b.version == v) {
+            return Err(format!("version {v:?} given twice"));
+        }
+        out.push(pb::WeightedBackend {
+            version: v.to_string(),
+            weight,
+        });
+    }
+    if out.is_empty() {
+        return Err("no weights given: expected e.g. v1=90,v2=10".into());
+    }
+    if out.iter().all(|b| b.weight == 0) {
+        return Err("all weights are 0: at least one must be positive".into());
+    }
+    Ok(out)
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d` or plain seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("invalid duration {s:?}: use e.g. 90s, 30m, 24h, 7d"))
+}
+
+fn fmt_weights(r: &Option<pb::Route>) -> String {
+    match r {
+        Some(r) if !r.backends.is_empty() => r
+            .backends
+            .iter()
+            .map(|b| format!("{}={}", b.version, b.weight))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "(all endpoints, equal)".into(),
+    }
+}
+
+fn fmt_time(unix: i64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn route_table(routes: &[pb::RouteInfo]) -> Table {
+    let mut t = Table::new(&["SERVICE", "WEIGHTS", "REVISION", "UPDATED"]);
+    for r in routes {
+        t.row(vec![
+            r.service.clone(),
+            fmt_weights(&r.route),
+            r.revision.to_string(),
+            fmt_time(r.updated_at_unix),
+        ]);
+    }
+    t
+}
+
+/// Runs one meshctl command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.output == Format::Json;
+    let cmd = match &cli.command {
+        Command::Demo(args) => return demo::run(args.clone()).await,
+        Command::Admin(cmd) => cmd.clone(),
+    };
+    let mut c = client::connect(&cli).await?;
+    match cmd {
+        AdminCmd::Services => {
+            let r = c
+                .list_services(pb::ListServicesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "NAMESPACE",
+                "IDENTITY",
+                "ENDPOINTS",
+                "READY",
+                "VERSIONS",
+            ]);
+            for s in r.services {
+                t.row(vec![
+                    s.name,
+                    s.namespace,
+                    s.identity,
+                    s.endpoints.to_string(),
+                    s.ready_endpoints.to_string(),
+                    s.versions.join(","),
+                ]);
+            }
+            t.print();
+        }
+        AdminCmd::Endpoints { cmd: None, service } => {
+            let r = c
+                .list_endpoints(pb::ListEndpointsRequest {
+                    service: service.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = Table::new(&["SERVICE", "ID", "ADDRESS", "VERSION", "READY"]);
+            for e in r.endpoints {
+                let ep = e.endpoint.unwrap_or_default();
+                let v = ep.labels.get("version").cloned().unwrap_or_default();
+                t.row(vec![e.service, ep.id, ep.address, v, ep.ready.to_string()]);
+            }
+            t.print();
+        }
+        AdminCmd::Endpoints {
+            cmd:
+                Some(EndpointsCmd::Add {
+                    service,
+                    id,
+                    address,
+                    version,
+                    namespace,
+                    service_account,
+                }),
+            ..
+        } => {
+            let mut labels = std::collections::HashMap::new();
+            if let Some(v) = version {
+                labels.insert("version".to_string(), v);
+            }
+            c.add_endpoint(pb::AddEndpointRequest {
+                service: service.clone(),
+                namespace,
+                service_account: service_account.unwrap_or_default(),
+                endpoint: Some(pb::Endpoint {
+                    id: id.clone(),
+                    address,
+                    labels,
+                    ready: true,
+                }),
+            })
+            .await?;
+            println!("endpoint {id} added to {service}");
+        }
+        AdminCmd::Endpoints {
+            cmd: Some(EndpointsCmd::Remove { service, id }),
+            ..
+        } => {
+            c.remove_endpoint(pb::RemoveEndpointRequest {
+                service: service.clone(),
+                endpoint_id: id.clone(),
+            })
+            .await?;
+            println!("endpoint {id} removed from {service}");
+        }
+        AdminCmd::Route { cmd } => match cmd {
+            RouteCmd::Set { service, weights } => {
+                let backends = parse_weights(&weights)
+                    .map_err(|e| anyhow::anyhow!("invalid --weights: {e}"))?;
+                let r = c
+                    .set_route(pb::SetRouteRequest {
+                        service,
+                        route: Some(pb::Route { backends }),
+                        skip_validation: false,
+                    })
+                    .await?
+                    .into_inner();
+                if json {
+                    return print_json(&r);
+                }
+                println!(
+                    "route of {} set to {} (revision {})",
+                    r.service,
+                    fmt_weights(&r.route),
+                    r.revision
+                );
+            }
+            RouteCmd::Get { service } => {
+                let r = c
+                    .get_route(pb::GetRouteRequest { service })
+                    .await?
+                    .into_inner();
+                if json {
+                    return print_json(&r);
+                }
+                route_table(&[r]).print();
+            }
+            RouteCmd::List => {
+                let r = c.list_routes(pb::ListRoutesRequest {}).await?.into_inner();
+                if json {
+                    return print_json(&r);
+                }
+                route_table(&r.routes).print();
+            }
+            RouteCmd::History { service } => {
+                let r = c
+                    .route_history(pb::GetRouteRequest { service })
+                    .await?
+                    .into_inner();
+                if json {
+                    return print_json(&r);
+                }
+                route_table(&r.history).print();
+            }
+        },
+        AdminCmd::Proxies => {
+            let r = c
+                .list_proxies(pb::ListProxiesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = Table::new(&[
+                "PROXY",
+                "IDENTITY",
+                "SERVICE",
+                "VERSION",
+                "ACKED",
+                "NACKED",
+                "NACK REASON",
+            ]);
+            for p in r.proxies {
+                let nacked = if p.nacked_version == 0 {
+                    "-".to_string()
+                } else {
+                    p.nacked_version.to_string()
+                };
+                t.row(vec![
+                    p.id,
+                    p.identity,
+                    p.service,
+                    p.version_label,
+                    p.acked_version.to_string(),
+                    nacked,
+                    p.nack_reason,
+                ]);
+            }
+            t.print();
+        }
+        AdminCmd::Token {
+            cmd: TokenCmd::Create { identity, ttl },
+        } => {
+            let ttl_seconds = parse_duration_secs(&ttl).map_err(|e| anyhow::anyhow!(e))?;
+            let r = c
+                .create_token(pb::CreateTokenRequest {
+                    identity,
+                    ttl_seconds,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            eprintln!(
+                "token for {} (expires {}):",
+                r.identity,
+                fmt_time(r.expires_at_unix)
+            );
+            println!("{}", r.token);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights() {
+        let w = parse_weights("v1=90, v2=10").unwrap();
+        assert_eq!(
+            (w[0].version.as_str(), w[0].weight, w[1].weight),
+            ("v1", 90, 10)
+        );
+        assert!(
+            parse_weights("v1=-1,v2=10")
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert!(
+            parse_weights("v1=0,v2=0")
+                .unwrap_err()
+                .contains("all weights are 0")
+        );
+        assert!(parse_weights("v1=x").is_err());
+        assert!(parse_weights("v1=1,v1=2").unwrap_err().contains("twice"));
+        assert!(parse_weights("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("24h"), Ok(86400));
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert!(parse_duration_secs("0s").is_err());
+        assert!(parse_duration_secs("abc").is_err());
+    }
+}

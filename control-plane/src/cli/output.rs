@@ -1,0 +1,123 @@
+//! Tables for people, JSON for scripts.
+
+/// A left-aligned text table.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+    pub fn row(&mut self, r: Vec<String>) {
+        self.rows.push(r);
+    }
+    pub fn render(&self) -> String {
+        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for r in &self.rows {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+/// Prints a prost message as JSON (field names as in the .proto).
+pub fn print_json<T: std::fmt::Debug + ToJson>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v.to_json())?);
+    Ok(())
+}
+
+/// JSON views of the admin API's messages.
+pub trait ToJson {
+    fn to_json(&self) -> serde_json::Value;
+}
+
+use mesh_proto::v1 as pb;
+use serde_json::json;
+
+fn route_json(r: &Option<pb::Route>) -> serde_json::Value {
+    let backends: Vec<_> = r
+        .iter()
+        .flat_map(|r| &r.backends)
+        .map(|b| json!({"version": b.version, "weight": b.weight}))
+        .collect();
+    json!({ "backends": backends })
+}
+
+impl ToJson for pb::RouteInfo {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"service": self.service, "route": route_json(&self.route), "revision": self.revision, "updated_at_unix": self.updated_at_unix})
+    }
+}
+impl ToJson for pb::ListRoutesResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"routes": self.routes.iter().map(ToJson::to_json).collect::<Vec<_>>()})
+    }
+}
+impl ToJson for pb::RouteHistoryResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"history": self.history.iter().map(ToJson::to_json).collect::<Vec<_>>()})
+    }
+}
+impl ToJson for pb::ListServicesResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"services": self.services.iter().map(|s| json!({
+            "name": s.name, "namespace": s.namespace, "identity": s.identity,
+            "endpoints": s.endpoints, "ready_endpoints": s.ready_endpoints, "versions": s.versions,
+        })).collect::<Vec<_>>()})
+    }
+}
+impl ToJson for pb::ListEndpointsResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"endpoints": self.endpoints.iter().map(|e| {
+            let ep = e.endpoint.clone().unwrap_or_default();
+            json!({"service": e.service, "id": ep.id, "address": ep.address, "labels": ep.labels, "ready": ep.ready})
+        }).collect::<Vec<_>>()})
+    }
+}
+impl ToJson for pb::ListProxiesResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"proxies": self.proxies.iter().map(|p| json!({
+            "id": p.id, "identity": p.identity, "service": p.service, "version_label": p.version_label,
+            "connected_at_unix": p.connected_at_unix, "acked_version": p.acked_version,
+            "nacked_version": p.nacked_version, "nack_reason": p.nack_reason, "subscriptions": p.subscriptions,
+        })).collect::<Vec<_>>()})
+    }
+}
+impl ToJson for pb::CreateTokenResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"token": self.token, "identity": self.identity, "expires_at_unix": self.expires_at_unix})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn aligns_columns() {
+        let mut t = super::Table::new(&["A", "LONGER"]);
+        t.row(vec!["xxxx".into(), "y".into()]);
+        assert_eq!(t.render(), "A     LONGER\nxxxx  y\n");
+    }
+}

@@ -1,0 +1,195 @@
+//! The discovery stream: per-proxy subscriptions, per-resource deltas, ACK/NACK bookkeeping,
+//! and endpoint self-registration.
+//!
+//! Each stream is one task that wakes on the registry's revision `watch`; it always sends the
+//! latest state of what changed, so a slow proxy skips intermediate versions instead of
+//! queueing stale ones.
+
+mod session;
+
+use crate::ca::issuer::identity_of_chain;
+use crate::model::EndpointRecord;
+use crate::registry::Registry;
+use crate::spiffe::SpiffeId;
+use dashmap::DashMap;
+use mesh_proto::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Resource name prefix for services.
+pub const SERVICE_PREFIX: &str = "service/";
+
+/// What the control plane knows of one connected proxy.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyStatus {
+    pub node_id: String,
+    pub identity: String,
+    pub service: String,
+    pub version_label: String,
+    pub connected_at_unix: i64,
+    pub acked_version: u64,
+    pub nacked_version: u64,
+    pub nack_reason: String,
+    pub subscriptions: Vec<String>,
+}
+
+/// Connected proxies by stream id.
+#[derive(Default)]
+pub struct ProxyTable {
+    next_id: AtomicU64,
+    pub proxies: DashMap<u64, ProxyStatus>,
+}
+
+impl ProxyTable {
+    fn insert(&self, status: ProxyStatus) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.proxies.insert(id, status);
+        id
+    }
+}
+
+pub struct DiscoveryService {
+    pub registry: Arc<Registry>,
+    pub proxies: Arc<ProxyTable>,
+}
+
+fn peer_identity<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
+    req.peer_certs()
+        .and_then(|c| identity_of_chain(&c))
+        .ok_or_else(|| Status::unauthenticated("a mesh client certificate is required"))
+}
+
+/// Builds the proto of a service from the registry state.
+pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::ServiceConfig> {
+    let svc = state.services.get(name)?;
+    let route = state.route_of(name).route;
+    Some(pb::ServiceConfig {
+        name: svc.name.clone(),
+        namespace: svc.namespace.clone(),
+        identity: svc.identity.clone(),
+        endpoints: state
+            .endpoints
+            .get(name)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .map(endpoint_to_proto)
+            .collect(),
+        route: Some(route_to_proto(&route)),
+    })
+}
+
+pub fn endpoint_to_proto(e: &EndpointRecord) -> pb::Endpoint {
+    pb::Endpoint {
+        id: e.id.clone(),
+        address: e.address.clone(),
+        labels: e
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ready: e.ready,
+    }
+}
+
+pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
+    EndpointRecord {
+        id: e.id,
+        address: e.address,
+        labels: e.labels.into_iter().collect(),
+        ready: e.ready,
+    }
+}
+
+pub fn route_to_proto(r: &crate::model::Route) -> pb::Route {
+    pb::Route {
+        backends: r
+            .backends
+            .iter()
+            .map(|b| pb::WeightedBackend {
+                version: b.version.clone(),
+                weight: b.weight,
+            })
+            .collect(),
+    }
+}
+
+pub fn route_from_proto(r: pb::Route) -> crate::model::Route {
+    crate::model::Route {
+        backends: r
+            .backends
+            .into_iter()
+            .map(|b| crate::model::Backend {
+                version: b.version,
+                weight: b.weight,
+            })
+            .collect(),
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let identity = peer_identity(&req)?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node = first
+            .node
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let id = self.proxies.insert(ProxyStatus {
+            node_id: node.id.clone(),
+            identity: identity.to_string(),
+            service: node.service.clone(),
+            version_label: node.version_label.clone(),
+            connected_at_unix: crate::model::now_unix(),
+            ..ProxyStatus::default()
+        });
+        tracing::info!(node = %node.id, %identity, "proxy connected");
+        let session = session::Session::new(self.registry.clone(), self.proxies.clone(), id, tx);
+        tokio::spawn(session.run(first, inbound));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let identity = peer_identity(&req)?;
+        let msg = req.into_inner();
+        let ep = msg
+            .endpoint
+            .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+        self.registry
+            .upsert_endpoint(&msg.service, &identity, endpoint_from_proto(ep))
+            .await?;
+        Ok(Response::new(pb::RegisterResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let identity = peer_identity(&req)?;
+        let msg = req.into_inner();
+        self.registry
+            .remove_endpoint(&msg.service, &msg.endpoint_id, Some(&identity))
+            .await?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+}

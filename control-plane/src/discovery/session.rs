@@ -1,0 +1,178 @@
+//! One proxy's discovery stream.
+
+use super::{ProxyTable, SERVICE_PREFIX, service_config};
+use crate::registry::Registry;
+use mesh_proto::v1 as pb;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+/// Most resource names one proxy may subscribe to (bounds memory per stream).
+const MAX_SUBSCRIPTIONS: usize = 10_000;
+
+pub(super) struct Session {
+    registry: Arc<Registry>,
+    table: Arc<ProxyTable>,
+    id: u64,
+    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    subscriptions: BTreeSet<String>,
+    /// What the proxy was last sent per name: Some(version), or None when sent as removed.
+    sent: HashMap<String, Option<u64>>,
+    /// Nonce → revision of responses not yet answered.
+    pending: HashMap<String, u64>,
+    next_nonce: u64,
+}
+
+impl Session {
+    pub(super) fn new(
+        registry: Arc<Registry>,
+        table: Arc<ProxyTable>,
+        id: u64,
+        tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    ) -> Self {
+        Self {
+            registry,
+            table,
+            id,
+            tx,
+            subscriptions: BTreeSet::new(),
+            sent: HashMap::new(),
+            pending: HashMap::new(),
+            next_nonce: 0,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        first: pb::DiscoveryRequest,
+        mut inbound: Streaming<pb::DiscoveryRequest>,
+    ) {
+        let mut changes = self.registry.watch();
+        changes.borrow_and_update();
+        self.handle(first);
+        // The first response always goes out, empty or not: it tells the proxy it is in sync.
+        let mut ok = self.push(true).await;
+        while ok {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        let resubscribed = self.handle(m);
+                        if resubscribed {
+                            ok = self.push(false).await;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "discovery stream error");
+                        break;
+                    }
+                },
+                r = changes.changed() => {
+                    if r.is_err() { break; }
+                    changes.borrow_and_update();
+                    ok = self.push(false).await;
+                }
+            }
+        }
+        if let Some((_, s)) = self.table.proxies.remove(&self.id) {
+            tracing::info!(node = %s.node_id, "proxy disconnected");
+        }
+    }
+
+    /// Applies (un)subscriptions and ACK/NACK. Returns whether subscriptions grew.
+    fn handle(&mut self, m: pb::DiscoveryRequest) -> bool {
+        let mut grew = false;
+        for name in m.subscribe {
+            if self.subscriptions.len() < MAX_SUBSCRIPTIONS && self.subscriptions.insert(name) {
+                grew = true;
+            }
+        }
+        for name in m.unsubscribe {
+            self.subscriptions.remove(&name);
+            self.sent.remove(&name);
+        }
+        if let Some(mut st) = self.table.proxies.get_mut(&self.id) {
+            if !m.response_nonce.is_empty()
+                && let Some(rev) = self.pending.remove(&m.response_nonce)
+            {
+                if m.error_detail.is_empty() {
+                    st.acked_version = st.acked_version.max(rev);
+                    if st.nacked_version <= rev {
+                        st.nacked_version = 0;
+                        st.nack_reason.clear();
+                    }
+                } else {
+                    tracing::warn!(node = %st.node_id, revision = rev, reason = %m.error_detail, "proxy NACKed config");
+                    st.nacked_version = rev;
+                    st.nack_reason = m.error_detail;
+                }
+            }
+            if grew || st.subscriptions.len() != self.subscriptions.len() {
+                st.subscriptions = self.subscriptions.iter().cloned().collect();
+            }
+        }
+        grew
+    }
+
+    /// Sends what changed since the last push. Returns false when the stream is gone.
+    async fn push(&mut self, always: bool) -> bool {
+        let state = self.registry.state();
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in &self.subscriptions {
+            let svc = name.strip_prefix(SERVICE_PREFIX);
+            let current = svc.and_then(|s| {
+                let cfg = service_config(&state, s)?;
+                Some((
+                    state
+                        .service_versions
+                        .get(s)
+                        .copied()
+                        .unwrap_or(state.revision),
+                    cfg,
+                ))
+            });
+            let last = self.sent.get(name);
+            match current {
+                Some((version, cfg)) if last != Some(&Some(version)) => {
+                    self.sent.insert(name.clone(), Some(version));
+                    resources.push(pb::Resource {
+                        name: name.clone(),
+                        version,
+                        kind: Some(pb::resource::Kind::Service(cfg)),
+                    });
+                }
+                None if last != Some(&None) => {
+                    self.sent.insert(name.clone(), None);
+                    removed.push(name.clone());
+                }
+                _ => {}
+            }
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            return true;
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        self.pending.insert(nonce.clone(), state.revision);
+        // Bound the bookkeeping if a proxy never answers.
+        if self.pending.len() > 64 {
+            let oldest = self
+                .pending
+                .iter()
+                .min_by_key(|(_, r)| **r)
+                .map(|(n, _)| n.clone());
+            if let Some(n) = oldest {
+                self.pending.remove(&n);
+            }
+        }
+        let resp = pb::DiscoveryResponse {
+            version: state.revision,
+            nonce,
+            resources,
+            removed,
+        };
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}

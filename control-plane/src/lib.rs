@@ -1,0 +1,15 @@
+//! The mesh control plane: stores services, endpoints and routes, pushes them to proxies over
+//! the discovery stream, signs workload certificates, and serves the admin API meshctl uses.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod ca;
+pub mod cli;
+pub mod discovery;
+pub mod model;
+pub mod process;
+pub mod registry;
+pub mod server;
+pub mod spiffe;
+pub mod store;
+pub mod tokens;

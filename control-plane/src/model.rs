@@ -1,0 +1,79 @@
+//! Stored domain records: what the store holds under each key, as JSON.
+//!
+//! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `tokens/<sha256>`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How many earlier versions of a route are kept for `meshctl route history`.
+pub const ROUTE_HISTORY_LEN: usize = 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub namespace: String,
+    /// SPIFFE identity all endpoints of this service present.
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub id: String,
+    /// ip:port of the endpoint's sidecar inbound listener.
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+}
+
+impl EndpointRecord {
+    /// The endpoint's `version` label, if any.
+    pub fn version(&self) -> Option<&str> {
+        self.labels.get("version").map(String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub version: String,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Route {
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+/// One version of a route as written.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteVersion {
+    pub route: Route,
+    pub revision: u64,
+    pub updated_at_unix: i64,
+}
+
+/// The current route of a service and the versions before it (newest first).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub current: RouteVersion,
+    #[serde(default)]
+    pub history: Vec<RouteVersion>,
+}
+
+/// A bootstrap token, stored by its SHA-256 only.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// SPIFFE identity this token may obtain a certificate for.
+    pub identity: String,
+    pub expires_at_unix: i64,
+    pub created_at_unix: i64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

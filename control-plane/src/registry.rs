@@ -1,0 +1,419 @@
+//! The registry: services, endpoints, routes and bootstrap tokens, held in memory and written
+//! through the store. Every write bumps one revision and wakes the discovery streams through a
+//! `watch` channel, so a change reaches proxies without polling.
+
+use crate::model::*;
+use crate::spiffe::SpiffeId;
+use crate::store::{Op, Store, StoreError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{Mutex, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+}
+
+impl From<RegistryError> for tonic::Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Store(StoreError::Unavailable(m)) => {
+                tonic::Status::unavailable(format!("store unavailable: {m}"))
+            }
+            RegistryError::Store(e) => tonic::Status::internal(e.to_string()),
+            RegistryError::NotFound(m) => tonic::Status::not_found(m),
+            RegistryError::Invalid(m) => tonic::Status::invalid_argument(m),
+            RegistryError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+        }
+    }
+}
+
+/// Everything the registry knows, at one revision. Immutable once published.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub revision: u64,
+    pub services: BTreeMap<String, ServiceRecord>,
+    pub endpoints: BTreeMap<String, BTreeMap<String, EndpointRecord>>,
+    pub routes: BTreeMap<String, RouteRecord>,
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Revision of the last change touching each service (its record, endpoints or route).
+    pub service_versions: HashMap<String, u64>,
+}
+
+impl State {
+    /// Applies one stored entry (or its deletion when `value` is None).
+    fn apply(&mut self, key: &str, value: Option<&[u8]>, rev: u64) -> Result<(), String> {
+        fn de<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, String> {
+            serde_json::from_slice(v).map_err(|e| format!("key {key}: {e}"))
+        }
+        let mut parts = key.splitn(3, '/');
+        let (kind, a, b) = (parts.next(), parts.next(), parts.next());
+        let touched = match (kind, a, b, value) {
+            (Some("services"), Some(n), None, Some(v)) => {
+                self.services.insert(n.into(), de(key, v)?);
+                Some(n)
+            }
+            (Some("services"), Some(n), None, None) => {
+                self.services.remove(n);
+                Some(n)
+            }
+            (Some("endpoints"), Some(s), Some(id), Some(v)) => {
+                self.endpoints
+                    .entry(s.into())
+                    .or_default()
+                    .insert(id.into(), de(key, v)?);
+                Some(s)
+            }
+            (Some("endpoints"), Some(s), Some(id), None) => {
+                if let Some(m) = self.endpoints.get_mut(s) {
+                    m.remove(id);
+                    if m.is_empty() {
+                        self.endpoints.remove(s);
+                    }
+                }
+                Some(s)
+            }
+            (Some("routes"), Some(n), None, Some(v)) => {
+                self.routes.insert(n.into(), de(key, v)?);
+                Some(n)
+            }
+            (Some("routes"), Some(n), None, None) => {
+                self.routes.remove(n);
+                Some(n)
+            }
+            (Some("tokens"), Some(h), None, Some(v)) => {
+                self.tokens.insert(h.into(), de(key, v)?);
+                None
+            }
+            (Some("tokens"), Some(h), None, None) => {
+                self.tokens.remove(h);
+                None
+            }
+            _ => return Err(format!("unknown key {key:?}")),
+        };
+        if let Some(s) = touched {
+            self.service_versions.insert(s.to_string(), rev);
+        }
+        Ok(())
+    }
+
+    /// Versions (label `version`) that have at least one endpoint.
+    pub fn versions_of(&self, service: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .endpoints
+            .get(service)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|e| e.version().map(str::to_string))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The current route of a service (the default, all endpoints equally, if never set).
+    pub fn route_of(&self, service: &str) -> RouteVersion {
+        self.routes
+            .get(service)
+            .map(|r| r.current.clone())
+            .unwrap_or(RouteVersion {
+                route: Route::default(),
+                revision: 0,
+                updated_at_unix: 0,
+            })
+    }
+}
+
+/// Checks a route against the service's endpoints before it is stored.
+pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(), RegistryError> {
+    if !state.services.contains_key(service) {
+        return Err(RegistryError::NotFound(format!(
+            "unknown service {service:?}"
+        )));
+    }
+    if route.backends.is_empty() {
+        return Ok(());
+    }
+    let known = state.versions_of(service);
+    let mut seen = Vec::new();
+    for b in &route.backends {
+        if b.version.is_empty() {
+            return Err(RegistryError::Invalid(
+                "a backend has an empty version".into(),
+            ));
+        }
+        if seen.contains(&b.version.as_str()) {
+            return Err(RegistryError::Invalid(format!(
+                "version {:?} listed twice",
+                b.version
+            )));
+        }
+        seen.push(b.version.as_str());
+        if !known.contains(&b.version) {
+            return Err(RegistryError::Invalid(format!(
+                "unknown version {:?} of service {service:?} (known: {})",
+                b.version,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+    }
+    if route
+        .backends
+        .iter()
+        .map(|b| u64::from(b.weight))
+        .sum::<u64>()
+        == 0
+    {
+        return Err(RegistryError::Invalid(
+            "weights sum to 0: at least one must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// In-memory registry written through a [`Store`].
+pub struct Registry {
+    store: Arc<dyn Store>,
+    state: RwLock<Arc<State>>,
+    /// Serialises writers so the store and memory apply changes in the same order.
+    writer: Mutex<()>,
+    changes: watch::Sender<u64>,
+    pub trust_domain: String,
+}
+
+impl Registry {
+    /// Loads the store. An entry that does not decode is a corrupt store: reported, not dropped.
+    pub async fn open(store: Arc<dyn Store>, trust_domain: String) -> Result<Self, RegistryError> {
+        let contents = store.load().await?;
+        let mut state = State {
+            revision: contents.revision,
+            ..State::default()
+        };
+        for (k, v, rev) in &contents.entries {
+            state
+                .apply(k, Some(v), *rev)
+                .map_err(|reason| StoreError::Corrupt {
+                    path: "store".into(),
+                    reason,
+                })?;
+        }
+        // After a restart every service starts at the current revision: versions never go back.
+        for v in state.service_versions.values_mut() {
+            *v = contents.revision;
+        }
+        let (changes, _) = watch::channel(contents.revision);
+        Ok(Self {
+            store,
+            state: RwLock::new(Arc::new(state)),
+            writer: Mutex::new(()),
+            changes,
+            trust_domain,
+        })
+    }
+
+    /// The current state (cheap: an `Arc` clone).
+    pub fn state(&self) -> Arc<State> {
+        match self.state.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Wakes on every committed revision.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Computes ops from the current state, commits them, publishes the new state.
+    async fn write<F>(&self, f: F) -> Result<u64, RegistryError>
+    where
+        F: FnOnce(&State) -> Result<Vec<Op>, RegistryError>,
+    {
+        let _w = self.writer.lock().await;
+        let current = self.state();
+        let ops = f(&current)?;
+        if ops.is_empty() {
+            return Ok(current.revision);
+        }
+        let rev = self.store.commit(ops.clone()).await?;
+        let mut next = (*current).clone();
+        next.revision = rev;
+        for op in &ops {
+            let r = match op {
+                Op::Put(k, v) => next.apply(k, Some(v), rev),
+                Op::Delete(k) => next.apply(k, None, rev),
+            };
+            r.map_err(RegistryError::Invalid)?;
+        }
+        match self.state.write() {
+            Ok(mut g) => *g = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+        self.changes.send_replace(rev);
+        Ok(rev)
+    }
+
+    /// Registers (or updates) an endpoint, creating its service on first use. The service's
+    /// identity is fixed by its first endpoint; later endpoints must present the same one.
+    pub async fn upsert_endpoint(
+        &self,
+        service: &str,
+        identity: &SpiffeId,
+        endpoint: EndpointRecord,
+    ) -> Result<u64, RegistryError> {
+        check_name("service", service)?;
+        check_name("endpoint id", &endpoint.id)?;
+        endpoint
+            .address
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| {
+                RegistryError::Invalid(format!(
+                    "endpoint address {:?} is not ip:port",
+                    endpoint.address
+                ))
+            })?;
+        let identity_s = identity.to_string();
+        self.write(|st| {
+            let mut ops = Vec::new();
+            match st.services.get(service) {
+                Some(s) if s.identity != identity_s => {
+                    return Err(RegistryError::PermissionDenied(format!(
+                        "service {service:?} has identity {}, not {identity_s}",
+                        s.identity
+                    )));
+                }
+                Some(_) => {}
+                None => ops.push(put(
+                    format!("services/{service}"),
+                    &ServiceRecord {
+                        name: service.into(),
+                        namespace: identity.namespace.clone(),
+                        identity: identity_s.clone(),
+                    },
+                )?),
+            }
+            let existing = st.endpoints.get(service).and_then(|m| m.get(&endpoint.id));
+            if existing != Some(&endpoint) {
+                ops.push(put(
+                    format!("endpoints/{service}/{}", endpoint.id),
+                    &endpoint,
+                )?);
+            }
+            Ok(ops)
+        })
+        .await
+    }
+
+    /// Removes an endpoint; `caller` (when given) must be the service's identity.
+    pub async fn remove_endpoint(
+        &self,
+        service: &str,
+        id: &str,
+        caller: Option<&SpiffeId>,
+    ) -> Result<u64, RegistryError> {
+        self.write(|st| {
+            if let (Some(c), Some(s)) = (caller, st.services.get(service))
+                && s.identity != c.to_string()
+            {
+                return Err(RegistryError::PermissionDenied(format!(
+                    "{c} may not remove endpoints of {service:?}"
+                )));
+            }
+            match st.endpoints.get(service).and_then(|m| m.get(id)) {
+                Some(_) => Ok(vec![Op::Delete(format!("endpoints/{service}/{id}"))]),
+                None => Err(RegistryError::NotFound(format!(
+                    "service {service:?} has no endpoint {id:?}"
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// Stores a new route for `service`, keeping the previous ones as history.
+    pub async fn set_route(
+        &self,
+        service: &str,
+        route: Route,
+        validate: bool,
+    ) -> Result<RouteVersion, RegistryError> {
+        let now = now_unix();
+        let rev = self
+            .write(|st| {
+                if validate {
+                    validate_route(st, service, &route)?;
+                } else if !st.services.contains_key(service) {
+                    return Err(RegistryError::NotFound(format!(
+                        "unknown service {service:?}"
+                    )));
+                }
+                // The revision is assigned by the commit; it is filled in after.
+                let next_rev = st.revision + 1;
+                let current = RouteVersion {
+                    route: route.clone(),
+                    revision: next_rev,
+                    updated_at_unix: now,
+                };
+                let record = match st.routes.get(service) {
+                    Some(r) => {
+                        let mut history = vec![r.current.clone()];
+                        history.extend(r.history.iter().take(ROUTE_HISTORY_LEN - 1).cloned());
+                        RouteRecord { current, history }
+                    }
+                    None => RouteRecord {
+                        current,
+                        history: Vec::new(),
+                    },
+                };
+                Ok(vec![put(format!("routes/{service}"), &record)?])
+            })
+            .await?;
+        Ok(self
+            .state()
+            .routes
+            .get(service)
+            .map(|r| r.current.clone())
+            .unwrap_or(RouteVersion {
+                route,
+                revision: rev,
+                updated_at_unix: now,
+            }))
+    }
+
+    /// Stores a bootstrap token's hash; returns nothing secret.
+    pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<u64, RegistryError> {
+        self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))
+            .await
+    }
+}
+
+fn put<T: serde::Serialize>(key: String, v: &T) -> Result<Op, RegistryError> {
+    serde_json::to_vec(v)
+        .map(|b| Op::Put(key, b))
+        .map_err(|e| RegistryError::Invalid(e.to_string()))
+}
+
+/// Names used in keys: DNS-label-like, so they never contain `/`.
+pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "invalid {what} {s:?}: use letters, digits, '-', '.', '_' or ':'"
+        )))
+    }
+}

@@ -1,0 +1,161 @@
+//! Wiring of the control-plane process: store, registry, CA, and the two gRPC servers.
+
+use crate::admin::{AdminAuth, AdminService};
+use crate::ca::CertificateAuthority;
+use crate::ca::service::{CaStats, IdentityService};
+use crate::discovery::{DiscoveryService, ProxyTable};
+use crate::registry::Registry;
+use crate::store::file::{FileStore, write_atomic};
+use anyhow::Context;
+use mesh_proto::v1 as pb;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Largest gRPC message the control plane decodes (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Lifetime of the control plane's own serving certificate; re-issued at every start.
+const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Static configuration of the control plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub trust_domain: String,
+    /// Proxies' port: discovery + identity (TLS, optional client certs). Default 15010.
+    pub grpc_addr: SocketAddr,
+    /// meshctl's port: admin API (TLS + token). Default 15011.
+    pub admin_addr: SocketAddr,
+    pub leaf_ttl: Duration,
+    /// Extra DNS names for the serving certificate.
+    pub server_names: Vec<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+}
+
+/// The DNS name proxies and meshctl verify the control plane's certificate against by default.
+pub const SERVER_NAME: &str = "mesh-control-plane";
+
+/// Reads the admin token from the data dir, creating it (mode 0600) on first start.
+fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => anyhow::bail!("{} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = [0u8; 32];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let t = hex::encode(b);
+            write_atomic(&path, format!("{t}\n").as_bytes(), 0o600)?;
+            Ok(t)
+        }
+        Err(e) => Err(e).with_context(|| path.display().to_string()),
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves. Prints one JSON line on stdout once both
+/// ports listen: `{"event":"listening","grpc":"…","admin":"…"}`.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| cfg.data_dir.display().to_string())?;
+    let store = FileStore::open(&cfg.data_dir)?;
+    let registry = Arc::new(Registry::open(Arc::new(store), cfg.trust_domain.clone()).await?);
+    let ca = match (&cfg.ca_cert, &cfg.ca_key) {
+        (Some(c), Some(k)) => {
+            CertificateAuthority::from_files(c, k, &cfg.trust_domain, cfg.leaf_ttl)?
+        }
+        (None, None) => CertificateAuthority::load_or_generate(
+            &cfg.data_dir.join("ca"),
+            &cfg.trust_domain,
+            cfg.leaf_ttl,
+        )?,
+        _ => anyhow::bail!("--ca-cert and --ca-key go together"),
+    };
+    let ca = Arc::new(ca);
+    let token = admin_token(&cfg.data_dir)?;
+
+    let mut names = vec![SERVER_NAME.to_string(), "localhost".to_string()];
+    names.extend(cfg.server_names.iter().cloned());
+    let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+    for a in [cfg.grpc_addr, cfg.admin_addr] {
+        if !a.ip().is_unspecified() && !ips.contains(&a.ip()) {
+            ips.push(a.ip());
+        }
+    }
+    let serving = ca.issue_server_cert(&names, &ips, SERVER_CERT_TTL)?;
+    let identity = Identity::from_pem(&serving.cert_chain_pem, &serving.key_pem);
+    let root = Certificate::from_pem(ca.trust_bundle_pem());
+
+    let proxies = Arc::new(ProxyTable::default());
+    let stats = Arc::new(CaStats::default());
+    let discovery = pb::discovery_server::DiscoveryServer::new(DiscoveryService {
+        registry: registry.clone(),
+        proxies: proxies.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let identity_svc = pb::identity_server::IdentityServer::new(IdentityService {
+        ca: ca.clone(),
+        registry: registry.clone(),
+        stats,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_server::AdminServer::with_interceptor(
+        AdminService {
+            registry: registry.clone(),
+            proxies,
+        },
+        AdminAuth::new(&token),
+    );
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("bind {}", cfg.grpc_addr))?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("bind {}", cfg.admin_addr))?;
+    let (grpc_local, admin_local) = (grpc_listener.local_addr()?, admin_listener.local_addr()?);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc = Server::builder()
+        .tls_config(
+            ServerTlsConfig::new()
+                .identity(identity.clone())
+                .client_ca_root(root)
+                .client_auth_optional(true),
+        )?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(discovery)
+        .add_service(identity_svc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            wait(stop_rx.clone()),
+        );
+    let admin = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+            wait(stop_rx),
+        );
+
+    tracing::info!(grpc = %grpc_local, admin = %admin_local, data_dir = %cfg.data_dir.display(), trust_domain = %cfg.trust_domain, "control plane listening");
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "grpc": grpc_local.to_string(), "admin": admin_local.to_string()})
+    );
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (a, b) = tokio::join!(grpc, admin);
+    a?;
+    b?;
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! The embedded default store: one JSON document in the data directory, rewritten atomically
+//! (write temp, fsync, rename, fsync dir) on every commit. Small and dependency-free; the mesh's
+//! state is kilobytes to a few megabytes.
+
+use super::{BoxFuture, Contents, Op, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokio::sync::Mutex;
+
+const FILE_NAME: &str = "state.json";
+
+#[derive(Serialize, Deserialize, Default, Clone)]
+struct Document {
+    revision: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Entry {
+    /// The value is itself JSON; kept as a string so the file stays readable.
+    value: String,
+    revision: u64,
+}
+
+/// File-backed store. One writer at a time; the document is cached in memory.
+pub struct FileStore {
+    path: PathBuf,
+    doc: Mutex<Document>,
+}
+
+impl FileStore {
+    /// Opens `<dir>/state.json`, creating an empty store if absent. A file that exists but does
+    /// not parse is an error: it is never replaced silently.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(FILE_NAME);
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let doc = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<Document>(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Document::default(),
+            Err(e) => return Err(io(e)),
+        };
+        Ok(Self {
+            path,
+            doc: Mutex::new(doc),
+        })
+    }
+
+    fn persist(&self, doc: &Document) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(doc).map_err(|e| io(std::io::Error::other(e)))?;
+        write_atomic(&self.path, &bytes, 0o600).map_err(io)
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Store for FileStore {
+    fn load(&self) -> BoxFuture<'_, Result<Contents, StoreError>> {
+        Box::pin(async move {
+            let doc = self.doc.lock().await;
+            Ok(Contents {
+                revision: doc.revision,
+                entries: doc
+                    .entries
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.value.clone().into_bytes(), e.revision))
+                    .collect(),
+            })
+        })
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut doc = self.doc.lock().await;
+            let mut next = doc.clone();
+            next.revision += 1;
+            let rev = next.revision;
+            for op in ops {
+                match op {
+                    Op::Put(k, v) => {
+                        let value = String::from_utf8(v).map_err(|e| StoreError::Io {
+                            path: self.path.display().to_string(),
+                            source: std::io::Error::other(e),
+                        })?;
+                        next.entries.insert(
+                            k,
+                            Entry {
+                                value,
+                                revision: rev,
+                            },
+                        );
+                    }
+                    Op::Delete(k) => {
+                        next.entries.remove(&k);
+                    }
+                }
+            }
+            // Persist before publishing in memory: a failed write changes nothing.
+            let to_write = next.clone();
+            let this = self;
+            tokio::task::block_in_place(|| this.persist(&to_write))?;
+            *doc = next;
+            Ok(rev)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn survives_reopen_and_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        let r1 = s
+            .commit(vec![Op::Put("a".into(), b"\"1\"".to_vec())])
+            .await
+            .unwrap();
+        let r2 = s
+            .commit(vec![
+                Op::Put("b".into(), b"\"2\"".to_vec()),
+                Op::Delete("a".into()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!((r1, r2), (1, 2));
+        drop(s);
+        let s = FileStore::open(dir.path()).unwrap();
+        let c = s.load().await.unwrap();
+        assert_eq!(c.revision, 2);
+        assert_eq!(c.entries, vec![("b".to_string(), b"\"2\"".to_vec(), 2)]);
+
+        std::fs::write(dir.path().join(FILE_NAME), b"{ not json").unwrap();
+        let err = FileStore::open(dir.path())
+            .err()
+            .expect("corrupt file must not open");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        // The corrupt file is still there, untouched.
+        assert_eq!(
+            std::fs::read(dir.path().join(FILE_NAME)).unwrap(),
+            b"{ not json"
+        );
+    }
+}

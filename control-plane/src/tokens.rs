@@ -1,0 +1,69 @@
+//! Bootstrap tokens: random secrets bound to one SPIFFE identity, with an expiry. Only their
+//! SHA-256 is stored, so the store never holds a usable token.
+
+use crate::model::{TokenRecord, now_unix};
+use crate::registry::{Registry, RegistryError};
+use crate::spiffe::SpiffeId;
+use sha2::{Digest, Sha256};
+
+/// Default lifetime of a bootstrap token.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
+const PREFIX: &str = "mesh1.";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("unknown or revoked bootstrap token")]
+    Unknown,
+    #[error("bootstrap token expired")]
+    Expired,
+    #[error("malformed bootstrap token")]
+    Malformed,
+}
+
+/// The store key of a token.
+pub fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Creates a token for `identity` and stores its hash. The token itself is returned once.
+pub async fn create(
+    registry: &Registry,
+    identity: &SpiffeId,
+    ttl_secs: u64,
+) -> Result<(String, i64), RegistryError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    let token = format!("{PREFIX}{}", hex::encode(secret));
+    let now = now_unix();
+    let ttl = if ttl_secs == 0 {
+        DEFAULT_TOKEN_TTL_SECS
+    } else {
+        ttl_secs
+    };
+    let expires = now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
+    registry
+        .put_token(
+            hash(&token),
+            TokenRecord {
+                identity: identity.to_string(),
+                expires_at_unix: expires,
+                created_at_unix: now,
+            },
+        )
+        .await?;
+    Ok((token, expires))
+}
+
+/// The identity a token is valid for, now.
+pub fn check(registry: &Registry, token: &str) -> Result<SpiffeId, TokenError> {
+    let rest = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+    if rest.len() != 64 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TokenError::Malformed);
+    }
+    let state = registry.state();
+    let rec = state.tokens.get(&hash(token)).ok_or(TokenError::Unknown)?;
+    if rec.expires_at_unix <= now_unix() {
+        return Err(TokenError::Expired);
+    }
+    SpiffeId::parse(&rec.identity).map_err(|_| TokenError::Unknown)
+}

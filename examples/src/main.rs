@@ -1,0 +1,347 @@
+//! `mesh-example`: the example workloads of the demo and the end-to-end tests.
+//!
+//! `serve` answers HTTP/1.1 and h2c with a JSON description of the request (service, version,
+//! protocol, the caller identity its sidecar reported) and serves the gRPC `Echo` service on the
+//! same port; with `--call` it calls another mesh service through its sidecar first.
+//! `load` sends requests at a fixed rate through a sidecar and prints the split by version.
+#![forbid(unsafe_code)]
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_proto::example::{EchoReply, EchoRequest, echo_server};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_stream::Stream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Parser)]
+#[command(about = "Example workloads for the mesh demo and tests")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve HTTP/1.1, h2c and gRPC on one port.
+    Serve {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Mesh service to call on each request (through --proxy).
+        #[arg(long, requires = "proxy")]
+        call: Option<String>,
+        /// The sidecar's outbound address.
+        #[arg(long)]
+        proxy: Option<SocketAddr>,
+    },
+    /// Send requests through a sidecar at a fixed rate and print the split by version.
+    Load {
+        #[arg(long)]
+        proxy: SocketAddr,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 20)]
+        rps: u32,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+    },
+}
+
+/// Always dials the sidecar, whatever host the URI names (an HTTP proxy client).
+#[derive(Clone, Copy)]
+struct ProxyConnector(SocketAddr);
+
+impl tower_service::Service<Uri> for ProxyConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let a = self.0;
+        Box::pin(async move { Ok(TokioIo::new(TcpStream::connect(a).await?)) })
+    }
+}
+
+type ProxyClient = Client<ProxyConnector, Full<Bytes>>;
+
+struct App {
+    service: String,
+    version: String,
+    call: Option<(String, ProxyClient)>,
+}
+
+/// The caller identity from `x-forwarded-client-cert: By=…;URI=<caller>`.
+fn peer_of(h: &http::HeaderMap) -> String {
+    h.get("x-forwarded-client-cert")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(v.to_string()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+impl App {
+    async fn http(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let mut body = serde_json::json!({
+            "service": self.service,
+            "version": self.version,
+            "protocol": format!("{:?}", req.version()),
+            "method": req.method().as_str(),
+            "path": path,
+            "host": req.headers().get("host").and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str())),
+            "peer": peer_of(req.headers()),
+        });
+        let mut status = StatusCode::OK;
+        if let Some(code) = path
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse::<u16>().ok())
+        {
+            status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        }
+        if let Some((target, client)) = &self.call {
+            let uri = format!("http://{target}{path}");
+            let r = async {
+                let resp = client
+                    .request(Request::get(uri).body(Full::new(Bytes::new()))?)
+                    .await?;
+                let st = resp.status();
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, BoxError>((
+                    st,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or(
+                        serde_json::Value::String(String::from_utf8_lossy(&bytes).into()),
+                    ),
+                ))
+            }
+            .await;
+            match r {
+                Ok((st, v)) => {
+                    status = st;
+                    body["upstream"] = v;
+                }
+                Err(e) => {
+                    status = StatusCode::BAD_GATEWAY;
+                    body["upstream_error"] = e.to_string().into();
+                }
+            }
+        }
+        json_response(status, body)
+    }
+}
+
+struct Echo {
+    served_by: String,
+}
+
+#[tonic::async_trait]
+impl echo_server::Echo for Echo {
+    async fn unary(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let peer = peer_of(&req.metadata().clone().into_headers());
+        Ok(tonic::Response::new(EchoReply {
+            message: req.into_inner().message,
+            served_by: self.served_by.clone(),
+            peer_identity: peer,
+        }))
+    }
+
+    type ServerStreamStream = Pin<Box<dyn Stream<Item = Result<EchoReply, tonic::Status>> + Send>>;
+
+    async fn server_stream(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::ServerStreamStream>, tonic::Status> {
+        let peer = peer_of(&req.metadata().clone().into_headers());
+        let m = req.into_inner();
+        let count = m.count.min(10_000);
+        let served_by = self.served_by.clone();
+        let items = (0..count).map(move |i| {
+            Ok(EchoReply {
+                message: format!("{} {i}", m.message),
+                served_by: served_by.clone(),
+                peer_identity: peer.clone(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
+type Grpc = echo_server::EchoServer<Echo>;
+
+fn box_err(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
+    Box::new(e)
+}
+
+/// gRPC to the Echo service, everything else to the HTTP handler.
+async fn handle(
+    app: Arc<App>,
+    mut grpc: Grpc,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, BoxError> {
+    let is_grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if is_grpc {
+        let r = tower_service::Service::call(&mut grpc, req)
+            .await
+            .map_err(box_err)?;
+        Ok(r.map(|b| b.map_err(box_err).boxed_unsync()))
+    } else {
+        Ok(app.http(req).await)
+    }
+}
+
+async fn serve(
+    service: String,
+    version: String,
+    listen: SocketAddr,
+    call: Option<(String, SocketAddr)>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let call = call.map(|(t, p)| {
+        (
+            t,
+            Client::builder(TokioExecutor::new()).build(ProxyConnector(p)),
+        )
+    });
+    let served_by = format!("{service}/{version}");
+    let app = Arc::new(App {
+        service,
+        version,
+        call,
+    });
+    let grpc = echo_server::EchoServer::new(Echo { served_by });
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "addr": listener.local_addr()?.to_string()})
+    );
+    loop {
+        let (s, _) = listener.accept().await?;
+        let (app, grpc) = (app.clone(), grpc.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                handle(app.clone(), grpc.clone(), req)
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+async fn load(
+    proxy: SocketAddr,
+    url: String,
+    rps: u32,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    let client: ProxyClient = Client::builder(TokioExecutor::new()).build(ProxyConnector(proxy));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rps.max(1))));
+    let started = tokio::time::Instant::now();
+    let mut window_start = started;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    loop {
+        tick.tick().await;
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            return Ok(());
+        }
+        let res = async {
+            let resp = client
+                .request(Request::get(url.as_str()).body(Full::new(Bytes::new()))?)
+                .await?;
+            let st = resp.status();
+            let v: serde_json::Value =
+                serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())
+                    .unwrap_or_default();
+            // The deepest service in the chain says which version answered.
+            let mut leaf = &v;
+            while leaf.get("upstream").is_some() {
+                leaf = &leaf["upstream"];
+            }
+            let who = format!(
+                "{} {}",
+                leaf["service"].as_str().unwrap_or("?"),
+                leaf["version"].as_str().unwrap_or("?")
+            );
+            Ok::<_, BoxError>((st, who))
+        }
+        .await;
+        match res {
+            Ok((st, who)) if st.is_success() => {
+                ok += 1;
+                *counts.entry(who).or_default() += 1;
+            }
+            _ => failed += 1,
+        }
+        if window_start.elapsed() >= Duration::from_secs(2) {
+            let total: u64 = counts.values().sum();
+            let split: Vec<String> = counts
+                .iter()
+                .map(|(k, n)| format!("{k} {n} ({:.0}%)", *n as f64 * 100.0 / total.max(1) as f64))
+                .collect();
+            println!("last 2s: {ok} ok, {failed} failed | {}", split.join(" | "));
+            counts.clear();
+            (ok, failed) = (0, 0);
+            window_start = tokio::time::Instant::now();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve {
+            service,
+            version,
+            listen,
+            call,
+            proxy,
+        } => serve(service, version, listen, call.zip(proxy)).await,
+        Cmd::Load {
+            proxy,
+            url,
+            rps,
+            duration_secs,
+        } => load(proxy, url, rps, duration_secs.map(Duration::from_secs)).await,
+    }
+}

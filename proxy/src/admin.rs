@@ -1,0 +1,104 @@
+//! The admin port: `/live`, `/ready` (certificate and first config applied), `/config_dump`.
+
+use crate::http::{Body, full};
+use crate::snapshot::Snapshots;
+use crate::tls::TlsContext;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct Admin {
+    pub tls: Arc<TlsContext>,
+    pub snapshots: Arc<Snapshots>,
+    pub identity: Arc<str>,
+    pub node_id: String,
+    /// False once draining: load balancers and probes stop sending.
+    pub serving: AtomicBool,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(full(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+impl Admin {
+    /// Why the proxy is not ready, if it is not.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.serving.load(Ordering::Relaxed) {
+            Some("draining")
+        } else if self.tls.leaf().is_none() {
+            Some("no certificate yet")
+        } else if !self.snapshots.load().synced {
+            Some("no config from the control plane yet")
+        } else {
+            None
+        }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        Ok(match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => match self.not_ready_reason() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            "/config_dump" => {
+                let mut r = Response::new(full(self.config_dump().to_string()));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live, /ready, /config_dump\n",
+            ),
+        })
+    }
+
+    /// The proxy's dynamic state as JSON (no keys).
+    pub fn config_dump(&self) -> serde_json::Value {
+        let snap = self.snapshots.load();
+        let mut services: Vec<_> = snap
+            .services
+            .values()
+            .map(|s| {
+                json!({
+                    "name": &*s.name,
+                    "namespace": &*s.namespace,
+                    "identity": &*s.identity,
+                    "version": s.version,
+                    "endpoints": s.endpoints.iter().map(|e| json!({
+                        "id": &*e.id, "address": e.addr.to_string(), "version": e.version.as_deref(), "ready": e.ready,
+                    })).collect::<Vec<_>>(),
+                    "route": s.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
+                    "schedule": s.balancer.shares().iter().map(|(v, n)| json!({"version": v.as_deref(), "slots": n})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let mut missing: Vec<&str> = snap.missing.iter().map(|s| &**s).collect();
+        missing.sort();
+        let leaf = self.tls.leaf();
+        json!({
+            "node_id": self.node_id,
+            "identity": &*self.identity,
+            "config_version": snap.version,
+            "synced": snap.synced,
+            "certificate": leaf.map(|l| json!({"expires_at_unix": l.expires_at})),
+            "services": services,
+            "unknown_services": missing,
+        })
+    }
+}

@@ -1,0 +1,285 @@
+//! Wiring only: listeners, background tasks, readiness, registration, drain.
+
+use crate::admin::Admin;
+use crate::bootstrap::Bootstrap;
+use crate::discovery::DiscoveryClient;
+use crate::http::server::{accept_loop, serve};
+use crate::identity::IdentityManager;
+use crate::identity::control_plane::ControlPlane;
+use crate::inbound::Inbound;
+use crate::outbound::{Outbound, pool::Pool};
+use crate::snapshot::Snapshots;
+use crate::tls::TlsContext;
+use anyhow::Context;
+use hyper_util::server::graceful::GracefulShutdown;
+use mesh_proto::v1 as pb;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(10);
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {what} listener on {addr}"))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains. Prints one JSON line on stdout when ready:
+/// `{"event":"ready","outbound":…,"inbound":…,"admin":…,"identity":…}`.
+pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let b = Arc::new(b);
+    let tls = Arc::new(TlsContext::new(&b.ca_pem).context("--ca-file")?);
+    let (snapshots, subscribe_rx) = Snapshots::new();
+    let identity: Arc<str> = b.identity.as_str().into();
+
+    // Bind everything first: a port conflict fails fast, before any control-plane traffic.
+    let admin_l = bind(b.admin_addr, "admin").await?;
+    let outbound_l = bind(b.outbound_addr, "outbound").await?;
+    let inbound_l = match b.app_port {
+        Some(_) => Some(bind(b.inbound_addr, "inbound").await?),
+        None => None,
+    };
+    let mut upstream_ls = Vec::new();
+    for (name, addr) in &b.upstreams {
+        upstream_ls.push((
+            Arc::<str>::from(name.as_str()),
+            bind(*addr, "upstream").await?,
+        ));
+        snapshots
+            .subscribe(name)
+            .map_err(|e| anyhow::anyhow!("--upstream {name}: {e}"))?;
+    }
+    let admin_addr = admin_l.local_addr()?;
+    let outbound_addr = outbound_l.local_addr()?;
+    let inbound_addr = inbound_l.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut loops = Vec::new();
+
+    let admin = Arc::new(Admin {
+        tls: tls.clone(),
+        snapshots: snapshots.clone(),
+        identity: identity.clone(),
+        node_id: b.node_id.clone(),
+        serving: true.into(),
+    });
+    {
+        let admin = admin.clone();
+        loops.push(tokio::spawn(accept_loop(
+            admin_l,
+            stop_rx.clone(),
+            graceful.clone(),
+            move |s, _, w| {
+                let admin = admin.clone();
+                async move {
+                    serve(
+                        s,
+                        hyper::service::service_fn(move |r| admin.clone().handle(r)),
+                        w,
+                    )
+                    .await
+                }
+            },
+        )));
+    }
+
+    let control_plane = Arc::new(ControlPlane::new(b.clone(), tls.clone()));
+    let (id_ready_tx, id_ready_rx) = watch::channel(false);
+    tokio::spawn(
+        IdentityManager {
+            bootstrap: b.clone(),
+            tls: tls.clone(),
+            control_plane: control_plane.clone(),
+            ready: id_ready_tx,
+        }
+        .run(),
+    );
+    tokio::spawn(
+        DiscoveryClient {
+            bootstrap: b.clone(),
+            control_plane: control_plane.clone(),
+            snapshots: snapshots.clone(),
+            subscribe_rx,
+            identity_ready: id_ready_rx.clone(),
+        }
+        .run(),
+    );
+
+    let outbound = Arc::new(Outbound {
+        snapshots: snapshots.clone(),
+        pool: Pool::new(tls.clone()),
+    });
+    let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
+        let outbound = outbound.clone();
+        accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
+            let (outbound, fixed) = (outbound.clone(), fixed.clone());
+            async move {
+                serve(
+                    s,
+                    hyper::service::service_fn(move |r| outbound.clone().handle(fixed.clone(), r)),
+                    w,
+                )
+                .await
+            }
+        })
+    };
+    loops.push(tokio::spawn(serve_outbound(outbound_l, None)));
+    for (name, l) in upstream_ls {
+        loops.push(tokio::spawn(serve_outbound(l, Some(name))));
+    }
+    if let (Some(l), Some(port)) = (inbound_l, b.app_port) {
+        let inbound = Arc::new(Inbound::new(
+            tls.clone(),
+            identity.clone(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ));
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            stop_rx.clone(),
+            graceful.clone(),
+            move |s, peer, w| inbound.clone().accept(s, peer, w),
+        )));
+    }
+
+    // Ready = certificate + first config. Listeners already accept: until then outbound requests
+    // wait (bounded) for discovery and inbound handshakes fail for want of a certificate.
+    let mut id_ready = id_ready_rx;
+    let mut cfg = snapshots.watch();
+    tokio::select! {
+        r = async {
+            let _ = id_ready.wait_for(|r| *r).await;
+            let _ = cfg.wait_for(|_| snapshots.load().synced).await;
+        } => r,
+        _ = shutdown_signal() => return Ok(()),
+    }
+
+    let registration = register(&b, &control_plane).map(|f| tokio::spawn(f));
+    tracing::info!(identity = %identity, %outbound_addr, ?inbound_addr, %admin_addr, "proxy ready");
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "identity": &*identity,
+            "outbound": outbound_addr.to_string(),
+            "inbound": inbound_addr.map(|a| a.to_string()),
+            "admin": admin_addr.to_string(),
+        })
+    );
+
+    shutdown_signal().await;
+    tracing::info!(
+        "shutting down: deregistering, then draining for up to {:?}",
+        b.drain_timeout
+    );
+    admin.serving.store(false, Ordering::Relaxed);
+    if let Some(task) = registration {
+        task.abort();
+        deregister(&b, &control_plane).await;
+    }
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    // The accept loops held the other references; connections hold only watchers.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        anyhow::bail!("drain: listener tasks still hold the shutdown handle");
+    };
+    match tokio::time::timeout(b.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    }
+    Ok(())
+}
+
+/// The endpoint this proxy registers for its app, if it fronts a service.
+fn own_endpoint(b: &Bootstrap) -> Option<(String, pb::Endpoint)> {
+    let (service, _port, addr) = (b.service.clone()?, b.app_port?, b.advertise_addr?);
+    let mut labels = std::collections::HashMap::new();
+    if let Some(v) = &b.version_label {
+        labels.insert("version".to_string(), v.clone());
+    }
+    Some((
+        service,
+        pb::Endpoint {
+            id: b.node_id.clone(),
+            address: addr.to_string(),
+            labels,
+            ready: true,
+        },
+    ))
+}
+
+/// Registers until it succeeds (the control plane may be starting or away).
+fn register(
+    b: &Arc<Bootstrap>,
+    cp: &Arc<ControlPlane>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let (service, endpoint) = own_endpoint(b)?;
+    let cp = cp.clone();
+    Some(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let res = match cp.discovery_client().await {
+                Ok(mut c) => c
+                    .register(pb::RegisterRequest {
+                        service: service.clone(),
+                        endpoint: Some(endpoint.clone()),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+                Err(e) => Err(e.to_string()),
+            };
+            match res {
+                Ok(()) => {
+                    tracing::info!(%service, address = %endpoint.address, "endpoint registered");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "endpoint registration failed; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
+        }
+    })
+}
+
+async fn deregister(b: &Bootstrap, cp: &ControlPlane) {
+    let Some((service, endpoint)) = own_endpoint(b) else {
+        return;
+    };
+    let call = async {
+        let mut c = cp.discovery_client().await.map_err(|e| e.to_string())?;
+        c.deregister(pb::DeregisterRequest {
+            service,
+            endpoint_id: endpoint.id,
+        })
+        .await
+        .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(DEREGISTER_TIMEOUT, call).await {
+        Ok(Ok(_)) => tracing::info!("endpoint deregistered"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
+        Err(_) => tracing::warn!("deregistration timed out"),
+    }
+}

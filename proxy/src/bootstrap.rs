@@ -1,0 +1,208 @@
+//! Static configuration: flags and environment, validated once at start (exit 78 when invalid).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "mesh-proxy", version, about = "The mesh sidecar proxy")]
+pub struct Args {
+    /// Control plane address(es), tried in order.
+    #[arg(
+        long = "control-plane",
+        env = "MESH_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:15010",
+        value_delimiter = ','
+    )]
+    pub control_plane: Vec<String>,
+    /// DNS name in the control plane's certificate.
+    #[arg(
+        long,
+        env = "MESH_CONTROL_PLANE_NAME",
+        default_value = "mesh-control-plane"
+    )]
+    pub control_plane_name: String,
+    /// Mesh root certificate (PEM) used to verify the control plane before this proxy has a bundle.
+    #[arg(long, env = "MESH_CA_FILE")]
+    pub ca_file: PathBuf,
+    /// Bootstrap token (from `meshctl token create`).
+    #[arg(long, env = "MESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bootstrap token.
+    #[arg(long, env = "MESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "mesh.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "MESH_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Service account (default: the service name, or "default").
+    #[arg(long, env = "MESH_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// Service this proxy's app serves; with --app-port the proxy registers it as an endpoint.
+    #[arg(long, env = "MESH_SERVICE")]
+    pub service: Option<String>,
+    /// `version` label of this endpoint (used by weighted routes).
+    #[arg(long = "service-version", env = "MESH_SERVICE_VERSION")]
+    pub version_label: Option<String>,
+    /// Local app port; enables the inbound listener.
+    #[arg(long, env = "MESH_APP_PORT")]
+    pub app_port: Option<u16>,
+    #[arg(long, env = "MESH_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    #[arg(long, env = "MESH_INBOUND_ADDR", default_value = "127.0.0.1:15006")]
+    pub inbound_addr: SocketAddr,
+    /// Address peers reach the inbound listener at (default: --inbound-addr).
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Extra per-service local listeners for apps that cannot use an HTTP proxy: `name=ip:port`.
+    #[arg(long = "upstream", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Unique id of this proxy (default: <service>-<hostname>-<pid>).
+    #[arg(long, env = "MESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long in-flight requests may take to finish on shutdown, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+    /// Tokio worker threads.
+    #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// Validated static configuration.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub control_planes: Vec<String>,
+    pub control_plane_name: String,
+    pub ca_pem: String,
+    pub token: Option<String>,
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`
+    pub identity: String,
+    pub service: Option<String>,
+    pub version_label: Option<String>,
+    pub app_port: Option<u16>,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub advertise_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub upstreams: Vec<(String, SocketAddr)>,
+    pub node_id: String,
+    pub drain_timeout: Duration,
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn label_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+impl TryFrom<Args> for Bootstrap {
+    type Error = BootstrapError;
+
+    fn try_from(a: Args) -> Result<Self, BootstrapError> {
+        let bad = |m: String| BootstrapError::Invalid(m);
+        let ca_pem = std::fs::read_to_string(&a.ca_file)
+            .map_err(|e| bad(format!("--ca-file {}: {e}", a.ca_file.display())))?;
+        if !ca_pem.contains("BEGIN CERTIFICATE") {
+            return Err(bad(format!(
+                "--ca-file {} holds no PEM certificate",
+                a.ca_file.display()
+            )));
+        }
+        let token = match (a.token, a.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| bad(format!("--token-file {}: {e}", p.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let sa = a
+            .service_account
+            .or_else(|| a.service.clone())
+            .unwrap_or_else(|| "default".into());
+        for (what, v) in [
+            ("trust domain", &a.trust_domain),
+            ("namespace", &a.namespace),
+            ("service account", &sa),
+        ] {
+            if !label_ok(v) {
+                return Err(bad(format!("invalid {what} {v:?}")));
+            }
+        }
+        if let Some(s) = &a.service
+            && !label_ok(s)
+        {
+            return Err(bad(format!("invalid service name {s:?}")));
+        }
+        if a.app_port.is_some() && a.service.is_none() {
+            return Err(bad("--app-port needs --service".into()));
+        }
+        if a.control_plane.is_empty() {
+            return Err(bad("at least one --control-plane is needed".into()));
+        }
+        for cp in &a.control_plane {
+            if !cp.starts_with("https://") {
+                return Err(bad(format!(
+                    "--control-plane {cp:?} must be an https:// URL"
+                )));
+            }
+        }
+        let advertise = a.advertise_addr.or(Some(a.inbound_addr));
+        if a.app_port.is_some() && advertise.is_some_and(|ad| ad.ip().is_unspecified()) {
+            return Err(bad("--inbound-addr binds all interfaces: set --advertise-addr to the address peers use".into()));
+        }
+        let mut upstreams = Vec::new();
+        for u in a.upstreams {
+            let (name, addr) = u
+                .split_once('=')
+                .ok_or_else(|| bad(format!("--upstream {u:?}: expected name=ip:port")))?;
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|_| bad(format!("--upstream {u:?}: bad address")))?;
+            upstreams.push((name.to_string(), addr));
+        }
+        let node_id = a.node_id.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "host".into());
+            format!(
+                "{}-{}-{}",
+                a.service.as_deref().unwrap_or("client"),
+                host.trim(),
+                std::process::id()
+            )
+        });
+        if a.workers == 0 {
+            return Err(bad("--workers must be at least 1".into()));
+        }
+        Ok(Self {
+            control_planes: a.control_plane,
+            control_plane_name: a.control_plane_name,
+            ca_pem,
+            token,
+            identity: format!("spiffe://{}/ns/{}/sa/{sa}", a.trust_domain, a.namespace),
+            service: a.service,
+            version_label: a.version_label,
+            app_port: a.app_port,
+            outbound_addr: a.outbound_addr,
+            inbound_addr: a.inbound_addr,
+            advertise_addr: advertise,
+            admin_addr: a.admin_addr,
+            upstreams,
+            node_id,
+            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+            worker_threads: a.workers,
+        })
+    }
+}

@@ -1,0 +1,138 @@
+//! The proxy side of the discovery stream: subscribe, apply each response atomically into a new
+//! snapshot (or NACK it and keep the last good one), reconnect with backoff.
+
+use super::{SERVICE_PREFIX, convert};
+use crate::bootstrap::Bootstrap;
+use crate::identity::control_plane::ControlPlane;
+use crate::snapshot::{Snapshot, Snapshots};
+use mesh_proto::v1 as pb;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Owns the stream; runs until the process exits.
+pub struct DiscoveryClient {
+    pub bootstrap: Arc<Bootstrap>,
+    pub control_plane: Arc<ControlPlane>,
+    pub snapshots: Arc<Snapshots>,
+    pub subscribe_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    /// Waits until the identity manager has a certificate.
+    pub identity_ready: watch::Receiver<bool>,
+}
+
+fn resource_name(service: &str) -> String {
+    format!("{SERVICE_PREFIX}{service}")
+}
+
+impl DiscoveryClient {
+    pub async fn run(mut self) {
+        let _ = self.identity_ready.wait_for(|r| *r).await;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.session().await {
+                Ok(()) => tracing::info!("discovery stream closed by the control plane"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "discovery stream failed; serving the last good config")
+                }
+            }
+            // A stream that lived a while resets the backoff.
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One stream, until it ends.
+    async fn session(&mut self) -> Result<(), String> {
+        let mut client = self
+            .control_plane
+            .discovery_client()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<pb::DiscoveryRequest>(64);
+        let first = pb::DiscoveryRequest {
+            node: Some(pb::Node {
+                id: self.bootstrap.node_id.clone(),
+                service: self.bootstrap.service.clone().unwrap_or_default(),
+                version_label: self.bootstrap.version_label.clone().unwrap_or_default(),
+            }),
+            subscribe: self
+                .snapshots
+                .subscriptions()
+                .iter()
+                .map(|s| resource_name(s))
+                .collect(),
+            ..Default::default()
+        };
+        tx.send(first).await.map_err(|e| e.to_string())?;
+        let mut responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        tracing::info!("discovery stream open");
+        loop {
+            tokio::select! {
+                name = self.subscribe_rx.recv() => {
+                    let Some(name) = name else { return Ok(()) };
+                    let req = pb::DiscoveryRequest { subscribe: vec![resource_name(&name)], ..Default::default() };
+                    tx.send(req).await.map_err(|e| e.to_string())?;
+                }
+                msg = responses.message() => {
+                    let Some(resp) = msg.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? else { return Ok(()) };
+                    let nonce = resp.nonce.clone();
+                    let error_detail = match self.apply(resp) {
+                        Ok(()) => String::new(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "config NACKed; keeping the last good one");
+                            e
+                        }
+                    };
+                    tx.send(pb::DiscoveryRequest { response_nonce: nonce, error_detail, ..Default::default() })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+
+    /// Builds the next snapshot from the current one plus this response, all or nothing.
+    fn apply(&self, resp: pb::DiscoveryResponse) -> Result<(), String> {
+        let mut updates = HashMap::new();
+        for r in resp.resources {
+            let (name, svc) = convert::resource(r).map_err(|e| e.to_string())?;
+            let Some(svc_name) = name.strip_prefix(SERVICE_PREFIX) else {
+                return Err(format!("unknown resource kind {name:?}"));
+            };
+            updates.insert(Arc::<str>::from(svc_name), Arc::new(svc));
+        }
+        let cur = self.snapshots.load();
+        let mut services = cur.services.clone();
+        let mut missing = cur.missing.clone();
+        for name in &resp.removed {
+            if let Some(n) = name.strip_prefix(SERVICE_PREFIX) {
+                services.remove(n);
+                missing.insert(n.into());
+            }
+        }
+        for (name, svc) in updates {
+            missing.remove(&name);
+            tracing::info!(service = %name, version = svc.version, endpoints = svc.endpoints.len(), "service updated");
+            services.insert(name, svc);
+        }
+        self.snapshots.store(Snapshot {
+            version: resp.version,
+            services,
+            missing,
+            synced: true,
+        });
+        Ok(())
+    }
+}

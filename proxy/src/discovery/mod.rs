@@ -1,0 +1,9 @@
+//! Discovery: the config stream from the control plane into `Snapshots`.
+
+pub mod client;
+pub mod convert;
+
+pub use client::DiscoveryClient;
+
+/// Resource name prefix for services.
+pub const SERVICE_PREFIX: &str = "service/";

@@ -1,0 +1,167 @@
+//! The one table from proxy errors to responses. Every response the proxy makes itself carries
+//! `x-mesh-error: <reason>`; gRPC callers get a gRPC status instead of an HTTP one.
+
+use super::{Body, MESH_ERROR, full};
+use http::{HeaderValue, Response, StatusCode};
+
+/// Which side a failure is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request names no destination: send Host/:authority, or use an absolute URI")]
+    NoAuthority,
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    #[error("discovery did not answer for {0:?} in time")]
+    DiscoveryUnavailable(String),
+    #[error("too many distinct destinations")]
+    TooManyServices,
+    #[error("no healthy endpoint for service {0:?}")]
+    NoEndpoints(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+    #[error("local app unavailable: {0}")]
+    App(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// (HTTP status, `x-mesh-error` reason, gRPC code, side)
+    fn row(&self) -> (StatusCode, &'static str, u8, Side) {
+        use ProxyError::*;
+        use Side::{Downstream as D, Internal as I, Upstream as U};
+        match self {
+            NoAuthority => (StatusCode::BAD_REQUEST, "no-authority", 3, D),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", 3, D),
+            UnknownService(_) => (StatusCode::NOT_FOUND, "unknown-service", 12, D),
+            TooManyServices => (StatusCode::SERVICE_UNAVAILABLE, "too-many-services", 8, D),
+            DiscoveryUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "discovery-unavailable",
+                14,
+                I,
+            ),
+            NoEndpoints(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-healthy-endpoints",
+                14,
+                U,
+            ),
+            Connect { .. } => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed", 14, U),
+            Tls { .. } => (StatusCode::BAD_GATEWAY, "tls-failed", 14, U),
+            Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-reset", 14, U),
+            App(_) => (StatusCode::BAD_GATEWAY, "app-unavailable", 14, U),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.row().0
+    }
+    pub fn reason(&self) -> &'static str {
+        self.row().1
+    }
+    pub fn side(&self) -> Side {
+        self.row().3
+    }
+    /// Safe to retry on another endpoint: the request never reached an upstream.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. } | ProxyError::Tls { .. })
+    }
+
+    /// The response for this error; gRPC requests get a trailers-only gRPC error.
+    pub fn to_response(&self, grpc: bool) -> Response<Body> {
+        let (status, reason, code, _) = self.row();
+        let msg = self.to_string();
+        let mut resp = if grpc {
+            let mut r = Response::new(full(""));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from(u16::from(code)));
+            if let Ok(v) = HeaderValue::from_str(&grpc_encode(&msg)) {
+                r.headers_mut().insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(full(format!("{msg}\n")));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        resp.headers_mut()
+            .insert(MESH_ERROR, HeaderValue::from_static(reason));
+        resp
+    }
+}
+
+/// Percent-encodes a grpc-message (gRPC over HTTP/2 spec).
+fn grpc_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_and_grpc_shapes() {
+        let e = ProxyError::NoEndpoints("web".into());
+        let r = e.to_response(false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["x-mesh-error"], "no-healthy-endpoints");
+        let r = e.to_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert!(
+            r.headers()["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("web")
+        );
+        assert_eq!(
+            ProxyError::UnknownService("x".into())
+                .to_response(false)
+                .status(),
+            404
+        );
+        assert!(
+            ProxyError::Connect {
+                addr: ([127, 0, 0, 1], 1).into(),
+                reason: "refused".into()
+            }
+            .retryable()
+        );
+        assert!(!ProxyError::Upstream("reset".into()).retryable());
+        assert_eq!(grpc_encode("a%b\n"), "a%25b%0A");
+    }
+}

@@ -1,0 +1,97 @@
+//! Serving HTTP/1.1 and HTTP/2 on accepted connections with the proxy's limits, and the accept
+//! loop every listener shares (stop on shutdown; connections drain through `Watcher`).
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Time a client has to send its request headers (slowloris bound).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/1 request head, bytes.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers in one HTTP/1 request.
+pub const MAX_HEADERS: usize = 100;
+/// Concurrent HTTP/2 streams per connection.
+pub const MAX_STREAMS: u32 = 1024;
+
+/// A connection builder with the proxy's limits.
+pub fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_pending_accept_reset_streams(Some(50))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Serves one connection until it ends or drain completes.
+pub async fn serve<I, S, B>(io: I, svc: S, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let b = builder();
+    let conn = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Accepts until `shutdown` turns true; each connection is handed to `on_conn` on its own task,
+/// with a `Watcher` so drain waits for it.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+    on_conn: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let stop = stopped(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(on_conn(s, peer, graceful.watcher()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut stop => return,
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Inbound: terminates mTLS from mesh peers (client certificate required: STRICT), learns the
+//! caller's SPIFFE identity, and forwards to the local app in the protocol the caller's app
+//! spoke (`x-mesh-orig-proto`), telling the app who called in `x-forwarded-client-cert`.
+
+use crate::http::errors::ProxyError;
+use crate::http::server::serve;
+use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, is_grpc, strip_hop_by_hop};
+use crate::tls::{TlsContext, spiffe_id_of};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::Watcher;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Time a peer has to complete the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects every request to the local app, whatever the URI says, so the URI can keep the
+/// original authority (the app sees the Host it was called by).
+#[derive(Clone, Copy)]
+pub struct AppConnector(pub SocketAddr);
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            let _ = s.set_nodelay(true);
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+pub struct Inbound {
+    pub tls: Arc<TlsContext>,
+    /// This proxy's own identity (the `By=` of XFCC).
+    pub identity: Arc<str>,
+    h1: Client<AppConnector, Incoming>,
+    h2: Client<AppConnector, Incoming>,
+}
+
+impl Inbound {
+    pub fn new(tls: Arc<TlsContext>, identity: Arc<str>, app: SocketAddr) -> Self {
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(AppConnector(app));
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
+            .build(AppConnector(app));
+        Self {
+            tls,
+            identity,
+            h1,
+            h2,
+        }
+    }
+
+    /// Handles one accepted TCP connection: TLS, then HTTP.
+    pub async fn accept(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        let cfg = match self.tls.server_config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS config yet; refusing connection");
+                return;
+            }
+        };
+        let tls = match tokio::time::timeout(
+            TLS_HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "inbound TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "inbound TLS handshake timed out");
+                return;
+            }
+        };
+        let Some(caller) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| spiffe_id_of(c))
+        else {
+            tracing::info!(%peer, "peer certificate has no SPIFFE identity; closing");
+            return;
+        };
+        let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| this.clone().handle(xfcc.clone(), req));
+        serve(tls, svc, watcher).await;
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        xfcc: Option<HeaderValue>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let grpc = is_grpc(req.headers());
+        match self.forward(xfcc, req).await {
+            Ok(r) => Ok(r.map(Body::Left)),
+            Err(e) => Ok(e.to_response(grpc)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        xfcc: Option<HeaderValue>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let h1 = parts
+            .headers
+            .remove(ORIG_PROTO)
+            .is_some_and(|v| v == ORIG_PROTO_H1);
+        match xfcc {
+            Some(v) => parts.headers.insert(XFCC, v),
+            None => parts.headers.remove(XFCC),
+        };
+        let authority = parts
+            .uri
+            .authority()
+            .map_or("localhost", |a| a.as_str())
+            .to_string();
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        parts.version = if h1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
+        };
+        let req = Request::from_parts(parts, body);
+        let client = if h1 { &self.h1 } else { &self.h2 };
+        let mut resp = client.request(req).await.map_err(|e| {
+            ProxyError::App(
+                std::error::Error::source(&e)
+                    .map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
+            )
+        })?;
+        strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+}

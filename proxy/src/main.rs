@@ -1,0 +1,38 @@
+//! `mesh-proxy`: parse flags, run until SIGTERM/SIGINT, drain.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = mesh_proxy::bootstrap::Args::parse();
+    let bootstrap = match mesh_proxy::bootstrap::Bootstrap::try_from(args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return std::process::ExitCode::from(78);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(bootstrap.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(mesh_proxy::app::run(bootstrap)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

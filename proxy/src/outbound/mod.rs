@@ -1,0 +1,152 @@
+//! Outbound: the app's plaintext HTTP/1.1, HTTP/2 (h2c) or gRPC, addressed to a mesh service by
+//! Host / :authority (the listener is an HTTP proxy: `http_proxy=http://127.0.0.1:15001`, or
+//! h2c prior knowledge straight to it), or to a fixed service on an `--upstream` port. The
+//! request goes to an endpoint picked by the route's weights, over mTLS HTTP/2 to its sidecar.
+
+pub mod pool;
+
+use crate::http::errors::ProxyError;
+use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, is_grpc, strip_hop_by_hop};
+use crate::snapshot::{ResolveError, Snapshots};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use pool::Pool;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// Shared by every outbound connection.
+pub struct Outbound {
+    pub snapshots: Arc<Snapshots>,
+    pub pool: Pool,
+}
+
+/// Service name from a host: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
+pub fn service_key(host: &str) -> &str {
+    let h = host
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(host);
+    match h.split_once('.') {
+        Some((name, ns)) if !ns.contains('.') => name,
+        _ => h,
+    }
+}
+
+fn authority_of(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+/// The host part of an authority (port stripped; bracketed IPv6 hosts keep their brackets).
+fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+impl Outbound {
+    /// hyper service entry point: never fails; errors become responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        fixed: Option<Arc<str>>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let grpc = is_grpc(req.headers());
+        match self.proxy(fixed, req).await {
+            Ok(r) => Ok(r.map(Body::Left)),
+            Err(e) => {
+                tracing::debug!(error = %e, "outbound request failed");
+                Ok(e.to_response(grpc))
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        fixed: Option<Arc<str>>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let authority = authority_of(&req)
+            .ok_or(ProxyError::NoAuthority)?
+            .to_ascii_lowercase();
+        let name = match &fixed {
+            Some(f) => f.to_string(),
+            None => service_key(host_of(&authority)).to_string(),
+        };
+        let svc = self.snapshots.resolve(&name).await.map_err(|e| match e {
+            ResolveError::Unknown => ProxyError::UnknownService(name.clone()),
+            ResolveError::Unavailable => ProxyError::DiscoveryUnavailable(name.clone()),
+            ResolveError::TooMany => ProxyError::TooManyServices,
+        })?;
+        let ep = svc
+            .balancer
+            .pick()
+            .ok_or_else(|| ProxyError::NoEndpoints(name.clone()))?
+            .clone();
+
+        let (mut parts, body) = req.into_parts();
+        let h1 = parts.version < Version::HTTP_2;
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        parts.version = Version::HTTP_2;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(http::header::HOST);
+        // Only the inbound proxy may say who the caller is.
+        parts.headers.remove(XFCC);
+        if h1 {
+            parts
+                .headers
+                .insert(ORIG_PROTO, HeaderValue::from_static(ORIG_PROTO_H1));
+        } else {
+            parts.headers.remove(ORIG_PROTO);
+        }
+        let upstream = Request::from_parts(parts, body);
+
+        let mut sender = self.pool.get(ep.addr, &svc.identity).await?;
+        if sender.ready().await.is_err() {
+            self.pool.evict(ep.addr, &svc.identity);
+            sender = self.pool.get(ep.addr, &svc.identity).await?;
+        }
+        let resp = sender.send_request(upstream).await.map_err(|e| {
+            if e.is_closed() || e.is_canceled() {
+                self.pool.evict(ep.addr, &svc.identity);
+            }
+            ProxyError::Upstream(format!("{} ({}): {e}", ep.id, ep.addr))
+        })?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_from_hosts() {
+        for (h, want) in [
+            ("catalog", "catalog"),
+            ("catalog.default", "catalog"),
+            ("catalog.default.svc", "catalog"),
+            ("catalog.default.svc.cluster.local", "catalog"),
+            ("example.com.org", "example.com.org"),
+        ] {
+            assert_eq!(service_key(h), want, "{h}");
+        }
+        assert_eq!(host_of("catalog:8080"), "catalog");
+        assert_eq!(host_of("catalog"), "catalog");
+        assert_eq!(host_of("[::1]:80"), "[::1]");
+    }
+}

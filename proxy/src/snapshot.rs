@@ -1,0 +1,137 @@
+//! Dynamic config as immutable values: one `Snapshot` per applied update, swapped atomically and
+//! read per request with `ArcSwap::load`. Also the on-demand subscription of services: a
+//! request for a service not yet known asks discovery for it and waits (bounded) for the answer.
+
+use crate::balance::{Balancer, Endpoint};
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How long a request waits for discovery to answer about a service it has not seen yet.
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
+/// Most distinct service names a proxy subscribes to (bounds what a confused app can make it do).
+pub const MAX_SUBSCRIPTIONS: usize = 5_000;
+
+/// One service as the proxy uses it.
+#[derive(Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    /// SPIFFE identity its endpoints must present.
+    pub identity: Arc<str>,
+    pub version: u64,
+    pub endpoints: Vec<Endpoint>,
+    pub backends: Vec<(Arc<str>, u32)>,
+    pub balancer: Balancer,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Control-plane revision of the last applied response.
+    pub version: u64,
+    pub services: HashMap<Arc<str>, Arc<Service>>,
+    /// Names the control plane said do not exist.
+    pub missing: HashSet<Arc<str>>,
+    /// True once the first response of the control plane was applied.
+    pub synced: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("unknown service")]
+    Unknown,
+    #[error("no answer from discovery")]
+    Unavailable,
+    #[error("too many distinct services requested")]
+    TooMany,
+}
+
+/// The current snapshot plus subscription bookkeeping.
+pub struct Snapshots {
+    current: ArcSwap<Snapshot>,
+    changed: watch::Sender<u64>,
+    subscribed: DashMap<Arc<str>, ()>,
+    subscribe_tx: mpsc::UnboundedSender<Arc<str>>,
+}
+
+impl Snapshots {
+    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Arc<str>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (changed, _) = watch::channel(0);
+        let s = Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            changed,
+            subscribed: DashMap::new(),
+            subscribe_tx: tx,
+        };
+        (Arc::new(s), rx)
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new snapshot and wakes waiting requests.
+    pub fn store(&self, s: Snapshot) {
+        let v = s.version;
+        self.current.store(Arc::new(s));
+        self.changed.send_replace(v);
+    }
+
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Every name subscribed so far (resent after a reconnect).
+    pub fn subscriptions(&self) -> Vec<Arc<str>> {
+        self.subscribed.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Subscribes to `name` ahead of any request (e.g. for `--upstream` listeners).
+    pub fn subscribe(&self, name: &str) -> Result<(), ResolveError> {
+        if self.subscribed.contains_key(name) {
+            return Ok(());
+        }
+        if self.subscribed.len() >= MAX_SUBSCRIPTIONS {
+            return Err(ResolveError::TooMany);
+        }
+        let name: Arc<str> = name.into();
+        if self.subscribed.insert(name.clone(), ()).is_none() {
+            let _ = self.subscribe_tx.send(name);
+        }
+        Ok(())
+    }
+
+    /// The service for `name`; subscribes and waits up to `DISCOVERY_WAIT` the first time.
+    pub async fn resolve(&self, name: &str) -> Result<Arc<Service>, ResolveError> {
+        let check = |s: &Snapshot| -> Option<Result<Arc<Service>, ResolveError>> {
+            if let Some(svc) = s.services.get(name) {
+                return Some(Ok(svc.clone()));
+            }
+            s.missing
+                .contains(name)
+                .then_some(Err(ResolveError::Unknown))
+        };
+        if let Some(r) = check(&self.current.load()) {
+            return r;
+        }
+        let mut rx = self.changed.subscribe();
+        self.subscribe(name)?;
+        let wait = async {
+            loop {
+                if let Some(r) = check(&self.current.load()) {
+                    return r;
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ResolveError::Unavailable);
+                }
+            }
+        };
+        tokio::time::timeout(DISCOVERY_WAIT, wait)
+            .await
+            .unwrap_or(Err(ResolveError::Unavailable))
+    }
+}

@@ -1,0 +1,216 @@
+//! rustls configs for the data plane: the proxy's own certificate (swapped on renewal without
+//! rebuilding anything), the mesh trust bundle, and SPIFFE identity checks on both sides.
+
+mod verifier;
+
+pub use verifier::SpiffeServerVerifier;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use dashmap::DashMap;
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use std::sync::Arc;
+
+/// ALPN ids: h2 between sidecars; http/1.1 accepted for peers that only speak it.
+pub const ALPN_H2: &[u8] = b"h2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("bad PEM: {0}")]
+    Pem(String),
+    #[error("no certificate in the trust bundle")]
+    EmptyBundle,
+    #[error("tls config: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// The proxy's current certificate, with the PEM forms the control-plane client needs.
+pub struct Leaf {
+    pub certified: Arc<CertifiedKey>,
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// Trust roots in both shapes rustls and webpki want.
+pub struct Bundle {
+    pub pem: String,
+    pub roots: Arc<RootCertStore>,
+    pub anchors: Arc<Vec<TrustAnchor<'static>>>,
+}
+
+impl Bundle {
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(TlsError::EmptyBundle);
+        }
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for c in &certs {
+            roots.add(c.clone()).map_err(TlsError::Config)?;
+            anchors.push(
+                webpki::anchor_from_trusted_cert(c)
+                    .map_err(|e| TlsError::Pem(e.to_string()))?
+                    .to_owned(),
+            );
+        }
+        Ok(Self {
+            pem: pem.to_string(),
+            roots: Arc::new(roots),
+            anchors: Arc::new(anchors),
+        })
+    }
+}
+
+/// Certificate, trust bundle and the TLS configs derived from them.
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    leaf: ArcSwapOption<Leaf>,
+    bundle: ArcSwap<Bundle>,
+    server: ArcSwapOption<ServerConfig>,
+    /// Client configs per expected peer identity; cleared when the bundle changes.
+    clients: DashMap<Arc<str>, Arc<ClientConfig>>,
+    resolver: Arc<LeafResolver>,
+}
+
+/// Serves whatever leaf is current, to rustls on both sides.
+#[derive(Debug)]
+struct LeafResolver {
+    current: ArcSwapOption<CertifiedKey>,
+}
+
+impl ResolvesServerCert for LeafResolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesClientCert for LeafResolver {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+    fn has_certs(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
+impl TlsContext {
+    pub fn new(bundle_pem: &str) -> Result<Self, TlsError> {
+        Ok(Self {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            leaf: ArcSwapOption::empty(),
+            bundle: ArcSwap::from_pointee(Bundle::from_pem(bundle_pem)?),
+            server: ArcSwapOption::empty(),
+            clients: DashMap::new(),
+            resolver: Arc::new(LeafResolver {
+                current: ArcSwapOption::empty(),
+            }),
+        })
+    }
+
+    pub fn leaf(&self) -> Option<Arc<Leaf>> {
+        self.leaf.load_full()
+    }
+
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.load_full()
+    }
+
+    /// Installs a renewed certificate (and the bundle that came with it). Existing connections
+    /// keep their session; new handshakes use the new certificate at once.
+    pub fn install(
+        &self,
+        chain_pem: &str,
+        key_pem: &str,
+        expires_at: i64,
+        bundle_pem: &str,
+    ) -> Result<(), TlsError> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let signing = self.provider.key_provider.load_private_key(key)?;
+        let certified = Arc::new(CertifiedKey::new(chain, signing));
+        if bundle_pem != self.bundle.load().pem {
+            self.bundle.store(Arc::new(Bundle::from_pem(bundle_pem)?));
+            self.clients.clear();
+            self.server.store(None);
+        }
+        self.resolver.current.store(Some(certified.clone()));
+        self.leaf.store(Some(Arc::new(Leaf {
+            certified,
+            chain_pem: chain_pem.into(),
+            key_pem: key_pem.into(),
+            expires_at,
+        })));
+        Ok(())
+    }
+
+    /// Server config for the inbound listener: client certificate required, from the mesh roots.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        if let Some(c) = self.server.load_full() {
+            return Ok(c);
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            self.bundle.load().roots.clone(),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.resolver.clone());
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        self.server.store(Some(cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Client config that accepts only a peer presenting `expected` as its SPIFFE identity.
+    pub fn client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, TlsError> {
+        if let Some(c) = self.clients.get(expected) {
+            return Ok(c.clone());
+        }
+        let verifier = SpiffeServerVerifier::new(
+            self.bundle.load().anchors.clone(),
+            expected.clone(),
+            self.provider.clone(),
+        );
+        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.resolver.clone());
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let cfg = Arc::new(cfg);
+        self.clients.insert(expected.clone(), cfg.clone());
+        Ok(cfg)
+    }
+}
+
+/// The single SPIFFE URI SAN of a DER certificate.
+pub fn spiffe_id_of(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    });
+    let first = ids.next()?;
+    ids.next().is_none().then_some(first)
+}
