@@ -2,7 +2,7 @@
 //!
 //! `serve` answers HTTP/1.1 and h2c with a JSON description of the request (service, version,
 //! protocol, the caller identity its sidecar reported) and serves the gRPC `Echo` service on the
-//! same port; with `--call` it calls another mesh service through its sidecar first.
+//! same port; `/status/<code>` answers with that status, `/delay/<ms>` answers after a delay; with `--call` it calls another mesh service through its sidecar first.
 //! `load` sends requests at a fixed rate through a sidecar and prints the split by version.
 #![forbid(unsafe_code)]
 
@@ -89,6 +89,8 @@ type ProxyClient = Client<ProxyConnector, Full<Bytes>>;
 struct App {
     service: String,
     version: String,
+    /// Requests being served now (`/inflight` reports it; tests wait on it).
+    inflight: std::sync::atomic::AtomicUsize,
     call: Option<(String, ProxyClient)>,
 }
 
@@ -117,6 +119,20 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 impl App {
     async fn http(&self, req: Request<Incoming>) -> Response<Body> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if req.uri().path() == "/inflight" {
+            return json_response(
+                StatusCode::OK,
+                serde_json::json!({"inflight": self.inflight.load(SeqCst)}),
+            );
+        }
+        self.inflight.fetch_add(1, SeqCst);
+        let r = self.respond(req).await;
+        self.inflight.fetch_sub(1, SeqCst);
+        r
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let mut body = serde_json::json!({
             "service": self.service,
@@ -128,6 +144,12 @@ impl App {
             "peer": peer_of(req.headers()),
         });
         let mut status = StatusCode::OK;
+        if let Some(ms) = path
+            .strip_prefix("/delay/")
+            .and_then(|c| c.parse::<u64>().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+        }
         if let Some(code) = path
             .strip_prefix("/status/")
             .and_then(|c| c.parse::<u16>().ok())
@@ -247,6 +269,7 @@ async fn serve(
     let app = Arc::new(App {
         service,
         version,
+        inflight: 0.into(),
         call,
     });
     let grpc = echo_server::EchoServer::new(Echo { served_by });

@@ -174,7 +174,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         _ = shutdown_signal() => return Ok(()),
     }
 
-    let registration = register(&b, &control_plane).map(|f| tokio::spawn(f));
+    let registration = register(&b, inbound_addr, &control_plane).map(|f| tokio::spawn(f));
     tracing::info!(identity = %identity, %outbound_addr, ?inbound_addr, %admin_addr, "proxy ready");
     println!(
         "{}",
@@ -195,7 +195,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     admin.serving.store(false, Ordering::Relaxed);
     if let Some(task) = registration {
         task.abort();
-        deregister(&b, &control_plane).await;
+        deregister(&b, inbound_addr, &control_plane).await;
     }
     let _ = stop_tx.send(true);
     for l in loops {
@@ -212,9 +212,14 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The endpoint this proxy registers for its app, if it fronts a service.
-fn own_endpoint(b: &Bootstrap) -> Option<(String, pb::Endpoint)> {
-    let (service, _port, addr) = (b.service.clone()?, b.app_port?, b.advertise_addr?);
+/// The endpoint this proxy registers for its app, if it fronts a service: at the advertised
+/// address, else the address the inbound listener is bound to.
+fn own_endpoint(b: &Bootstrap, inbound: Option<SocketAddr>) -> Option<(String, pb::Endpoint)> {
+    let (service, _port, addr) = (
+        b.service.clone()?,
+        b.app_port?,
+        b.advertise_addr.or(inbound)?,
+    );
     let mut labels = std::collections::HashMap::new();
     if let Some(v) = &b.version_label {
         labels.insert("version".to_string(), v.clone());
@@ -232,10 +237,11 @@ fn own_endpoint(b: &Bootstrap) -> Option<(String, pb::Endpoint)> {
 
 /// Registers until it succeeds (the control plane may be starting or away).
 fn register(
-    b: &Arc<Bootstrap>,
+    b: &Bootstrap,
+    inbound: Option<SocketAddr>,
     cp: &Arc<ControlPlane>,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-    let (service, endpoint) = own_endpoint(b)?;
+    let (service, endpoint) = own_endpoint(b, inbound)?;
     let cp = cp.clone();
     Some(async move {
         let mut backoff = Duration::from_millis(100);
@@ -264,8 +270,8 @@ fn register(
     })
 }
 
-async fn deregister(b: &Bootstrap, cp: &ControlPlane) {
-    let Some((service, endpoint)) = own_endpoint(b) else {
+async fn deregister(b: &Bootstrap, inbound: Option<SocketAddr>, cp: &ControlPlane) {
+    let Some((service, endpoint)) = own_endpoint(b, inbound) else {
         return;
     };
     let call = async {

@@ -51,7 +51,7 @@ pub struct Args {
     pub outbound_addr: SocketAddr,
     #[arg(long, env = "MESH_INBOUND_ADDR", default_value = "127.0.0.1:15006")]
     pub inbound_addr: SocketAddr,
-    /// Address peers reach the inbound listener at (default: --inbound-addr).
+    /// Address peers reach the inbound listener at (default: the bound --inbound-addr).
     #[arg(long, env = "MESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<SocketAddr>,
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
@@ -159,8 +159,10 @@ impl TryFrom<Args> for Bootstrap {
                 )));
             }
         }
-        let advertise = a.advertise_addr.or(Some(a.inbound_addr));
-        if a.app_port.is_some() && advertise.is_some_and(|ad| ad.ip().is_unspecified()) {
+        if a.app_port.is_some()
+            && a.advertise_addr.is_none()
+            && a.inbound_addr.ip().is_unspecified()
+        {
             return Err(bad("--inbound-addr binds all interfaces: set --advertise-addr to the address peers use".into()));
         }
         let mut upstreams = Vec::new();
@@ -197,7 +199,7 @@ impl TryFrom<Args> for Bootstrap {
             app_port: a.app_port,
             outbound_addr: a.outbound_addr,
             inbound_addr: a.inbound_addr,
-            advertise_addr: advertise,
+            advertise_addr: a.advertise_addr,
             admin_addr: a.admin_addr,
             upstreams,
             node_id,

@@ -1,1 +1,499 @@
-//! Harness for the end-to-end tests.
+//! Harness for the end-to-end tests: builds and starts the real binaries (control plane, sidecars,
+//! example apps) on loopback with ports they pick themselves, and gives tests real clients.
+//!
+//! Every process prints a JSON readiness line; the harness waits on that, never on a sleep.
+//! Logs go to the test's temporary directory and are printed when a test fails.
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_control_plane::cli::client::{Admin, connect_with};
+use mesh_control_plane::process::Process;
+use mesh_proto::v1 as pb;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::process::Command;
+
+pub use mesh_control_plane::process;
+
+/// How long any one process may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds the binaries once per test process; returns their directory.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // target/<profile>/deps/<test-exe> → target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "mesh-proxy",
+            "-p",
+            "mesh-control-plane",
+            "-p",
+            "mesh-examples",
+            "--bins",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the mesh binaries failed");
+        dir
+    })
+}
+
+/// A free loopback port (bound then released; used where a fixed port must survive a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Addresses a sidecar reported when ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Sidecar {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    /// Index into `Mesh::procs`, to stop it.
+    pub proc_index: usize,
+}
+
+/// Options for a sidecar.
+#[derive(Debug, Clone, Default)]
+pub struct SidecarOpts<'a> {
+    pub service: Option<&'a str>,
+    pub version: Option<&'a str>,
+    pub service_account: &'a str,
+    pub app: Option<SocketAddr>,
+    pub node_id: Option<&'a str>,
+}
+
+/// One mesh: a control plane and whatever workloads a test adds.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub grpc: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub cp: Option<Process>,
+    pub procs: Vec<Process>,
+    pub admin: Admin,
+    cp_args: Vec<String>,
+    logs: Vec<PathBuf>,
+}
+
+fn json_addr(v: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
+    v[key]
+        .as_str()
+        .context(key.to_string())?
+        .parse()
+        .context("address")
+}
+
+impl Mesh {
+    /// Starts a control plane on fixed free ports (so it can be restarted on the same ones).
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut cp_args = vec![
+            "--data-dir".to_string(),
+            dir.path().join("cp").display().to_string(),
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--admin-addr".into(),
+            admin_addr.to_string(),
+        ];
+        cp_args.extend(extra.iter().map(|s| s.to_string()));
+        let mut logs = Vec::new();
+        let cp = Self::spawn_cp(dir.path(), &cp_args, &mut logs).await?;
+        let token = std::fs::read_to_string(dir.path().join("cp/admin-token"))?;
+        let ca = std::fs::read_to_string(dir.path().join("cp/ca/root.pem"))?;
+        let admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca).await?;
+        Ok(Self {
+            dir,
+            grpc,
+            admin_addr,
+            cp: Some(cp),
+            procs: Vec::new(),
+            admin,
+            cp_args,
+            logs,
+        })
+    }
+
+    async fn spawn_cp(
+        dir: &Path,
+        args: &[String],
+        logs: &mut Vec<PathBuf>,
+    ) -> anyhow::Result<Process> {
+        let log = dir.join(format!("control-plane-{}.log", logs.len()));
+        let mut cmd = Command::new(bin_dir().join("mesh-control-plane"));
+        cmd.args(args).stderr(std::fs::File::create(&log)?);
+        logs.push(log);
+        Ok(Process::spawn_ready("control plane", cmd, READY_TIMEOUT)
+            .await?
+            .0)
+    }
+
+    /// SIGKILLs the control plane (no cleanup, like a crash).
+    pub async fn kill_control_plane(&mut self) {
+        if let Some(mut cp) = self.cp.take() {
+            cp.kill();
+            cp.wait().await;
+        }
+    }
+
+    /// Starts the control plane again on the same data dir and ports.
+    pub async fn restart_control_plane(&mut self) -> anyhow::Result<()> {
+        self.kill_control_plane().await;
+        let cp = Self::spawn_cp(self.dir.path(), &self.cp_args.clone(), &mut self.logs).await?;
+        self.cp = Some(cp);
+        let token = std::fs::read_to_string(self.dir.path().join("cp/admin-token"))?;
+        self.admin = connect_with(
+            &format!("https://{}", self.admin_addr),
+            token.trim(),
+            &self.ca_pem()?,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("cp")
+    }
+
+    pub fn ca_pem(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(
+            self.data_dir().join("ca/root.pem"),
+        )?)
+    }
+
+    /// A bootstrap token for `default/<sa>`.
+    pub async fn token(&mut self, sa: &str) -> anyhow::Result<String> {
+        let r = self
+            .admin
+            .create_token(pb::CreateTokenRequest {
+                identity: format!("default/{sa}"),
+                ttl_seconds: 0,
+            })
+            .await?;
+        Ok(r.into_inner().token)
+    }
+
+    fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
+        let p = self
+            .dir
+            .path()
+            .join(format!("{name}-{}.log", self.logs.len()));
+        let f = std::fs::File::create(&p)?;
+        self.logs.push(p);
+        Ok(f)
+    }
+
+    /// Starts an example app; returns its address.
+    pub async fn app(&mut self, service: &str, version: &str) -> anyhow::Result<SocketAddr> {
+        let mut cmd = Command::new(bin_dir().join("mesh-example"));
+        cmd.args([
+            "serve",
+            "--service",
+            service,
+            "--version",
+            version,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(self.log(&format!("{service}-{version}-app"))?);
+        let (p, ready) =
+            Process::spawn_ready(&format!("{service} {version} app"), cmd, READY_TIMEOUT).await?;
+        self.procs.push(p);
+        json_addr(&ready, "addr")
+    }
+
+    /// Starts a sidecar with a fresh token for its service account.
+    pub async fn sidecar(&mut self, o: SidecarOpts<'_>) -> anyhow::Result<Sidecar> {
+        let token = self.token(o.service_account).await?;
+        let mut cmd = Command::new(bin_dir().join("mesh-proxy"));
+        cmd.args(["--control-plane", &format!("https://{}", self.grpc)])
+            .arg("--ca-file")
+            .arg(self.data_dir().join("ca/root.pem"))
+            .args(["--service-account", o.service_account])
+            .args([
+                "--outbound-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--inbound-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--drain-timeout-secs", "5"])
+            .env("MESH_TOKEN", token)
+            .env("RUST_LOG", "info,mesh_proxy=debug");
+        if let Some(s) = o.service {
+            cmd.args(["--service", s]);
+        }
+        if let Some(v) = o.version {
+            cmd.args(["--service-version", v]);
+        }
+        if let Some(app) = o.app {
+            cmd.args(["--app-port", &app.port().to_string()]);
+        }
+        if let Some(n) = o.node_id {
+            cmd.args(["--node-id", n]);
+        }
+        let name = format!(
+            "{}-{}-proxy",
+            o.service.unwrap_or(o.service_account),
+            o.version.unwrap_or("")
+        );
+        cmd.stderr(self.log(&name)?);
+        let (p, ready) = Process::spawn_ready(&name, cmd, READY_TIMEOUT).await?;
+        self.procs.push(p);
+        Ok(Sidecar {
+            outbound: json_addr(&ready, "outbound")?,
+            inbound: json_addr(&ready, "inbound").ok(),
+            admin: json_addr(&ready, "admin")?,
+            proc_index: self.procs.len() - 1,
+        })
+    }
+
+    /// An app plus its sidecar, registered as an endpoint of `service` with label `version`.
+    pub async fn workload(&mut self, service: &str, version: &str) -> anyhow::Result<Sidecar> {
+        let app = self.app(service, version).await?;
+        let node = format!("{service}-{version}-{}", self.procs.len());
+        self.sidecar(SidecarOpts {
+            service: Some(service),
+            version: Some(version),
+            service_account: service,
+            app: Some(app),
+            node_id: Some(&node),
+        })
+        .await
+    }
+
+    /// A client-only sidecar (no inbound), identity `default/<sa>`.
+    pub async fn client(&mut self, sa: &str) -> anyhow::Result<Sidecar> {
+        self.sidecar(SidecarOpts {
+            service_account: sa,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Waits until `service` has `n` ready endpoints in the registry (bounded).
+    pub async fn wait_endpoints(&mut self, service: &str, n: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let eps = self
+                .admin
+                .list_endpoints(pb::ListEndpointsRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner();
+            let count = eps
+                .endpoints
+                .iter()
+                .filter(|e| e.service == service && e.endpoint.as_ref().is_some_and(|x| x.ready))
+                .count();
+            if count == n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{service} has {count} endpoints, want {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs meshctl against this mesh; returns stdout, or an error with stderr.
+    pub async fn meshctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin_dir().join("meshctl"))
+            .args(["--server", &format!("https://{}", self.admin_addr)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            anyhow::bail!(
+                "meshctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    }
+
+    /// Prints every process log (called when a test fails).
+    pub fn dump_logs(&self) {
+        for l in &self.logs {
+            if let Ok(s) = std::fs::read_to_string(l) {
+                let tail: Vec<&str> = s.lines().rev().take(40).collect();
+                eprintln!("===== {} (last 40 lines)", l.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
+
+/// Always dials one address (a sidecar's outbound port), whatever the URI's host: an HTTP proxy client.
+#[derive(Clone, Copy)]
+pub struct Dial(pub SocketAddr);
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let a = self.0;
+        Box::pin(async move { Ok(TokioIo::new(TcpStream::connect(a).await?)) })
+    }
+}
+
+pub type HttpClient = Client<Dial, Full<Bytes>>;
+
+/// An HTTP/1.1 client that sends everything through `proxy`.
+pub fn h1_client(proxy: SocketAddr) -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(Dial(proxy))
+}
+
+/// An h2c (prior knowledge) client that sends everything through `proxy`.
+pub fn h2c_client(proxy: SocketAddr) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(Dial(proxy))
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+/// GET `url` with `client`; the body is parsed as JSON when it is.
+pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<Reply> {
+    let resp = client
+        .request(http::Request::get(url).body(Full::new(Bytes::new()))?)
+        .await?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_str(&text).unwrap_or_default(),
+        text,
+    })
+}
+
+/// GET `url` on a sidecar's admin port over plain HTTP/1.1.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(Dial(addr));
+    get(&client, &format!("http://{addr}{path}")).await
+}
+
+/// Sends `n` requests; returns how many each version served and how many failed.
+pub async fn split(
+    client: &HttpClient,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<(std::collections::BTreeMap<String, usize>, usize)> {
+    let mut by_version = std::collections::BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match get(client, url).await {
+            Ok(r) if r.status.is_success() => {
+                *by_version
+                    .entry(r.json["version"].as_str().unwrap_or("?").to_string())
+                    .or_insert(0) += 1;
+            }
+            _ => failed += 1,
+        }
+    }
+    Ok((by_version, failed))
+}
+
+/// Polls a sidecar's /config_dump until `pred` holds (bounded); returns the elapsed time.
+pub async fn wait_config<F>(
+    admin: SocketAddr,
+    timeout: Duration,
+    pred: F,
+) -> anyhow::Result<Duration>
+where
+    F: Fn(&serde_json::Value) -> bool,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Ok(r) = admin_get(admin, "/config_dump").await
+            && pred(&r.json)
+        {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "config condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The route weights a sidecar has for `service`, as `version=weight` pairs.
+pub fn route_in_dump(dump: &serde_json::Value, service: &str) -> Vec<(String, u64)> {
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["route"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["version"].as_str().unwrap_or("").to_string(),
+                b["weight"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}

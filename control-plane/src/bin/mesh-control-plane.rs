@@ -44,8 +44,8 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    if a.cert_ttl_secs < 60 {
-        eprintln!("error: --cert-ttl-secs must be at least 60");
+    if a.cert_ttl_secs < 5 {
+        eprintln!("error: --cert-ttl-secs must be at least 5");
         return std::process::ExitCode::from(78);
     }
     let cfg = Config {

@@ -1,0 +1,274 @@
+//! mTLS on the inbound port and the CA's checks (tests 2 and 6 of the foundation).
+
+use mesh_proto::v1 as pb;
+use mesh_tests::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+/// Accepts any server certificate: these tests check what the *server* accepts.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn csr(identity: &str) -> anyhow::Result<(KeyPair, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    let pem = p.serialize_request(&key)?.pem()?;
+    Ok((key, pem))
+}
+
+async fn identity_client(
+    mesh: &Mesh,
+) -> anyhow::Result<pb::identity_client::IdentityClient<tonic::transport::Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(mesh.ca_pem()?))
+        .domain_name("mesh-control-plane");
+    let ch = Endpoint::from_shared(format!("https://{}", mesh.grpc))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(pb::identity_client::IdentityClient::new(ch))
+}
+
+/// Sends one HTTP/1.1 request over TLS with `chain`/`key` as client certificate; returns what
+/// came back (empty when the server refused the handshake).
+async fn raw_tls_request(
+    addr: std::net::SocketAddr,
+    chain_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("backend")?.to_owned();
+    let mut out = Vec::new();
+    let io = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(b"GET /whoami HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n")
+            .await?;
+        tls.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), io).await;
+    Ok(String::from_utf8_lossy(&out).to_string())
+}
+
+/// Test 2: the inbound port refuses plaintext and certificates from another CA, and serves a
+/// mesh certificate, passing the caller's SPIFFE identity to the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_requires_mesh_mtls() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let inbound = b.inbound.expect("inbound");
+
+    // Plaintext HTTP: no HTTP response, the connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await?;
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
+        "plaintext got an answer"
+    );
+
+    // A valid mesh certificate for default/web, obtained by CSR: served, identity passed on.
+    let mut id = identity_client(&mesh).await?;
+    let token = mesh.token("web").await?;
+    let (key, pem) = csr("spiffe://mesh.local/ns/default/sa/web")?;
+    let cert = id
+        .certify(pb::CertifyRequest {
+            csr_pem: pem,
+            token,
+        })
+        .await?
+        .into_inner();
+    let ok = raw_tls_request(inbound, &cert.cert_chain_pem, &key.serialize_pem()).await?;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("spiffe://mesh.local/ns/default/sa/web"), "{ok}");
+
+    // The same identity signed by another CA: refused.
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(
+        "spiffe://mesh.local/ns/default/sa/web"
+            .to_string()
+            .try_into()?,
+    )];
+    let forged = leaf.signed_by(&leaf_key, &issuer)?;
+    let refused = raw_tls_request(inbound, &forged.pem(), &leaf_key.serialize_pem()).await?;
+    assert!(
+        !refused.contains("HTTP/1.1"),
+        "foreign CA got an answer: {refused}"
+    );
+    Ok(())
+}
+
+/// Test 6: the CA signs only the token's identity; unknown, expired or missing credentials and
+/// malformed CSRs are refused with clear gRPC errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_checks_credentials_and_csrs() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let mut id = identity_client(&mesh).await?;
+    let token = mesh.token("web").await?;
+
+    let (_, other) = csr("spiffe://mesh.local/ns/default/sa/db")?;
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: other,
+            token: token.clone(),
+        })
+        .await
+        .expect_err("other identity");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message().contains("spiffe://mesh.local/ns/default/sa/db")
+            && e.message().contains("sa/web"),
+        "{}",
+        e.message()
+    );
+
+    let (_, mine) = csr("spiffe://mesh.local/ns/default/sa/web")?;
+    let unknown = format!("mesh1.{}", "ab".repeat(32));
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine.clone(),
+            token: unknown,
+        })
+        .await
+        .expect_err("unknown token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("unknown"), "{}", e.message());
+
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine.clone(),
+            token: "garbage".into(),
+        })
+        .await
+        .expect_err("malformed token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine.clone(),
+            token: String::new(),
+        })
+        .await
+        .expect_err("no credential");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+            token: token.clone(),
+        })
+        .await
+        .expect_err("malformed CSR");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    let ok = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine.clone(),
+            token,
+        })
+        .await?
+        .into_inner();
+    assert!(ok.cert_chain_pem.contains("BEGIN CERTIFICATE"));
+    let left = ok.expires_at_unix
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+    assert!(
+        (23 * 3600..=24 * 3600).contains(&left),
+        "24 h default lifetime, got {left} s"
+    );
+
+    // Expiry: a one-second token is refused once its second has passed (waiting out the clock).
+    let short = mesh
+        .admin
+        .create_token(pb::CreateTokenRequest {
+            identity: "default/web".into(),
+            ttl_seconds: 1,
+        })
+        .await?
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine,
+            token: short,
+        })
+        .await
+        .expect_err("expired token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{}", e.message());
+
+    // The admin API refuses calls without the admin token.
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(mesh.ca_pem()?))
+        .domain_name("mesh-control-plane");
+    let ch = Endpoint::from_shared(format!("https://{}", mesh.admin_addr))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let e = pb::admin_client::AdminClient::new(ch)
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .expect_err("no admin token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    Ok(())
+}
