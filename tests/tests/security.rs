@@ -272,3 +272,38 @@ async fn ca_checks_credentials_and_csrs() -> anyhow::Result<()> {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     Ok(())
 }
+
+/// The outbound sidecar checks the peer's SPIFFE id against the one the control plane gives for
+/// the service, not just the CA: an endpoint of `impostor` that is really `backend`'s sidecar
+/// (same CA, other identity) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_verifies_the_service_identity() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let inbound = b.inbound.expect("inbound").to_string();
+    mesh.meshctl(&[
+        "endpoints",
+        "add",
+        "impostor",
+        "--id",
+        "x",
+        "--address",
+        &inbound,
+        "--version",
+        "v1",
+    ])
+    .await?;
+    let c = mesh.client("web").await?;
+    let http = h1_client(c.outbound);
+    let r = get(&http, "http://impostor/").await?;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(r.headers["x-mesh-error"], "tls-failed");
+    assert!(
+        r.text.contains("spiffe://mesh.local/ns/default/sa/backend"),
+        "{}",
+        r.text
+    );
+    // The genuine service on the same sidecar still works.
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    Ok(())
+}

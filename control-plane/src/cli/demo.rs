@@ -226,7 +226,12 @@ async fn start_workloads(
         .into_inner()
         .token;
     let mut c = proxy("client-proxy".into(), token, (15001, 0, 15000))?;
-    c.args(["--node-id", "demo-client"]);
+    c.args([
+        "--node-id",
+        "demo-client",
+        "--service-account",
+        "demo-client",
+    ]);
     let (p, _) = Process::spawn_ready("client sidecar", c, READY_TIMEOUT).await?;
     procs.push(p);
     println!(

@@ -1,1 +1,0 @@
-//! Benchmarks live here; see benches/README.md.
