@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: format and lint checks, unit tests, then the end-to-end tests (which build
-# and start the real binaries on loopback). Safe to run repeatedly.
+# and start the real binaries on loopback). Safe to run repeatedly. Ends with one total line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
