@@ -130,6 +130,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         pool: Pool::new(tls.clone()),
     });
+    tokio::spawn(prune_pool(outbound.clone()));
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
         let outbound = outbound.clone();
         accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
@@ -210,6 +211,20 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
     }
     Ok(())
+}
+
+/// Keeps the connection pool to the endpoints of the current config.
+async fn prune_pool(outbound: Arc<Outbound>) {
+    let mut changes = outbound.snapshots.watch();
+    while changes.changed().await.is_ok() {
+        let snap = outbound.snapshots.load();
+        let live = snap
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.iter().map(|e| (e.addr, s.identity.clone())))
+            .collect();
+        outbound.pool.retain(&live);
+    }
 }
 
 /// The endpoint this proxy registers for its app, if it fronts a service: at the advertised

@@ -8,16 +8,14 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use mesh_control_plane::cli::client::{Admin, connect_with};
 use mesh_control_plane::process::Process;
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::OnceLock;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::process::Command;
 
 pub use mesh_control_plane::process;
@@ -370,26 +368,9 @@ impl Drop for Mesh {
     }
 }
 
-/// Always dials one address (a sidecar's outbound port), whatever the URI's host: an HTTP proxy client.
-#[derive(Clone, Copy)]
-pub struct Dial(pub SocketAddr);
-
-impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let a = self.0;
-        Box::pin(async move { Ok(TokioIo::new(TcpStream::connect(a).await?)) })
-    }
-}
+/// Always dials one address (a sidecar's outbound port), whatever the URI's host: an HTTP proxy
+/// client. The proxy's own connector to its local app does exactly this.
+pub use mesh_proxy::inbound::AppConnector as Dial;
 
 pub type HttpClient = Client<Dial, Full<Bytes>>;
 
@@ -496,4 +477,40 @@ pub fn route_in_dump(dump: &serde_json::Value, service: &str) -> Vec<(String, u6
             )
         })
         .collect()
+}
+
+/// `backend` v1 and v2 behind sidecars, and a client sidecar `web` that has called `backend`
+/// once (so it is subscribed). Returns the client sidecar and an HTTP/1.1 client through it.
+pub async fn backend_v1_v2(mesh: &mut Mesh) -> anyhow::Result<(Sidecar, HttpClient)> {
+    mesh.workload("backend", "v1").await?;
+    mesh.workload("backend", "v2").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let http = h1_client(c.outbound);
+    let r = get(&http, "http://backend/").await?;
+    anyhow::ensure!(r.status == 200, "first request: {} {}", r.status, r.text);
+    Ok((c, http))
+}
+
+/// `meshctl route set backend --weights v1=…,v2=…`, then waits until the sidecar whose admin
+/// port is `admin` has applied it; returns how long that took (error past `timeout`).
+pub async fn set_weights(
+    mesh: &Mesh,
+    admin: SocketAddr,
+    v1: u64,
+    v2: u64,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let out = mesh
+        .meshctl(&[
+            "route",
+            "set",
+            "backend",
+            "--weights",
+            &format!("v1={v1},v2={v2}"),
+        ])
+        .await?;
+    anyhow::ensure!(out.contains("route of backend set to"), "{out}");
+    let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
+    wait_config(admin, timeout, |d| route_in_dump(d, "backend") == want).await
 }

@@ -103,30 +103,14 @@ async fn echo_unknown(outbound: std::net::SocketAddr) -> tonic::Code {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_weights_shift_traffic_live() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    mesh.workload("backend", "v1").await?;
-    mesh.workload("backend", "v2").await?;
-    let c = mesh.client("web").await?;
-    mesh.wait_endpoints("backend", 2).await?;
-    let http = h1_client(c.outbound);
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let (c, http) = backend_v1_v2(&mut mesh).await?;
     let pids_before: Vec<_> = mesh.procs.iter().map(|p| p.pid()).collect();
 
     for (v1, v2) in [(100u64, 0u64), (0, 100), (90, 10)] {
-        let out = mesh
-            .meshctl(&[
-                "route",
-                "set",
-                "backend",
-                "--weights",
-                &format!("v1={v1},v2={v2}"),
-            ])
-            .await?;
-        assert!(out.contains("route of backend set to"), "{out}");
-        let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
-        let took = wait_config(c.admin, Duration::from_secs(1), |d| {
-            route_in_dump(d, "backend") == want
-        })
-        .await?;
+        let took = set_weights(&mesh, c.admin, v1, v2, Duration::from_secs(1)).await?;
+        eprintln!(
+            "weights v1={v1},v2={v2} applied by the client sidecar {took:?} after meshctl returned"
+        );
         assert!(took < Duration::from_secs(1), "applied after {took:?}");
         let (counts, failed) = split(&http, "http://backend/", 1000).await?;
         assert_eq!(failed, 0);
@@ -192,20 +176,8 @@ async fn invalid_weights_are_refused_and_change_nothing() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_crash_keeps_traffic_and_state() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    mesh.workload("backend", "v1").await?;
-    mesh.workload("backend", "v2").await?;
-    let c = mesh.client("web").await?;
-    mesh.wait_endpoints("backend", 2).await?;
-    let http = h1_client(c.outbound);
-    // The client subscribes to `backend` on its first request.
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
-    mesh.meshctl(&["route", "set", "backend", "--weights", "v1=50,v2=50"])
-        .await?;
-    let want = vec![("v1".to_string(), 50), ("v2".to_string(), 50)];
-    wait_config(c.admin, Duration::from_secs(2), |d| {
-        route_in_dump(d, "backend") == want
-    })
-    .await?;
+    let (c, http) = backend_v1_v2(&mut mesh).await?;
+    set_weights(&mesh, c.admin, 50, 50, Duration::from_secs(2)).await?;
     let root_before = mesh.ca_pem()?;
 
     mesh.kill_control_plane().await;
@@ -251,13 +223,7 @@ async fn control_plane_crash_keeps_traffic_and_state() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    mesh.meshctl(&["route", "set", "backend", "--weights", "v1=0,v2=100"])
-        .await?;
-    let want = vec![("v1".to_string(), 0), ("v2".to_string(), 100)];
-    wait_config(c.admin, Duration::from_secs(1), |d| {
-        route_in_dump(d, "backend") == want
-    })
-    .await?;
+    set_weights(&mesh, c.admin, 0, 100, Duration::from_secs(1)).await?;
     let (counts, failed) = split(&http, "http://backend/", 50).await?;
     assert_eq!((failed, counts.get("v2").copied()), (0, Some(50)));
 
@@ -274,20 +240,9 @@ async fn control_plane_crash_keeps_traffic_and_state() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    mesh.workload("backend", "v1").await?;
-    mesh.workload("backend", "v2").await?;
-    let c = mesh.client("web").await?;
-    mesh.wait_endpoints("backend", 2).await?;
-    let http = h1_client(c.outbound);
-    // The client subscribes to `backend` on its first request.
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
-    mesh.meshctl(&["route", "set", "backend", "--weights", "v1=50,v2=50"])
-        .await?;
+    let (c, http) = backend_v1_v2(&mut mesh).await?;
+    set_weights(&mesh, c.admin, 50, 50, Duration::from_secs(2)).await?;
     let good = vec![("v1".to_string(), 50), ("v2".to_string(), 50)];
-    wait_config(c.admin, Duration::from_secs(2), |d| {
-        route_in_dump(d, "backend") == good
-    })
-    .await?;
 
     let bad = pb::Route {
         backends: vec![
@@ -351,13 +306,7 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
     );
 
     // A valid route afterwards is applied and clears the NACK.
-    mesh.meshctl(&["route", "set", "backend", "--weights", "v1=100,v2=0"])
-        .await?;
-    let want = vec![("v1".to_string(), 100), ("v2".to_string(), 0)];
-    wait_config(c.admin, Duration::from_secs(1), |d| {
-        route_in_dump(d, "backend") == want
-    })
-    .await?;
+    set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(1)).await?;
     Ok(())
 }
 
@@ -456,5 +405,87 @@ async fn certificates_renew_under_traffic() -> anyhow::Result<()> {
     let r = get(&h2c_client(c.outbound), "http://backend/after").await?;
     assert_eq!(r.status, 200);
     assert!(sent > 10);
+    Ok(())
+}
+
+/// With the control plane gone, renewal fails; the proxies keep serving with their still-valid
+/// certificates (and keep the ones they have rather than dropping them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_certificate_keeps_serving_while_renewal_fails() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with(&["--cert-ttl-secs", "10"]).await?;
+    mesh.workload("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let expiry = |d: &serde_json::Value| d["certificate"]["expires_at_unix"].as_i64();
+    let issued = expiry(&admin_get(c.admin, "/config_dump").await?.json).expect("certificate");
+    mesh.kill_control_plane().await;
+    // Renewal is due at ~7 s of the 10 s lifetime; keep calling until 8.5 s after issuance.
+    let until = issued - 10 + 8;
+    let mut sent = 0;
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64)
+        <= until
+    {
+        let r = get(&http, "http://backend/").await?;
+        assert_eq!(r.status, 200, "{}", r.text);
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dump = admin_get(c.admin, "/config_dump").await?.json;
+    assert_eq!(expiry(&dump), Some(issued), "renewal cannot have succeeded");
+    assert_eq!(admin_get(c.admin, "/ready").await?.status, 200);
+    assert!(sent > 20);
+    Ok(())
+}
+
+/// The quick start: `meshctl demo` starts everything, traffic flows through the mesh with no
+/// failures, and SIGINT stops every process it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_stops_cleanly() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir()?;
+    let mut demo = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["demo", "--rps", "50", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    let report = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await? {
+            if l.starts_with("last 2s:") {
+                return Ok::<_, std::io::Error>(l);
+            }
+        }
+        Ok(String::new())
+    })
+    .await??;
+    assert!(
+        report.contains(" ok, 0 failed") && report.contains("backend v1"),
+        "{report}"
+    );
+    let ok: u32 = report
+        .trim_start_matches("last 2s: ")
+        .split(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()?;
+    assert!(ok >= 50, "{report}");
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(demo.id().expect("pid"))?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait()).await??;
+    assert!(status.success(), "{status:?}");
+    // Everything it started is gone: its ports are free again.
+    for port in [
+        15010, 15011, 15001, 15106, 15206, 15306, 18080, 18081, 18082,
+    ] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still in use"
+        );
+    }
     Ok(())
 }

@@ -20,6 +20,16 @@ pub const MESH_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
 /// The caller's identity, as the inbound proxy verified it (Envoy's XFCC format).
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
+/// `http://<authority><path?query>`: the absolute form HTTP/2 needs (`:authority`, `:path`).
+pub fn absolute_uri(authority: &str, uri: &http::Uri) -> Result<http::Uri, http::Error> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+}
+
 /// A body made by the proxy.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Either::Right(Full::new(b.into()))

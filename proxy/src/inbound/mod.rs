@@ -4,7 +4,7 @@
 
 use crate::http::errors::ProxyError;
 use crate::http::server::serve;
-use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, is_grpc, strip_hop_by_hop};
+use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::tls::{TlsContext, spiffe_id_of};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -146,12 +146,7 @@ impl Inbound {
             .authority()
             .map_or("localhost", |a| a.as_str())
             .to_string();
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
+        parts.uri = absolute_uri(&authority, &parts.uri)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         parts.version = if h1 {
             Version::HTTP_11

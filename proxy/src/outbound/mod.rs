@@ -6,9 +6,9 @@
 pub mod pool;
 
 use crate::http::errors::ProxyError;
-use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, is_grpc, strip_hop_by_hop};
+use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::{ResolveError, Snapshots};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use pool::Pool;
 use std::convert::Infallible;
@@ -94,12 +94,7 @@ impl Outbound {
 
         let (mut parts, body) = req.into_parts();
         let h1 = parts.version < Version::HTTP_2;
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
+        parts.uri = absolute_uri(&authority, &parts.uri)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         parts.version = Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);

@@ -64,6 +64,13 @@ impl Pool {
         Ok(s)
     }
 
+    /// Drops connections to endpoints no longer in the config. Requests still using one keep
+    /// their handle; the connection closes when they finish.
+    pub fn retain(&self, live: &std::collections::HashSet<(SocketAddr, Arc<str>)>) {
+        self.ready.retain(|k, _| live.contains(k));
+        self.connecting.retain(|k, _| live.contains(k));
+    }
+
     /// Forgets a connection that failed (the next request reconnects).
     pub fn evict(&self, addr: SocketAddr, identity: &Arc<str>) {
         self.ready.remove(&(addr, identity.clone()));
