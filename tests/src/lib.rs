@@ -37,17 +37,20 @@ pub fn bin_dir() -> &'static Path {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "mesh-proxy",
-            "-p",
-            "mesh-control-plane",
-            "-p",
-            "mesh-examples",
-            "--bins",
-        ]);
+        // The same package selection as `cargo test --workspace`, so features resolve the same
+        // way and this finds everything already built instead of recompiling it.
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // Variables cargo sets for this test process (CARGO_PKG_*, CARGO_MANIFEST_DIR, …) would
+        // change build-script fingerprints and rebuild half the tree; pass only the user's.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().to_string();
+            let keep = matches!(k.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR")
+                || k.starts_with("CARGO_BUILD_")
+                || k.starts_with("CARGO_PROFILE_");
+            if (k.starts_with("CARGO_") && !keep) || k == "OUT_DIR" {
+                cmd.env_remove(&k);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
