@@ -2,7 +2,8 @@
 //!
 //! `serve` answers HTTP/1.1 and h2c with a JSON description of the request (service, version,
 //! protocol, the caller identity its sidecar reported) and serves the gRPC `Echo` service on the
-//! same port; `/status/<code>` answers with that status, `/delay/<ms>` answers after a delay; with `--call` it calls another mesh service through its sidecar first.
+//! same port; `/status/<code>` answers with that status, `/delay/<ms>` answers after a delay;
+//! `/bytes/<n>` answers n bytes (benchmarks); with `--call` it calls another mesh service through its sidecar first.
 //! `load` sends requests at a fixed rate through a sidecar and prints the split by version.
 #![forbid(unsafe_code)]
 
@@ -120,6 +121,24 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 impl App {
     async fn http(&self, req: Request<Incoming>) -> Response<Body> {
         use std::sync::atomic::Ordering::SeqCst;
+        if let Some(n) = req
+            .uri()
+            .path()
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            // Benchmarks: a fixed-size body with no per-request formatting.
+            let mut r = Response::new(
+                Full::new(Bytes::from(vec![b'x'; n.min(1 << 20)]))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            return r;
+        }
         if req.uri().path() == "/inflight" {
             return json_response(
                 StatusCode::OK,

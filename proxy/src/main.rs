@@ -17,11 +17,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(78);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(bootstrap.worker_threads)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime, so no wakeup ever crosses threads.
+    let mut builder = match bootstrap.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

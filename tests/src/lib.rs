@@ -86,6 +86,8 @@ pub struct SidecarOpts<'a> {
     pub service_account: &'a str,
     pub app: Option<SocketAddr>,
     pub node_id: Option<&'a str>,
+    /// Worker threads (0: the proxy's default).
+    pub workers: usize,
 }
 
 /// One mesh: a control plane and whatever workloads a test adds.
@@ -263,6 +265,9 @@ impl Mesh {
         if let Some(n) = o.node_id {
             cmd.args(["--node-id", n]);
         }
+        if o.workers > 0 {
+            cmd.args(["--workers", &o.workers.to_string()]);
+        }
         let name = format!(
             "{}-{}-proxy",
             o.service.unwrap_or(o.service_account),
@@ -289,14 +294,17 @@ impl Mesh {
             service_account: service,
             app: Some(app),
             node_id: Some(&node),
+            workers: 0,
         })
         .await
     }
 
-    /// A client-only sidecar (no inbound), identity `default/<sa>`.
+    /// A client-only sidecar (no inbound), identity `default/<sa>`. It runs one worker (the
+    /// current-thread runtime) while server sidecars run two, so tests cover both.
     pub async fn client(&mut self, sa: &str) -> anyhow::Result<Sidecar> {
         self.sidecar(SidecarOpts {
             service_account: sa,
+            workers: 1,
             ..Default::default()
         })
         .await

@@ -322,6 +322,7 @@ async fn sigterm_drains_in_flight_and_deregisters() -> anyhow::Result<()> {
             service_account: "backend",
             app: Some(app),
             node_id: Some("b1"),
+            workers: 0,
         })
         .await?;
     let c = mesh.client("web").await?;

@@ -1,0 +1,609 @@
+//! `mesh-bench`: load benchmarks side by side in one run, on loopback:
+//!
+//! - `direct`: load tool → app
+//! - `mesh`: load tool → mesh-proxy (outbound) → mTLS HTTP/2 → mesh-proxy (inbound) → app
+//! - `envoy`: the same sidecar pair with Envoy (mTLS, SPIFFE SAN checks, HTTP/2 between them)
+//!
+//! Each proxy runs one worker thread. Load comes from `oha`: closed-loop saturation and a fixed
+//! rate (1,000 rps over 4 connections). Per topology: requests/s, p50/p90/p99, p99 added over
+//! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
+//! Writes a Markdown table (`--out`) with the mesh/Envoy ratios.
+
+use anyhow::Context;
+use mesh_control_plane::cli::client::connect_with;
+use mesh_control_plane::process::{Process, bin_dir, sibling};
+use mesh_proto::v1 as pb;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::Command;
+
+const READY: Duration = Duration::from_secs(30);
+const TRUST_DOMAIN: &str = "mesh.local";
+
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds per load run.
+    #[arg(long, default_value_t = 8)]
+    secs: u64,
+    /// Connections for the saturation runs.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Body size of each response, bytes.
+    #[arg(long, default_value_t = 1024)]
+    body: usize,
+    /// Envoy binary.
+    #[arg(long, default_value = "target/bench-venv/bin/envoy")]
+    envoy: PathBuf,
+    /// oha binary.
+    #[arg(long, default_value = "oha")]
+    oha: PathBuf,
+    /// Where the Markdown table goes.
+    #[arg(long, default_value = "target/bench-results.md")]
+    out: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Resident set size, MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// A topology under test: where the load goes and which processes are "the proxy".
+struct Topology {
+    name: &'static str,
+    port: u16,
+    proxies: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    errors: u64,
+    cpu_us_per_req: f64,
+    rss_idle: f64,
+    rss_load: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    H1Saturation,
+    H2Saturation,
+    H1Fixed1000,
+}
+
+impl Load {
+    fn label(self) -> &'static str {
+        match self {
+            Load::H1Saturation => "HTTP/1.1 saturation",
+            Load::H2Saturation => "HTTP/2 saturation",
+            Load::H1Fixed1000 => "HTTP/1.1 1,000 rps, 4 conns",
+        }
+    }
+}
+
+async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(&args.oha);
+    cmd.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{secs}s"),
+    ])
+    .args(["--connect-to", &format!("backend:80:127.0.0.1:{port}")]);
+    match load {
+        Load::H1Saturation => {
+            cmd.args(["-c", &args.connections.to_string()]);
+        }
+        Load::H2Saturation => {
+            cmd.args([
+                "--http2",
+                "-c",
+                "4",
+                "-p",
+                &(args.connections / 4).max(1).to_string(),
+            ]);
+        }
+        Load::H1Fixed1000 => {
+            cmd.args(["-c", "4", "-q", "1000"]);
+        }
+    }
+    cmd.arg(format!("http://backend/bytes/{}", args.body));
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {}", args.oha.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "oha failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
+    let rss_idle: f64 = t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum();
+    let cpu0: f64 = t.proxies.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).sum();
+    let v = oha(args, t.port, load, args.secs).await?;
+    let cpu1: f64 = t.proxies.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).sum();
+    let rss_load: f64 = t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum();
+    let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    let total: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+        .unwrap_or(0);
+    let errors = v["errorDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+        .unwrap_or(0)
+        + (total - ok);
+    let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    Ok(Run {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50: ms("p50"),
+        p90: ms("p90"),
+        p99: ms("p99"),
+        errors,
+        cpu_us_per_req: if t.proxies.is_empty() || ok == 0 {
+            0.0
+        } else {
+            (cpu1 - cpu0) * 1e6 / ok as f64
+        },
+        rss_idle,
+        rss_load,
+    })
+}
+
+fn envoy_tls_files(dir: &Path, name: &str) -> (String, String) {
+    (
+        dir.join(format!("{name}.crt")).display().to_string(),
+        dir.join(format!("{name}.key")).display().to_string(),
+    )
+}
+
+/// Envoy as the inbound sidecar: TLS with a required client certificate from the mesh CA whose
+/// SPIFFE id is in the trust domain, then plain HTTP/1.1 to the app.
+fn envoy_inbound(dir: &Path, port: u16, admin: u16, app: u16) -> String {
+    let (crt, key) = envoy_tls_files(dir, "backend");
+    let ca = dir.join("ca.pem").display().to_string();
+    format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
+            validation_context:
+              trusted_ca: {{filename: "{ca}"}}
+              match_typed_subject_alt_names: [{{san_type: URI, matcher: {{prefix: "spiffe://{TRUST_DOMAIN}/"}}}}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: AUTO
+          route_config: {{virtual_hosts: [{{name: app, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: app
+    type: STATIC
+    load_assignment: {{cluster_name: app, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app}}}}}}}}}]}}]}}
+"#
+    )
+}
+
+/// Envoy as the outbound sidecar: plain HTTP from the app, HTTP/2 over mTLS to the peer, whose
+/// certificate must carry the backend's SPIFFE id.
+fn envoy_outbound(dir: &Path, port: u16, admin: u16, peer: u16) -> String {
+    let (crt, key) = envoy_tls_files(dir, "web");
+    let ca = dir.join("ca.pem").display().to_string();
+    format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          codec_type: AUTO
+          route_config: {{virtual_hosts: [{{name: backend, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: backend
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"}}}}]
+    load_assignment: {{cluster_name: backend, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}}}]}}]}}
+"#
+    )
+}
+
+/// A key and certificate from the mesh CA for `sa`, written as `<sa>.crt` / `<sa>.key`.
+async fn certify_files(
+    admin: &mut mesh_control_plane::cli::client::Admin,
+    grpc: SocketAddr,
+    ca_pem: &str,
+    dir: &Path,
+    sa: &str,
+) -> anyhow::Result<()> {
+    let token = admin
+        .create_token(pb::CreateTokenRequest {
+            identity: format!("default/{sa}"),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}").try_into()?,
+    )];
+    let csr_pem = p.serialize_request(&key)?.pem()?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("mesh-control-plane");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let r = pb::identity_client::IdentityClient::new(ch)
+        .certify(pb::CertifyRequest { csr_pem, token })
+        .await?
+        .into_inner();
+    std::fs::write(dir.join(format!("{sa}.crt")), r.cert_chain_pem)?;
+    std::fs::write(dir.join(format!("{sa}.key")), key.serialize_pem())?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Args = clap::Parser::parse();
+    let bins = bin_dir()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
+    let mut procs: Vec<Process> = Vec::new();
+
+    let (grpc, admin_addr) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+    );
+    let mut cmd = Command::new(sibling(&bins, "mesh-control-plane")?);
+    cmd.arg("--data-dir")
+        .arg(d.join("cp"))
+        .args([
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--admin-addr",
+            &admin_addr.to_string(),
+        ])
+        .stderr(log("cp")?);
+    procs.push(Process::spawn_ready("control plane", cmd, READY).await?.0);
+    let ca_pem = std::fs::read_to_string(d.join("cp/ca/root.pem"))?;
+    std::fs::write(d.join("ca.pem"), &ca_pem)?;
+    let token = std::fs::read_to_string(d.join("cp/admin-token"))?;
+    let mut admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca_pem).await?;
+
+    let app_port = free_port()?;
+    let mut cmd = Command::new(sibling(&bins, "mesh-example")?);
+    cmd.args([
+        "serve",
+        "--service",
+        "backend",
+        "--version",
+        "v1",
+        "--listen",
+        &format!("127.0.0.1:{app_port}"),
+    ])
+    .stderr(log("app")?);
+    procs.push(Process::spawn_ready("app", cmd, READY).await?.0);
+
+    // The mesh sidecar pair.
+    let sidecar = |sa: &str, extra: Vec<String>| -> anyhow::Result<Command> {
+        let mut c = Command::new(sibling(&bins, "mesh-proxy")?);
+        c.args([
+            "--control-plane",
+            &format!("https://{grpc}"),
+            "--service-account",
+            sa,
+            "--workers",
+            "1",
+        ])
+        .arg("--ca-file")
+        .arg(d.join("ca.pem"))
+        .args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stderr(log(&format!("proxy-{sa}"))?);
+        Ok(c)
+    };
+    let tb = admin
+        .create_token(pb::CreateTokenRequest {
+            identity: "default/backend".into(),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let tw = admin
+        .create_token(pb::CreateTokenRequest {
+            identity: "default/web".into(),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let mut c = sidecar(
+        "backend",
+        vec![
+            "--service".into(),
+            "backend".into(),
+            "--app-port".into(),
+            app_port.to_string(),
+        ],
+    )?;
+    c.env("MESH_TOKEN", tb);
+    let (p_in, _) = Process::spawn_ready("mesh inbound", c, READY).await?;
+    let mut c = sidecar("web", vec![])?;
+    c.env("MESH_TOKEN", tw);
+    let (p_out, ready) = Process::spawn_ready("mesh outbound", c, READY).await?;
+    let mesh_port: u16 = ready["outbound"]
+        .as_str()
+        .context("outbound")?
+        .parse::<SocketAddr>()?
+        .port();
+    let mesh_pids = vec![p_out.pid().context("pid")?, p_in.pid().context("pid")?];
+    procs.push(p_in);
+    procs.push(p_out);
+
+    // The Envoy sidecar pair, with certificates from the same CA.
+    certify_files(&mut admin, grpc, &ca_pem, d, "backend").await?;
+    certify_files(&mut admin, grpc, &ca_pem, d, "web").await?;
+    let (e_in_port, e_out_port) = (free_port()?, free_port()?);
+    std::fs::write(
+        d.join("envoy-in.yaml"),
+        envoy_inbound(d, e_in_port, free_port()?, app_port),
+    )?;
+    std::fs::write(
+        d.join("envoy-out.yaml"),
+        envoy_outbound(d, e_out_port, free_port()?, e_in_port),
+    )?;
+    let mut envoy_pids = Vec::new();
+    let mut envoys = Vec::new();
+    for (name, port) in [("envoy-in", e_in_port), ("envoy-out", e_out_port)] {
+        let child = Command::new(&args.envoy)
+            .arg("-c")
+            .arg(d.join(format!("{name}.yaml")))
+            .args([
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+                "--base-id",
+                &port.to_string(),
+            ])
+            .stdout(log(name)?)
+            .stderr(log(&format!("{name}.err"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (run scripts/install-bench-tools.sh)",
+                    args.envoy.display()
+                )
+            })?;
+        envoy_pids.push(child.id().context("pid")?);
+        // Ready when the listener accepts.
+        let deadline = tokio::time::Instant::now() + READY;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{name} did not listen; see {}",
+                d.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        envoys.push(child);
+    }
+
+    let topologies = [
+        Topology {
+            name: "direct",
+            port: app_port,
+            proxies: vec![],
+        },
+        Topology {
+            name: "mesh",
+            port: mesh_port,
+            proxies: mesh_pids,
+        },
+        Topology {
+            name: "envoy",
+            port: e_out_port,
+            proxies: envoy_pids.clone(),
+        },
+    ];
+    // Warm up connections and the mesh's on-demand discovery.
+    for t in &topologies {
+        oha(&args, t.port, Load::H1Saturation, 1)
+            .await
+            .with_context(|| format!("warm-up of {}", t.name))?;
+    }
+
+    let loads = [Load::H1Saturation, Load::H2Saturation, Load::H1Fixed1000];
+    let mut results = Vec::new();
+    for load in loads {
+        for t in &topologies {
+            let r = measure(&args, t, load).await?;
+            eprintln!(
+                "{:<28} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req  errors {}",
+                load.label(),
+                t.name,
+                r.rps,
+                r.p50,
+                r.p99,
+                r.cpu_us_per_req,
+                r.errors
+            );
+            results.push((load, t.name, r));
+        }
+    }
+    drop(envoys);
+
+    let get = |load: Load, name: &str| {
+        results
+            .iter()
+            .find(|(l, n, _)| *l == load && *n == name)
+            .map(|(_, _, r)| r.clone())
+            .unwrap_or_default()
+    };
+    let mut md = String::new();
+    writeln!(
+        md,
+        "| load | topology | req/s | p50 ms | p90 ms | p99 ms | p99 added over direct, ms | proxy CPU µs/req | proxy RSS idle / after, MiB | errors |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for load in loads {
+        let direct = get(load, "direct");
+        for t in &topologies {
+            let r = get(load, t.name);
+            let added = if t.name == "direct" {
+                "-".to_string()
+            } else {
+                format!("{:.3}", r.p99 - direct.p99)
+            };
+            let cpu = if t.proxies.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1}", r.cpu_us_per_req)
+            };
+            let rss = if t.proxies.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} / {:.1}", r.rss_idle, r.rss_load)
+            };
+            writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {added} | {cpu} | {rss} | {} |",
+                load.label(),
+                t.name,
+                r.rps,
+                r.p50,
+                r.p90,
+                r.p99,
+                r.errors
+            )?;
+        }
+    }
+    writeln!(md, "\nRatios mesh / Envoy (targets in parentheses):\n")?;
+    let sat = (
+        get(Load::H1Saturation, "mesh"),
+        get(Load::H1Saturation, "envoy"),
+    );
+    let fixed = (
+        get(Load::H1Fixed1000, "mesh"),
+        get(Load::H1Fixed1000, "envoy"),
+        get(Load::H1Fixed1000, "direct"),
+    );
+    writeln!(
+        md,
+        "- CPU per request, HTTP/1.1 saturation: {:.2}× (≤ 0.4×)",
+        sat.0.cpu_us_per_req / sat.1.cpu_us_per_req
+    )?;
+    writeln!(
+        md,
+        "- CPU per request, 1,000 rps: {:.2}× (≤ 0.4×)",
+        fixed.0.cpu_us_per_req / fixed.1.cpu_us_per_req
+    )?;
+    writeln!(
+        md,
+        "- p99 added at 1,000 rps: {:.2}× (≤ 0.33×)",
+        (fixed.0.p99 - fixed.2.p99) / (fixed.1.p99 - fixed.2.p99)
+    )?;
+    writeln!(
+        md,
+        "- saturation throughput, HTTP/1.1: {:.2}× (≥ 2×); HTTP/2: {:.2}×",
+        sat.0.rps / sat.1.rps,
+        get(Load::H2Saturation, "mesh").rps / get(Load::H2Saturation, "envoy").rps
+    )?;
+    writeln!(
+        md,
+        "- RSS of the sidecar pair after load: {:.2}× (mesh {:.1} MiB, Envoy {:.1} MiB)",
+        fixed.0.rss_load / fixed.1.rss_load,
+        fixed.0.rss_load,
+        fixed.1.rss_load
+    )?;
+    println!("{md}");
+    if let Some(p) = args.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&args.out, &md)?;
+    eprintln!(
+        "table written to {}; process logs in {} (kept)",
+        args.out.display(),
+        dir.keep().display()
+    );
+    drop(procs);
+    Ok(())
+}
