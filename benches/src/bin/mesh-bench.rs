@@ -158,11 +158,23 @@ async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
         .as_object()
         .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
         .unwrap_or(0);
+    // Requests still in flight when a timed run ends are cut by oha, not failed by the proxy.
     let errors = v["errorDistribution"]
         .as_object()
-        .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "aborted due to deadline")
+                .filter_map(|(_, x)| x.as_u64())
+                .sum()
+        })
         .unwrap_or(0)
         + (total - ok);
+    if errors > 0 {
+        eprintln!(
+            "  errors on port {}: {} (status codes {})",
+            t.port, v["errorDistribution"], v["statusCodeDistribution"]
+        );
+    }
     let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
     Ok(Run {
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
