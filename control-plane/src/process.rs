@@ -94,6 +94,33 @@ impl Process {
     }
 }
 
+/// A `mesh-proxy` command joined to the control plane at `grpc` (host:port) as
+/// `default/<service_account>`, with a fresh bootstrap token for exactly that identity, so the
+/// token and the identity the proxy asks for cannot disagree. The token goes in the
+/// environment, not on the command line where `ps` shows it. Callers add ports and role.
+pub async fn proxy_command(
+    bin: &Path,
+    grpc: &str,
+    ca_file: &Path,
+    admin: &mut crate::cli::client::Admin,
+    service_account: &str,
+) -> anyhow::Result<Command> {
+    let token =
+        crate::cli::client::bootstrap_token(admin, &format!("default/{service_account}"), 0)
+            .await?;
+    let mut c = Command::new(bin);
+    c.args([
+        "--control-plane",
+        &format!("https://{grpc}"),
+        "--service-account",
+        service_account,
+    ])
+    .arg("--ca-file")
+    .arg(ca_file)
+    .env("MESH_TOKEN", token);
+    Ok(c)
+}
+
 /// The directory of the running executable, where sibling mesh binaries are built.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mesh_control_plane::cli::client::{Admin, connect_with};
-use mesh_control_plane::process::Process;
+use mesh_control_plane::cli::client::{Admin, bootstrap_token, connect_with};
+use mesh_control_plane::process::{Process, proxy_command};
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -195,14 +195,7 @@ impl Mesh {
 
     /// A bootstrap token for `default/<sa>`.
     pub async fn token(&mut self, sa: &str) -> anyhow::Result<String> {
-        let r = self
-            .admin
-            .create_token(pb::CreateTokenRequest {
-                identity: format!("default/{sa}"),
-                ttl_seconds: 0,
-            })
-            .await?;
-        Ok(r.into_inner().token)
+        bootstrap_token(&mut self.admin, &format!("default/{sa}"), 0).await
     }
 
     fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
@@ -236,23 +229,25 @@ impl Mesh {
 
     /// Starts a sidecar with a fresh token for its service account.
     pub async fn sidecar(&mut self, o: SidecarOpts<'_>) -> anyhow::Result<Sidecar> {
-        let token = self.token(o.service_account).await?;
-        let mut cmd = Command::new(bin_dir().join("mesh-proxy"));
-        cmd.args(["--control-plane", &format!("https://{}", self.grpc)])
-            .arg("--ca-file")
-            .arg(self.data_dir().join("ca/root.pem"))
-            .args(["--service-account", o.service_account])
-            .args([
-                "--outbound-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--inbound-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--drain-timeout-secs", "5"])
-            .env("MESH_TOKEN", token)
-            .env("RUST_LOG", "info,mesh_proxy=debug");
+        let ca_file = self.data_dir().join("ca/root.pem");
+        let mut cmd = proxy_command(
+            &bin_dir().join("mesh-proxy"),
+            &self.grpc.to_string(),
+            &ca_file,
+            &mut self.admin,
+            o.service_account,
+        )
+        .await?;
+        cmd.args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--drain-timeout-secs", "5"])
+        .env("RUST_LOG", "info,mesh_proxy=debug");
         if let Some(s) = o.service {
             cmd.args(["--service", s]);
         }

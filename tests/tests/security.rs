@@ -237,15 +237,8 @@ async fn ca_checks_credentials_and_csrs() -> anyhow::Result<()> {
     );
 
     // Expiry: a one-second token is refused once its second has passed (waiting out the clock).
-    let short = mesh
-        .admin
-        .create_token(pb::CreateTokenRequest {
-            identity: "default/web".into(),
-            ttl_seconds: 1,
-        })
-        .await?
-        .into_inner()
-        .token;
+    let short =
+        mesh_control_plane::cli::client::bootstrap_token(&mut mesh.admin, "default/web", 1).await?;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let e = id
         .certify(pb::CertifyRequest {

@@ -10,8 +10,8 @@
 //! Writes a Markdown table (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
-use mesh_control_plane::cli::client::connect_with;
-use mesh_control_plane::process::{Process, bin_dir, sibling};
+use mesh_control_plane::cli::client::{bootstrap_token, connect_with};
+use mesh_control_plane::process::{Process, bin_dir, proxy_command, sibling};
 use mesh_proto::v1 as pb;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -288,14 +288,7 @@ async fn certify_files(
     dir: &Path,
     sa: &str,
 ) -> anyhow::Result<()> {
-    let token = admin
-        .create_token(pb::CreateTokenRequest {
-            identity: format!("default/{sa}"),
-            ttl_seconds: 0,
-        })
-        .await?
-        .into_inner()
-        .token;
+    let token = bootstrap_token(admin, &format!("default/{sa}"), 0).await?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = rcgen::CertificateParams::default();
     p.subject_alt_names = vec![rcgen::SanType::URI(
@@ -362,19 +355,31 @@ async fn main() -> anyhow::Result<()> {
     procs.push(Process::spawn_ready("app", cmd, READY).await?.0);
 
     // The mesh sidecar pair.
-    let sidecar = |sa: &str, extra: Vec<String>| -> anyhow::Result<Command> {
-        let mut c = Command::new(sibling(&bins, "mesh-proxy")?);
-        c.args([
-            "--control-plane",
-            &format!("https://{grpc}"),
-            "--service-account",
+    let proxy_bin = sibling(&bins, "mesh-proxy")?;
+    let mut sidecars = Vec::new();
+    for (sa, extra) in [
+        (
+            "backend",
+            vec![
+                "--service".to_string(),
+                "backend".into(),
+                "--app-port".into(),
+                app_port.to_string(),
+            ],
+        ),
+        ("web", vec![]),
+    ] {
+        let mut c = proxy_command(
+            &proxy_bin,
+            &grpc.to_string(),
+            &d.join("ca.pem"),
+            &mut admin,
             sa,
+        )
+        .await?;
+        c.args([
             "--workers",
             "1",
-        ])
-        .arg("--ca-file")
-        .arg(d.join("ca.pem"))
-        .args([
             "--outbound-addr",
             "127.0.0.1:0",
             "--admin-addr",
@@ -385,38 +390,10 @@ async fn main() -> anyhow::Result<()> {
         .args(extra)
         .env("RUST_LOG", "warn")
         .stderr(log(&format!("proxy-{sa}"))?);
-        Ok(c)
-    };
-    let tb = admin
-        .create_token(pb::CreateTokenRequest {
-            identity: "default/backend".into(),
-            ttl_seconds: 0,
-        })
-        .await?
-        .into_inner()
-        .token;
-    let tw = admin
-        .create_token(pb::CreateTokenRequest {
-            identity: "default/web".into(),
-            ttl_seconds: 0,
-        })
-        .await?
-        .into_inner()
-        .token;
-    let mut c = sidecar(
-        "backend",
-        vec![
-            "--service".into(),
-            "backend".into(),
-            "--app-port".into(),
-            app_port.to_string(),
-        ],
-    )?;
-    c.env("MESH_TOKEN", tb);
-    let (p_in, _) = Process::spawn_ready("mesh inbound", c, READY).await?;
-    let mut c = sidecar("web", vec![])?;
-    c.env("MESH_TOKEN", tw);
-    let (p_out, ready) = Process::spawn_ready("mesh outbound", c, READY).await?;
+        sidecars.push(Process::spawn_ready(&format!("mesh sidecar {sa}"), c, READY).await?);
+    }
+    let (p_out, ready) = sidecars.pop().context("outbound sidecar")?;
+    let (p_in, _) = sidecars.pop().context("inbound sidecar")?;
     let mesh_port: u16 = ready["outbound"]
         .as_str()
         .context("outbound")?

@@ -19,6 +19,21 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// Creates a bootstrap token for `<namespace>/<service-account>`; `ttl_seconds` 0 is the default.
+pub async fn bootstrap_token(
+    admin: &mut Admin,
+    identity: &str,
+    ttl_seconds: u64,
+) -> anyhow::Result<String> {
+    let r = admin
+        .create_token(mesh_proto::v1::CreateTokenRequest {
+            identity: identity.to_string(),
+            ttl_seconds,
+        })
+        .await?;
+    Ok(r.into_inner().token)
+}
+
 /// Connects to an admin API.
 pub async fn connect_with(server: &str, token: &str, ca_pem: &str) -> anyhow::Result<Admin> {
     let tls = ClientTlsConfig::new()

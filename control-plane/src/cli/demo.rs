@@ -4,9 +4,8 @@
 //! Ctrl-C stops everything it started.
 
 use super::client::connect_with;
-use crate::process::{Process, bin_dir, sibling};
+use crate::process::{Process, bin_dir, proxy_command, sibling};
 use anyhow::Context;
-use mesh_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Command;
@@ -156,30 +155,12 @@ async fn start_workloads(
     grpc: &str,
     logs: &Path,
 ) -> anyhow::Result<()> {
-    let proxy = |name: String, token: String, ports: (u16, u16, u16)| -> anyhow::Result<Command> {
-        let mut c = Command::new(proxy_bin);
-        c.args(["--control-plane", &format!("https://{grpc}")])
-            .arg("--ca-file")
-            .arg(ca_file)
-            .args(["--outbound-addr", &format!("127.0.0.1:{}", ports.0)])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", ports.2)])
-            .env("MESH_TOKEN", token)
-            .stderr(log_file(logs, &name)?);
-        Ok(c)
-    };
     for w in &WORKLOADS {
         let name = format!("{}-{}", w.service, w.version);
         let mut app = Command::new(example_bin);
-        app.args([
-            "serve",
-            "--service",
-            w.service,
-            "--version",
-            w.version,
-            "--listen",
-            &format!("127.0.0.1:{}", w.app_port),
-        ])
-        .stderr(log_file(logs, &format!("{name}-app"))?);
+        app.args(["serve", "--service", w.service, "--version", w.version])
+            .args(["--listen", &format!("127.0.0.1:{}", w.app_port)])
+            .stderr(log_file(logs, &format!("{name}-app"))?);
         if let Some(target) = w.calls {
             app.args([
                 "--call",
@@ -191,15 +172,7 @@ async fn start_workloads(
         let (p, _) = Process::spawn_ready(&format!("{name} app"), app, READY_TIMEOUT).await?;
         procs.push(p);
 
-        let token = admin
-            .create_token(pb::CreateTokenRequest {
-                identity: format!("default/{}", w.service),
-                ttl_seconds: 0,
-            })
-            .await?
-            .into_inner()
-            .token;
-        let mut c = proxy(format!("{name}-proxy"), token, w.proxy_ports)?;
+        let mut c = proxy_command(proxy_bin, grpc, ca_file, admin, w.service).await?;
         c.args([
             "--service",
             w.service,
@@ -209,7 +182,10 @@ async fn start_workloads(
             &name,
         ])
         .args(["--app-port", &w.app_port.to_string()])
-        .args(["--inbound-addr", &format!("127.0.0.1:{}", w.proxy_ports.1)]);
+        .args(["--inbound-addr", &format!("127.0.0.1:{}", w.proxy_ports.1)])
+        .args(["--outbound-addr", &format!("127.0.0.1:{}", w.proxy_ports.0)])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", w.proxy_ports.2)])
+        .stderr(log_file(logs, &format!("{name}-proxy"))?);
         let (p, _) = Process::spawn_ready(&format!("{name} sidecar"), c, READY_TIMEOUT).await?;
         procs.push(p);
         println!(
@@ -217,21 +193,16 @@ async fn start_workloads(
             name, w.app_port, w.proxy_ports.1, w.proxy_ports.0, w.proxy_ports.2
         );
     }
-    let token = admin
-        .create_token(pb::CreateTokenRequest {
-            identity: "default/demo-client".into(),
-            ttl_seconds: 0,
-        })
-        .await?
-        .into_inner()
-        .token;
-    let mut c = proxy("client-proxy".into(), token, (15001, 0, 15000))?;
+    let mut c = proxy_command(proxy_bin, grpc, ca_file, admin, "demo-client").await?;
     c.args([
         "--node-id",
         "demo-client",
-        "--service-account",
-        "demo-client",
-    ]);
+        "--outbound-addr",
+        "127.0.0.1:15001",
+        "--admin-addr",
+        "127.0.0.1:15000",
+    ])
+    .stderr(log_file(logs, "client-proxy")?);
     let (p, _) = Process::spawn_ready("client sidecar", c, READY_TIMEOUT).await?;
     procs.push(p);
     println!(
