@@ -77,19 +77,20 @@ impl Outbound {
         let authority = authority_of(&req)
             .ok_or(ProxyError::NoAuthority)?
             .to_ascii_lowercase();
-        let name = match &fixed {
-            Some(f) => f.to_string(),
-            None => service_key(host_of(&authority)).to_string(),
+        // Borrowed: an owned copy is made only for an error message.
+        let name: &str = match &fixed {
+            Some(f) => f,
+            None => service_key(host_of(&authority)),
         };
-        let svc = self.snapshots.resolve(&name).await.map_err(|e| match e {
-            ResolveError::Unknown => ProxyError::UnknownService(name.clone()),
-            ResolveError::Unavailable => ProxyError::DiscoveryUnavailable(name.clone()),
+        let svc = self.snapshots.resolve(name).await.map_err(|e| match e {
+            ResolveError::Unknown => ProxyError::UnknownService(name.to_string()),
+            ResolveError::Unavailable => ProxyError::DiscoveryUnavailable(name.to_string()),
             ResolveError::TooMany => ProxyError::TooManyServices,
         })?;
         let ep = svc
             .balancer
             .pick()
-            .ok_or_else(|| ProxyError::NoEndpoints(name.clone()))?
+            .ok_or_else(|| ProxyError::NoEndpoints(name.to_string()))?
             .clone();
 
         let (mut parts, body) = req.into_parts();
