@@ -10,6 +10,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Policies are stored by the control plane as JSON, so they derive serde (fields default
+    // when absent, so stored policies survive added fields).
+    let mut b = tonic_prost_build::configure();
+    for m in [
+        "Policy",
+        "Timeouts",
+        "Retry",
+        "CircuitBreaker",
+        "Rate",
+        "RateLimit",
+        "LoadBalancer",
+        "Fault",
+    ] {
+        b = b.type_attribute(
+            format!(".mesh.v1.{m}"),
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        );
+    }
+    b.compile_fds(fds)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cli;
 pub mod discovery;
 pub mod model;
+pub mod policy;
 pub mod process;
 pub mod registry;
 pub mod server;

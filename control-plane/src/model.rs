@@ -1,6 +1,7 @@
 //! Stored domain records: what the store holds under each key, as JSON.
 //!
-//! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `tokens/<sha256>`.
+//! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `policies/<service>`,
+//! `tokens/<sha256>`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -59,6 +60,14 @@ pub struct RouteRecord {
     pub current: RouteVersion,
     #[serde(default)]
     pub history: Vec<RouteVersion>,
+}
+
+/// A service's resilience policy (the API message itself: it is plain data with serde).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PolicyRecord {
+    pub policy: mesh_proto::v1::Policy,
+    pub revision: u64,
+    pub updated_at_unix: i64,
 }
 
 /// A bootstrap token, stored by its SHA-256 only.

@@ -43,6 +43,8 @@ pub struct State {
     pub endpoints: BTreeMap<String, BTreeMap<String, EndpointRecord>>,
     pub routes: BTreeMap<String, RouteRecord>,
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Resilience policy per service.
+    pub policies: BTreeMap<String, PolicyRecord>,
     /// Revision of the last change touching each service (its record, endpoints or route).
     pub service_versions: HashMap<String, u64>,
 }
@@ -86,6 +88,14 @@ impl State {
             }
             (Some("routes"), Some(n), None, None) => {
                 self.routes.remove(n);
+                Some(n)
+            }
+            (Some("policies"), Some(n), None, Some(v)) => {
+                self.policies.insert(n.into(), de(key, v)?);
+                Some(n)
+            }
+            (Some("policies"), Some(n), None, None) => {
+                self.policies.remove(n);
                 Some(n)
             }
             (Some("tokens"), Some(h), None, Some(v)) => {
@@ -388,6 +398,39 @@ impl Registry {
                 revision: rev,
                 updated_at_unix: now,
             }))
+    }
+
+    /// Replaces the policy of `service`; an empty policy removes it. Refused if invalid.
+    pub async fn set_policy(
+        &self,
+        service: &str,
+        policy: mesh_proto::v1::Policy,
+    ) -> Result<u64, RegistryError> {
+        crate::policy::validate(&policy).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let now = now_unix();
+        self.write(|st| {
+            if !st.services.contains_key(service) {
+                return Err(RegistryError::NotFound(format!(
+                    "unknown service {service:?}"
+                )));
+            }
+            let key = format!("policies/{service}");
+            if policy == mesh_proto::v1::Policy::default() {
+                return Ok(if st.policies.contains_key(service) {
+                    vec![Op::Delete(key)]
+                } else {
+                    Vec::new()
+                });
+            }
+            // As for routes: the file store's single writer commits exactly this revision.
+            let record = PolicyRecord {
+                policy: policy.clone(),
+                revision: st.revision + 1,
+                updated_at_unix: now,
+            };
+            Ok(vec![put(key, &record)?])
+        })
+        .await
     }
 
     /// Stores a bootstrap token's hash; returns nothing secret.

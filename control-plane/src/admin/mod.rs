@@ -171,6 +171,39 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(route_info(&m.service, v)))
     }
 
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
+        let service = req.into_inner().service;
+        let st = self.registry.state();
+        if !st.services.contains_key(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        let rec = st.policies.get(&service);
+        Ok(Response::new(pb::PolicyInfo {
+            service,
+            policy: Some(rec.map(|r| r.policy.clone()).unwrap_or_default()),
+            revision: rec.map_or(0, |r| r.revision),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
+        let m = req.into_inner();
+        check_name("service", &m.service)?;
+        let policy = m.policy.unwrap_or_default();
+        let rev = self.registry.set_policy(&m.service, policy.clone()).await?;
+        tracing::info!(service = %m.service, revision = rev, "policy set");
+        Ok(Response::new(pb::PolicyInfo {
+            service: m.service,
+            policy: Some(policy),
+            revision: rev,
+        }))
+    }
+
     async fn list_routes(
         &self,
         _: Request<pb::ListRoutesRequest>,

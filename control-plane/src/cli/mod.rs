@@ -4,6 +4,7 @@
 pub mod client;
 pub mod demo;
 pub mod output;
+pub mod policy;
 
 use clap::{Parser, Subcommand};
 use mesh_proto::v1 as pb;
@@ -73,6 +74,12 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: RouteCmd,
     },
+    /// Show or change a service's resilience policy (timeouts, retries, circuit breaking,
+    /// rate limits, load balancing, fault injection).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Connected proxies and the config version each ACKed or NACKed.
     Proxies,
     /// Bootstrap tokens for VMs / single machines.
@@ -120,6 +127,16 @@ pub enum RouteCmd {
     List,
     /// Earlier versions of a service's route, newest first.
     History { service: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PolicyCmd {
+    /// Change the fields given; the others keep their values.
+    Set(Box<policy::PolicyArgs>),
+    /// Show a service's policy.
+    Get { service: String },
+    /// Remove a service's policy (back to the defaults).
+    Clear { service: String },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -389,6 +406,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 route_table(&r.history).print();
             }
         },
+        AdminCmd::Policy { cmd } => {
+            let (service, policy) = match cmd {
+                PolicyCmd::Get { service } => {
+                    let r = c
+                        .get_policy(pb::GetPolicyRequest { service })
+                        .await?
+                        .into_inner();
+                    if json {
+                        return print_json(&r);
+                    }
+                    let mut t = Table::new(&["SETTING", "VALUE"]);
+                    for (k, v) in output::policy_lines(&r.policy.unwrap_or_default()) {
+                        t.row(vec![k, v]);
+                    }
+                    println!("policy of {} (revision {}):", r.service, r.revision);
+                    t.print();
+                    return Ok(());
+                }
+                PolicyCmd::Clear { service } => (service, pb::Policy::default()),
+                PolicyCmd::Set(args) => {
+                    let mut p = c
+                        .get_policy(pb::GetPolicyRequest {
+                            service: args.service.clone(),
+                        })
+                        .await?
+                        .into_inner()
+                        .policy
+                        .unwrap_or_default();
+                    policy::apply(&args, &mut p).map_err(|e| anyhow::anyhow!(e))?;
+                    (args.service, p)
+                }
+            };
+            let r = c
+                .set_policy(pb::SetPolicyRequest {
+                    service,
+                    policy: Some(policy),
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            println!("policy of {} set (revision {})", r.service, r.revision);
+        }
         AdminCmd::Proxies => {
             let r = c
                 .list_proxies(pb::ListProxiesRequest {})

@@ -112,6 +112,46 @@ impl ToJson for pb::CreateTokenResponse {
     }
 }
 
+impl ToJson for pb::PolicyInfo {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"service": self.service, "policy": self.policy, "revision": self.revision})
+    }
+}
+
+/// `section.field = value` lines for every field of a policy that is set (non-default).
+pub fn policy_lines(p: &pb::Policy) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            serde_json::Value::Null | serde_json::Value::Bool(false) => {}
+            serde_json::Value::Number(n) if n.as_f64() == Some(0.0) => {}
+            serde_json::Value::String(s) if s.is_empty() => {}
+            serde_json::Value::Array(a) if a.is_empty() => {}
+            serde_json::Value::Array(a) => out.push((
+                prefix.to_string(),
+                a.iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )),
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &json!(p), &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

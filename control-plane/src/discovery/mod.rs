@@ -78,6 +78,7 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
             .map(endpoint_to_proto)
             .collect(),
         route: Some(route_to_proto(&route)),
+        policy: state.policies.get(name).map(|p| p.policy.clone()),
     })
 }
 
