@@ -1,17 +1,64 @@
 //! Per-request costs on the proxy's hot path: picking an endpoint, resolving a known service from
-//! the current snapshot, and mapping a Host to a service name.
+//! the current snapshot, mapping a Host to a service name, and the policy stack (every policy
+//! on vs none) over an upstream that answers at once.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use mesh_proxy::balance::{Algorithm, LbConfig};
+use mesh_proxy::http::body::ReqBody;
+use mesh_proxy::http::errors::ProxyError;
+use mesh_proxy::http::stack::policies;
 use mesh_proxy::outbound::service_key;
 use mesh_proxy::snapshot::{Snapshot, Snapshots};
 use std::hint::black_box;
 use std::sync::Arc;
+use tower::ServiceExt;
 
 fn pick(c: &mut Criterion) {
     let svc = mesh_benches::service(10);
-    c.bench_function("balancer_pick_90_10_10_endpoints", |b| {
-        b.iter(|| black_box(svc.balancer.pick()))
+    for (name, algorithm) in [
+        ("balancer_pick_p2c_90_10_10_endpoints", Algorithm::P2cEwma),
+        ("balancer_pick_rr_90_10_10_endpoints", Algorithm::RoundRobin),
+    ] {
+        let lb = LbConfig {
+            algorithm,
+            ..Default::default()
+        };
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                if let Ok(p) = svc.balancer.pick(&lb, None, &[]) {
+                    p.finish(true, &svc.balancer, None);
+                }
+            })
+        });
+    }
+}
+
+/// The added cost of the policy layers: the same request through no policy and through all.
+fn policy_stack(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let upstream = tower::service_fn(|_: http::Request<ReqBody>| {
+        std::future::ready(Ok::<_, ProxyError>(http::Response::new(())))
     });
+    for (name, policy) in [
+        ("policy_stack_none", None),
+        ("policy_stack_all", Some(mesh_benches::full_policy())),
+    ] {
+        let svc = mesh_benches::service_with(4, policy);
+        let stack = policies(&svc.policy, &svc.state, upstream);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut req = http::Request::new(ReqBody::Empty);
+                    req.headers_mut()
+                        .insert("grpc-timeout", http::HeaderValue::from_static("5S"));
+                    black_box(stack.clone().oneshot(req).await.is_ok())
+                })
+            })
+        });
+    }
 }
 
 fn resolve(c: &mut Criterion) {
@@ -42,5 +89,5 @@ fn host(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, resolve, host);
+criterion_group!(benches, pick, resolve, host, policy_stack);
 criterion_main!(benches);

@@ -5,6 +5,46 @@ use mesh_proxy::snapshot::Service;
 
 /// A service with `n` endpoints split across v1 and v2, routed 90/10.
 pub fn service(n: usize) -> Service {
+    service_with(n, None)
+}
+
+/// Every policy on, with limits high enough that none of them refuses a benchmark request.
+pub fn full_policy() -> pb::Policy {
+    pb::Policy {
+        timeouts: Some(pb::Timeouts {
+            request_ms: 10_000,
+            per_try_ms: 5_000,
+            ..Default::default()
+        }),
+        retry: Some(pb::Retry {
+            max_retries: 2,
+            retry_on: vec!["5xx".into(), "connect-failure".into()],
+            ..Default::default()
+        }),
+        circuit_breaker: Some(pb::CircuitBreaker {
+            consecutive_failures: 5,
+            max_concurrent: 100_000,
+            max_pending: 100,
+            ..Default::default()
+        }),
+        rate_limit: Some(pb::RateLimit {
+            outbound: Some(pb::Rate {
+                per_second: 1_000_000_000,
+                burst: 1_000_000,
+            }),
+            ..Default::default()
+        }),
+        load_balancer: None,
+        fault: Some(pb::Fault {
+            abort_percent: 0.0001,
+            abort_status: 503,
+            ..Default::default()
+        }),
+    }
+}
+
+/// As [`service`], with a policy.
+pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
     let endpoints = (0..n)
         .map(|i| pb::Endpoint {
             id: format!("ep{i}"),
@@ -34,6 +74,7 @@ pub fn service(n: usize) -> Service {
                 },
             ],
         }),
+        policy,
     };
     match Service::try_from(cfg) {
         Ok(s) => s,

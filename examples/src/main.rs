@@ -4,6 +4,10 @@
 //! protocol, the caller identity its sidecar reported) and serves the gRPC `Echo` service on the
 //! same port; `/status/<code>` answers with that status, `/delay/<ms>` answers after a delay;
 //! `/bytes/<n>` answers n bytes (benchmarks); with `--call` it calls another mesh service through its sidecar first.
+//! Controlled failures for the resilience tests: `/fail/<pct>` fails that share of its requests
+//! (500, spread evenly), `/reset` reads the body then drops the connection without answering;
+//! `/admin/sick/<0|1>` makes every request fail with 500, `/admin/delay/<ms>` delays every
+//! request, `/admin/stats` counts the requests served (admin paths excluded).
 //! `load` sends requests at a fixed rate through a sidecar and prints the split by version.
 #![forbid(unsafe_code)]
 
@@ -19,6 +23,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_stream::Stream;
@@ -93,7 +98,18 @@ struct App {
     /// Requests being served now (`/inflight` reports it; tests wait on it).
     inflight: std::sync::atomic::AtomicUsize,
     call: Option<(String, ProxyClient)>,
+    /// Requests served (not counting /admin/ and /inflight).
+    served: AtomicU64,
+    /// Sequence of `/fail/<pct>` requests, to spread failures evenly.
+    fail_seq: AtomicU64,
+    sick: AtomicBool,
+    delay_ms: AtomicU64,
 }
+
+/// Why the app drops a connection on purpose (`/reset`).
+#[derive(Debug, thiserror::Error)]
+#[error("reset on purpose after reading the request body")]
+struct ResetOnPurpose;
 
 /// The caller identity from `x-forwarded-client-cert: By=…;URI=<caller>`.
 fn peer_of(h: &http::HeaderMap) -> String {
@@ -119,7 +135,78 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 }
 
 impl App {
-    async fn http(&self, req: Request<Incoming>) -> Response<Body> {
+    /// `/admin/...`: test controls, answered at once and not counted.
+    fn admin(&self, path: &str) -> Response<Body> {
+        let num = |p: &str| path.strip_prefix(p).and_then(|n| n.parse::<u64>().ok());
+        if let Some(on) = num("/admin/sick/") {
+            self.sick.store(on != 0, Ordering::SeqCst);
+        } else if let Some(ms) = num("/admin/delay/") {
+            self.delay_ms.store(ms.min(60_000), Ordering::SeqCst);
+        } else if path != "/admin/stats" {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "unknown admin path"}),
+            );
+        }
+        json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "requests": self.served.load(Ordering::SeqCst),
+                "sick": self.sick.load(Ordering::SeqCst),
+                "delay_ms": self.delay_ms.load(Ordering::SeqCst),
+            }),
+        )
+    }
+
+    /// Reads the whole body, then fails so the server drops the connection / resets the stream.
+    async fn reset(&self, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
+        let _ = req.into_body().collect().await;
+        Err(Box::new(ResetOnPurpose))
+    }
+
+    async fn http(&self, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let path = req.uri().path();
+        if path.starts_with("/admin/") {
+            return Ok(self.admin(path));
+        }
+        if path == "/inflight" {
+            return Ok(json_response(
+                StatusCode::OK,
+                serde_json::json!({"inflight": self.inflight.load(SeqCst)}),
+            ));
+        }
+        self.served.fetch_add(1, SeqCst);
+        let delay = self.delay_ms.load(SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.sick.load(SeqCst) {
+            return Ok(json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": "sick", "version": self.version}),
+            ));
+        }
+        if path == "/reset" {
+            return self.reset(req).await;
+        }
+        if let Some(pct) = path
+            .strip_prefix("/fail/")
+            .and_then(|p| p.parse::<u64>().ok())
+        {
+            let n = self.fail_seq.fetch_add(1, SeqCst);
+            let pct = pct.min(100);
+            if (n + 1) * pct / 100 != n * pct / 100 {
+                return Ok(json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"error": "failing on purpose", "version": self.version}),
+                ));
+            }
+        }
+        Ok(self.http_inner(req).await)
+    }
+
+    async fn http_inner(&self, req: Request<Incoming>) -> Response<Body> {
         use std::sync::atomic::Ordering::SeqCst;
         if let Some(n) = req
             .uri()
@@ -138,12 +225,6 @@ impl App {
                 http::HeaderValue::from_static("application/octet-stream"),
             );
             return r;
-        }
-        if req.uri().path() == "/inflight" {
-            return json_response(
-                StatusCode::OK,
-                serde_json::json!({"inflight": self.inflight.load(SeqCst)}),
-            );
         }
         self.inflight.fetch_add(1, SeqCst);
         let r = self.respond(req).await;
@@ -217,10 +298,21 @@ impl echo_server::Echo for Echo {
         req: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let peer = peer_of(&req.metadata().clone().into_headers());
+        let grpc_timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let m = req.into_inner();
+        if m.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(m.delay_ms.min(60_000)))).await;
+        }
         Ok(tonic::Response::new(EchoReply {
-            message: req.into_inner().message,
+            message: m.message,
             served_by: self.served_by.clone(),
             peer_identity: peer,
+            grpc_timeout,
         }))
     }
 
@@ -239,6 +331,7 @@ impl echo_server::Echo for Echo {
                 message: format!("{} {i}", m.message),
                 served_by: served_by.clone(),
                 peer_identity: peer.clone(),
+                grpc_timeout: String::new(),
             })
         });
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
@@ -267,7 +360,7 @@ async fn handle(
             .map_err(box_err)?;
         Ok(r.map(|b| b.map_err(box_err).boxed_unsync()))
     } else {
-        Ok(app.http(req).await)
+        app.http(req).await
     }
 }
 
@@ -290,6 +383,10 @@ async fn serve(
         version,
         inflight: 0.into(),
         call,
+        served: 0.into(),
+        fail_seq: 0.into(),
+        sick: false.into(),
+        delay_ms: 0.into(),
     });
     let grpc = echo_server::EchoServer::new(Echo { served_by });
     println!(

@@ -70,10 +70,15 @@ impl Admin {
     /// The proxy's dynamic state as JSON (no keys).
     pub fn config_dump(&self) -> serde_json::Value {
         let snap = self.snapshots.load();
+        let now = crate::balance::state::Now::get();
         let mut services: Vec<_> = snap
             .services
             .values()
             .map(|s| {
+                let budget = |s: &crate::snapshot::Service| {
+                    let (q, r) = s.state.budget.usage();
+                    json!({"requests_10s": q, "retries_10s": r})
+                };
                 json!({
                     "name": &*s.name,
                     "namespace": &*s.namespace,
@@ -84,6 +89,15 @@ impl Admin {
                     })).collect::<Vec<_>>(),
                     "route": s.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
                     "schedule": s.balancer.shares().iter().map(|(v, n)| json!({"version": v.as_deref(), "slots": n})).collect::<Vec<_>>(),
+                    "balancer": s.balancer.states().map(|(e, st)| json!({
+                        "id": &*e.id,
+                        "in_flight": st.in_flight(),
+                        "ewma_ms": st.ewma(now) / 1e6,
+                        "ejected": st.is_ejected(now),
+                        "probation": st.on_probation(),
+                    })).collect::<Vec<_>>(),
+                    "policy": format!("{:?}", s.policy),
+                    "retry_budget": budget(s),
                 })
             })
             .collect();

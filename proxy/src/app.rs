@@ -69,6 +69,12 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             .subscribe(name)
             .map_err(|e| anyhow::anyhow!("--upstream {name}: {e}"))?;
     }
+    // The proxy's own service: its policy carries the inbound rate limits.
+    if let Some(name) = &b.service {
+        snapshots
+            .subscribe(name)
+            .map_err(|e| anyhow::anyhow!("--service {name}: {e}"))?;
+    }
     let admin_addr = admin_l.local_addr()?;
     let outbound_addr = outbound_l.local_addr()?;
     let inbound_addr = inbound_l.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -128,9 +134,10 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
 
     let outbound = Arc::new(Outbound {
         snapshots: snapshots.clone(),
-        pool: Pool::new(tls.clone()),
+        pool: Arc::new(Pool::new(tls.clone())),
     });
     tokio::spawn(prune_pool(outbound.clone()));
+    tokio::spawn(sweep_pool(outbound.clone()));
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
         let outbound = outbound.clone();
         accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
@@ -154,6 +161,8 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             tls.clone(),
             identity.clone(),
             SocketAddr::from(([127, 0, 0, 1], port)),
+            snapshots.clone(),
+            b.service.as_deref().map(Arc::from),
         ));
         loops.push(tokio::spawn(accept_loop(
             l,
@@ -224,6 +233,18 @@ async fn prune_pool(outbound: Arc<Outbound>) {
             .flat_map(|s| s.endpoints.iter().map(|e| (e.addr, s.identity.clone())))
             .collect();
         outbound.pool.retain(&live);
+    }
+}
+
+/// How often idle peer connections are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Closes peer connections idle past their service's idle timeout.
+async fn sweep_pool(outbound: Arc<Outbound>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        outbound.pool.sweep();
     }
 }
 

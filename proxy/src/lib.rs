@@ -12,5 +12,6 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod policy;
 pub mod snapshot;
 pub mod tls;

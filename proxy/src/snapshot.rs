@@ -2,11 +2,14 @@
 //! read per request with `ArcSwap::load`. Also the on-demand subscription of services: a
 //! request for a service not yet known asks discovery for it and waits (bounded) for the answer.
 
+use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
+use crate::http::stack::Stack;
+use crate::policy::{Policy, PolicyState};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -25,7 +28,29 @@ pub struct Service {
     pub version: u64,
     pub endpoints: Vec<Endpoint>,
     pub backends: Vec<(Arc<str>, u32)>,
-    pub balancer: Balancer,
+    pub balancer: Arc<Balancer>,
+    pub policy: Policy,
+    pub state: PolicyState,
+    /// The outbound request stack for this config, built on first use (`http::stack`).
+    pub stack: OnceLock<Stack>,
+}
+
+impl Service {
+    /// Carries over what `old` (the same service in the previous snapshot) learned: endpoint
+    /// latencies and ejections, retry budget, rate-limit buckets.
+    pub fn inherit(&mut self, old: &Service) {
+        let known: HashMap<(&str, std::net::SocketAddr), &Arc<EndpointState>> = old
+            .balancer
+            .states()
+            .map(|(e, s)| ((&*e.id, e.addr), s))
+            .collect();
+        self.balancer = Arc::new(Balancer::new(&self.endpoints, &self.backends, |e| {
+            known
+                .get(&(&*e.id, e.addr))
+                .map_or_else(|| Arc::new(EndpointState::new()), |s| (*s).clone())
+        }));
+        self.state.inherit(&old.state);
+    }
 }
 
 #[derive(Debug, Default)]

@@ -46,7 +46,7 @@ async fn protocols_pass_through_two_sidecars() -> anyhow::Result<()> {
     let r = echo
         .unary(EchoRequest {
             message: "hi".into(),
-            count: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -62,6 +62,7 @@ async fn protocols_pass_through_two_sidecars() -> anyhow::Result<()> {
         .server_stream(EchoRequest {
             message: "s".into(),
             count: 5,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -1,10 +1,18 @@
-//! Picking an endpoint: weighted split across versions by a precomputed smooth weighted
-//! round-robin schedule (exact splits, no randomness, one atomic increment per request), then
-//! round robin within the version.
+//! Picking an endpoint, in two steps. First the version: the route's weighted split follows a
+//! precomputed smooth weighted round-robin schedule (exact splits, one atomic increment).
+//! Then the endpoint within the version: P2C over peak-EWMA latency (default), round robin,
+//! or consistent hashing on a header; ejected endpoints (`outlier`) are skipped, new ones
+//! warm up gently. Nothing here takes a lock: per-endpoint state is atomics.
 
+pub mod outlier;
+pub mod state;
+
+use outlier::OutlierConfig;
+use state::EndpointState;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Longest schedule kept; weights are scaled down past it.
 const MAX_SCHEDULE: u64 = 10_000;
@@ -17,20 +25,102 @@ pub struct Endpoint {
     pub ready: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    #[default]
+    P2cEwma,
+    RoundRobin,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    pub algorithm: Algorithm,
+    /// consistent-hash: header whose value picks the endpoint (absent header: P2C).
+    pub hash_header: Option<http::HeaderName>,
+    /// New endpoints ramp from 10% to 100% of their share over this long.
+    pub warmup: Duration,
+}
+
+/// Endpoints a request already tried (set by the retry layer), so a retry goes elsewhere
+/// when it can.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Tried {
+    pub fn push(&self, a: SocketAddr) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(a);
+        }
+    }
+    pub fn list(&self) -> Vec<SocketAddr> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    ep: Endpoint,
+    state: Arc<EndpointState>,
+    /// For rendezvous hashing.
+    hash: u64,
+}
+
 #[derive(Debug)]
 struct Group {
     version: Option<Arc<str>>,
-    endpoints: Vec<Endpoint>,
+    members: Vec<Member>,
     next: AtomicUsize,
 }
 
-/// Immutable per snapshot; shared by all requests.
+/// Immutable per snapshot (the endpoint states inside live on across snapshots).
 #[derive(Debug)]
 pub struct Balancer {
     groups: Vec<Group>,
     /// Group index per slot.
     schedule: Box<[u16]>,
     cursor: AtomicUsize,
+}
+
+/// Why no endpoint could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// No ready endpoint in the route.
+    NoEndpoints,
+    /// Every endpoint is ejected or on probation with its trial request out.
+    AllEjected,
+}
+
+/// An endpoint chosen for one attempt; report how it went with [`Picked::finish`]. Dropping
+/// it unfinished (the request was cancelled) only releases its in-flight count.
+#[derive(Debug)]
+pub struct Picked {
+    pub id: Arc<str>,
+    pub addr: SocketAddr,
+    state: Arc<EndpointState>,
+    trial: bool,
+    started: tokio::time::Instant,
+    done: bool,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.cancel(self.trial);
+        }
+    }
+}
+
+impl Picked {
+    /// Records the attempt's latency (for EWMA) and outcome (for outlier ejection).
+    pub fn finish(mut self, success: bool, balancer: &Balancer, cfg: Option<&OutlierConfig>) {
+        self.done = true;
+        let rtt = self.started.elapsed();
+        self.state.finish(rtt, success, self.trial);
+        if let Some(cfg) = cfg {
+            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id);
+        }
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -70,35 +160,59 @@ fn schedule(weights: &[u64]) -> Vec<u16> {
     out
 }
 
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A stable 64-bit hash of bytes (FNV-1a, then mixed).
+pub fn hash_bytes(b: &[u8]) -> u64 {
+    mix(b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
+        (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3)
+    }))
+}
+
 impl Balancer {
     /// `backends`: (version, weight). Empty: every ready endpoint, equally. Backends whose
     /// version has no ready endpoint are left out of the schedule, so their share goes to the
-    /// others instead of failing.
-    pub fn new(endpoints: &[Endpoint], backends: &[(Arc<str>, u32)]) -> Self {
+    /// others instead of failing. `state_of` gives each endpoint its state (kept from the
+    /// previous snapshot when the endpoint was already known).
+    pub fn new(
+        endpoints: &[Endpoint],
+        backends: &[(Arc<str>, u32)],
+        state_of: impl Fn(&Endpoint) -> Arc<EndpointState>,
+    ) -> Self {
+        let member = |e: &Endpoint| Member {
+            hash: hash_bytes(e.id.as_bytes()),
+            state: state_of(e),
+            ep: e.clone(),
+        };
         let ready = endpoints.iter().filter(|e| e.ready);
         let mut groups = Vec::new();
         let mut weights = Vec::new();
         if backends.is_empty() {
-            let eps: Vec<Endpoint> = ready.cloned().collect();
-            if !eps.is_empty() {
+            let members: Vec<Member> = ready.map(member).collect();
+            if !members.is_empty() {
                 groups.push(Group {
                     version: None,
-                    endpoints: eps,
+                    members,
                     next: AtomicUsize::new(0),
                 });
                 weights.push(1);
             }
         } else {
             for (version, weight) in backends {
-                let eps: Vec<Endpoint> = ready
+                let members: Vec<Member> = ready
                     .clone()
                     .filter(|e| e.version.as_deref() == Some(&**version))
-                    .cloned()
+                    .map(member)
                     .collect();
-                if *weight > 0 && !eps.is_empty() {
+                if *weight > 0 && !members.is_empty() {
                     groups.push(Group {
                         version: Some(version.clone()),
-                        endpoints: eps,
+                        members,
                         next: AtomicUsize::new(0),
                     });
                     weights.push(u64::from(*weight));
@@ -112,15 +226,98 @@ impl Balancer {
         }
     }
 
-    /// The next endpoint, or None when no ready endpoint can take the request.
-    pub fn pick(&self) -> Option<&Endpoint> {
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        self.groups.iter().flat_map(|g| g.members.iter())
+    }
+
+    /// The state of each endpoint in the schedule, by endpoint id.
+    pub fn states(&self) -> impl Iterator<Item = (&Endpoint, &Arc<EndpointState>)> {
+        self.members().map(|m| (&m.ep, &m.state))
+    }
+
+    /// Picks the endpoint for one attempt. `hash`: the request's hash key (consistent-hash);
+    /// `avoid`: endpoints this request already tried.
+    pub fn pick(
+        &self,
+        lb: &LbConfig,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+    ) -> Result<Picked, PickError> {
         if self.schedule.is_empty() {
-            return None;
+            return Err(PickError::NoEndpoints);
         }
         let slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-        let group = self.groups.get(usize::from(self.schedule[slot]))?;
-        let i = group.next.fetch_add(1, Ordering::Relaxed) % group.endpoints.len();
-        group.endpoints.get(i)
+        let first = usize::from(self.schedule[slot]);
+        let now = state::Now::get();
+        let usable =
+            |m: &Member, avoid: &[SocketAddr]| m.state.eligible(now) && !avoid.contains(&m.ep.addr);
+        // The scheduled version first; then any version, so ejections or the avoid list cost
+        // a little of the split rather than the request.
+        let tries = [(Some(first), avoid), (None, avoid), (None, &[][..])];
+        for (group, avoid) in tries {
+            let picked = match group {
+                Some(g) => self
+                    .groups
+                    .get(g)
+                    .and_then(|g| self.choose(g, lb, hash, now, &|m| usable(m, avoid))),
+                None => self
+                    .groups
+                    .iter()
+                    .find_map(|g| self.choose(g, lb, hash, now, &|m| usable(m, avoid))),
+            };
+            if let Some(p) = picked {
+                return Ok(p);
+            }
+        }
+        Err(PickError::AllEjected)
+    }
+
+    fn choose(
+        &self,
+        g: &Group,
+        lb: &LbConfig,
+        hash: Option<u64>,
+        now: state::Now,
+        usable: &dyn Fn(&Member) -> bool,
+    ) -> Option<Picked> {
+        let n = g.members.len();
+        // A few rounds in case a probation trial is taken between the check and the claim.
+        for _ in 0..3 {
+            let m = match (lb.algorithm, hash) {
+                (Algorithm::ConsistentHash, Some(h)) => g
+                    .members
+                    .iter()
+                    .filter(|m| usable(m))
+                    .max_by_key(|m| mix(h ^ m.hash)),
+                (Algorithm::RoundRobin, _) => {
+                    let start = g.next.fetch_add(1, Ordering::Relaxed);
+                    (0..n)
+                        .map(|i| &g.members[(start + i) % n])
+                        .filter(|m| usable(m))
+                        .find(|m| {
+                            m.state.warm(now, lb.warmup) >= 1.0
+                                || fastrand::f64() < m.state.warm(now, lb.warmup)
+                        })
+                        .or_else(|| {
+                            (0..n)
+                                .map(|i| &g.members[(start + i) % n])
+                                .find(|m| usable(m))
+                        })
+                }
+                _ => p2c(g, now, lb.warmup, usable),
+            }?;
+            if let Some(trial) = m.state.admit(now) {
+                return Some(Picked {
+                    id: m.ep.id.clone(),
+                    addr: m.ep.addr,
+                    state: m.state.clone(),
+                    trial,
+                    started: tokio::time::Instant::now(),
+                    done: false,
+                });
+            }
+        }
+        None
     }
 
     /// Versions in the schedule with their share of slots (for /config_dump).
@@ -141,68 +338,37 @@ impl Balancer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ep(id: &str, port: u16, v: &str) -> Endpoint {
-        Endpoint {
-            id: id.into(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            version: Some(v.into()),
-            ready: true,
+/// Power of two choices: two distinct random members, the cheaper one wins.
+fn p2c<'a>(
+    g: &'a Group,
+    now: state::Now,
+    warmup: Duration,
+    usable: &dyn Fn(&Member) -> bool,
+) -> Option<&'a Member> {
+    let n = g.members.len();
+    let pick = |i: usize| Some(&g.members[i]).filter(|m| usable(m));
+    let (a, b) = match n {
+        0 => return None,
+        1 => return pick(0),
+        2 => (0, 1),
+        _ => {
+            let a = fastrand::usize(..n);
+            let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+            (a, b)
         }
-    }
-
-    fn split(b: &Balancer, n: usize) -> std::collections::HashMap<String, usize> {
-        let mut m = std::collections::HashMap::new();
-        for _ in 0..n {
-            let e = b.pick().unwrap();
-            *m.entry(e.version.as_deref().unwrap_or("").to_string())
-                .or_default() += 1;
+    };
+    match (pick(a), pick(b)) {
+        (Some(x), Some(y)) => {
+            if x.state.cost(now, warmup) <= y.state.cost(now, warmup) {
+                Some(x)
+            } else {
+                Some(y)
+            }
         }
-        m
-    }
-
-    #[test]
-    fn exact_weighted_split_and_interleaving() {
-        let eps = [ep("a", 1, "v1"), ep("b", 2, "v1"), ep("c", 3, "v2")];
-        let b = Balancer::new(&eps, &[("v1".into(), 90), ("v2".into(), 10)]);
-        let m = split(&b, 1000);
-        assert_eq!((m["v1"], m["v2"]), (900, 100));
-        // Smooth: v2 never gets two in a row at 90/10.
-        let s = schedule(&[90, 10]);
-        assert_eq!(s.len(), 10);
-        assert_eq!(s.iter().filter(|x| **x == 1).count(), 1);
-        let s = schedule(&[1, 1]);
-        assert_eq!(s, vec![0, 1]);
-    }
-
-    #[test]
-    fn zero_weight_and_empty_versions_leave_schedule() {
-        let eps = [ep("a", 1, "v1"), ep("c", 3, "v2")];
-        let b = Balancer::new(&eps, &[("v1".into(), 0), ("v2".into(), 100)]);
-        assert_eq!(split(&b, 50)["v2"], 50);
-        let b = Balancer::new(&eps, &[("v3".into(), 100)]);
-        assert!(b.pick().is_none());
-        let mut down = ep("a", 1, "v1");
-        down.ready = false;
-        let b = Balancer::new(&[down], &[]);
-        assert!(b.pick().is_none());
-    }
-
-    #[test]
-    fn round_robin_within_version() {
-        let eps = [ep("a", 1, "v1"), ep("b", 2, "v1")];
-        let b = Balancer::new(&eps, &[]);
-        let ids: Vec<_> = (0..4).map(|_| b.pick().unwrap().id.to_string()).collect();
-        assert_eq!(ids, ["a", "b", "a", "b"]);
-    }
-
-    #[test]
-    fn large_weights_are_scaled() {
-        let s = schedule(&[1_000_000, 1]);
-        assert!(s.len() as u64 <= MAX_SCHEDULE + 2);
-        assert!(s.contains(&1));
+        (Some(x), None) | (None, Some(x)) => Some(x),
+        (None, None) => g.members.iter().find(|m| usable(m)),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -111,7 +111,7 @@ impl DiscoveryClient {
             let Some(svc_name) = name.strip_prefix(SERVICE_PREFIX) else {
                 return Err(format!("unknown resource kind {name:?}"));
             };
-            updates.insert(Arc::<str>::from(svc_name), Arc::new(svc));
+            updates.insert(Arc::<str>::from(svc_name), svc);
         }
         let cur = self.snapshots.load();
         let mut services = cur.services.clone();
@@ -122,7 +122,11 @@ impl DiscoveryClient {
                 missing.insert(n.into());
             }
         }
-        for (name, svc) in updates {
+        for (name, mut svc) in updates {
+            if let Some(old) = cur.services.get(&name) {
+                svc.inherit(old);
+            }
+            let svc = Arc::new(svc);
             missing.remove(&name);
             tracing::info!(service = %name, version = svc.version, endpoints = svc.endpoints.len(), "service updated");
             services.insert(name, svc);

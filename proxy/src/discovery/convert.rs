@@ -1,11 +1,19 @@
 //! proto → domain. The only place the proxy sees prost types; everything is validated here, and
 //! anything the proxy cannot apply becomes an error that NACKs the whole response.
 
-use crate::balance::{Balancer, Endpoint};
+use crate::balance::outlier::{self, OutlierConfig};
+use crate::balance::state::EndpointState;
+use crate::balance::{Algorithm, Balancer, Endpoint, LbConfig};
+use crate::policy::circuit_breaker::LimitsConfig;
+use crate::policy::fault::FaultConfig;
+use crate::policy::rate_limit::Rate;
+use crate::policy::retry::{self, RetryConfig, RetryOn};
+use crate::policy::{self as pol, Policy, PolicyState};
 use crate::snapshot::Service;
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
@@ -61,8 +69,17 @@ impl TryFrom<pb::ServiceConfig> for Service {
         if !backends.is_empty() && backends.iter().all(|(_, w)| *w == 0) {
             return Err(bad("route weights sum to 0".into()));
         }
-        let balancer = Balancer::new(&endpoints, &backends);
+        let balancer = Arc::new(Balancer::new(&endpoints, &backends, |_| {
+            Arc::new(EndpointState::new())
+        }));
+        let policy = match &c.policy {
+            Some(p) => policy(p).map_err(bad)?,
+            None => Policy::default(),
+        };
         Ok(Service {
+            state: PolicyState::new(&policy),
+            policy,
+            stack: OnceLock::new(),
             name: c.name.as_str().into(),
             namespace: c.namespace.as_str().into(),
             identity: c.identity.as_str().into(),
@@ -72,6 +89,169 @@ impl TryFrom<pb::ServiceConfig> for Service {
             balancer,
         })
     }
+}
+
+fn ms(v: u32) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(u64::from(v)))
+}
+
+fn or(v: u32, default: Duration) -> Duration {
+    ms(v).unwrap_or(default)
+}
+
+fn percent(v: f64, what: &str) -> Result<f64, String> {
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{what}: {v} is not a percentage"))
+    }
+}
+
+fn rate(r: &Option<pb::Rate>) -> Option<Rate> {
+    r.filter(|r| r.per_second > 0)
+        .map(|r| Rate::new(r.per_second, r.burst))
+}
+
+/// gRPC code names a retry policy may use.
+const GRPC_CODES: &[(&str, u8)] = &[
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
+
+fn retry_on(conds: &[String]) -> Result<RetryOn, String> {
+    let mut on = RetryOn::default();
+    if conds.is_empty() {
+        on.connect_failure = true;
+        on.refused_stream = true;
+    }
+    for c in conds {
+        match c.as_str() {
+            "5xx" => on.any_5xx = true,
+            "gateway-error" => on.gateway_error = true,
+            "connect-failure" => on.connect_failure = true,
+            "refused-stream" => on.refused_stream = true,
+            "reset" => on.reset = true,
+            "timeout" => on.timeout = true,
+            other => {
+                if let Some((_, code)) = GRPC_CODES.iter().find(|(n, _)| *n == other) {
+                    on.grpc_codes.push(*code);
+                } else if let Some(s) = other
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                {
+                    on.statuses.push(s);
+                } else {
+                    return Err(format!("unknown retry condition {other:?}"));
+                }
+            }
+        }
+    }
+    Ok(on)
+}
+
+/// The pushed policy as the proxy applies it; anything it cannot apply is an error (NACK).
+pub fn policy(p: &pb::Policy) -> Result<Policy, String> {
+    let mut out = Policy::default();
+    if let Some(t) = &p.timeouts {
+        out.request_timeout = ms(t.request_ms);
+        out.per_try_timeout = ms(t.per_try_ms);
+        out.connect_timeout = or(t.connect_ms, pol::DEFAULT_CONNECT_TIMEOUT);
+        out.idle_timeout = or(t.idle_ms, pol::DEFAULT_IDLE_TIMEOUT);
+    }
+    if let Some(r) = p.retry.as_ref().filter(|r| r.max_retries > 0) {
+        out.retry = Some(RetryConfig {
+            max_retries: r.max_retries.min(10),
+            on: retry_on(&r.retry_on)?,
+            backoff_base: or(r.backoff_base_ms, retry::DEFAULT_BACKOFF_BASE),
+            backoff_max: or(r.backoff_max_ms, retry::DEFAULT_BACKOFF_MAX),
+            budget_percent: if r.budget_percent > 0.0 {
+                r.budget_percent
+            } else {
+                retry::DEFAULT_BUDGET_PERCENT
+            },
+            budget_min_per_second: if r.budget_min_per_second > 0 {
+                r.budget_min_per_second
+            } else {
+                retry::DEFAULT_BUDGET_MIN_PER_SECOND
+            },
+            non_idempotent: r.non_idempotent,
+        });
+    }
+    if let Some(c) = &p.circuit_breaker {
+        if c.consecutive_failures > 0 || c.failure_rate_percent > 0.0 {
+            out.outlier = Some(OutlierConfig {
+                consecutive_failures: c.consecutive_failures,
+                failure_rate_percent: percent(c.failure_rate_percent, "failure_rate_percent")?,
+                window: or(c.window_ms, outlier::DEFAULT_WINDOW),
+                min_requests: if c.min_requests > 0 {
+                    c.min_requests
+                } else {
+                    outlier::DEFAULT_MIN_REQUESTS
+                },
+                base_ejection: or(c.base_ejection_ms, outlier::DEFAULT_BASE_EJECTION),
+                max_ejection_percent: if c.max_ejection_percent > 0.0 {
+                    percent(c.max_ejection_percent, "max_ejection_percent")?
+                } else {
+                    outlier::DEFAULT_MAX_EJECTION_PERCENT
+                },
+            });
+        }
+        if c.max_concurrent > 0 {
+            out.limits = Some(LimitsConfig {
+                max_concurrent: c.max_concurrent,
+                max_pending: c.max_pending,
+            });
+        }
+    }
+    if let Some(r) = &p.rate_limit {
+        out.rate_outbound = rate(&r.outbound);
+        out.rate_inbound = rate(&r.inbound);
+        out.rate_inbound_per_caller = rate(&r.inbound_per_caller);
+    }
+    if let Some(lb) = &p.load_balancer {
+        let algorithm = match lb.algorithm.as_str() {
+            "" | "p2c-ewma" => Algorithm::P2cEwma,
+            "round-robin" => Algorithm::RoundRobin,
+            "consistent-hash" => Algorithm::ConsistentHash,
+            other => return Err(format!("unknown load-balancing algorithm {other:?}")),
+        };
+        let hash_header = match (algorithm, lb.hash_header.as_str()) {
+            (Algorithm::ConsistentHash, h) => Some(
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| format!("hash header {h:?} is not a header name"))?,
+            ),
+            _ => None,
+        };
+        out.lb = LbConfig {
+            algorithm,
+            hash_header,
+            warmup: or(lb.warmup_ms, Duration::ZERO),
+        };
+    }
+    if let Some(f) = &p.fault
+        && (f.delay_percent > 0.0 || f.abort_percent > 0.0)
+    {
+        let abort_status = u16::try_from(f.abort_status)
+            .ok()
+            .filter(|s| (200..=599).contains(s) || f.abort_percent == 0.0)
+            .ok_or_else(|| {
+                format!(
+                    "fault abort status {} is not an HTTP status",
+                    f.abort_status
+                )
+            })?;
+        out.fault = Some(FaultConfig {
+            delay: or(f.delay_ms, Duration::ZERO),
+            delay_percent: percent(f.delay_percent, "fault delay_percent")?,
+            abort_status,
+            abort_percent: percent(f.abort_percent, "fault abort_percent")?,
+        });
+    }
+    Ok(out)
 }
 
 /// Converts one resource into its name and service.
@@ -107,13 +287,50 @@ mod tests {
                     weight: 1,
                 }],
             }),
+            policy: None,
         }
     }
 
     #[test]
     fn accepts_valid() {
         let s = Service::try_from(cfg()).unwrap();
-        assert_eq!(s.balancer.pick().map(|e| e.addr.port()), Some(9000));
+        let lb = LbConfig::default();
+        assert_eq!(
+            s.balancer.pick(&lb, None, &[]).map(|e| e.addr.port()),
+            Ok(9000)
+        );
+        assert_eq!(s.policy, Policy::default());
+    }
+
+    #[test]
+    fn converts_a_policy_and_nacks_what_it_cannot_apply() {
+        let mut c = cfg();
+        c.policy = Some(pb::Policy {
+            retry: Some(pb::Retry {
+                max_retries: 3,
+                retry_on: vec!["5xx".into(), "unavailable".into(), "409".into()],
+                ..Default::default()
+            }),
+            circuit_breaker: Some(pb::CircuitBreaker {
+                consecutive_failures: 5,
+                max_concurrent: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let s = Service::try_from(c.clone()).unwrap();
+        let r = s.policy.retry.unwrap();
+        assert!(r.on.any_5xx);
+        assert_eq!((r.on.grpc_codes, r.on.statuses), (vec![14], vec![409]));
+        assert_eq!(s.policy.outlier.unwrap().consecutive_failures, 5);
+        assert_eq!(s.policy.limits.unwrap().max_concurrent, 10);
+        c.policy.as_mut().unwrap().retry.as_mut().unwrap().retry_on = vec!["sometimes".into()];
+        assert!(
+            Service::try_from(c)
+                .unwrap_err()
+                .to_string()
+                .contains("sometimes")
+        );
     }
 
     #[test]

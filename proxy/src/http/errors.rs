@@ -34,8 +34,23 @@ pub enum ProxyError {
         addr: std::net::SocketAddr,
         reason: String,
     },
+    #[error("upstream refused the request before processing it: {0}")]
+    Refused(String),
     #[error("upstream failed: {0}")]
     Upstream(String),
+    #[error("{} after {after:?}", if *per_try { "attempt timed out" } else if *deadline { "client's grpc-timeout deadline passed" } else { "request timed out" })]
+    Timeout {
+        after: std::time::Duration,
+        per_try: bool,
+        /// The client's own gRPC deadline was the shorter one.
+        deadline: bool,
+    },
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
+    #[error("circuit open: {0}")]
+    CircuitOpen(String),
+    #[error("fault injected by policy: status {0}")]
+    FaultAbort(u16),
     #[error("local app unavailable: {0}")]
     App(String),
     #[error("bad request: {0}")]
@@ -67,6 +82,15 @@ impl ProxyError {
             Connect { .. } => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed", 14, U),
             Tls { .. } => (StatusCode::BAD_GATEWAY, "tls-failed", 14, U),
             Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-reset", 14, U),
+            Refused(_) => (StatusCode::SERVICE_UNAVAILABLE, "refused-stream", 14, U),
+            Timeout { per_try: true, .. } => (StatusCode::GATEWAY_TIMEOUT, "per-try-timeout", 4, U),
+            Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout", 4, U),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", 8, D),
+            CircuitOpen(_) => (StatusCode::SERVICE_UNAVAILABLE, "circuit-open", 14, U),
+            FaultAbort(s) => {
+                let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                (status, "fault-abort", grpc_code_of(status), I)
+            }
             App(_) => (StatusCode::BAD_GATEWAY, "app-unavailable", 14, U),
         }
     }
@@ -82,7 +106,10 @@ impl ProxyError {
     }
     /// Safe to retry on another endpoint: the request never reached an upstream.
     pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::Tls { .. })
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Refused(_)
+        )
     }
 
     /// The response for this error; gRPC requests get a trailers-only gRPC error.
@@ -112,7 +139,25 @@ impl ProxyError {
         };
         resp.headers_mut()
             .insert(MESH_ERROR, HeaderValue::from_static(reason));
+        if let ProxyError::RateLimited { retry_after } = self {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3).
+            let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
+    }
+}
+
+/// The gRPC code for an HTTP status (gRPC's own HTTP-to-gRPC mapping).
+fn grpc_code_of(s: StatusCode) -> u8 {
+    match s.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
     }
 }
 

@@ -1,7 +1,9 @@
 //! HTTP plumbing shared by the inbound, outbound and admin listeners.
 
+pub mod body;
 pub mod errors;
 pub mod server;
+pub mod stack;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};

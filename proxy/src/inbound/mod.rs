@@ -5,6 +5,7 @@
 use crate::http::errors::ProxyError;
 use crate::http::server::serve;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
+use crate::snapshot::Snapshots;
 use crate::tls::{TlsContext, spiffe_id_of};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -53,10 +54,19 @@ pub struct Inbound {
     pub identity: Arc<str>,
     h1: Client<AppConnector, Incoming>,
     h2: Client<AppConnector, Incoming>,
+    snapshots: Arc<Snapshots>,
+    /// The service this proxy fronts: its policy's inbound rate limits apply here.
+    service: Option<Arc<str>>,
 }
 
 impl Inbound {
-    pub fn new(tls: Arc<TlsContext>, identity: Arc<str>, app: SocketAddr) -> Self {
+    pub fn new(
+        tls: Arc<TlsContext>,
+        identity: Arc<str>,
+        app: SocketAddr,
+        snapshots: Arc<Snapshots>,
+        service: Option<Arc<str>>,
+    ) -> Self {
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -71,7 +81,34 @@ impl Inbound {
             identity,
             h1,
             h2,
+            snapshots,
+            service,
         }
+    }
+
+    /// The service-wide and per-caller inbound rate limits of this proxy's service.
+    fn rate_limit(&self, caller: &Arc<str>) -> Result<(), ProxyError> {
+        let Some(name) = &self.service else {
+            return Ok(());
+        };
+        let snap = self.snapshots.load();
+        let Some(svc) = snap.services.get(name) else {
+            return Ok(());
+        };
+        let p = &svc.policy;
+        if let Some(rate) = p.rate_inbound_per_caller {
+            svc.state
+                .per_caller
+                .check(caller, rate)
+                .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
+        }
+        if let Some(rate) = p.rate_inbound {
+            svc.state
+                .inbound
+                .check(rate)
+                .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
+        }
+        Ok(())
     }
 
     /// Handles one accepted TCP connection: TLS, then HTTP.
@@ -110,17 +147,24 @@ impl Inbound {
             return;
         };
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
+        let caller: Arc<str> = caller.into();
         let this = self.clone();
-        let svc = hyper::service::service_fn(move |req| this.clone().handle(xfcc.clone(), req));
+        let svc = hyper::service::service_fn(move |req| {
+            this.clone().handle(caller.clone(), xfcc.clone(), req)
+        });
         serve(tls, svc, watcher).await;
     }
 
     async fn handle(
         self: Arc<Self>,
+        caller: Arc<str>,
         xfcc: Option<HeaderValue>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let grpc = is_grpc(req.headers());
+        if let Err(e) = self.rate_limit(&caller) {
+            return Ok(e.to_response(grpc));
+        }
         match self.forward(xfcc, req).await {
             Ok(r) => Ok(r.map(Body::Left)),
             Err(e) => Ok(e.to_response(grpc)),

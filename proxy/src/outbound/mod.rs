@@ -1,23 +1,29 @@
 //! Outbound: the app's plaintext HTTP/1.1, HTTP/2 (h2c) or gRPC, addressed to a mesh service by
 //! Host / :authority (the listener is an HTTP proxy: `http_proxy=http://127.0.0.1:15001`, or
 //! h2c prior knowledge straight to it), or to a fixed service on an `--upstream` port. The
-//! request goes to an endpoint picked by the route's weights, over mTLS HTTP/2 to its sidecar.
+//! request goes through the service's policy stack (`http::stack`) to an endpoint picked by the
+//! route's weights and the balancer, over mTLS HTTP/2 to its sidecar.
 
+pub mod endpoint;
 pub mod pool;
 
+use crate::http::body::ReqBody;
 use crate::http::errors::ProxyError;
+use crate::http::stack;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::{ResolveError, Snapshots};
 use http::{HeaderValue, Request, Response, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use pool::Pool;
 use std::convert::Infallible;
 use std::sync::Arc;
+use tower::ServiceExt;
 
 /// Shared by every outbound connection.
 pub struct Outbound {
     pub snapshots: Arc<Snapshots>,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
 }
 
 /// Service name from a host: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
@@ -87,12 +93,6 @@ impl Outbound {
             ResolveError::Unavailable => ProxyError::DiscoveryUnavailable(name.to_string()),
             ResolveError::TooMany => ProxyError::TooManyServices,
         })?;
-        let ep = svc
-            .balancer
-            .pick()
-            .ok_or_else(|| ProxyError::NoEndpoints(name.to_string()))?
-            .clone();
-
         let (mut parts, body) = req.into_parts();
         let h1 = parts.version < Version::HTTP_2;
         parts.uri = absolute_uri(&authority, &parts.uri)
@@ -109,20 +109,17 @@ impl Outbound {
         } else {
             parts.headers.remove(ORIG_PROTO);
         }
+        let body = if body.is_end_stream() {
+            ReqBody::Empty
+        } else {
+            ReqBody::Incoming(body)
+        };
         let upstream = Request::from_parts(parts, body);
-
-        let mut sender = self.pool.get(ep.addr, &svc.identity).await?;
-        if sender.ready().await.is_err() {
-            self.pool.evict(ep.addr, &svc.identity);
-            sender = self.pool.get(ep.addr, &svc.identity).await?;
-        }
-        let resp = sender.send_request(upstream).await.map_err(|e| {
-            if e.is_closed() || e.is_canceled() {
-                self.pool.evict(ep.addr, &svc.identity);
-            }
-            ProxyError::Upstream(format!("{} ({}): {e}", ep.id, ep.addr))
-        })?;
-        Ok(resp)
+        let stack = svc
+            .stack
+            .get_or_init(|| stack::build(&svc, &self.pool))
+            .clone();
+        stack.oneshot(upstream).await
     }
 }
 

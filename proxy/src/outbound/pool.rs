@@ -1,29 +1,35 @@
 //! HTTP/2 connections to peer sidecars over mTLS, one per (endpoint, expected identity), shared
 //! by all requests. The fast path is a map read and a clone; connecting is serialised per key so
-//! a burst of first requests opens one connection, not hundreds.
+//! a burst of first requests opens one connection, not hundreds. Connections unused for their
+//! service's idle timeout are closed by `sweep`.
 
+use crate::balance::state::Now;
+use crate::http::body::ReqBody;
 use crate::http::errors::ProxyError;
 use crate::tls::TlsContext;
 use dashmap::DashMap;
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Default TCP + TLS connect timeout to a peer sidecar.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
 type Key = (SocketAddr, Arc<str>);
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<ReqBody>;
+
+struct Conn {
+    sender: Sender,
+    /// `Now` in ms of the last request.
+    last_used_ms: AtomicU64,
+    idle_timeout: Duration,
+}
 
 pub struct Pool {
     tls: Arc<TlsContext>,
-    ready: DashMap<Key, Sender>,
+    ready: DashMap<Key, Conn>,
     connecting: DashMap<Key, Arc<tokio::sync::Mutex<()>>>,
-    connect_timeout: Duration,
 }
 
 impl Pool {
@@ -32,19 +38,28 @@ impl Pool {
             tls,
             ready: DashMap::new(),
             connecting: DashMap::new(),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
     fn ready_sender(&self, key: &Key) -> Option<Sender> {
         self.ready
             .get(key)
-            .filter(|s| !s.is_closed())
-            .map(|s| s.clone())
+            .filter(|c| !c.sender.is_closed())
+            .map(|c| {
+                c.last_used_ms.store(Now::get().ms(), Ordering::Relaxed);
+                c.sender.clone()
+            })
     }
 
-    /// A sender to `addr` whose certificate must name `identity`.
-    pub async fn get(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {
+    /// A sender to `addr` whose certificate must name `identity`; a new connection must be
+    /// up within `connect_timeout` and is closed after `idle_timeout` unused.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        identity: &Arc<str>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Sender, ProxyError> {
         let key = (addr, identity.clone());
         if let Some(s) = self.ready_sender(&key) {
             return Ok(s);
@@ -54,14 +69,43 @@ impl Pool {
         if let Some(s) = self.ready_sender(&key) {
             return Ok(s);
         }
-        let s = tokio::time::timeout(self.connect_timeout, self.connect(addr, identity))
+        let s = tokio::time::timeout(connect_timeout, self.connect(addr, identity))
             .await
             .map_err(|_| ProxyError::Connect {
                 addr,
-                reason: format!("timed out after {:?}", self.connect_timeout),
+                reason: format!("timed out after {connect_timeout:?}"),
             })??;
-        self.ready.insert(key, s.clone());
+        self.ready.insert(
+            key,
+            Conn {
+                sender: s.clone(),
+                last_used_ms: AtomicU64::new(Now::get().ms()),
+                idle_timeout,
+            },
+        );
         Ok(s)
+    }
+
+    /// Closes connections idle past their timeout (requests still on one keep it until done).
+    pub fn sweep(&self) {
+        let now = Now::get().ms();
+        self.ready.retain(|(addr, _), c| {
+            let idle = now.saturating_sub(c.last_used_ms.load(Ordering::Relaxed));
+            let keep = idle < c.idle_timeout.as_millis() as u64;
+            if !keep {
+                tracing::debug!(%addr, idle_ms = idle, "closing idle peer connection");
+            }
+            keep
+        });
+    }
+
+    /// Open connections (for tests and /config_dump).
+    pub fn len(&self) -> usize {
+        self.ready.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
     }
 
     /// Drops connections to endpoints no longer in the config. Requests still using one keep

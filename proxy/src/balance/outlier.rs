@@ -1,0 +1,129 @@
+//! Outlier ejection, the per-endpoint half of circuit breaking. An endpoint is ejected after
+//! `consecutive_failures` failures in a row, or when its failure rate over a window reaches the
+//! threshold. Each ejection lasts longer than the last (base × count, at most 10×). When it
+//! ends the endpoint is on probation: one trial request at a time; a success lets it back
+//! fully, a failure ejects it again. At most `max_ejection_percent` of the endpoints are
+//! ejected at once, and never all of them.
+
+use super::Balancer;
+use super::state::{EndpointState, Now};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_MIN_REQUESTS: u32 = 20;
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION_PERCENT: f64 = 50.0;
+/// Ejections grow up to this many times the base.
+const MAX_EJECTION_FACTOR: u32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierConfig {
+    /// 0: off.
+    pub consecutive_failures: u32,
+    /// 0: off.
+    pub failure_rate_percent: f64,
+    pub window: Duration,
+    pub min_requests: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: f64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 0,
+            failure_rate_percent: 0.0,
+            window: DEFAULT_WINDOW,
+            min_requests: DEFAULT_MIN_REQUESTS,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+        }
+    }
+}
+
+/// Counts one outcome in the endpoint's window (a new window starts when the old one is over).
+fn count(s: &EndpointState, failed: bool, now: Now, window: Duration) -> (u32, u32) {
+    let start = s.window_start_ms.load(Ordering::Relaxed);
+    if now.ms().saturating_sub(start) >= window.as_millis() as u64
+        && s.window_start_ms
+            .compare_exchange(start, now.ms(), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        s.window_total.store(0, Ordering::Relaxed);
+        s.window_failed.store(0, Ordering::Relaxed);
+    }
+    let total = s.window_total.fetch_add(1, Ordering::Relaxed) + 1;
+    let failed_n = if failed {
+        s.window_failed.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        s.window_failed.load(Ordering::Relaxed)
+    };
+    (total, failed_n)
+}
+
+/// Records one attempt's outcome and ejects the endpoint if the config says so.
+pub fn record(
+    b: &Balancer,
+    s: &EndpointState,
+    success: bool,
+    trial: bool,
+    cfg: &OutlierConfig,
+    id: &str,
+) {
+    let now = Now::get();
+    let (total, failed) = count(s, !success, now, cfg.window);
+    if success {
+        s.consecutive_failures.store(0, Ordering::Relaxed);
+        if trial {
+            s.probation.store(false, Ordering::Relaxed);
+            let _ = s
+                .ejections
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            tracing::info!(endpoint = id, "endpoint passed probation; back in rotation");
+        }
+        return;
+    }
+    let consecutive = s.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    let by_count = cfg.consecutive_failures > 0 && consecutive >= cfg.consecutive_failures;
+    let by_rate = cfg.failure_rate_percent > 0.0
+        && total >= cfg.min_requests.max(1)
+        && f64::from(failed) * 100.0 >= cfg.failure_rate_percent * f64::from(total);
+    if trial || by_count || by_rate {
+        eject(b, s, cfg, now, id);
+    }
+}
+
+fn eject(b: &Balancer, s: &EndpointState, cfg: &OutlierConfig, now: Now, id: &str) {
+    if s.is_ejected(now) {
+        return;
+    }
+    let (n, ejected) = b.states().fold((0u32, 0u32), |(n, e), (_, st)| {
+        (n + 1, e + u32::from(st.is_ejected(now)))
+    });
+    let allowed =
+        ((f64::from(n) * cfg.max_ejection_percent / 100.0) as u32).min(n.saturating_sub(1));
+    if ejected >= allowed {
+        tracing::debug!(
+            endpoint = id,
+            ejected,
+            allowed,
+            "ejection skipped: at max ejected share"
+        );
+        return;
+    }
+    let count = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+    let length = cfg.base_ejection * count.min(MAX_EJECTION_FACTOR);
+    s.ejected_until_ms
+        .store(now.ms() + length.as_millis() as u64, Ordering::Relaxed);
+    s.probation.store(true, Ordering::Relaxed);
+    s.consecutive_failures.store(0, Ordering::Relaxed);
+    s.window_total.store(0, Ordering::Relaxed);
+    s.window_failed.store(0, Ordering::Relaxed);
+    tracing::info!(
+        endpoint = id,
+        ejection = count,
+        for_ms = length.as_millis() as u64,
+        "endpoint ejected"
+    );
+}

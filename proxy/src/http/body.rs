@@ -1,0 +1,280 @@
+//! Request bodies on the outbound path: the app's body as hyper gave it, or a replayable copy
+//! when a retry policy may send it again.
+//!
+//! A [`ReplayBody`] streams to the first attempt while keeping what passed, up to a cap
+//! ([`MAX_REPLAY_BYTES`]); a clone made for a retry replays the kept frames, then continues from
+//! the app's body. Past the cap nothing more is kept and the request can no longer be retried
+//! once any of it was sent. The shared state sits behind a mutex that is only ever taken inside
+//! `poll_frame`, never across an await, and only by the attempts of one request.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+/// Largest request body kept for replay, bytes.
+pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request the outbound proxy sends to a peer sidecar.
+#[derive(Debug)]
+pub enum ReqBody {
+    Incoming(Incoming),
+    Replay(ReplayBody),
+    Empty,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReqBody::Replay(b) => b.poll_frame(cx),
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Incoming(b) => b.is_end_stream(),
+            ReqBody::Replay(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Incoming(b) => b.size_hint(),
+            ReqBody::Replay(b) => b.hint,
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body cannot be replayed: more than {MAX_REPLAY_BYTES} bytes were sent already")]
+pub struct NotReplayable;
+
+#[derive(Debug)]
+struct Shared<B> {
+    inner: B,
+    /// Data frames pulled from `inner`, in order, while under the cap.
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    /// Frames pulled from `inner` so far (kept or not).
+    pulled: usize,
+    /// A frame was pulled that is not in `kept`.
+    overflowed: bool,
+    ended: bool,
+    trailers: Option<HeaderMap>,
+}
+
+/// A request body that retries can send again; see the module docs.
+#[derive(Debug)]
+pub struct ReplayBody<B = Incoming> {
+    shared: Arc<Mutex<Shared<B>>>,
+    /// Frames this copy has yielded.
+    pos: usize,
+    trailers_sent: bool,
+    hint: SizeHint,
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(inner: B) -> Self {
+        let hint = inner.size_hint();
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                inner,
+                kept: Vec::new(),
+                kept_bytes: 0,
+                pulled: 0,
+                overflowed: false,
+                ended: false,
+                trailers: None,
+            })),
+            pos: 0,
+            trailers_sent: false,
+            hint,
+        }
+    }
+
+    /// A copy that starts from the first frame, or None once the body outgrew the cap.
+    pub fn replay(&self) -> Option<Self> {
+        let s = self.shared.lock().ok()?;
+        if s.overflowed {
+            return None;
+        }
+        Some(Self {
+            shared: self.shared.clone(),
+            pos: 0,
+            trailers_sent: false,
+            hint: self.hint,
+        })
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.shared
+            .lock()
+            .map(|s| {
+                s.ended && self.pos >= s.pulled && (s.trailers.is_none() || self.trailers_sent)
+            })
+            .unwrap_or(true)
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Ok(mut s) = self.shared.lock() else {
+            return Poll::Ready(Some(Err(NotReplayable.into())));
+        };
+        if let Some(b) = s.kept.get(self.pos) {
+            self.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(b.clone()))));
+        }
+        if self.pos < s.pulled {
+            // Another copy pulled frames past the cap that this copy never saw.
+            return Poll::Ready(Some(Err(NotReplayable.into())));
+        }
+        if s.ended {
+            if !self.trailers_sent
+                && let Some(t) = s.trailers.clone()
+            {
+                self.trailers_sent = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut s.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                s.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        s.pulled += 1;
+                        self.pos += 1;
+                        if !s.overflowed && s.kept_bytes + data.len() <= MAX_REPLAY_BYTES {
+                            s.kept_bytes += data.len();
+                            s.kept.push(data.clone());
+                        } else if !s.overflowed {
+                            s.overflowed = true;
+                            s.kept = Vec::new();
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(t) => {
+                            s.ended = true;
+                            s.trailers = Some(t.clone());
+                            self.trailers_sent = true;
+                            Frame::trailers(t)
+                        }
+                        Err(other) => return Poll::Ready(Some(Ok(other.map_data(|d| d)))),
+                    },
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    type Chunks = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
+    >;
+
+    fn body(chunks: &[&'static [u8]], trailers: bool) -> Chunks {
+        let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        if trailers {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    struct Copy<B>(ReplayBody<B>);
+    impl<B> Body for Copy<B>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.get_mut().0.poll_frame(cx)
+        }
+    }
+
+    async fn read<B>(b: ReplayBody<B>) -> (Vec<u8>, Option<HeaderMap>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let c = Copy(b).collect().await.unwrap();
+        let t = c.trailers().cloned();
+        (c.to_bytes().to_vec(), t)
+    }
+
+    #[tokio::test]
+    async fn a_retry_sees_the_same_body_and_trailers() {
+        let first = ReplayBody::new(body(&[b"hello ", b"world"], true));
+        let second = first.replay().unwrap();
+        let (data, trailers) = read(first).await;
+        assert_eq!(data, b"hello world");
+        assert!(trailers.is_some());
+        let (again, trailers) = read(second).await;
+        assert_eq!(again, b"hello world");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    }
+
+    #[tokio::test]
+    async fn a_copy_made_mid_stream_replays_then_continues() {
+        let mut first = ReplayBody::new(body(&[b"a", b"b", b"c"], false));
+        let f = std::future::poll_fn(|cx| first.poll_frame(cx)).await;
+        assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
+        let second = first.replay().unwrap();
+        assert_eq!(read(second).await.0, b"abc");
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_cap_are_not_replayable() {
+        static BIG: [u8; MAX_REPLAY_BYTES] = [7; MAX_REPLAY_BYTES];
+        let first = ReplayBody::new(body(&[&BIG, b"x"], false));
+        let behind = first.replay().unwrap();
+        assert_eq!(
+            read(first.replay().unwrap()).await.0.len(),
+            MAX_REPLAY_BYTES + 1
+        );
+        assert!(first.replay().is_none());
+        // A copy that fell behind the cap errors instead of sending a truncated body.
+        assert!(Copy(behind).collect().await.is_err());
+    }
+}

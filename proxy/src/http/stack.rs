@@ -1,0 +1,60 @@
+//! THE outbound request stack, for one service's config: every policy layer in order, top to
+//! bottom. A layer whose policy is not set passes requests straight through (no allocation),
+//! so a service without a policy costs what the bare endpoint call costs.
+
+use crate::balance::outlier::OutlierConfig;
+use crate::outbound::endpoint::EndpointService;
+use crate::outbound::pool::Pool;
+use crate::policy::circuit_breaker::{Limit, LimitsLayer};
+use crate::policy::fault::{Fault, FaultLayer};
+use crate::policy::rate_limit::{RateLimit, RateLimitLayer};
+use crate::policy::retry::{Retry, RetryLayer};
+use crate::policy::timeout::{Timeout, TimeoutLayer};
+use crate::policy::{Policy, PolicyState};
+use crate::snapshot::Service;
+use std::sync::Arc;
+use tower::ServiceBuilder;
+
+/// The policy layers over an inner service, outermost first.
+pub type Policies<S> = RateLimit<Fault<Timeout<Limit<Retry<Timeout<S>>>>>>;
+/// The stack's type (nameable, so services can keep it without boxing).
+pub type Stack = Policies<EndpointService>;
+
+/// Builds the stack for `svc`'s current config. Layer state (buckets, budget, limits, endpoint
+/// stats) lives in `svc.state` / the balancer, so rebuilding on a config change keeps it.
+pub fn build(svc: &Service, pool: &Arc<Pool>) -> Stack {
+    let p = &svc.policy;
+    policies(
+        p,
+        &svc.state,
+        // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
+        EndpointService {
+            service: svc.name.clone(),
+            identity: svc.identity.clone(),
+            balancer: svc.balancer.clone(),
+            lb: Arc::new(p.lb.clone()),
+            outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
+            connect_timeout: p.connect_timeout,
+            idle_timeout: p.idle_timeout,
+            pool: pool.clone(),
+        },
+    )
+}
+
+/// The policy layers of `p` over `inner` (also used alone by the benchmarks).
+pub fn policies<S>(p: &Policy, state: &PolicyState, inner: S) -> Policies<S> {
+    ServiceBuilder::new()
+        // Refuse over-rate calls first, before any work: 429 + retry-after.
+        .layer(RateLimitLayer::new(p.rate_outbound, state.outbound.clone()))
+        // Chaos: delay and/or abort a share of requests (off unless configured).
+        .layer(FaultLayer(p.fault))
+        // Deadline of the whole request, retries included; the client's grpc-timeout if shorter.
+        .layer(TimeoutLayer::request(p.request_timeout))
+        // Circuit breaker limits: in-flight and queued requests; past them a fast 503.
+        .layer(LimitsLayer(state.limits.clone()))
+        // Retries within the budget, idempotency-aware, body replayed from a bounded copy.
+        .layer(RetryLayer::new(p.retry.clone(), state.budget.clone()))
+        // Deadline of each attempt.
+        .layer(TimeoutLayer::per_try(p.per_try_timeout))
+        .service(inner)
+}

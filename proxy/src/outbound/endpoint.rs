@@ -1,0 +1,144 @@
+//! The bottom of the outbound stack: pick an endpoint (balancer), take the pooled mTLS HTTP/2
+//! connection to its sidecar, send, and tell the balancer how it went (latency for EWMA,
+//! success or failure for outlier ejection).
+
+use super::pool::Pool;
+use crate::balance::outlier::OutlierConfig;
+use crate::balance::{Balancer, LbConfig, PickError, Tried, hash_bytes};
+use crate::http::body::ReqBody;
+use crate::http::errors::ProxyError;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::error::Error as _;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// What the endpoint service needs of a service's config (no back-reference to the service).
+#[derive(Clone)]
+pub struct EndpointService {
+    pub service: Arc<str>,
+    pub identity: Arc<str>,
+    pub balancer: Arc<Balancer>,
+    pub lb: Arc<LbConfig>,
+    pub outlier: Option<Arc<OutlierConfig>>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for EndpointService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointService")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// True when hyper says the request provably never reached the peer: returned unsent, or
+/// refused by the peer with REFUSED_STREAM or a GOAWAY that did not cover its stream.
+fn never_processed(e: &hyper::Error) -> bool {
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away();
+        }
+        src = s.source();
+    }
+    false
+}
+
+impl EndpointService {
+    async fn send(self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
+        let hash = self
+            .lb
+            .hash_header
+            .as_ref()
+            .and_then(|h| req.headers().get(h))
+            .map(|v| hash_bytes(v.as_bytes()));
+        let tried = req.extensions_mut().remove::<Tried>();
+        let avoid = tried.as_ref().map(Tried::list).unwrap_or_default();
+        let picked = self
+            .balancer
+            .pick(&self.lb, hash, &avoid)
+            .map_err(|e| match e {
+                PickError::NoEndpoints => ProxyError::NoEndpoints(self.service.to_string()),
+                PickError::AllEjected => ProxyError::CircuitOpen(format!(
+                    "every endpoint of {:?} is ejected",
+                    self.service
+                )),
+            })?;
+        if let Some(t) = &tried {
+            t.push(picked.addr);
+        }
+        let outlier = self.outlier.as_deref();
+        let (addr, id) = (picked.addr, picked.id.clone());
+        let conn = async {
+            let mut sender = self
+                .pool
+                .get(
+                    addr,
+                    &self.identity,
+                    self.connect_timeout,
+                    self.idle_timeout,
+                )
+                .await?;
+            if sender.ready().await.is_err() {
+                self.pool.evict(addr, &self.identity);
+                sender = self
+                    .pool
+                    .get(
+                        addr,
+                        &self.identity,
+                        self.connect_timeout,
+                        self.idle_timeout,
+                    )
+                    .await?;
+            }
+            Ok::<_, ProxyError>(sender)
+        };
+        let mut sender = match conn.await {
+            Ok(s) => s,
+            Err(e) => {
+                picked.finish(false, &self.balancer, outlier);
+                return Err(e);
+            }
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let ok = !resp.status().is_server_error();
+                picked.finish(ok, &self.balancer, outlier);
+                Ok(resp)
+            }
+            Err(mut e) => {
+                picked.finish(false, &self.balancer, outlier);
+                let unsent = e.take_message().is_some();
+                let e = e.into_error();
+                if e.is_closed() || e.is_canceled() {
+                    self.pool.evict(addr, &self.identity);
+                }
+                let what = format!("{id} ({addr}): {e}");
+                Err(if unsent || never_processed(&e) {
+                    ProxyError::Refused(what)
+                } else {
+                    ProxyError::Upstream(what)
+                })
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<ReqBody>> for EndpointService {
+    type Response = Response<Incoming>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<Incoming>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        Box::pin(self.clone().send(req))
+    }
+}

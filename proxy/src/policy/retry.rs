@@ -1,0 +1,313 @@
+//! Retries: a bounded number of attempts on the conditions the policy names, with exponential
+//! backoff and full jitter, inside a budget (retries ≤ a share of recent requests plus a floor)
+//! so that retries never multiply an outage.
+//!
+//! Idempotency: a request that provably never reached the upstream (connect failure, TLS
+//! failure, REFUSED_STREAM, GOAWAY past its stream) may always be retried. Otherwise only
+//! idempotent methods are retried, unless the policy opts in, the request carries an
+//! `Idempotency-Key`, or it is a gRPC call failing with a gRPC code the policy lists (gRPC's own
+//! retry design leaves that judgement to the service owner). Bodies are replayed from a copy
+//! of at most 64 KiB (`http::body`); a larger body that was already sent is not retried.
+
+use crate::balance::Tried;
+use crate::http::body::{ReplayBody, ReqBody};
+use crate::http::errors::ProxyError;
+use crate::http::is_grpc;
+use futures_util::future::{BoxFuture, Either};
+use http::{Method, Request, Response};
+use http_body::Body;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+pub const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// The budget looks at this many one-second slots.
+const BUDGET_WINDOW_SECS: u64 = 10;
+
+/// Which failures a retry policy retries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub any_5xx: bool,
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    pub statuses: Vec<u16>,
+    pub grpc_codes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    pub max_retries: u32,
+    pub on: RetryOn,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub budget_percent: f64,
+    pub budget_min_per_second: u32,
+    pub non_idempotent: bool,
+}
+
+/// Why a result may be retried, and whether the request may have reached the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Done,
+    NeverSent,
+    Sent,
+    /// A gRPC code the policy lists: retried for gRPC calls whatever the method.
+    GrpcCode,
+}
+
+impl RetryConfig {
+    fn verdict<B>(&self, r: &Result<Response<B>, ProxyError>) -> Verdict {
+        let on = &self.on;
+        match r {
+            Err(ProxyError::Connect { .. } | ProxyError::Tls { .. }) if on.connect_failure => {
+                Verdict::NeverSent
+            }
+            Err(ProxyError::Refused(_)) if on.refused_stream || on.connect_failure => {
+                Verdict::NeverSent
+            }
+            Err(ProxyError::Upstream(_)) if on.reset => Verdict::Sent,
+            Err(ProxyError::Timeout { per_try: true, .. }) if on.timeout || on.any_5xx => {
+                Verdict::Sent
+            }
+            Err(_) => Verdict::Done,
+            Ok(resp) => {
+                let s = resp.status().as_u16();
+                if (on.any_5xx && s >= 500)
+                    || (on.gateway_error && matches!(s, 502..=504))
+                    || on.statuses.contains(&s)
+                {
+                    return Verdict::Sent;
+                }
+                let grpc = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u8>().ok());
+                match grpc {
+                    Some(c) if on.grpc_codes.contains(&c) => Verdict::GrpcCode,
+                    _ => Verdict::Done,
+                }
+            }
+        }
+    }
+
+    /// Full jitter: uniform in [0, min(max, base · 2^(n-1))].
+    fn backoff(&self, retry: u32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+        let cap = exp.min(self.backoff_max);
+        cap.mul_f64(fastrand::f64())
+    }
+}
+
+/// RFC 9110 §9.2.2.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    sec: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// Requests and retries over the last ten seconds, in one-second slots (lock-free).
+#[derive(Debug)]
+pub struct Budget {
+    origin: Instant,
+    slots: [Slot; BUDGET_WINDOW_SECS as usize],
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            slots: Default::default(),
+        }
+    }
+}
+
+impl Budget {
+    fn slot(&self) -> (u64, &Slot) {
+        let sec = Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_secs()
+            + 1;
+        let slot = &self.slots[(sec % BUDGET_WINDOW_SECS) as usize];
+        let old = slot.sec.load(Ordering::Relaxed);
+        if old != sec
+            && slot
+                .sec
+                .compare_exchange(old, sec, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            slot.requests.store(0, Ordering::Relaxed);
+            slot.retries.store(0, Ordering::Relaxed);
+        }
+        (sec, slot)
+    }
+
+    fn totals(&self, now: u64) -> (u64, u64) {
+        self.slots
+            .iter()
+            .filter(|s| now - s.sec.load(Ordering::Relaxed).min(now) < BUDGET_WINDOW_SECS)
+            .fold((0, 0), |(q, r), s| {
+                (
+                    q + s.requests.load(Ordering::Relaxed),
+                    r + s.retries.load(Ordering::Relaxed),
+                )
+            })
+    }
+
+    /// Counts an original request.
+    pub fn deposit(&self) {
+        self.slot().1.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one retry from the budget if it has room.
+    pub fn withdraw(&self, percent: f64, min_per_second: u32) -> bool {
+        let (sec, slot) = self.slot();
+        let (requests, retries) = self.totals(sec);
+        let allowed = (requests as f64 * percent / 100.0) as u64
+            + u64::from(min_per_second) * BUDGET_WINDOW_SECS;
+        if retries >= allowed {
+            return false;
+        }
+        slot.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// (requests, retries) in the window, for /config_dump.
+    pub fn usage(&self) -> (u64, u64) {
+        let (sec, _) = self.slot();
+        self.totals(sec)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    cfg: Option<Arc<RetryConfig>>,
+    budget: Arc<Budget>,
+}
+
+impl RetryLayer {
+    pub fn new(cfg: Option<RetryConfig>, budget: Arc<Budget>) -> Self {
+        Self {
+            cfg: cfg.filter(|c| c.max_retries > 0).map(Arc::new),
+            budget,
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            cfg: self.cfg.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    cfg: Option<Arc<RetryConfig>>,
+    budget: Arc<Budget>,
+}
+
+/// A copy of the request head for one attempt (extensions are not copied: only `Tried`).
+fn attempt(head: &http::request::Parts, body: ReqBody, tried: &Tried) -> Request<ReqBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = head.method.clone();
+    *r.uri_mut() = head.uri.clone();
+    *r.version_mut() = head.version;
+    *r.headers_mut() = head.headers.clone();
+    r.extensions_mut().insert(tried.clone());
+    r
+}
+
+impl<S, RB> Service<Request<ReqBody>> for Retry<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = ProxyError;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<RB>, ProxyError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let Some(cfg) = self.cfg.clone() else {
+            return Either::Left(self.inner.call(req));
+        };
+        self.budget.deposit();
+        let budget = self.budget.clone();
+        let inner = self.inner.clone();
+        Either::Right(Box::pin(async move {
+            let grpc = is_grpc(req.headers());
+            let may_resend = idempotent(req.method())
+                || cfg.non_idempotent
+                || req.headers().contains_key("idempotency-key");
+            let (head, body) = req.into_parts();
+            let replay = match body {
+                ReqBody::Incoming(b) if !b.is_end_stream() => Some(ReplayBody::new(b)),
+                ReqBody::Replay(b) => Some(b),
+                _ => None,
+            };
+            let next_body = || match &replay {
+                Some(r) => r.replay().map(ReqBody::Replay),
+                None => Some(ReqBody::Empty),
+            };
+            let tried = Tried::default();
+            let mut body = next_body().unwrap_or(ReqBody::Empty);
+            let mut retries = 0;
+            loop {
+                let res = inner.clone().oneshot(attempt(&head, body, &tried)).await;
+                let ok = match cfg.verdict(&res) {
+                    Verdict::Done => false,
+                    Verdict::NeverSent => true,
+                    Verdict::Sent => may_resend,
+                    Verdict::GrpcCode => may_resend || grpc,
+                };
+                if !ok || retries >= cfg.max_retries {
+                    return res;
+                }
+                let Some(b) = next_body() else { return res };
+                if !budget.withdraw(cfg.budget_percent, cfg.budget_min_per_second) {
+                    tracing::debug!("retry budget exhausted");
+                    return res;
+                }
+                drop(res);
+                retries += 1;
+                body = b;
+                tokio::time::sleep(cfg.backoff(retries)).await;
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
