@@ -14,7 +14,7 @@ use mesh_control_plane::process::{Process, proxy_command};
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -281,17 +281,56 @@ impl Mesh {
 
     /// An app plus its sidecar, registered as an endpoint of `service` with label `version`.
     pub async fn workload(&mut self, service: &str, version: &str) -> anyhow::Result<Sidecar> {
+        Ok(self.workload_app(service, version).await?.1)
+    }
+
+    /// As [`Mesh::workload`], also returning the app's own address (for its `/admin/` controls).
+    pub async fn workload_app(
+        &mut self,
+        service: &str,
+        version: &str,
+    ) -> anyhow::Result<(SocketAddr, Sidecar)> {
         let app = self.app(service, version).await?;
         let node = format!("{service}-{version}-{}", self.procs.len());
-        self.sidecar(SidecarOpts {
-            service: Some(service),
-            version: Some(version),
-            service_account: service,
-            app: Some(app),
-            node_id: Some(&node),
-            workers: 0,
+        let sidecar = self
+            .sidecar(SidecarOpts {
+                service: Some(service),
+                version: Some(version),
+                service_account: service,
+                app: Some(app),
+                node_id: Some(&node),
+                workers: 0,
+            })
+            .await?;
+        Ok((app, sidecar))
+    }
+
+    /// `meshctl policy set <service> <args…>`, then waits until the sidecar at `admin` runs a
+    /// policy whose debug form contains every one of `applied`.
+    pub async fn set_policy(
+        &self,
+        admin: SocketAddr,
+        service: &str,
+        args: &[&str],
+        applied: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut all = vec!["policy", "set", service];
+        all.extend_from_slice(args);
+        let out = self.meshctl(&all).await?;
+        anyhow::ensure!(out.contains("policy of"), "{out}");
+        let r = wait_config(admin, Duration::from_secs(10), |d| {
+            policy_in_dump(d, service).is_some_and(|p| applied.iter().all(|a| p.contains(a)))
         })
-        .await
+        .await;
+        if r.is_err()
+            && let Ok(d) = admin_get(admin, "/config_dump").await
+        {
+            anyhow::bail!(
+                "policy {applied:?} not applied; the sidecar runs {:?}",
+                policy_in_dump(&d.json, service)
+            );
+        }
+        r.map(|_| ())
     }
 
     /// A client-only sidecar (no inbound), identity `default/<sa>`. It runs one worker (the
@@ -442,6 +481,103 @@ pub async fn split(
         }
     }
     Ok((by_version, failed))
+}
+
+/// The debug form of a service's policy in a /config_dump.
+pub fn policy_in_dump(dump: &serde_json::Value, service: &str) -> Option<String> {
+    dump["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == service)
+        .and_then(|s| s["policy"].as_str())
+        .map(str::to_string)
+}
+
+/// Requests an example app served so far (its `/admin/stats`, straight to the app).
+pub async fn app_requests(app: SocketAddr) -> anyhow::Result<u64> {
+    let r = admin_get(app, "/admin/stats").await?;
+    r.json["requests"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("bad stats: {}", r.text))
+}
+
+/// Sends `req()` `n` times, at most `concurrency` at once; returns each result in order of
+/// completion (status, `x-mesh-error`, latency), or the error as text.
+pub async fn load<F>(
+    client: &HttpClient,
+    n: usize,
+    concurrency: usize,
+    req: F,
+) -> Vec<Result<(u16, String, Duration), String>>
+where
+    F: Fn(usize) -> http::Request<Full<Bytes>>,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, r) = (client.clone(), req(i));
+        tasks.spawn(async move {
+            let _permit = permit;
+            one(&client, r).await
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.map_err(|e| e.to_string()).and_then(|r| r));
+    }
+    out
+}
+
+/// Sends one request and reads the response whole.
+async fn one(
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u16, String, Duration), String> {
+    let start = tokio::time::Instant::now();
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-mesh-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, reason, start.elapsed()))
+}
+
+/// Sends `req()` at `rps` for `n` requests whatever the responses take (an open-loop load);
+/// returns the statuses.
+pub async fn paced<F>(client: &HttpClient, rps: u32, n: usize, req: F) -> Vec<u16>
+where
+    F: Fn(usize) -> http::Request<Full<Bytes>>,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tick.tick().await;
+        let (client, r) = (client.clone(), req(i));
+        tasks.spawn(async move { one(&client, r).await.map_or(0, |r| r.0) });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap_or(0));
+    }
+    out
+}
+
+/// A GET of `url` with an empty body.
+pub fn get_req(url: &str) -> http::Request<Full<Bytes>> {
+    let mut r = http::Request::new(Full::new(Bytes::new()));
+    *r.uri_mut() = url.parse().unwrap_or_default();
+    r
 }
 
 /// Polls a sidecar's /config_dump until `pred` holds (bounded); returns the elapsed time.
