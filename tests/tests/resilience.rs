@@ -9,6 +9,28 @@ use prost::Message;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// One `backend` v1 workload and a `web` client that has called it once; returns the app's
+/// address, the client sidecar and an HTTP/1.1 client through it.
+async fn backend_and_client(mesh: &mut Mesh) -> anyhow::Result<(SocketAddr, Sidecar, HttpClient)> {
+    let (app, _) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    let http = h1_client(c.outbound);
+    let r = get(&http, "http://backend/").await?;
+    anyhow::ensure!(r.status == 200, "first request: {} {}", r.status, r.text);
+    Ok((app, c, http))
+}
+
+/// Every endpoint's balancer state in a /config_dump.
+fn balancer_entries(dump: &serde_json::Value) -> Vec<serde_json::Value> {
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["balancer"].as_array().into_iter().flatten())
+        .cloned()
+        .collect()
+}
+
 fn ok(rs: &[Result<(u16, String, Duration), String>]) -> usize {
     rs.iter().filter(|r| matches!(r, Ok((200, _, _)))).count()
 }
@@ -106,10 +128,7 @@ fn post(url: &str, body: &'static str) -> http::Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_is_retried_only_when_it_never_reached_the_upstream() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (app, _) = mesh.workload_app("backend", "v1").await?;
-    let c = mesh.client("web").await?;
-    let http = h1_client(c.outbound);
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let (app, c, http) = backend_and_client(&mut mesh).await?;
     mesh.set_policy(
         c.admin,
         "backend",
@@ -206,10 +225,7 @@ fn grpc_unary(grpc_timeout: &str, delay_ms: u32) -> http::Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_answer_504_and_honour_grpc_deadlines() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    mesh.workload("backend", "v1").await?;
-    let c = mesh.client("web").await?;
-    let http = h1_client(c.outbound);
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let (_, c, http) = backend_and_client(&mut mesh).await?;
     mesh.set_policy(
         c.admin,
         "backend",
@@ -310,12 +326,7 @@ async fn a_failing_endpoint_is_ejected_and_let_back() -> anyhow::Result<()> {
     let mut ejected = false;
     for _ in 0..30 {
         let dump = admin_get(c.admin, "/config_dump").await?.json;
-        ejected = dump["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|s| s["balancer"].as_array().into_iter().flatten())
-            .any(|e| e["ejected"] == true);
+        ejected = balancer_entries(&dump).iter().any(|e| e["ejected"] == true);
         if ejected {
             break;
         }
@@ -349,11 +360,8 @@ async fn a_failing_endpoint_is_ejected_and_let_back() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let dump = admin_get(c.admin, "/config_dump").await?.json;
-    let back = dump["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["balancer"].as_array().into_iter().flatten())
+    let back = balancer_entries(&dump)
+        .iter()
         .all(|e| e["ejected"] == false && e["probation"] == false);
     assert!(back, "{dump}");
     Ok(())
@@ -481,10 +489,7 @@ async fn p2c_ewma_avoids_a_slow_endpoint_better_than_round_robin() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_aborts_the_configured_share() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (app, _) = mesh.workload_app("backend", "v1").await?;
-    let c = mesh.client("web").await?;
-    let http = h1_client(c.outbound);
-    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let (app, c, http) = backend_and_client(&mut mesh).await?;
     mesh.set_policy(
         c.admin,
         "backend",
