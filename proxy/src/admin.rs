@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Admin {
+    /// Peer connections (their count is in /config_dump).
+    pub pool: Arc<crate::outbound::pool::Pool>,
     pub tls: Arc<TlsContext>,
     pub snapshots: Arc<Snapshots>,
     pub identity: Arc<str>,
@@ -113,6 +115,7 @@ impl Admin {
             "certificate": leaf.map(|l| json!({"expires_at_unix": l.expires_at})),
             "services": services,
             "unknown_services": missing,
+            "peer_connections": self.pool.len(),
         })
     }
 }

@@ -83,7 +83,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let graceful = Arc::new(GracefulShutdown::new());
     let mut loops = Vec::new();
 
+    let pool = Arc::new(Pool::new(tls.clone()));
     let admin = Arc::new(Admin {
+        pool: pool.clone(),
         tls: tls.clone(),
         snapshots: snapshots.clone(),
         identity: identity.clone(),
@@ -134,7 +136,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
 
     let outbound = Arc::new(Outbound {
         snapshots: snapshots.clone(),
-        pool: Arc::new(Pool::new(tls.clone())),
+        pool,
     });
     tokio::spawn(prune_pool(outbound.clone()));
     tokio::spawn(sweep_pool(outbound.clone()));

@@ -517,3 +517,58 @@ async fn fault_injection_aborts_the_configured_share() -> anyhow::Result<()> {
     assert_eq!(ok(&rs), 200, "off once cleared");
     Ok(())
 }
+
+/// Connect timeout: a peer that accepts TCP but never answers TLS costs the configured 300 ms,
+/// not the 2 s default. Idle timeout: a pooled peer connection unused for 1 s is closed, and
+/// the next request opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_idle_timeouts_bound_peer_connections() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hole_addr = hole.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            conns.push(s);
+        }
+    });
+    mesh.meshctl(&[
+        "endpoints",
+        "add",
+        "stuck",
+        "--id",
+        "hole",
+        "--address",
+        &hole_addr.to_string(),
+        "--version",
+        "v1",
+        "--service-account",
+        "stuck",
+    ])
+    .await?;
+    mesh.meshctl(&["policy", "set", "stuck", "--connect-timeout", "300ms"])
+        .await?;
+    mesh.workload("backend", "v1").await?;
+    mesh.meshctl(&["policy", "set", "backend", "--idle-timeout", "1s"])
+        .await?;
+    let c = mesh.client("web").await?;
+    let http = h1_client(c.outbound);
+
+    let rs = load(&http, 1, 1, |_| get_req("http://stuck/")).await;
+    let (status, reason, took) = rs[0].clone().map_err(anyhow::Error::msg)?;
+    assert_eq!((status, reason.as_str()), (503, "connect-failed"));
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let peers = |d: &serde_json::Value| d["peer_connections"].as_u64().unwrap_or(99);
+    let dump = admin_get(c.admin, "/config_dump").await?.json;
+    assert!(peers(&dump) >= 1, "{dump}");
+    // The sweep runs every 5 s: closed within 1 s idle + one sweep.
+    wait_config(c.admin, Duration::from_secs(10), |d| peers(d) == 0).await?;
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    held.abort();
+    Ok(())
+}

@@ -99,7 +99,7 @@ pub struct Picked {
     pub addr: SocketAddr,
     state: Arc<EndpointState>,
     trial: bool,
-    started: tokio::time::Instant,
+    started: state::Now,
     done: bool,
 }
 
@@ -115,8 +115,9 @@ impl Picked {
     /// Records the attempt's latency (for EWMA) and outcome (for outlier ejection).
     pub fn finish(mut self, success: bool, balancer: &Balancer, cfg: Option<&OutlierConfig>) {
         self.done = true;
-        let rtt = self.started.elapsed();
-        self.state.finish(rtt, success, self.trial);
+        let now = state::Now::get();
+        let rtt = Duration::from_nanos(now.0.saturating_sub(self.started.0));
+        self.state.finish(now, rtt, success, self.trial);
         if let Some(cfg) = cfg {
             outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id);
         }
@@ -312,7 +313,7 @@ impl Balancer {
                     addr: m.ep.addr,
                     state: m.state.clone(),
                     trial,
-                    started: tokio::time::Instant::now(),
+                    started: now,
                     done: false,
                 });
             }

@@ -117,12 +117,11 @@ impl EndpointState {
     }
 
     /// Peak EWMA: a slower observation is taken at once, faster ones blend in over time.
-    pub(crate) fn finish(&self, rtt: Duration, success: bool, trial: bool) {
+    pub(crate) fn finish(&self, now: Now, rtt: Duration, success: bool, trial: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         if trial {
             self.trial_out.store(false, Ordering::Release);
         }
-        let now = Now::get();
         let mut rtt = rtt.as_nanos() as f64;
         let prev = self.ewma(now);
         if !success {
