@@ -10,8 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    // Policies are stored by the control plane as JSON, so they derive serde (fields default
-    // when absent, so stored policies survive added fields).
+    // Policies and routes are stored by the control plane as JSON, so they derive serde
+    // (fields default when absent, so stored values survive added fields).
     let mut b = tonic_prost_build::configure();
     for m in [
         "Policy",
@@ -22,11 +22,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "RateLimit",
         "LoadBalancer",
         "Fault",
+        "Route",
+        "WeightedBackend",
+        "RouteRule",
+        "RouteMatch",
+        "KeyMatch",
+        "HeaderValue",
+        "Redirect",
     ] {
-        b = b.type_attribute(
-            format!(".mesh.v1.{m}"),
-            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
-        );
+        // Matches the message and its nested oneofs.
+        b = b
+            .type_attribute(
+                format!(".mesh.v1.{m}"),
+                "#[derive(serde::Serialize, serde::Deserialize)]",
+            )
+            .message_attribute(format!(".mesh.v1.{m}"), "#[serde(default)]")
+            .enum_attribute(
+                format!(".mesh.v1.{m}"),
+                "#[serde(rename_all = \"snake_case\")]",
+            );
     }
     b.compile_fds(fds)?;
     Ok(())

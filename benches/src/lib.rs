@@ -73,6 +73,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
                     weight: 10,
                 },
             ],
+            rules: Vec::new(),
         }),
         policy,
     };

@@ -10,6 +10,7 @@ pub mod model;
 pub mod policy;
 pub mod process;
 pub mod registry;
+pub mod routing;
 pub mod server;
 pub mod spiffe;
 pub mod store;

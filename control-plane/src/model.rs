@@ -34,20 +34,11 @@ impl EndpointRecord {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct Backend {
-    pub version: String,
-    pub weight: u32,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct Route {
-    #[serde(default)]
-    pub backends: Vec<Backend>,
-}
+/// A route is the API message itself (plain data with serde): default backends plus rules.
+pub type Route = mesh_proto::v1::Route;
 
 /// One version of a route as written.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RouteVersion {
     pub route: Route,
     pub revision: u64,
@@ -55,7 +46,7 @@ pub struct RouteVersion {
 }
 
 /// The current route of a service and the versions before it (newest first).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RouteRecord {
     pub current: RouteVersion,
     #[serde(default)]

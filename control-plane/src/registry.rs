@@ -19,6 +19,8 @@ pub enum RegistryError {
     Invalid(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<RegistryError> for tonic::Status {
@@ -31,6 +33,7 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::NotFound(m) => tonic::Status::not_found(m),
             RegistryError::Invalid(m) => tonic::Status::invalid_argument(m),
             RegistryError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            RegistryError::Conflict(m) => tonic::Status::failed_precondition(m),
         }
     }
 }
@@ -148,10 +151,11 @@ pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(),
             "unknown service {service:?}"
         )));
     }
+    let known = state.versions_of(service);
+    crate::routing::validate_rules(route, &known).map_err(RegistryError::Invalid)?;
     if route.backends.is_empty() {
         return Ok(());
     }
-    let known = state.versions_of(service);
     let mut seen = Vec::new();
     for b in &route.backends {
         if b.version.is_empty() {
@@ -356,10 +360,18 @@ impl Registry {
         service: &str,
         route: Route,
         validate: bool,
+        expected_revision: u64,
     ) -> Result<RouteVersion, RegistryError> {
         let now = now_unix();
         let rev = self
             .write(|st| {
+                let current = st.route_of(service).revision;
+                if expected_revision != 0 && current != expected_revision {
+                    return Err(RegistryError::Conflict(format!(
+                        "route of {service:?} changed (now revision {current}, expected \
+                         {expected_revision}); read it again"
+                    )));
+                }
                 if validate {
                     validate_route(st, service, &route)?;
                 } else if !st.services.contains_key(service) {
@@ -398,6 +410,35 @@ impl Registry {
                 revision: rev,
                 updated_at_unix: now,
             }))
+    }
+
+    /// Makes the previous route of `service` current again; refused if there is none or if it
+    /// no longer fits the service (e.g. a version it names has no endpoints now).
+    pub async fn rollback_route(&self, service: &str) -> Result<RouteVersion, RegistryError> {
+        let now = now_unix();
+        self.write(|st| {
+            let rec = st.routes.get(service).ok_or_else(|| {
+                RegistryError::NotFound(format!("route of {service:?} was never set"))
+            })?;
+            let prev = rec.history.first().ok_or_else(|| {
+                RegistryError::Invalid(format!("route of {service:?} has no earlier version"))
+            })?;
+            validate_route(st, service, &prev.route)?;
+            let record = RouteRecord {
+                current: RouteVersion {
+                    route: prev.route.clone(),
+                    revision: st.revision + 1,
+                    updated_at_unix: now,
+                },
+                history: std::iter::once(rec.current.clone())
+                    .chain(rec.history.iter().skip(1).cloned())
+                    .take(ROUTE_HISTORY_LEN)
+                    .collect(),
+            };
+            Ok(vec![put(format!("routes/{service}"), &record)?])
+        })
+        .await?;
+        Ok(self.state().route_of(service))
     }
 
     /// Replaces the policy of `service`; an empty policy removes it. Refused if invalid.

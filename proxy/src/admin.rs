@@ -90,6 +90,10 @@ impl Admin {
                         "id": &*e.id, "address": e.addr.to_string(), "version": e.version.as_deref(), "ready": e.ready,
                     })).collect::<Vec<_>>(),
                     "route": s.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
+                    "rules": s.router.rules.iter().map(|r| json!({
+                        "name": &*r.name,
+                        "backends": r.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
                     "schedule": s.balancer.shares().iter().map(|(v, n)| json!({"version": v.as_deref(), "slots": n})).collect::<Vec<_>>(),
                     "balancer": s.balancer.states().map(|(e, st)| json!({
                         "id": &*e.id,

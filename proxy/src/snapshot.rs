@@ -4,11 +4,13 @@
 
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
+use crate::http::router::Router;
 use crate::http::stack::Stack;
 use crate::policy::{Policy, PolicyState};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -28,27 +30,69 @@ pub struct Service {
     pub version: u64,
     pub endpoints: Vec<Endpoint>,
     pub backends: Vec<(Arc<str>, u32)>,
+    /// The default backends' balancer.
     pub balancer: Arc<Balancer>,
     pub policy: Policy,
     pub state: PolicyState,
-    /// The outbound request stack for this config, built on first use (`http::stack`).
+    /// The outbound request stack for the default backends, built on first use (`http::stack`).
+    pub stack: OnceLock<Stack>,
+    /// The route's rules, and per rule (same index) where it sends.
+    pub router: Router,
+    pub targets: Vec<Target>,
+    /// What the proxy knows of each endpoint, shared by every balancer of the service.
+    pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
+}
+
+pub type EndpointKey = (Arc<str>, SocketAddr);
+
+/// Where one rule sends its requests.
+#[derive(Debug)]
+pub struct Target {
+    pub balancer: Arc<Balancer>,
     pub stack: OnceLock<Stack>,
 }
 
 impl Service {
+    /// Builds the default and per-rule balancers over the current endpoints; an endpoint keeps
+    /// the state `known` has for it (fresh otherwise).
+    pub fn build_balancers(&mut self, known: &HashMap<EndpointKey, Arc<EndpointState>>) {
+        self.endpoint_states = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                let k = (e.id.clone(), e.addr);
+                let s = known.get(&k).cloned().unwrap_or_default();
+                (k, s)
+            })
+            .collect();
+        let states = &self.endpoint_states;
+        let state_of = |e: &Endpoint| {
+            states
+                .get(&(e.id.clone(), e.addr))
+                .cloned()
+                .unwrap_or_default()
+        };
+        self.balancer = Arc::new(Balancer::new(&self.endpoints, &self.backends, state_of));
+        self.targets = self
+            .router
+            .rules
+            .iter()
+            .map(|r| Target {
+                balancer: if r.backends.is_empty() {
+                    self.balancer.clone()
+                } else {
+                    Arc::new(Balancer::new(&self.endpoints, &r.backends, state_of))
+                },
+                stack: OnceLock::new(),
+            })
+            .collect();
+        self.stack = OnceLock::new();
+    }
+
     /// Carries over what `old` (the same service in the previous snapshot) learned: endpoint
     /// latencies and ejections, retry budget, rate-limit buckets.
     pub fn inherit(&mut self, old: &Service) {
-        let known: HashMap<(&str, std::net::SocketAddr), &Arc<EndpointState>> = old
-            .balancer
-            .states()
-            .map(|(e, s)| ((&*e.id, e.addr), s))
-            .collect();
-        self.balancer = Arc::new(Balancer::new(&self.endpoints, &self.backends, |e| {
-            known
-                .get(&(&*e.id, e.addr))
-                .map_or_else(|| Arc::new(EndpointState::new()), |s| (*s).clone())
-        }));
+        self.build_balancers(&old.endpoint_states);
         self.state.inherit(&old.state);
     }
 }

@@ -256,6 +256,7 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
                 weight: 0,
             },
         ],
+        rules: Vec::new(),
     };
     let set = mesh
         .admin
@@ -263,6 +264,7 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
             service: "backend".into(),
             route: Some(bad),
             skip_validation: true,
+            expected_revision: 0,
         })
         .await?
         .into_inner();

@@ -1,8 +1,6 @@
 //! The admin API meshctl calls, behind a bearer token.
 
-use crate::discovery::{
-    ProxyTable, endpoint_from_proto, endpoint_to_proto, route_from_proto, route_to_proto,
-};
+use crate::discovery::{ProxyTable, endpoint_from_proto, endpoint_to_proto};
 use crate::model::RouteVersion;
 use crate::registry::{Registry, check_name};
 use crate::spiffe::SpiffeId;
@@ -52,7 +50,7 @@ pub struct AdminService {
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
     pb::RouteInfo {
         service: service.to_string(),
-        route: Some(route_to_proto(&v.route)),
+        route: Some(v.route),
         revision: v.revision,
         updated_at_unix: v.updated_at_unix,
     }
@@ -162,13 +160,23 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RouteInfo>, Status> {
         let m = req.into_inner();
         check_name("service", &m.service)?;
-        let route = route_from_proto(m.route.unwrap_or_default());
+        let route = m.route.unwrap_or_default();
         let v = self
             .registry
-            .set_route(&m.service, route, !m.skip_validation)
+            .set_route(&m.service, route, !m.skip_validation, m.expected_revision)
             .await?;
         tracing::info!(service = %m.service, revision = v.revision, raw = m.skip_validation, "route set");
         Ok(Response::new(route_info(&m.service, v)))
+    }
+
+    async fn rollback_route(
+        &self,
+        req: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::RouteInfo>, Status> {
+        let service = req.into_inner().service;
+        let v = self.registry.rollback_route(&service).await?;
+        tracing::info!(%service, revision = v.revision, "route rolled back");
+        Ok(Response::new(route_info(&service, v)))
     }
 
     async fn get_policy(

@@ -5,6 +5,7 @@ pub mod client;
 pub mod demo;
 pub mod output;
 pub mod policy;
+pub mod route;
 
 use clap::{Parser, Subcommand};
 use mesh_proto::v1 as pb;
@@ -115,12 +116,15 @@ pub enum EndpointsCmd {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum RouteCmd {
-    /// Set the weights of a service's versions, e.g. `--weights v1=90,v2=10`.
-    Set {
-        service: String,
-        #[arg(long)]
-        weights: String,
-    },
+    /// Set the default split (`--weights v1=90,v2=10`) and/or a rule (`--match
+    /// header:x-canary=true --to v2`); the rest of the route is kept.
+    Set(Box<route::RouteSetArgs>),
+    /// Remove a rule by name.
+    RemoveRule { service: String, name: String },
+    /// Make the previous version of the route current again.
+    Rollback { service: String },
+    /// What changed between the previous version of the route and the current one.
+    Diff { service: String },
     /// Show a service's route.
     Get { service: String },
     /// All services' routes.
@@ -218,7 +222,7 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid duration {s:?}: use e.g. 90s, 30m, 24h, 7d"))
 }
 
-fn fmt_weights(r: &Option<pb::Route>) -> String {
+pub(crate) fn fmt_weights(r: &Option<pb::Route>) -> String {
     match r {
         Some(r) if !r.backends.is_empty() => r
             .backends
@@ -357,14 +361,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("endpoint {id} removed from {service}");
         }
         AdminCmd::Route { cmd } => match cmd {
-            RouteCmd::Set { service, weights } => {
-                let backends = parse_weights(&weights)
-                    .map_err(|e| anyhow::anyhow!("invalid --weights: {e}"))?;
+            RouteCmd::Set(_) | RouteCmd::RemoveRule { .. } => {
+                let service = match &cmd {
+                    RouteCmd::Set(a) => a.service.clone(),
+                    RouteCmd::RemoveRule { service, .. } => service.clone(),
+                    _ => unreachable!("matched above"),
+                };
+                let cur = c
+                    .get_route(pb::GetRouteRequest {
+                        service: service.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                let mut route = cur.route.unwrap_or_default();
+                match &cmd {
+                    RouteCmd::Set(a) => {
+                        route::apply(a, &mut route).map_err(|e| anyhow::anyhow!(e))?
+                    }
+                    RouteCmd::RemoveRule { name, .. } => {
+                        let before = route.rules.len();
+                        route.rules.retain(|r| &r.name != name);
+                        anyhow::ensure!(
+                            route.rules.len() < before,
+                            "route of {service} has no rule {name:?}"
+                        );
+                    }
+                    _ => unreachable!("matched above"),
+                }
                 let r = c
                     .set_route(pb::SetRouteRequest {
                         service,
-                        route: Some(pb::Route { backends }),
+                        route: Some(route),
                         skip_validation: false,
+                        expected_revision: cur.revision,
                     })
                     .await?
                     .into_inner();
@@ -386,7 +415,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     return print_json(&r);
                 }
-                route_table(&[r]).print();
+                route_table(std::slice::from_ref(&r)).print();
+                for l in route::lines(&r.route.unwrap_or_default()).iter().skip(1) {
+                    println!("{l}");
+                }
+            }
+            RouteCmd::Rollback { service } => {
+                let r = c
+                    .rollback_route(pb::GetRouteRequest { service })
+                    .await?
+                    .into_inner();
+                if json {
+                    return print_json(&r);
+                }
+                println!(
+                    "route of {} rolled back to {} (revision {})",
+                    r.service,
+                    fmt_weights(&r.route),
+                    r.revision
+                );
+            }
+            RouteCmd::Diff { service } => {
+                let h = c
+                    .route_history(pb::GetRouteRequest {
+                        service: service.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .history;
+                let (new, old) = match (h.first(), h.get(1)) {
+                    (Some(n), Some(o)) => (n.clone(), o.clone()),
+                    _ => anyhow::bail!("route of {service} has no earlier version to compare"),
+                };
+                println!(
+                    "--- revision {}\n+++ revision {}",
+                    old.revision, new.revision
+                );
+                for l in route::diff(
+                    &old.route.unwrap_or_default(),
+                    &new.route.unwrap_or_default(),
+                ) {
+                    println!("{l}");
+                }
             }
             RouteCmd::List => {
                 let r = c.list_routes(pb::ListRoutesRequest {}).await?.into_inner();

@@ -58,12 +58,7 @@ use mesh_proto::v1 as pb;
 use serde_json::json;
 
 fn route_json(r: &Option<pb::Route>) -> serde_json::Value {
-    let backends: Vec<_> = r
-        .iter()
-        .flat_map(|r| &r.backends)
-        .map(|b| json!({"version": b.version, "weight": b.weight}))
-        .collect();
-    json!({ "backends": backends })
+    json!(r.clone().unwrap_or_default())
 }
 
 impl ToJson for pb::RouteInfo {

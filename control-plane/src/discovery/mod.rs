@@ -77,7 +77,7 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
             .flat_map(|m| m.values())
             .map(endpoint_to_proto)
             .collect(),
-        route: Some(route_to_proto(&route)),
+        route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
     })
 }
@@ -101,32 +101,6 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
         address: e.address,
         labels: e.labels.into_iter().collect(),
         ready: e.ready,
-    }
-}
-
-pub fn route_to_proto(r: &crate::model::Route) -> pb::Route {
-    pb::Route {
-        backends: r
-            .backends
-            .iter()
-            .map(|b| pb::WeightedBackend {
-                version: b.version.clone(),
-                weight: b.weight,
-            })
-            .collect(),
-    }
-}
-
-pub fn route_from_proto(r: pb::Route) -> crate::model::Route {
-    crate::model::Route {
-        backends: r
-            .backends
-            .into_iter()
-            .map(|b| crate::model::Backend {
-                version: b.version,
-                weight: b.weight,
-            })
-            .collect(),
     }
 }
 

@@ -2,8 +2,8 @@
 //! anything the proxy cannot apply becomes an error that NACKs the whole response.
 
 use crate::balance::outlier::{self, OutlierConfig};
-use crate::balance::state::EndpointState;
 use crate::balance::{Algorithm, Balancer, Endpoint, LbConfig};
+use crate::http::router::Router;
 use crate::policy::circuit_breaker::LimitsConfig;
 use crate::policy::fault::FaultConfig;
 use crate::policy::rate_limit::Rate;
@@ -11,6 +11,7 @@ use crate::policy::retry::{self, RetryConfig, RetryOn};
 use crate::policy::{self as pol, Policy, PolicyState};
 use crate::snapshot::Service;
 use mesh_proto::v1 as pb;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -69,25 +70,28 @@ impl TryFrom<pb::ServiceConfig> for Service {
         if !backends.is_empty() && backends.iter().all(|(_, w)| *w == 0) {
             return Err(bad("route weights sum to 0".into()));
         }
-        let balancer = Arc::new(Balancer::new(&endpoints, &backends, |_| {
-            Arc::new(EndpointState::new())
-        }));
         let policy = match &c.policy {
             Some(p) => policy(p).map_err(bad)?,
             None => Policy::default(),
         };
-        Ok(Service {
+        let rules = super::convert_route::rules(&route).map_err(bad)?;
+        let mut svc = Service {
             state: PolicyState::new(&policy),
             policy,
             stack: OnceLock::new(),
+            router: Router::new(rules),
+            targets: Vec::new(),
+            endpoint_states: HashMap::new(),
+            balancer: Arc::new(Balancer::new(&[], &[], |_| Arc::default())),
             name: c.name.as_str().into(),
             namespace: c.namespace.as_str().into(),
             identity: c.identity.as_str().into(),
             version: 0,
             endpoints,
             backends,
-            balancer,
-        })
+        };
+        svc.build_balancers(&HashMap::new());
+        Ok(svc)
     }
 }
 
@@ -286,6 +290,7 @@ mod tests {
                     version: "v1".into(),
                     weight: 1,
                 }],
+                rules: Vec::new(),
             }),
             policy: None,
         }
@@ -341,6 +346,7 @@ mod tests {
                 version: "v1".into(),
                 weight: 0,
             }],
+            rules: Vec::new(),
         });
         assert!(
             Service::try_from(c)

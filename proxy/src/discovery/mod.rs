@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod convert_route;
 
 pub use client::DiscoveryClient;
 

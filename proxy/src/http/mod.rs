@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod errors;
+pub mod router;
 pub mod server;
 pub mod stack;
 

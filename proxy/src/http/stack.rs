@@ -2,6 +2,7 @@
 //! bottom. A layer whose policy is not set passes requests straight through (no allocation),
 //! so a service without a policy costs what the bare endpoint call costs.
 
+use crate::balance::Balancer;
 use crate::balance::outlier::OutlierConfig;
 use crate::outbound::endpoint::EndpointService;
 use crate::outbound::pool::Pool;
@@ -20,9 +21,10 @@ pub type Policies<S> = RateLimit<Fault<Timeout<Limit<Retry<Timeout<S>>>>>>;
 /// The stack's type (nameable, so services can keep it without boxing).
 pub type Stack = Policies<EndpointService>;
 
-/// Builds the stack for `svc`'s current config. Layer state (buckets, budget, limits, endpoint
-/// stats) lives in `svc.state` / the balancer, so rebuilding on a config change keeps it.
-pub fn build(svc: &Service, pool: &Arc<Pool>) -> Stack {
+/// Builds the stack for `svc`'s current config, sending to `balancer` (the default backends' or
+/// a rule's). Layer state (buckets, budget, limits, endpoint stats) lives in `svc.state` and the
+/// endpoint states, so rebuilding on a config change keeps it.
+pub fn build(svc: &Service, balancer: &Arc<Balancer>, pool: &Arc<Pool>) -> Stack {
     let p = &svc.policy;
     policies(
         p,
@@ -31,7 +33,7 @@ pub fn build(svc: &Service, pool: &Arc<Pool>) -> Stack {
         EndpointService {
             service: svc.name.clone(),
             identity: svc.identity.clone(),
-            balancer: svc.balancer.clone(),
+            balancer: balancer.clone(),
             lb: Arc::new(p.lb.clone()),
             outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
             connect_timeout: p.connect_timeout,

@@ -9,6 +9,7 @@ pub mod pool;
 
 use crate::http::body::ReqBody;
 use crate::http::errors::ProxyError;
+use crate::http::router::Redirect;
 use crate::http::stack;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::{ResolveError, Snapshots};
@@ -67,7 +68,7 @@ impl Outbound {
     ) -> Result<Response<Body>, Infallible> {
         let grpc = is_grpc(req.headers());
         match self.proxy(fixed, req).await {
-            Ok(r) => Ok(r.map(Body::Left)),
+            Ok(r) => Ok(r),
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed");
                 Ok(e.to_response(grpc))
@@ -79,7 +80,7 @@ impl Outbound {
         &self,
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let authority = authority_of(&req)
             .ok_or(ProxyError::NoAuthority)?
             .to_ascii_lowercase();
@@ -94,6 +95,13 @@ impl Outbound {
             ResolveError::TooMany => ProxyError::TooManyServices,
         })?;
         let (mut parts, body) = req.into_parts();
+        let rule = svc
+            .router
+            .route(&parts.method, &parts.uri, &parts.headers)
+            .and_then(|i| Some((svc.router.rules.get(i)?, svc.targets.get(i)?)));
+        if let Some(rd) = rule.and_then(|(r, _)| r.redirect.as_ref()) {
+            return Ok(redirect(rd, &authority, &parts.uri));
+        }
         let h1 = parts.version < Version::HTTP_2;
         parts.uri = absolute_uri(&authority, &parts.uri)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
@@ -109,18 +117,54 @@ impl Outbound {
         } else {
             parts.headers.remove(ORIG_PROTO);
         }
+        if let Some((r, _)) = rule {
+            for n in &r.remove_request {
+                parts.headers.remove(n);
+            }
+            for (n, v) in &r.set_request {
+                parts.headers.insert(n.clone(), v.clone());
+            }
+        }
         let body = if body.is_end_stream() {
             ReqBody::Empty
         } else {
             ReqBody::Incoming(body)
         };
         let upstream = Request::from_parts(parts, body);
-        let stack = svc
-            .stack
-            .get_or_init(|| stack::build(&svc, &self.pool))
-            .clone();
-        stack.oneshot(upstream).await
+        let stack = match rule {
+            Some((_, t)) => t
+                .stack
+                .get_or_init(|| stack::build(&svc, &t.balancer, &self.pool)),
+            None => svc
+                .stack
+                .get_or_init(|| stack::build(&svc, &svc.balancer, &self.pool)),
+        }
+        .clone();
+        let mut resp = stack.oneshot(upstream).await?;
+        if let Some((r, _)) = rule {
+            for n in &r.remove_response {
+                resp.headers_mut().remove(n);
+            }
+            for (n, v) in &r.set_response {
+                resp.headers_mut().insert(n.clone(), v.clone());
+            }
+        }
+        Ok(resp.map(Body::Left))
     }
+}
+
+/// The redirect a rule answers with: each part the rule leaves empty keeps the request's.
+fn redirect(rd: &Redirect, authority: &str, uri: &http::Uri) -> Response<Body> {
+    let scheme = rd.scheme.as_deref().unwrap_or("http");
+    let host = rd.host.as_deref().unwrap_or(authority);
+    let path = rd.path.as_deref().unwrap_or(uri.path());
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut r = Response::new(crate::http::full(""));
+    *r.status_mut() = rd.status;
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}{query}")) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
 }
 
 #[cfg(test)]
