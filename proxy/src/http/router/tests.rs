@@ -74,10 +74,18 @@ fn router() -> Router {
     ])
 }
 
+/// (method, uri, headers, the rule it should take)
+type Case = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Option<&'static str>,
+);
+
 #[test]
 fn precedence_table() {
     let r = router();
-    let cases: &[(&str, &str, &[(&str, &str)], Option<&str>)] = &[
+    let cases: &[Case] = &[
         // (method, uri, headers, rule)
         ("GET", "/api/x", &[], Some("short-prefix")),
         ("GET", "/api", &[], Some("short-prefix")),
