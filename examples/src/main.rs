@@ -242,6 +242,11 @@ impl App {
             "path": path,
             "host": req.headers().get("host").and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str())),
             "peer": peer_of(req.headers()),
+            // The request's x- headers (route header edits are checked with these).
+            "x_headers": req.headers().iter()
+                .filter(|(n, _)| n.as_str().starts_with("x-") && n.as_str() != "x-forwarded-client-cert")
+                .map(|(n, v)| (n.as_str().to_string(), serde_json::Value::from(v.to_str().unwrap_or(""))))
+                .collect::<serde_json::Map<_, _>>(),
         });
         let mut status = StatusCode::OK;
         if let Some(ms) = path

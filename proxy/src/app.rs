@@ -208,6 +208,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     if let Some(task) = registration {
         task.abort();
         deregister(&b, inbound_addr, &control_plane).await;
+        // Callers drop this endpoint when the removal reaches them (milliseconds); until then
+        // their requests still arrive and are served.
+        tokio::time::sleep(b.drain_grace).await;
     }
     let _ = stop_tx.send(true);
     for l in loops {

@@ -65,6 +65,10 @@ pub struct Args {
     /// How long in-flight requests may take to finish on shutdown, seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout_secs: u64,
+    /// After deregistering on shutdown, keep accepting this long, so that callers that have not
+    /// yet applied the endpoint's removal still get answers, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub drain_grace_ms: u64,
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
     pub workers: usize,
@@ -89,6 +93,7 @@ pub struct Bootstrap {
     pub upstreams: Vec<(String, SocketAddr)>,
     pub node_id: String,
     pub drain_timeout: Duration,
+    pub drain_grace: Duration,
     pub worker_threads: usize,
 }
 
@@ -204,6 +209,7 @@ impl TryFrom<Args> for Bootstrap {
             upstreams,
             node_id,
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+            drain_grace: Duration::from_millis(a.drain_grace_ms),
             worker_threads: a.workers,
         })
     }

@@ -246,7 +246,7 @@ impl Mesh {
             "--inbound-addr",
             "127.0.0.1:0",
         ])
-        .args(["--drain-timeout-secs", "5"])
+        .args(["--drain-timeout-secs", "5", "--drain-grace-ms", "300"])
         .env("RUST_LOG", "info,mesh_proxy=debug");
         if let Some(s) = o.service {
             cmd.args(["--service", s]);

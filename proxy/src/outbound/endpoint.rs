@@ -2,15 +2,16 @@
 //! connection to its sidecar, send, and tell the balancer how it went (latency for EWMA,
 //! success or failure for outlier ejection).
 
-use super::pool::Pool;
+use super::pool::{Pool, Sender};
 use crate::balance::outlier::OutlierConfig;
-use crate::balance::{Balancer, LbConfig, PickError, Tried, hash_bytes};
+use crate::balance::{Balancer, LbConfig, PickError, Picked, Tried, hash_bytes};
 use crate::http::body::ReqBody;
 use crate::http::errors::ProxyError;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::error::Error as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,7 +50,42 @@ fn never_processed(e: &hyper::Error) -> bool {
     false
 }
 
+/// Extra attempts, on other endpoints, for a request that was never handed to a connection
+/// (the endpoint refused the connection, or hyper gave the request back unsent). Always safe,
+/// policy or not: this is what keeps a rolling update free of errors.
+const TRANSPARENT_RETRIES: usize = 2;
+
 impl EndpointService {
+    fn pick(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Result<Picked, ProxyError> {
+        self.balancer
+            .pick(&self.lb, hash, avoid)
+            .map_err(|e| match e {
+                PickError::NoEndpoints => ProxyError::NoEndpoints(self.service.to_string()),
+                PickError::AllEjected => ProxyError::CircuitOpen(format!(
+                    "every endpoint of {:?} is ejected",
+                    self.service
+                )),
+            })
+    }
+
+    /// A ready connection to `addr` (one fresh attempt if the pooled one just closed).
+    async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
+        let get = || {
+            self.pool.get(
+                addr,
+                &self.identity,
+                self.connect_timeout,
+                self.idle_timeout,
+            )
+        };
+        let mut sender = get().await?;
+        if sender.ready().await.is_err() {
+            self.pool.evict(addr, &self.identity);
+            sender = get().await?;
+        }
+        Ok(sender)
+    }
+
     async fn send(self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
         let hash = self
             .lb
@@ -58,72 +94,58 @@ impl EndpointService {
             .and_then(|h| req.headers().get(h))
             .map(|v| hash_bytes(v.as_bytes()));
         let tried = req.extensions_mut().remove::<Tried>();
-        let avoid = tried.as_ref().map(Tried::list).unwrap_or_default();
-        let picked = self
-            .balancer
-            .pick(&self.lb, hash, &avoid)
-            .map_err(|e| match e {
-                PickError::NoEndpoints => ProxyError::NoEndpoints(self.service.to_string()),
-                PickError::AllEjected => ProxyError::CircuitOpen(format!(
-                    "every endpoint of {:?} is ejected",
-                    self.service
-                )),
-            })?;
-        if let Some(t) = &tried {
-            t.push(picked.addr);
-        }
+        let mut avoid = tried.as_ref().map(Tried::list).unwrap_or_default();
         let outlier = self.outlier.as_deref();
-        let (addr, id) = (picked.addr, picked.id.clone());
-        let conn = async {
-            let mut sender = self
-                .pool
-                .get(
-                    addr,
-                    &self.identity,
-                    self.connect_timeout,
-                    self.idle_timeout,
-                )
-                .await?;
-            if sender.ready().await.is_err() {
-                self.pool.evict(addr, &self.identity);
-                sender = self
-                    .pool
-                    .get(
-                        addr,
-                        &self.identity,
-                        self.connect_timeout,
-                        self.idle_timeout,
-                    )
-                    .await?;
+        let mut attempt = 0;
+        loop {
+            let picked = self.pick(hash, &avoid)?;
+            if let Some(t) = &tried {
+                t.push(picked.addr);
             }
-            Ok::<_, ProxyError>(sender)
-        };
-        let mut sender = match conn.await {
-            Ok(s) => s,
-            Err(e) => {
-                picked.finish(false, &self.balancer, outlier);
-                return Err(e);
-            }
-        };
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                let ok = !resp.status().is_server_error();
-                picked.finish(ok, &self.balancer, outlier);
-                Ok(resp)
-            }
-            Err(mut e) => {
-                picked.finish(false, &self.balancer, outlier);
-                let unsent = e.take_message().is_some();
-                let e = e.into_error();
-                if e.is_closed() || e.is_canceled() {
-                    self.pool.evict(addr, &self.identity);
+            let (addr, id) = (picked.addr, picked.id.clone());
+            let mut sender = match self.connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    picked.finish(false, &self.balancer, outlier);
+                    if attempt < TRANSPARENT_RETRIES {
+                        attempt += 1;
+                        avoid.push(addr);
+                        tracing::debug!(%addr, error = %e, "connect failed; trying another endpoint");
+                        continue;
+                    }
+                    return Err(e);
                 }
-                let what = format!("{id} ({addr}): {e}");
-                Err(if unsent || never_processed(&e) {
-                    ProxyError::Refused(what)
-                } else {
-                    ProxyError::Upstream(what)
-                })
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let ok = !resp.status().is_server_error();
+                    picked.finish(ok, &self.balancer, outlier);
+                    return Ok(resp);
+                }
+                Err(mut e) => {
+                    picked.finish(false, &self.balancer, outlier);
+                    let unsent = e.take_message();
+                    let e = e.into_error();
+                    if e.is_closed() || e.is_canceled() {
+                        self.pool.evict(addr, &self.identity);
+                    }
+                    match unsent {
+                        Some(r) if attempt < TRANSPARENT_RETRIES => {
+                            attempt += 1;
+                            avoid.push(addr);
+                            req = r;
+                            continue;
+                        }
+                        unsent => {
+                            let what = format!("{id} ({addr}): {e}");
+                            return Err(if unsent.is_some() || never_processed(&e) {
+                                ProxyError::Refused(what)
+                            } else {
+                                ProxyError::Upstream(what)
+                            });
+                        }
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,312 @@
+//! End-to-end tests of traffic management: route rules and their precedence, header edits,
+//! redirects, rollback and diff, and weight shifts / blue-green under constant load.
+
+use http_body_util::BodyExt;
+use mesh_tests::*;
+use std::time::Duration;
+use tokio::time::Instant;
+
+async fn get_with(
+    http: &HttpClient,
+    url: &str,
+    headers: &[(&'static str, &'static str)],
+) -> anyhow::Result<Reply> {
+    let mut r = get_req(url);
+    for (n, v) in headers {
+        r.headers_mut()
+            .insert(*n, http::HeaderValue::from_static(v));
+    }
+    let resp = http.request(r).await?;
+    let (parts, body) = resp.into_parts();
+    let text = String::from_utf8_lossy(&body.collect().await?.to_bytes()).to_string();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_str(&text).unwrap_or_default(),
+        text,
+    })
+}
+
+fn rules_in_dump(d: &serde_json::Value) -> Vec<String> {
+    d["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "backend")
+        .flat_map(|s| s["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Test 1 (end to end; the table-driven matcher tests are in proxy/src/http/router/tests.rs):
+/// a header match beats a prefix, a longer prefix beats a shorter one, unmatched requests take
+/// the default split. Rules also edit headers and redirect; rollback and diff work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_rules_follow_precedence() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    for v in ["v1", "v2", "v3"] {
+        mesh.workload("backend", v).await?;
+    }
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 3).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let set = |args: &'static [&'static str]| {
+        let mut all = vec!["route", "set", "backend"];
+        all.extend_from_slice(args);
+        all
+    };
+    mesh.meshctl(&set(&["--weights", "v1=100"])).await?;
+    mesh.meshctl(&set(&[
+        "--match",
+        "prefix:/api",
+        "--to",
+        "v2",
+        "--name",
+        "api",
+        "--set-request-header",
+        "x-route=api",
+        "--set-response-header",
+        "x-served-route=api",
+    ]))
+    .await?;
+    mesh.meshctl(&set(&[
+        "--match",
+        "prefix:/api/v3",
+        "--to",
+        "v3",
+        "--name",
+        "api-v3",
+    ]))
+    .await?;
+    mesh.meshctl(&set(&[
+        "--match",
+        "header:x-canary=true",
+        "--to",
+        "v3",
+        "--name",
+        "canary",
+    ]))
+    .await?;
+    mesh.meshctl(&set(&[
+        "--match",
+        "path:/old",
+        "--redirect",
+        "/new",
+        "--redirect-status",
+        "301",
+        "--name",
+        "moved",
+    ]))
+    .await?;
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        rules_in_dump(d).len() == 4
+    })
+    .await?;
+
+    for (path, headers, want) in [
+        ("/", &[][..], "v1"),
+        ("/api/items", &[][..], "v2"),
+        ("/api/v3/items", &[][..], "v3"),
+        ("/apix", &[][..], "v1"),
+        ("/api/items", &[("x-canary", "true")][..], "v3"),
+        ("/", &[("x-canary", "false")][..], "v1"),
+    ] {
+        for _ in 0..5 {
+            let r = get_with(&http, &format!("http://backend{path}"), headers).await?;
+            assert_eq!(r.status, 200, "{path} {headers:?}: {}", r.text);
+            assert_eq!(r.json["version"], want, "{path} {headers:?}");
+        }
+    }
+    let r = get(&http, "http://backend/api/items").await?;
+    assert_eq!(r.json["x_headers"]["x-route"], "api", "{}", r.text);
+    assert_eq!(r.headers["x-served-route"], "api");
+    let r = get(&http, "http://backend/old?q=1").await?;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "http://backend/new?q=1");
+
+    // Invalid rules are refused and change nothing.
+    for bad in [
+        &["--match", "regex:([", "--to", "v2"][..],
+        &["--match", "header:x-a=1", "--to", "v9"][..],
+        &["--match", "cookie:a=b", "--to", "v2"][..],
+    ] {
+        let mut args = vec!["route", "set", "backend"];
+        args.extend_from_slice(bad);
+        assert!(mesh.meshctl(&args).await.is_err(), "{bad:?} refused");
+    }
+    let diff = mesh.meshctl(&["route", "diff", "backend"]).await?;
+    assert!(diff.contains("+ rule moved"), "{diff}");
+    let out = mesh.meshctl(&["route", "rollback", "backend"]).await?;
+    assert!(out.contains("rolled back"), "{out}");
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        rules_in_dump(d).len() == 3
+    })
+    .await?;
+    let r = get(&http, "http://backend/old").await?;
+    assert_eq!(
+        (r.status.as_u16(), &r.json["version"]),
+        (200, &serde_json::json!("v1"))
+    );
+    Ok(())
+}
+
+/// One request of the constant load: when it was sent, and the version that answered (None
+/// for a failure).
+type Sample = (Instant, Option<String>);
+
+/// Sends GETs at `rps` until `stop` turns true (bounded by `max`); returns every sample.
+async fn constant_load(
+    http: HttpClient,
+    rps: u32,
+    max: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Sample> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..max {
+        tick.tick().await;
+        if *stop.borrow() {
+            break;
+        }
+        let http = http.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let v = match get(&http, "http://backend/").await {
+                Ok(r) if r.status == 200 => r.json["version"].as_str().map(str::to_string),
+                _ => None,
+            };
+            (sent, v)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(s) = r {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Test 2: under a constant 250 rps, weights stepped 100/0 → 50/50 → 0/100, then a blue-green
+/// flip back to 100/0: no request fails, and each phase's split is within ±3 points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_steps_and_blue_green_under_load_lose_nothing() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (c, http) = backend_v1_v2(&mut mesh).await?;
+    set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(constant_load(http.clone(), 250, 250 * 30, stop_rx));
+    let phase_len = Duration::from_millis(2500);
+    let mut phases = Vec::new();
+    tokio::time::sleep(phase_len).await;
+    phases.push((Instant::now() - phase_len, Instant::now(), 100.0));
+    for (v1, v2) in [(50, 50), (0, 100), (100, 0)] {
+        set_weights(&mesh, c.admin, v1, v2, Duration::from_secs(5)).await?;
+        let start = Instant::now();
+        tokio::time::sleep(phase_len).await;
+        phases.push((start, Instant::now(), v1 as f64));
+    }
+    let _ = stop_tx.send(true);
+    let samples = load.await?;
+    let failed = samples.iter().filter(|(_, v)| v.is_none()).count();
+    assert!(
+        samples.len() >= 250 * 9,
+        "constant load ran: {} requests",
+        samples.len()
+    );
+    assert_eq!(failed, 0, "no request failed during the shifts");
+    for (from, to, want_v1) in phases {
+        let in_phase: Vec<_> = samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .collect();
+        let v1 = in_phase
+            .iter()
+            .filter(|(_, v)| v.as_deref() == Some("v1"))
+            .count();
+        let share = v1 as f64 * 100.0 / in_phase.len().max(1) as f64;
+        assert!(
+            in_phase.len() >= 400,
+            "{} requests in phase",
+            in_phase.len()
+        );
+        assert!(
+            (share - want_v1).abs() <= 3.0,
+            "phase {want_v1}% v1: got {share:.1}% of {}",
+            in_phase.len()
+        );
+    }
+    Ok(())
+}
+
+fn endpoints_in_dump(d: &serde_json::Value) -> usize {
+    d["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "backend")
+        .map(|s| s["endpoints"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
+/// Test 3: a rolling update of 3 endpoints under a constant 200 rps: each old endpoint is
+/// replaced by a new one (start new, register, SIGTERM old: deregister, keep serving briefly,
+/// drain), and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        old.push(mesh.workload_app("backend", "v1").await?.1);
+    }
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 3).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        endpoints_in_dump(d) == 3
+    })
+    .await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(constant_load(http.clone(), 200, 200 * 60, stop_rx));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for sidecar in old {
+        mesh.workload_app("backend", "v1").await?;
+        wait_config(c.admin, Duration::from_secs(10), |d| {
+            endpoints_in_dump(d) == 4
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = mesh.procs[sidecar.proc_index]
+            .terminate(Duration::from_secs(10))
+            .await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "old sidecar drained and exited: {status:?}"
+        );
+        // Its app goes after it (the process started just before the sidecar).
+        mesh.procs[sidecar.proc_index - 1].kill();
+        wait_config(c.admin, Duration::from_secs(10), |d| {
+            endpoints_in_dump(d) == 3
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    let samples = load.await?;
+    let failed = samples.iter().filter(|(_, v)| v.is_none()).count();
+    assert!(
+        samples.len() >= 200 * 3,
+        "constant load ran: {} requests",
+        samples.len()
+    );
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during the rollout",
+        samples.len()
+    );
+    Ok(())
+}
