@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "KeyMatch",
         "HeaderValue",
         "Redirect",
+        "Mirror",
     ] {
         // Matches the message and its nested oneofs.
         b = b

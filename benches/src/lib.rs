@@ -74,6 +74,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
                 },
             ],
             rules: Vec::new(),
+            mirror: None,
         }),
         policy,
     };

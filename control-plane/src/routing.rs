@@ -33,12 +33,28 @@ fn key_match(what: &str, k: &pb::KeyMatch, header: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn mirror(what: &str, m: &Option<pb::Mirror>, versions: &[String]) -> Result<(), String> {
+    if let Some(m) = m {
+        if !versions.contains(&m.version) {
+            return Err(format!("{what}: mirror to unknown version {:?}", m.version));
+        }
+        if !(0.0..=100.0).contains(&m.percent) {
+            return Err(format!(
+                "{what}: mirror percent {} is not in 0..=100",
+                m.percent
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks rules: unique names, at least one match each, every condition well formed, backends
 /// among `versions`, header edits and redirects valid.
 pub fn validate_rules(route: &pb::Route, versions: &[String]) -> Result<(), String> {
     if route.rules.len() > MAX_RULES {
         return Err(format!("more than {MAX_RULES} rules"));
     }
+    mirror("default backends", &route.mirror, versions)?;
     let mut names = Vec::new();
     for r in &route.rules {
         let what = format!("rule {:?}", r.name);
@@ -108,6 +124,7 @@ pub fn validate_rules(route: &pb::Route, versions: &[String]) -> Result<(), Stri
                 return Err(format!("{what}: invalid header name {n:?}"));
             }
         }
+        mirror(&what, &r.mirror, versions)?;
         if let Some(rd) = &r.redirect
             && !matches!(rd.status, 0 | 301 | 302 | 303 | 307 | 308)
         {

@@ -90,6 +90,7 @@ impl Admin {
                         "id": &*e.id, "address": e.addr.to_string(), "version": e.version.as_deref(), "ready": e.ready,
                     })).collect::<Vec<_>>(),
                     "route": s.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
+                    "mirror": s.mirror.as_ref().map(|m| &*m.version),
                     "rules": s.router.rules.iter().map(|r| json!({
                         "name": &*r.name,
                         "backends": r.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),

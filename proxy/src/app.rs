@@ -137,6 +137,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let outbound = Arc::new(Outbound {
         snapshots: snapshots.clone(),
         pool,
+        mirrors: Arc::new(tokio::sync::Semaphore::new(
+            crate::outbound::MAX_MIRRORS_IN_FLIGHT,
+        )),
     });
     tokio::spawn(prune_pool(outbound.clone()));
     tokio::spawn(sweep_pool(outbound.clone()));

@@ -4,7 +4,7 @@
 
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
-use crate::http::router::Router;
+use crate::http::router::{MirrorConfig, Router};
 use crate::http::stack::Stack;
 use crate::policy::{Policy, PolicyState};
 use arc_swap::ArcSwap;
@@ -39,6 +39,9 @@ pub struct Service {
     /// The route's rules, and per rule (same index) where it sends.
     pub router: Router,
     pub targets: Vec<Target>,
+    /// Mirroring of the default backends' requests.
+    pub mirror: Option<MirrorConfig>,
+    pub mirror_balancer: Option<Arc<Balancer>>,
     /// What the proxy knows of each endpoint, shared by every balancer of the service.
     pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
 }
@@ -50,6 +53,8 @@ pub type EndpointKey = (Arc<str>, SocketAddr);
 pub struct Target {
     pub balancer: Arc<Balancer>,
     pub stack: OnceLock<Stack>,
+    /// The shadow version's endpoints, when the rule mirrors.
+    pub mirror_balancer: Option<Arc<Balancer>>,
 }
 
 impl Service {
@@ -72,7 +77,18 @@ impl Service {
                 .cloned()
                 .unwrap_or_default()
         };
-        self.balancer = Arc::new(Balancer::new(&self.endpoints, &self.backends, state_of));
+        let endpoints = &self.endpoints;
+        let mirror_of = |m: &Option<MirrorConfig>| {
+            m.as_ref().map(|m| {
+                Arc::new(Balancer::new(
+                    endpoints,
+                    &[(m.version.clone(), 1)],
+                    state_of,
+                ))
+            })
+        };
+        self.balancer = Arc::new(Balancer::new(endpoints, &self.backends, state_of));
+        self.mirror_balancer = mirror_of(&self.mirror);
         self.targets = self
             .router
             .rules
@@ -81,9 +97,10 @@ impl Service {
                 balancer: if r.backends.is_empty() {
                     self.balancer.clone()
                 } else {
-                    Arc::new(Balancer::new(&self.endpoints, &r.backends, state_of))
+                    Arc::new(Balancer::new(endpoints, &r.backends, state_of))
                 },
                 stack: OnceLock::new(),
+                mirror_balancer: mirror_of(&r.mirror),
             })
             .collect();
         self.stack = OnceLock::new();

@@ -257,6 +257,7 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
             },
         ],
         rules: Vec::new(),
+        mirror: None,
     };
     let set = mesh
         .admin

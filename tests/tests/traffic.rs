@@ -310,3 +310,76 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Test 4: mirroring 100% to a shadow that is slow (2 s) and failing leaves the client's
+/// latency and success as they were, and the shadow receives the copies (bodies included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_to_a_slow_failing_shadow_changes_nothing_for_clients() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload_app("backend", "v1").await?;
+    let (shadow, _) = mesh.workload_app("backend", "v2").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
+    admin_get(shadow, "/admin/sick/1").await?;
+    admin_get(shadow, "/admin/delay/2000").await?;
+
+    let n = 100;
+    let slowest = |rs: &[Result<(u16, String, Duration), String>]| {
+        rs.iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.2)
+            .max()
+            .unwrap_or_default()
+    };
+    let base = load(&http, n, 4, |_| get_req("http://backend/")).await;
+    assert!(base.iter().all(|r| matches!(r, Ok((200, _, _)))));
+
+    mesh.meshctl(&["route", "set", "backend", "--mirror", "v2@100%"])
+        .await?;
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        d["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == "backend" && s["mirror"] == "v2")
+    })
+    .await?;
+    let before = app_requests(shadow).await?;
+    let rs = load(&http, n, 4, |i| {
+        if i % 2 == 0 {
+            get_req("http://backend/")
+        } else {
+            let mut r = get_req("http://backend/orders");
+            *r.method_mut() = http::Method::POST;
+            *r.body_mut() = http_body_util::Full::new(bytes::Bytes::from_static(b"{\"order\":1}"));
+            r
+        }
+    })
+    .await;
+    assert!(
+        rs.iter().all(|r| matches!(r, Ok((200, _, _)))),
+        "client saw only v1's answers: {rs:?}"
+    );
+    let (with, without) = (slowest(&rs), slowest(&base));
+    assert!(
+        with < Duration::from_millis(500),
+        "slowest request with mirroring {with:?} (without: {without:?}); the shadow takes 2 s"
+    );
+    // The shadow counts a request when it arrives (before its 2 s delay).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = app_requests(shadow).await? - before;
+        if got >= n as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shadow got {got} of {n} copies"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

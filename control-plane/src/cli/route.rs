@@ -37,6 +37,24 @@ pub struct RouteSetArgs {
     /// Redirect status (301, 302, 303, 307, 308; default 302).
     #[arg(long)]
     pub redirect_status: Option<u32>,
+    /// Copy a share of the requests to a shadow version, e.g. v2@10% (`off` stops it): for the
+    /// rule given with --match, else for the default backends.
+    #[arg(long)]
+    pub mirror: Option<String>,
+}
+
+fn parse_mirror(s: &str) -> Result<Option<pb::Mirror>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    let (v, p) = s
+        .split_once('@')
+        .ok_or_else(|| format!("--mirror {s:?}: expected <version>@<percent>, e.g. v2@10%"))?;
+    let percent = super::policy::parse_percent(p).map_err(|e| format!("--mirror: {e}"))?;
+    Ok(Some(pb::Mirror {
+        version: v.trim().to_string(),
+        percent,
+    }))
 }
 
 /// Parses one `--match` condition into `m`.
@@ -133,7 +151,12 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
     if let Some(w) = &a.weights {
         route.backends = super::parse_weights(w).map_err(|e| format!("--weights: {e}"))?;
     }
+    let mirror = a.mirror.as_deref().map(parse_mirror).transpose()?;
     if a.matches.is_empty() {
+        if let Some(m) = mirror {
+            route.mirror = m;
+            return Ok(());
+        }
         if rule_flags {
             return Err("--to, --name, header and redirect flags need at least one --match".into());
         }
@@ -184,6 +207,7 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
             .map(|h| h.to_ascii_lowercase())
             .collect(),
         redirect,
+        mirror: mirror.flatten(),
     };
     match route.rules.iter_mut().find(|r| r.name == rule.name) {
         Some(r) => *r = rule,
@@ -194,7 +218,15 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
 
 /// One line per setting of a route, for `route get` and `route diff`.
 pub fn lines(r: &pb::Route) -> Vec<String> {
-    let mut out = vec![format!("default: {}", super::fmt_weights(&Some(r.clone())))];
+    let mirror = r
+        .mirror
+        .as_ref()
+        .map(|m| format!(" mirror {}@{}%", m.version, m.percent))
+        .unwrap_or_default();
+    let mut out = vec![format!(
+        "default: {}{mirror}",
+        super::fmt_weights(&Some(r.clone()))
+    )];
     for rule in &r.rules {
         let v = serde_json::to_value(rule).unwrap_or_default();
         out.push(format!("rule {}: {}", rule.name, v));

@@ -81,6 +81,8 @@ impl TryFrom<pb::ServiceConfig> for Service {
             stack: OnceLock::new(),
             router: Router::new(rules),
             targets: Vec::new(),
+            mirror: super::convert_route::mirror("default backends", &route.mirror).map_err(bad)?,
+            mirror_balancer: None,
             endpoint_states: HashMap::new(),
             balancer: Arc::new(Balancer::new(&[], &[], |_| Arc::default())),
             name: c.name.as_str().into(),
@@ -291,6 +293,7 @@ mod tests {
                     weight: 1,
                 }],
                 rules: Vec::new(),
+                mirror: None,
             }),
             policy: None,
         }
@@ -347,6 +350,7 @@ mod tests {
                 weight: 0,
             }],
             rules: Vec::new(),
+            mirror: None,
         });
         assert!(
             Service::try_from(c)

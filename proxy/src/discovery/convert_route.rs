@@ -1,6 +1,8 @@
 //! proto → domain for route rules (part of `convert`: the only other place proto is seen).
 
-use crate::http::router::{self, KeyMatch, Match, PathMatch, Redirect, Rule, ValueMatch};
+use crate::http::router::{
+    self, KeyMatch, Match, MirrorConfig, PathMatch, Redirect, Rule, ValueMatch,
+};
 use http::{HeaderName, HeaderValue, StatusCode};
 use mesh_proto::v1 as pb;
 use std::sync::Arc;
@@ -59,6 +61,20 @@ fn backends(what: &str, v: &[pb::WeightedBackend]) -> Result<Vec<(Arc<str>, u32)
         return Err(format!("{what}: backend with an empty version"));
     }
     Ok(out)
+}
+
+/// A mirror, checked.
+pub fn mirror(what: &str, m: &Option<pb::Mirror>) -> Result<Option<MirrorConfig>, String> {
+    match m {
+        None => Ok(None),
+        Some(m) if m.version.is_empty() || !(0.0..=100.0).contains(&m.percent) => Err(format!(
+            "{what}: mirror needs a version and a percentage in 0..=100"
+        )),
+        Some(m) => Ok(Some(MirrorConfig {
+            version: m.version.as_str().into(),
+            percent: m.percent,
+        })),
+    }
 }
 
 /// The route's rules; anything the proxy cannot apply is an error (NACK).
@@ -133,6 +149,7 @@ pub fn rules(route: &pb::Route) -> Result<Vec<Rule>, String> {
                 .map(|n| header_name(&what, n))
                 .collect::<Result<_, _>>()?,
             redirect,
+            mirror: mirror(&what, &r.mirror)?,
         });
     }
     Ok(out)

@@ -125,6 +125,14 @@ where
         })
     }
 
+    /// True once the whole body was read and is held (so a copy can be sent in full).
+    pub fn complete(&self) -> bool {
+        self.shared
+            .lock()
+            .map(|s| s.ended && !s.overflowed)
+            .unwrap_or(false)
+    }
+
     pub fn is_end_stream(&self) -> bool {
         self.shared
             .lock()

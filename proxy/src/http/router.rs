@@ -56,6 +56,15 @@ pub struct Rule {
     pub set_response: Vec<(HeaderName, HeaderValue)>,
     pub remove_response: Vec<HeaderName>,
     pub redirect: Option<Redirect>,
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// Copies of a share of requests go to a shadow version (fire-and-forget).
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub version: Arc<str>,
+    /// 0..=100
+    pub percent: f64,
 }
 
 /// Compiles a regex that must match the whole value.

@@ -43,6 +43,21 @@ pub fn build(svc: &Service, balancer: &Arc<Balancer>, pool: &Arc<Pool>) -> Stack
     )
 }
 
+/// The bare endpoint service to `balancer` (mirror copies: no policies, no retries).
+pub fn endpoint(svc: &Service, balancer: &Arc<Balancer>, pool: &Arc<Pool>) -> EndpointService {
+    let p = &svc.policy;
+    EndpointService {
+        service: svc.name.clone(),
+        identity: svc.identity.clone(),
+        balancer: balancer.clone(),
+        lb: Arc::new(p.lb.clone()),
+        outlier: None,
+        connect_timeout: p.connect_timeout,
+        idle_timeout: p.idle_timeout,
+        pool: pool.clone(),
+    }
+}
+
 /// The policy layers of `p` over `inner` (also used alone by the benchmarks).
 pub fn policies<S>(p: &Policy, state: &PolicyState, inner: S) -> Policies<S> {
     ServiceBuilder::new()

@@ -7,7 +7,7 @@
 pub mod endpoint;
 pub mod pool;
 
-use crate::http::body::ReqBody;
+use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::stack;
@@ -21,10 +21,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use tower::ServiceExt;
 
+/// Most mirror copies in flight per proxy; past it copies are skipped (a slow shadow must not
+/// pile up work in the proxy).
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+/// Marks a mirror copy.
+pub const MIRROR_HEADER: &str = "x-mesh-mirror";
+
 /// Shared by every outbound connection.
 pub struct Outbound {
     pub snapshots: Arc<Snapshots>,
     pub pool: Arc<Pool>,
+    pub mirrors: Arc<tokio::sync::Semaphore>,
 }
 
 /// Service name from a host: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
@@ -125,11 +132,38 @@ impl Outbound {
                 parts.headers.insert(n.clone(), v.clone());
             }
         }
-        let body = if body.is_end_stream() {
-            ReqBody::Empty
-        } else {
-            ReqBody::Incoming(body)
+        let (mirror_cfg, mirror_to) = match rule {
+            Some((r, t)) => (r.mirror.as_ref(), t.mirror_balancer.as_ref()),
+            None => (svc.mirror.as_ref(), svc.mirror_balancer.as_ref()),
         };
+        let mirror = match (mirror_cfg, mirror_to) {
+            (Some(m), Some(to)) if m.percent > 0.0 && fastrand::f64() * 100.0 < m.percent => self
+                .mirrors
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|p| (to.clone(), p)),
+            _ => None,
+        };
+        let (body, kept) = match (body.is_end_stream(), &mirror) {
+            (true, _) => (ReqBody::Empty, None),
+            (false, None) => (ReqBody::Incoming(body), None),
+            (false, Some(_)) => {
+                let kept = ReplayBody::new(body);
+                let primary = kept.replay().map_or(ReqBody::Empty, ReqBody::Replay);
+                (primary, Some(kept))
+            }
+        };
+        let mirror = mirror.map(|(to, permit)| {
+            let mut copy = Request::new(());
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = parts.uri.clone();
+            *copy.version_mut() = parts.version;
+            *copy.headers_mut() = parts.headers.clone();
+            copy.headers_mut()
+                .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
+            (copy, to, permit)
+        });
         let upstream = Request::from_parts(parts, body);
         let stack = match rule {
             Some((_, t)) => t
@@ -141,6 +175,25 @@ impl Outbound {
         }
         .clone();
         let mut resp = stack.oneshot(upstream).await?;
+        if let Some((copy, to, permit)) = mirror {
+            let body = match kept {
+                None => Some(ReqBody::Empty),
+                Some(k) => k
+                    .complete()
+                    .then(|| k.replay())
+                    .flatten()
+                    .map(ReqBody::Replay),
+            };
+            if let Some(body) = body {
+                let shadow = stack::endpoint(&svc, &to, &self.pool);
+                let req = copy.map(|()| body);
+                tokio::spawn(async move {
+                    let r = shadow.oneshot(req).await;
+                    tracing::debug!(ok = r.is_ok(), "mirror copy done");
+                    drop(permit);
+                });
+            }
+        }
         if let Some((r, _)) = rule {
             for n in &r.remove_response {
                 resp.headers_mut().remove(n);

@@ -10,6 +10,7 @@ fn rule(name: &str, m: Match) -> Rule {
         set_response: Vec::new(),
         remove_response: Vec::new(),
         redirect: None,
+        mirror: None,
     }
 }
 
