@@ -1,7 +1,7 @@
 //! Stored domain records: what the store holds under each key, as JSON.
 //!
 //! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `policies/<service>`,
-//! `tokens/<sha256>`.
+//! `canaries/<service>`, `tokens/<sha256>`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -58,6 +58,28 @@ pub struct RouteRecord {
 pub struct PolicyRecord {
     pub policy: mesh_proto::v1::Policy,
     pub revision: u64,
+    pub updated_at_unix: i64,
+}
+
+/// An automated canary: where it stands, kept in the store so a restart resumes it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CanaryRecord {
+    pub service: String,
+    pub from: String,
+    pub to: String,
+    /// Weight percentages of `to`, ascending, ending at 100.
+    pub steps: Vec<u32>,
+    pub step_index: usize,
+    /// running, paused, promoted, rolled-back, aborted
+    pub state: String,
+    #[serde(default)]
+    pub reason: String,
+    pub interval_ms: u32,
+    pub max_error_percent: f64,
+    pub max_p99_ms: u32,
+    pub min_requests: u32,
+    /// When the current step began (unix ms): its judgement window starts there.
+    pub step_started_ms: i64,
     pub updated_at_unix: i64,
 }
 

@@ -48,6 +48,8 @@ pub struct State {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Resilience policy per service.
     pub policies: BTreeMap<String, PolicyRecord>,
+    /// Automated canaries, running or finished (the latest per service).
+    pub canaries: BTreeMap<String, CanaryRecord>,
     /// Revision of the last change touching each service (its record, endpoints or route).
     pub service_versions: HashMap<String, u64>,
 }
@@ -100,6 +102,14 @@ impl State {
             (Some("policies"), Some(n), None, None) => {
                 self.policies.remove(n);
                 Some(n)
+            }
+            (Some("canaries"), Some(n), None, Some(v)) => {
+                self.canaries.insert(n.into(), de(key, v)?);
+                None
+            }
+            (Some("canaries"), Some(n), None, None) => {
+                self.canaries.remove(n);
+                None
             }
             (Some("tokens"), Some(h), None, Some(v)) => {
                 self.tokens.insert(h.into(), de(key, v)?);
@@ -439,6 +449,59 @@ impl Registry {
         })
         .await?;
         Ok(self.state().route_of(service))
+    }
+
+    /// Stores a canary's state, and with it (same commit) the route weights `weights` (from,
+    /// to) when given. `check` runs against the current state first (refuse to start twice).
+    pub async fn put_canary<F>(
+        &self,
+        rec: CanaryRecord,
+        weights: Option<(u32, u32)>,
+        check: F,
+    ) -> Result<u64, RegistryError>
+    where
+        F: FnOnce(&State) -> Result<(), RegistryError>,
+    {
+        let now = now_unix();
+        self.write(|st| {
+            check(st)?;
+            let mut ops = vec![put(format!("canaries/{}", rec.service), &rec)?];
+            if let Some((from_w, to_w)) = weights {
+                let mut route = st.route_of(&rec.service).route;
+                route.backends = vec![
+                    mesh_proto::v1::WeightedBackend {
+                        version: rec.from.clone(),
+                        weight: from_w,
+                    },
+                    mesh_proto::v1::WeightedBackend {
+                        version: rec.to.clone(),
+                        weight: to_w,
+                    },
+                ];
+                validate_route(st, &rec.service, &route)?;
+                let current = RouteVersion {
+                    route,
+                    revision: st.revision + 1,
+                    updated_at_unix: now,
+                };
+                let record = match st.routes.get(&rec.service) {
+                    Some(r) => RouteRecord {
+                        history: std::iter::once(r.current.clone())
+                            .chain(r.history.iter().cloned())
+                            .take(ROUTE_HISTORY_LEN)
+                            .collect(),
+                        current,
+                    },
+                    None => RouteRecord {
+                        current,
+                        history: Vec::new(),
+                    },
+                };
+                ops.push(put(format!("routes/{}", rec.service), &record)?);
+            }
+            Ok(ops)
+        })
+        .await
     }
 
     /// Replaces the policy of `service`; an empty policy removes it. Refused if invalid.

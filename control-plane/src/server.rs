@@ -103,10 +103,18 @@ pub async fn run(
         stats,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let telemetry = Arc::new(crate::telemetry::TelemetryStore::default());
+    let telemetry_svc =
+        pb::telemetry_server::TelemetryServer::new(crate::telemetry::TelemetryService {
+            store: telemetry.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
     let admin = pb::admin_server::AdminServer::with_interceptor(
         AdminService {
             registry: registry.clone(),
             proxies,
+            telemetry,
         },
         AdminAuth::new(&token),
     );
@@ -133,6 +141,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(discovery)
         .add_service(identity_svc)
+        .add_service(telemetry_svc)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             wait(stop_rx.clone()),

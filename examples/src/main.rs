@@ -6,7 +6,7 @@
 //! `/bytes/<n>` answers n bytes (benchmarks); with `--call` it calls another mesh service through its sidecar first.
 //! Controlled failures for the resilience tests: `/fail/<pct>` fails that share of its requests
 //! (500, spread evenly), `/reset` reads the body then drops the connection without answering;
-//! `/admin/sick/<0|1>` makes every request fail with 500, `/admin/delay/<ms>` delays every
+//! `/admin/sick/<pct>` makes that share of all requests fail with 500 (100: all, 0: none), `/admin/delay/<ms>` delays every
 //! request, `/admin/stats` counts the requests served (admin paths excluded).
 //! `load` sends requests at a fixed rate through a sidecar and prints the split by version.
 #![forbid(unsafe_code)]
@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_stream::Stream;
@@ -102,7 +102,9 @@ struct App {
     served: AtomicU64,
     /// Sequence of `/fail/<pct>` requests, to spread failures evenly.
     fail_seq: AtomicU64,
-    sick: AtomicBool,
+    /// Share of requests failed on purpose, percent.
+    sick: AtomicU64,
+    sick_seq: AtomicU64,
     delay_ms: AtomicU64,
 }
 
@@ -138,8 +140,8 @@ impl App {
     /// `/admin/...`: test controls, answered at once and not counted.
     fn admin(&self, path: &str) -> Response<Body> {
         let num = |p: &str| path.strip_prefix(p).and_then(|n| n.parse::<u64>().ok());
-        if let Some(on) = num("/admin/sick/") {
-            self.sick.store(on != 0, Ordering::SeqCst);
+        if let Some(pct) = num("/admin/sick/") {
+            self.sick.store(pct.min(100), Ordering::SeqCst);
         } else if let Some(ms) = num("/admin/delay/") {
             self.delay_ms.store(ms.min(60_000), Ordering::SeqCst);
         } else if path != "/admin/stats" {
@@ -181,7 +183,10 @@ impl App {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        if self.sick.load(SeqCst) {
+        let sick = self.sick.load(SeqCst);
+        let n = self.sick_seq.fetch_add(1, SeqCst);
+        // Spread evenly: request n fails when the running count of failures steps up.
+        if sick > 0 && (n + 1) * sick / 100 != n * sick / 100 {
             return Ok(json_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "sick", "version": self.version}),
@@ -390,7 +395,8 @@ async fn serve(
         call,
         served: 0.into(),
         fail_seq: 0.into(),
-        sick: false.into(),
+        sick: 0.into(),
+        sick_seq: 0.into(),
         delay_ms: 0.into(),
     });
     let grpc = echo_server::EchoServer::new(Echo { served_by });

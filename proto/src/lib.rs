@@ -10,3 +10,7 @@ pub mod v1 {
 pub mod example {
     tonic::include_proto!("mesh.example.v1");
 }
+
+/// Upper bounds (ms) of the latency buckets in `BackendStats.latency_buckets`; one more bucket
+/// holds everything slower. Part of the API: proxies and the control plane must agree.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];

@@ -134,6 +134,15 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         .run(),
     );
 
+    tokio::spawn(
+        crate::telemetry::TelemetryReporter {
+            snapshots: snapshots.clone(),
+            control_plane: control_plane.clone(),
+            node_id: b.node_id.clone(),
+            interval: b.telemetry_interval,
+        }
+        .run(),
+    );
     let outbound = Arc::new(Outbound {
         snapshots: snapshots.clone(),
         pool,

@@ -69,6 +69,9 @@ pub struct Args {
     /// yet applied the endpoint's removal still get answers, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_grace_ms: u64,
+    /// How often golden metrics are reported to the control plane, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub telemetry_interval_ms: u64,
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
     pub workers: usize,
@@ -94,6 +97,7 @@ pub struct Bootstrap {
     pub node_id: String,
     pub drain_timeout: Duration,
     pub drain_grace: Duration,
+    pub telemetry_interval: Duration,
     pub worker_threads: usize,
 }
 
@@ -210,6 +214,7 @@ impl TryFrom<Args> for Bootstrap {
             node_id,
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
             drain_grace: Duration::from_millis(a.drain_grace_ms),
+            telemetry_interval: Duration::from_millis(a.telemetry_interval_ms.max(50)),
             worker_threads: a.workers,
         })
     }

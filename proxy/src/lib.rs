@@ -14,4 +14,5 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tls;

@@ -247,6 +247,7 @@ impl Mesh {
             "127.0.0.1:0",
         ])
         .args(["--drain-timeout-secs", "5", "--drain-grace-ms", "300"])
+        .args(["--telemetry-interval-ms", "200"])
         .env("RUST_LOG", "info,mesh_proxy=debug");
         if let Some(s) = o.service {
             cmd.args(["--service", s]);

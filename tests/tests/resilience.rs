@@ -313,7 +313,7 @@ async fn a_failing_endpoint_is_ejected_and_let_back() -> anyhow::Result<()> {
     assert_eq!(ok(&rs), 30);
 
     let sick = apps[0];
-    admin_get(sick, "/admin/sick/1").await?;
+    admin_get(sick, "/admin/sick/100").await?;
     let mut failures = 0;
     let mut ejected = false;
     for _ in 0..30 {
@@ -541,6 +541,7 @@ async fn connect_and_idle_timeouts_bound_peer_connections() -> anyhow::Result<()
     mesh.meshctl(&["policy", "set", "stuck", "--connect-timeout", "300ms"])
         .await?;
     mesh.workload("backend", "v1").await?;
+    mesh.wait_endpoints("backend", 1).await?;
     mesh.meshctl(&["policy", "set", "backend", "--idle-timeout", "1s"])
         .await?;
     let c = mesh.client("web").await?;

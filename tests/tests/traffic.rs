@@ -323,7 +323,7 @@ async fn mirroring_to_a_slow_failing_shadow_changes_nothing_for_clients() -> any
     let http = h1_client(c.outbound);
     assert_eq!(get(&http, "http://backend/").await?.status, 200);
     set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
-    admin_get(shadow, "/admin/sick/1").await?;
+    admin_get(shadow, "/admin/sick/100").await?;
     admin_get(shadow, "/admin/delay/2000").await?;
 
     let n = 100;
@@ -381,5 +381,163 @@ async fn mirroring_to_a_slow_failing_shadow_changes_nothing_for_clients() -> any
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// `meshctl canary status backend -o json`.
+async fn canary(mesh: &Mesh) -> anyhow::Result<serde_json::Value> {
+    let out = mesh
+        .meshctl(&["-o", "json", "canary", "status", "backend"])
+        .await?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Polls the canary until `pred` holds (bounded); returns the last status.
+async fn wait_canary<F>(mesh: &Mesh, within: Duration, pred: F) -> anyhow::Result<serde_json::Value>
+where
+    F: Fn(&serde_json::Value) -> bool,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let s = canary(mesh).await?;
+        if pred(&s) {
+            return Ok(s);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "canary never got there: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// v1 and v2 of backend, a client, all traffic on v1, and a constant 100 rps running.
+async fn canary_setup(
+    mesh: &mut Mesh,
+) -> anyhow::Result<(
+    Sidecar,
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Vec<Sample>>,
+)> {
+    mesh.workload_app("backend", "v1").await?;
+    let (v2, _) = mesh.workload_app("backend", "v2").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    set_weights(mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(constant_load(http, 100, 100 * 60, stop_rx));
+    Ok((c, v2, stop_tx, load))
+}
+
+const START: &[&str] = &[
+    "canary",
+    "start",
+    "backend",
+    "--to",
+    "v2",
+    "--max-error-rate",
+    "5%",
+];
+
+/// Test 5a: a healthy v2 is promoted to 100% after its steps, with no failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let mut args = START.to_vec();
+    args.extend([
+        "--steps",
+        "25,50,100",
+        "--interval",
+        "1s",
+        "--min-requests",
+        "10",
+    ]);
+    mesh.meshctl(&args).await?;
+    let s = wait_canary(&mesh, Duration::from_secs(20), |s| s["state"] != "running").await?;
+    assert_eq!(s["state"], "promoted", "{s}");
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "backend") == vec![("v1".to_string(), 0), ("v2".to_string(), 100)]
+    })
+    .await?;
+    let _ = stop.send(true);
+    let samples = load.await?;
+    assert!(
+        samples.iter().all(|(_, v)| v.is_some()),
+        "no request failed"
+    );
+    Ok(())
+}
+
+/// Test 5b: a v2 failing 20% of its requests is rolled back to 0% within one interval of the
+/// breach, and `meshctl canary status` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_with_the_reason() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (c, v2, stop, load) = canary_setup(&mut mesh).await?;
+    admin_get(v2, "/admin/sick/20").await?;
+    let mut args = START.to_vec();
+    args.extend([
+        "--steps",
+        "25,50,100",
+        "--interval",
+        "3s",
+        "--min-requests",
+        "10",
+    ]);
+    let started = Instant::now();
+    mesh.meshctl(&args).await?;
+    let s = wait_canary(&mesh, Duration::from_secs(20), |s| s["state"] != "running").await?;
+    let took = started.elapsed();
+    assert_eq!(s["state"], "rolled-back", "{s}");
+    assert_eq!(s["step_index"], 0, "rolled back in the first step: {s}");
+    assert!(
+        took < Duration::from_secs(3),
+        "within one interval: {took:?}"
+    );
+    let out = mesh.meshctl(&["canary", "status", "backend"]).await?;
+    assert!(
+        out.contains("rolled-back") && out.contains("error rate"),
+        "{out}"
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "backend") == vec![("v1".to_string(), 100), ("v2".to_string(), 0)]
+    })
+    .await?;
+    let _ = stop.send(true);
+    let _ = load.await?;
+    Ok(())
+}
+
+/// Test 5c: the control plane restarts in the middle of a rollout; the rollout continues from
+/// its step (state is in the store) and is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_survives_a_control_plane_restart() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let mut args = START.to_vec();
+    args.extend([
+        "--steps",
+        "20,40,60,80,100",
+        "--interval",
+        "1s",
+        "--min-requests",
+        "5",
+    ]);
+    mesh.meshctl(&args).await?;
+    let before = wait_canary(&mesh, Duration::from_secs(15), |s| {
+        s["step_index"].as_u64().unwrap_or(0) >= 1
+    })
+    .await?;
+    mesh.restart_control_plane().await?;
+    let after = canary(&mesh).await?;
+    assert!(
+        after["step_index"].as_u64() >= before["step_index"].as_u64(),
+        "resumed, not restarted: before {before}, after {after}"
+    );
+    let s = wait_canary(&mesh, Duration::from_secs(30), |s| s["state"] != "running").await?;
+    assert_eq!(s["state"], "promoted", "{s}");
+    let _ = stop.send(true);
+    let _ = load.await?;
     Ok(())
 }

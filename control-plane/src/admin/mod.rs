@@ -45,6 +45,8 @@ impl tonic::service::Interceptor for AdminAuth {
 pub struct AdminService {
     pub registry: Arc<Registry>,
     pub proxies: Arc<ProxyTable>,
+    /// The proxies' reported metrics (canary status shows the current step's).
+    pub telemetry: Arc<crate::telemetry::TelemetryStore>,
 }
 
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
@@ -167,6 +169,36 @@ impl pb::admin_server::Admin for AdminService {
             .await?;
         tracing::info!(service = %m.service, revision = v.revision, raw = m.skip_validation, "route set");
         Ok(Response::new(route_info(&m.service, v)))
+    }
+
+    async fn start_canary(
+        &self,
+        req: Request<pb::StartCanaryRequest>,
+    ) -> Result<Response<pb::CanaryInfo>, Status> {
+        let rec = crate::rollout::start(&self.registry, &req.into_inner()).await?;
+        Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
+    }
+
+    async fn get_canary(
+        &self,
+        req: Request<pb::GetCanaryRequest>,
+    ) -> Result<Response<pb::CanaryInfo>, Status> {
+        let service = req.into_inner().service;
+        let st = self.registry.state();
+        let rec = st
+            .canaries
+            .get(&service)
+            .ok_or_else(|| Status::not_found(format!("no canary for {service:?}")))?;
+        Ok(Response::new(crate::rollout::info(rec, &self.telemetry)))
+    }
+
+    async fn canary_action(
+        &self,
+        req: Request<pb::CanaryActionRequest>,
+    ) -> Result<Response<pb::CanaryInfo>, Status> {
+        let m = req.into_inner();
+        let rec = crate::rollout::act(&self.registry, &m.service, &m.action).await?;
+        Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
     }
 
     async fn rollback_route(

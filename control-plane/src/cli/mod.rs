@@ -81,6 +81,11 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Automated canary: shift traffic step by step, judged on live metrics, with rollback.
+    Canary {
+        #[command(subcommand)]
+        cmd: CanaryCmd,
+    },
     /// Connected proxies and the config version each ACKed or NACKed.
     Proxies,
     /// Bootstrap tokens for VMs / single machines.
@@ -144,6 +149,47 @@ pub enum PolicyCmd {
 }
 
 #[derive(Subcommand, Debug, Clone)]
+pub enum CanaryCmd {
+    /// e.g. `canary start web --to v2 --steps 5,25,50,100 --interval 30s --max-error-rate 1%
+    /// --max-p99 300ms`
+    Start {
+        service: String,
+        #[arg(long)]
+        to: String,
+        /// The stable version (default: the heaviest in the route).
+        #[arg(long)]
+        from: Option<String>,
+        /// Weight percentages of the new version, ending at 100.
+        #[arg(long, default_value = "5,25,50,100")]
+        steps: String,
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        #[arg(long, default_value = "1%")]
+        max_error_rate: String,
+        /// p99 latency gate (e.g. 300ms; 0 turns it off).
+        #[arg(long, default_value = "0")]
+        max_p99: String,
+        /// Requests the new version must serve in a step before it is judged.
+        #[arg(long, default_value_t = 20)]
+        min_requests: u32,
+    },
+    /// Where a canary stands, and why.
+    Status {
+        service: String,
+    },
+    Pause {
+        service: String,
+    },
+    Resume {
+        service: String,
+    },
+    /// Stop and send all traffic back to the stable version.
+    Abort {
+        service: String,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
 pub enum TokenCmd {
     /// Create a token bound to one identity, e.g. `--identity default/web`.
     Create {
@@ -153,6 +199,18 @@ pub enum TokenCmd {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+}
+
+async fn canary_action(
+    c: &mut client::Admin,
+    service: String,
+    action: &str,
+) -> Result<tonic::Response<pb::CanaryInfo>, tonic::Status> {
+    c.canary_action(pb::CanaryActionRequest {
+        service,
+        action: action.into(),
+    })
+    .await
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -519,6 +577,77 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&r);
             }
             println!("policy of {} set (revision {})", r.service, r.revision);
+        }
+        AdminCmd::Canary { cmd } => {
+            let r = match cmd {
+                CanaryCmd::Start {
+                    service,
+                    to,
+                    from,
+                    steps,
+                    interval,
+                    max_error_rate,
+                    max_p99,
+                    min_requests,
+                } => {
+                    let steps = steps
+                        .split(',')
+                        .map(|s| s.trim().parse::<u32>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| anyhow::anyhow!("--steps: e.g. 5,25,50,100"))?;
+                    fn e(f: &'static str) -> impl Fn(String) -> anyhow::Error {
+                        move |m| anyhow::anyhow!("--{f}: {m}")
+                    }
+                    c.start_canary(pb::StartCanaryRequest {
+                        service,
+                        to,
+                        from: from.unwrap_or_default(),
+                        steps,
+                        interval_ms: policy::parse_ms(&interval).map_err(e("interval"))?,
+                        max_error_percent: policy::parse_percent(&max_error_rate)
+                            .map_err(e("max-error-rate"))?,
+                        max_p99_ms: policy::parse_ms(&max_p99).map_err(e("max-p99"))?,
+                        min_requests,
+                    })
+                    .await?
+                }
+                CanaryCmd::Status { service } => {
+                    c.get_canary(pb::GetCanaryRequest { service }).await?
+                }
+                CanaryCmd::Pause { service } => canary_action(&mut c, service, "pause").await?,
+                CanaryCmd::Resume { service } => canary_action(&mut c, service, "resume").await?,
+                CanaryCmd::Abort { service } => canary_action(&mut c, service, "abort").await?,
+            }
+            .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = Table::new(&[
+                "SERVICE",
+                "FROM",
+                "TO",
+                "STATE",
+                "STEP",
+                "WEIGHT",
+                "STEP REQS",
+                "ERR %",
+                "P99 ≤ MS",
+            ]);
+            t.row(vec![
+                r.service.clone(),
+                r.from.clone(),
+                r.to.clone(),
+                r.state.clone(),
+                format!("{}/{}", r.step_index + 1, r.steps.len()),
+                format!("{}%", r.weight),
+                r.step_requests.to_string(),
+                format!("{:.1}", r.step_error_percent),
+                r.step_p99_ms.to_string(),
+            ]);
+            t.print();
+            if !r.reason.is_empty() {
+                println!("reason: {}", r.reason);
+            }
         }
         AdminCmd::Proxies => {
             let r = c

@@ -107,6 +107,17 @@ impl ToJson for pb::CreateTokenResponse {
     }
 }
 
+impl ToJson for pb::CanaryInfo {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "service": self.service, "from": self.from, "to": self.to, "steps": self.steps,
+            "step_index": self.step_index, "state": self.state, "reason": self.reason,
+            "weight": self.weight, "step_requests": self.step_requests,
+            "step_error_percent": self.step_error_percent, "step_p99_ms": self.step_p99_ms,
+        })
+    }
+}
+
 impl ToJson for pb::PolicyInfo {
     fn to_json(&self) -> serde_json::Value {
         json!({"service": self.service, "policy": self.policy, "revision": self.revision})

@@ -56,7 +56,7 @@ pub struct DiscoveryService {
     pub proxies: Arc<ProxyTable>,
 }
 
-fn peer_identity<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
+pub fn peer_identity<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
     req.peer_certs()
         .and_then(|c| identity_of_chain(&c))
         .ok_or_else(|| Status::unauthenticated("a mesh client certificate is required"))

@@ -46,6 +46,31 @@ pub struct EndpointState {
     /// Back from an ejection but not yet proven healthy: one trial request at a time.
     pub(crate) probation: AtomicBool,
     pub(crate) trial_out: AtomicBool,
+    /// Golden metrics since the last telemetry report (taken and reset by `take_stats`).
+    requests: AtomicU64,
+    failures: AtomicU64,
+    latency: [AtomicU64; BUCKETS],
+}
+
+/// Latency buckets of the telemetry (the API's bounds plus one unbounded).
+pub const BUCKETS: usize = mesh_proto::LATENCY_BUCKETS_MS.len() + 1;
+
+/// Requests, failures and latency buckets taken from one endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub failures: u64,
+    pub latency: [u64; BUCKETS],
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.requests += o.requests;
+        self.failures += o.failures;
+        for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
+            *a += b;
+        }
+    }
 }
 
 impl Default for EndpointState {
@@ -69,7 +94,23 @@ impl EndpointState {
             ejections: AtomicU32::new(0),
             probation: AtomicBool::new(false),
             trial_out: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency: Default::default(),
         }
+    }
+
+    /// The counters since the previous call, reset to zero.
+    pub fn take_stats(&self) -> Stats {
+        let mut s = Stats {
+            requests: self.requests.swap(0, Ordering::Relaxed),
+            failures: self.failures.swap(0, Ordering::Relaxed),
+            ..Stats::default()
+        };
+        for (out, b) in s.latency.iter_mut().zip(self.latency.iter()) {
+            *out = b.swap(0, Ordering::Relaxed);
+        }
+        s
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -119,6 +160,18 @@ impl EndpointState {
     /// Peak EWMA: a slower observation is taken at once, faster ones blend in over time.
     pub(crate) fn finish(&self, now: Now, rtt: Duration, success: bool, trial: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !success {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = rtt.as_millis() as u64;
+        let bucket = mesh_proto::LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms < *b)
+            .unwrap_or(BUCKETS - 1);
+        if let Some(b) = self.latency.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
         if trial {
             self.trial_out.store(false, Ordering::Release);
         }

@@ -71,15 +71,20 @@ impl ControlPlane {
         ))
     }
 
-    /// A discovery client authenticated by the current certificate.
-    pub async fn discovery_client(
-        &self,
-    ) -> Result<pb::discovery_client::DiscoveryClient<Channel>, ControlPlaneError> {
+    /// A channel authenticated by the current certificate.
+    pub async fn authenticated_channel(&self) -> Result<Channel, ControlPlaneError> {
         let leaf = self
             .tls
             .leaf()
             .ok_or_else(|| ControlPlaneError("no certificate yet".into()))?;
-        self.channel(Some(&leaf))
+        self.channel(Some(&leaf)).await
+    }
+
+    /// A discovery client authenticated by the current certificate.
+    pub async fn discovery_client(
+        &self,
+    ) -> Result<pb::discovery_client::DiscoveryClient<Channel>, ControlPlaneError> {
+        self.authenticated_channel()
             .await
             .map(pb::discovery_client::DiscoveryClient::new)
     }

@@ -1,0 +1,163 @@
+//! The proxies' golden metrics, as they report them (`mesh.v1.Telemetry`), kept in memory for a
+//! few minutes per (service, version) so the canary controller can judge a time window.
+//! Lost on restart by design: a resumed canary judges its current step on fresh data.
+
+use crate::discovery::peer_identity;
+use mesh_proto::v1 as pb;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// How long samples are kept, milliseconds.
+pub const RETENTION_MS: i64 = 5 * 60 * 1000;
+const BUCKETS: usize = mesh_proto::LATENCY_BUCKETS_MS.len() + 1;
+
+/// Requests, failures and latency over a window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub requests: u64,
+    pub failures: u64,
+    pub latency: [u64; BUCKETS],
+}
+
+impl Window {
+    pub fn error_percent(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.failures as f64 * 100.0 / self.requests as f64
+        }
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile, ms (None: no data; u32::MAX:
+    /// slower than the last bound).
+    pub fn p99_ms(&self) -> Option<u32> {
+        let n: u64 = self.latency.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let target = (n * 99).div_ceil(100);
+        let mut seen = 0;
+        for (i, c) in self.latency.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some(
+                    mesh_proto::LATENCY_BUCKETS_MS
+                        .get(i)
+                        .map_or(u32::MAX, |b| *b as u32),
+                );
+            }
+        }
+        Some(u32::MAX)
+    }
+}
+
+type Key = (String, String);
+
+/// Samples per (service, version): (received at, unix ms; what it counted).
+#[derive(Debug, Default)]
+pub struct TelemetryStore {
+    samples: Mutex<HashMap<Key, VecDeque<(i64, Window)>>>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl TelemetryStore {
+    pub fn record(&self, s: &pb::BackendStats, at_ms: i64) {
+        let mut w = Window {
+            requests: s.requests,
+            failures: s.failures.min(s.requests),
+            ..Window::default()
+        };
+        for (a, b) in w.latency.iter_mut().zip(&s.latency_buckets) {
+            *a = *b;
+        }
+        let Ok(mut m) = self.samples.lock() else {
+            return;
+        };
+        let q = m.entry((s.service.clone(), s.version.clone())).or_default();
+        q.push_back((at_ms, w));
+        while q.front().is_some_and(|(t, _)| *t < at_ms - RETENTION_MS) {
+            q.pop_front();
+        }
+    }
+
+    /// Everything reported for `service`/`version` at or after `since_ms`.
+    pub fn window(&self, service: &str, version: &str, since_ms: i64) -> Window {
+        let mut out = Window::default();
+        let Ok(m) = self.samples.lock() else {
+            return out;
+        };
+        let key = (service.to_string(), version.to_string());
+        for (_, w) in m
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|(t, _)| *t >= since_ms)
+        {
+            out.requests += w.requests;
+            out.failures += w.failures;
+            for (a, b) in out.latency.iter_mut().zip(w.latency.iter()) {
+                *a += b;
+            }
+        }
+        out
+    }
+}
+
+pub struct TelemetryService {
+    pub store: Arc<TelemetryStore>,
+}
+
+#[tonic::async_trait]
+impl pb::telemetry_server::Telemetry for TelemetryService {
+    async fn report(
+        &self,
+        req: Request<Streaming<pb::TelemetryReport>>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let who = peer_identity(&req)?;
+        let mut stream = req.into_inner();
+        while let Some(r) = stream.next().await {
+            let r = r?;
+            let at = now_ms();
+            for b in &r.backends {
+                self.store.record(b, at);
+            }
+            tracing::trace!(proxy = %who, node = %r.node_id, backends = r.backends.len(), "telemetry");
+        }
+        Ok(Response::new(pb::ReportAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_sum_samples_and_find_p99() {
+        let s = TelemetryStore::default();
+        let mut b = pb::BackendStats {
+            service: "web".into(),
+            version: "v2".into(),
+            requests: 100,
+            failures: 5,
+            latency_buckets: vec![0; BUCKETS],
+        };
+        b.latency_buckets[3] = 98; // < 10 ms
+        b.latency_buckets[7] = 2; // < 250 ms
+        s.record(&b, 1_000);
+        s.record(&b, 2_000);
+        let w = s.window("web", "v2", 1_500);
+        assert_eq!((w.requests, w.failures), (100, 5));
+        assert_eq!(w.error_percent(), 5.0);
+        assert_eq!(w.p99_ms(), Some(250));
+        assert_eq!(s.window("web", "v2", 0).requests, 200);
+        assert_eq!(s.window("web", "v1", 0), Window::default());
+    }
+}
