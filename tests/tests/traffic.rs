@@ -541,3 +541,49 @@ async fn a_canary_survives_a_control_plane_restart() -> anyhow::Result<()> {
     let _ = load.await?;
     Ok(())
 }
+
+/// `meshctl canary pause|resume|abort`: pausing holds the weight, resuming continues, aborting
+/// sends everything back to the stable version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_can_be_paused_resumed_and_aborted() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let mut args = START.to_vec();
+    args.extend(["--steps", "50,100", "--interval", "60s"]);
+    mesh.meshctl(&args).await?;
+    let s = canary(&mesh).await?;
+    assert_eq!(
+        (&s["state"], &s["weight"]),
+        (&"running".into(), &50.into()),
+        "{s}"
+    );
+    assert!(
+        mesh.meshctl(&args).await.is_err(),
+        "a second canary is refused"
+    );
+    for (action, state) in [
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("abort", "aborted"),
+    ] {
+        mesh.meshctl(&["canary", action, "backend"]).await?;
+        assert_eq!(canary(&mesh).await?["state"], state, "after {action}");
+    }
+    assert!(
+        mesh.meshctl(&["canary", "resume", "backend"])
+            .await
+            .is_err(),
+        "nothing to resume"
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "backend") == vec![("v1".to_string(), 100), ("v2".to_string(), 0)]
+    })
+    .await?;
+    let _ = stop.send(true);
+    let samples = load.await?;
+    assert!(
+        samples.iter().all(|(_, v)| v.is_some()),
+        "no request failed"
+    );
+    Ok(())
+}
