@@ -13,14 +13,8 @@ pub const RETRY_CONDITIONS: &[&str] = &[
     "reset",
     "timeout",
 ];
-/// gRPC status names a retry may name (lower case, dashes), with their codes.
-pub const GRPC_CODES: &[(&str, u8)] = &[
-    ("cancelled", 1),
-    ("deadline-exceeded", 4),
-    ("resource-exhausted", 8),
-    ("internal", 13),
-    ("unavailable", 14),
-];
+/// gRPC status names a retry may name, with their codes.
+pub const GRPC_CODES: &[(&str, u8)] = mesh_proto::RETRY_GRPC_CODES;
 /// Load-balancing algorithms the proxy implements.
 pub const ALGORITHMS: &[&str] = &["p2c-ewma", "round-robin", "consistent-hash"];
 

@@ -14,3 +14,13 @@ pub mod example {
 /// Upper bounds (ms) of the latency buckets in `BackendStats.latency_buckets`; one more bucket
 /// holds everything slower. Part of the API: proxies and the control plane must agree.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// gRPC status names a retry policy may list in `Retry.retry_on`, with their codes. Part of the
+/// API: the control plane validates against it and proxies apply it.
+pub const RETRY_GRPC_CODES: &[(&str, u8)] = &[
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];

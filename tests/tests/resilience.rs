@@ -20,6 +20,19 @@ async fn backend_and_client(mesh: &mut Mesh) -> anyhow::Result<(SocketAddr, Side
     Ok((app, c, http))
 }
 
+/// Three `backend` v1 workloads and a `web` client that sees all three; returns the apps'
+/// addresses, the client sidecar and an HTTP/1.1 client through it.
+async fn three_backends(mesh: &mut Mesh) -> anyhow::Result<(Vec<SocketAddr>, Sidecar, HttpClient)> {
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(mesh.workload_app("backend", "v1").await?.0);
+    }
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 3).await?;
+    let http = h1_client(c.outbound);
+    Ok((apps, c, http))
+}
+
 /// Every endpoint's balancer state in a /config_dump.
 fn balancer_entries(dump: &serde_json::Value) -> Vec<serde_json::Value> {
     dump["services"]
@@ -289,13 +302,7 @@ async fn timeouts_answer_504_and_honour_grpc_deadlines() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_is_ejected_and_let_back() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(mesh.workload_app("backend", "v1").await?.0);
-    }
-    let c = mesh.client("web").await?;
-    mesh.wait_endpoints("backend", 3).await?;
-    let http = h1_client(c.outbound);
+    let (apps, c, http) = three_backends(&mut mesh).await?;
     assert_eq!(get(&http, "http://backend/").await?.status, 200);
     mesh.set_policy(
         c.admin,
@@ -443,13 +450,7 @@ async fn share_to(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_ewma_avoids_a_slow_endpoint_better_than_round_robin() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(mesh.workload_app("backend", "v1").await?.0);
-    }
-    let c = mesh.client("web").await?;
-    mesh.wait_endpoints("backend", 3).await?;
-    let http = h1_client(c.outbound);
+    let (apps, c, http) = three_backends(&mut mesh).await?;
     for a in &apps[..2] {
         admin_get(*a, "/admin/delay/2").await?;
     }

@@ -188,6 +188,37 @@ async fn constant_load(
     out
 }
 
+/// A constant load running in the background.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    /// GETs of `http://backend/` at `rps`, for at most a minute.
+    fn start(http: HttpClient, rps: u32) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(constant_load(http, rps, rps as usize * 60, rx));
+        Self { stop, task }
+    }
+
+    /// Stops the load; returns every sample.
+    async fn finish(self) -> anyhow::Result<Vec<Sample>> {
+        let _ = self.stop.send(true);
+        Ok(self.task.await?)
+    }
+}
+
+/// Waits until the sidecar at `admin` routes backend by these default weights.
+async fn wait_weights(admin: std::net::SocketAddr, v1: u64, v2: u64) -> anyhow::Result<()> {
+    let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
+    wait_config(admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "backend") == want
+    })
+    .await
+    .map(|_| ())
+}
+
 /// Test 2: under a constant 250 rps, weights stepped 100/0 → 50/50 → 0/100, then blue-green
 /// flips to 100/0 and back to 0/100: no request fails, and each phase's split is within ±3
 /// points.
@@ -196,8 +227,7 @@ async fn weight_steps_and_blue_green_under_load_lose_nothing() -> anyhow::Result
     let mut mesh = Mesh::start().await?;
     let (c, http) = backend_v1_v2(&mut mesh).await?;
     set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(constant_load(http.clone(), 250, 250 * 30, stop_rx));
+    let load = Load::start(http.clone(), 250);
     let phase_len = Duration::from_millis(2500);
     let mut phases = Vec::new();
     tokio::time::sleep(phase_len).await;
@@ -208,11 +238,10 @@ async fn weight_steps_and_blue_green_under_load_lose_nothing() -> anyhow::Result
         tokio::time::sleep(phase_len).await;
         phases.push((start, Instant::now(), v1 as f64));
     }
-    let _ = stop_tx.send(true);
-    let samples = load.await?;
+    let samples = load.finish().await?;
     let failed = samples.iter().filter(|(_, v)| v.is_none()).count();
     assert!(
-        samples.len() >= 250 * 9,
+        samples.len() >= 250 * 11,
         "constant load ran: {} requests",
         samples.len()
     );
@@ -271,8 +300,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
     })
     .await?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(constant_load(http.clone(), 200, 200 * 60, stop_rx));
+    let load = Load::start(http.clone(), 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for sidecar in old {
         mesh.workload_app("backend", "v1").await?;
@@ -296,8 +324,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
         .await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop_tx.send(true);
-    let samples = load.await?;
+    let samples = load.finish().await?;
     let failed = samples.iter().filter(|(_, v)| v.is_none()).count();
     assert!(
         samples.len() >= 200 * 3,
@@ -411,14 +438,7 @@ where
 }
 
 /// v1 and v2 of backend, a client, all traffic on v1, and a constant 100 rps running.
-async fn canary_setup(
-    mesh: &mut Mesh,
-) -> anyhow::Result<(
-    Sidecar,
-    std::net::SocketAddr,
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<Vec<Sample>>,
-)> {
+async fn canary_setup(mesh: &mut Mesh) -> anyhow::Result<(Sidecar, std::net::SocketAddr, Load)> {
     mesh.workload_app("backend", "v1").await?;
     let (v2, _) = mesh.workload_app("backend", "v2").await?;
     let c = mesh.client("web").await?;
@@ -426,9 +446,7 @@ async fn canary_setup(
     let http = h1_client(c.outbound);
     assert_eq!(get(&http, "http://backend/").await?.status, 200);
     set_weights(mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(constant_load(http, 100, 100 * 60, stop_rx));
-    Ok((c, v2, stop_tx, load))
+    Ok((c, v2, Load::start(http, 100)))
 }
 
 const START: &[&str] = &[
@@ -445,7 +463,7 @@ const START: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_is_promoted() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let (c, _, load) = canary_setup(&mut mesh).await?;
     let mut args = START.to_vec();
     args.extend([
         "--steps",
@@ -458,12 +476,8 @@ async fn a_healthy_canary_is_promoted() -> anyhow::Result<()> {
     mesh.meshctl(&args).await?;
     let s = wait_canary(&mesh, Duration::from_secs(20), |s| s["state"] != "running").await?;
     assert_eq!(s["state"], "promoted", "{s}");
-    wait_config(c.admin, Duration::from_secs(5), |d| {
-        route_in_dump(d, "backend") == vec![("v1".to_string(), 0), ("v2".to_string(), 100)]
-    })
-    .await?;
-    let _ = stop.send(true);
-    let samples = load.await?;
+    wait_weights(c.admin, 0, 100).await?;
+    let samples = load.finish().await?;
     assert!(
         samples.iter().all(|(_, v)| v.is_some()),
         "no request failed"
@@ -476,7 +490,7 @@ async fn a_healthy_canary_is_promoted() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_canary_is_rolled_back_with_the_reason() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (c, v2, stop, load) = canary_setup(&mut mesh).await?;
+    let (c, v2, load) = canary_setup(&mut mesh).await?;
     admin_get(v2, "/admin/sick/20").await?;
     let mut args = START.to_vec();
     args.extend([
@@ -503,12 +517,8 @@ async fn a_failing_canary_is_rolled_back_with_the_reason() -> anyhow::Result<()>
         out.contains("rolled-back") && out.contains("error rate"),
         "{out}"
     );
-    wait_config(c.admin, Duration::from_secs(5), |d| {
-        route_in_dump(d, "backend") == vec![("v1".to_string(), 100), ("v2".to_string(), 0)]
-    })
-    .await?;
-    let _ = stop.send(true);
-    let _ = load.await?;
+    wait_weights(c.admin, 100, 0).await?;
+    load.finish().await?;
     Ok(())
 }
 
@@ -517,7 +527,7 @@ async fn a_failing_canary_is_rolled_back_with_the_reason() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_survives_a_control_plane_restart() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (_c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let (_c, _, load) = canary_setup(&mut mesh).await?;
     let mut args = START.to_vec();
     args.extend([
         "--steps",
@@ -540,8 +550,7 @@ async fn a_canary_survives_a_control_plane_restart() -> anyhow::Result<()> {
     );
     let s = wait_canary(&mesh, Duration::from_secs(30), |s| s["state"] != "running").await?;
     assert_eq!(s["state"], "promoted", "{s}");
-    let _ = stop.send(true);
-    let _ = load.await?;
+    load.finish().await?;
     Ok(())
 }
 
@@ -550,7 +559,7 @@ async fn a_canary_survives_a_control_plane_restart() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_can_be_paused_resumed_and_aborted() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (c, _, stop, load) = canary_setup(&mut mesh).await?;
+    let (c, _, load) = canary_setup(&mut mesh).await?;
     let mut args = START.to_vec();
     args.extend(["--steps", "50,100", "--interval", "60s"]);
     mesh.meshctl(&args).await?;
@@ -578,12 +587,8 @@ async fn a_canary_can_be_paused_resumed_and_aborted() -> anyhow::Result<()> {
             .is_err(),
         "nothing to resume"
     );
-    wait_config(c.admin, Duration::from_secs(5), |d| {
-        route_in_dump(d, "backend") == vec![("v1".to_string(), 100), ("v2".to_string(), 0)]
-    })
-    .await?;
-    let _ = stop.send(true);
-    let samples = load.await?;
+    wait_weights(c.admin, 100, 0).await?;
+    let samples = load.finish().await?;
     assert!(
         samples.iter().all(|(_, v)| v.is_some()),
         "no request failed"

@@ -119,13 +119,7 @@ fn rate(r: &Option<pb::Rate>) -> Option<Rate> {
 }
 
 /// gRPC code names a retry policy may use.
-const GRPC_CODES: &[(&str, u8)] = &[
-    ("cancelled", 1),
-    ("deadline-exceeded", 4),
-    ("resource-exhausted", 8),
-    ("internal", 13),
-    ("unavailable", 14),
-];
+const GRPC_CODES: &[(&str, u8)] = mesh_proto::RETRY_GRPC_CODES;
 
 fn retry_on(conds: &[String]) -> Result<RetryOn, String> {
     let mut on = RetryOn::default();
