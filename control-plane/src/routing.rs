@@ -125,6 +125,9 @@ pub fn validate_rules(route: &pb::Route, versions: &[String]) -> Result<(), Stri
             }
         }
         mirror(&what, &r.mirror, versions)?;
+        if let Some(p) = &r.policy {
+            crate::policy::validate(p).map_err(|e| format!("{what}: policy {e}"))?;
+        }
         if let Some(rd) = &r.redirect
             && !matches!(rd.status, 0 | 301 | 302 | 303 | 307 | 308)
         {

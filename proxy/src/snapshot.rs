@@ -4,7 +4,7 @@
 
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
-use crate::http::router::{MirrorConfig, Router};
+use crate::http::router::{MirrorConfig, Router, Rule};
 use crate::http::stack::Stack;
 use crate::policy::{Policy, PolicyState};
 use arc_swap::ArcSwap;
@@ -55,6 +55,8 @@ pub struct Target {
     pub stack: OnceLock<Stack>,
     /// The shadow version's endpoints, when the rule mirrors.
     pub mirror_balancer: Option<Arc<Balancer>>,
+    /// State of the rule's own policy (None: it uses the service's).
+    pub state: Option<PolicyState>,
 }
 
 impl Service {
@@ -101,6 +103,7 @@ impl Service {
                 },
                 stack: OnceLock::new(),
                 mirror_balancer: mirror_of(&r.mirror),
+                state: r.policy.as_ref().map(PolicyState::new),
             })
             .collect();
         self.stack = OnceLock::new();
@@ -111,6 +114,33 @@ impl Service {
     pub fn inherit(&mut self, old: &Service) {
         self.build_balancers(&old.endpoint_states);
         self.state.inherit(&old.state);
+        for (rule, target) in self.router.rules.iter().zip(self.targets.iter_mut()) {
+            let old_state = old
+                .router
+                .rules
+                .iter()
+                .position(|r| r.name == rule.name)
+                .and_then(|i| old.targets.get(i)?.state.as_ref());
+            if let (Some(new), Some(old)) = (target.state.as_mut(), old_state) {
+                new.inherit(old);
+            }
+        }
+    }
+
+    /// The policy and its state for requests of `target` (a rule's own, else the service's).
+    pub fn policy_for<'a>(
+        &'a self,
+        target: Option<(&'a Rule, &'a Target)>,
+    ) -> (&'a Policy, &'a PolicyState) {
+        match target {
+            Some((
+                Rule {
+                    policy: Some(p), ..
+                },
+                Target { state: Some(s), .. },
+            )) => (p, s),
+            _ => (&self.policy, &self.state),
+        }
     }
 }
 

@@ -566,3 +566,83 @@ async fn connect_and_idle_timeouts_bound_peer_connections() -> anyhow::Result<()
     held.abort();
     Ok(())
 }
+
+/// Per-route policy: a rule's timeout applies to the requests that take the rule and to no
+/// others; `policy get --route` shows it; an unknown rule is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_policy_applies_only_to_its_requests() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_, c, http) = backend_and_client(&mut mesh).await?;
+    mesh.meshctl(&[
+        "route",
+        "set",
+        "backend",
+        "--match",
+        "header:x-tier=fast",
+        "--name",
+        "fast",
+    ])
+    .await?;
+    mesh.meshctl(&[
+        "policy",
+        "set",
+        "backend",
+        "--route",
+        "fast",
+        "--timeout",
+        "200ms",
+    ])
+    .await?;
+    let out = mesh
+        .meshctl(&["policy", "get", "backend", "--route", "fast"])
+        .await?;
+    assert!(
+        out.contains("timeouts.request_ms") && out.contains("200"),
+        "{out}"
+    );
+    assert!(
+        mesh.meshctl(&[
+            "policy",
+            "set",
+            "backend",
+            "--route",
+            "nope",
+            "--timeout",
+            "1s"
+        ])
+        .await
+        .is_err()
+    );
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        d["services"].as_array().into_iter().flatten().any(|s| {
+            s["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["name"] == "fast")
+        })
+    })
+    .await?;
+    let fast = |i| {
+        let mut r = get_req("http://backend/delay/600");
+        if i == 0 {
+            r.headers_mut()
+                .insert("x-tier", http::HeaderValue::from_static("fast"));
+        }
+        r
+    };
+    let rs = load(&http, 1, 1, fast).await;
+    let (status, reason, took) = rs[0].clone().map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        (status, reason.as_str()),
+        (504, "timeout"),
+        "the rule's 200 ms"
+    );
+    assert!(took < Duration::from_millis(550), "{took:?}");
+    let rs = load(&http, 1, 1, |_| get_req("http://backend/delay/600")).await;
+    assert!(
+        matches!(rs[0], Ok((200, _, _))),
+        "no timeout outside the rule: {rs:?}"
+    );
+    Ok(())
+}

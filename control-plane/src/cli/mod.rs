@@ -142,10 +142,19 @@ pub enum RouteCmd {
 pub enum PolicyCmd {
     /// Change the fields given; the others keep their values.
     Set(Box<policy::PolicyArgs>),
-    /// Show a service's policy.
-    Get { service: String },
-    /// Remove a service's policy (back to the defaults).
-    Clear { service: String },
+    /// Show a service's policy (or, with --route, one rule's).
+    Get {
+        service: String,
+        /// A rule of the service's route (see `meshctl route get`).
+        #[arg(long)]
+        route: Option<String>,
+    },
+    /// Remove a service's policy, or a rule's (back to the service's).
+    Clear {
+        service: String,
+        #[arg(long)]
+        route: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -535,48 +544,100 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         AdminCmd::Policy { cmd } => {
-            let (service, policy) = match cmd {
-                PolicyCmd::Get { service } => {
+            let (service, rule) = match &cmd {
+                PolicyCmd::Get { service, route } | PolicyCmd::Clear { service, route } => {
+                    (service.clone(), route.clone())
+                }
+                PolicyCmd::Set(a) => (a.service.clone(), a.route.clone()),
+            };
+            let what = match &rule {
+                Some(r) => format!("policy of {service}, rule {r}"),
+                None => format!("policy of {service}"),
+            };
+            // The policy now in force: the service's, or the rule's (with the route it is in).
+            let (current, revision, route) = match &rule {
+                None => {
                     let r = c
-                        .get_policy(pb::GetPolicyRequest { service })
+                        .get_policy(pb::GetPolicyRequest {
+                            service: service.clone(),
+                        })
                         .await?
                         .into_inner();
-                    if json {
+                    if json && matches!(cmd, PolicyCmd::Get { .. }) {
                         return print_json(&r);
                     }
+                    (r.policy.unwrap_or_default(), r.revision, None)
+                }
+                Some(name) => {
+                    let r = c
+                        .get_route(pb::GetRouteRequest {
+                            service: service.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    let route = r.route.unwrap_or_default();
+                    let p = route
+                        .rules
+                        .iter()
+                        .find(|x| &x.name == name)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "route of {service} has no rule {name:?} (see meshctl route get {service})"
+                            )
+                        })?
+                        .policy
+                        .clone()
+                        .unwrap_or_default();
+                    (p, r.revision, Some(route))
+                }
+            };
+            let next = match cmd {
+                PolicyCmd::Get { .. } => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&current)?);
+                        return Ok(());
+                    }
                     let mut t = Table::new(&["SETTING", "VALUE"]);
-                    for (k, v) in output::policy_lines(&r.policy.unwrap_or_default()) {
+                    for (k, v) in output::policy_lines(&current) {
                         t.row(vec![k, v]);
                     }
-                    println!("policy of {} (revision {}):", r.service, r.revision);
+                    println!("{what} (revision {revision}):");
                     t.print();
                     return Ok(());
                 }
-                PolicyCmd::Clear { service } => (service, pb::Policy::default()),
+                PolicyCmd::Clear { .. } => pb::Policy::default(),
                 PolicyCmd::Set(args) => {
-                    let mut p = c
-                        .get_policy(pb::GetPolicyRequest {
-                            service: args.service.clone(),
-                        })
-                        .await?
-                        .into_inner()
-                        .policy
-                        .unwrap_or_default();
+                    let mut p = current;
                     policy::apply(&args, &mut p).map_err(|e| anyhow::anyhow!(e))?;
-                    (args.service, p)
+                    p
                 }
             };
-            let r = c
-                .set_policy(pb::SetPolicyRequest {
-                    service,
-                    policy: Some(policy),
-                })
-                .await?
-                .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            println!("policy of {} set (revision {})", r.service, r.revision);
+            let revision = match (route, rule) {
+                (Some(mut route), Some(name)) => {
+                    if let Some(r) = route.rules.iter_mut().find(|x| x.name == name) {
+                        r.policy = (next != pb::Policy::default()).then_some(next);
+                    }
+                    c.set_route(pb::SetRouteRequest {
+                        service,
+                        route: Some(route),
+                        skip_validation: false,
+                        expected_revision: revision,
+                    })
+                    .await?
+                    .into_inner()
+                    .revision
+                }
+                _ => {
+                    c.set_policy(pb::SetPolicyRequest {
+                        service,
+                        policy: Some(next),
+                    })
+                    .await?
+                    .into_inner()
+                    .revision
+                }
+            };
+            println!("{what} set (revision {revision})");
         }
         AdminCmd::Canary { cmd } => {
             let r = match cmd {

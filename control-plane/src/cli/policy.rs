@@ -6,6 +6,10 @@ use mesh_proto::v1 as pb;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct PolicyArgs {
     pub service: String,
+    /// Set the policy of this rule of the service's route instead (its requests then use it
+    /// in place of the service's).
+    #[arg(long)]
+    pub route: Option<String>,
     /// Whole-request timeout including retries, e.g. 2s (0 turns it off).
     #[arg(long)]
     pub timeout: Option<String>,

@@ -208,9 +208,14 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
             .collect(),
         redirect,
         mirror: mirror.flatten(),
+        policy: None,
     };
     match route.rules.iter_mut().find(|r| r.name == rule.name) {
-        Some(r) => *r = rule,
+        // A rule set again keeps the policy given to it with `policy set --route`.
+        Some(r) => {
+            let policy = r.policy.take();
+            *r = pb::RouteRule { policy, ..rule };
+        }
         None => route.rules.push(rule),
     }
     Ok(())

@@ -150,6 +150,12 @@ pub fn rules(route: &pb::Route) -> Result<Vec<Rule>, String> {
                 .collect::<Result<_, _>>()?,
             redirect,
             mirror: mirror(&what, &r.mirror)?,
+            policy: r
+                .policy
+                .as_ref()
+                .map(super::convert::policy)
+                .transpose()
+                .map_err(|e| format!("{what}: {e}"))?,
         });
     }
     Ok(out)

@@ -57,6 +57,8 @@ pub struct Rule {
     pub remove_response: Vec<HeaderName>,
     pub redirect: Option<Redirect>,
     pub mirror: Option<MirrorConfig>,
+    /// The rule's own resilience policy, in place of the service's.
+    pub policy: Option<crate::policy::Policy>,
 }
 
 /// Copies of a share of requests go to a shadow version (fire-and-forget).

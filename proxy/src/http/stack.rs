@@ -24,11 +24,15 @@ pub type Stack = Policies<EndpointService>;
 /// Builds the stack for `svc`'s current config, sending to `balancer` (the default backends' or
 /// a rule's). Layer state (buckets, budget, limits, endpoint stats) lives in `svc.state` and the
 /// endpoint states, so rebuilding on a config change keeps it.
-pub fn build(svc: &Service, balancer: &Arc<Balancer>, pool: &Arc<Pool>) -> Stack {
-    let p = &svc.policy;
+pub fn build(
+    svc: &Service,
+    balancer: &Arc<Balancer>,
+    (p, state): (&Policy, &PolicyState),
+    pool: &Arc<Pool>,
+) -> Stack {
     policies(
         p,
-        &svc.state,
+        state,
         // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
         EndpointService {
             service: svc.name.clone(),

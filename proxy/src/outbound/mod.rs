@@ -165,13 +165,14 @@ impl Outbound {
             (copy, to, permit)
         });
         let upstream = Request::from_parts(parts, body);
+        let policy = svc.policy_for(rule);
         let stack = match rule {
             Some((_, t)) => t
                 .stack
-                .get_or_init(|| stack::build(&svc, &t.balancer, &self.pool)),
+                .get_or_init(|| stack::build(&svc, &t.balancer, policy, &self.pool)),
             None => svc
                 .stack
-                .get_or_init(|| stack::build(&svc, &svc.balancer, &self.pool)),
+                .get_or_init(|| stack::build(&svc, &svc.balancer, policy, &self.pool)),
         }
         .clone();
         let mut resp = stack.oneshot(upstream).await?;

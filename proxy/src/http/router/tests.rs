@@ -11,6 +11,7 @@ fn rule(name: &str, m: Match) -> Rule {
         remove_response: Vec::new(),
         redirect: None,
         mirror: None,
+        policy: None,
     }
 }
 
