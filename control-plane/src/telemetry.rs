@@ -33,11 +33,16 @@ impl Window {
     /// The upper bound of the bucket holding the 99th percentile, ms (None: no data; u32::MAX:
     /// slower than the last bound).
     pub fn p99_ms(&self) -> Option<u32> {
+        self.quantile_ms(99)
+    }
+
+    /// The upper bound of the bucket holding the `pct`th percentile, ms (as `p99_ms`).
+    pub fn quantile_ms(&self, pct: u64) -> Option<u32> {
         let n: u64 = self.latency.iter().sum();
         if n == 0 {
             return None;
         }
-        let target = (n * 99).div_ceil(100);
+        let target = (n * pct).div_ceil(100).max(1);
         let mut seen = 0;
         for (i, c) in self.latency.iter().enumerate() {
             seen += c;
@@ -86,6 +91,24 @@ impl TelemetryStore {
         while q.front().is_some_and(|(t, _)| *t < at_ms - RETENTION_MS) {
             q.pop_front();
         }
+    }
+
+    /// Every (service, version) with reports at or after `since_ms`, with its window.
+    pub fn all(&self, since_ms: i64) -> Vec<(String, String, Window)> {
+        let keys: Vec<Key> = match self.samples.lock() {
+            Ok(m) => m.keys().cloned().collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut out: Vec<(String, String, Window)> = keys
+            .into_iter()
+            .map(|(s, v)| {
+                let w = self.window(&s, &v, since_ms);
+                (s, v, w)
+            })
+            .filter(|(_, _, w)| w.requests > 0)
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
     }
 
     /// Everything reported for `service`/`version` at or after `since_ms`.
@@ -157,6 +180,8 @@ mod tests {
         assert_eq!((w.requests, w.failures), (100, 5));
         assert_eq!(w.error_percent(), 5.0);
         assert_eq!(w.p99_ms(), Some(250));
+        assert_eq!(w.quantile_ms(50), Some(10));
+        assert_eq!(s.all(0).len(), 1);
         assert_eq!(s.window("web", "v2", 0).requests, 200);
         assert_eq!(s.window("web", "v1", 0), Window::default());
     }

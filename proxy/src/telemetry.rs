@@ -62,13 +62,22 @@ impl TelemetryReporter {
                 node_id: self.node_id.clone(),
                 backends,
             };
-            let sent = match &stream {
-                Some(tx) => tx.try_send(report).is_ok(),
-                None => false,
-            };
-            if !sent {
-                // (Re)open the stream for the next report; this one is dropped.
-                stream = self.open().await;
+            let mut report = Some(report);
+            // The open stream, or a new one if it ended (one attempt per tick).
+            for _ in 0..2 {
+                if stream.is_none() {
+                    stream = self.open().await;
+                }
+                let (Some(tx), Some(r)) = (&stream, report.take()) else {
+                    break;
+                };
+                match tx.try_send(r) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        report = Some(e.into_inner());
+                        stream = None;
+                    }
+                }
             }
         }
     }

@@ -171,6 +171,32 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(route_info(&m.service, v)))
     }
 
+    async fn top(&self, req: Request<pb::TopRequest>) -> Result<Response<pb::TopResponse>, Status> {
+        let secs = match req.into_inner().window_seconds {
+            0 => 10,
+            s => s.min(300),
+        };
+        let since = crate::telemetry::now_ms() - i64::from(secs) * 1000;
+        let rows = self
+            .telemetry
+            .all(since)
+            .into_iter()
+            .map(|(service, version, w)| pb::TopRow {
+                service,
+                version,
+                requests: w.requests,
+                rps: w.requests as f64 / f64::from(secs),
+                success_percent: 100.0 - w.error_percent(),
+                p50_ms: w.quantile_ms(50).unwrap_or(0),
+                p99_ms: w.p99_ms().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::TopResponse {
+            window_seconds: secs,
+            rows,
+        }))
+    }
+
     async fn start_canary(
         &self,
         req: Request<pb::StartCanaryRequest>,

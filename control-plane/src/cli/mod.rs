@@ -86,6 +86,19 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: CanaryCmd,
     },
+    /// Live golden metrics per service version (requests/s, success rate, p50, p99), from the
+    /// proxies' telemetry.
+    Top {
+        /// Window the figures cover, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        window: String,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s")]
+        refresh: String,
+        /// Stop after this many tables (default: run until interrupted; once with -o json).
+        #[arg(long)]
+        count: Option<u32>,
+    },
     /// Connected proxies and the config version each ACKed or NACKed.
     Proxies,
     /// Bootstrap tokens for VMs / single machines.
@@ -638,6 +651,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             println!("{what} set (revision {revision})");
+        }
+        AdminCmd::Top {
+            window,
+            refresh,
+            count,
+        } => {
+            let window_seconds = policy::parse_ms(&window)
+                .map_err(|e| anyhow::anyhow!("--window: {e}"))?
+                .div_ceil(1000);
+            let refresh = std::time::Duration::from_millis(u64::from(
+                policy::parse_ms(&refresh).map_err(|e| anyhow::anyhow!("--refresh: {e}"))?,
+            ));
+            let count = count.unwrap_or(if json { 1 } else { u32::MAX });
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(refresh).await;
+                }
+                let r = c.top(pb::TopRequest { window_seconds }).await?.into_inner();
+                if json {
+                    print_json(&r)?;
+                    continue;
+                }
+                let mut t = Table::new(&[
+                    "SERVICE",
+                    "VERSION",
+                    "RPS",
+                    "SUCCESS",
+                    "P50 ≤ MS",
+                    "P99 ≤ MS",
+                    "REQUESTS",
+                ]);
+                for row in &r.rows {
+                    t.row(vec![
+                        row.service.clone(),
+                        row.version.clone(),
+                        format!("{:.1}", row.rps),
+                        format!("{:.2}%", row.success_percent),
+                        row.p50_ms.to_string(),
+                        row.p99_ms.to_string(),
+                        row.requests.to_string(),
+                    ]);
+                }
+                println!("last {} s:", r.window_seconds);
+                t.print();
+            }
         }
         AdminCmd::Canary { cmd } => {
             let r = match cmd {

@@ -107,6 +107,15 @@ impl ToJson for pb::CreateTokenResponse {
     }
 }
 
+impl ToJson for pb::TopResponse {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"window_seconds": self.window_seconds, "rows": self.rows.iter().map(|r| json!({
+            "service": r.service, "version": r.version, "requests": r.requests, "rps": r.rps,
+            "success_percent": r.success_percent, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+        })).collect::<Vec<_>>()})
+    }
+}
+
 impl ToJson for pb::CanaryInfo {
     fn to_json(&self) -> serde_json::Value {
         json!({
