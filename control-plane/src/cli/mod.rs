@@ -1,6 +1,7 @@
 //! meshctl: clap commands and output. No business logic: every command is one admin API call
 //! (plus `demo`, which starts local processes).
 
+pub mod canary;
 pub mod client;
 pub mod demo;
 pub mod output;
@@ -79,12 +80,12 @@ pub enum AdminCmd {
     /// rate limits, load balancing, fault injection).
     Policy {
         #[command(subcommand)]
-        cmd: PolicyCmd,
+        cmd: policy::PolicyCmd,
     },
     /// Automated canary: shift traffic step by step, judged on live metrics, with rollback.
     Canary {
         #[command(subcommand)]
-        cmd: CanaryCmd,
+        cmd: canary::CanaryCmd,
     },
     /// Live golden metrics per service version (requests/s, success rate, p50, p99), from the
     /// proxies' telemetry.
@@ -152,66 +153,6 @@ pub enum RouteCmd {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum PolicyCmd {
-    /// Change the fields given; the others keep their values.
-    Set(Box<policy::PolicyArgs>),
-    /// Show a service's policy (or, with --route, one rule's).
-    Get {
-        service: String,
-        /// A rule of the service's route (see `meshctl route get`).
-        #[arg(long)]
-        route: Option<String>,
-    },
-    /// Remove a service's policy, or a rule's (back to the service's).
-    Clear {
-        service: String,
-        #[arg(long)]
-        route: Option<String>,
-    },
-}
-
-#[derive(Subcommand, Debug, Clone)]
-pub enum CanaryCmd {
-    /// e.g. `canary start web --to v2 --steps 5,25,50,100 --interval 30s --max-error-rate 1%
-    /// --max-p99 300ms`
-    Start {
-        service: String,
-        #[arg(long)]
-        to: String,
-        /// The stable version (default: the heaviest in the route).
-        #[arg(long)]
-        from: Option<String>,
-        /// Weight percentages of the new version, ending at 100.
-        #[arg(long, default_value = "5,25,50,100")]
-        steps: String,
-        #[arg(long, default_value = "30s")]
-        interval: String,
-        #[arg(long, default_value = "1%")]
-        max_error_rate: String,
-        /// p99 latency gate (e.g. 300ms; 0 turns it off).
-        #[arg(long, default_value = "0")]
-        max_p99: String,
-        /// Requests the new version must serve in a step before it is judged.
-        #[arg(long, default_value_t = 20)]
-        min_requests: u32,
-    },
-    /// Where a canary stands, and why.
-    Status {
-        service: String,
-    },
-    Pause {
-        service: String,
-    },
-    Resume {
-        service: String,
-    },
-    /// Stop and send all traffic back to the stable version.
-    Abort {
-        service: String,
-    },
-}
-
-#[derive(Subcommand, Debug, Clone)]
 pub enum TokenCmd {
     /// Create a token bound to one identity, e.g. `--identity default/web`.
     Create {
@@ -221,18 +162,6 @@ pub enum TokenCmd {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
-}
-
-async fn canary_action(
-    c: &mut client::Admin,
-    service: String,
-    action: &str,
-) -> Result<tonic::Response<pb::CanaryInfo>, tonic::Status> {
-    c.canary_action(pb::CanaryActionRequest {
-        service,
-        action: action.into(),
-    })
-    .await
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -556,218 +485,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 route_table(&r.history).print();
             }
         },
-        AdminCmd::Policy { cmd } => {
-            let (service, rule) = match &cmd {
-                PolicyCmd::Get { service, route } | PolicyCmd::Clear { service, route } => {
-                    (service.clone(), route.clone())
-                }
-                PolicyCmd::Set(a) => (a.service.clone(), a.route.clone()),
-            };
-            let what = match &rule {
-                Some(r) => format!("policy of {service}, rule {r}"),
-                None => format!("policy of {service}"),
-            };
-            // The policy now in force: the service's, or the rule's (with the route it is in).
-            let (current, revision, route) = match &rule {
-                None => {
-                    let r = c
-                        .get_policy(pb::GetPolicyRequest {
-                            service: service.clone(),
-                        })
-                        .await?
-                        .into_inner();
-                    if json && matches!(cmd, PolicyCmd::Get { .. }) {
-                        return print_json(&r);
-                    }
-                    (r.policy.unwrap_or_default(), r.revision, None)
-                }
-                Some(name) => {
-                    let r = c
-                        .get_route(pb::GetRouteRequest {
-                            service: service.clone(),
-                        })
-                        .await?
-                        .into_inner();
-                    let route = r.route.unwrap_or_default();
-                    let p = route
-                        .rules
-                        .iter()
-                        .find(|x| &x.name == name)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "route of {service} has no rule {name:?} (see meshctl route get {service})"
-                            )
-                        })?
-                        .policy
-                        .clone()
-                        .unwrap_or_default();
-                    (p, r.revision, Some(route))
-                }
-            };
-            let next = match cmd {
-                PolicyCmd::Get { .. } => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&current)?);
-                        return Ok(());
-                    }
-                    let mut t = Table::new(&["SETTING", "VALUE"]);
-                    for (k, v) in output::policy_lines(&current) {
-                        t.row(vec![k, v]);
-                    }
-                    println!("{what} (revision {revision}):");
-                    t.print();
-                    return Ok(());
-                }
-                PolicyCmd::Clear { .. } => pb::Policy::default(),
-                PolicyCmd::Set(args) => {
-                    let mut p = current;
-                    policy::apply(&args, &mut p).map_err(|e| anyhow::anyhow!(e))?;
-                    p
-                }
-            };
-            let revision = match (route, rule) {
-                (Some(mut route), Some(name)) => {
-                    if let Some(r) = route.rules.iter_mut().find(|x| x.name == name) {
-                        r.policy = (next != pb::Policy::default()).then_some(next);
-                    }
-                    c.set_route(pb::SetRouteRequest {
-                        service,
-                        route: Some(route),
-                        skip_validation: false,
-                        expected_revision: revision,
-                    })
-                    .await?
-                    .into_inner()
-                    .revision
-                }
-                _ => {
-                    c.set_policy(pb::SetPolicyRequest {
-                        service,
-                        policy: Some(next),
-                    })
-                    .await?
-                    .into_inner()
-                    .revision
-                }
-            };
-            println!("{what} set (revision {revision})");
-        }
+        AdminCmd::Policy { cmd } => policy::run(&mut c, cmd, json).await?,
         AdminCmd::Top {
             window,
             refresh,
             count,
-        } => {
-            let window_seconds = policy::parse_ms(&window)
-                .map_err(|e| anyhow::anyhow!("--window: {e}"))?
-                .div_ceil(1000);
-            let refresh = std::time::Duration::from_millis(u64::from(
-                policy::parse_ms(&refresh).map_err(|e| anyhow::anyhow!("--refresh: {e}"))?,
-            ));
-            let count = count.unwrap_or(if json { 1 } else { u32::MAX });
-            for i in 0..count {
-                if i > 0 {
-                    tokio::time::sleep(refresh).await;
-                }
-                let r = c.top(pb::TopRequest { window_seconds }).await?.into_inner();
-                if json {
-                    print_json(&r)?;
-                    continue;
-                }
-                let mut t = Table::new(&[
-                    "SERVICE",
-                    "VERSION",
-                    "RPS",
-                    "SUCCESS",
-                    "P50 ≤ MS",
-                    "P99 ≤ MS",
-                    "REQUESTS",
-                ]);
-                for row in &r.rows {
-                    t.row(vec![
-                        row.service.clone(),
-                        row.version.clone(),
-                        format!("{:.1}", row.rps),
-                        format!("{:.2}%", row.success_percent),
-                        row.p50_ms.to_string(),
-                        row.p99_ms.to_string(),
-                        row.requests.to_string(),
-                    ]);
-                }
-                println!("last {} s:", r.window_seconds);
-                t.print();
-            }
-        }
-        AdminCmd::Canary { cmd } => {
-            let r = match cmd {
-                CanaryCmd::Start {
-                    service,
-                    to,
-                    from,
-                    steps,
-                    interval,
-                    max_error_rate,
-                    max_p99,
-                    min_requests,
-                } => {
-                    let steps = steps
-                        .split(',')
-                        .map(|s| s.trim().parse::<u32>())
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|_| anyhow::anyhow!("--steps: e.g. 5,25,50,100"))?;
-                    fn e(f: &'static str) -> impl Fn(String) -> anyhow::Error {
-                        move |m| anyhow::anyhow!("--{f}: {m}")
-                    }
-                    c.start_canary(pb::StartCanaryRequest {
-                        service,
-                        to,
-                        from: from.unwrap_or_default(),
-                        steps,
-                        interval_ms: policy::parse_ms(&interval).map_err(e("interval"))?,
-                        max_error_percent: policy::parse_percent(&max_error_rate)
-                            .map_err(e("max-error-rate"))?,
-                        max_p99_ms: policy::parse_ms(&max_p99).map_err(e("max-p99"))?,
-                        min_requests,
-                    })
-                    .await?
-                }
-                CanaryCmd::Status { service } => {
-                    c.get_canary(pb::GetCanaryRequest { service }).await?
-                }
-                CanaryCmd::Pause { service } => canary_action(&mut c, service, "pause").await?,
-                CanaryCmd::Resume { service } => canary_action(&mut c, service, "resume").await?,
-                CanaryCmd::Abort { service } => canary_action(&mut c, service, "abort").await?,
-            }
-            .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let mut t = Table::new(&[
-                "SERVICE",
-                "FROM",
-                "TO",
-                "STATE",
-                "STEP",
-                "WEIGHT",
-                "STEP REQS",
-                "ERR %",
-                "P99 ≤ MS",
-            ]);
-            t.row(vec![
-                r.service.clone(),
-                r.from.clone(),
-                r.to.clone(),
-                r.state.clone(),
-                format!("{}/{}", r.step_index + 1, r.steps.len()),
-                format!("{}%", r.weight),
-                r.step_requests.to_string(),
-                format!("{:.1}", r.step_error_percent),
-                r.step_p99_ms.to_string(),
-            ]);
-            t.print();
-            if !r.reason.is_empty() {
-                println!("reason: {}", r.reason);
-            }
-        }
+        } => canary::top(&mut c, &window, &refresh, count, json).await?,
+        AdminCmd::Canary { cmd } => canary::run(&mut c, cmd, json).await?,
         AdminCmd::Proxies => {
             let r = c
                 .list_proxies(pb::ListProxiesRequest {})

@@ -1,6 +1,8 @@
 //! `meshctl policy set|get|clear`: flags → a `Policy` message. `set` changes only the fields
 //! given and keeps the rest, so `--timeout 2s` alone does not drop the retries set earlier.
 
+use super::output::{self, Table, print_json};
+use clap::Subcommand;
 use mesh_proto::v1 as pb;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -271,6 +273,124 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
         .map_err(err("fault-abort"))?;
     }
     crate::policy::validate(p).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PolicyCmd {
+    /// Change the fields given; the others keep their values.
+    Set(Box<PolicyArgs>),
+    /// Show a service's policy (or, with --route, one rule's).
+    Get {
+        service: String,
+        /// A rule of the service's route (see `meshctl route get`).
+        #[arg(long)]
+        route: Option<String>,
+    },
+    /// Remove a service's policy, or a rule's (back to the service's).
+    Clear {
+        service: String,
+        #[arg(long)]
+        route: Option<String>,
+    },
+}
+
+/// `meshctl policy …`.
+pub async fn run(c: &mut super::client::Admin, cmd: PolicyCmd, json: bool) -> anyhow::Result<()> {
+    let (service, rule) = match &cmd {
+        PolicyCmd::Get { service, route } | PolicyCmd::Clear { service, route } => {
+            (service.clone(), route.clone())
+        }
+        PolicyCmd::Set(a) => (a.service.clone(), a.route.clone()),
+    };
+    let what = match &rule {
+        Some(r) => format!("policy of {service}, rule {r}"),
+        None => format!("policy of {service}"),
+    };
+    // The policy now in force: the service's, or the rule's (with the route it is in).
+    let (current, revision, route) = match &rule {
+        None => {
+            let r = c
+                .get_policy(pb::GetPolicyRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner();
+            if json && matches!(cmd, PolicyCmd::Get { .. }) {
+                return print_json(&r);
+            }
+            (r.policy.unwrap_or_default(), r.revision, None)
+        }
+        Some(name) => {
+            let r = c
+                .get_route(pb::GetRouteRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner();
+            let route = r.route.unwrap_or_default();
+            let p = route
+                .rules
+                .iter()
+                .find(|x| &x.name == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "route of {service} has no rule {name:?} (see meshctl route get {service})"
+                    )
+                })?
+                .policy
+                .clone()
+                .unwrap_or_default();
+            (p, r.revision, Some(route))
+        }
+    };
+    let next = match cmd {
+        PolicyCmd::Get { .. } => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&current)?);
+                return Ok(());
+            }
+            let mut t = Table::new(&["SETTING", "VALUE"]);
+            for (k, v) in output::policy_lines(&current) {
+                t.row(vec![k, v]);
+            }
+            println!("{what} (revision {revision}):");
+            t.print();
+            return Ok(());
+        }
+        PolicyCmd::Clear { .. } => pb::Policy::default(),
+        PolicyCmd::Set(args) => {
+            let mut p = current;
+            apply(&args, &mut p).map_err(|e| anyhow::anyhow!(e))?;
+            p
+        }
+    };
+    let revision = match (route, rule) {
+        (Some(mut route), Some(name)) => {
+            if let Some(r) = route.rules.iter_mut().find(|x| x.name == name) {
+                r.policy = (next != pb::Policy::default()).then_some(next);
+            }
+            c.set_route(pb::SetRouteRequest {
+                service,
+                route: Some(route),
+                skip_validation: false,
+                expected_revision: revision,
+            })
+            .await?
+            .into_inner()
+            .revision
+        }
+        _ => {
+            c.set_policy(pb::SetPolicyRequest {
+                service,
+                policy: Some(next),
+            })
+            .await?
+            .into_inner()
+            .revision
+        }
+    };
+    println!("{what} set (revision {revision})");
+    Ok(())
 }
 
 #[cfg(test)]
