@@ -53,3 +53,73 @@ async fn meshctl_top_shows_the_traffic_per_version() -> anyhow::Result<()> {
     assert!(table.contains("backend") && table.contains("v2"), "{table}");
     Ok(())
 }
+
+/// With `x-mesh-debug`, a response says how the proxy handled the request: the route rule, the
+/// backend version, the endpoint and the number of attempts (retries included). Without it,
+/// none of that is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debug_header_explains_the_routing_decision() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (c, http) = backend_v1_v2(&mut mesh).await?;
+    mesh.meshctl(&[
+        "route",
+        "set",
+        "backend",
+        "--match",
+        "prefix:/fail",
+        "--to",
+        "v2",
+        "--name",
+        "flaky",
+    ])
+    .await?;
+    mesh.meshctl(&[
+        "policy",
+        "set",
+        "backend",
+        "--route",
+        "flaky",
+        "--retries",
+        "2",
+        "--retry-on",
+        "5xx",
+    ])
+    .await?;
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        policy_in_dump(d, "backend").is_some()
+            && d["services"].as_array().into_iter().flatten().any(|s| {
+                s["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r["name"] == "flaky")
+            })
+    })
+    .await?;
+    let debug = |path: &str| {
+        let mut r = get_req(&format!("http://backend{path}"));
+        r.headers_mut()
+            .insert("x-mesh-debug", http::HeaderValue::from_static("1"));
+        r
+    };
+    // /fail/50 on v2 fails every other request it sees: 1st ok, 2nd fails and is retried.
+    let mut attempts = Vec::new();
+    for _ in 0..2 {
+        let resp = http.request(debug("/fail/50")).await?;
+        let h = resp.headers().clone();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(h["x-mesh-route"], "flaky");
+        assert_eq!(h["x-mesh-backend"], "v2");
+        assert!(
+            h["x-mesh-endpoint"].to_str()?.starts_with("backend-v2-"),
+            "{h:?}"
+        );
+        attempts.push(h["x-mesh-attempts"].to_str()?.to_string());
+    }
+    assert_eq!(attempts, ["1", "2"]);
+    let r = http.request(debug("/")).await?;
+    assert_eq!(r.headers()["x-mesh-route"], "default");
+    let plain = get(&http, "http://backend/fail/0").await?;
+    assert!(!plain.headers.contains_key("x-mesh-route"));
+    Ok(())
+}

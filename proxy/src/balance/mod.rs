@@ -42,18 +42,36 @@ pub struct LbConfig {
     pub warmup: Duration,
 }
 
-/// Endpoints a request already tried (set by the retry layer), so a retry goes elsewhere
-/// when it can.
+/// One endpoint an attempt went to.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub addr: SocketAddr,
+    pub id: Arc<str>,
+    pub version: Option<Arc<str>>,
+}
+
+/// Endpoints a request already tried, in order. Set by the retry layer (so a retry goes
+/// elsewhere when it can) and by the debug header (so the response can say where it went).
 #[derive(Debug, Clone, Default)]
-pub struct Tried(Arc<Mutex<Vec<SocketAddr>>>);
+pub struct Tried(Arc<Mutex<Vec<Attempt>>>);
 
 impl Tried {
-    pub fn push(&self, a: SocketAddr) {
+    pub fn push(&self, p: &Picked) {
         if let Ok(mut v) = self.0.lock() {
-            v.push(a);
+            v.push(Attempt {
+                addr: p.addr,
+                id: p.id.clone(),
+                version: p.version.clone(),
+            });
         }
     }
     pub fn list(&self) -> Vec<SocketAddr> {
+        self.0
+            .lock()
+            .map(|v| v.iter().map(|a| a.addr).collect())
+            .unwrap_or_default()
+    }
+    pub fn attempts(&self) -> Vec<Attempt> {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
@@ -97,6 +115,7 @@ pub enum PickError {
 pub struct Picked {
     pub id: Arc<str>,
     pub addr: SocketAddr,
+    pub version: Option<Arc<str>>,
     state: Arc<EndpointState>,
     trial: bool,
     started: state::Now,
@@ -311,6 +330,7 @@ impl Balancer {
                 return Some(Picked {
                     id: m.ep.id.clone(),
                     addr: m.ep.addr,
+                    version: m.ep.version.clone(),
                     state: m.state.clone(),
                     trial,
                     started: now,

@@ -100,7 +100,7 @@ impl EndpointService {
         loop {
             let picked = self.pick(hash, &avoid)?;
             if let Some(t) = &tried {
-                t.push(picked.addr);
+                t.push(&picked);
             }
             let (addr, id) = (picked.addr, picked.id.clone());
             let mut sender = match self.connect(addr).await {

@@ -7,6 +7,7 @@
 pub mod endpoint;
 pub mod pool;
 
+use crate::balance::Tried;
 use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
@@ -26,6 +27,36 @@ use tower::ServiceExt;
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 /// Marks a mirror copy.
 pub const MIRROR_HEADER: &str = "x-mesh-mirror";
+
+/// Request header asking the proxy to say how it handled the request (route, backend,
+/// endpoint, attempts) in `x-mesh-*` response headers.
+pub const DEBUG_HEADER: &str = "x-mesh-debug";
+
+/// What the debug header reports.
+#[derive(Debug, Default)]
+pub struct Debug {
+    route: Option<Arc<str>>,
+    tried: Tried,
+}
+
+impl Debug {
+    fn annotate(&self, h: &mut http::HeaderMap) {
+        let attempts = self.tried.attempts();
+        let mut set = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(name, v);
+            }
+        };
+        if let Some(r) = &self.route {
+            set("x-mesh-route", r);
+        }
+        set("x-mesh-attempts", &attempts.len().to_string());
+        if let Some(a) = attempts.last() {
+            set("x-mesh-endpoint", &format!("{} ({})", a.id, a.addr));
+            set("x-mesh-backend", a.version.as_deref().unwrap_or(""));
+        }
+    }
+}
 
 /// Shared by every outbound connection.
 pub struct Outbound {
@@ -74,19 +105,28 @@ impl Outbound {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let grpc = is_grpc(req.headers());
-        match self.proxy(fixed, req).await {
-            Ok(r) => Ok(r),
+        let mut debug = req
+            .headers()
+            .contains_key(DEBUG_HEADER)
+            .then(Debug::default);
+        let mut resp = match self.proxy(fixed, req, &mut debug).await {
+            Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed");
-                Ok(e.to_response(grpc))
+                e.to_response(grpc)
             }
+        };
+        if let Some(d) = debug {
+            d.annotate(resp.headers_mut());
         }
+        Ok(resp)
     }
 
     async fn proxy(
         &self,
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
+        debug: &mut Option<Debug>,
     ) -> Result<Response<Body>, ProxyError> {
         let authority = authority_of(&req)
             .ok_or(ProxyError::NoAuthority)?
@@ -106,6 +146,9 @@ impl Outbound {
             .router
             .route(&parts.method, &parts.uri, &parts.headers)
             .and_then(|i| Some((svc.router.rules.get(i)?, svc.targets.get(i)?)));
+        if let Some(d) = debug.as_mut() {
+            d.route = Some(rule.map_or_else(|| "default".into(), |(r, _)| r.name.clone()));
+        }
         if let Some(rd) = rule.and_then(|(r, _)| r.redirect.as_ref()) {
             return Ok(redirect(rd, &authority, &parts.uri));
         }
@@ -164,6 +207,9 @@ impl Outbound {
                 .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
             (copy, to, permit)
         });
+        if let Some(d) = debug.as_ref() {
+            parts.extensions.insert(d.tried.clone());
+        }
         let upstream = Request::from_parts(parts, body);
         let policy = svc.policy_for(rule);
         let stack = match rule {

@@ -281,7 +281,8 @@ where
                 Some(r) => r.replay().map(ReqBody::Replay),
                 None => Some(ReqBody::Empty),
             };
-            let tried = Tried::default();
+            // The debug header may have put one in already: keep it, so it sees every attempt.
+            let tried = head.extensions.get::<Tried>().cloned().unwrap_or_default();
             let mut body = next_body().unwrap_or(ReqBody::Empty);
             let mut retries = 0;
             loop {
