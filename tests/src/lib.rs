@@ -494,6 +494,18 @@ pub fn policy_in_dump(dump: &serde_json::Value, service: &str) -> Option<String>
         .map(str::to_string)
 }
 
+/// The names of a service's route rules in a /config_dump.
+pub fn rules_in_dump(dump: &serde_json::Value, service: &str) -> Vec<String> {
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// Requests an example app served so far (its `/admin/stats`, straight to the app).
 pub async fn app_requests(app: SocketAddr) -> anyhow::Result<u64> {
     let r = admin_get(app, "/admin/stats").await?;

@@ -87,13 +87,7 @@ async fn the_debug_header_explains_the_routing_decision() -> anyhow::Result<()> 
     .await?;
     wait_config(c.admin, Duration::from_secs(10), |d| {
         policy_in_dump(d, "backend").is_some()
-            && d["services"].as_array().into_iter().flatten().any(|s| {
-                s["rules"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|r| r["name"] == "flaky")
-            })
+            && rules_in_dump(d, "backend").iter().any(|r| r == "flaky")
     })
     .await?;
     let debug = |path: &str| {

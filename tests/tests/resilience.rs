@@ -614,13 +614,7 @@ async fn a_rule_policy_applies_only_to_its_requests() -> anyhow::Result<()> {
         .is_err()
     );
     wait_config(c.admin, Duration::from_secs(10), |d| {
-        d["services"].as_array().into_iter().flatten().any(|s| {
-            s["rules"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|r| r["name"] == "fast")
-        })
+        rules_in_dump(d, "backend").iter().any(|r| r == "fast")
     })
     .await?;
     let fast = |i| {

@@ -27,17 +27,6 @@ async fn get_with(
     })
 }
 
-fn rules_in_dump(d: &serde_json::Value) -> Vec<String> {
-    d["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == "backend")
-        .flat_map(|s| s["rules"].as_array().into_iter().flatten())
-        .filter_map(|r| r["name"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// Test 1 (end to end; the table-driven matcher tests are in proxy/src/http/router/tests.rs):
 /// a header match beats a prefix, a longer prefix beats a shorter one, unmatched requests take
 /// the default split. Rules also edit headers and redirect; rollback and diff work.
@@ -100,7 +89,7 @@ async fn route_rules_follow_precedence() -> anyhow::Result<()> {
     ]))
     .await?;
     wait_config(c.admin, Duration::from_secs(10), |d| {
-        rules_in_dump(d).len() == 4
+        rules_in_dump(d, "backend").len() == 4
     })
     .await?;
 
@@ -140,7 +129,7 @@ async fn route_rules_follow_precedence() -> anyhow::Result<()> {
     let out = mesh.meshctl(&["route", "rollback", "backend"]).await?;
     assert!(out.contains("rolled back"), "{out}");
     wait_config(c.admin, Duration::from_secs(10), |d| {
-        rules_in_dump(d).len() == 3
+        rules_in_dump(d, "backend").len() == 3
     })
     .await?;
     let r = get(&http, "http://backend/old").await?;

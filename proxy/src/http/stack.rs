@@ -35,21 +35,20 @@ pub fn build(
         state,
         // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
         EndpointService {
-            service: svc.name.clone(),
-            identity: svc.identity.clone(),
-            balancer: balancer.clone(),
-            lb: Arc::new(p.lb.clone()),
             outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
-            connect_timeout: p.connect_timeout,
-            idle_timeout: p.idle_timeout,
-            pool: pool.clone(),
+            ..endpoint(svc, balancer, p, pool)
         },
     )
 }
 
-/// The bare endpoint service to `balancer` (mirror copies: no policies, no retries).
-pub fn endpoint(svc: &Service, balancer: &Arc<Balancer>, pool: &Arc<Pool>) -> EndpointService {
-    let p = &svc.policy;
+/// The bare endpoint service to `balancer` under policy `p`'s balancing and connection
+/// settings, without outlier recording (mirror copies use it as is: no policies, no retries).
+pub fn endpoint(
+    svc: &Service,
+    balancer: &Arc<Balancer>,
+    p: &Policy,
+    pool: &Arc<Pool>,
+) -> EndpointService {
     EndpointService {
         service: svc.name.clone(),
         identity: svc.identity.clone(),

@@ -232,7 +232,7 @@ impl Outbound {
                     .map(ReqBody::Replay),
             };
             if let Some(body) = body {
-                let shadow = stack::endpoint(&svc, &to, &self.pool);
+                let shadow = stack::endpoint(&svc, &to, policy.0, &self.pool);
                 let req = copy.map(|()| body);
                 tokio::spawn(async move {
                     let r = shadow.oneshot(req).await;
