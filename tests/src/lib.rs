@@ -118,19 +118,29 @@ impl Mesh {
 
     pub async fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let mut cp_args = vec![
+        let base = vec![
             "--data-dir".to_string(),
             dir.path().join("cp").display().to_string(),
-            "--grpc-addr".into(),
+        ];
+        // Port 0: the control plane binds and reports its ports, so concurrent tests never
+        // race for a port; a restart reuses the reported ones.
+        let mut first = base.clone();
+        first.extend(
+            ["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"].map(String::from),
+        );
+        first.extend(extra.iter().map(|s| s.to_string()));
+        let mut logs = Vec::new();
+        let (cp, ready) = Self::spawn_cp(dir.path(), &first, &mut logs).await?;
+        let grpc = json_addr(&ready, "grpc")?;
+        let admin_addr = json_addr(&ready, "admin")?;
+        let mut cp_args = base;
+        cp_args.extend([
+            "--grpc-addr".to_string(),
             grpc.to_string(),
             "--admin-addr".into(),
             admin_addr.to_string(),
-        ];
+        ]);
         cp_args.extend(extra.iter().map(|s| s.to_string()));
-        let mut logs = Vec::new();
-        let cp = Self::spawn_cp(dir.path(), &cp_args, &mut logs).await?;
         let token = std::fs::read_to_string(dir.path().join("cp/admin-token"))?;
         let ca = std::fs::read_to_string(dir.path().join("cp/ca/root.pem"))?;
         let admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca).await?;
@@ -150,14 +160,20 @@ impl Mesh {
         dir: &Path,
         args: &[String],
         logs: &mut Vec<PathBuf>,
-    ) -> anyhow::Result<Process> {
+    ) -> anyhow::Result<(Process, serde_json::Value)> {
         let log = dir.join(format!("control-plane-{}.log", logs.len()));
         let mut cmd = Command::new(bin_dir().join("mesh-control-plane"));
         cmd.args(args).stderr(std::fs::File::create(&log)?);
-        logs.push(log);
-        Ok(Process::spawn_ready("control plane", cmd, READY_TIMEOUT)
-            .await?
-            .0)
+        logs.push(log.clone());
+        match Process::spawn_ready("control plane", cmd, READY_TIMEOUT).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(e.context(format!("control plane log:\n{}", tail.join("\n"))))
+            }
+        }
     }
 
     /// SIGKILLs the control plane (no cleanup, like a crash).
@@ -171,7 +187,8 @@ impl Mesh {
     /// Starts the control plane again on the same data dir and ports.
     pub async fn restart_control_plane(&mut self) -> anyhow::Result<()> {
         self.kill_control_plane().await;
-        let cp = Self::spawn_cp(self.dir.path(), &self.cp_args.clone(), &mut self.logs).await?;
+        let (cp, _) =
+            Self::spawn_cp(self.dir.path(), &self.cp_args.clone(), &mut self.logs).await?;
         self.cp = Some(cp);
         let token = std::fs::read_to_string(self.dir.path().join("cp/admin-token"))?;
         self.admin = connect_with(
