@@ -52,6 +52,9 @@ pub struct State {
     pub canaries: BTreeMap<String, CanaryRecord>,
     /// Revision of the last change touching each service (its record, endpoints or route).
     pub service_versions: HashMap<String, u64>,
+    /// When this revision was committed (None for the state loaded at start): push latency
+    /// is measured from it.
+    pub committed_at: Option<std::time::Instant>,
 }
 
 impl State {
@@ -273,6 +276,7 @@ impl Registry {
         let rev = self.store.commit(ops.clone()).await?;
         let mut next = (*current).clone();
         next.revision = rev;
+        next.committed_at = Some(std::time::Instant::now());
         for op in &ops {
             let r = match op {
                 Op::Put(k, v) => next.apply(k, Some(v), rev),

@@ -28,6 +28,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// meshctl's port: admin API (TLS + token). Default 15011.
     pub admin_addr: SocketAddr,
+    /// Plain HTTP: `/metrics` and the dashboard. Default 127.0.0.1:15014.
+    pub http_addr: SocketAddr,
     pub leaf_ttl: Duration,
     /// Extra DNS names for the serving certificate.
     pub server_names: Vec<String>,
@@ -56,7 +58,7 @@ fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// Runs the control plane until `shutdown` resolves. Prints one JSON line on stdout once both
-/// ports listen: `{"event":"listening","grpc":"…","admin":"…"}`.
+/// ports listen: `{"event":"listening","grpc":"…","admin":"…","http":"…"}`.
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -92,6 +94,9 @@ pub async fn run(
 
     let proxies = Arc::new(ProxyTable::default());
     let stats = Arc::new(CaStats::default());
+    let web = Arc::new(crate::web::Web {
+        metrics: crate::metrics::registry(proxies.clone(), stats.clone()),
+    });
     let discovery = pb::discovery_server::DiscoveryServer::new(DiscoveryService {
         registry: registry.clone(),
         proxies: proxies.clone(),
@@ -126,8 +131,13 @@ pub async fn run(
         .await
         .with_context(|| format!("bind {}", cfg.admin_addr))?;
     let (grpc_local, admin_local) = (grpc_listener.local_addr()?, admin_listener.local_addr()?);
+    let http_listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("bind {}", cfg.http_addr))?;
+    let http_local = http_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(web.serve(http_listener, stop_rx.clone()));
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -154,10 +164,10 @@ pub async fn run(
             wait(stop_rx),
         );
 
-    tracing::info!(grpc = %grpc_local, admin = %admin_local, data_dir = %cfg.data_dir.display(), trust_domain = %cfg.trust_domain, "control plane listening");
+    tracing::info!(grpc = %grpc_local, admin = %admin_local, http = %http_local, data_dir = %cfg.data_dir.display(), trust_domain = %cfg.trust_domain, "control plane listening");
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "grpc": grpc_local.to_string(), "admin": admin_local.to_string()})
+        serde_json::json!({"event": "listening", "grpc": grpc_local.to_string(), "admin": admin_local.to_string(), "http": http_local.to_string()})
     );
     tokio::spawn(async move {
         shutdown.await;

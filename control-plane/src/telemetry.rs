@@ -148,6 +148,7 @@ impl pb::telemetry_server::Telemetry for TelemetryService {
         let mut stream = req.into_inner();
         while let Some(r) = stream.next().await {
             let r = r?;
+            crate::metrics::cp_metrics().telemetry_reports.inc();
             let at = now_ms();
             for b in &r.backends {
                 self.store.record(b, at);

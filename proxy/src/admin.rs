@@ -1,4 +1,5 @@
-//! The admin port: `/live`, `/ready` (certificate and first config applied), `/config_dump`.
+//! The admin port: `/live`, `/ready` (certificate and first config applied), `/metrics`
+//! (Prometheus text), `/config_dump`.
 
 use crate::http::{Body, full};
 use crate::snapshot::Snapshots;
@@ -11,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Admin {
+    /// Encodes the proxy's counters at each scrape (`telemetry::metrics`).
+    pub metrics: prometheus_client::registry::Registry,
     /// Peer connections (their count is in /config_dump).
     pub pool: Arc<crate::outbound::pool::Pool>,
     pub tls: Arc<TlsContext>,
@@ -54,6 +57,22 @@ impl Admin {
                     format!("not ready: {why}\n"),
                 ),
             },
+            "/metrics" => match crate::telemetry::metrics::encode(&self.metrics) {
+                Ok(body) => {
+                    let mut r = Response::new(full(body));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics failed: {e}\n"),
+                ),
+            },
             "/config_dump" => {
                 let mut r = Response::new(full(self.config_dump().to_string()));
                 r.headers_mut().insert(
@@ -64,7 +83,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /config_dump\n",
+                "not found: try /live, /ready, /metrics, /config_dump\n",
             ),
         })
     }

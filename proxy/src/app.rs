@@ -9,6 +9,7 @@ use crate::identity::control_plane::ControlPlane;
 use crate::inbound::Inbound;
 use crate::outbound::{Outbound, pool::Pool};
 use crate::snapshot::Snapshots;
+use crate::telemetry::metrics::{ConnGuard, ConnKind};
 use crate::tls::TlsContext;
 use anyhow::Context;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -51,6 +52,11 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let tls = Arc::new(TlsContext::new(&b.ca_pem).context("--ca-file")?);
     let (snapshots, subscribe_rx) = Snapshots::new();
     let identity: Arc<str> = b.identity.as_str().into();
+    crate::telemetry::metrics::metrics().set_local(crate::telemetry::metrics::Local {
+        identity: identity.clone(),
+        service: b.service.as_deref().unwrap_or("").into(),
+        version: b.version_label.as_deref().unwrap_or("").into(),
+    });
 
     // Bind everything first: a port conflict fails fast, before any control-plane traffic.
     let admin_l = bind(b.admin_addr, "admin").await?;
@@ -85,6 +91,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
 
     let pool = Arc::new(Pool::new(tls.clone()));
     let admin = Arc::new(Admin {
+        metrics: crate::telemetry::metrics::registry(snapshots.clone(), pool.clone()),
         pool: pool.clone(),
         tls: tls.clone(),
         snapshots: snapshots.clone(),
@@ -157,6 +164,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
             let (outbound, fixed) = (outbound.clone(), fixed.clone());
             async move {
+                let _open = ConnGuard::new(ConnKind::OutboundApp);
                 serve(
                     s,
                     hyper::service::service_fn(move |r| outbound.clone().handle(fixed.clone(), r)),

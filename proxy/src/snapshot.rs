@@ -7,6 +7,7 @@ use crate::balance::{Balancer, Endpoint};
 use crate::http::router::{MirrorConfig, Router, Rule};
 use crate::http::stack::Stack;
 use crate::policy::{Policy, PolicyState};
+use crate::telemetry::metrics::TargetMetrics;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
@@ -15,6 +16,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// The route label of requests no rule matched (metrics, debug header).
+pub const DEFAULT_ROUTE: &str = "default";
 /// How long a request waits for discovery to answer about a service it has not seen yet.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 /// Most distinct service names a proxy subscribes to (bounds what a confused app can make it do).
@@ -42,6 +45,8 @@ pub struct Service {
     /// Mirroring of the default backends' requests.
     pub mirror: Option<MirrorConfig>,
     pub mirror_balancer: Option<Arc<Balancer>>,
+    /// Request counters of the default route, per answering version.
+    pub metrics: Arc<TargetMetrics>,
     /// What the proxy knows of each endpoint, shared by every balancer of the service.
     pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
 }
@@ -57,6 +62,8 @@ pub struct Target {
     pub mirror_balancer: Option<Arc<Balancer>>,
     /// State of the rule's own policy (None: it uses the service's).
     pub state: Option<PolicyState>,
+    /// Request counters of the rule, per answering version.
+    pub metrics: Arc<TargetMetrics>,
 }
 
 impl Service {
@@ -89,6 +96,11 @@ impl Service {
                 ))
             })
         };
+        let versions = || endpoints.iter().filter_map(|e| e.version.as_ref());
+        let (name, identity) = (&self.name, &self.identity);
+        let counters =
+            |route: &Arc<str>| Arc::new(TargetMetrics::new(name, identity, route, versions()));
+        self.metrics = counters(&Arc::from(DEFAULT_ROUTE));
         self.balancer = Arc::new(Balancer::new(endpoints, &self.backends, state_of));
         self.mirror_balancer = mirror_of(&self.mirror);
         self.targets = self
@@ -104,6 +116,7 @@ impl Service {
                 stack: OnceLock::new(),
                 mirror_balancer: mirror_of(&r.mirror),
                 state: r.policy.as_ref().map(PolicyState::new),
+                metrics: counters(&r.name),
             })
             .collect();
         self.stack = OnceLock::new();

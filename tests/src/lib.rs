@@ -95,6 +95,8 @@ pub struct Mesh {
     pub dir: tempfile::TempDir,
     pub grpc: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The control plane's plain-HTTP port (`/metrics`, dashboard).
+    pub http: SocketAddr,
     pub cp: Option<Process>,
     pub procs: Vec<Process>,
     pub admin: Admin,
@@ -126,19 +128,30 @@ impl Mesh {
         // race for a port; a restart reuses the reported ones.
         let mut first = base.clone();
         first.extend(
-            ["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"].map(String::from),
+            [
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ]
+            .map(String::from),
         );
         first.extend(extra.iter().map(|s| s.to_string()));
         let mut logs = Vec::new();
         let (cp, ready) = Self::spawn_cp(dir.path(), &first, &mut logs).await?;
         let grpc = json_addr(&ready, "grpc")?;
         let admin_addr = json_addr(&ready, "admin")?;
+        let http = json_addr(&ready, "http")?;
         let mut cp_args = base;
         cp_args.extend([
             "--grpc-addr".to_string(),
             grpc.to_string(),
             "--admin-addr".into(),
             admin_addr.to_string(),
+            "--http-addr".into(),
+            http.to_string(),
         ]);
         cp_args.extend(extra.iter().map(|s| s.to_string()));
         let token = std::fs::read_to_string(dir.path().join("cp/admin-token"))?;
@@ -148,6 +161,7 @@ impl Mesh {
             dir,
             grpc,
             admin_addr,
+            http,
             cp: Some(cp),
             procs: Vec::new(),
             admin,
@@ -685,4 +699,41 @@ pub async fn set_weights(
     anyhow::ensure!(out.contains("route of backend set to"), "{out}");
     let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
     wait_config(admin, timeout, |d| route_in_dump(d, "backend") == want).await
+}
+
+/// Samples of one metric family in a `/metrics` page, by their labels (the `labels` listed),
+/// parsed with a Prometheus text parser.
+pub fn samples(
+    text: &str,
+    metric: &str,
+    labels: &[&str],
+    filter: &[(&str, &str)],
+) -> anyhow::Result<std::collections::BTreeMap<Vec<String>, f64>> {
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok::<_, std::io::Error>(l.into())))?;
+    let mut out = std::collections::BTreeMap::new();
+    for s in scrape.samples.iter().filter(|s| s.metric == metric) {
+        if filter.iter().any(|(k, v)| s.labels.get(k) != Some(*v)) {
+            continue;
+        }
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        let key = labels
+            .iter()
+            .map(|l| s.labels.get(l).unwrap_or("").to_string())
+            .collect();
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    Ok(out)
+}
+
+/// An expected `samples` result from rows of (label values, value).
+pub fn expect(rows: &[(&[&str], f64)]) -> std::collections::BTreeMap<Vec<String>, f64> {
+    rows.iter()
+        .map(|(k, v)| (k.iter().map(|s| s.to_string()).collect(), *v))
+        .collect()
 }

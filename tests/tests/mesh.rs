@@ -297,6 +297,17 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
         table.contains("NACK REASON") && table.contains("weights sum to 0"),
         "{table}"
     );
+    let m = admin_get(mesh.http, "/metrics").await?.text;
+    // Every proxy subscribed to backend (its two sidecars and web's) refused it.
+    assert_eq!(
+        samples(&m, "mesh_cp_nacking_proxies", &[], &[])?,
+        expect(&[(&[], 3.0)]),
+        "{m}"
+    );
+    assert!(
+        samples(&m, "mesh_cp_nacks_total", &[], &[])?[&vec![]] >= 1.0,
+        "{m}"
+    );
 
     assert_eq!(
         route_in_dump(&admin_get(c.admin, "/config_dump").await?.json, "backend"),

@@ -117,3 +117,168 @@ async fn the_debug_header_explains_the_routing_decision() -> anyhow::Result<()> 
     assert!(!plain.headers.contains_key("x-mesh-route"));
     Ok(())
 }
+
+/// After a known mix of requests (successes, 500s, one timeout, one gRPC call), `/metrics` on
+/// both sidecars parses as Prometheus text and every counter matches exactly per label set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_request_exactly_per_label_set() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+    for _ in 0..10 {
+        assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    }
+    mesh.set_policy(
+        c.admin,
+        "backend",
+        &["--timeout", "300ms"],
+        &["request_timeout: Some(300ms)"],
+    )
+    .await?;
+    for _ in 0..3 {
+        assert_eq!(get(&http, "http://backend/status/500").await?.status, 500);
+    }
+    let timed_out = get(&http, "http://backend/delay/2000").await?;
+    assert_eq!(timed_out.status, 504);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.outbound))?
+        .origin("http://backend".parse()?)
+        .connect()
+        .await?;
+    mesh_proto::example::echo_client::EchoClient::new(channel)
+        .unary(mesh_proto::example::EchoRequest::default())
+        .await?;
+    let unknown = get(&http, "http://nosuch/").await?;
+    assert_eq!(unknown.status, 404);
+
+    let labels = ["dst_service", "route", "backend_version", "status_class"];
+    let out = [("direction", "outbound")];
+    // Bounded wait until all 16 are in (a body's end is recorded as the response goes out).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = admin_get(c.admin, "/metrics").await?.text;
+        let total: f64 = samples(&text, "mesh_requests_total", &labels, &out)?
+            .values()
+            .sum();
+        if total >= 16.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        samples(&text, "mesh_requests_total", &labels, &out)?,
+        expect(&[
+            (&["", "", "", "4xx"], 1.0),
+            (&["backend", "default", "", "5xx"], 1.0),
+            (&["backend", "default", "v1", "2xx"], 11.0),
+            (&["backend", "default", "v1", "5xx"], 3.0),
+        ]),
+        "{text}"
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "mesh_proxy_errors_total",
+            &["dst_service", "backend_version", "reason"],
+            &out
+        )?,
+        expect(&[
+            (&["", "", "unknown-service"], 1.0),
+            (&["backend", "", "timeout"], 1.0)
+        ]),
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "mesh_grpc_responses_total",
+            &["dst_service", "grpc_status"],
+            &out
+        )?,
+        expect(&[(&["backend", "0"], 1.0)]),
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "mesh_response_latency_seconds_count",
+            &["dst_service", "backend_version"],
+            &out
+        )?,
+        expect(&[
+            (&["", ""], 1.0),
+            (&["backend", ""], 1.0),
+            (&["backend", "v1"], 14.0)
+        ]),
+    );
+    let web_id = "spiffe://mesh.local/ns/default/sa/web";
+    let backend_id = "spiffe://mesh.local/ns/default/sa/backend";
+    let ids = samples(
+        &text,
+        "mesh_requests_total",
+        &["src_identity", "dst_identity"],
+        &[("dst_service", "backend")],
+    )?;
+    assert_eq!(
+        ids.keys().collect::<Vec<_>>(),
+        [&vec![web_id.to_string(), backend_id.to_string()]]
+    );
+    // One pooled mTLS connection to the backend's sidecar, one handshake.
+    let tls = samples(
+        &text,
+        "mesh_tls_handshakes_total",
+        &["direction", "result"],
+        &[],
+    )?;
+    assert_eq!(tls[&vec!["outbound".into(), "ok".into()]], 1.0, "{tls:?}");
+    let bytes = samples(
+        &text,
+        "mesh_response_bytes_total",
+        &["backend_version"],
+        &out,
+    )?;
+    assert!(bytes[&vec!["v1".to_string()]] > 0.0, "{bytes:?}");
+
+    // The backend's sidecar saw the same requests inbound, from web's identity; the timed-out
+    // one was cancelled by the caller before the app answered.
+    let text = admin_get(b.admin, "/metrics").await?.text;
+    assert_eq!(
+        samples(
+            &text,
+            "mesh_requests_total",
+            &[
+                "src_identity",
+                "dst_service",
+                "backend_version",
+                "status_class"
+            ],
+            &[("direction", "inbound")]
+        )?,
+        expect(&[
+            (&[web_id, "backend", "v1", "2xx"], 11.0),
+            (&[web_id, "backend", "v1", "5xx"], 3.0),
+        ]),
+        "{text}"
+    );
+    let tls = samples(
+        &text,
+        "mesh_tls_handshakes_total",
+        &["direction", "result"],
+        &[],
+    )?;
+    assert_eq!(tls[&vec!["inbound".into(), "ok".into()]], 1.0, "{tls:?}");
+
+    // The control plane's own: two proxies connected, two certificates signed, and the
+    // policy write timed from commit to ACK.
+    let text = admin_get(mesh.http, "/metrics").await?.text;
+    assert_eq!(
+        samples(&text, "mesh_cp_connected_proxies", &[], &[])?,
+        expect(&[(&[], 2.0)])
+    );
+    assert_eq!(
+        samples(&text, "mesh_cp_csr_total", &["result"], &[])?,
+        expect(&[(&["refused"], 0.0), (&["signed"], 2.0)])
+    );
+    let pushes = samples(&text, "mesh_cp_push_latency_seconds_count", &[], &[])?;
+    assert!(pushes[&vec![]] >= 1.0, "{text}");
+    Ok(())
+}

@@ -332,6 +332,8 @@ async fn main() -> anyhow::Result<()> {
             &grpc.to_string(),
             "--admin-addr",
             &admin_addr.to_string(),
+            "--http-addr",
+            "127.0.0.1:0",
         ])
         .stderr(log("cp")?);
     procs.push(Process::spawn_ready("control plane", cmd, READY).await?.0);

@@ -22,6 +22,9 @@ struct Args {
     /// Address for meshctl (admin API).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15011")]
     admin_addr: std::net::SocketAddr,
+    /// Address of the plain-HTTP port: /metrics and the dashboard (read-only).
+    #[arg(long, env = "MESH_HTTP_ADDR", default_value = "127.0.0.1:15014")]
+    http_addr: std::net::SocketAddr,
     /// Workload certificate lifetime, seconds.
     #[arg(long, default_value_t = 86400)]
     cert_ttl_secs: u64,
@@ -53,6 +56,7 @@ async fn main() -> std::process::ExitCode {
         trust_domain: a.trust_domain,
         grpc_addr: a.grpc_addr,
         admin_addr: a.admin_addr,
+        http_addr: a.http_addr,
         leaf_ttl: std::time::Duration::from_secs(a.cert_ttl_secs),
         server_names: a.server_names,
         ca_cert: a.ca_cert,

@@ -1,10 +1,12 @@
 //! One proxy's discovery stream.
 
 use super::{ProxyTable, SERVICE_PREFIX, service_config};
+use crate::metrics::cp_metrics;
 use crate::registry::Registry;
 use mesh_proto::v1 as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -19,8 +21,9 @@ pub(super) struct Session {
     subscriptions: BTreeSet<String>,
     /// What the proxy was last sent per name: Some(version), or None when sent as removed.
     sent: HashMap<String, Option<u64>>,
-    /// Nonce → revision of responses not yet answered.
-    pending: HashMap<String, u64>,
+    /// Nonce → revision of responses not yet answered, and the commit time of the write that
+    /// caused them (None for the first response and resubscriptions: no write to time).
+    pending: HashMap<String, (u64, Option<Instant>)>,
     next_nonce: u64,
 }
 
@@ -52,14 +55,14 @@ impl Session {
         changes.borrow_and_update();
         self.handle(first);
         // The first response always goes out, empty or not: it tells the proxy it is in sync.
-        let mut ok = self.push(true).await;
+        let mut ok = self.push(true, false).await;
         while ok {
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         let resubscribed = self.handle(m);
                         if resubscribed {
-                            ok = self.push(false).await;
+                            ok = self.push(false, false).await;
                         }
                     }
                     Ok(None) => break,
@@ -71,7 +74,7 @@ impl Session {
                 r = changes.changed() => {
                     if r.is_err() { break; }
                     changes.borrow_and_update();
-                    ok = self.push(false).await;
+                    ok = self.push(false, true).await;
                 }
             }
         }
@@ -94,15 +97,19 @@ impl Session {
         }
         if let Some(mut st) = self.table.proxies.get_mut(&self.id) {
             if !m.response_nonce.is_empty()
-                && let Some(rev) = self.pending.remove(&m.response_nonce)
+                && let Some((rev, committed)) = self.pending.remove(&m.response_nonce)
             {
                 if m.error_detail.is_empty() {
+                    if let Some(t) = committed {
+                        cp_metrics().acked(t.elapsed());
+                    }
                     st.acked_version = st.acked_version.max(rev);
                     if st.nacked_version <= rev {
                         st.nacked_version = 0;
                         st.nack_reason.clear();
                     }
                 } else {
+                    cp_metrics().nacks.inc();
                     tracing::warn!(node = %st.node_id, revision = rev, reason = %m.error_detail, "proxy NACKed config");
                     st.nacked_version = rev;
                     st.nack_reason = m.error_detail;
@@ -115,8 +122,9 @@ impl Session {
         grew
     }
 
-    /// Sends what changed since the last push. Returns false when the stream is gone.
-    async fn push(&mut self, always: bool) -> bool {
+    /// Sends what changed since the last push; `timed`: a write caused it (its ACK is timed).
+    /// Returns false when the stream is gone.
+    async fn push(&mut self, always: bool, timed: bool) -> bool {
         let state = self.registry.state();
         let mut resources = Vec::new();
         let mut removed = Vec::new();
@@ -155,13 +163,16 @@ impl Session {
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        self.pending.insert(nonce.clone(), state.revision);
+        let committed = state.committed_at.filter(|_| timed);
+        self.pending
+            .insert(nonce.clone(), (state.revision, committed));
+        cp_metrics().pushes.inc();
         // Bound the bookkeeping if a proxy never answers.
         if self.pending.len() > 64 {
             let oldest = self
                 .pending
                 .iter()
-                .min_by_key(|(_, r)| **r)
+                .min_by_key(|(_, (r, _))| *r)
                 .map(|(n, _)| n.clone());
             if let Some(n) = oldest {
                 self.pending.remove(&n);

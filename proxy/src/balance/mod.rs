@@ -132,14 +132,20 @@ impl Drop for Picked {
 
 impl Picked {
     /// Records the attempt's latency (for EWMA) and outcome (for outlier ejection).
-    pub fn finish(mut self, success: bool, balancer: &Balancer, cfg: Option<&OutlierConfig>) {
+    /// Records the attempt's outcome; true when it got the endpoint ejected.
+    pub fn finish(
+        mut self,
+        success: bool,
+        balancer: &Balancer,
+        cfg: Option<&OutlierConfig>,
+    ) -> bool {
         self.done = true;
         let now = state::Now::get();
         let rtt = Duration::from_nanos(now.0.saturating_sub(self.started.0));
         self.state.finish(now, rtt, success, self.trial);
-        if let Some(cfg) = cfg {
-            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id);
-        }
+        cfg.is_some_and(|cfg| {
+            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id)
+        })
     }
 }
 

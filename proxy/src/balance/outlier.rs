@@ -62,7 +62,8 @@ fn count(s: &EndpointState, failed: bool, now: Now, window: Duration) -> (u32, u
     (total, failed_n)
 }
 
-/// Records one attempt's outcome and ejects the endpoint if the config says so.
+/// Records one attempt's outcome and ejects the endpoint if the config says so; true when it
+/// was ejected now.
 pub fn record(
     b: &Balancer,
     s: &EndpointState,
@@ -70,7 +71,7 @@ pub fn record(
     trial: bool,
     cfg: &OutlierConfig,
     id: &str,
-) {
+) -> bool {
     let now = Now::get();
     let (total, failed) = count(s, !success, now, cfg.window);
     if success {
@@ -82,21 +83,19 @@ pub fn record(
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             tracing::info!(endpoint = id, "endpoint passed probation; back in rotation");
         }
-        return;
+        return false;
     }
     let consecutive = s.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
     let by_count = cfg.consecutive_failures > 0 && consecutive >= cfg.consecutive_failures;
     let by_rate = cfg.failure_rate_percent > 0.0
         && total >= cfg.min_requests.max(1)
         && f64::from(failed) * 100.0 >= cfg.failure_rate_percent * f64::from(total);
-    if trial || by_count || by_rate {
-        eject(b, s, cfg, now, id);
-    }
+    (trial || by_count || by_rate) && eject(b, s, cfg, now, id)
 }
 
-fn eject(b: &Balancer, s: &EndpointState, cfg: &OutlierConfig, now: Now, id: &str) {
+fn eject(b: &Balancer, s: &EndpointState, cfg: &OutlierConfig, now: Now, id: &str) -> bool {
     if s.is_ejected(now) {
-        return;
+        return false;
     }
     let (n, ejected) = b.states().fold((0u32, 0u32), |(n, e), (_, st)| {
         (n + 1, e + u32::from(st.is_ejected(now)))
@@ -110,7 +109,7 @@ fn eject(b: &Balancer, s: &EndpointState, cfg: &OutlierConfig, now: Now, id: &st
             allowed,
             "ejection skipped: at max ejected share"
         );
-        return;
+        return false;
     }
     let count = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
     let length = cfg.base_ejection * count.min(MAX_EJECTION_FACTOR);
@@ -126,4 +125,5 @@ fn eject(b: &Balancer, s: &EndpointState, cfg: &OutlierConfig, now: Now, id: &st
         for_ms = length.as_millis() as u64,
         "endpoint ejected"
     );
+    true
 }

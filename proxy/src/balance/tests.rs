@@ -142,13 +142,16 @@ async fn ejects_after_consecutive_failures_then_probation_lets_it_back() {
     let cfg = outlier(3);
     let a = eps[0].addr;
     let fail_a = |n| {
-        for _ in 0..n {
-            let p = b.pick(&rr(), None, &[eps[1].addr, eps[2].addr]).unwrap();
-            assert_eq!(p.addr, a);
-            p.finish(false, &b, Some(&cfg));
-        }
+        (0..n)
+            .map(|_| {
+                let p = b.pick(&rr(), None, &[eps[1].addr, eps[2].addr]).unwrap();
+                assert_eq!(p.addr, a);
+                p.finish(false, &b, Some(&cfg))
+            })
+            .collect::<Vec<bool>>()
     };
-    fail_a(3);
+    // The third failure ejects (and says so: the metrics count it).
+    assert_eq!(fail_a(3), [false, false, true]);
     // Ejected: nothing goes to a for the ejection time.
     for _ in 0..20 {
         assert_ne!(b.pick(&rr(), None, &[]).unwrap().addr, a);

@@ -83,6 +83,7 @@ impl TryFrom<pb::ServiceConfig> for Service {
             targets: Vec::new(),
             mirror: super::convert_route::mirror("default backends", &route.mirror).map_err(bad)?,
             mirror_balancer: None,
+            metrics: Arc::default(),
             endpoint_states: HashMap::new(),
             balancer: Arc::new(Balancer::new(&[], &[], |_| Arc::default())),
             name: c.name.as_str().into(),

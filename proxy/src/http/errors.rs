@@ -57,6 +57,34 @@ pub enum ProxyError {
     BadRequest(String),
 }
 
+/// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
+pub const REASONS: [&str; 16] = [
+    "no-authority",
+    "bad-request",
+    "unknown-service",
+    "too-many-services",
+    "discovery-unavailable",
+    "no-healthy-endpoints",
+    "connect-failed",
+    "tls-failed",
+    "upstream-reset",
+    "refused-stream",
+    "per-try-timeout",
+    "timeout",
+    "rate-limited",
+    "circuit-open",
+    "fault-abort",
+    "app-unavailable",
+];
+
+/// Index of `reason` in `REASONS` (`REASONS.len()` for one not in it).
+pub fn reason_index(reason: &[u8]) -> usize {
+    REASONS
+        .iter()
+        .position(|r| r.as_bytes() == reason)
+        .unwrap_or(REASONS.len())
+}
+
 impl ProxyError {
     /// (HTTP status, `x-mesh-error` reason, gRPC code, side)
     fn row(&self) -> (StatusCode, &'static str, u8, Side) {
@@ -177,6 +205,55 @@ fn grpc_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Metrics count proxy errors by index into `REASONS`: every reason must be in it.
+    #[test]
+    fn every_reason_is_in_the_metrics_table() {
+        use std::time::Duration;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let all = [
+            ProxyError::NoAuthority,
+            ProxyError::BadRequest(String::new()),
+            ProxyError::UnknownService(String::new()),
+            ProxyError::TooManyServices,
+            ProxyError::DiscoveryUnavailable(String::new()),
+            ProxyError::NoEndpoints(String::new()),
+            ProxyError::Connect {
+                addr,
+                reason: String::new(),
+            },
+            ProxyError::Tls {
+                addr,
+                reason: String::new(),
+            },
+            ProxyError::Upstream(String::new()),
+            ProxyError::Refused(String::new()),
+            ProxyError::Timeout {
+                after: Duration::ZERO,
+                per_try: true,
+                deadline: false,
+            },
+            ProxyError::Timeout {
+                after: Duration::ZERO,
+                per_try: false,
+                deadline: false,
+            },
+            ProxyError::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::CircuitOpen(String::new()),
+            ProxyError::FaultAbort(503),
+            ProxyError::App(String::new()),
+        ];
+        let mut seen: Vec<usize> = all
+            .iter()
+            .map(|e| reason_index(e.reason().as_bytes()))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, (0..REASONS.len()).collect::<Vec<_>>());
+        assert_eq!(reason_index(b"no-such-reason"), REASONS.len());
+    }
 
     #[test]
     fn http_and_grpc_shapes() {

@@ -58,6 +58,7 @@ pub fn endpoint(
         connect_timeout: p.connect_timeout,
         idle_timeout: p.idle_timeout,
         pool: pool.clone(),
+        ejections: crate::telemetry::metrics::metrics().ejections(&svc.name),
     }
 }
 

@@ -6,6 +6,8 @@ use crate::http::errors::ProxyError;
 use crate::http::server::serve;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::Snapshots;
+use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
+use crate::telemetry::{Counters, Observation, ObservedBody};
 use crate::tls::{TlsContext, spiffe_id_of};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -126,12 +128,17 @@ impl Inbound {
         )
         .await
         {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                metrics().handshake(Direction::Inbound, Handshake::Ok);
+                s
+            }
             Ok(Err(e)) => {
+                metrics().handshake(Direction::Inbound, Handshake::Failed);
                 tracing::info!(%peer, error = %e, "inbound TLS handshake refused");
                 return;
             }
             Err(_) => {
+                metrics().handshake(Direction::Inbound, Handshake::TimedOut);
                 tracing::info!(%peer, "inbound TLS handshake timed out");
                 return;
             }
@@ -148,9 +155,12 @@ impl Inbound {
         };
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
         let caller: Arc<str> = caller.into();
+        let counters = Counters::Fixed(metrics().inbound(&caller));
+        let _open = ConnGuard::new(ConnKind::InboundPeer);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
-            this.clone().handle(caller.clone(), xfcc.clone(), req)
+            let obs = Observation::start(Some(counters.clone()));
+            this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
         serve(tls, svc, watcher).await;
     }
@@ -160,15 +170,17 @@ impl Inbound {
         caller: Arc<str>,
         xfcc: Option<HeaderValue>,
         req: Request<Incoming>,
-    ) -> Result<Response<Body>, Infallible> {
+        obs: Observation,
+    ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
-        if let Err(e) = self.rate_limit(&caller) {
-            return Ok(e.to_response(grpc));
-        }
-        match self.forward(xfcc, req).await {
-            Ok(r) => Ok(r.map(Body::Left)),
-            Err(e) => Ok(e.to_response(grpc)),
-        }
+        let resp = match self.rate_limit(&caller) {
+            Err(e) => e.to_response(grpc),
+            Ok(()) => match self.forward(xfcc, req).await {
+                Ok(r) => r.map(Body::Left),
+                Err(e) => e.to_response(grpc),
+            },
+        };
+        Ok(obs.finish(resp))
     }
 
     async fn forward(

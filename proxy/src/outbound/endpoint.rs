@@ -7,12 +7,14 @@ use crate::balance::outlier::OutlierConfig;
 use crate::balance::{Balancer, LbConfig, PickError, Picked, Tried, hash_bytes};
 use crate::http::body::ReqBody;
 use crate::http::errors::ProxyError;
+use crate::telemetry::Answered;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +29,8 @@ pub struct EndpointService {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool: Arc<Pool>,
+    /// The service's cumulative ejection counter (`/metrics`).
+    pub ejections: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for EndpointService {
@@ -68,6 +72,13 @@ impl EndpointService {
             })
     }
 
+    /// Tells the balancer (and outlier detection) how the attempt went.
+    fn finish(&self, picked: Picked, ok: bool) {
+        if picked.finish(ok, &self.balancer, self.outlier.as_deref()) {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A ready connection to `addr` (one fresh attempt if the pooled one just closed).
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
         let get = || {
@@ -95,7 +106,6 @@ impl EndpointService {
             .map(|v| hash_bytes(v.as_bytes()));
         let tried = req.extensions_mut().remove::<Tried>();
         let mut avoid = tried.as_ref().map(Tried::list).unwrap_or_default();
-        let outlier = self.outlier.as_deref();
         let mut attempt = 0;
         loop {
             let picked = self.pick(hash, &avoid)?;
@@ -106,7 +116,7 @@ impl EndpointService {
             let mut sender = match self.connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {
-                    picked.finish(false, &self.balancer, outlier);
+                    self.finish(picked, false);
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -117,13 +127,15 @@ impl EndpointService {
                 }
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let ok = !resp.status().is_server_error();
-                    picked.finish(ok, &self.balancer, outlier);
+                    let version = picked.version.clone();
+                    self.finish(picked, ok);
+                    resp.extensions_mut().insert(Answered { version, addr });
                     return Ok(resp);
                 }
                 Err(mut e) => {
-                    picked.finish(false, &self.balancer, outlier);
+                    self.finish(picked, false);
                     let unsent = e.take_message();
                     let e = e.into_error();
                     if e.is_closed() || e.is_canceled() {

@@ -13,7 +13,9 @@ use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::stack;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
-use crate::snapshot::{ResolveError, Snapshots};
+use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Snapshots};
+use crate::telemetry::metrics::metrics;
+use crate::telemetry::{Counters, Observation, ObservedBody};
 use http::{HeaderValue, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -103,13 +105,14 @@ impl Outbound {
         self: Arc<Self>,
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
-    ) -> Result<Response<Body>, Infallible> {
+    ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
         let mut debug = req
             .headers()
             .contains_key(DEBUG_HEADER)
             .then(Debug::default);
-        let mut resp = match self.proxy(fixed, req, &mut debug).await {
+        let mut obs = Observation::start(Some(Counters::Fixed(metrics().unresolved())));
+        let mut resp = match self.proxy(fixed, req, &mut debug, &mut obs).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed");
@@ -119,7 +122,7 @@ impl Outbound {
         if let Some(d) = debug {
             d.annotate(resp.headers_mut());
         }
-        Ok(resp)
+        Ok(obs.finish(resp))
     }
 
     async fn proxy(
@@ -127,6 +130,7 @@ impl Outbound {
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
         debug: &mut Option<Debug>,
+        obs: &mut Observation,
     ) -> Result<Response<Body>, ProxyError> {
         let authority = authority_of(&req)
             .ok_or(ProxyError::NoAuthority)?
@@ -146,8 +150,11 @@ impl Outbound {
             .router
             .route(&parts.method, &parts.uri, &parts.headers)
             .and_then(|i| Some((svc.router.rules.get(i)?, svc.targets.get(i)?)));
+        obs.set_counters(Counters::Target(
+            rule.map_or(&svc.metrics, |(_, t)| &t.metrics).clone(),
+        ));
         if let Some(d) = debug.as_mut() {
-            d.route = Some(rule.map_or_else(|| "default".into(), |(r, _)| r.name.clone()));
+            d.route = Some(rule.map_or_else(|| DEFAULT_ROUTE.into(), |(r, _)| r.name.clone()));
         }
         if let Some(rd) = rule.and_then(|(r, _)| r.redirect.as_ref()) {
             return Ok(redirect(rd, &authority, &parts.uri));

@@ -137,11 +137,22 @@ impl Pool {
             })?;
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
-            .map_err(|e| ProxyError::Tls {
-                addr,
-                reason: e.to_string(),
-            })?;
+            .await;
+        let m = crate::telemetry::metrics::metrics();
+        use crate::telemetry::metrics::{Direction, Handshake};
+        let tls = match tls {
+            Ok(t) => {
+                m.handshake(Direction::Outbound, Handshake::Ok);
+                t
+            }
+            Err(e) => {
+                m.handshake(Direction::Outbound, Handshake::Failed);
+                return Err(ProxyError::Tls {
+                    addr,
+                    reason: e.to_string(),
+                });
+            }
+        };
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))

@@ -130,6 +130,8 @@ struct Slot {
 pub struct Budget {
     origin: Instant,
     slots: [Slot; BUDGET_WINDOW_SECS as usize],
+    /// Retries granted since the budget was made (for `/metrics`).
+    retried: AtomicU64,
 }
 
 impl Default for Budget {
@@ -137,6 +139,7 @@ impl Default for Budget {
         Self {
             origin: Instant::now(),
             slots: Default::default(),
+            retried: AtomicU64::new(0),
         }
     }
 }
@@ -188,7 +191,13 @@ impl Budget {
             return false;
         }
         slot.retries.fetch_add(1, Ordering::Relaxed);
+        self.retried.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Retries granted since the budget was made.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 
     /// (requests, retries) in the window, for /config_dump.

@@ -1,0 +1,655 @@
+//! Prometheus metrics of the proxy, served as text on the admin port's `/metrics` (encoded by
+//! `prometheus-client`). The request path never takes a lock: a request's counters are one
+//! `Arc<RequestMetrics>` of atomics, looked up when the config is applied (outbound) or when a
+//! connection is accepted (inbound), and read only at scrape time. Label values come from config
+//! and certificates, never from paths; past `MAX_LABEL_SETS` new sets share one `overflow` set.
+
+use crate::http::errors::REASONS;
+use crate::snapshot::Snapshots;
+use dashmap::DashMap;
+use mesh_proto::LATENCY_BUCKETS_MS;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Duration;
+
+/// Most distinct request label sets kept; later ones are counted under `overflow`.
+pub const MAX_LABEL_SETS: usize = 2_000;
+/// gRPC status codes 0..=16, then one slot for "unknown".
+const GRPC_SLOTS: usize = 18;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Who called whom, by which route, answered by which version: the labels of request metrics.
+/// `route` is the route rule's name (`default` when no rule matched; empty inbound),
+/// `backend_version` the version of the endpoint that answered (empty when none did).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub src_identity: Arc<str>,
+    pub dst_service: Arc<str>,
+    pub dst_identity: Arc<str>,
+    pub route: Arc<str>,
+    pub backend_version: Arc<str>,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> fmt::Result {
+        for kv in [
+            ("direction", self.direction.as_str()),
+            ("src_identity", &self.src_identity),
+            ("dst_service", &self.dst_service),
+            ("dst_identity", &self.dst_identity),
+            ("route", &self.route),
+            ("backend_version", &self.backend_version),
+        ] {
+            kv.encode(enc.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// How one request ended, as the metrics count it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    pub status: u16,
+    /// gRPC status, for gRPC requests (from trailers, or headers of a trailers-only answer).
+    pub grpc: Option<u16>,
+    /// Index in `REASONS` of the `x-mesh-error` reason, when the proxy answered itself.
+    pub error: Option<usize>,
+    pub latency: Duration,
+    pub response_bytes: u64,
+}
+
+/// The counters of one label set: plain atomics, written by requests, read by scrapes.
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    /// By status class: 1xx, 2xx, 3xx, 4xx, 5xx, other.
+    status: [AtomicU64; 6],
+    grpc: [AtomicU64; GRPC_SLOTS],
+    /// By `REASONS` index, then one slot for a reason not in the table.
+    errors: [AtomicU64; REASONS.len() + 1],
+    /// Cumulative-free bucket counts (bucket i: latency ≤ LATENCY_BUCKETS_MS[i]; last: above).
+    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+    response_bytes: AtomicU64,
+}
+
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+impl RequestMetrics {
+    pub fn record(&self, o: &Outcome) {
+        let class = match o.status {
+            100..=599 => usize::from(o.status / 100) - 1,
+            _ => 5,
+        };
+        self.status[class].fetch_add(1, Relaxed);
+        if let Some(g) = o.grpc {
+            self.grpc[usize::from(g).min(GRPC_SLOTS - 1)].fetch_add(1, Relaxed);
+        }
+        if let Some(e) = o.error {
+            self.errors[e.min(REASONS.len())].fetch_add(1, Relaxed);
+        }
+        let ms = o.latency.as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us
+            .fetch_add(o.latency.as_micros() as u64, Relaxed);
+        self.response_bytes.fetch_add(o.response_bytes, Relaxed);
+    }
+}
+
+/// Kinds of connections counted by `mesh_open_connections`.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnKind {
+    /// From the local app to the outbound listener.
+    OutboundApp = 0,
+    /// From a peer sidecar to the inbound listener (after mTLS).
+    InboundPeer = 1,
+}
+
+const CONN_LABELS: [(&str, &str); 2] = [("outbound", "app"), ("inbound", "mesh")];
+
+/// Counts a connection as open while it lives.
+#[derive(Debug)]
+pub struct ConnGuard(ConnKind);
+
+impl ConnGuard {
+    pub fn new(kind: ConnKind) -> Self {
+        let m = metrics();
+        m.open_connections[kind as usize].fetch_add(1, Relaxed);
+        m.connections_total[kind as usize].fetch_add(1, Relaxed);
+        Self(kind)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        metrics().open_connections[self.0 as usize].fetch_sub(1, Relaxed);
+    }
+}
+
+/// Result of a TLS handshake, for `mesh_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Handshake {
+    Ok = 0,
+    Failed = 1,
+    TimedOut = 2,
+}
+
+const HANDSHAKE_LABELS: [&str; 3] = ["ok", "failed", "timeout"];
+
+/// Every counter of the proxy that is not kept in the config snapshot.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: DashMap<RequestLabels, Arc<RequestMetrics>>,
+    overflow: Arc<RequestMetrics>,
+    ejections: DashMap<Arc<str>, Arc<AtomicU64>>,
+    /// [direction][Handshake]
+    tls_handshakes: [[AtomicU64; 3]; 2],
+    open_connections: [AtomicI64; 2],
+    connections_total: [AtomicU64; 2],
+    /// Spans, access-log lines and tap events dropped because their queue was full.
+    pub spans_dropped: AtomicU64,
+    pub access_log_dropped: AtomicU64,
+    pub tap_dropped: AtomicU64,
+    /// This proxy: its identity, service and version (the inbound side of its labels).
+    local: OnceLock<Local>,
+    unresolved: OnceLock<Arc<RequestMetrics>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub identity: Arc<str>,
+    pub service: Arc<str>,
+    pub version: Arc<str>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// The process's metrics (one proxy per process).
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    /// Sets who this proxy is (once, at start).
+    pub fn set_local(&self, local: Local) {
+        let _ = self.local.set(local);
+    }
+
+    pub fn local(&self) -> Option<&Local> {
+        self.local.get()
+    }
+
+    /// The counters for `labels` (made on first use; `overflow` past the bound).
+    pub fn requests(&self, labels: RequestLabels) -> Arc<RequestMetrics> {
+        if let Some(m) = self.requests.get(&labels) {
+            return m.clone();
+        }
+        if self.requests.len() >= MAX_LABEL_SETS {
+            return self.overflow.clone();
+        }
+        self.requests.entry(labels).or_default().clone()
+    }
+
+    /// The counters of an inbound connection from `caller` to this proxy's app.
+    pub fn inbound(&self, caller: &Arc<str>) -> Arc<RequestMetrics> {
+        let empty: Arc<str> = Arc::from("");
+        let l = self.local.get();
+        self.requests(RequestLabels {
+            direction: Direction::Inbound,
+            src_identity: caller.clone(),
+            dst_service: l.map_or_else(|| empty.clone(), |l| l.service.clone()),
+            dst_identity: l.map_or_else(|| empty.clone(), |l| l.identity.clone()),
+            route: empty.clone(),
+            backend_version: l.map_or(empty, |l| l.version.clone()),
+        })
+    }
+
+    /// The counters of outbound requests that named no known service (one set for all of
+    /// them: unknown names must not make label sets).
+    pub fn unresolved(&self) -> Arc<RequestMetrics> {
+        self.unresolved
+            .get_or_init(|| {
+                let empty: Arc<str> = Arc::from("");
+                self.requests(RequestLabels {
+                    direction: Direction::Outbound,
+                    src_identity: self
+                        .local
+                        .get()
+                        .map_or_else(|| empty.clone(), |l| l.identity.clone()),
+                    dst_service: empty.clone(),
+                    dst_identity: empty.clone(),
+                    route: empty.clone(),
+                    backend_version: empty,
+                })
+            })
+            .clone()
+    }
+
+    /// The cumulative ejection counter of `service`'s endpoints.
+    pub fn ejections(&self, service: &Arc<str>) -> Arc<AtomicU64> {
+        self.ejections.entry(service.clone()).or_default().clone()
+    }
+
+    pub fn handshake(&self, d: Direction, h: Handshake) {
+        self.tls_handshakes[d as usize][h as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// Per-version counters of one outbound target, made when the config is applied so requests
+/// only compare a version and clone an `Arc`.
+#[derive(Debug, Default)]
+pub struct TargetMetrics {
+    by_version: Vec<(Arc<str>, Arc<RequestMetrics>)>,
+    /// When no endpoint answered.
+    none: Option<Arc<RequestMetrics>>,
+}
+
+impl TargetMetrics {
+    pub fn new<'a>(
+        service: &Arc<str>,
+        identity: &Arc<str>,
+        route: &Arc<str>,
+        versions: impl Iterator<Item = &'a Arc<str>>,
+    ) -> Self {
+        let m = metrics();
+        let src = m
+            .local()
+            .map_or_else(|| Arc::from(""), |l| l.identity.clone());
+        let labels = |v: &Arc<str>| RequestLabels {
+            direction: Direction::Outbound,
+            src_identity: src.clone(),
+            dst_service: service.clone(),
+            dst_identity: identity.clone(),
+            route: route.clone(),
+            backend_version: v.clone(),
+        };
+        let mut by_version: Vec<(Arc<str>, Arc<RequestMetrics>)> = Vec::new();
+        for v in versions {
+            if !by_version.iter().any(|(x, _)| x == v) {
+                by_version.push((v.clone(), m.requests(labels(v))));
+            }
+        }
+        Self {
+            by_version,
+            none: Some(m.requests(labels(&Arc::from("")))),
+        }
+    }
+
+    /// The counters for an answer from `version` (None: no endpoint answered).
+    pub fn get(&self, version: Option<&Arc<str>>) -> Option<&Arc<RequestMetrics>> {
+        match version {
+            Some(v) => self
+                .by_version
+                .iter()
+                .find(|(x, _)| Arc::ptr_eq(x, v) || x == v)
+                .map(|(_, m)| m)
+                .or(self.none.as_ref()),
+            None => self.none.as_ref(),
+        }
+    }
+}
+
+/// Encodes everything at scrape time; holds what it reads besides the global counters.
+struct ProxyCollector {
+    snapshots: Arc<Snapshots>,
+    pool: Arc<crate::outbound::pool::Pool>,
+}
+
+impl fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (impl EncodeLabelSet, u64)>,
+) -> fmt::Result {
+    let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(e.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (impl EncodeLabelSet, i64)>,
+) -> fmt::Result {
+    let mut e = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(e.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let m = metrics();
+        let mut sets: Vec<(RequestLabels, Arc<RequestMetrics>)> = m
+            .requests
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        sets.sort_by(|a, b| {
+            let k = |l: &RequestLabels| {
+                (
+                    l.direction.as_str(),
+                    l.dst_service.clone(),
+                    l.route.clone(),
+                    l.backend_version.clone(),
+                    l.src_identity.clone(),
+                )
+            };
+            k(&a.0).cmp(&k(&b.0))
+        });
+        let overflow = RequestLabels {
+            direction: Direction::Outbound,
+            src_identity: "overflow".into(),
+            dst_service: "overflow".into(),
+            dst_identity: "overflow".into(),
+            route: "overflow".into(),
+            backend_version: "overflow".into(),
+        };
+        if m.overflow.status.iter().any(|c| c.load(Relaxed) > 0) {
+            sets.push((overflow, m.overflow.clone()));
+        }
+        let load = |a: &AtomicU64| a.load(Relaxed);
+        counter(
+            &mut enc,
+            "mesh_requests",
+            "Requests answered, by status class",
+            sets.iter().flat_map(|(l, r)| {
+                r.status
+                    .iter()
+                    .zip(STATUS_CLASSES)
+                    .filter(|(c, _)| load(c) > 0)
+                    .map(move |(c, class)| ((l.clone(), [("status_class", class)]), load(c)))
+            }),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_grpc_responses",
+            "gRPC responses, by grpc-status code",
+            sets.iter().flat_map(|(l, r)| {
+                r.grpc
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| load(c) > 0)
+                    .map(move |(i, c)| {
+                        let code = if i < GRPC_SLOTS - 1 {
+                            i.to_string()
+                        } else {
+                            "unknown".to_string()
+                        };
+                        ((l.clone(), [("grpc_status", code)]), load(c))
+                    })
+            }),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_proxy_errors",
+            "Responses the proxy made itself, by x-mesh-error reason (timeouts, rate limits, open breakers...)",
+            sets.iter().flat_map(|(l, r)| {
+                r.errors
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| load(c) > 0)
+                    .map(move |(i, c)| {
+                        let reason = REASONS.get(i).copied().unwrap_or("other");
+                        ((l.clone(), [("reason", reason)]), load(c))
+                    })
+            }),
+        )?;
+        {
+            let mut e = enc.encode_descriptor(
+                "mesh_response_latency_seconds",
+                "Time from the request to the end of the response",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (l, r) in &sets {
+                let mut cumulative = 0;
+                let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_MS.len() + 1);
+                for (i, b) in r.latency.iter().enumerate() {
+                    cumulative += load(b);
+                    let le = LATENCY_BUCKETS_MS
+                        .get(i)
+                        .map_or(f64::INFINITY, |ms| *ms as f64 / 1000.0);
+                    buckets.push((le, cumulative));
+                }
+                if cumulative == 0 {
+                    continue;
+                }
+                let sum = load(&r.latency_sum_us) as f64 / 1e6;
+                e.encode_family(l)?
+                    .encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "mesh_response_bytes",
+            "Response body bytes sent to the client",
+            sets.iter()
+                .filter(|(_, r)| r.status.iter().any(|c| load(c) > 0))
+                .map(|(l, r)| (l.clone(), load(&r.response_bytes))),
+        )?;
+        let snap = self.snapshots.load();
+        let mut retries = Vec::new();
+        for s in snap.services.values() {
+            let name = s.name.clone();
+            retries.push((
+                [("dst_service", name.clone()), ("route", "".into())],
+                s.state.budget.retried(),
+            ));
+            for (rule, t) in s.router.rules.iter().zip(&s.targets) {
+                if let Some(st) = &t.state {
+                    retries.push((
+                        [("dst_service", name.clone()), ("route", rule.name.clone())],
+                        st.budget.retried(),
+                    ));
+                }
+            }
+        }
+        retries.sort_by(|a, b| a.0.cmp(&b.0));
+        counter(
+            &mut enc,
+            "mesh_retries",
+            "Retries sent, by destination and the route whose own policy retried (empty: the service's policy)",
+            retries
+                .into_iter()
+                .map(|(l, v)| (l.map(|(k, v)| (k, v.to_string())), v)),
+        )?;
+        let mut ej: Vec<(Arc<str>, u64)> = m
+            .ejections
+            .iter()
+            .map(|e| (e.key().clone(), load(e.value())))
+            .collect();
+        ej.sort();
+        counter(
+            &mut enc,
+            "mesh_endpoint_ejections",
+            "Endpoints ejected by outlier detection (circuit breaker), by service",
+            ej.into_iter()
+                .map(|(s, v)| ([("dst_service", s.to_string())], v)),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_tls_handshakes",
+            "mTLS handshakes, by direction and result",
+            [Direction::Inbound, Direction::Outbound]
+                .into_iter()
+                .flat_map(|d| {
+                    HANDSHAKE_LABELS.iter().enumerate().map(move |(i, r)| {
+                        (
+                            [("direction", d.as_str()), ("result", r)],
+                            load(&m.tls_handshakes[d as usize][i]),
+                        )
+                    })
+                }),
+        )?;
+        let mut open: Vec<([(&str, &str); 2], i64)> = CONN_LABELS
+            .iter()
+            .enumerate()
+            .map(|(i, (d, p))| {
+                (
+                    [("direction", *d), ("peer", *p)],
+                    m.open_connections[i].load(Relaxed),
+                )
+            })
+            .collect();
+        open.push((
+            [("direction", "outbound"), ("peer", "mesh")],
+            self.pool.len() as i64,
+        ));
+        gauge(
+            &mut enc,
+            "mesh_open_connections",
+            "Connections open now: the app's to the outbound listener, peers' to the inbound one, and this proxy's pooled mTLS connections to peers",
+            open,
+        )?;
+        counter(
+            &mut enc,
+            "mesh_connections",
+            "Connections accepted",
+            CONN_LABELS.iter().enumerate().map(|(i, (d, p))| {
+                (
+                    [("direction", *d), ("peer", *p)],
+                    load(&m.connections_total[i]),
+                )
+            }),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_telemetry_dropped",
+            "Spans, access-log lines and tap events dropped because their bounded queue was full",
+            [
+                ("spans", &m.spans_dropped),
+                ("access_log", &m.access_log_dropped),
+                ("tap", &m.tap_dropped),
+            ]
+            .map(|(k, v)| ([("kind", k)], load(v))),
+        )?;
+        Ok(())
+    }
+}
+
+/// The `/metrics` registry: built once, encodes the live counters on each scrape.
+pub fn registry(snapshots: Arc<Snapshots>, pool: Arc<crate::outbound::pool::Pool>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(ProxyCollector { snapshots, pool }));
+    r
+}
+
+/// The text exposition of `r`.
+pub fn encode(r: &Registry) -> Result<String, fmt::Error> {
+    let mut s = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut s, r)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_land_in_their_class_code_reason_and_bucket() {
+        let m = RequestMetrics::default();
+        m.record(&Outcome {
+            status: 200,
+            grpc: Some(0),
+            latency: Duration::from_millis(3),
+            response_bytes: 10,
+            ..Outcome::default()
+        });
+        m.record(&Outcome {
+            status: 504,
+            error: REASONS.iter().position(|r| *r == "timeout"),
+            latency: Duration::from_secs(9),
+            ..Outcome::default()
+        });
+        m.record(&Outcome {
+            status: 200,
+            grpc: Some(99),
+            ..Outcome::default()
+        });
+        assert_eq!(m.status[1].load(Relaxed), 2);
+        assert_eq!(m.status[4].load(Relaxed), 1);
+        assert_eq!(m.grpc[0].load(Relaxed), 1);
+        assert_eq!(m.grpc[GRPC_SLOTS - 1].load(Relaxed), 1);
+        let timeout = REASONS.iter().position(|r| *r == "timeout").unwrap_or(99);
+        assert_eq!(m.errors[timeout].load(Relaxed), 1);
+        // 3 ms → the 5 ms bucket (index 2); 9 s → above the last bound.
+        assert_eq!(m.latency[2].load(Relaxed), 1);
+        assert_eq!(m.latency[LATENCY_BUCKETS_MS.len()].load(Relaxed), 1);
+        assert_eq!(m.response_bytes.load(Relaxed), 10);
+    }
+
+    #[test]
+    fn label_sets_are_bounded() {
+        let m = Metrics::default();
+        let labels = |i: usize| RequestLabels {
+            direction: Direction::Outbound,
+            src_identity: "a".into(),
+            dst_service: format!("s{i}").into(),
+            dst_identity: "b".into(),
+            route: "default".into(),
+            backend_version: "".into(),
+        };
+        for i in 0..MAX_LABEL_SETS + 10 {
+            m.requests(labels(i));
+        }
+        assert_eq!(m.requests.len(), MAX_LABEL_SETS);
+        assert!(Arc::ptr_eq(
+            &m.requests(labels(MAX_LABEL_SETS + 5)),
+            &m.overflow
+        ));
+        assert!(!Arc::ptr_eq(&m.requests(labels(1)), &m.overflow));
+    }
+
+    #[test]
+    fn target_metrics_find_versions_and_fall_back_to_none() {
+        let (s, i, r) = ("svc".into(), "id".into(), "default".into());
+        let v1: Arc<str> = "v1".into();
+        let t = TargetMetrics::new(&s, &i, &r, [&v1, &v1].into_iter());
+        let a = t.get(Some(&v1)).map(Arc::as_ptr);
+        let b = t.get(Some(&Arc::from("v1"))).map(Arc::as_ptr);
+        assert!(a.is_some() && a == b);
+        assert_eq!(
+            t.get(Some(&Arc::from("v9"))).map(Arc::as_ptr),
+            t.get(None).map(Arc::as_ptr)
+        );
+        assert_ne!(a, t.get(None).map(Arc::as_ptr));
+    }
+}
