@@ -16,6 +16,7 @@ pub mod routing;
 pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod tap;
 pub mod telemetry;
 pub mod tokens;
 pub mod web;

@@ -109,9 +109,11 @@ pub async fn run(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let telemetry = Arc::new(crate::telemetry::TelemetryStore::default());
+    let tap = Arc::new(crate::tap::TapHub::default());
     let telemetry_svc =
         pb::telemetry_server::TelemetryServer::new(crate::telemetry::TelemetryService {
             store: telemetry.clone(),
+            tap: tap.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
@@ -120,6 +122,7 @@ pub async fn run(
             registry: registry.clone(),
             proxies,
             telemetry,
+            tap,
         },
         AdminAuth::new(&token),
     );

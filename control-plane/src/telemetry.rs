@@ -136,26 +136,64 @@ impl TelemetryStore {
 
 pub struct TelemetryService {
     pub store: Arc<TelemetryStore>,
+    pub tap: Arc<crate::tap::TapHub>,
 }
+
+type DirectiveStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::TelemetryDirective, Status>> + Send>,
+>;
 
 #[tonic::async_trait]
 impl pb::telemetry_server::Telemetry for TelemetryService {
+    type ReportStream = DirectiveStream;
+
+    /// Records reports and relays tap events as they come; tells the proxy which services are
+    /// tapped now and whenever that changes.
     async fn report(
         &self,
         req: Request<Streaming<pb::TelemetryReport>>,
-    ) -> Result<Response<pb::ReportAck>, Status> {
+    ) -> Result<Response<Self::ReportStream>, Status> {
         let who = peer_identity(&req)?;
         let mut stream = req.into_inner();
-        while let Some(r) = stream.next().await {
-            let r = r?;
-            crate::metrics::cp_metrics().telemetry_reports.inc();
-            let at = now_ms();
-            for b in &r.backends {
-                self.store.record(b, at);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (store, tap) = (self.store.clone(), self.tap.clone());
+        let mut taps = tap.watch();
+        tokio::spawn(async move {
+            let directive =
+                |t: &std::collections::BTreeMap<String, usize>| pb::TelemetryDirective {
+                    tap_services: t.keys().cloned().collect(),
+                };
+            let first = directive(&taps.borrow_and_update());
+            if tx.send(Ok(first)).await.is_err() {
+                return;
             }
-            tracing::trace!(proxy = %who, node = %r.node_id, backends = r.backends.len(), "telemetry");
-        }
-        Ok(Response::new(pb::ReportAck {}))
+            loop {
+                tokio::select! {
+                    r = stream.next() => {
+                        let Some(Ok(r)) = r else { break };
+                        crate::metrics::cp_metrics().telemetry_reports.inc();
+                        let at = now_ms();
+                        for b in &r.backends {
+                            store.record(b, at);
+                        }
+                        for e in r.tap {
+                            tap.publish(e);
+                        }
+                        tracing::trace!(proxy = %who, node = %r.node_id, backends = r.backends.len(), "telemetry");
+                    }
+                    c = taps.changed() => {
+                        if c.is_err() { break; }
+                        let d = directive(&taps.borrow_and_update());
+                        if tx.send(Ok(d)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 

@@ -140,6 +140,7 @@ impl Admin {
             "services": services,
             "unknown_services": missing,
             "peer_connections": self.pool.len(),
+            "tapped_services": crate::telemetry::tap::tap().services(),
         })
     }
 }

@@ -49,6 +49,9 @@ async fn shutdown_signal() {
 pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let b = Arc::new(b);
+    if let Some(t) = &b.access_log {
+        crate::telemetry::access_log::start(t).with_context(|| format!("--access-log {t:?}"))?;
+    }
     let tls = Arc::new(TlsContext::new(&b.ca_pem).context("--ca-file")?);
     let (snapshots, subscribe_rx) = Snapshots::new();
     let identity: Arc<str> = b.identity.as_str().into();

@@ -75,6 +75,16 @@ pub struct Args {
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Write one JSON line per request: `stderr`, or a file path (appended). Off by default.
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// OTLP/gRPC collector to export request spans to, e.g. `http://127.0.0.1:4317`. Off by
+    /// default.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0.0 to 1.0 (a caller's sampling decision is followed).
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
 }
 
 /// Validated static configuration.
@@ -99,6 +109,9 @@ pub struct Bootstrap {
     pub drain_grace: Duration,
     pub telemetry_interval: Duration,
     pub worker_threads: usize,
+    pub access_log: Option<crate::telemetry::access_log::Target>,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sampling: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +210,19 @@ impl TryFrom<Args> for Bootstrap {
         if a.workers == 0 {
             return Err(bad("--workers must be at least 1".into()));
         }
+        if !(0.0..=1.0).contains(&a.trace_sampling) {
+            return Err(bad(format!(
+                "--trace-sampling must be between 0.0 and 1.0, got {}",
+                a.trace_sampling
+            )));
+        }
+        if let Some(e) = &a.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(bad(format!(
+                "--otlp-endpoint must be an http:// or https:// URL, got {e:?}"
+            )));
+        }
         Ok(Self {
             control_planes: a.control_plane,
             control_plane_name: a.control_plane_name,
@@ -216,6 +242,11 @@ impl TryFrom<Args> for Bootstrap {
             drain_grace: Duration::from_millis(a.drain_grace_ms),
             telemetry_interval: Duration::from_millis(a.telemetry_interval_ms.max(50)),
             worker_threads: a.workers,
+            access_log: a
+                .access_log
+                .map(|t| crate::telemetry::access_log::Target::parse(&t)),
+            otlp_endpoint: a.otlp_endpoint,
+            trace_sampling: a.trace_sampling,
         })
     }
 }

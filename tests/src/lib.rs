@@ -88,6 +88,8 @@ pub struct SidecarOpts<'a> {
     pub node_id: Option<&'a str>,
     /// Worker threads (0: the proxy's default).
     pub workers: usize,
+    /// More flags.
+    pub extra: &'a [&'a str],
 }
 
 /// One mesh: a control plane and whatever workloads a test adds.
@@ -295,6 +297,7 @@ impl Mesh {
         if o.workers > 0 {
             cmd.args(["--workers", &o.workers.to_string()]);
         }
+        cmd.args(o.extra);
         let name = format!(
             "{}-{}-proxy",
             o.service.unwrap_or(o.service_account),
@@ -332,6 +335,7 @@ impl Mesh {
                 app: Some(app),
                 node_id: Some(&node),
                 workers: 0,
+                extra: &[],
             })
             .await?;
         Ok((app, sidecar))
@@ -421,6 +425,18 @@ impl Mesh {
                 String::from_utf8_lossy(&out.stderr)
             )
         }
+    }
+
+    /// `meshctl <args>` started in the background, its stdout piped (for streaming commands).
+    pub fn meshctl_spawn(&self, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+        Ok(Command::new(bin_dir().join("meshctl"))
+            .args(["--server", &format!("https://{}", self.admin_addr)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?)
     }
 
     /// Prints every process log (called when a test fails).

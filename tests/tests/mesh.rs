@@ -338,6 +338,7 @@ async fn sigterm_drains_in_flight_and_deregisters() -> anyhow::Result<()> {
             app: Some(app),
             node_id: Some("b1"),
             workers: 0,
+            extra: &[],
         })
         .await?;
     let c = mesh.client("web").await?;

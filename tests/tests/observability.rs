@@ -282,3 +282,156 @@ async fn metrics_count_every_request_exactly_per_label_set() -> anyhow::Result<(
     assert!(pushes[&vec![]] >= 1.0, "{text}");
     Ok(())
 }
+
+/// `meshctl tap backend` streams the test's requests live, as web's proxy (outbound) and
+/// backend's (inbound) saw them; web's proxy writes one JSON access-log line per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_tap_and_access_log_show_each_request() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let log = mesh.dir.path().join("web-access.log");
+    let log_flag = log.display().to_string();
+    let c = mesh
+        .sidecar(SidecarOpts {
+            service_account: "web",
+            workers: 1,
+            extra: &["--access-log", &log_flag],
+            ..Default::default()
+        })
+        .await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+
+    let mut tap = mesh.meshctl_spawn(&[
+        "-o",
+        "json",
+        "tap",
+        "backend",
+        "--max",
+        "4",
+        "--duration",
+        "20s",
+    ])?;
+    // Ready when both proxies were told the tap is on.
+    for admin in [c.admin, b.admin] {
+        wait_config(admin, Duration::from_secs(10), |d| {
+            d["tapped_services"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|s| s == "backend"))
+        })
+        .await?;
+    }
+    assert_eq!(get(&http, "http://backend/tapped?x=1").await?.status, 200);
+    assert_eq!(get(&http, "http://backend/status/503").await?.status, 503);
+
+    let stdout = tap
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(l) = lines.next_line().await? {
+            events.push(serde_json::from_str::<serde_json::Value>(&l)?);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(15), read).await??;
+    assert!(tap.wait().await?.success());
+    let mut seen: Vec<(String, String, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["direction"].as_str().unwrap_or("").to_string(),
+                e["path"].as_str().unwrap_or("").to_string(),
+                e["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("inbound".into(), "/status/503".into(), 503),
+            ("inbound".into(), "/tapped?x=1".into(), 200),
+            ("outbound".into(), "/status/503".into(), 503),
+            ("outbound".into(), "/tapped?x=1".into(), 200),
+        ],
+        "{events:?}"
+    );
+    for e in &events {
+        assert_eq!(
+            e["src_identity"], "spiffe://mesh.local/ns/default/sa/web",
+            "{e}"
+        );
+        assert_eq!(
+            e["dst_identity"], "spiffe://mesh.local/ns/default/sa/backend",
+            "{e}"
+        );
+        assert_eq!(e["dst_service"], "backend", "{e}");
+        assert_eq!(e["method"], "GET", "{e}");
+        assert_eq!(e["backend_version"], "v1", "{e}");
+        assert!(e["latency_ms"].as_f64().is_some_and(|l| l > 0.0), "{e}");
+    }
+    // The tap is gone: proxies are told to stop sending.
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        d["tapped_services"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await?;
+    let unknown = mesh.meshctl(&["tap", "nosuch", "--max", "1"]).await;
+    assert!(
+        unknown
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("unknown service")),
+        "{unknown:?}"
+    );
+
+    // Access log: three requests, one JSON line each, in order (the writer may trail a bit).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        if lines.len() >= 3 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let summary: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap_or(""),
+                l["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("/", 200), ("/tapped?x=1", 200), ("/status/503", 503)]
+    );
+    let l = &lines[1];
+    assert_eq!(l["method"], "GET");
+    assert_eq!(l["authority"], "backend");
+    assert_eq!(l["direction"], "outbound");
+    assert_eq!(l["route"], "default");
+    assert_eq!(l["service"], "backend");
+    assert_eq!(l["backend_version"], "v1");
+    assert_eq!(l["identity"], "spiffe://mesh.local/ns/default/sa/backend");
+    assert!(
+        l["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("127.0.0.1:")),
+        "{l}"
+    );
+    assert!(l["bytes"].as_u64().is_some_and(|b| b > 0), "{l}");
+    assert!(l["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+    assert!(l["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{l}");
+    Ok(())
+}

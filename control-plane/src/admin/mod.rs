@@ -47,6 +47,8 @@ pub struct AdminService {
     pub proxies: Arc<ProxyTable>,
     /// The proxies' reported metrics (canary status shows the current step's).
     pub telemetry: Arc<crate::telemetry::TelemetryStore>,
+    /// Relays proxies' tap events to `Tap` callers.
+    pub tap: Arc<crate::tap::TapHub>,
 }
 
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
@@ -195,6 +197,62 @@ impl pb::admin_server::Admin for AdminService {
             window_seconds: secs,
             rows,
         }))
+    }
+
+    type TapStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TapEvent, Status>> + Send>>;
+
+    async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        let r = req.into_inner();
+        if !self.registry.state().services.contains_key(&r.service) {
+            return Err(Status::not_found(format!(
+                "unknown service {:?}",
+                r.service
+            )));
+        }
+        let (guard, mut events) = self.tap.open(&r.service);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let max = if r.max_events == 0 {
+            u64::MAX
+        } else {
+            u64::from(r.max_events)
+        };
+        let until = (r.duration_ms > 0)
+            .then(|| tokio::time::Instant::now() + std::time::Duration::from_millis(r.duration_ms));
+        tokio::spawn(async move {
+            let _guard = guard;
+            let deadline = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(deadline);
+            let mut sent = 0u64;
+            while sent < max {
+                let e = tokio::select! {
+                    e = events.recv() => e,
+                    _ = &mut deadline => break,
+                    _ = tx.closed() => break,
+                };
+                match e {
+                    Ok(e) if e.dst_service == r.service => {
+                        if tx.send(Ok((*e).clone())).await.is_err() {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "tap client too slow; events skipped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn start_canary(

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod output;
 pub mod policy;
 pub mod route;
+pub mod tap;
 
 use clap::{Parser, Subcommand};
 use mesh_proto::v1 as pb;
@@ -100,6 +101,9 @@ pub enum AdminCmd {
         #[arg(long)]
         count: Option<u32>,
     },
+    /// Live requests of a service (method, path, status, latency, identities), from the
+    /// proxies' telemetry; `-o json` prints one JSON object per line.
+    Tap(tap::TapArgs),
     /// Connected proxies and the config version each ACKed or NACKed.
     Proxies,
     /// Bootstrap tokens for VMs / single machines.
@@ -492,6 +496,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
         } => canary::top(&mut c, &window, &refresh, count, json).await?,
         AdminCmd::Canary { cmd } => canary::run(&mut c, cmd, json).await?,
+        AdminCmd::Tap(a) => tap::run(&mut c, a, json).await?,
         AdminCmd::Proxies => {
             let r = c
                 .list_proxies(pb::ListProxiesRequest {})

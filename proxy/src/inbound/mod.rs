@@ -7,7 +7,7 @@ use crate::http::server::serve;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
-use crate::telemetry::{Counters, Observation, ObservedBody};
+use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
 use crate::tls::{TlsContext, spiffe_id_of};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -159,7 +159,16 @@ impl Inbound {
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let obs = Observation::start(Some(counters.clone()));
+            let detail = Detail::wanted().then(|| {
+                let mut d = Detail::of(Direction::Inbound, &req);
+                d.peer = caller.clone();
+                if let Some(l) = metrics().local() {
+                    d.service = l.service.clone();
+                    d.version = Some(l.version.clone());
+                }
+                d
+            });
+            let obs = Observation::start(Some(counters.clone()), detail);
             this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
         serve(tls, svc, watcher).await;

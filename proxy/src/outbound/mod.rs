@@ -14,8 +14,8 @@ use crate::http::router::Redirect;
 use crate::http::stack;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Snapshots};
-use crate::telemetry::metrics::metrics;
-use crate::telemetry::{Counters, Observation, ObservedBody};
+use crate::telemetry::metrics::{Direction, metrics};
+use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
 use http::{HeaderValue, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -111,7 +111,8 @@ impl Outbound {
             .headers()
             .contains_key(DEBUG_HEADER)
             .then(Debug::default);
-        let mut obs = Observation::start(Some(Counters::Fixed(metrics().unresolved())));
+        let detail = Detail::wanted().then(|| Detail::of(Direction::Outbound, &req));
+        let mut obs = Observation::start(Some(Counters::Fixed(metrics().unresolved())), detail);
         let mut resp = match self.proxy(fixed, req, &mut debug, &mut obs).await {
             Ok(r) => r,
             Err(e) => {
@@ -153,6 +154,11 @@ impl Outbound {
         obs.set_counters(Counters::Target(
             rule.map_or(&svc.metrics, |(_, t)| &t.metrics).clone(),
         ));
+        if let Some(d) = obs.detail.as_mut() {
+            d.service = svc.name.clone();
+            d.peer = svc.identity.clone();
+            d.route = rule.map_or_else(|| DEFAULT_ROUTE.into(), |(r, _)| r.name.clone());
+        }
         if let Some(d) = debug.as_mut() {
             d.route = Some(rule.map_or_else(|| DEFAULT_ROUTE.into(), |(r, _)| r.name.clone()));
         }

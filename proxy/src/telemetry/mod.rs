@@ -4,8 +4,10 @@
 //! dropped): the response body is wrapped in `ObservedBody`, which sees the bytes, the gRPC
 //! status in trailers, and the end, and records once.
 
+pub mod access_log;
 pub mod metrics;
 pub mod report;
+pub mod tap;
 
 pub use report::TelemetryReporter;
 
@@ -14,12 +16,12 @@ use crate::http::{Body, MESH_ERROR};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Frame, SizeHint};
-use metrics::{Outcome, RequestMetrics, TargetMetrics};
+use metrics::{Direction, Outcome, RequestMetrics, TargetMetrics};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// Which endpoint answered a request: put in the response's extensions by the endpoint service.
 #[derive(Debug, Clone)]
@@ -36,18 +38,80 @@ pub enum Counters {
     Target(Arc<TargetMetrics>),
 }
 
+/// What access logs and tap events say of a request beyond its counters; gathered only while
+/// one of them is on (`Detail::wanted`).
+#[derive(Debug, Clone)]
+pub struct Detail {
+    pub start: SystemTime,
+    pub direction: Direction,
+    pub method: http::Method,
+    pub authority: String,
+    pub path: String,
+    /// The other side: the caller's identity inbound, the destination's outbound.
+    pub peer: Arc<str>,
+    /// The destination service (this proxy's own, inbound).
+    pub service: Arc<str>,
+    pub route: Arc<str>,
+    pub version: Option<Arc<str>>,
+    pub upstream: Option<SocketAddr>,
+    pub trace_id: Option<String>,
+}
+
+impl Detail {
+    /// True when something will read a request's detail.
+    pub fn wanted() -> bool {
+        access_log::enabled() || tap::tap().active()
+    }
+
+    /// The detail of `req` as it arrives (the rest is filled in as the proxy handles it).
+    pub fn of<B>(direction: Direction, req: &http::Request<B>) -> Box<Self> {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let empty: Arc<str> = Arc::from("");
+        Box::new(Self {
+            start: SystemTime::now(),
+            direction,
+            method: req.method().clone(),
+            authority,
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            peer: empty.clone(),
+            service: empty.clone(),
+            route: empty,
+            version: None,
+            upstream: None,
+            trace_id: req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('-').nth(1))
+                .map(str::to_string),
+        })
+    }
+}
+
 /// One request under observation.
 #[derive(Debug)]
 pub struct Observation {
     start: Instant,
     counters: Option<Counters>,
+    pub detail: Option<Box<Detail>>,
 }
 
 impl Observation {
-    pub fn start(counters: Option<Counters>) -> Self {
+    pub fn start(counters: Option<Counters>, detail: Option<Box<Detail>>) -> Self {
         Self {
             start: Instant::now(),
             counters,
+            detail,
         }
     }
 
@@ -56,11 +120,13 @@ impl Observation {
     }
 
     /// Wraps the response: from here the body's end records the request.
-    pub fn finish(self, resp: Response<Body>) -> Response<ObservedBody> {
-        let version = resp
-            .extensions()
-            .get::<Answered>()
-            .and_then(|a| a.version.as_ref());
+    pub fn finish(mut self, resp: Response<Body>) -> Response<ObservedBody> {
+        let answered = resp.extensions().get::<Answered>();
+        let version = answered.and_then(|a| a.version.as_ref());
+        if let (Some(d), Some(a)) = (self.detail.as_mut(), answered) {
+            d.version = a.version.clone();
+            d.upstream = Some(a.addr);
+        }
         let counters = match &self.counters {
             Some(Counters::Fixed(m)) => Some(m.clone()),
             Some(Counters::Target(t)) => t.get(version).cloned(),
@@ -81,6 +147,7 @@ impl Observation {
                 counters,
                 outcome,
                 grpc,
+                detail: self.detail,
             }),
         })
     }
@@ -98,6 +165,7 @@ struct Pending {
     counters: Arc<RequestMetrics>,
     outcome: Outcome,
     grpc: bool,
+    detail: Option<Box<Detail>>,
 }
 
 impl Pending {
@@ -108,6 +176,17 @@ impl Pending {
             self.outcome.grpc = Some(u16::MAX);
         }
         self.counters.record(&self.outcome);
+        let Some(d) = self.detail else { return };
+        let t = tap::tap();
+        if t.wants(&d.service) {
+            if access_log::enabled() {
+                t.send((d.clone(), self.outcome));
+            } else {
+                t.send((d, self.outcome));
+                return;
+            }
+        }
+        access_log::log(d, self.outcome);
     }
 }
 
