@@ -19,4 +19,5 @@ pub mod store;
 pub mod tap;
 pub mod telemetry;
 pub mod tokens;
+pub mod trace;
 pub mod web;

@@ -35,6 +35,8 @@ pub struct Config {
     pub server_names: Vec<String>,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
+    /// OTLP/gRPC collector for the control plane's own spans (admin calls, pushes).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The DNS name proxies and meshctl verify the control plane's certificate against by default.
@@ -64,6 +66,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| cfg.data_dir.display().to_string())?;
+    if let Some(e) = &cfg.otlp_endpoint {
+        crate::trace::start(e).with_context(|| format!("--otlp-endpoint {e}"))?;
+    }
     let store = FileStore::open(&cfg.data_dir)?;
     let registry = Arc::new(Registry::open(Arc::new(store), cfg.trust_domain.clone()).await?);
     let ca = match (&cfg.ca_cert, &cfg.ca_key) {
@@ -161,6 +166,7 @@ pub async fn run(
         );
     let admin = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(identity))?
+        .layer(tower::layer::layer_fn(crate::trace::Traced))
         .add_service(admin)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(admin_listener),

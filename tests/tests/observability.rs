@@ -435,3 +435,127 @@ async fn meshctl_tap_and_access_log_show_each_request() -> anyhow::Result<()> {
     assert!(l["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{l}");
     Ok(())
 }
+
+/// Traces over OTLP: a request crossing two sidecars gives one trace (the caller's) with the
+/// outbound span under the caller's span and the inbound span under the outbound one, and the
+/// app is handed the inbound span as its parent; the control plane traces its admin calls and
+/// pushes. With the collector down, requests are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_cross_two_sidecars_in_one_trace() -> anyhow::Result<()> {
+    let mut otlp = mesh_tests::otlp::OtlpReceiver::start().await?;
+    let url = otlp.url();
+    let flags = ["--otlp-endpoint", url.as_str()];
+    let mut mesh = Mesh::start_with(&flags).await?;
+    let app = mesh.app("backend", "v1").await?;
+    mesh.sidecar(SidecarOpts {
+        service: Some("backend"),
+        version: Some("v1"),
+        service_account: "backend",
+        app: Some(app),
+        node_id: Some("backend-1"),
+        extra: &flags,
+        ..Default::default()
+    })
+    .await?;
+    let c = mesh
+        .sidecar(SidecarOpts {
+            service_account: "web",
+            workers: 1,
+            extra: &flags,
+            ..Default::default()
+        })
+        .await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+
+    let (trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut req = get_req("http://backend/traced");
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{caller_span}-01").parse()?,
+    );
+    let resp = http.request(req).await?;
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
+    let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let spans: Vec<_> = otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        if spans.len() >= 2 || Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    const SERVER: i32 = 2;
+    const CLIENT: i32 = 3;
+    let out = spans
+        .iter()
+        .find(|s| s.kind == CLIENT)
+        .expect("outbound span");
+    let inb = spans
+        .iter()
+        .find(|s| s.kind == SERVER)
+        .expect("inbound span");
+    assert_eq!(out.parent_span_id, caller_span);
+    assert_eq!(inb.parent_span_id, out.span_id);
+    assert_eq!(
+        echoed["traceparent"],
+        format!("00-{trace}-{}-01", inb.span_id),
+        "the app's parent is the inbound span"
+    );
+    let web = "spiffe://mesh.local/ns/default/sa/web";
+    let backend = "spiffe://mesh.local/ns/default/sa/backend";
+    for (s, dir, peer) in [(out, "outbound", backend), (inb, "inbound", web)] {
+        let a = &s.attributes;
+        assert_eq!(s.service, "mesh-proxy");
+        assert_eq!(a["mesh.direction"], dir);
+        assert_eq!(a["mesh.peer_identity"], peer);
+        assert_eq!(a["http.response.status_code"], "200");
+        assert_eq!(a["http.request.method"], "GET");
+        assert_eq!(a["url.path"], "/traced");
+        assert_eq!(a["mesh.service"], "backend");
+        assert_eq!(a["mesh.backend_version"], "v1");
+    }
+    assert_eq!(out.attributes["mesh.route"], "default");
+    assert_eq!(out.attributes["mesh.attempts"], "1");
+    assert!(out.attributes["network.peer.address"].starts_with("127.0.0.1:"));
+
+    // The control plane's own: admin calls (the harness made tokens) and pushes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cp: Vec<_> = otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.service == "mesh-control-plane")
+            .collect();
+        let admin = cp.iter().any(|s| {
+            s.name == "admin /mesh.v1.Admin/CreateToken"
+                && s.attributes["rpc.grpc.status_code"] == "0"
+        });
+        let push = cp
+            .iter()
+            .any(|s| s.name == "push" && s.attributes.contains_key("mesh.node_id"));
+        if admin && push {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "control-plane spans missing: {cp:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Collector down: every request still succeeds.
+    otlp.stop().await;
+    let rs = load(&http, 50, 4, |_| get_req("http://backend/")).await;
+    assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))), "{rs:?}");
+    Ok(())
+}

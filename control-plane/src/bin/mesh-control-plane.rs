@@ -36,6 +36,9 @@ struct Args {
     ca_cert: Option<PathBuf>,
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// OTLP/gRPC collector for the control plane's spans, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[tokio::main]
@@ -61,6 +64,7 @@ async fn main() -> std::process::ExitCode {
         server_names: a.server_names,
         ca_cert: a.ca_cert,
         ca_key: a.ca_key,
+        otlp_endpoint: a.otlp_endpoint,
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -125,6 +125,7 @@ impl Session {
     /// Sends what changed since the last push; `timed`: a write caused it (its ACK is timed).
     /// Returns false when the stream is gone.
     async fn push(&mut self, always: bool, timed: bool) -> bool {
+        let span = crate::trace::begin();
         let state = self.registry.state();
         let mut resources = Vec::new();
         let mut removed = Vec::new();
@@ -178,12 +179,17 @@ impl Session {
                 self.pending.remove(&n);
             }
         }
+        let (n_resources, n_removed) = (resources.len(), removed.len());
         let resp = pb::DiscoveryResponse {
             version: state.revision,
             nonce,
             resources,
             removed,
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        let ok = self.tx.send(Ok(resp)).await.is_ok();
+        if let Some(node) = self.table.proxies.get(&self.id).map(|p| p.node_id.clone()) {
+            crate::trace::push(span, &node, state.revision, n_resources, n_removed);
+        }
+        ok
     }
 }

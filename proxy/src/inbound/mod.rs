@@ -184,7 +184,7 @@ impl Inbound {
         let grpc = is_grpc(req.headers());
         let resp = match self.rate_limit(&caller) {
             Err(e) => e.to_response(grpc),
-            Ok(()) => match self.forward(xfcc, req).await {
+            Ok(()) => match self.forward(xfcc, traceparent(&obs), req).await {
                 Ok(r) => r.map(Body::Left),
                 Err(e) => e.to_response(grpc),
             },
@@ -195,9 +195,13 @@ impl Inbound {
     async fn forward(
         &self,
         xfcc: Option<HeaderValue>,
+        traceparent: Option<HeaderValue>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        if let Some(tp) = traceparent {
+            parts.headers.insert(crate::outbound::TRACEPARENT, tp);
+        }
         let h1 = parts
             .headers
             .remove(ORIG_PROTO)
@@ -229,4 +233,10 @@ impl Inbound {
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
     }
+}
+
+/// The `traceparent` that makes this hop's span the app's parent (tracing on).
+fn traceparent(obs: &Observation) -> Option<HeaderValue> {
+    let span = obs.detail.as_ref()?.span.as_ref()?;
+    HeaderValue::from_str(&span.context.header()).ok()
 }

@@ -27,6 +27,8 @@ use tower::ServiceExt;
 /// Most mirror copies in flight per proxy; past it copies are skipped (a slow shadow must not
 /// pile up work in the proxy).
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+/// W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
 /// Marks a mirror copy.
 pub const MIRROR_HEADER: &str = "x-mesh-mirror";
 
@@ -222,6 +224,17 @@ impl Outbound {
         });
         if let Some(d) = debug.as_ref() {
             parts.extensions.insert(d.tried.clone());
+        }
+        if let Some(d) = obs.detail.as_mut()
+            && let Some(span) = &d.span
+        {
+            // The next hop's parent is this span.
+            if let Ok(v) = HeaderValue::from_str(&span.context.header()) {
+                parts.headers.insert(TRACEPARENT, v);
+            }
+            let tried = parts.extensions.get::<Tried>().cloned().unwrap_or_default();
+            parts.extensions.insert(tried.clone());
+            d.tried = Some(tried);
         }
         let upstream = Request::from_parts(parts, body);
         let policy = svc.policy_for(rule);

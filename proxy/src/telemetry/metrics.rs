@@ -173,8 +173,7 @@ pub struct Metrics {
     tls_handshakes: [[AtomicU64; 3]; 2],
     open_connections: [AtomicI64; 2],
     connections_total: [AtomicU64; 2],
-    /// Spans, access-log lines and tap events dropped because their queue was full.
-    pub spans_dropped: AtomicU64,
+    /// Access-log lines and tap events dropped because their queue was full (spans: `trace`).
     pub access_log_dropped: AtomicU64,
     pub tap_dropped: AtomicU64,
     /// This proxy: its identity, service and version (the inbound side of its labels).
@@ -555,11 +554,11 @@ impl Collector for ProxyCollector {
             "mesh_telemetry_dropped",
             "Spans, access-log lines and tap events dropped because their bounded queue was full",
             [
-                ("spans", &m.spans_dropped),
-                ("access_log", &m.access_log_dropped),
-                ("tap", &m.tap_dropped),
+                ("spans", super::trace::dropped()),
+                ("access_log", load(&m.access_log_dropped)),
+                ("tap", load(&m.tap_dropped)),
             ]
-            .map(|(k, v)| ([("kind", k)], load(v))),
+            .map(|(k, v)| ([("kind", k)], v)),
         )?;
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod metrics;
 pub mod report;
 pub mod tap;
+pub mod trace;
 
 pub use report::TelemetryReporter;
 
@@ -55,12 +56,16 @@ pub struct Detail {
     pub version: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
     pub trace_id: Option<String>,
+    /// This hop's span, when tracing is on.
+    pub span: Option<mesh_otel::Span>,
+    /// Endpoints tried (outbound, traced requests: the span's attempt count).
+    pub tried: Option<crate::balance::Tried>,
 }
 
 impl Detail {
     /// True when something will read a request's detail.
     pub fn wanted() -> bool {
-        access_log::enabled() || tap::tap().active()
+        access_log::enabled() || tap::tap().active() || trace::enabled()
     }
 
     /// The detail of `req` as it arrives (the rest is filled in as the proxy handles it).
@@ -73,6 +78,15 @@ impl Detail {
             .unwrap_or("")
             .to_string();
         let empty: Arc<str> = Arc::from("");
+        let traceparent = req.headers().get("traceparent");
+        let span = trace::begin(traceparent);
+        let trace_id = match &span {
+            Some(s) => Some(s.context.trace_id_hex()),
+            None => traceparent
+                .and_then(|v| v.to_str().ok())
+                .and_then(mesh_otel::TraceContext::parse)
+                .map(|c| c.trace_id_hex()),
+        };
         Box::new(Self {
             start: SystemTime::now(),
             direction,
@@ -88,12 +102,9 @@ impl Detail {
             route: empty,
             version: None,
             upstream: None,
-            trace_id: req
-                .headers()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split('-').nth(1))
-                .map(str::to_string),
+            trace_id,
+            span,
+            tried: None,
         })
     }
 }
@@ -177,6 +188,9 @@ impl Pending {
         }
         self.counters.record(&self.outcome);
         let Some(d) = self.detail else { return };
+        if let Some(span) = &d.span {
+            trace::end(span, &d, &self.outcome);
+        }
         let t = tap::tap();
         if t.wants(&d.service) {
             if access_log::enabled() {
