@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test: format and lint checks, unit tests, then the end-to-end tests (which build
-# and start the real binaries on loopback). Safe to run repeatedly. Ends with one total line.
+# Runs every test: installs what the tests need (idempotent), format and lint checks, unit
+# tests, then the end-to-end tests (which build and start the real binaries on loopback).
+# Safe to run repeatedly. Ends with one total line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/install-test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)

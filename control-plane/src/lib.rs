@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod ca;
 pub mod cli;
+pub mod dashboard;
 pub mod discovery;
 pub mod metrics;
 pub mod model;

@@ -99,9 +99,7 @@ pub async fn run(
 
     let proxies = Arc::new(ProxyTable::default());
     let stats = Arc::new(CaStats::default());
-    let web = Arc::new(crate::web::Web {
-        metrics: crate::metrics::registry(proxies.clone(), stats.clone()),
-    });
+
     let discovery = pb::discovery_server::DiscoveryServer::new(DiscoveryService {
         registry: registry.clone(),
         proxies: proxies.clone(),
@@ -110,7 +108,7 @@ pub async fn run(
     let identity_svc = pb::identity_server::IdentityServer::new(IdentityService {
         ca: ca.clone(),
         registry: registry.clone(),
-        stats,
+        stats: stats.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let telemetry = Arc::new(crate::telemetry::TelemetryStore::default());
@@ -122,6 +120,14 @@ pub async fn run(
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
+    let web = Arc::new(crate::web::Web {
+        metrics: crate::metrics::registry(proxies.clone(), stats.clone()),
+        dashboard: crate::dashboard::Dashboard {
+            registry: registry.clone(),
+            proxies: proxies.clone(),
+            telemetry: telemetry.clone(),
+        },
+    });
     let admin = pb::admin_server::AdminServer::with_interceptor(
         AdminService {
             registry: registry.clone(),

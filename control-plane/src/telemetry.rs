@@ -4,7 +4,7 @@
 
 use crate::discovery::peer_identity;
 use mesh_proto::v1 as pb;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -60,10 +60,18 @@ impl Window {
 
 type Key = (String, String);
 
-/// Samples per (service, version): (received at, unix ms; what it counted).
+/// A calling workload: its service and version (the dashboard's edge source).
+pub type Source = (String, String);
+
+/// One report's counts: (received at, unix ms; who called; what it counted).
+type Sample = (i64, Arc<Source>, Window);
+
+/// Samples per (service, version).
 #[derive(Debug, Default)]
 pub struct TelemetryStore {
-    samples: Mutex<HashMap<Key, VecDeque<(i64, Window)>>>,
+    samples: Mutex<HashMap<Key, VecDeque<Sample>>>,
+    /// Certificate expiry per proxy node id, unix seconds, as last reported.
+    cert_expiry: Mutex<HashMap<String, i64>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -74,7 +82,7 @@ pub fn now_ms() -> i64 {
 }
 
 impl TelemetryStore {
-    pub fn record(&self, s: &pb::BackendStats, at_ms: i64) {
+    pub fn record(&self, s: &pb::BackendStats, at_ms: i64, source: &Arc<Source>) {
         let mut w = Window {
             requests: s.requests,
             failures: s.failures.min(s.requests),
@@ -87,8 +95,8 @@ impl TelemetryStore {
             return;
         };
         let q = m.entry((s.service.clone(), s.version.clone())).or_default();
-        q.push_back((at_ms, w));
-        while q.front().is_some_and(|(t, _)| *t < at_ms - RETENTION_MS) {
+        q.push_back((at_ms, source.clone(), w));
+        while q.front().is_some_and(|(t, _, _)| *t < at_ms - RETENTION_MS) {
             q.pop_front();
         }
     }
@@ -111,6 +119,40 @@ impl TelemetryStore {
         out
     }
 
+    /// Traffic at or after `since_ms` per (caller, service, version): the topology's edges.
+    pub fn edges(&self, since_ms: i64) -> Vec<(Source, String, String, Window)> {
+        let Ok(m) = self.samples.lock() else {
+            return Vec::new();
+        };
+        let mut out: BTreeMap<(Source, String, String), Window> = BTreeMap::new();
+        for ((service, version), q) in m.iter() {
+            for (_, src, w) in q.iter().filter(|(t, _, _)| *t >= since_ms) {
+                let e = out
+                    .entry(((**src).clone(), service.clone(), version.clone()))
+                    .or_default();
+                e.requests += w.requests;
+                e.failures += w.failures;
+                for (a, b) in e.latency.iter_mut().zip(w.latency.iter()) {
+                    *a += b;
+                }
+            }
+        }
+        out.into_iter()
+            .map(|((s, v, ver), w)| (s, v, ver, w))
+            .collect()
+    }
+
+    pub fn set_cert_expiry(&self, node: &str, unix: i64) {
+        if let Ok(mut m) = self.cert_expiry.lock() {
+            m.insert(node.to_string(), unix);
+        }
+    }
+
+    /// The certificate expiry `node` last reported, unix seconds.
+    pub fn cert_expiry(&self, node: &str) -> Option<i64> {
+        self.cert_expiry.lock().ok()?.get(node).copied()
+    }
+
     /// Everything reported for `service`/`version` at or after `since_ms`.
     pub fn window(&self, service: &str, version: &str, since_ms: i64) -> Window {
         let mut out = Window::default();
@@ -118,11 +160,11 @@ impl TelemetryStore {
             return out;
         };
         let key = (service.to_string(), version.to_string());
-        for (_, w) in m
+        for (_, _, w) in m
             .get(&key)
             .into_iter()
             .flatten()
-            .filter(|(t, _)| *t >= since_ms)
+            .filter(|(t, _, _)| *t >= since_ms)
         {
             out.requests += w.requests;
             out.failures += w.failures;
@@ -173,8 +215,12 @@ impl pb::telemetry_server::Telemetry for TelemetryService {
                         let Some(Ok(r)) = r else { break };
                         crate::metrics::cp_metrics().telemetry_reports.inc();
                         let at = now_ms();
+                        if r.cert_expires_unix > 0 {
+                            store.set_cert_expiry(&r.node_id, r.cert_expires_unix);
+                        }
+                        let source = Arc::new((r.source_service.clone(), r.source_version.clone()));
                         for b in &r.backends {
-                            store.record(b, at);
+                            store.record(b, at, &source);
                         }
                         for e in r.tap {
                             tap.publish(e);
@@ -213,8 +259,12 @@ mod tests {
         };
         b.latency_buckets[3] = 98; // < 10 ms
         b.latency_buckets[7] = 2; // < 250 ms
-        s.record(&b, 1_000);
-        s.record(&b, 2_000);
+        let (front, batch) = (
+            Arc::new(("front".to_string(), "v1".to_string())),
+            Arc::new(("batch".to_string(), String::new())),
+        );
+        s.record(&b, 1_000, &front);
+        s.record(&b, 2_000, &batch);
         let w = s.window("web", "v2", 1_500);
         assert_eq!((w.requests, w.failures), (100, 5));
         assert_eq!(w.error_percent(), 5.0);
@@ -223,5 +273,19 @@ mod tests {
         assert_eq!(s.all(0).len(), 1);
         assert_eq!(s.window("web", "v2", 0).requests, 200);
         assert_eq!(s.window("web", "v1", 0), Window::default());
+        // Edges keep the callers apart; the window drops the older one.
+        let edges: Vec<_> = s
+            .edges(0)
+            .into_iter()
+            .map(|(src, svc, v, w)| (src.0, svc, v, w.requests))
+            .collect();
+        assert_eq!(
+            edges,
+            [
+                ("batch".into(), "web".into(), "v2".into(), 100),
+                ("front".into(), "web".into(), "v2".into(), 100)
+            ]
+        );
+        assert_eq!(s.edges(1_500).len(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! The control plane's plain-HTTP port (default 127.0.0.1:15014, like istiod's monitoring
-//! port): `/metrics` for Prometheus. Read-only; bind it to loopback or a private network.
+//! port): `/metrics` for Prometheus, the dashboard at `/` and its data at `/api/dashboard`.
+//! Read-only, unauthenticated: bind it to loopback or a private network.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -17,6 +18,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the HTTP port serves from.
 pub struct Web {
     pub metrics: prometheus_client::registry::Registry,
+    pub dashboard: crate::dashboard::Dashboard,
 }
 
 fn reply(
@@ -51,10 +53,20 @@ impl Web {
                     format!("encoding metrics failed: {e}\n"),
                 ),
             },
+            "/" => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::dashboard::INDEX_HTML,
+            ),
+            "/api/dashboard" => reply(
+                StatusCode::OK,
+                "application/json",
+                self.dashboard.snapshot().to_string(),
+            ),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /metrics\n",
+                "not found: try /, /api/dashboard, /metrics\n",
             ),
         })
     }

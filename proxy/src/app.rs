@@ -152,6 +152,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         crate::telemetry::TelemetryReporter {
             snapshots: snapshots.clone(),
             control_plane: control_plane.clone(),
+            tls: tls.clone(),
             node_id: b.node_id.clone(),
             interval: b.telemetry_interval,
         }

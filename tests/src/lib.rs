@@ -4,6 +4,7 @@
 //! Every process prints a JSON readiness line; the harness waits on that, never on a sleep.
 //! Logs go to the test's temporary directory and are printed when a test fails.
 
+pub mod browser;
 pub mod otlp;
 
 use anyhow::Context;

@@ -559,3 +559,92 @@ async fn traces_cross_two_sidecars_in_one_trace() -> anyhow::Result<()> {
     assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))), "{rs:?}");
     Ok(())
 }
+
+/// The dashboard, in headless Chromium: the page loads without console errors, draws the
+/// running topology (nodes and the edges the test's traffic made, with their figures), lists
+/// the proxies with config version and certificate expiry, and redraws when traffic changes.
+/// A screenshot is kept in target/test-artifacts/dashboard.png.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_live_topology_in_a_browser() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+    mesh.workload("catalog", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    mesh.wait_endpoints("catalog", 1).await?;
+    let http = h1_client(c.outbound);
+    let rs = load(&http, 20, 2, |_| get_req("http://backend/")).await;
+    assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))));
+
+    let mut b = mesh_tests::browser::Browser::launch().await?;
+    b.navigate(&format!("http://{}/", mesh.http)).await?;
+    let edges_js = "JSON.stringify([...document.querySelectorAll('#edges .edge')].map(e => e.dataset.from + ' -> ' + e.dataset.to).sort())";
+    let has = |v: &serde_json::Value, e: &str| {
+        v.as_str()
+            .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
+            .is_some_and(|l| l.iter().any(|x| x == e))
+    };
+    b.wait_for(edges_js, Duration::from_secs(15), |v| {
+        has(v, "web -> backend v1")
+    })
+    .await?;
+    let nodes = b
+        .eval("JSON.stringify([...document.querySelectorAll('#nodes .node')].map(n => n.dataset.id).sort())")
+        .await?;
+    assert_eq!(nodes, r#"["backend v1","catalog v1","web"]"#);
+    let label = b
+        .eval("document.querySelector('#edges .edge[data-to=\"backend v1\"] text').textContent")
+        .await?;
+    let label = label.as_str().unwrap_or("");
+    assert!(
+        label.contains("rps") && label.contains("100.0%") && label.contains("p99"),
+        "{label}"
+    );
+    let golden = b
+        .eval("document.querySelector('#services tbody').textContent")
+        .await?;
+    assert!(
+        golden
+            .as_str()
+            .is_some_and(|t| t.contains("backend") && t.contains("100.00%")),
+        "{golden}"
+    );
+    // Three proxies, each with its config version and certificate expiry.
+    let proxies = b
+        .wait_for(
+            "JSON.stringify([...document.querySelectorAll('#proxies tbody tr')].map(r => [...r.cells].map(c => c.textContent)))",
+            Duration::from_secs(10),
+            |v| {
+                v.as_str()
+                    .and_then(|s| serde_json::from_str::<Vec<Vec<String>>>(s).ok())
+                    .is_some_and(|rows| rows.len() == 3 && rows.iter().all(|r| r.len() == 6 && r[5].contains("(in ")))
+            },
+        )
+        .await?;
+    assert!(
+        proxies
+            .as_str()
+            .is_some_and(|p| p.contains("spiffe://mesh.local/ns/default/sa/web")),
+        "{proxies}"
+    );
+
+    // New traffic, to catalog: the open page draws its edge without a reload.
+    let updates = b.eval("Number(document.body.dataset.updates)").await?;
+    let rs = load(&http, 20, 2, |_| get_req("http://catalog/")).await;
+    assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))));
+    b.wait_for(edges_js, Duration::from_secs(15), |v| {
+        has(v, "web -> catalog v1") && has(v, "web -> backend v1")
+    })
+    .await?;
+    let later = b.eval("Number(document.body.dataset.updates)").await?;
+    assert!(later.as_f64() > updates.as_f64(), "{updates} -> {later}");
+    assert_eq!(b.errors(), [] as [String; 0], "console errors");
+
+    let shot = bin_dir()
+        .parent()
+        .map_or_else(|| std::path::PathBuf::from("target"), |p| p.to_path_buf())
+        .join("test-artifacts/dashboard.png");
+    b.screenshot(&shot).await?;
+    assert!(std::fs::metadata(&shot)?.len() > 1000);
+    Ok(())
+}

@@ -113,8 +113,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!(
         "\nTraffic: load generator -> client sidecar :15001 -> mTLS -> frontend -> its sidecar -> mTLS -> backend v1|v2\n\
+         Dashboard: http://127.0.0.1:15014/ (metrics: http://127.0.0.1:15014/metrics)\n\
          Logs in {logs}. Try, in another terminal:\n  \
          target/release/meshctl services\n  \
+         target/release/meshctl top\n  \
+         target/release/meshctl tap backend\n  \
          target/release/meshctl proxies\n  \
          target/release/meshctl route set backend --weights v1=50,v2=50\n  \
          target/release/meshctl route set backend --weights v1=0,v2=100\n  \

@@ -48,12 +48,16 @@ pub fn collect(snapshots: &Snapshots) -> Vec<pb::BackendStats> {
 pub struct TelemetryReporter {
     pub snapshots: Arc<Snapshots>,
     pub control_plane: Arc<ControlPlane>,
+    /// For the certificate expiry the dashboard shows.
+    pub tls: Arc<crate::tls::TlsContext>,
     pub node_id: String,
     pub interval: Duration,
 }
 
 /// Most tap events sent in one report.
 const TAP_BATCH: usize = 256;
+/// Without traffic, a report still goes out every this many intervals (certificate expiry).
+const HEARTBEAT_TICKS: u64 = 10;
 
 fn tap_event(node_id: &str, (d, o): TapEntry) -> pb::TapEvent {
     pb::TapEvent {
@@ -101,17 +105,19 @@ impl TelemetryReporter {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tap_rx = tap().take_receiver();
         let mut stream: Option<mpsc::Sender<pb::TelemetryReport>> = None;
+        let mut ticks = 0u64;
         loop {
             let report = tokio::select! {
                 _ = tick.tick() => {
+                    ticks += 1;
                     if stream.as_ref().is_none_or(|s| s.is_closed()) {
                         stream = self.open().await;
                     }
                     let backends = collect(&self.snapshots);
-                    if backends.is_empty() {
+                    if backends.is_empty() && ticks % HEARTBEAT_TICKS != 1 {
                         continue;
                     }
-                    pb::TelemetryReport { node_id: self.node_id.clone(), backends, tap: Vec::new() }
+                    self.report(backends, Vec::new())
                 }
                 Some(first) = async {
                     match tap_rx.as_mut() {
@@ -126,7 +132,7 @@ impl TelemetryReporter {
                             _ => break,
                         }
                     }
-                    pb::TelemetryReport { node_id: self.node_id.clone(), backends: Vec::new(), tap: events }
+                    self.report(Vec::new(), events)
                 }
             };
             // Best effort: a report that finds no open stream (or a full one) is dropped.
@@ -135,6 +141,29 @@ impl TelemetryReporter {
             {
                 tracing::debug!("telemetry report dropped");
             }
+        }
+    }
+
+    fn report(
+        &self,
+        backends: Vec<pb::BackendStats>,
+        tap: Vec<pb::TapEvent>,
+    ) -> pb::TelemetryReport {
+        let (source_service, source_version) = match metrics().local() {
+            Some(l) if !l.service.is_empty() => (l.service.to_string(), l.version.to_string()),
+            Some(l) => (
+                l.identity.rsplit('/').next().unwrap_or("").to_string(),
+                String::new(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        pb::TelemetryReport {
+            node_id: self.node_id.clone(),
+            backends,
+            tap,
+            source_service,
+            source_version,
+            cert_expires_unix: self.tls.leaf().map_or(0, |l| l.expires_at),
         }
     }
 
