@@ -98,6 +98,19 @@ async fn retries_hide_a_flaky_upstream_and_stay_in_budget() -> anyhow::Result<()
         seen >= n as u64 * 3 / 2,
         "half the requests were retried: {seen}"
     );
+    // The proxy's retry counter saw each of them (the app counted every attempt).
+    let retries = |text: &str, svc: &str| -> anyhow::Result<f64> {
+        Ok(samples(
+            text,
+            "mesh_retries_total",
+            &[],
+            &[("dst_service", svc), ("route", "")],
+        )?
+        .values()
+        .sum())
+    };
+    let m = admin_get(c.admin, "/metrics").await?.text;
+    assert_eq!(retries(&m, "flaky")?, (seen - n as u64) as f64, "{m}");
 
     let before = app_requests(down).await?;
     let n = 100;
@@ -111,6 +124,8 @@ async fn retries_hide_a_flaky_upstream_and_stay_in_budget() -> anyhow::Result<()
         "upstream saw {seen} for {n} requests: retries exceeded the budget of {budget}"
     );
     assert!(seen > n as u64, "some retries happened ({seen})");
+    let m = admin_get(c.admin, "/metrics").await?.text;
+    assert_eq!(retries(&m, "down")?, (seen - n as u64) as f64, "{m}");
     let slowest = rs.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.2).max();
     assert!(
         slowest < Some(Duration::from_millis(500)),
@@ -337,6 +352,12 @@ async fn a_failing_endpoint_is_ejected_and_let_back() -> anyhow::Result<()> {
     assert!(
         failures <= 3,
         "ejected within 3 consecutive failures, saw {failures}"
+    );
+    let m = admin_get(c.admin, "/metrics").await?.text;
+    assert_eq!(
+        samples(&m, "mesh_endpoint_ejections_total", &["dst_service"], &[])?,
+        expect(&[(&["backend"], 1.0)]),
+        "{m}"
     );
 
     let n = 200;

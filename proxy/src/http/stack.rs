@@ -36,13 +36,17 @@ pub fn build(
         // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
         EndpointService {
             outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
+            ejections: p
+                .outlier
+                .map(|_| crate::telemetry::metrics::metrics().ejections(&svc.name)),
             ..endpoint(svc, balancer, p, pool)
         },
     )
 }
 
 /// The bare endpoint service to `balancer` under policy `p`'s balancing and connection
-/// settings, without outlier recording (mirror copies use it as is: no policies, no retries).
+/// settings, without outlier recording (mirror copies use it as is: no policies, no retries,
+/// and no lookup of counters per copy).
 pub fn endpoint(
     svc: &Service,
     balancer: &Arc<Balancer>,
@@ -58,7 +62,7 @@ pub fn endpoint(
         connect_timeout: p.connect_timeout,
         idle_timeout: p.idle_timeout,
         pool: pool.clone(),
-        ejections: crate::telemetry::metrics::metrics().ejections(&svc.name),
+        ejections: None,
     }
 }
 

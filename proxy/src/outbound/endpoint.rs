@@ -29,8 +29,8 @@ pub struct EndpointService {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool: Arc<Pool>,
-    /// The service's cumulative ejection counter (`/metrics`).
-    pub ejections: Arc<AtomicU64>,
+    /// The service's cumulative ejection counter (`/metrics`; set with `outlier`).
+    pub ejections: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for EndpointService {
@@ -74,8 +74,10 @@ impl EndpointService {
 
     /// Tells the balancer (and outlier detection) how the attempt went.
     fn finish(&self, picked: Picked, ok: bool) {
-        if picked.finish(ok, &self.balancer, self.outlier.as_deref()) {
-            self.ejections.fetch_add(1, Ordering::Relaxed);
+        if picked.finish(ok, &self.balancer, self.outlier.as_deref())
+            && let Some(n) = &self.ejections
+        {
+            n.fetch_add(1, Ordering::Relaxed);
         }
     }
 

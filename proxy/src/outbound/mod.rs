@@ -14,7 +14,7 @@ use crate::http::router::Redirect;
 use crate::http::stack;
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Snapshots};
-use crate::telemetry::metrics::{Direction, metrics};
+use crate::telemetry::metrics::Direction;
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
 use http::{HeaderValue, Request, Response, Version};
 use http_body::Body as _;
@@ -114,7 +114,7 @@ impl Outbound {
             .contains_key(DEBUG_HEADER)
             .then(Debug::default);
         let detail = Detail::wanted().then(|| Detail::of(Direction::Outbound, &req));
-        let mut obs = Observation::start(Some(Counters::Fixed(metrics().unresolved())), detail);
+        let mut obs = Observation::start(None, detail);
         let mut resp = match self.proxy(fixed, req, &mut debug, &mut obs).await {
             Ok(r) => r,
             Err(e) => {

@@ -118,6 +118,8 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// `counters`: where the request counts (None: outbound, until a service is resolved; a
+    /// request that ends before that counts as unresolved).
     pub fn start(counters: Option<Counters>, detail: Option<Box<Detail>>) -> Self {
         Self {
             start: Instant::now(),
@@ -141,7 +143,8 @@ impl Observation {
         let counters = match &self.counters {
             Some(Counters::Fixed(m)) => Some(m.clone()),
             Some(Counters::Target(t)) => t.get(version).cloned(),
-            None => None,
+            // Outbound, before a service was resolved: it named none the proxy knows.
+            None => Some(metrics::metrics().unresolved()),
         };
         let h = resp.headers();
         let outcome = Outcome {
