@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    // Policies and routes are stored by the control plane as JSON, so they derive serde
+    // Policies, routes and authorization rules are stored by the control plane as JSON, so they derive serde
     // (fields default when absent, so stored values survive added fields).
     let mut b = tonic_prost_build::configure();
     for m in [
@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "HeaderValue",
         "Redirect",
         "Mirror",
+        "Authz",
+        "AuthzRule",
     ] {
         // Matches the message and its nested oneofs.
         b = b

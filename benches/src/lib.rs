@@ -77,6 +77,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
             mirror: None,
         }),
         policy,
+        authz: None,
     };
     match Service::try_from(cfg) {
         Ok(s) => s,

@@ -61,6 +61,14 @@ pub struct PolicyRecord {
     pub updated_at_unix: i64,
 }
 
+/// A service's authorization rules as stored (the namespace default is kept apart).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuthzRecord {
+    pub authz: mesh_proto::v1::Authz,
+    pub revision: u64,
+    pub updated_at_unix: i64,
+}
+
 /// An automated canary: where it stands, kept in the store so a restart resumes it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CanaryRecord {

@@ -50,6 +50,12 @@ pub struct State {
     pub policies: BTreeMap<String, PolicyRecord>,
     /// Automated canaries, running or finished (the latest per service).
     pub canaries: BTreeMap<String, CanaryRecord>,
+    /// Authorization rules per service.
+    pub authz: BTreeMap<String, AuthzRecord>,
+    /// Default authorization action per namespace (absent: allow-all).
+    pub authz_defaults: BTreeMap<String, String>,
+    /// The mesh's trust domain (for allow-mesh-only).
+    pub trust_domain: String,
     /// Revision of the last change touching each service (its record, endpoints or route).
     pub service_versions: HashMap<String, u64>,
     /// When this revision was committed (None for the state loaded at start): push latency
@@ -112,6 +118,31 @@ impl State {
             }
             (Some("canaries"), Some(n), None, None) => {
                 self.canaries.remove(n);
+                None
+            }
+            (Some("authz"), Some(n), None, Some(v)) => {
+                self.authz.insert(n.into(), de(key, v)?);
+                Some(n)
+            }
+            (Some("authz"), Some(n), None, None) => {
+                self.authz.remove(n);
+                Some(n)
+            }
+            (Some("authz-defaults"), Some(ns), None, value) => {
+                match value {
+                    Some(v) => self.authz_defaults.insert(ns.into(), de(key, v)?),
+                    None => self.authz_defaults.remove(ns),
+                };
+                // Every service of the namespace changes.
+                let names: Vec<String> = self
+                    .services
+                    .values()
+                    .filter(|s| s.namespace == ns)
+                    .map(|s| s.name.clone())
+                    .collect();
+                for n in names {
+                    self.service_versions.insert(n, rev);
+                }
                 None
             }
             (Some("tokens"), Some(h), None, Some(v)) => {
@@ -225,6 +256,7 @@ impl Registry {
         let contents = store.load().await?;
         let mut state = State {
             revision: contents.revision,
+            trust_domain: trust_domain.clone(),
             ..State::default()
         };
         for (k, v, rev) in &contents.entries {
@@ -508,6 +540,33 @@ impl Registry {
         .await
     }
 
+    /// Writes the per-service record `<prefix>/<service>` made by `record` from the revision it
+    /// will be committed at, or deletes it (if `present` says there is one) when `record` is
+    /// None. The service must exist.
+    async fn set_service_record<T: serde::Serialize>(
+        &self,
+        prefix: &str,
+        service: &str,
+        present: fn(&State, &str) -> bool,
+        record: Option<impl FnOnce(u64) -> T>,
+    ) -> Result<u64, RegistryError> {
+        self.write(|st| {
+            if !st.services.contains_key(service) {
+                return Err(RegistryError::NotFound(format!(
+                    "unknown service {service:?}"
+                )));
+            }
+            let key = format!("{prefix}/{service}");
+            Ok(match record {
+                // As for routes: the file store's single writer commits exactly this revision.
+                Some(make) => vec![put(key, &make(st.revision + 1))?],
+                None if present(st, service) => vec![Op::Delete(key)],
+                None => Vec::new(),
+            })
+        })
+        .await
+    }
+
     /// Replaces the policy of `service`; an empty policy removes it. Refused if invalid.
     pub async fn set_policy(
         &self,
@@ -515,28 +574,56 @@ impl Registry {
         policy: mesh_proto::v1::Policy,
     ) -> Result<u64, RegistryError> {
         crate::policy::validate(&policy).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let now = now_unix();
-        self.write(|st| {
-            if !st.services.contains_key(service) {
-                return Err(RegistryError::NotFound(format!(
-                    "unknown service {service:?}"
-                )));
-            }
-            let key = format!("policies/{service}");
-            if policy == mesh_proto::v1::Policy::default() {
-                return Ok(if st.policies.contains_key(service) {
-                    vec![Op::Delete(key)]
-                } else {
-                    Vec::new()
-                });
-            }
-            // As for routes: the file store's single writer commits exactly this revision.
-            let record = PolicyRecord {
-                policy: policy.clone(),
-                revision: st.revision + 1,
-                updated_at_unix: now,
-            };
-            Ok(vec![put(key, &record)?])
+        let updated_at_unix = now_unix();
+        let record =
+            (policy != mesh_proto::v1::Policy::default()).then_some(|revision| PolicyRecord {
+                policy,
+                revision,
+                updated_at_unix,
+            });
+        self.set_service_record(
+            "policies",
+            service,
+            |st, s| st.policies.contains_key(s),
+            record,
+        )
+        .await
+    }
+
+    /// Replaces a service's authorization rules (none: removes them). Validated first, the
+    /// same way the proxies will read them.
+    pub async fn set_authz(
+        &self,
+        service: &str,
+        mut authz: mesh_proto::v1::Authz,
+    ) -> Result<u64, RegistryError> {
+        authz.default_action.clear();
+        authz.trust_domain.clear();
+        mesh_authz::Authz::try_from(&authz).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let updated_at_unix = now_unix();
+        let record = (!authz.rules.is_empty()).then_some(|revision| AuthzRecord {
+            authz,
+            revision,
+            updated_at_unix,
+        });
+        self.set_service_record("authz", service, |st, s| st.authz.contains_key(s), record)
+            .await
+    }
+
+    /// Sets a namespace's default authorization action.
+    pub async fn set_authz_default(
+        &self,
+        namespace: &str,
+        action: &str,
+    ) -> Result<u64, RegistryError> {
+        check_name("namespace", namespace)?;
+        let action = mesh_authz::DefaultAction::parse(action)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        self.write(|_| {
+            Ok(vec![put(
+                format!("authz-defaults/{namespace}"),
+                &action.as_str(),
+            )?])
         })
         .await
     }

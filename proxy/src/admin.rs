@@ -123,6 +123,12 @@ impl Admin {
                         "probation": st.on_probation(),
                     })).collect::<Vec<_>>(),
                     "policy": format!("{:?}", s.policy),
+                    "authz": s.authz.as_ref().map(|a| json!({
+                        "name": a.name,
+                        "rules": a.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+                        "audit": a.audit,
+                        "default": a.default.as_str(),
+                    })),
                     "retry_budget": budget(s),
                 })
             })

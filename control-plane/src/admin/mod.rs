@@ -328,6 +328,98 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn get_authz(
+        &self,
+        req: Request<pb::GetAuthzRequest>,
+    ) -> Result<Response<pb::AuthzInfo>, Status> {
+        let service = req.into_inner().service;
+        let st = self.registry.state();
+        let Some(svc) = st.services.get(&service) else {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        };
+        Ok(Response::new(pb::AuthzInfo {
+            authz: Some(crate::discovery::effective_authz(
+                &st,
+                &service,
+                &svc.namespace,
+            )),
+            revision: st.authz.get(&service).map_or(0, |r| r.revision),
+            service,
+        }))
+    }
+
+    async fn set_authz(
+        &self,
+        req: Request<pb::SetAuthzRequest>,
+    ) -> Result<Response<pb::AuthzInfo>, Status> {
+        let m = req.into_inner();
+        check_name("service", &m.service)?;
+        let rev = self
+            .registry
+            .set_authz(&m.service, m.authz.unwrap_or_default())
+            .await?;
+        tracing::info!(service = %m.service, revision = rev, "authorization set");
+        let st = self.registry.state();
+        let ns = st
+            .services
+            .get(&m.service)
+            .map(|s| s.namespace.clone())
+            .unwrap_or_default();
+        Ok(Response::new(pb::AuthzInfo {
+            authz: Some(crate::discovery::effective_authz(&st, &m.service, &ns)),
+            revision: rev,
+            service: m.service,
+        }))
+    }
+
+    async fn set_authz_default(
+        &self,
+        req: Request<pb::SetAuthzDefaultRequest>,
+    ) -> Result<Response<pb::SetAuthzDefaultResponse>, Status> {
+        let m = req.into_inner();
+        let revision = self
+            .registry
+            .set_authz_default(&m.namespace, &m.default_action)
+            .await?;
+        tracing::info!(namespace = %m.namespace, default = %m.default_action, revision, "authorization default set");
+        Ok(Response::new(pb::SetAuthzDefaultResponse { revision }))
+    }
+
+    /// Decides one request offline with the same code the proxies run.
+    async fn check_authz(
+        &self,
+        req: Request<pb::CheckAuthzRequest>,
+    ) -> Result<Response<pb::CheckAuthzResponse>, Status> {
+        let m = req.into_inner();
+        let st = self.registry.state();
+        let Some(svc) = st.services.get(&m.service) else {
+            return Err(Status::not_found(format!(
+                "unknown service {:?}",
+                m.service
+            )));
+        };
+        let a = crate::discovery::effective_authz(&st, &m.service, &svc.namespace);
+        let authz = mesh_authz::Authz::try_from(&a).map_err(|e| Status::internal(e.to_string()))?;
+        let caller = mesh_authz::caller_id(&m.from, &st.trust_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let method = if m.method.is_empty() {
+            "GET"
+        } else {
+            m.method.as_str()
+        };
+        let path = if m.path.is_empty() {
+            "/"
+        } else {
+            m.path.as_str()
+        };
+        let d = authz.decide(caller.as_deref(), method, path);
+        Ok(Response::new(pb::CheckAuthzResponse {
+            allowed: d.allowed,
+            decided_by: d.by.to_string(),
+            audit: authz.audit && !d.allowed,
+        }))
+    }
+
     async fn list_routes(
         &self,
         _: Request<pb::ListRoutesRequest>,

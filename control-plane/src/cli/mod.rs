@@ -1,6 +1,7 @@
 //! meshctl: clap commands and output. No business logic: every command is one admin API call
 //! (plus `demo`, which starts local processes).
 
+pub mod authz;
 pub mod canary;
 pub mod client;
 pub mod demo;
@@ -82,6 +83,11 @@ pub enum AdminCmd {
     Policy {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
+    },
+    /// Authorization: who may call a service (rules by caller identity, method, path).
+    Authz {
+        #[command(subcommand)]
+        cmd: authz::AuthzCmd,
     },
     /// Automated canary: shift traffic step by step, judged on live metrics, with rollback.
     Canary {
@@ -490,6 +496,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         AdminCmd::Policy { cmd } => policy::run(&mut c, cmd, json).await?,
+        AdminCmd::Authz { cmd } => authz::run(&mut c, cmd, json).await?,
         AdminCmd::Top {
             window,
             refresh,

@@ -79,7 +79,24 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
             .collect(),
         route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
+        authz: Some(effective_authz(state, name, &svc.namespace)),
     })
+}
+
+/// A service's authorization as proxies apply it: its rules plus its namespace's default.
+pub fn effective_authz(state: &crate::registry::State, name: &str, namespace: &str) -> pb::Authz {
+    let mut a = state
+        .authz
+        .get(name)
+        .map(|r| r.authz.clone())
+        .unwrap_or_default();
+    a.default_action = state
+        .authz_defaults
+        .get(namespace)
+        .cloned()
+        .unwrap_or_else(|| "allow-all".into());
+    a.trust_domain = state.trust_domain.clone();
+    a
 }
 
 pub fn endpoint_to_proto(e: &EndpointRecord) -> pb::Endpoint {

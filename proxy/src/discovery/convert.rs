@@ -75,9 +75,17 @@ impl TryFrom<pb::ServiceConfig> for Service {
             None => Policy::default(),
         };
         let rules = super::convert_route::rules(&route).map_err(bad)?;
+        let authz = match &c.authz {
+            Some(a) => {
+                let a = mesh_authz::Authz::try_from(a).map_err(|e| bad(format!("authz: {e}")))?;
+                (!a.allows_everything()).then(|| Arc::new(a))
+            }
+            None => None,
+        };
         let mut svc = Service {
             state: PolicyState::new(&policy),
             policy,
+            authz,
             stack: OnceLock::new(),
             router: Router::new(rules),
             targets: Vec::new(),
@@ -291,7 +299,35 @@ mod tests {
                 mirror: None,
             }),
             policy: None,
+            authz: None,
         }
+    }
+
+    #[test]
+    fn authz_is_kept_only_when_it_can_deny_and_bad_rules_are_nacked() {
+        let mut c = cfg();
+        c.authz = Some(pb::Authz {
+            default_action: "allow-all".into(),
+            ..Default::default()
+        });
+        assert!(Service::try_from(c.clone()).unwrap().authz.is_none());
+        c.authz = Some(pb::Authz {
+            name: "web-authz".into(),
+            rules: vec![pb::AuthzRule {
+                name: "r".into(),
+                action: "deny".into(),
+                paths: vec!["/admin/*".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let a = Service::try_from(c.clone()).unwrap().authz.unwrap();
+        assert!(!a.decide(None, "GET", "/admin/x").allowed);
+        if let Some(a) = c.authz.as_mut() {
+            a.rules[0].action = "maybe".into();
+        }
+        let e = Service::try_from(c).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("authz")), "{e:?}");
     }
 
     #[test]

@@ -53,12 +53,14 @@ pub enum ProxyError {
     FaultAbort(u16),
     #[error("local app unavailable: {0}")]
     App(String),
+    #[error("denied by authorization policy {0}")]
+    Denied(String),
     #[error("bad request: {0}")]
     BadRequest(String),
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 16] = [
+pub const REASONS: [&str; 17] = [
     "no-authority",
     "bad-request",
     "unknown-service",
@@ -75,6 +77,7 @@ pub const REASONS: [&str; 16] = [
     "circuit-open",
     "fault-abort",
     "app-unavailable",
+    "denied",
 ];
 
 /// Index of `reason` in `REASONS` (`REASONS.len()` for one not in it).
@@ -120,6 +123,7 @@ impl ProxyError {
                 (status, "fault-abort", grpc_code_of(status), I)
             }
             App(_) => (StatusCode::BAD_GATEWAY, "app-unavailable", 14, U),
+            Denied(_) => (StatusCode::FORBIDDEN, "denied", 7, D),
         }
     }
 
@@ -244,6 +248,7 @@ mod tests {
             ProxyError::CircuitOpen(String::new()),
             ProxyError::FaultAbort(503),
             ProxyError::App(String::new()),
+            ProxyError::Denied(String::new()),
         ];
         let mut seen: Vec<usize> = all
             .iter()

@@ -88,8 +88,9 @@ impl Inbound {
         }
     }
 
-    /// The service-wide and per-caller inbound rate limits of this proxy's service.
-    fn rate_limit(&self, caller: &Arc<str>) -> Result<(), ProxyError> {
+    /// Authorization, then the service-wide and per-caller inbound rate limits of this
+    /// proxy's service.
+    fn admit<B>(&self, caller: &Arc<str>, req: &Request<B>) -> Result<(), ProxyError> {
         let Some(name) = &self.service else {
             return Ok(());
         };
@@ -97,6 +98,18 @@ impl Inbound {
         let Some(svc) = snap.services.get(name) else {
             return Ok(());
         };
+        if let Some(authz) = &svc.authz {
+            let (method, path) = (req.method().as_str(), req.uri().path());
+            let d = authz.decide(Some(caller), method, path);
+            if !d.allowed {
+                if authz.audit {
+                    tracing::info!(service = %name, %caller, method, path, policy = %d.by, "authz audit: would deny; let through");
+                } else {
+                    tracing::debug!(service = %name, %caller, method, path, policy = %d.by, "authz: denied");
+                    return Err(ProxyError::Denied(d.by.to_string()));
+                }
+            }
+        }
         let p = &svc.policy;
         if let Some(rate) = p.rate_inbound_per_caller {
             svc.state
@@ -182,7 +195,7 @@ impl Inbound {
         obs: Observation,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
-        let resp = match self.rate_limit(&caller) {
+        let resp = match self.admit(&caller, &req) {
             Err(e) => e.to_response(grpc),
             Ok(()) => match self.forward(xfcc, traceparent(&obs), req).await {
                 Ok(r) => r.map(Body::Left),
