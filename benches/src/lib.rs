@@ -78,6 +78,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
         }),
         policy,
         authz: None,
+        mtls_mode: String::new(),
     };
     match Service::try_from(cfg) {
         Ok(s) => s,

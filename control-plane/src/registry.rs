@@ -54,6 +54,8 @@ pub struct State {
     pub authz: BTreeMap<String, AuthzRecord>,
     /// Default authorization action per namespace (absent: allow-all).
     pub authz_defaults: BTreeMap<String, String>,
+    /// mTLS mode per service when not strict (absent: strict).
+    pub mtls_modes: BTreeMap<String, String>,
     /// The mesh's trust domain (for allow-mesh-only).
     pub trust_domain: String,
     /// Revision of the last change touching each service (its record, endpoints or route).
@@ -126,6 +128,14 @@ impl State {
             }
             (Some("authz"), Some(n), None, None) => {
                 self.authz.remove(n);
+                Some(n)
+            }
+            (Some("mtls"), Some(n), None, Some(v)) => {
+                self.mtls_modes.insert(n.into(), de(key, v)?);
+                Some(n)
+            }
+            (Some("mtls"), Some(n), None, None) => {
+                self.mtls_modes.remove(n);
                 Some(n)
             }
             (Some("authz-defaults"), Some(ns), None, value) => {
@@ -608,6 +618,36 @@ impl Registry {
         });
         self.set_service_record("authz", service, |st, s| st.authz.contains_key(s), record)
             .await
+    }
+
+    /// Sets a service's mTLS mode: "strict" (stored as no record) or "permissive".
+    pub async fn set_mtls_mode(&self, service: &str, mode: &str) -> Result<u64, RegistryError> {
+        let permissive = match mode {
+            "strict" => false,
+            "permissive" => true,
+            other => {
+                return Err(RegistryError::Invalid(format!(
+                    "unknown mTLS mode {other:?}: use strict or permissive"
+                )));
+            }
+        };
+        let record = permissive.then_some(|_: u64| "permissive");
+        self.set_service_record(
+            "mtls",
+            service,
+            |st, s| st.mtls_modes.contains_key(s),
+            record,
+        )
+        .await
+    }
+
+    /// A service's mTLS mode.
+    pub fn mtls_mode(st: &State, service: &str) -> &'static str {
+        if st.mtls_modes.contains_key(service) {
+            "permissive"
+        } else {
+            "strict"
+        }
     }
 
     /// Sets a namespace's default authorization action.

@@ -123,6 +123,7 @@ impl Admin {
                         "probation": st.on_probation(),
                     })).collect::<Vec<_>>(),
                     "policy": format!("{:?}", s.policy),
+                    "mtls_permissive": s.mtls_permissive,
                     "authz": s.authz.as_ref().map(|a| json!({
                         "name": a.name,
                         "rules": a.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),

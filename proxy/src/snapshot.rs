@@ -39,6 +39,8 @@ pub struct Service {
     pub state: PolicyState,
     /// Who may call this service (checked by its own proxies, inbound); None: everyone.
     pub authz: Option<Arc<mesh_authz::Authz>>,
+    /// PERMISSIVE mTLS: its proxies also accept plaintext (callers without identity).
+    pub mtls_permissive: bool,
     /// The outbound request stack for the default backends, built on first use (`http::stack`).
     pub stack: OnceLock<Stack>,
     /// The route's rules, and per rule (same index) where it sends.

@@ -470,3 +470,90 @@ async fn authorization_allows_denies_and_audits_by_identity() -> anyhow::Result<
     assert_eq!(got["authz"]["rules"][0]["name"], "web-reads", "{got}");
     Ok(())
 }
+
+/// Plaintext HTTP/1.1 GET straight to an inbound port; the raw answer ("" if the connection
+/// was closed without one).
+async fn plaintext_get(inbound: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    Ok(String::from_utf8_lossy(&buf).to_string())
+}
+
+/// mTLS modes: STRICT (the default) refuses plaintext; PERMISSIVE serves plaintext callers
+/// (with no identity passed to the app) and mTLS callers alike; `meshctl services` reports the
+/// mode; back to STRICT, plaintext is refused again. Authorization sees a plaintext caller as
+/// having no identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_accepts_plaintext_and_strict_refuses_it() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let inbound = b.inbound.expect("inbound");
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+    let mode_in_dump = |want: bool| {
+        move |d: &serde_json::Value| {
+            d["services"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["name"] == "backend" && s["mtls_permissive"] == want)
+            })
+        }
+    };
+    assert!(
+        plaintext_get(inbound, "/").await?.is_empty(),
+        "STRICT by default"
+    );
+    let table = mesh.meshctl(&["services"]).await?;
+    assert!(
+        table.contains("MTLS") && table.contains("STRICT"),
+        "{table}"
+    );
+
+    mesh.meshctl(&["mtls", "backend", "permissive"]).await?;
+    wait_config(b.admin, Duration::from_secs(10), mode_in_dump(true)).await?;
+    let plain = plaintext_get(inbound, "/plain").await?;
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(
+        plain.contains("\"peer\":\"\""),
+        "no identity for plaintext: {plain}"
+    );
+    let r = get(&http, "http://backend/mtls").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["peer"], "spiffe://mesh.local/ns/default/sa/web");
+    let table = mesh.meshctl(&["services"]).await?;
+    assert!(table.contains("PERMISSIVE"), "{table}");
+
+    // allow-mesh-only: plaintext callers are denied, mesh callers served.
+    mesh.meshctl(&["authz", "default", "default", "allow-mesh-only"])
+        .await?;
+    wait_config(b.admin, Duration::from_secs(10), |d| {
+        d["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "backend" && s["authz"]["default"] == "allow-mesh-only")
+        })
+    })
+    .await?;
+    let plain = plaintext_get(inbound, "/").await?;
+    assert!(plain.starts_with("HTTP/1.1 403"), "{plain}");
+    assert!(
+        plain.contains("namespace default allow-mesh-only"),
+        "{plain}"
+    );
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+
+    mesh.meshctl(&["mtls", "backend", "strict"]).await?;
+    wait_config(b.admin, Duration::from_secs(10), mode_in_dump(false)).await?;
+    assert!(
+        plaintext_get(inbound, "/").await?.is_empty(),
+        "STRICT again"
+    );
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let bad = mesh.meshctl(&["mtls", "backend", "lenient"]).await;
+    assert!(bad.is_err_and(|e| e.to_string().contains("use strict or permissive")));
+    Ok(())
+}

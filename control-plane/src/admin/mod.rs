@@ -80,6 +80,7 @@ impl pb::admin_server::Admin for AdminService {
                     ready_endpoints: eps
                         .map_or(0, |m| m.values().filter(|e| e.ready).count() as u32),
                     versions: st.versions_of(&s.name),
+                    mtls_mode: Registry::mtls_mode(&st, &s.name).to_string(),
                 }
             })
             .collect();
@@ -383,6 +384,17 @@ impl pb::admin_server::Admin for AdminService {
             .await?;
         tracing::info!(namespace = %m.namespace, default = %m.default_action, revision, "authorization default set");
         Ok(Response::new(pb::SetAuthzDefaultResponse { revision }))
+    }
+
+    async fn set_mtls_mode(
+        &self,
+        req: Request<pb::SetMtlsModeRequest>,
+    ) -> Result<Response<pb::SetMtlsModeResponse>, Status> {
+        let m = req.into_inner();
+        check_name("service", &m.service)?;
+        let revision = self.registry.set_mtls_mode(&m.service, &m.mode).await?;
+        tracing::info!(service = %m.service, mode = %m.mode, revision, "mTLS mode set");
+        Ok(Response::new(pb::SetMtlsModeResponse { revision }))
     }
 
     /// Decides one request offline with the same code the proxies run.

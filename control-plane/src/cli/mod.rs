@@ -84,6 +84,9 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
     },
+    /// mTLS mode of a service: strict (only mTLS from mesh peers; the default) or permissive
+    /// (plaintext accepted too, for migration).
+    Mtls { service: String, mode: String },
     /// Authorization: who may call a service (rules by caller identity, method, path).
     Authz {
         #[command(subcommand)]
@@ -307,6 +310,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "ENDPOINTS",
                 "READY",
                 "VERSIONS",
+                "MTLS",
             ]);
             for s in r.services {
                 t.row(vec![
@@ -316,6 +320,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.endpoints.to_string(),
                     s.ready_endpoints.to_string(),
                     s.versions.join(","),
+                    s.mtls_mode.to_uppercase(),
                 ]);
             }
             t.print();
@@ -497,6 +502,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         AdminCmd::Policy { cmd } => policy::run(&mut c, cmd, json).await?,
         AdminCmd::Authz { cmd } => authz::run(&mut c, cmd, json).await?,
+        AdminCmd::Mtls { service, mode } => {
+            let r = c
+                .set_mtls_mode(pb::SetMtlsModeRequest {
+                    service: service.clone(),
+                    mode: mode.clone(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "mTLS mode of {service} set to {mode} (revision {})",
+                r.revision
+            );
+        }
         AdminCmd::Top {
             window,
             refresh,

@@ -81,6 +81,7 @@ impl ToJson for pb::ListServicesResponse {
         json!({"services": self.services.iter().map(|s| json!({
             "name": s.name, "namespace": s.namespace, "identity": s.identity,
             "endpoints": s.endpoints, "ready_endpoints": s.ready_endpoints, "versions": s.versions,
+            "mtls_mode": s.mtls_mode,
         })).collect::<Vec<_>>()})
     }
 }

@@ -80,6 +80,7 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
         route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
         authz: Some(effective_authz(state, name, &svc.namespace)),
+        mtls_mode: crate::registry::Registry::mtls_mode(state, name).to_string(),
     })
 }
 

@@ -75,6 +75,11 @@ impl TryFrom<pb::ServiceConfig> for Service {
             None => Policy::default(),
         };
         let rules = super::convert_route::rules(&route).map_err(bad)?;
+        let mtls_permissive = match c.mtls_mode.as_str() {
+            "" | "strict" => false,
+            "permissive" => true,
+            other => return Err(bad(format!("unknown mTLS mode {other:?}"))),
+        };
         let authz = match &c.authz {
             Some(a) => {
                 let a = mesh_authz::Authz::try_from(a).map_err(|e| bad(format!("authz: {e}")))?;
@@ -86,6 +91,7 @@ impl TryFrom<pb::ServiceConfig> for Service {
             state: PolicyState::new(&policy),
             policy,
             authz,
+            mtls_permissive,
             stack: OnceLock::new(),
             router: Router::new(rules),
             targets: Vec::new(),
@@ -300,6 +306,7 @@ mod tests {
             }),
             policy: None,
             authz: None,
+            mtls_mode: String::new(),
         }
     }
 

@@ -23,6 +23,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// First byte of a TLS record carrying a handshake (ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Time a peer has to complete the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,7 +102,8 @@ impl Inbound {
         };
         if let Some(authz) = &svc.authz {
             let (method, path) = (req.method().as_str(), req.uri().path());
-            let d = authz.decide(Some(caller), method, path);
+            let who = (!caller.is_empty()).then_some(&**caller);
+            let d = authz.decide(who, method, path);
             if !d.allowed {
                 if authz.audit {
                     tracing::info!(service = %name, %caller, method, path, policy = %d.by, "authz audit: would deny; let through");
@@ -126,8 +129,35 @@ impl Inbound {
         Ok(())
     }
 
-    /// Handles one accepted TCP connection: TLS, then HTTP.
+    /// True when this proxy's service accepts plaintext too (PERMISSIVE mTLS).
+    fn permissive(&self) -> bool {
+        let Some(name) = &self.service else {
+            return false;
+        };
+        self.snapshots
+            .load()
+            .services
+            .get(name)
+            .is_some_and(|s| s.mtls_permissive)
+    }
+
+    /// Handles one accepted TCP connection: mTLS, or plaintext if the service is PERMISSIVE
+    /// (told apart by the first byte: a TLS record starts with 0x16), then HTTP.
     pub async fn accept(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+            Ok(Ok(1)) => {
+                if !self.permissive() {
+                    tracing::info!(%peer, "plaintext connection refused: the service is STRICT (mTLS only)");
+                    return;
+                }
+                // No certificate, no identity: the app is told nothing about the caller.
+                self.serve_http(tcp, Arc::from(""), None, watcher).await;
+                return;
+            }
+            _ => return,
+        }
         let cfg = match self.tls.server_config() {
             Ok(c) => c,
             Err(e) => {
@@ -167,7 +197,19 @@ impl Inbound {
             return;
         };
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
-        let caller: Arc<str> = caller.into();
+        self.serve_http(tls, caller.into(), xfcc, watcher).await;
+    }
+
+    /// Serves HTTP from one caller (`""`: a plaintext caller, no identity).
+    async fn serve_http<I>(
+        self: Arc<Self>,
+        io: I,
+        caller: Arc<str>,
+        xfcc: Option<HeaderValue>,
+        watcher: Watcher,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let counters = Counters::Fixed(metrics().inbound(&caller));
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         let this = self.clone();
@@ -184,7 +226,7 @@ impl Inbound {
             let obs = Observation::start(Some(counters.clone()), detail);
             this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
-        serve(tls, svc, watcher).await;
+        serve(io, svc, watcher).await;
     }
 
     async fn handle(
