@@ -49,6 +49,7 @@ async fn shutdown_signal() {
 pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let b = Arc::new(b);
+    crate::http::server::set_limits(b.limits);
     if let Some(t) = &b.access_log {
         crate::telemetry::access_log::start(t).with_context(|| format!("--access-log {t:?}"))?;
     }

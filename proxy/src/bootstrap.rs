@@ -75,6 +75,21 @@ pub struct Args {
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Time a client has to send a request head, milliseconds (slowloris bound).
+    #[arg(long, default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Largest request head, bytes.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_header_bytes: usize,
+    /// Most headers in one HTTP/1 request.
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Open connections per listener; past it new connections are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Write one JSON line per request: `stderr`, or a file path (appended). Off by default.
     #[arg(long, env = "MESH_ACCESS_LOG")]
     pub access_log: Option<String>,
@@ -110,6 +125,7 @@ pub struct Bootstrap {
     pub telemetry_interval: Duration,
     pub worker_threads: usize,
     pub access_log: Option<crate::telemetry::access_log::Target>,
+    pub limits: crate::http::server::ServerLimits,
     pub otlp_endpoint: Option<String>,
     pub trace_sampling: f64,
 }
@@ -210,6 +226,18 @@ impl TryFrom<Args> for Bootstrap {
         if a.workers == 0 {
             return Err(bad("--workers must be at least 1".into()));
         }
+        if a.max_connections == 0 || a.max_concurrent_streams == 0 || a.max_headers == 0 {
+            return Err(bad(
+                "--max-connections, --max-concurrent-streams and --max-headers must be at least 1"
+                    .into(),
+            ));
+        }
+        if a.max_header_bytes < 1024 || a.header_read_timeout_ms == 0 {
+            return Err(bad(
+                "--max-header-bytes must be at least 1024 and --header-read-timeout-ms above 0"
+                    .into(),
+            ));
+        }
         if !(0.0..=1.0).contains(&a.trace_sampling) {
             return Err(bad(format!(
                 "--trace-sampling must be between 0.0 and 1.0, got {}",
@@ -245,6 +273,13 @@ impl TryFrom<Args> for Bootstrap {
             access_log: a
                 .access_log
                 .map(|t| crate::telemetry::access_log::Target::parse(&t)),
+            limits: crate::http::server::ServerLimits {
+                header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
+                max_header_bytes: a.max_header_bytes,
+                max_headers: a.max_headers,
+                max_streams: a.max_concurrent_streams,
+                max_connections: a.max_connections,
+            },
             otlp_endpoint: a.otlp_endpoint,
             trace_sampling: a.trace_sampling,
         })

@@ -8,35 +8,74 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// Time a client has to send its request headers (slowloris bound).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest HTTP/1 request head, bytes.
+/// Largest request head, bytes (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers in one HTTP/1 request.
 pub const MAX_HEADERS: usize = 100;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS: u32 = 1024;
+/// Open connections per listener; past it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// HTTP/2 streams a client may reset before the server answers them (rapid reset bound);
+/// past it the connection is closed with GOAWAY.
+pub const MAX_PENDING_RESETS: usize = 50;
+
+/// What one client may make the proxy hold; set once at start (`--max-*` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_streams: u32,
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_header_bytes: MAX_HEADER_BYTES,
+            max_headers: MAX_HEADERS,
+            max_streams: MAX_STREAMS,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+static LIMITS: OnceLock<ServerLimits> = OnceLock::new();
+
+/// Sets the limits (once, before listening).
+pub fn set_limits(l: ServerLimits) {
+    let _ = LIMITS.set(l);
+}
+
+pub fn limits() -> ServerLimits {
+    LIMITS.get().copied().unwrap_or_default()
+}
 
 /// A connection builder with the proxy's limits.
 pub fn builder() -> auto::Builder<TokioExecutor> {
+    let l = limits();
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
+        .header_read_timeout(l.header_read_timeout)
+        .max_buf_size(l.max_header_bytes.max(8192))
+        .max_headers(l.max_headers)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_pending_accept_reset_streams(Some(50))
+        .max_concurrent_streams(l.max_streams)
+        .max_header_list_size(l.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
@@ -78,12 +117,24 @@ pub async fn accept_loop<F, Fut>(
 {
     let stop = stopped(shutdown);
     tokio::pin!(stop);
+    let open = Arc::new(Semaphore::new(limits().max_connections));
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        // At the limit: close at once rather than queue (a flood must not
+                        // grow memory or starve the connections already open).
+                        crate::telemetry::metrics::metrics().connection_refused();
+                        tracing::debug!(%peer, "connection limit reached; closing new connection");
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(on_conn(s, peer, graceful.watcher()));
+                    let conn = on_conn(s, peer, graceful.watcher());
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -173,6 +173,8 @@ pub struct Metrics {
     tls_handshakes: [[AtomicU64; 3]; 2],
     open_connections: [AtomicI64; 2],
     connections_total: [AtomicU64; 2],
+    /// Connections closed at once because a listener was at its limit.
+    connections_refused: AtomicU64,
     /// Access-log lines and tap events dropped because their queue was full (spans: `trace`).
     pub access_log_dropped: AtomicU64,
     pub tap_dropped: AtomicU64,
@@ -254,6 +256,10 @@ impl Metrics {
     /// The cumulative ejection counter of `service`'s endpoints.
     pub fn ejections(&self, service: &Arc<str>) -> Arc<AtomicU64> {
         self.ejections.entry(service.clone()).or_default().clone()
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Relaxed);
     }
 
     pub fn handshake(&self, d: Direction, h: Handshake) {
@@ -549,6 +555,12 @@ impl Collector for ProxyCollector {
                 )
             }),
         )?;
+        ConstCounter::new(load(&m.connections_refused)).encode(enc.encode_descriptor(
+            "mesh_connections_refused",
+            "Connections closed at once because their listener was at --max-connections",
+            None,
+            MetricType::Counter,
+        )?)?;
         counter(
             &mut enc,
             "mesh_telemetry_dropped",

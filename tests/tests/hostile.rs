@@ -1,0 +1,195 @@
+//! Hostile clients against a running sidecar's outbound listener (the same HTTP server code
+//! serves the inbound one): request smuggling, oversized and too many headers, slow clients, a
+//! connection flood and HTTP/2 abuse are refused or bounded, and after each a well-behaved
+//! client is still served promptly. The sidecar runs with small limits so each bound is hit fast.
+
+use mesh_tests::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const LIMITS: [&str; 10] = [
+    "--header-read-timeout-ms",
+    "500",
+    "--max-header-bytes",
+    "8192",
+    "--max-headers",
+    "20",
+    "--max-concurrent-streams",
+    "100",
+    "--max-connections",
+    "50",
+];
+
+/// Sends `bytes` on a new connection and reads until the proxy closes it (bounded).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<(String, Duration)> {
+    let t = Instant::now();
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .map_err(|_| anyhow::anyhow!("connection still open after 5 s"))??;
+    Ok((String::from_utf8_lossy(&buf).to_string(), t.elapsed()))
+}
+
+/// A fresh well-behaved client gets its answer within a second.
+async fn served_promptly(outbound: SocketAddr, after: &str) -> anyhow::Result<()> {
+    let http = h1_client(outbound);
+    let r = tokio::time::timeout(Duration::from_secs(1), get(&http, "http://backend/ok"))
+        .await
+        .map_err(|_| anyhow::anyhow!("after {after}: no answer within 1 s"))??;
+    anyhow::ensure!(r.status == 200, "after {after}: {}", r.status);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_are_refused_or_bounded() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (app, _) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh
+        .sidecar(SidecarOpts {
+            service_account: "web",
+            extra: &LIMITS,
+            ..Default::default()
+        })
+        .await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let out = c.outbound;
+    served_promptly(out, "start").await?;
+
+    // Request smuggling: both Content-Length and Transfer-Encoding, or two Content-Lengths.
+    let before = app_requests(app).await?;
+    let (r, _) = raw(
+        out,
+        b"POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: backend\r\n\r\n",
+    )
+    .await?;
+    // Read as chunked (Transfer-Encoding wins, RFC 9112 §6.3), answered once, and the
+    // connection closed after it: the "request" hidden in the body is never served.
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "CL+TE: {r}");
+    assert!(r.starts_with("HTTP/1.1 200"), "CL+TE: {r}");
+    assert!(!r.contains("/smuggled"), "CL+TE: {r}");
+    let (r, _) = raw(
+        out,
+        b"POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await?;
+    assert!(r.starts_with("HTTP/1.1 400"), "duplicate CL: {r}");
+    assert_eq!(
+        app_requests(app).await?,
+        before + 1,
+        "the app saw the one POST, not the smuggled GET nor the duplicate-CL request"
+    );
+    served_promptly(out, "smuggling").await?;
+
+    // Oversized head, too many headers.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: backend\r\nx-big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let (r, _) = raw(out, big.as_bytes()).await?;
+    assert!(r.starts_with("HTTP/1.1 431"), "oversized head: {r}");
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let (r, _) = raw(
+        out,
+        format!("GET / HTTP/1.1\r\nHost: backend\r\n{many}\r\n").as_bytes(),
+    )
+    .await?;
+    assert!(r.starts_with("HTTP/1.1 431"), "too many headers: {r}");
+    served_promptly(out, "oversized headers").await?;
+
+    // Slowloris: a head that never ends is dropped at the header read timeout.
+    let (_, took) = raw(out, b"GET / HTTP/1.1\r\nHost: backend\r\n").await?;
+    assert!(took < Duration::from_secs(3), "slowloris held {took:?}");
+    served_promptly(out, "slowloris").await?;
+
+    // Slow bodies: 20 requests whose bodies stall hold 20 connections, nothing more.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(out).await?;
+        s.write_all(b"POST /slow HTTP/1.1\r\nHost: backend\r\nContent-Length: 100000\r\n\r\nab")
+            .await?;
+        slow.push(s);
+    }
+    served_promptly(out, "slow bodies").await?;
+    drop(slow);
+
+    // Connection flood: past --max-connections new connections are closed at once, while a
+    // client with a connection already open is still served.
+    let pooled = h1_client(out);
+    assert_eq!(get(&pooled, "http://backend/").await?.status, 200);
+    let mut flood = Vec::new();
+    for _ in 0..80 {
+        flood.push(TcpStream::connect(out).await?);
+    }
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        get(&pooled, "http://backend/during"),
+    )
+    .await??;
+    assert_eq!(r.status, 200, "during the flood");
+    let m = admin_get(c.admin, "/metrics").await?.text;
+    let refused = samples(&m, "mesh_connections_refused_total", &[], &[])?;
+    assert!(refused.values().sum::<f64>() >= 1.0, "{m}");
+    drop(flood);
+    // The flood's connections go (closed by us, or by the header timeout): new clients again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served_promptly(out, "flood").await.is_err() {
+        assert!(Instant::now() < deadline, "not served after the flood");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // HTTP/2: the advertised stream limit, then a rapid-reset burst.
+    let tcp = TcpStream::connect(out).await?;
+    let (h2c, mut conn) = h2::client::handshake(tcp).await?;
+    let req = || {
+        http::Request::get("http://backend/h2")
+            .body(())
+            .expect("request")
+    };
+    let (resp, _) = h2c.clone().ready().await?.send_request(req(), true)?;
+    let status = tokio::select! {
+        r = resp => r?.status(),
+        r = &mut conn => anyhow::bail!("h2 connection ended: {r:?}"),
+    };
+    assert_eq!(status, 200);
+    // The proxy's SETTINGS came with the answer: its stream limit is the configured one.
+    assert_eq!(conn.max_concurrent_send_streams(), 100);
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    for _ in 0..2000 {
+        match h2c.clone().ready().await {
+            Ok(mut c) => match c.send_request(req(), true) {
+                Ok((resp, _)) => {
+                    drop(resp); // RST_STREAM(CANCEL) right after HEADERS
+                    sent += 1;
+                }
+                Err(_) => break,
+            },
+            Err(_) => break,
+        }
+    }
+    assert!(sent > 0);
+    drop(h2c);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    served_promptly(out, "rapid reset").await?;
+
+    // HTTP/2 SETTINGS abuse: an illegal window size, and a SETTINGS frame larger than the
+    // frame size limit: the connection is closed (GOAWAY), nothing else is affected.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut bad_window = preface.to_vec();
+    bad_window.extend([0, 0, 6, 4, 0, 0, 0, 0, 0]); // len 6, SETTINGS, stream 0
+    bad_window.extend([0, 4, 0x80, 0, 0, 0]); // INITIAL_WINDOW_SIZE = 2^31
+    let (_, took) = raw(out, &bad_window).await?;
+    assert!(took < Duration::from_secs(3));
+    let mut huge = preface.to_vec();
+    huge.extend([0, 0xff, 0xfa, 4, 0, 0, 0, 0, 0]); // len 65530
+    huge.extend(std::iter::repeat_n(0u8, 65530));
+    let (_, took) = raw(out, &huge).await?;
+    assert!(took < Duration::from_secs(3));
+    served_promptly(out, "SETTINGS abuse").await?;
+    Ok(())
+}
