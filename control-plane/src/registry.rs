@@ -668,6 +668,18 @@ impl Registry {
         .await
     }
 
+    /// Removes a stored token (by its hash).
+    pub async fn delete_token(&self, hash: &str) -> Result<u64, RegistryError> {
+        self.write(|st| {
+            Ok(if st.tokens.contains_key(hash) {
+                vec![Op::Delete(format!("tokens/{hash}"))]
+            } else {
+                Vec::new()
+            })
+        })
+        .await
+    }
+
     /// Stores a bootstrap token's hash; returns nothing secret.
     pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<u64, RegistryError> {
         self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))

@@ -25,6 +25,49 @@ pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Hex digits of a token's hash that name it in lists (not enough to use it).
+pub const ID_LEN: usize = 16;
+/// Fewest hex digits `revoke` accepts as an id.
+pub const MIN_ID_LEN: usize = 8;
+
+/// The id shown for a stored token hash.
+pub fn id_of(hash: &str) -> &str {
+    hash.get(..ID_LEN).unwrap_or(hash)
+}
+
+/// Revokes the one token that `id` names (an id prefix, or the token itself); returns its
+/// hash and identity.
+pub async fn revoke(registry: &Registry, id: &str) -> Result<(String, String), RegistryError> {
+    let key = if id.starts_with(PREFIX) {
+        hash(id)
+    } else {
+        if id.len() < MIN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RegistryError::Invalid(format!(
+                "token id {id:?}: give at least {MIN_ID_LEN} hex digits of it, or the token"
+            )));
+        }
+        let st = registry.state();
+        let mut matching = st.tokens.keys().filter(|h| h.starts_with(id));
+        match (matching.next(), matching.next()) {
+            (Some(h), None) => h.clone(),
+            (None, _) => return Err(RegistryError::NotFound(format!("no token with id {id}"))),
+            (Some(_), Some(_)) => {
+                return Err(RegistryError::Invalid(format!(
+                    "token id {id} names several tokens; give more digits"
+                )));
+            }
+        }
+    };
+    let identity = registry
+        .state()
+        .tokens
+        .get(&key)
+        .map(|r| r.identity.clone())
+        .ok_or_else(|| RegistryError::NotFound("no such token".into()))?;
+    registry.delete_token(&key).await?;
+    Ok((key, identity))
+}
+
 /// Creates a token for `identity` and stores its hash. The token itself is returned once.
 pub async fn create(
     registry: &Registry,

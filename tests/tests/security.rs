@@ -557,3 +557,125 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() -> anyhow::Result<
     assert!(bad.is_err_and(|e| e.to_string().contains("use strict or permissive")));
     Ok(())
 }
+
+/// Bootstrap tokens are listed by id (never the secret), revocable, and a revoked token gets
+/// no certificate; neither the admin token nor any bootstrap token appears in any log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_revocable_and_no_secret_is_logged() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+    let created: serde_json::Value = serde_json::from_str(
+        &mesh
+            .meshctl(&[
+                "-o",
+                "json",
+                "token",
+                "create",
+                "--identity",
+                "default/batch",
+            ])
+            .await?,
+    )?;
+    let (token, id) = (
+        created["token"].as_str().unwrap_or("").to_string(),
+        created["id"].as_str().unwrap_or("").to_string(),
+    );
+    assert_eq!(id.len(), 16, "{created}");
+    let list = mesh.meshctl(&["token", "list"]).await?;
+    assert!(
+        list.contains(&id) && list.contains("sa/batch") && !list.contains(&token),
+        "{list}"
+    );
+
+    let short = mesh.meshctl(&["token", "revoke", "abc"]).await;
+    assert!(short.is_err_and(|e| e.to_string().contains("at least 8 hex digits")));
+    let out = mesh.meshctl(&["token", "revoke", &id[..10]]).await?;
+    assert!(out.contains("revoked"), "{out}");
+    assert!(!mesh.meshctl(&["token", "list"]).await?.contains(&id));
+
+    let mut ca = identity_client(&mesh).await?;
+    let (_, pem) = csr("spiffe://mesh.local/ns/default/sa/batch")?;
+    let e = ca
+        .certify(pb::CertifyRequest {
+            csr_pem: pem,
+            token: token.clone(),
+        })
+        .await
+        .expect_err("revoked token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("unknown or revoked"), "{e:?}");
+
+    let admin_token = std::fs::read_to_string(mesh.data_dir().join("admin-token"))?;
+    for entry in std::fs::read_dir(mesh.dir.path())? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&path)?;
+            for secret in [admin_token.trim(), token.as_str()] {
+                assert!(!text.contains(secret), "a secret is in {}", path.display());
+            }
+            assert!(
+                !text.contains("mesh1."),
+                "a bootstrap token is in {}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Garbage on every control-plane port and an oversized admin message are refused; the control
+/// plane keeps serving and its state is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_refuses_garbage_and_oversized_messages() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let route_before = mesh
+        .meshctl(&["-o", "json", "route", "get", "backend"])
+        .await?;
+
+    let mut garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    garbage.extend(b"\x16\x03\x01\x00\x05hello");
+    for addr in [mesh.grpc, mesh.admin_addr, mesh.http] {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let _ = s.write_all(&garbage).await;
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "{addr} kept a garbage connection open");
+    }
+    let r = admin_get(mesh.http, "/nosuch").await?;
+    assert_eq!(r.status, 404);
+
+    // 5 MiB in one admin call: over the 4 MiB message limit.
+    let huge = pb::SetRouteRequest {
+        service: "backend".into(),
+        route: Some(pb::Route {
+            rules: vec![pb::RouteRule {
+                name: "x".repeat(5 * 1024 * 1024),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = mesh.admin.set_route(huge).await.expect_err("oversized");
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        ),
+        "{e:?}"
+    );
+
+    // Still serving, state intact.
+    assert_eq!(
+        mesh.meshctl(&["-o", "json", "route", "get", "backend"])
+            .await?,
+        route_before
+    );
+    let r = get(&h1_client(c.outbound), "http://backend/").await?;
+    assert_eq!(r.status, 200);
+    assert!(mesh.meshctl(&["services"]).await?.contains("backend"));
+    Ok(())
+}

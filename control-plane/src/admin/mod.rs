@@ -500,11 +500,41 @@ impl pb::admin_server::Admin for AdminService {
             Status::invalid_argument(format!("{e}; expected <namespace>/<service-account>"))
         })?;
         let (token, expires) = tokens::create(&self.registry, &id, m.ttl_seconds).await?;
-        tracing::info!(identity = %id, "bootstrap token created");
+        let token_id = tokens::id_of(&tokens::hash(&token)).to_string();
+        tracing::info!(identity = %id, token_id = %token_id, "bootstrap token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
             identity: id.to_string(),
             expires_at_unix: expires,
+            id: token_id,
         }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let st = self.registry.state();
+        let tokens = st
+            .tokens
+            .iter()
+            .map(|(h, r)| pb::TokenInfo {
+                id: tokens::id_of(h).to_string(),
+                identity: r.identity.clone(),
+                expires_at_unix: r.expires_at_unix,
+                created_at_unix: r.created_at_unix,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let (hash, identity) = tokens::revoke(&self.registry, &req.into_inner().id).await?;
+        let id = tokens::id_of(&hash).to_string();
+        tracing::info!(token_id = %id, %identity, "bootstrap token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse { id, identity }))
     }
 }

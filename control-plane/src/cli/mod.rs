@@ -175,6 +175,10 @@ pub enum TokenCmd {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// Tokens by id, identity and expiry (the secrets are not stored).
+    List,
+    /// Revoke a token by its id (or the token itself): it can no longer obtain a certificate.
+    Revoke { id: String },
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -572,11 +576,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&r);
             }
             eprintln!(
-                "token for {} (expires {}):",
+                "token {} for {} (expires {}):",
+                r.id,
                 r.identity,
                 fmt_time(r.expires_at_unix)
             );
             println!("{}", r.token);
+        }
+        AdminCmd::Token {
+            cmd: TokenCmd::List,
+        } => {
+            let r = c.list_tokens(pb::ListTokensRequest {}).await?.into_inner();
+            if json {
+                let rows: Vec<_> = r
+                    .tokens
+                    .iter()
+                    .map(|t| serde_json::json!({"id": t.id, "identity": t.identity, "expires_at_unix": t.expires_at_unix, "created_at_unix": t.created_at_unix}))
+                    .collect();
+                println!("{}", serde_json::json!({ "tokens": rows }));
+                return Ok(());
+            }
+            let mut t = Table::new(&["ID", "IDENTITY", "EXPIRES"]);
+            for k in r.tokens {
+                t.row(vec![k.id, k.identity, fmt_time(k.expires_at_unix)]);
+            }
+            t.print();
+        }
+        AdminCmd::Token {
+            cmd: TokenCmd::Revoke { id },
+        } => {
+            let r = c
+                .revoke_token(pb::RevokeTokenRequest { id })
+                .await?
+                .into_inner();
+            println!("token {} for {} revoked", r.id, r.identity);
         }
     }
     Ok(())

@@ -104,7 +104,7 @@ impl ToJson for pb::ListProxiesResponse {
 }
 impl ToJson for pb::CreateTokenResponse {
     fn to_json(&self) -> serde_json::Value {
-        json!({"token": self.token, "identity": self.identity, "expires_at_unix": self.expires_at_unix})
+        json!({"token": self.token, "id": self.id, "identity": self.identity, "expires_at_unix": self.expires_at_unix})
     }
 }
 
