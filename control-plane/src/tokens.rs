@@ -97,12 +97,18 @@ pub async fn create(
     Ok((token, expires))
 }
 
-/// The identity a token is valid for, now.
-pub fn check(registry: &Registry, token: &str) -> Result<SpiffeId, TokenError> {
+/// Checks a token's shape (`mesh1.` + 64 hex digits) before it is looked up.
+pub fn parse(token: &str) -> Result<&str, TokenError> {
     let rest = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
     if rest.len() != 64 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(TokenError::Malformed);
     }
+    Ok(token)
+}
+
+/// The identity a token is valid for, now.
+pub fn check(registry: &Registry, token: &str) -> Result<SpiffeId, TokenError> {
+    let token = parse(token)?;
     let state = registry.state();
     let rec = state.tokens.get(&hash(token)).ok_or(TokenError::Unknown)?;
     if rec.expires_at_unix <= now_unix() {
