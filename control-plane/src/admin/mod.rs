@@ -51,6 +51,21 @@ pub struct AdminService {
     pub tap: Arc<crate::tap::TapHub>,
 }
 
+/// A service's authorization as its proxies apply it, for get/set answers.
+fn authz_info(
+    st: &crate::registry::State,
+    service: String,
+    revision: u64,
+) -> Result<Response<pb::AuthzInfo>, Status> {
+    let authz = crate::discovery::effective_authz(st, &service)
+        .ok_or_else(|| Status::not_found(format!("unknown service {service:?}")))?;
+    Ok(Response::new(pb::AuthzInfo {
+        service,
+        authz: Some(authz),
+        revision,
+    }))
+}
+
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
     pb::RouteInfo {
         service: service.to_string(),
@@ -335,18 +350,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::AuthzInfo>, Status> {
         let service = req.into_inner().service;
         let st = self.registry.state();
-        let Some(svc) = st.services.get(&service) else {
-            return Err(Status::not_found(format!("unknown service {service:?}")));
-        };
-        Ok(Response::new(pb::AuthzInfo {
-            authz: Some(crate::discovery::effective_authz(
-                &st,
-                &service,
-                &svc.namespace,
-            )),
-            revision: st.authz.get(&service).map_or(0, |r| r.revision),
-            service,
-        }))
+        let revision = st.authz.get(&service).map_or(0, |r| r.revision);
+        authz_info(&st, service, revision)
     }
 
     async fn set_authz(
@@ -360,17 +365,7 @@ impl pb::admin_server::Admin for AdminService {
             .set_authz(&m.service, m.authz.unwrap_or_default())
             .await?;
         tracing::info!(service = %m.service, revision = rev, "authorization set");
-        let st = self.registry.state();
-        let ns = st
-            .services
-            .get(&m.service)
-            .map(|s| s.namespace.clone())
-            .unwrap_or_default();
-        Ok(Response::new(pb::AuthzInfo {
-            authz: Some(crate::discovery::effective_authz(&st, &m.service, &ns)),
-            revision: rev,
-            service: m.service,
-        }))
+        authz_info(&self.registry.state(), m.service, rev)
     }
 
     async fn set_authz_default(
@@ -404,13 +399,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CheckAuthzResponse>, Status> {
         let m = req.into_inner();
         let st = self.registry.state();
-        let Some(svc) = st.services.get(&m.service) else {
-            return Err(Status::not_found(format!(
-                "unknown service {:?}",
-                m.service
-            )));
-        };
-        let a = crate::discovery::effective_authz(&st, &m.service, &svc.namespace);
+        let a = crate::discovery::effective_authz(&st, &m.service)
+            .ok_or_else(|| Status::not_found(format!("unknown service {:?}", m.service)))?;
         let authz = mesh_authz::Authz::try_from(&a).map_err(|e| Status::internal(e.to_string()))?;
         let caller = mesh_authz::caller_id(&m.from, &st.trust_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -79,13 +79,15 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
             .collect(),
         route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
-        authz: Some(effective_authz(state, name, &svc.namespace)),
+        authz: effective_authz(state, name),
         mtls_mode: crate::registry::Registry::mtls_mode(state, name).to_string(),
     })
 }
 
-/// A service's authorization as proxies apply it: its rules plus its namespace's default.
-pub fn effective_authz(state: &crate::registry::State, name: &str, namespace: &str) -> pb::Authz {
+/// A service's authorization as proxies apply it: its rules plus its namespace's default
+/// (None: no such service).
+pub fn effective_authz(state: &crate::registry::State, name: &str) -> Option<pb::Authz> {
+    let namespace = &state.services.get(name)?.namespace;
     let mut a = state
         .authz
         .get(name)
@@ -97,7 +99,7 @@ pub fn effective_authz(state: &crate::registry::State, name: &str, namespace: &s
         .cloned()
         .unwrap_or_else(|| "allow-all".into());
     a.trust_domain = state.trust_domain.clone();
-    a
+    Some(a)
 }
 
 pub fn endpoint_to_proto(e: &EndpointRecord) -> pb::Endpoint {
