@@ -278,13 +278,17 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
             .await?
             .into_inner()
             .proxies;
-        if let Some(p) = proxies
+        // Wait for all three: each proxy answers the push on its own stream.
+        let nacked: Vec<_> = proxies
             .into_iter()
-            .find(|p| p.identity == WEB && p.nacked_version >= set.revision)
-        {
-            break p;
+            .filter(|p| p.nacked_version >= set.revision)
+            .collect();
+        if nacked.len() == 3 {
+            if let Some(p) = nacked.into_iter().find(|p| p.identity == WEB) {
+                break p;
+            }
         }
-        assert!(Instant::now() < deadline, "no NACK seen");
+        assert!(Instant::now() < deadline, "not every proxy NACKed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(
