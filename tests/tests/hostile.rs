@@ -35,6 +35,72 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<(String, Duration
     Ok((String::from_utf8_lossy(&buf).to_string(), t.elapsed()))
 }
 
+/// Speaks raw HTTP/2 (the h2 crate would hold the streams back itself): after the SETTINGS
+/// exchange, opens `streams` requests whose bodies stay open, so none finishes. Returns how
+/// many the proxy refused with RST_STREAM(REFUSED_STREAM) and whether it sent GOAWAY.
+async fn h2_past_stream_limit(addr: SocketAddr, streams: u32) -> anyhow::Result<(usize, bool)> {
+    const SETTINGS: u8 = 4;
+    const RST_STREAM: u8 = 3;
+    const GOAWAY: u8 = 7;
+    const REFUSED_STREAM: u32 = 7;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+    // HPACK: :method POST (3), :scheme http (6), :path / (4), :authority "backend" (literal,
+    // indexed name 1).
+    let mut block = vec![0x83, 0x86, 0x84, 0x01, 7];
+    block.extend(b"backend");
+    let (mut refused, mut goaway, mut sent) = (0, false, false);
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && refused == 0 && !goaway {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => continue,
+        };
+        anyhow::ensure!(n > 0, "connection closed after {refused} refusals");
+        buf.extend(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags, payload) = (buf[3], buf[4], buf[9..9 + len].to_vec());
+            buf.drain(..9 + len);
+            match kind {
+                SETTINGS if flags & 1 == 0 && !sent => {
+                    // ACK the proxy's SETTINGS (its stream limit now binds), then the burst:
+                    // HEADERS with END_HEADERS but not END_STREAM.
+                    let mut burst = frame(SETTINGS, 1, 0, &[]);
+                    for i in 0..streams {
+                        burst.extend(frame(1, 4, 2 * i + 1, &block));
+                    }
+                    tcp.write_all(&burst).await?;
+                    sent = true;
+                }
+                RST_STREAM
+                    if payload.len() == 4
+                        && u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            == REFUSED_STREAM =>
+                {
+                    refused += 1;
+                }
+                GOAWAY => goaway = true,
+                _ => {}
+            }
+        }
+    }
+    Ok((refused, goaway))
+}
+
 /// A fresh well-behaved client gets its answer within a second.
 async fn served_promptly(outbound: SocketAddr, after: &str) -> anyhow::Result<()> {
     let http = h1_client(outbound);
@@ -167,6 +233,13 @@ async fn hostile_clients_are_refused_or_bounded() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     // The proxy's SETTINGS came with the answer: its stream limit is the configured one.
     assert_eq!(conn.max_concurrent_send_streams(), 100);
+    // A client that ignores it gets the streams past the limit refused, nothing more.
+    let (refused, goaway) = h2_past_stream_limit(out, 120).await?;
+    assert!(
+        refused >= 1 && !goaway,
+        "refused {refused}, goaway {goaway}"
+    );
+    served_promptly(out, "too many streams").await?;
     let conn = tokio::spawn(conn);
     let mut sent = 0;
     for _ in 0..2000 {
