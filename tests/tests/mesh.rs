@@ -283,10 +283,10 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
             .into_iter()
             .filter(|p| p.nacked_version >= set.revision)
             .collect();
-        if nacked.len() == 3 {
-            if let Some(p) = nacked.into_iter().find(|p| p.identity == WEB) {
-                break p;
-            }
+        if nacked.len() == 3
+            && let Some(p) = nacked.into_iter().find(|p| p.identity == WEB)
+        {
+            break p;
         }
         assert!(Instant::now() < deadline, "not every proxy NACKed");
         tokio::time::sleep(Duration::from_millis(20)).await;
