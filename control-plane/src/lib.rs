@@ -19,6 +19,7 @@ pub mod spiffe;
 pub mod store;
 pub mod tap;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 pub mod trace;
 pub mod web;

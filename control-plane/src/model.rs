@@ -100,6 +100,15 @@ pub struct TokenRecord {
     pub created_at_unix: i64,
 }
 
+/// The trust bundle proxies verify peers against, pushed as resource "trust/bundle". Stored
+/// (not only derived from the CA files) so every replica pushes the same bundle.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrustRecord {
+    pub bundle_pem: String,
+    /// Fingerprint of the root that signs new certificates.
+    pub signer: String,
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()

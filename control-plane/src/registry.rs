@@ -58,6 +58,9 @@ pub struct State {
     pub mtls_modes: BTreeMap<String, String>,
     /// The mesh's trust domain (for allow-mesh-only).
     pub trust_domain: String,
+    /// The trust bundle, and the revision that last changed it.
+    pub trust: Option<TrustRecord>,
+    pub trust_version: u64,
     /// Revision of the last change touching each service (its record, endpoints or route).
     pub service_versions: HashMap<String, u64>,
     /// When this revision was committed (None for the state loaded at start): push latency
@@ -153,6 +156,11 @@ impl State {
                 for n in names {
                     self.service_versions.insert(n, rev);
                 }
+                None
+            }
+            (Some("trust"), Some("bundle"), None, value) => {
+                self.trust = value.map(|v| de(key, v)).transpose()?;
+                self.trust_version = rev;
                 None
             }
             (Some("tokens"), Some(h), None, Some(v)) => {
@@ -281,6 +289,7 @@ impl Registry {
         for v in state.service_versions.values_mut() {
             *v = contents.revision;
         }
+        state.trust_version = contents.revision;
         let (changes, _) = watch::channel(contents.revision);
         Ok(Self {
             store,
@@ -681,6 +690,18 @@ impl Registry {
     }
 
     /// Stores a bootstrap token's hash; returns nothing secret.
+    /// Publishes the CA's bundle to every proxy (nothing is written when it is unchanged).
+    pub async fn set_trust(&self, record: TrustRecord) -> Result<u64, RegistryError> {
+        self.write(|st| {
+            Ok(if st.trust.as_ref() == Some(&record) {
+                vec![]
+            } else {
+                vec![put("trust/bundle".into(), &record)?]
+            })
+        })
+        .await
+    }
+
     pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<u64, RegistryError> {
         self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))
             .await

@@ -12,12 +12,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 /// Largest gRPC message the control plane decodes (bytes).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Lifetime of the control plane's own serving certificate; re-issued at every start.
-const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Static configuration of the control plane.
 #[derive(Debug, Clone)]
@@ -72,9 +70,13 @@ pub async fn run(
     let store = FileStore::open(&cfg.data_dir)?;
     let registry = Arc::new(Registry::open(Arc::new(store), cfg.trust_domain.clone()).await?);
     let ca = match (&cfg.ca_cert, &cfg.ca_key) {
-        (Some(c), Some(k)) => {
-            CertificateAuthority::from_files(c, k, &cfg.trust_domain, cfg.leaf_ttl)?
-        }
+        (Some(c), Some(k)) => CertificateAuthority::from_files(
+            c,
+            k,
+            &cfg.data_dir.join("ca").join("bundle.pem"),
+            &cfg.trust_domain,
+            cfg.leaf_ttl,
+        )?,
         (None, None) => CertificateAuthority::load_or_generate(
             &cfg.data_dir.join("ca"),
             &cfg.trust_domain,
@@ -93,9 +95,16 @@ pub async fn run(
             ips.push(a.ip());
         }
     }
-    let serving = ca.issue_server_cert(&names, &ips, SERVER_CERT_TTL)?;
-    let identity = Identity::from_pem(&serving.cert_chain_pem, &serving.key_pem);
-    let root = Certificate::from_pem(ca.trust_bundle_pem());
+    let tls = Arc::new(crate::tls::ServerTls::new(
+        &ca,
+        crate::tls::ServerNames { dns: names, ips },
+    )?);
+    let rotation = Arc::new(crate::ca::rotation::Rotation {
+        ca: ca.clone(),
+        tls,
+        registry: registry.clone(),
+    });
+    rotation.publish().await?;
 
     let proxies = Arc::new(ProxyTable::default());
     let stats = Arc::new(CaStats::default());
@@ -134,6 +143,7 @@ pub async fn run(
             proxies,
             telemetry,
             tap,
+            rotation: rotation.clone(),
         },
         AdminAuth::new(&token),
     );
@@ -156,26 +166,19 @@ pub async fn run(
         let _ = rx.wait_for(|v| *v).await;
     };
     let grpc = Server::builder()
-        .tls_config(
-            ServerTlsConfig::new()
-                .identity(identity.clone())
-                .client_ca_root(root)
-                .client_auth_optional(true),
-        )?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(discovery)
         .add_service(identity_svc)
         .add_service(telemetry_svc)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            crate::tls::incoming(grpc_listener, rotation.tls.grpc.clone()),
             wait(stop_rx.clone()),
         );
     let admin = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(identity))?
         .layer(tower::layer::layer_fn(crate::trace::Traced))
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+            crate::tls::incoming(admin_listener, rotation.tls.admin.clone()),
             wait(stop_rx),
         );
 

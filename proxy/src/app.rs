@@ -128,13 +128,15 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     }
 
     let control_plane = Arc::new(ControlPlane::new(b.clone(), tls.clone()));
-    let (id_ready_tx, id_ready_rx) = watch::channel(false);
+    let (cert_tx, cert_rx) = watch::channel(None);
+    let renew = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(
         IdentityManager {
             bootstrap: b.clone(),
             tls: tls.clone(),
             control_plane: control_plane.clone(),
-            ready: id_ready_tx,
+            cert: cert_tx,
+            renew: renew.clone(),
         }
         .run(),
     );
@@ -144,7 +146,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             control_plane: control_plane.clone(),
             snapshots: snapshots.clone(),
             subscribe_rx,
-            identity_ready: id_ready_rx.clone(),
+            cert: cert_rx.clone(),
+            tls: tls.clone(),
+            renew,
         }
         .run(),
     );
@@ -205,11 +209,11 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
 
     // Ready = certificate + first config. Listeners already accept: until then outbound requests
     // wait (bounded) for discovery and inbound handshakes fail for want of a certificate.
-    let mut id_ready = id_ready_rx;
+    let mut id_ready = cert_rx;
     let mut cfg = snapshots.watch();
     tokio::select! {
         r = async {
-            let _ = id_ready.wait_for(|r| *r).await;
+            let _ = id_ready.wait_for(|c| c.is_some()).await;
             let _ = cfg.wait_for(|_| snapshots.load().synced).await;
         } => r,
         _ = shutdown_signal() => return Ok(()),

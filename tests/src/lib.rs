@@ -160,7 +160,7 @@ impl Mesh {
         ]);
         cp_args.extend(extra.iter().map(|s| s.to_string()));
         let token = std::fs::read_to_string(dir.path().join("cp/admin-token"))?;
-        let ca = std::fs::read_to_string(dir.path().join("cp/ca/root.pem"))?;
+        let ca = std::fs::read_to_string(dir.path().join("cp/ca/bundle.pem"))?;
         let admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca).await?;
         Ok(Self {
             dir,
@@ -225,7 +225,7 @@ impl Mesh {
 
     pub fn ca_pem(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(
-            self.data_dir().join("ca/root.pem"),
+            self.data_dir().join("ca/bundle.pem"),
         )?)
     }
 
@@ -265,7 +265,7 @@ impl Mesh {
 
     /// Starts a sidecar with a fresh token for its service account.
     pub async fn sidecar(&mut self, o: SidecarOpts<'_>) -> anyhow::Result<Sidecar> {
-        let ca_file = self.data_dir().join("ca/root.pem");
+        let ca_file = self.data_dir().join("ca/bundle.pem");
         let mut cmd = proxy_command(
             &bin_dir().join("mesh-proxy"),
             &self.grpc.to_string(),

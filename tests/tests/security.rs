@@ -678,3 +678,122 @@ async fn control_plane_refuses_garbage_and_oversized_messages() -> anyhow::Resul
     assert!(mesh.meshctl(&["services"]).await?.contains("backend"));
     Ok(())
 }
+
+/// Sends GETs to backend until `stop`, bounded in time; returns (successes, failures).
+fn steady_load(
+    http: HttpClient,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            match get(&http, "http://backend/").await {
+                Ok(r) if r.status == 200 => ok += 1,
+                Ok(r) => failed.push(format!("{} {}", r.status, r.text)),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    })
+}
+
+/// Test 3 of the security issue: the trust root is replaced with an overlap (new root
+/// trusted, then signing, then the old one dropped) under constant HTTP/1.1 and HTTP/2 load,
+/// with endpoints joining mid-rotation and after it, and not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_with_overlap_fails_no_request() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b1 = mesh.workload("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    let ca = |s: String| -> anyhow::Result<serde_json::Value> { Ok(serde_json::from_str(&s)?) };
+    let before = ca(mesh.meshctl(&["-o", "json", "ca", "status"]).await?)?;
+    assert_eq!(before["phase"], "steady");
+    let old = before["roots"][0]["fingerprint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // The steps only go in order.
+    let e = mesh
+        .meshctl(&["ca", "rotate", "--step", "finish"])
+        .await
+        .expect_err("finish before activate");
+    assert!(e.to_string().contains("finish follows activate"), "{e}");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loads = [
+        steady_load(h1_client(c.outbound), stop.clone()),
+        steady_load(h2c_client(c.outbound), stop.clone()),
+    ];
+
+    // Step 1 alone, then an endpoint joins while both roots are trusted and the old one signs.
+    let out = mesh.meshctl(&["ca", "rotate", "--step", "prepare"]).await?;
+    assert!(out.contains("prepare: done (phase prepared)"), "{out}");
+    let b2 = mesh.workload("backend", "v1").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    // The rest in one command: activate, wait for every proxy to renew, finish.
+    let out = mesh.meshctl(&["ca", "rotate", "--timeout", "60s"]).await?;
+    assert!(
+        out.contains("activate: done") && out.contains("finish: done (phase steady)"),
+        "{out}"
+    );
+    // Joining after the rotation: a backend endpoint and a client, bootstrapped with the new
+    // bundle file.
+    let b3 = mesh.workload("backend", "v1").await?;
+    mesh.wait_endpoints("backend", 3).await?;
+    let c2 = mesh.client("web").await?;
+    for i in 0..30 {
+        let r = get(&h1_client(c2.outbound), &format!("http://backend/new/{i}")).await?;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in loads {
+        let (o, f) = l.await?;
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!("rotation under load: {ok} requests, none failed");
+    assert!(ok > 50, "only {ok} requests during the rotation");
+
+    // One new root, signing; every proxy's certificate is from it and trusts it alone.
+    let after = ca(mesh.meshctl(&["-o", "json", "ca", "status"]).await?)?;
+    assert_eq!(after["phase"], "steady", "{after}");
+    let roots = after["roots"].as_array().cloned().unwrap_or_default();
+    assert_eq!(roots.len(), 1, "{after}");
+    let new = roots[0]["fingerprint"].as_str().unwrap_or_default();
+    assert_ne!(new, old);
+    for s in [&b1, &b2, &b3, &c, &c2] {
+        let dump = admin_get(s.admin, "/config_dump").await?.json;
+        assert_eq!(dump["certificate"]["signer"], new, "{dump}");
+        assert_eq!(dump["trust_roots"], 1, "{dump}");
+    }
+    let proxies = after["proxies"].as_array().cloned().unwrap_or_default();
+    assert_eq!(proxies.len(), 5, "{after}");
+    assert!(
+        proxies
+            .iter()
+            .all(|p| p["cert_signer"] == new && p["bundle_applied"] == true),
+        "{after}"
+    );
+    // The old root's files are gone; the bundle file is the new root.
+    let dir = mesh.data_dir().join("ca");
+    assert!(!dir.join(format!("roots/{old}.pem")).exists());
+    assert!(!dir.join(format!("roots/{old}.key")).exists());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bundle.pem"))?
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        1
+    );
+    Ok(())
+}

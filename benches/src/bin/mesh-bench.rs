@@ -337,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
         ])
         .stderr(log("cp")?);
     procs.push(Process::spawn_ready("control plane", cmd, READY).await?.0);
-    let ca_pem = std::fs::read_to_string(d.join("cp/ca/root.pem"))?;
+    let ca_pem = std::fs::read_to_string(d.join("cp/ca/bundle.pem"))?;
     std::fs::write(d.join("ca.pem"), &ca_pem)?;
     let token = std::fs::read_to_string(d.join("cp/admin-token"))?;
     let mut admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca_pem).await?;

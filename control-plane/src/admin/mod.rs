@@ -49,6 +49,8 @@ pub struct AdminService {
     pub telemetry: Arc<crate::telemetry::TelemetryStore>,
     /// Relays proxies' tap events to `Tap` callers.
     pub tap: Arc<crate::tap::TapHub>,
+    /// The CA and what follows its root changes.
+    pub rotation: Arc<crate::ca::rotation::Rotation>,
 }
 
 /// A service's authorization as its proxies apply it, for get/set answers.
@@ -526,5 +528,18 @@ impl pb::admin_server::Admin for AdminService {
         let id = tokens::id_of(&hash).to_string();
         tracing::info!(token_id = %id, %identity, "bootstrap token revoked");
         Ok(Response::new(pb::RevokeTokenResponse { id, identity }))
+    }
+
+    async fn get_ca(&self, _: Request<pb::GetCaRequest>) -> Result<Response<pb::CaInfo>, Status> {
+        Ok(Response::new(self.rotation.info(&self.proxies)))
+    }
+
+    async fn rotate_ca(
+        &self,
+        req: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::CaInfo>, Status> {
+        let r = req.into_inner();
+        self.rotation.step(&r.step, r.force, &self.proxies).await?;
+        Ok(Response::new(self.rotation.info(&self.proxies)))
     }
 }

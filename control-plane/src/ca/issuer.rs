@@ -1,21 +1,18 @@
-//! Root loading/generation and CSR signing.
+//! CSR signing with the current root, and the root rotation steps (see `roots`).
 
+use super::roots::{CLOCK_SKEW, Phase, RootDir, Roots};
 use crate::spiffe::{SpiffeId, uri_sans_of_cert};
-use crate::store::file::write_atomic;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use time::OffsetDateTime;
 
 /// Default workload certificate lifetime.
 pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Root lifetime when the control plane generates one.
-const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Backdating of `not_before`, for clocks slightly behind ours.
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// Largest CSR accepted, PEM bytes.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
@@ -31,12 +28,17 @@ pub enum CaError {
     Files(String),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("root rotation: {0}")]
+    Rotation(String),
 }
 
-/// Signs workload certificates with the mesh root.
+/// Signs workload certificates with the mesh root; rotates the root in three steps.
 pub struct CertificateAuthority {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
+    roots: RwLock<Arc<Roots>>,
+    /// None: the operator's root (`--ca-cert`), which the control plane does not rotate.
+    dir: Option<RootDir>,
+    /// Serialises rotation steps.
+    rotating: Mutex<()>,
     pub trust_domain: String,
     pub leaf_ttl: Duration,
 }
@@ -47,83 +49,98 @@ pub struct IssuedKeyPair {
     pub key_pem: String,
 }
 
+/// A signed workload certificate with what the proxy needs alongside it.
+pub struct Signed {
+    pub chain_pem: String,
+    pub not_after: OffsetDateTime,
+    /// Fingerprint of the root that signed it.
+    pub signer: String,
+    pub bundle_pem: String,
+}
+
 impl CertificateAuthority {
-    /// Loads `<dir>/root.pem` and `<dir>/root.key`, or generates them (key mode 0600) if neither
-    /// exists. One without the other is an error rather than a silent new root.
+    fn with(roots: Roots, dir: Option<RootDir>, trust_domain: &str, leaf_ttl: Duration) -> Self {
+        Self {
+            roots: RwLock::new(Arc::new(roots)),
+            dir,
+            rotating: Mutex::new(()),
+            trust_domain: trust_domain.into(),
+            leaf_ttl,
+        }
+    }
+
+    /// Loads the roots kept in `dir` (see `roots`), or generates a first one (key mode 0600).
     pub fn load_or_generate(
         dir: &Path,
         trust_domain: &str,
         leaf_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let (cert, key) = (dir.join("root.pem"), dir.join("root.key"));
-        match (cert.exists(), key.exists()) {
-            (true, true) => Self::from_files(&cert, &key, trust_domain, leaf_ttl),
-            (false, false) => {
-                std::fs::create_dir_all(dir).map_err(|e| CaError::Files(e.to_string()))?;
-                let key_pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| CaError::Signing(e.to_string()))?;
-                let mut params = CertificateParams::default();
-                let mut dn = DistinguishedName::new();
-                dn.push(DnType::OrganizationName, "mesh");
-                dn.push(DnType::CommonName, format!("mesh root CA {trust_domain}"));
-                params.distinguished_name = dn;
-                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-                params.key_usages = vec![
-                    KeyUsagePurpose::KeyCertSign,
-                    KeyUsagePurpose::CrlSign,
-                    KeyUsagePurpose::DigitalSignature,
-                ];
-                let now = OffsetDateTime::now_utc();
-                params.not_before = now - CLOCK_SKEW;
-                params.not_after = now + ROOT_TTL;
-                let root = params
-                    .self_signed(&key_pair)
-                    .map_err(|e| CaError::Signing(e.to_string()))?;
-                write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600)
-                    .map_err(|e| CaError::Files(format!("{}: {e}", key.display())))?;
-                write_atomic(&cert, root.pem().as_bytes(), 0o644)
-                    .map_err(|e| CaError::Files(format!("{}: {e}", cert.display())))?;
-                Ok(Self {
-                    root_pem: root.pem(),
-                    issuer: Issuer::new(params, key_pair),
-                    trust_domain: trust_domain.into(),
-                    leaf_ttl,
-                })
-            }
-            _ => Err(CaError::Files(format!(
-                "found only one of {} and {}; both or neither must exist",
-                cert.display(),
-                key.display()
-            ))),
-        }
+        let root_dir = RootDir::new(dir);
+        let roots = root_dir.load_or_generate(trust_domain)?;
+        Ok(Self::with(roots, Some(root_dir), trust_domain, leaf_ttl))
     }
 
-    /// Loads an operator-provided root (or intermediate) and its key.
+    /// An operator-provided root (or intermediate) and its key; `bundle_out` gets the bundle
+    /// as PEM (the file meshctl reads by default).
     pub fn from_files(
         cert: &Path,
         key: &Path,
+        bundle_out: &Path,
         trust_domain: &str,
         leaf_ttl: Duration,
     ) -> Result<Self, CaError> {
         let read = |p: &Path| {
             std::fs::read_to_string(p).map_err(|e| CaError::Files(format!("{}: {e}", p.display())))
         };
-        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-        let key_pair = KeyPair::from_pem(&key_pem)
-            .map_err(|e| CaError::Files(format!("{}: {e}", key.display())))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
-            .map_err(|e| CaError::Files(format!("{}: {e}", cert.display())))?;
-        Ok(Self {
-            issuer,
-            root_pem: cert_pem,
-            trust_domain: trust_domain.into(),
-            leaf_ttl,
-        })
+        let roots = Roots::external(&read(cert)?, &read(key)?)
+            .map_err(|e| CaError::Files(format!("{} / {}: {e}", cert.display(), key.display())))?;
+        if let Some(d) = bundle_out.parent() {
+            std::fs::create_dir_all(d).map_err(|e| CaError::Files(e.to_string()))?;
+        }
+        crate::store::file::write_atomic(bundle_out, roots.bundle_pem.as_bytes(), 0o644)
+            .map_err(|e| CaError::Files(format!("{}: {e}", bundle_out.display())))?;
+        Ok(Self::with(roots, None, trust_domain, leaf_ttl))
     }
 
-    /// The trust bundle proxies verify peers against, PEM.
-    pub fn trust_bundle_pem(&self) -> &str {
-        &self.root_pem
+    /// The current roots (cheap: an `Arc` clone).
+    pub fn roots(&self) -> Arc<Roots> {
+        match self.roots.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether the operator provides the root (no rotation here).
+    pub fn is_external(&self) -> bool {
+        self.dir.is_none()
+    }
+
+    /// One rotation step: "prepare", "activate" or "finish".
+    pub fn rotate(&self, step: &str) -> Result<Phase, CaError> {
+        let Some(dir) = &self.dir else {
+            return Err(CaError::Rotation(
+                "the root is the operator's (--ca-cert/--ca-key): rotate it by restarting with a new one".into(),
+            ));
+        };
+        let _g = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.roots();
+        let next = match step {
+            "prepare" => dir.prepare(&cur, &self.trust_domain)?,
+            "activate" => dir.activate(&cur)?,
+            "finish" => dir.finish(&cur)?,
+            other => {
+                return Err(CaError::Rotation(format!(
+                    "unknown step {other:?} (prepare, activate or finish)"
+                )));
+            }
+        };
+        let phase = next.phase();
+        tracing::info!(step, phase = phase.as_str(), signer = %next.signer.fingerprint, roots = next.bundle.len(), "root rotation step");
+        match self.roots.write() {
+            Ok(mut g) => *g = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+        Ok(phase)
     }
 
     /// Parses and checks a CSR: valid signature, exactly one SPIFFE URI SAN in our trust domain.
@@ -160,12 +177,8 @@ impl CertificateAuthority {
         Ok((csr, id))
     }
 
-    /// Signs a CSR whose identity must equal `allowed`. Returns the chain PEM and its expiry.
-    pub fn sign_csr(
-        &self,
-        csr_pem: &str,
-        allowed: &SpiffeId,
-    ) -> Result<(String, OffsetDateTime), CaError> {
+    /// Signs a CSR whose identity must equal `allowed`.
+    pub fn sign_csr(&self, csr_pem: &str, allowed: &SpiffeId) -> Result<Signed, CaError> {
         let (csr, id) = self.requested_identity(csr_pem)?;
         if &id != allowed {
             return Err(CaError::IdentityMismatch {
@@ -179,10 +192,16 @@ impl CertificateAuthority {
                 .map_err(|e: rcgen::Error| CaError::BadSans(e.to_string()))?,
         )])?;
         let not_after = params.not_after;
+        let roots = self.roots();
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&csr.public_key, &roots.issuer)
             .map_err(|e| CaError::Signing(e.to_string()))?;
-        Ok((cert.pem(), not_after))
+        Ok(Signed {
+            chain_pem: cert.pem(),
+            not_after,
+            signer: roots.signer.fingerprint.clone(),
+            bundle_pem: roots.bundle_pem.clone(),
+        })
     }
 
     /// A key and certificate for a server of the control plane itself (its gRPC ports), with the
@@ -212,7 +231,7 @@ impl CertificateAuthority {
         let mut params = self.leaf_params(sans)?;
         params.not_after = OffsetDateTime::now_utc() + ttl;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(&key, &self.roots().issuer)
             .map_err(|e| CaError::Signing(e.to_string()))?;
         Ok(IssuedKeyPair {
             cert_chain_pem: cert.pem(),
@@ -272,7 +291,9 @@ mod tests {
         let ca = CertificateAuthority::load_or_generate(dir.path(), "mesh.local", DEFAULT_LEAF_TTL)
             .unwrap();
         let me = SpiffeId::parse("spiffe://mesh.local/ns/default/sa/web").unwrap();
-        let (pem, exp) = ca.sign_csr(&csr_for(&me.to_string()), &me).unwrap();
+        let signed = ca.sign_csr(&csr_for(&me.to_string()), &me).unwrap();
+        let (pem, exp) = (signed.chain_pem, signed.not_after);
+        assert_eq!(signed.signer, ca.roots().signer.fingerprint);
         assert!(pem.contains("BEGIN CERTIFICATE"));
         let left = exp - OffsetDateTime::now_utc();
         assert!(left > time::Duration::hours(23) && left <= time::Duration::hours(24));
@@ -295,21 +316,115 @@ mod tests {
         ));
     }
 
+    fn key_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("roots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".key"))
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn reloads_same_root_and_protects_key() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let a = CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).unwrap();
         let b = CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).unwrap();
-        assert_eq!(a.trust_bundle_pem(), b.trust_bundle_pem());
-        let mode = std::fs::metadata(dir.path().join("root.key"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        std::fs::remove_file(dir.path().join("root.key")).unwrap();
-        assert!(
-            CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).is_err()
+        assert_eq!(a.roots().bundle_pem, b.roots().bundle_pem);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap(),
+            a.roots().bundle_pem
         );
+        let keys = key_files(dir.path());
+        assert_eq!(keys.len(), 1);
+        let key = dir.path().join("roots").join(&keys[0]);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_file(&key).unwrap();
+        assert!(
+            CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).is_err(),
+            "a missing key is an error, not a silent new root"
+        );
+    }
+
+    #[test]
+    fn root_rotation_steps_in_order_and_survive_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap();
+        let ca =
+            CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).unwrap();
+        let reload = || CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL);
+        let old = ca.roots().signer.fingerprint.clone();
+        for step in ["activate", "finish", "bogus"] {
+            assert!(
+                matches!(ca.rotate(step), Err(CaError::Rotation(_))),
+                "{step}"
+            );
+        }
+
+        assert_eq!(ca.rotate("prepare").unwrap(), Phase::Prepared);
+        let r = ca.roots();
+        assert_eq!(r.bundle.len(), 2);
+        assert_eq!(
+            r.signer.fingerprint, old,
+            "prepare does not change the signer"
+        );
+        let new = r.bundle[1].fingerprint.clone();
+        assert_ne!(new, old);
+        assert_ne!(r.bundle[0].subject, r.bundle[1].subject);
+        assert_eq!(key_files(dir.path()).len(), 2);
+        assert!(matches!(ca.rotate("prepare"), Err(CaError::Rotation(_))));
+        assert_eq!(reload().unwrap().roots().phase(), Phase::Prepared);
+
+        assert_eq!(ca.rotate("activate").unwrap(), Phase::Overlap);
+        let signed = ca.sign_csr(&csr_for(&me.to_string()), &me).unwrap();
+        assert_eq!(signed.signer, new);
+        assert_eq!(signed.bundle_pem, ca.roots().bundle_pem);
+        assert!(signed.bundle_pem.matches("BEGIN CERTIFICATE").count() == 2);
+        assert_eq!(
+            key_files(dir.path()),
+            vec![format!("{new}.key")],
+            "the old key goes once it can no longer sign"
+        );
+        assert_eq!(reload().unwrap().roots().signer.fingerprint, new);
+
+        assert_eq!(ca.rotate("finish").unwrap(), Phase::Steady);
+        let r = ca.roots();
+        assert_eq!(r.bundle.len(), 1);
+        assert_eq!(r.bundle[0].fingerprint, new);
+        assert!(!dir.path().join(format!("roots/{old}.pem")).exists());
+        let back = reload().unwrap();
+        assert_eq!(back.roots().bundle_pem, r.bundle_pem);
+        assert_eq!(back.roots().phase(), Phase::Steady);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap(),
+            r.bundle_pem
+        );
+    }
+
+    #[test]
+    fn operator_root_is_not_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let made =
+            CertificateAuthority::load_or_generate(dir.path(), "td", DEFAULT_LEAF_TTL).unwrap();
+        let fp = made.roots().signer.fingerprint.clone();
+        let out = dir.path().join("out/bundle.pem");
+        let ext = CertificateAuthority::from_files(
+            &dir.path().join(format!("roots/{fp}.pem")),
+            &dir.path().join(format!("roots/{fp}.key")),
+            &out,
+            "td",
+            DEFAULT_LEAF_TTL,
+        )
+        .unwrap();
+        assert!(ext.is_external());
+        assert_eq!(
+            std::fs::read_to_string(out).unwrap(),
+            made.roots().bundle_pem
+        );
+        assert!(matches!(ext.rotate("prepare"), Err(CaError::Rotation(_))));
     }
 }

@@ -1,7 +1,10 @@
-//! The certificate authority: a root (generated on first start or given by the operator) that
-//! signs workload CSRs into short-lived SPIFFE certificates, and the Identity gRPC service.
+//! The certificate authority: a root (generated on first start and rotatable, or given by the
+//! operator) that signs workload CSRs into short-lived SPIFFE certificates, and the Identity
+//! gRPC service.
 
 pub mod issuer;
+pub mod roots;
+pub mod rotation;
 pub mod service;
 
 pub use issuer::{CaError, CertificateAuthority};

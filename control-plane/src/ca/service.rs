@@ -29,6 +29,7 @@ impl From<CaError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
+            CaError::Rotation(_) => Status::failed_precondition(e.to_string()),
             CaError::Files(_) | CaError::Signing(_) => Status::internal(e.to_string()),
         }
     }
@@ -72,12 +73,13 @@ impl IdentityService {
                 "no credential: send a bootstrap token or present a mesh client certificate",
             ));
         };
-        let (chain, not_after) = self.ca.sign_csr(&msg.csr_pem, &allowed)?;
+        let signed = self.ca.sign_csr(&msg.csr_pem, &allowed)?;
         tracing::info!(identity = %allowed, "signed workload certificate");
         Ok(CertifyResponse {
-            cert_chain_pem: chain,
-            trust_bundle_pem: self.ca.trust_bundle_pem().to_string(),
-            expires_at_unix: not_after.unix_timestamp(),
+            cert_chain_pem: signed.chain_pem,
+            trust_bundle_pem: signed.bundle_pem,
+            expires_at_unix: signed.not_after.unix_timestamp(),
+            signer: signed.signer,
         })
     }
 }

@@ -70,7 +70,7 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
     let ca_path = cli
         .ca_file
         .clone()
-        .unwrap_or_else(|| cli.data_dir.join("ca").join("root.pem"));
+        .unwrap_or_else(|| cli.data_dir.join("ca").join("bundle.pem"));
     let ca = std::fs::read_to_string(&ca_path).with_context(|| {
         format!(
             "cannot read the CA certificate {} (set --ca-file)",

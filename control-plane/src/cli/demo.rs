@@ -90,7 +90,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
 
-    let ca_file = args.data_dir.join("ca").join("root.pem");
+    let ca_file = args.data_dir.join("ca").join("bundle.pem");
     let token = std::fs::read_to_string(args.data_dir.join("admin-token"))?
         .trim()
         .to_string();

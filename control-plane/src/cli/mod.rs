@@ -2,6 +2,7 @@
 //! (plus `demo`, which starts local processes).
 
 pub mod authz;
+pub mod ca;
 pub mod canary;
 pub mod client;
 pub mod demo;
@@ -33,7 +34,7 @@ pub struct Cli {
     /// Admin token (default: read from <data-dir>/admin-token).
     #[arg(long, env = "MESH_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// CA certificate to verify the control plane (default: <data-dir>/ca/root.pem).
+    /// CA certificate to verify the control plane (default: <data-dir>/ca/bundle.pem).
     #[arg(long, env = "MESH_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
     /// The control plane's data directory, for a local control plane.
@@ -119,6 +120,11 @@ pub enum AdminCmd {
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,
+    },
+    /// The mesh's trust roots: status, and rotation with an overlap period.
+    Ca {
+        #[command(subcommand)]
+        cmd: ca::CaCmd,
     },
 }
 
@@ -526,6 +532,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => canary::top(&mut c, &window, &refresh, count, json).await?,
         AdminCmd::Canary { cmd } => canary::run(&mut c, cmd, json).await?,
         AdminCmd::Tap(a) => tap::run(&mut c, a, json).await?,
+        AdminCmd::Ca { cmd } => ca::run(&mut c, cmd, json).await?,
         AdminCmd::Proxies => {
             let r = c
                 .list_proxies(pb::ListProxiesRequest {})

@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Resource name prefix for services.
 pub const SERVICE_PREFIX: &str = "service/";
+/// The trust bundle's resource name.
+pub const TRUST_RESOURCE: &str = "trust/bundle";
 
 /// What the control plane knows of one connected proxy.
 #[derive(Clone, Debug, Default)]
@@ -34,6 +36,8 @@ pub struct ProxyStatus {
     pub nacked_version: u64,
     pub nack_reason: String,
     pub subscriptions: Vec<String>,
+    /// Root of the proxy's current certificate, as it last reported.
+    pub cert_signer: String,
 }
 
 /// Connected proxies by stream id.

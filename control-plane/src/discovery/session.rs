@@ -1,6 +1,6 @@
 //! One proxy's discovery stream.
 
-use super::{ProxyTable, SERVICE_PREFIX, service_config};
+use super::{ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config};
 use crate::metrics::cp_metrics;
 use crate::registry::Registry;
 use mesh_proto::v1 as pb;
@@ -115,6 +115,9 @@ impl Session {
                     st.nack_reason = m.error_detail;
                 }
             }
+            if !m.cert_signer.is_empty() && m.cert_signer != st.cert_signer {
+                st.cert_signer = m.cert_signer;
+            }
             if grew || st.subscriptions.len() != self.subscriptions.len() {
                 st.subscriptions = self.subscriptions.iter().cloned().collect();
             }
@@ -130,26 +133,14 @@ impl Session {
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for name in &self.subscriptions {
-            let svc = name.strip_prefix(SERVICE_PREFIX);
-            let current = svc.and_then(|s| {
-                let cfg = service_config(&state, s)?;
-                Some((
-                    state
-                        .service_versions
-                        .get(s)
-                        .copied()
-                        .unwrap_or(state.revision),
-                    cfg,
-                ))
-            });
             let last = self.sent.get(name);
-            match current {
-                Some((version, cfg)) if last != Some(&Some(version)) => {
+            match current(&state, name, last) {
+                Some((version, kind)) if last != Some(&Some(version)) => {
                     self.sent.insert(name.clone(), Some(version));
                     resources.push(pb::Resource {
                         name: name.clone(),
                         version,
-                        kind: Some(pb::resource::Kind::Service(cfg)),
+                        kind,
                     });
                 }
                 None if last != Some(&None) => {
@@ -192,4 +183,38 @@ impl Session {
         }
         ok
     }
+}
+
+/// The current version of a resource and, when the proxy does not have that version yet
+/// (`sent`), its content. None: no such resource.
+fn current(
+    state: &crate::registry::State,
+    name: &str,
+    sent: Option<&Option<u64>>,
+) -> Option<(u64, Option<pb::resource::Kind>)> {
+    let version = if name == TRUST_RESOURCE {
+        state.trust.as_ref().map(|_| state.trust_version)?
+    } else {
+        let svc = name.strip_prefix(SERVICE_PREFIX)?;
+        state.services.get(svc)?;
+        state
+            .service_versions
+            .get(svc)
+            .copied()
+            .unwrap_or(state.revision)
+    };
+    if sent == Some(&Some(version)) {
+        return Some((version, None));
+    }
+    let kind = match name.strip_prefix(SERVICE_PREFIX) {
+        Some(svc) => pb::resource::Kind::Service(service_config(state, svc)?),
+        None => {
+            let t = state.trust.as_ref()?;
+            pb::resource::Kind::Trust(pb::TrustBundle {
+                bundle_pem: t.bundle_pem.clone(),
+                signer: t.signer.clone(),
+            })
+        }
+    };
+    Some((version, Some(kind)))
 }

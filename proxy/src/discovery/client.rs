@@ -1,10 +1,11 @@
 //! The proxy side of the discovery stream: subscribe, apply each response atomically into a new
 //! snapshot (or NACK it and keep the last good one), reconnect with backoff.
 
-use super::{SERVICE_PREFIX, convert};
+use super::{SERVICE_PREFIX, TRUST_RESOURCE, convert};
 use crate::bootstrap::Bootstrap;
 use crate::identity::control_plane::ControlPlane;
 use crate::snapshot::{Snapshot, Snapshots};
+use crate::tls::{Bundle, TlsContext};
 use mesh_proto::v1 as pb;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,8 +21,13 @@ pub struct DiscoveryClient {
     pub control_plane: Arc<ControlPlane>,
     pub snapshots: Arc<Snapshots>,
     pub subscribe_rx: mpsc::UnboundedReceiver<Arc<str>>,
-    /// Waits until the identity manager has a certificate.
-    pub identity_ready: watch::Receiver<bool>,
+    /// The root of the installed certificate (None until there is one): reported to the
+    /// control plane, which tracks root rotations by it.
+    pub cert: watch::Receiver<Option<Arc<str>>>,
+    /// Where a pushed trust bundle goes.
+    pub tls: Arc<TlsContext>,
+    /// Asks the identity manager to renew at once.
+    pub renew: Arc<tokio::sync::Notify>,
 }
 
 fn resource_name(service: &str) -> String {
@@ -30,7 +36,7 @@ fn resource_name(service: &str) -> String {
 
 impl DiscoveryClient {
     pub async fn run(mut self) {
-        let _ = self.identity_ready.wait_for(|r| *r).await;
+        let _ = self.cert.wait_for(|c| c.is_some()).await;
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = tokio::time::Instant::now();
@@ -63,12 +69,15 @@ impl DiscoveryClient {
                 service: self.bootstrap.service.clone().unwrap_or_default(),
                 version_label: self.bootstrap.version_label.clone().unwrap_or_default(),
             }),
-            subscribe: self
-                .snapshots
-                .subscriptions()
-                .iter()
-                .map(|s| resource_name(s))
+            subscribe: std::iter::once(TRUST_RESOURCE.to_string())
+                .chain(
+                    self.snapshots
+                        .subscriptions()
+                        .iter()
+                        .map(|s| resource_name(s)),
+                )
                 .collect(),
+            cert_signer: self.current_signer(),
             ..Default::default()
         };
         tx.send(first).await.map_err(|e| e.to_string())?;
@@ -83,6 +92,11 @@ impl DiscoveryClient {
                 name = self.subscribe_rx.recv() => {
                     let Some(name) = name else { return Ok(()) };
                     let req = pb::DiscoveryRequest { subscribe: vec![resource_name(&name)], ..Default::default() };
+                    tx.send(req).await.map_err(|e| e.to_string())?;
+                }
+                r = self.cert.changed() => {
+                    if r.is_err() { return Ok(()) }
+                    let req = pb::DiscoveryRequest { cert_signer: self.current_signer(), ..Default::default() };
                     tx.send(req).await.map_err(|e| e.to_string())?;
                 }
                 msg = responses.message() => {
@@ -103,10 +117,25 @@ impl DiscoveryClient {
         }
     }
 
+    fn current_signer(&mut self) -> String {
+        self.cert
+            .borrow_and_update()
+            .as_deref()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Builds the next snapshot from the current one plus this response, all or nothing.
     fn apply(&self, resp: pb::DiscoveryResponse) -> Result<(), String> {
         let mut updates = HashMap::new();
+        let mut trust = None;
         for r in resp.resources {
+            if let Some(pb::resource::Kind::Trust(t)) = r.kind {
+                let bundle =
+                    Bundle::from_pem(&t.bundle_pem).map_err(|e| format!("trust bundle: {e}"))?;
+                trust = Some((bundle, t.signer));
+                continue;
+            }
             let (name, svc) = convert::resource(r).map_err(|e| e.to_string())?;
             let Some(svc_name) = name.strip_prefix(SERVICE_PREFIX) else {
                 return Err(format!("unknown resource kind {name:?}"));
@@ -137,6 +166,15 @@ impl DiscoveryClient {
             missing,
             synced: true,
         });
+        if let Some((bundle, signer)) = trust {
+            tracing::info!(roots = bundle.anchors.len(), %signer, "trust bundle updated");
+            self.tls.set_bundle(bundle);
+            // A certificate from another root than the signing one is renewed at once, so a
+            // rotation's overlap ends as soon as every proxy has renewed.
+            if self.tls.leaf().is_some_and(|l| *l.signer != *signer) {
+                self.renew.notify_one();
+            }
+        }
         Ok(())
     }
 }

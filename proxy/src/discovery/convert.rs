@@ -277,7 +277,7 @@ pub fn resource(r: pb::Resource) -> Result<(String, Service), ConvertError> {
             s.version = r.version;
             Ok((r.name, s))
         }
-        None => Err(ConvertError::Empty(r.name)),
+        Some(pb::resource::Kind::Trust(_)) | None => Err(ConvertError::Empty(r.name)),
     }
 }
 

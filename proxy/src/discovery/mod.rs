@@ -8,3 +8,5 @@ pub use client::DiscoveryClient;
 
 /// Resource name prefix for services.
 pub const SERVICE_PREFIX: &str = "service/";
+/// The trust bundle's resource name; every proxy subscribes to it.
+pub const TRUST_RESOURCE: &str = "trust/bundle";

@@ -38,8 +38,10 @@ pub struct IdentityManager {
     pub bootstrap: Arc<Bootstrap>,
     pub tls: Arc<TlsContext>,
     pub control_plane: Arc<ControlPlane>,
-    /// Flips to true once the first certificate is installed.
-    pub ready: watch::Sender<bool>,
+    /// The root that signed the installed certificate: None until the first one is in.
+    pub cert: watch::Sender<Option<Arc<str>>>,
+    /// Renew now (the control plane signs with another root than our certificate's).
+    pub renew: Arc<tokio::sync::Notify>,
 }
 
 fn unix_now() -> i64 {
@@ -63,12 +65,18 @@ impl IdentityManager {
             match self.certify(&key).await {
                 Ok(lifetime) => {
                     backoff = RETRY_MIN;
-                    self.ready.send_replace(true);
+                    let signer = self.tls.leaf().map(|l| l.signer.clone());
+                    self.cert.send_replace(signer);
                     let jitter =
                         1.0 + (fastrand::f64() * 2.0 - 1.0) * REFRESH_JITTER / REFRESH_FRACTION;
                     let wait = lifetime.mul_f64(REFRESH_FRACTION * jitter);
                     tracing::info!(identity = %self.bootstrap.identity, renew_in_secs = wait.as_secs(), "certificate installed");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.renew.notified() => {
+                            tracing::info!("renewing now: the control plane signs with a new root");
+                        }
+                    }
                 }
                 Err(e) => {
                     let valid = self.tls.leaf().is_some_and(|l| l.expires_at > unix_now());
@@ -119,6 +127,7 @@ impl IdentityManager {
                             &key.serialize_pem(),
                             r.expires_at_unix,
                             &r.trust_bundle_pem,
+                            &r.signer,
                         )
                         .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
                     let left = (r.expires_at_unix - unix_now()).max(1) as u64;

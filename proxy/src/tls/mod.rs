@@ -38,13 +38,19 @@ pub struct Leaf {
     pub key_pem: String,
     /// Unix seconds.
     pub expires_at: i64,
+    /// Fingerprint of the root that signed it, as the control plane said.
+    pub signer: Arc<str>,
 }
 
-/// Trust roots in both shapes rustls and webpki want.
+/// Trust roots in both shapes rustls and webpki want, and the TLS configs built on them: a
+/// new bundle starts with no configs, so none built on the old roots can outlive it.
 pub struct Bundle {
     pub pem: String,
     pub roots: Arc<RootCertStore>,
     pub anchors: Arc<Vec<TrustAnchor<'static>>>,
+    server: ArcSwapOption<ServerConfig>,
+    /// Client configs per expected peer identity.
+    clients: DashMap<Arc<str>, Arc<ClientConfig>>,
 }
 
 impl Bundle {
@@ -69,6 +75,8 @@ impl Bundle {
             pem: pem.to_string(),
             roots: Arc::new(roots),
             anchors: Arc::new(anchors),
+            server: ArcSwapOption::empty(),
+            clients: DashMap::new(),
         })
     }
 }
@@ -78,9 +86,6 @@ pub struct TlsContext {
     provider: Arc<CryptoProvider>,
     leaf: ArcSwapOption<Leaf>,
     bundle: ArcSwap<Bundle>,
-    server: ArcSwapOption<ServerConfig>,
-    /// Client configs per expected peer identity; cleared when the bundle changes.
-    clients: DashMap<Arc<str>, Arc<ClientConfig>>,
     resolver: Arc<LeafResolver>,
 }
 
@@ -111,8 +116,6 @@ impl TlsContext {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             leaf: ArcSwapOption::empty(),
             bundle: ArcSwap::from_pointee(Bundle::from_pem(bundle_pem)?),
-            server: ArcSwapOption::empty(),
-            clients: DashMap::new(),
             resolver: Arc::new(LeafResolver {
                 current: ArcSwapOption::empty(),
             }),
@@ -135,6 +138,7 @@ impl TlsContext {
         key_pem: &str,
         expires_at: i64,
         bundle_pem: &str,
+        signer: &str,
     ) -> Result<(), TlsError> {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(chain_pem.as_bytes())
@@ -145,9 +149,7 @@ impl TlsContext {
         let signing = self.provider.key_provider.load_private_key(key)?;
         let certified = Arc::new(CertifiedKey::new(chain, signing));
         if bundle_pem != self.bundle.load().pem {
-            self.bundle.store(Arc::new(Bundle::from_pem(bundle_pem)?));
-            self.clients.clear();
-            self.server.store(None);
+            self.set_bundle(Bundle::from_pem(bundle_pem)?);
         }
         self.resolver.current.store(Some(certified.clone()));
         self.leaf.store(Some(Arc::new(Leaf {
@@ -155,17 +157,28 @@ impl TlsContext {
             chain_pem: chain_pem.into(),
             key_pem: key_pem.into(),
             expires_at,
+            signer: signer.into(),
         })));
         Ok(())
     }
 
+    /// Trusts exactly `bundle` from the next handshake on (a root rotation pushes one with the
+    /// old and new roots, later the new alone). Connections already open are kept.
+    pub fn set_bundle(&self, bundle: Bundle) {
+        if bundle.pem == self.bundle.load().pem {
+            return;
+        }
+        self.bundle.store(Arc::new(bundle));
+    }
+
     /// Server config for the inbound listener: client certificate required, from the mesh roots.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some(c) = self.server.load_full() {
+        let bundle = self.bundle.load_full();
+        if let Some(c) = bundle.server.load_full() {
             return Ok(c);
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(
-            self.bundle.load().roots.clone(),
+            bundle.roots.clone(),
             self.provider.clone(),
         )
         .build()
@@ -176,17 +189,18 @@ impl TlsContext {
             .with_cert_resolver(self.resolver.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
         let cfg = Arc::new(cfg);
-        self.server.store(Some(cfg.clone()));
+        bundle.server.store(Some(cfg.clone()));
         Ok(cfg)
     }
 
     /// Client config that accepts only a peer presenting `expected` as its SPIFFE identity.
     pub fn client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, TlsError> {
-        if let Some(c) = self.clients.get(expected) {
+        let bundle = self.bundle.load_full();
+        if let Some(c) = bundle.clients.get(expected) {
             return Ok(c.clone());
         }
         let verifier = SpiffeServerVerifier::new(
-            self.bundle.load().anchors.clone(),
+            bundle.anchors.clone(),
             expected.clone(),
             self.provider.clone(),
         );
@@ -197,7 +211,7 @@ impl TlsContext {
             .with_client_cert_resolver(self.resolver.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         let cfg = Arc::new(cfg);
-        self.clients.insert(expected.clone(), cfg.clone());
+        bundle.clients.insert(expected.clone(), cfg.clone());
         Ok(cfg)
     }
 }
