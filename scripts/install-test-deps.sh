@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need beyond Rust, idempotently: Debian's Chromium (the
-# dashboard test drives it headless). Needs root for apt-get; without root it only says what
-# is missing (the dashboard test then fails, naming this script).
+# dashboard test drives it headless) and iptables (the interception tests run `mesh-proxy
+# init` in network namespaces). Needs root for apt-get; without root it only says what is
+# missing (the tests that need it then fail or skip, naming this script).
 set -euo pipefail
-if command -v chromium >/dev/null; then
+missing=()
+command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-  echo "install-test-deps: chromium is missing; run this script as root to install it" >&2
+  echo "install-test-deps: missing ${missing[*]}; run this script as root to install them" >&2
   exit 0
 fi
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
-chromium --version
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-test-deps: installed ${missing[*]}"

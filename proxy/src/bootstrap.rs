@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(clap::Parser, Debug)]
-#[command(name = "mesh-proxy", version, about = "The mesh sidecar proxy")]
+#[command(
+    name = "mesh-proxy",
+    version,
+    about = "The mesh sidecar proxy (`mesh-proxy init --help`: the pod traffic redirect)"
+)]
 pub struct Args {
     /// Control plane address(es), tried in order.
     #[arg(

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod outbound;
 pub mod policy;
 pub mod snapshot;

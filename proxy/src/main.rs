@@ -9,6 +9,21 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // `mesh-proxy init ...`: the pod's traffic redirect (run by the injected init container).
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        let a = mesh_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
+        return match mesh_proxy::init::run(&a) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e @ mesh_proxy::init::InitError::Cidr(_)) => {
+                eprintln!("error: invalid configuration: {e}");
+                std::process::ExitCode::from(78)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let args = mesh_proxy::bootstrap::Args::parse();
     let bootstrap = match mesh_proxy::bootstrap::Bootstrap::try_from(args) {
         Ok(b) => b,
