@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cli;
 pub mod dashboard;
 pub mod discovery;
+pub mod inject;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -35,6 +35,9 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     /// OTLP/gRPC collector for the control plane's own spans (admin calls, pushes).
     pub otlp_endpoint: Option<String>,
+    /// HTTPS port of the sidecar-injection webhook (None: not served).
+    pub webhook_addr: Option<SocketAddr>,
+    pub inject: crate::inject::InjectConfig,
 }
 
 /// The DNS name proxies and meshctl verify the control plane's certificate against by default.
@@ -57,8 +60,8 @@ fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-/// Runs the control plane until `shutdown` resolves. Prints one JSON line on stdout once both
-/// ports listen: `{"event":"listening","grpc":"…","admin":"…","http":"…"}`.
+/// Runs the control plane until `shutdown` resolves. Prints one JSON line on stdout once its
+/// ports listen: `{"event":"listening","grpc":"…","admin":"…","http":"…"}` (and `"webhook"`).
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -159,9 +162,30 @@ pub async fn run(
         .await
         .with_context(|| format!("bind {}", cfg.http_addr))?;
     let http_local = http_listener.local_addr()?;
+    let webhook_listener = match cfg.webhook_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("bind {a}"))?,
+        ),
+        None => None,
+    };
+    let webhook_local = webhook_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(web.serve(http_listener, stop_rx.clone()));
+    if let Some(l) = webhook_listener {
+        let mut inject = cfg.inject.clone();
+        inject.trust_domain = cfg.trust_domain.clone();
+        tokio::spawn(crate::inject::webhook::serve(
+            crate::tls::incoming(l, rotation.tls.webhook.clone()),
+            Arc::new(inject),
+            stop_rx.clone(),
+        ));
+    }
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -182,11 +206,12 @@ pub async fn run(
             wait(stop_rx),
         );
 
-    tracing::info!(grpc = %grpc_local, admin = %admin_local, http = %http_local, data_dir = %cfg.data_dir.display(), trust_domain = %cfg.trust_domain, "control plane listening");
-    println!(
-        "{}",
-        serde_json::json!({"event": "listening", "grpc": grpc_local.to_string(), "admin": admin_local.to_string(), "http": http_local.to_string()})
-    );
+    tracing::info!(grpc = %grpc_local, admin = %admin_local, http = %http_local, webhook = ?webhook_local, data_dir = %cfg.data_dir.display(), trust_domain = %cfg.trust_domain, "control plane listening");
+    let mut ready = serde_json::json!({"event": "listening", "grpc": grpc_local.to_string(), "admin": admin_local.to_string(), "http": http_local.to_string()});
+    if let Some(w) = webhook_local {
+        ready["webhook"] = w.to_string().into();
+    }
+    println!("{ready}");
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -29,19 +29,27 @@ pub struct ServerNames {
 }
 
 /// Current configs of the proxies' port (client certificate optional: a bootstrap token may
-/// stand in) and of the admin port (token only).
+/// stand in), of the admin port (token only) and of the injection webhook (HTTP/1.1 or h2).
 pub struct ServerTls {
     pub grpc: Arc<ArcSwap<ServerConfig>>,
     pub admin: Arc<ArcSwap<ServerConfig>>,
+    pub webhook: Arc<ArcSwap<ServerConfig>>,
     names: ServerNames,
+}
+
+struct Configs {
+    grpc: ServerConfig,
+    admin: ServerConfig,
+    webhook: ServerConfig,
 }
 
 impl ServerTls {
     pub fn new(ca: &CertificateAuthority, names: ServerNames) -> anyhow::Result<Self> {
-        let (grpc, admin) = configs(ca, &names)?;
+        let c = configs(ca, &names)?;
         Ok(Self {
-            grpc: Arc::new(ArcSwap::from_pointee(grpc)),
-            admin: Arc::new(ArcSwap::from_pointee(admin)),
+            grpc: Arc::new(ArcSwap::from_pointee(c.grpc)),
+            admin: Arc::new(ArcSwap::from_pointee(c.admin)),
+            webhook: Arc::new(ArcSwap::from_pointee(c.webhook)),
             names,
         })
     }
@@ -49,17 +57,15 @@ impl ServerTls {
     /// Re-issues the serving certificate from the current root and trusts the current bundle;
     /// connections already open keep theirs.
     pub fn reload(&self, ca: &CertificateAuthority) -> anyhow::Result<()> {
-        let (grpc, admin) = configs(ca, &self.names)?;
-        self.grpc.store(Arc::new(grpc));
-        self.admin.store(Arc::new(admin));
+        let c = configs(ca, &self.names)?;
+        self.grpc.store(Arc::new(c.grpc));
+        self.admin.store(Arc::new(c.admin));
+        self.webhook.store(Arc::new(c.webhook));
         Ok(())
     }
 }
 
-fn configs(
-    ca: &CertificateAuthority,
-    names: &ServerNames,
-) -> anyhow::Result<(ServerConfig, ServerConfig)> {
+fn configs(ca: &CertificateAuthority, names: &ServerNames) -> anyhow::Result<Configs> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let issued = ca.issue_server_cert(&names.dns, &names.ips, SERVER_CERT_TTL)?;
     let chain: Vec<CertificateDer<'static>> =
@@ -81,11 +87,19 @@ fn configs(
         .with_single_cert(chain.clone(), key.clone_key())?;
     let mut admin = builder(&provider)?
         .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    let mut webhook = builder(&provider)?
+        .with_no_client_auth()
         .with_single_cert(chain, key)?;
     for c in [&mut grpc, &mut admin] {
         c.alpn_protocols = vec![b"h2".to_vec()];
     }
-    Ok((grpc, admin))
+    webhook.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Configs {
+        grpc,
+        admin,
+        webhook,
+    })
 }
 
 /// TLS connections accepted on `listener` with whatever config is current at each handshake.

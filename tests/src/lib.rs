@@ -102,6 +102,8 @@ pub struct Mesh {
     pub admin_addr: SocketAddr,
     /// The control plane's plain-HTTP port (`/metrics`, dashboard).
     pub http: SocketAddr,
+    /// The injection webhook's HTTPS port, when started with `--webhook-addr`.
+    pub webhook: Option<SocketAddr>,
     pub cp: Option<Process>,
     pub procs: Vec<Process>,
     pub admin: Admin,
@@ -149,6 +151,7 @@ impl Mesh {
         let grpc = json_addr(&ready, "grpc")?;
         let admin_addr = json_addr(&ready, "admin")?;
         let http = json_addr(&ready, "http")?;
+        let webhook = json_addr(&ready, "webhook").ok();
         let mut cp_args = base;
         cp_args.extend([
             "--grpc-addr".to_string(),
@@ -167,6 +170,7 @@ impl Mesh {
             grpc,
             admin_addr,
             http,
+            webhook,
             cp: Some(cp),
             procs: Vec::new(),
             admin,

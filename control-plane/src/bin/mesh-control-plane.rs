@@ -39,6 +39,12 @@ struct Args {
     /// OTLP/gRPC collector for the control plane's spans, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Serve the Kubernetes sidecar-injection webhook (HTTPS, POST /inject) here, e.g.
+    /// 0.0.0.0:15017. Off unless given.
+    #[arg(long, env = "MESH_WEBHOOK_ADDR")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    inject: mesh_control_plane::inject::InjectArgs,
 }
 
 #[tokio::main]
@@ -65,6 +71,8 @@ async fn main() -> std::process::ExitCode {
         ca_cert: a.ca_cert,
         ca_key: a.ca_key,
         otlp_endpoint: a.otlp_endpoint,
+        webhook_addr: a.webhook_addr,
+        inject: a.inject.config(),
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -59,6 +59,21 @@ pub enum Command {
     Admin(AdminCmd),
     /// Start a local mesh (control plane, example services, sidecars) and send traffic through it.
     Demo(demo::DemoArgs),
+    /// Add the sidecar to every pod template of a Kubernetes manifest (offline; what the
+    /// webhook does at admission). Prints the manifest on stdout, a summary on stderr.
+    Inject(InjectCmd),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct InjectCmd {
+    /// The manifest (YAML, several documents allowed); `-` reads stdin.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub inject: crate::inject::InjectArgs,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value = "mesh.local")]
+    pub trust_domain: String,
 }
 
 /// Commands that are one admin API call.
@@ -187,6 +202,27 @@ pub enum TokenCmd {
     Revoke { id: String },
 }
 
+/// `meshctl inject -f`: reads the manifest, prints it injected.
+fn inject(args: &InjectCmd) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut text = String::new();
+    if args.file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?;
+    }
+    let mut cfg = args.inject.config();
+    cfg.trust_domain = args.trust_domain.clone();
+    let (out, report) = crate::inject::manifest::inject_manifest(&text, &cfg)?;
+    print!("{out}");
+    for l in report.lines {
+        eprintln!("{l}");
+    }
+    Ok(())
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -301,6 +337,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.output == Format::Json;
     let cmd = match &cli.command {
         Command::Demo(args) => return demo::run(args.clone()).await,
+        Command::Inject(args) => return inject(args),
         Command::Admin(cmd) => cmd.clone(),
     };
     let mut c = client::connect(&cli).await?;

@@ -1,0 +1,282 @@
+//! Kubernetes, tested at its real interfaces (no API server runs here): the injection webhook
+//! receives real `admission.k8s.io/v1` AdmissionReviews over HTTPS, verified the way the API
+//! server verifies it (the mesh CA bundle as `caBundle`, the Service's DNS name), and
+//! `meshctl inject -f` rewrites a manifest offline.
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use mesh_tests::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/admission");
+/// The name in the webhook configuration's `clientConfig.service`.
+const WEBHOOK_NAME: &str = "mesh-control-plane.mesh-system.svc";
+
+fn fixture(name: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(format!("{FIXTURES}/{name}"))?)
+}
+
+/// One HTTPS request over a fresh connection, verifying the server as `WEBHOOK_NAME` against
+/// `ca_pem` (HTTP/1.1, as offered by ALPN).
+async fn https(
+    addr: SocketAddr,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, String)> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(WEBHOOK_NAME.try_into()?, tcp)
+        .await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://{WEBHOOK_NAME}{path}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).to_string();
+    Ok((status, text))
+}
+
+/// The review's answer and, if it carries a patch, the pod with the patch applied.
+async fn admit(
+    mesh: &Mesh,
+    review: &serde_json::Value,
+) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+    let addr = mesh
+        .webhook
+        .ok_or_else(|| anyhow::anyhow!("no webhook port"))?;
+    let (status, text) = https(
+        addr,
+        &mesh.ca_pem()?,
+        "POST",
+        "/inject",
+        review.to_string().into_bytes(),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "{status}: {text}");
+    let resp: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(resp["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(resp["kind"], "AdmissionReview");
+    assert_eq!(resp["response"]["uid"], review["request"]["uid"]);
+    let Some(p) = resp["response"]["patch"].as_str() else {
+        return Ok((resp, None));
+    };
+    assert_eq!(resp["response"]["patchType"], "JSONPatch");
+    let patch: json_patch::Patch =
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(p)?)?;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch)?;
+    Ok((resp, Some(pod)))
+}
+
+/// Test 1 of the Kubernetes issue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_injects_pods_from_admission_reviews_over_https() -> anyhow::Result<()> {
+    let mesh = Mesh::start_with(&[
+        "--webhook-addr",
+        "127.0.0.1:0",
+        "--server-name",
+        WEBHOOK_NAME,
+        "--proxy-image",
+        "registry.example/mesh-proxy:test",
+    ])
+    .await?;
+
+    // A Deployment's pod (as the ReplicaSet controller creates it).
+    let review: serde_json::Value = serde_json::from_str(&fixture("deployment-pod.json")?)?;
+    let (resp, pod) = admit(&mesh, &review).await?;
+    assert_eq!(resp["response"]["allowed"], true);
+    let injected = pod.ok_or_else(|| anyhow::anyhow!("no patch: {resp}"))?;
+    let typed: Pod = serde_json::from_value(injected.clone())?;
+    let spec = typed.spec.ok_or_else(|| anyhow::anyhow!("no spec"))?;
+    let inits = spec.init_containers.unwrap_or_default();
+    let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["mesh-init", "mesh-proxy", "migrate"]);
+    let proxy = &inits[1];
+    assert_eq!(
+        proxy.restart_policy.as_deref(),
+        Some("Always"),
+        "native sidecar"
+    );
+    assert_eq!(
+        proxy.image.as_deref(),
+        Some("registry.example/mesh-proxy:test")
+    );
+    let probe = proxy
+        .startup_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    assert_eq!(probe.and_then(|g| g.path.as_deref()), Some("/ready"));
+    assert_eq!(
+        inits[0]
+            .args
+            .as_ref()
+            .and_then(|a| a.first())
+            .map(String::as_str),
+        Some("init")
+    );
+    assert_eq!(spec.containers.len(), 1, "the app container is unchanged");
+
+    // The injected pod, sent again: no patch.
+    let mut again = review.clone();
+    again["request"]["uid"] = "second".into();
+    again["request"]["object"] = injected;
+    let (resp, pod) = admit(&mesh, &again).await?;
+    assert!(
+        pod.is_none() && resp["response"]["allowed"] == true,
+        "{resp}"
+    );
+
+    // A bare Pod: injected as a client-only sidecar.
+    let bare: serde_json::Value = serde_json::from_str(&fixture("bare-pod.json")?)?;
+    let (_, pod) = admit(&mesh, &bare).await?;
+    let typed: Pod =
+        serde_json::from_value(pod.ok_or_else(|| anyhow::anyhow!("bare pod not injected"))?)?;
+    assert_eq!(
+        typed.spec.and_then(|s| s.init_containers).map(|i| i.len()),
+        Some(2)
+    );
+
+    // Opted out: allowed, untouched.
+    let out: serde_json::Value = serde_json::from_str(&fixture("opted-out-pod.json")?)?;
+    let (resp, pod) = admit(&mesh, &out).await?;
+    assert!(
+        pod.is_none() && resp["response"]["allowed"] == true,
+        "{resp}"
+    );
+
+    // A bad annotation: refused, with the reason.
+    let mut bad = bare.clone();
+    bad["request"]["object"]["metadata"]["annotations"] =
+        serde_json::json!({"mesh.io/app-port": "web"});
+    let (resp, pod) = admit(&mesh, &bad).await?;
+    assert!(pod.is_none());
+    assert_eq!(resp["response"]["allowed"], false);
+    let msg = resp["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("mesh.io/app-port"), "{msg}");
+
+    // Malformed bodies: a clean 400, and the webhook keeps serving.
+    let addr = mesh
+        .webhook
+        .ok_or_else(|| anyhow::anyhow!("no webhook port"))?;
+    let ca = mesh.ca_pem()?;
+    let (status, text) = https(addr, &ca, "POST", "/inject", b"{\"kind\":".to_vec()).await?;
+    assert_eq!(status, 400);
+    assert!(
+        text.contains("not an admission.k8s.io/v1 AdmissionReview"),
+        "{text}"
+    );
+    let (status, _) = https(addr, &ca, "POST", "/inject", vec![b'x'; 5 * 1024 * 1024]).await?;
+    assert_eq!(status, 413);
+    let (status, _) = https(addr, &ca, "GET", "/inject", vec![]).await?;
+    assert_eq!(status, 405);
+    let (_, pod) = admit(&mesh, &review).await?;
+    assert!(pod.is_some(), "still injecting after bad requests");
+    Ok(())
+}
+
+async fn meshctl_inject(path: &std::path::Path) -> anyhow::Result<std::process::Output> {
+    Ok(tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["inject", "-f"])
+        .arg(path)
+        .output()
+        .await?)
+}
+
+/// `meshctl inject -f`: Deployments, StatefulSets and Jobs get the sidecar; the rest passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_inject_rewrites_manifests_offline() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.yaml");
+    std::fs::write(
+        &path,
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: catalog, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: catalog}}
+  template:
+    metadata: {labels: {app: catalog, version: v1}}
+    spec:
+      containers:
+        - {name: catalog, image: "catalog:1", ports: [{containerPort: 8080}]}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: fast}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: load}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: load, image: "load:1"}]
+"#,
+    )?;
+    let out = meshctl_inject(&path).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Deployment/catalog: injected") && stderr.contains("Job/load: injected"),
+        "{stderr}"
+    );
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout)?)?;
+    assert_eq!(docs.len(), 3);
+    let deploy: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(docs[0].clone())?;
+    let tpl = deploy
+        .spec
+        .and_then(|s| s.template.spec)
+        .ok_or_else(|| anyhow::anyhow!("no template"))?;
+    let inits = tpl.init_containers.unwrap_or_default();
+    assert_eq!(
+        inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["mesh-init", "mesh-proxy"]
+    );
+    assert_eq!(docs[1]["data"]["mode"], "fast");
+    let job: k8s_openapi::api::batch::v1::Job = serde_json::from_value(docs[2].clone())?;
+    assert!(
+        job.spec
+            .and_then(|s| s.template.spec)
+            .is_some_and(|s| s.init_containers.is_some_and(|i| i.len() == 2))
+    );
+
+    // A manifest with a bad annotation: refused with the document and the reason; exit 1.
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {mesh.io/proxy-memory-limit: lots}}\nspec: {containers: [{name: a, image: a}]}\n",
+    )?;
+    let out = meshctl_inject(&path).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("document 1 (Pod p)") && stderr.contains("not a quantity"),
+        "{stderr}"
+    );
+    Ok(())
+}
