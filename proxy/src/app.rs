@@ -119,6 +119,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                     serve(
                         s,
                         hyper::service::service_fn(move |r| admin.clone().handle(r)),
+                        crate::http::server::Client::App,
                         w,
                     )
                     .await
@@ -181,6 +182,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 serve(
                     s,
                     hyper::service::service_fn(move |r| outbound.clone().handle(fixed.clone(), r)),
+                    crate::http::server::Client::App,
                     w,
                 )
                 .await

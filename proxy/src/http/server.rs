@@ -24,9 +24,21 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_STREAMS: u32 = 1024;
 /// Open connections per listener; past it new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
-/// HTTP/2 streams a client may reset before the server answers them (rapid reset bound);
+/// HTTP/2 streams an app may reset before the server answers them (rapid reset bound);
 /// past it the connection is closed with GOAWAY.
 pub const MAX_PENDING_RESETS: usize = 50;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// An app, or a plaintext caller: bounded as a possibly hostile client.
+    App,
+    /// Another sidecar (mTLS). Its one connection carries the requests of many of its clients,
+    /// and when they go away it cancels their streams at once: a burst of resets is normal
+    /// there (each of its clients was bounded by that sidecar), so it may reset as many
+    /// streams as it may open rather than having the shared connection closed.
+    MeshPeer,
+}
 
 /// What one client may make the proxy hold; set once at start (`--max-*` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +74,12 @@ pub fn limits() -> ServerLimits {
 }
 
 /// A connection builder with the proxy's limits.
-pub fn builder() -> auto::Builder<TokioExecutor> {
+pub fn builder(client: Client) -> auto::Builder<TokioExecutor> {
     let l = limits();
+    let resets = match client {
+        Client::App => MAX_PENDING_RESETS,
+        Client::MeshPeer => (l.max_streams as usize).max(MAX_PENDING_RESETS),
+    };
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -75,13 +91,13 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(l.max_streams)
         .max_header_list_size(l.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_pending_accept_reset_streams(Some(resets))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
 
 /// Serves one connection until it ends or drain completes.
-pub async fn serve<I, S, B>(io: I, svc: S, watcher: Watcher)
+pub async fn serve<I, S, B>(io: I, svc: S, client: Client, watcher: Watcher)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
@@ -91,7 +107,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let b = builder();
+    let b = builder(client);
     let conn = b
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .into_owned();

@@ -3,7 +3,7 @@
 //! spoke (`x-mesh-orig-proto`), telling the app who called in `x-forwarded-client-cert`.
 
 use crate::http::errors::ProxyError;
-use crate::http::server::serve;
+use crate::http::server::{Client as Caller, serve};
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
@@ -211,6 +211,11 @@ impl Inbound {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let counters = Counters::Fixed(metrics().inbound(&caller));
+        let client = if caller.is_empty() {
+            Caller::App
+        } else {
+            Caller::MeshPeer
+        };
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -226,7 +231,7 @@ impl Inbound {
             let obs = Observation::start(Some(counters.clone()), detail);
             this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
-        serve(io, svc, watcher).await;
+        serve(io, svc, client, watcher).await;
     }
 
     async fn handle(
