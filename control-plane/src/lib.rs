@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod discovery;
 pub mod inject;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -25,6 +25,11 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+    /// Registered by its proxy (whose node id is `id`): removed once that proxy has been gone
+    /// longer than the endpoint lease (a lost machine never deregisters). Endpoints added
+    /// with meshctl are not leased.
+    #[serde(default)]
+    pub leased: bool,
 }
 
 impl EndpointRecord {

@@ -35,6 +35,8 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     /// OTLP/gRPC collector for the control plane's own spans (admin calls, pushes).
     pub otlp_endpoint: Option<String>,
+    /// How long an endpoint outlives its proxy's disconnection (see `lease`).
+    pub endpoint_lease: Duration,
     /// HTTPS port of the sidecar-injection webhook (None: not served).
     pub webhook_addr: Option<SocketAddr>,
     pub inject: crate::inject::InjectConfig,
@@ -132,6 +134,11 @@ pub async fn run(
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
+    tokio::spawn(crate::lease::run(
+        registry.clone(),
+        proxies.clone(),
+        cfg.endpoint_lease,
+    ));
     let web = Arc::new(crate::web::Web {
         metrics: crate::metrics::registry(proxies.clone(), stats.clone()),
         dashboard: crate::dashboard::Dashboard {

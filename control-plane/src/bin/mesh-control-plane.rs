@@ -39,6 +39,10 @@ struct Args {
     /// OTLP/gRPC collector for the control plane's spans, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Seconds an endpoint registered by a proxy outlives that proxy's disconnection before
+    /// it is removed (a lost machine never deregisters).
+    #[arg(long, env = "MESH_ENDPOINT_LEASE_SECS", default_value_t = 30)]
+    endpoint_lease_secs: u64,
     /// Serve the Kubernetes sidecar-injection webhook (HTTPS, POST /inject) here, e.g.
     /// 0.0.0.0:15017. Off unless given.
     #[arg(long, env = "MESH_WEBHOOK_ADDR")]
@@ -72,6 +76,7 @@ async fn main() -> std::process::ExitCode {
         ca_key: a.ca_key,
         otlp_endpoint: a.otlp_endpoint,
         webhook_addr: a.webhook_addr,
+        endpoint_lease: std::time::Duration::from_secs(a.endpoint_lease_secs.max(1)),
         inject: a.inject.config(),
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {

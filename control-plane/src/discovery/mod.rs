@@ -125,6 +125,7 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
         address: e.address,
         labels: e.labels.into_iter().collect(),
         ready: e.ready,
+        leased: false,
     }
 }
 
@@ -174,8 +175,10 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let ep = msg
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+        let mut ep = endpoint_from_proto(ep);
+        ep.leased = true;
         self.registry
-            .upsert_endpoint(&msg.service, &identity, endpoint_from_proto(ep))
+            .upsert_endpoint(&msg.service, &identity, ep)
             .await?;
         Ok(Response::new(pb::RegisterResponse {}))
     }
