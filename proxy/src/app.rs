@@ -311,39 +311,75 @@ fn own_endpoint(b: &Bootstrap, inbound: Option<SocketAddr>) -> Option<(String, p
     ))
 }
 
-/// Registers until it succeeds (the control plane may be starting or away).
+/// Registers the app's endpoint, retrying until the control plane takes it (it may be starting
+/// or away). With a health check, the endpoint is registered as the first check found the app,
+/// then registered again whenever its health changes.
 fn register(
     b: &Bootstrap,
     inbound: Option<SocketAddr>,
     cp: &Arc<ControlPlane>,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-    let (service, endpoint) = own_endpoint(b, inbound)?;
+    let (service, mut endpoint) = own_endpoint(b, inbound)?;
+    let app = SocketAddr::from(([127, 0, 0, 1], b.app_port?));
+    let health = b.app_health.clone();
     let cp = cp.clone();
     Some(async move {
-        let mut backoff = Duration::from_millis(100);
+        let Some(h) = health else {
+            register_once(&cp, &service, &endpoint).await;
+            return;
+        };
+        let first = crate::health::probe(&h.check, app, h.timeout).await;
+        if let Err(e) = &first {
+            tracing::warn!(error = %e, "app health check failed; registering as not ready");
+        }
+        let mut status = crate::health::Status::new(first.is_ok(), h.failures);
+        endpoint.ready = status.healthy();
+        register_once(&cp, &service, &endpoint).await;
+        let mut tick = tokio::time::interval(h.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
-            let res = match cp.discovery_client().await {
-                Ok(mut c) => c
-                    .register(pb::RegisterRequest {
-                        service: service.clone(),
-                        endpoint: Some(endpoint.clone()),
-                    })
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
-                Err(e) => Err(e.to_string()),
-            };
-            match res {
-                Ok(()) => {
-                    tracing::info!(%service, address = %endpoint.address, "endpoint registered");
-                    return;
+            tick.tick().await;
+            let r = crate::health::probe(&h.check, app, h.timeout).await;
+            if let Some(healthy) = status.observe(r.is_ok()) {
+                match &r {
+                    Ok(()) => tracing::info!(%service, "app healthy again; endpoint ready"),
+                    Err(e) => {
+                        tracing::warn!(%service, error = %e, "app unhealthy; endpoint not ready")
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "endpoint registration failed; retrying"),
+                endpoint.ready = healthy;
+                register_once(&cp, &service, &endpoint).await;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
         }
     })
+}
+
+/// One registration, retried with backoff until the control plane takes it.
+async fn register_once(cp: &ControlPlane, service: &str, endpoint: &pb::Endpoint) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let res = match cp.discovery_client().await {
+            Ok(mut c) => c
+                .register(pb::RegisterRequest {
+                    service: service.to_string(),
+                    endpoint: Some(endpoint.clone()),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Err(e) => Err(e.to_string()),
+        };
+        match res {
+            Ok(()) => {
+                tracing::info!(%service, address = %endpoint.address, ready = endpoint.ready, "endpoint registered");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "endpoint registration failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
+    }
 }
 
 async fn deregister(b: &Bootstrap, inbound: Option<SocketAddr>, cp: &ControlPlane) {

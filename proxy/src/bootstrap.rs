@@ -104,6 +104,17 @@ pub struct Args {
     /// Share of new traces sampled, 0.0 to 1.0 (a caller's sampling decision is followed).
     #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0)]
     pub trace_sampling: f64,
+    /// Health check of the app the proxy runs itself (VMs): `tcp`, `http:/path` (200-399 is
+    /// healthy) or `none`. An unhealthy app's endpoint is registered as not ready.
+    #[arg(long, env = "MESH_APP_HEALTH_CHECK", default_value = "none")]
+    pub app_health_check: String,
+    #[arg(long, env = "MESH_APP_HEALTH_INTERVAL_MS", default_value_t = 2000)]
+    pub app_health_interval_ms: u64,
+    #[arg(long, env = "MESH_APP_HEALTH_TIMEOUT_MS", default_value_t = 1000)]
+    pub app_health_timeout_ms: u64,
+    /// Consecutive failed checks before the app counts as unhealthy.
+    #[arg(long, env = "MESH_APP_HEALTH_FAILURES", default_value_t = 2)]
+    pub app_health_failures: u32,
 }
 
 /// Validated static configuration.
@@ -132,6 +143,8 @@ pub struct Bootstrap {
     pub limits: crate::http::server::ServerLimits,
     pub otlp_endpoint: Option<String>,
     pub trace_sampling: f64,
+    /// The app's health check (None: the endpoint is always ready).
+    pub app_health: Option<crate::health::HealthConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +268,18 @@ impl TryFrom<Args> for Bootstrap {
                 "--otlp-endpoint must be an http:// or https:// URL, got {e:?}"
             )));
         }
+        let app_health = match crate::health::Check::parse(&a.app_health_check).map_err(bad)? {
+            Some(_) if a.app_port.is_none() => {
+                return Err(bad("--app-health-check needs --app-port".into()));
+            }
+            Some(check) => Some(crate::health::HealthConfig {
+                check,
+                interval: Duration::from_millis(a.app_health_interval_ms.max(100)),
+                timeout: Duration::from_millis(a.app_health_timeout_ms.max(10)),
+                failures: a.app_health_failures.max(1),
+            }),
+            None => None,
+        };
         Ok(Self {
             control_planes: a.control_plane,
             control_plane_name: a.control_plane_name,
@@ -286,6 +311,7 @@ impl TryFrom<Args> for Bootstrap {
             },
             otlp_endpoint: a.otlp_endpoint,
             trace_sampling: a.trace_sampling,
+            app_health,
         })
     }
 }

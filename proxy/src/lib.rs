@@ -8,6 +8,7 @@ pub mod app;
 pub mod balance;
 pub mod bootstrap;
 pub mod discovery;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod inbound;

@@ -96,3 +96,109 @@ async fn endpoints_survive_a_control_plane_restart_within_the_lease() -> anyhow:
     }
     Ok(())
 }
+
+/// Ready flag of each backend endpoint, by id, from `meshctl endpoints`.
+async fn readiness(mesh: &Mesh) -> anyhow::Result<Vec<(String, bool)>> {
+    let eps = mesh
+        .meshctl(&["-o", "json", "endpoints", "--service", "backend"])
+        .await?;
+    let v: serde_json::Value = serde_json::from_str(&eps)?;
+    Ok(v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["ready"] == true,
+            )
+        })
+        .collect())
+}
+
+/// The standalone proxy checks its app itself (HTTP here): an app answering 500 is
+/// registered as not ready and callers stop sending to it; when it recovers it is ready
+/// again and gets traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_health_check_drives_endpoint_readiness() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+    let app = mesh.app("backend", "v1").await?;
+    mesh.sidecar(SidecarOpts {
+        service: Some("backend"),
+        version: Some("v1"),
+        service_account: "backend",
+        app: Some(app),
+        node_id: Some("checked"),
+        extra: &[
+            "--app-health-check",
+            "http:/",
+            "--app-health-interval-ms",
+            "100",
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let http = h1_client(c.outbound);
+    let checked_ready =
+        |r: &[(String, bool)]| r.iter().find(|(id, _)| id == "checked").map(|e| e.1);
+
+    let wait_ready = |want: bool| {
+        let mesh = &mesh;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let r = readiness(mesh).await?;
+                if checked_ready(&r) == Some(want) {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "checked endpoint not ready={want}: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_ready(true).await?;
+    // The caller subscribes to backend with its first request.
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+
+    // The app fails every request: its proxy's check sees it, the endpoint is not ready.
+    get(&h1_client(app), "http://backend/admin/sick/100").await?;
+    wait_ready(false).await?;
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        d["services"].as_array().into_iter().flatten().any(|s| {
+            s["endpoints"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|e| e["id"] == "checked" && e["ready"] == false)
+            })
+        })
+    })
+    .await?;
+    let before = app_requests(app).await?;
+    for _ in 0..30 {
+        let r = get(&http, "http://backend/").await?;
+        assert_eq!(r.status, 200, "the healthy endpoint answers: {}", r.text);
+    }
+    assert_eq!(
+        app_requests(app).await?,
+        before,
+        "no request reached the unhealthy app"
+    );
+
+    // Recovered: ready again, and traffic comes back.
+    get(&h1_client(app), "http://backend/admin/sick/0").await?;
+    wait_ready(true).await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app_requests(app).await? == before {
+        assert!(
+            Instant::now() < deadline,
+            "the recovered app gets no traffic"
+        );
+        assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    }
+    Ok(())
+}
