@@ -11,6 +11,10 @@ use std::time::Duration;
     about = "The mesh sidecar proxy (`mesh-proxy init --help`: the pod traffic redirect)"
 )]
 pub struct Args {
+    /// Settings file, `KEY=VALUE` per line (`MESH_APP_PORT=8080` or `app-port=8080`); the
+    /// command line and the environment take precedence over it.
+    #[arg(long, env = "MESH_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
     /// Control plane address(es), tried in order.
     #[arg(
         long = "control-plane",

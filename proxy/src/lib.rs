@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod bootstrap;
+pub mod config_file;
 pub mod discovery;
 pub mod health;
 pub mod http;

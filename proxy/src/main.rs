@@ -24,7 +24,16 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let args = mesh_proxy::bootstrap::Args::parse();
+    let argv = match mesh_proxy::config_file::merge(std::env::args_os().collect(), |k| {
+        std::env::var_os(k)
+    }) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return std::process::ExitCode::from(78);
+        }
+    };
+    let args = mesh_proxy::bootstrap::Args::parse_from(argv);
     let bootstrap = match mesh_proxy::bootstrap::Bootstrap::try_from(args) {
         Ok(b) => b,
         Err(e) => {

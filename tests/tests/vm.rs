@@ -202,3 +202,78 @@ async fn app_health_check_drives_endpoint_readiness() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The standalone proxy runs from the settings file shipped in deploy/systemd/ (every key of
+/// it kept; the machine-specific values replaced by this test's), with nothing on its command
+/// line but `--config-file`, and no MESH_* environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_proxy_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let app = mesh.app("catalog", "v1").await?;
+    let dir = mesh.dir.path().to_path_buf();
+    let token_file = dir.join("catalog.token");
+    std::fs::write(&token_file, mesh.token("catalog").await?)?;
+    let inbound = format!("127.0.0.1:{}", free_port());
+    let ours = [
+        ("MESH_CONTROL_PLANE", format!("https://{}", mesh.grpc)),
+        (
+            "MESH_CA_FILE",
+            mesh.data_dir().join("ca/bundle.pem").display().to_string(),
+        ),
+        ("MESH_TOKEN_FILE", token_file.display().to_string()),
+        ("MESH_APP_PORT", app.port().to_string()),
+        ("MESH_INBOUND_ADDR", inbound.clone()),
+        ("MESH_ADVERTISE_ADDR", inbound),
+        ("MESH_OUTBOUND_ADDR", "127.0.0.1:0".into()),
+        ("MESH_ADMIN_ADDR", "127.0.0.1:0".into()),
+    ];
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/proxy-catalog.env"
+    ))?;
+    let mut replaced = 0;
+    let text: String = shipped
+        .lines()
+        .map(|l| match l.split_once('=') {
+            Some((k, _)) if !l.starts_with('#') => match ours.iter().find(|(o, _)| *o == k) {
+                Some((_, v)) => {
+                    replaced += 1;
+                    format!("{k}={v}\n")
+                }
+                None => format!("{l}\n"),
+            },
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert_eq!(
+        replaced,
+        ours.len(),
+        "the shipped file lost a key:\n{shipped}"
+    );
+    let file = dir.join("proxy-catalog.env");
+    std::fs::write(&file, text)?;
+
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+    cmd.arg("--config-file")
+        .arg(&file)
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(dir.join("catalog-file-proxy.log"))?);
+    let (p, ready) = process::Process::spawn_ready("catalog proxy", cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    assert!(ready["inbound"].is_string(), "{ready}");
+    mesh.wait_endpoints("catalog", 1).await?;
+    let eps = mesh
+        .meshctl(&["-o", "json", "endpoints", "--service", "catalog"])
+        .await?;
+    let eps: serde_json::Value = serde_json::from_str(&eps)?;
+    assert_eq!(eps["endpoints"][0]["labels"]["version"], "v1", "{eps}");
+    assert_eq!(
+        eps["endpoints"][0]["ready"], true,
+        "health check passed: {eps}"
+    );
+    let c = mesh.client("web").await?;
+    let r = get(&h1_client(c.outbound), "http://catalog/items").await?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    Ok(())
+}
