@@ -55,6 +55,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
             )]
             .into(),
             ready: true,
+            app_port: 0,
         })
         .collect();
     let cfg = pb::ServiceConfig {

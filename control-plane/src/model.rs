@@ -30,6 +30,9 @@ pub struct EndpointRecord {
     /// with meshctl are not leased.
     #[serde(default)]
     pub leased: bool,
+    /// The app's port on the endpoint's IP (0: not known).
+    #[serde(default)]
+    pub app_port: u16,
 }
 
 impl EndpointRecord {

@@ -173,12 +173,20 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     });
     tokio::spawn(prune_pool(outbound.clone()));
     tokio::spawn(sweep_pool(outbound.clone()));
+    let transparent = b.transparent;
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
-        let outbound = outbound.clone();
+        let (outbound, tls) = (outbound.clone(), tls.clone());
         accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
-            let (outbound, fixed) = (outbound.clone(), fixed.clone());
+            let (outbound, fixed, tls) = (outbound.clone(), fixed.clone(), tls.clone());
             async move {
                 let _open = ConnGuard::new(ConnKind::OutboundApp);
+                if let Some(orig) = transparent
+                    .then(|| crate::outbound::transparent::original_dst(&s))
+                    .flatten()
+                {
+                    crate::outbound::transparent::handle(outbound, tls, s, orig, w).await;
+                    return;
+                }
                 serve(
                     s,
                     hyper::service::service_fn(move |r| outbound.clone().handle(fixed.clone(), r)),
@@ -200,6 +208,11 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             SocketAddr::from(([127, 0, 0, 1], port)),
             snapshots.clone(),
             b.service.as_deref().map(Arc::from),
+            vec![
+                outbound_addr.port(),
+                admin_addr.port(),
+                b.inbound_addr.port(),
+            ],
         ));
         loops.push(tokio::spawn(accept_loop(
             l,
@@ -291,7 +304,7 @@ async fn sweep_pool(outbound: Arc<Outbound>) {
 /// The endpoint this proxy registers for its app, if it fronts a service: at the advertised
 /// address, else the address the inbound listener is bound to.
 fn own_endpoint(b: &Bootstrap, inbound: Option<SocketAddr>) -> Option<(String, pb::Endpoint)> {
-    let (service, _port, addr) = (
+    let (service, app_port, addr) = (
         b.service.clone()?,
         b.app_port?,
         b.advertise_addr.or(inbound)?,
@@ -307,6 +320,7 @@ fn own_endpoint(b: &Bootstrap, inbound: Option<SocketAddr>) -> Option<(String, p
             address: addr.to_string(),
             labels,
             ready: true,
+            app_port: app_port.into(),
         },
     ))
 }

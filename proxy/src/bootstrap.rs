@@ -119,6 +119,11 @@ pub struct Args {
     /// Consecutive failed checks before the app counts as unhealthy.
     #[arg(long, env = "MESH_APP_HEALTH_FAILURES", default_value_t = 2)]
     pub app_health_failures: u32,
+    /// Connections arrive redirected by `mesh-proxy init` (pods, or VMs with the redirect):
+    /// the outbound listener serves each by its original destination, and the proxy learns
+    /// every service so it knows which destinations are in the mesh.
+    #[arg(long, env = "MESH_TRANSPARENT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub transparent: bool,
 }
 
 /// Validated static configuration.
@@ -149,6 +154,8 @@ pub struct Bootstrap {
     pub trace_sampling: f64,
     /// The app's health check (None: the endpoint is always ready).
     pub app_health: Option<crate::health::HealthConfig>,
+    /// Connections are redirected to the listeners (see `outbound::transparent`).
+    pub transparent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +323,7 @@ impl TryFrom<Args> for Bootstrap {
             otlp_endpoint: a.otlp_endpoint,
             trace_sampling: a.trace_sampling,
             app_health,
+            transparent: a.transparent,
         })
     }
 }

@@ -170,6 +170,43 @@ pub struct Snapshot {
     pub missing: HashSet<Arc<str>>,
     /// True once the first response of the control plane was applied.
     pub synced: bool,
+    /// Endpoints by their app's own address (IP and app port), and by IP alone, for
+    /// connections redirected by transparent interception: where the app was calling.
+    pub app_addrs: AppAddrs,
+}
+
+/// See [`Snapshot::app_addrs`].
+#[derive(Debug, Clone, Default)]
+pub struct AppAddrs {
+    pub by_addr: HashMap<SocketAddr, AppTarget>,
+    pub by_ip: HashMap<std::net::IpAddr, AppTarget>,
+}
+
+/// The service and endpoint an app address belongs to.
+#[derive(Debug, Clone)]
+pub struct AppTarget {
+    pub service: Arc<str>,
+    pub identity: Arc<str>,
+    /// The endpoint's sidecar (inbound listener).
+    pub inbound: SocketAddr,
+}
+
+/// Indexes the services' endpoints by app address and by IP.
+pub fn app_addrs(services: &HashMap<Arc<str>, Arc<Service>>) -> AppAddrs {
+    let mut m = AppAddrs::default();
+    for (name, s) in services {
+        for e in &s.endpoints {
+            let Some(port) = e.app_port else { continue };
+            let t = AppTarget {
+                service: name.clone(),
+                identity: s.identity.clone(),
+                inbound: e.addr,
+            };
+            m.by_ip.insert(e.addr.ip(), t.clone());
+            m.by_addr.insert(SocketAddr::new(e.addr.ip(), port), t);
+        }
+    }
+    m
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

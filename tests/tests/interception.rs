@@ -230,3 +230,332 @@ fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
     assert_eq!(redirected_to(&ns.0, &[out_port], dst)?, [None]);
     Ok(())
 }
+
+/// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+}
+
+/// Three namespaces on a bridge: `sw` (the bridge, 10.201.0.1, runs the control plane) and two
+/// "pods", `a` (10.201.0.2) and `b` (10.201.0.3). Deleted on drop.
+struct Pods {
+    sw: Netns,
+    a: Netns,
+    b: Netns,
+}
+
+impl Pods {
+    fn new() -> anyhow::Result<Self> {
+        let tag = std::process::id() % 100_000;
+        let make = |n: &str| -> anyhow::Result<Netns> {
+            let name = format!("mesh-{n}-{tag}");
+            ip(&["netns", "add", &name])?;
+            let ns = Netns(name);
+            ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
+            Ok(ns)
+        };
+        let (sw, a, b) = (make("sw")?, make("a")?, make("b")?);
+        ip(&["-n", &sw.0, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw.0, "addr", "add", "10.201.0.1/24", "dev", "br0"])?;
+        ip(&["-n", &sw.0, "link", "set", "br0", "up"])?;
+        for (pod, addr, n) in [(&a, "10.201.0.2/24", "a"), (&b, "10.201.0.3/24", "b")] {
+            let (inner, outer) = (format!("p{n}{tag}"), format!("s{n}{tag}"));
+            ip(&[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ])?;
+            ip(&["link", "set", &inner, "netns", &pod.0])?;
+            ip(&["link", "set", &outer, "netns", &sw.0])?;
+            ip(&["-n", &sw.0, "link", "set", &outer, "master", "br0", "up"])?;
+            ip(&["-n", &pod.0, "addr", "add", addr, "dev", &inner])?;
+            ip(&["-n", &pod.0, "link", "set", &inner, "up"])?;
+        }
+        Ok(Self { sw, a, b })
+    }
+}
+
+/// `ip netns exec <ns> [setpriv --reuid uid …] <bin> <args>`, started and awaited until ready.
+async fn spawn_in(
+    ns: &Netns,
+    uid: Option<u32>,
+    bin: &str,
+    args: &[String],
+    log: std::path::PathBuf,
+) -> anyhow::Result<(process::Process, serde_json::Value)> {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0]);
+    if let Some(u) = uid {
+        cmd.args([
+            "setpriv",
+            &format!("--reuid={u}"),
+            &format!("--regid={u}"),
+            "--clear-groups",
+            "--",
+        ]);
+    }
+    cmd.arg(bin_dir().join(bin))
+        .args(args)
+        .env("RUST_LOG", "info,mesh_proxy=debug")
+        .stderr(std::fs::File::create(log)?);
+    process::Process::spawn_ready(bin, cmd, READY_TIMEOUT).await
+}
+
+/// Sends `req` on a new connection from inside `ns` and reads until the server closes (or 5 s).
+fn exchange(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let dst: SocketAddr = dst.parse()?;
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(req)?;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        Ok(String::from_utf8_lossy(&out).to_string())
+    })
+}
+
+/// Test 2 of the Kubernetes issue: two "pods" on a bridge, each with its app, `mesh-proxy`
+/// running as the proxy user and the redirect of `mesh-proxy init`. The apps use each other's
+/// plain IP:port: HTTP is served through both sidecars over mTLS (the server app sees the
+/// caller's SPIFFE identity; the server's sidecar counts an mTLS handshake and an inbound
+/// request from it), a server-first opaque TCP protocol on another port passes without
+/// stalling, a destination outside the mesh is passed through, and a client outside the mesh
+/// cannot reach the server app in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIPPED pods_talk_by_plain_ip_with_mtls_on_the_wire: {why}");
+        return Ok(());
+    }
+    let pods = Pods::new()?;
+    let dir = tempfile::tempdir()?;
+    // The proxies run as uid 2102: what they read must be readable by it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+    let (_cp, _) = spawn_in(
+        &pods.sw,
+        None,
+        "mesh-control-plane",
+        &s(&[
+            "--data-dir",
+            &d("cp"),
+            "--grpc-addr",
+            "10.201.0.1:15010",
+            "--admin-addr",
+            "10.201.0.1:15011",
+            "--http-addr",
+            "10.201.0.1:15014",
+        ]),
+        dir.path().join("cp.log"),
+    )
+    .await?;
+    std::fs::copy(
+        dir.path().join("cp/ca/bundle.pem"),
+        dir.path().join("bundle.pem"),
+    )?;
+    for sa in ["web", "backend"] {
+        let (ok, out, err) = pods.sw.exec(
+            &bin_dir().join("meshctl"),
+            &[
+                "--server",
+                "https://10.201.0.1:15011",
+                "--data-dir",
+                &d("cp"),
+                "token",
+                "create",
+                "--identity",
+                &format!("default/{sa}"),
+            ],
+        )?;
+        anyhow::ensure!(ok, "token: {err}");
+        std::fs::write(dir.path().join(format!("{sa}.token")), out.trim())?;
+    }
+
+    // Pod b: the backend app on :8080, a server-first protocol on :9000, its proxy.
+    let (_app, _) = spawn_in(
+        &pods.b,
+        None,
+        "mesh-example",
+        &s(&[
+            "serve",
+            "--service",
+            "backend",
+            "--version",
+            "v1",
+            "--listen",
+            "0.0.0.0:8080",
+        ]),
+        dir.path().join("app-b.log"),
+    )
+    .await?;
+    let banner_ns = pods.b.0.clone();
+    let banner = std::thread::spawn(move || -> anyhow::Result<()> {
+        let f = std::fs::File::open(format!("/run/netns/{banner_ns}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let l = TcpListener::bind("0.0.0.0:9000")?;
+        let (mut c, _) = l.accept()?;
+        c.write_all(b"HELLO from b\n")?;
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf)?;
+        c.write_all(&buf[..n])?;
+        Ok(())
+    });
+    let proxy_args = |sa: &str, extra: &[&str]| {
+        let mut v = s(&[
+            "--control-plane",
+            "https://10.201.0.1:15010",
+            "--ca-file",
+            &d("bundle.pem"),
+            "--token-file",
+            &d(&format!("{sa}.token")),
+            "--service-account",
+            sa,
+            "--transparent",
+            "--outbound-addr",
+            "127.0.0.1:15001",
+            "--admin-addr",
+            "0.0.0.0:15000",
+        ]);
+        v.extend(s(extra));
+        v
+    };
+    for (pod, extra) in [
+        (&pods.b, vec!["--skip-inbound-ports", "15000"]),
+        (&pods.a, vec!["--no-inbound"]),
+    ] {
+        let mut a = vec!["init", "--proxy-uid", "2102"];
+        a.extend(extra);
+        let (ok, _, err) = pod.exec(&bin_dir().join("mesh-proxy"), &a)?;
+        anyhow::ensure!(ok, "init: {err}");
+    }
+    let (_pb, _) = spawn_in(
+        &pods.b,
+        Some(2102),
+        "mesh-proxy",
+        &proxy_args(
+            "backend",
+            &[
+                "--service",
+                "backend",
+                "--service-version",
+                "v1",
+                "--app-port",
+                "8080",
+                "--inbound-addr",
+                "0.0.0.0:15006",
+                "--advertise-addr",
+                "10.201.0.3:15006",
+            ],
+        ),
+        dir.path().join("proxy-b.log"),
+    )
+    .await?;
+    let (_pa, _) = spawn_in(
+        &pods.a,
+        Some(2102),
+        "mesh-proxy",
+        &proxy_args("web", &[]),
+        dir.path().join("proxy-a.log"),
+    )
+    .await?;
+
+    // HTTP by plain IP, once a's proxy knows b's endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let r = exchange(
+            &pods.a.0,
+            "10.201.0.3:8080",
+            b"GET /hello HTTP/1.1\r\nHost: 10.201.0.3:8080\r\nConnection: close\r\n\r\n",
+        )?;
+        if r.starts_with("HTTP/1.1 200") || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.contains("spiffe://mesh.local/ns/default/sa/web"),
+        "the app saw the caller's identity: {reply}"
+    );
+
+    // Server-first opaque TCP on another port: the banner arrives though the client sent nothing.
+    let got = in_netns(&pods.a.0, || {
+        let mut c =
+            TcpStream::connect_timeout(&"10.201.0.3:9000".parse()?, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf)?;
+        let banner = String::from_utf8_lossy(&buf[..n]).to_string();
+        c.write_all(b"ping\n")?;
+        let n = c.read(&mut buf)?;
+        Ok((banner, String::from_utf8_lossy(&buf[..n]).to_string()))
+    })?;
+    assert_eq!(got, ("HELLO from b\n".to_string(), "ping\n".to_string()));
+    banner
+        .join()
+        .map_err(|_| anyhow::anyhow!("banner thread"))??;
+
+    // Outside the mesh (the bridge's own address): passed through.
+    let sw_ns = pods.sw.0.clone();
+    let outside = std::thread::spawn(move || -> anyhow::Result<()> {
+        let f = std::fs::File::open(format!("/run/netns/{sw_ns}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let l = TcpListener::bind("10.201.0.1:7000")?;
+        let (mut c, _) = l.accept()?;
+        c.write_all(b"plain\n")?;
+        Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(exchange(&pods.a.0, "10.201.0.1:7000", b"")?, "plain\n");
+    outside
+        .join()
+        .map_err(|_| anyhow::anyhow!("outside thread"))??;
+
+    // A client outside the mesh gets nothing from b's app: its port only takes mTLS.
+    let r = exchange(
+        &pods.sw.0,
+        "10.201.0.3:8080",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    )?;
+    assert!(r.is_empty(), "plaintext answered: {r}");
+
+    // b's sidecar: an inbound mTLS handshake and a request from web.
+    let m = exchange(
+        &pods.sw.0,
+        "10.201.0.3:15000",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )?;
+    let ok = samples(
+        &m,
+        "mesh_tls_handshakes_total",
+        &[],
+        &[("direction", "inbound"), ("result", "ok")],
+    )?;
+    assert!(ok.values().sum::<f64>() >= 1.0, "{m}");
+    let inbound = samples(
+        &m,
+        "mesh_requests_total",
+        &[],
+        &[
+            ("direction", "inbound"),
+            ("src_identity", "spiffe://mesh.local/ns/default/sa/web"),
+        ],
+    )?;
+    assert!(inbound.values().sum::<f64>() >= 1.0, "{m}");
+    Ok(())
+}

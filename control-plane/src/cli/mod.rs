@@ -415,6 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     address,
                     labels,
                     ready: true,
+                    app_port: 0,
                 }),
             })
             .await?;

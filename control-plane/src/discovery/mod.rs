@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Resource name prefix for services.
 pub const SERVICE_PREFIX: &str = "service/";
+/// Subscribes to every service.
+pub const ALL_SERVICES: &str = "service/*";
 /// The trust bundle's resource name.
 pub const TRUST_RESOURCE: &str = "trust/bundle";
 
@@ -116,6 +118,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord) -> pb::Endpoint {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         ready: e.ready,
+        app_port: e.app_port.into(),
     }
 }
 
@@ -126,6 +129,7 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
         labels: e.labels.into_iter().collect(),
         ready: e.ready,
         leased: false,
+        app_port: u16::try_from(e.app_port).unwrap_or(0),
     }
 }
 

@@ -1,6 +1,6 @@
 //! One proxy's discovery stream.
 
-use super::{ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config};
+use super::{ALL_SERVICES, ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config};
 use crate::metrics::cp_metrics;
 use crate::registry::Registry;
 use mesh_proto::v1 as pb;
@@ -132,7 +132,29 @@ impl Session {
         let state = self.registry.state();
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        for name in &self.subscriptions {
+        // "service/*" stands for every service there is, and every one sent before (so its
+        // removal goes out too).
+        let mut names: BTreeSet<String> = self
+            .subscriptions
+            .iter()
+            .filter(|n| *n != ALL_SERVICES)
+            .cloned()
+            .collect();
+        if self.subscriptions.contains(ALL_SERVICES) {
+            names.extend(
+                state
+                    .services
+                    .keys()
+                    .map(|s| format!("{SERVICE_PREFIX}{s}")),
+            );
+            names.extend(
+                self.sent
+                    .keys()
+                    .filter(|k| k.starts_with(SERVICE_PREFIX))
+                    .cloned(),
+            );
+        }
+        for name in &names {
             let last = self.sent.get(name);
             match current(&state, name, last) {
                 Some((version, kind)) if last != Some(&Some(version)) => {

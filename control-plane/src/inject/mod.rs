@@ -367,6 +367,8 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
         env("MESH_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
         env("MESH_OUTBOUND_ADDR", format!("127.0.0.1:{OUTBOUND_PORT}")),
         env("MESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+        // mesh-init redirects the pod's traffic to the listeners.
+        env("MESH_TRANSPARENT", "true"),
     ];
     if let Some(p) = o.app_port {
         vars.extend([

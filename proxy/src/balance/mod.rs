@@ -23,6 +23,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub version: Option<Arc<str>>,
     pub ready: bool,
+    /// The app's own port on `addr`'s IP, when known (transparent interception).
+    pub app_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -7,6 +7,7 @@ fn ep(id: &str, port: u16, v: &str) -> Endpoint {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         version: Some(v.into()),
         ready: true,
+        app_port: None,
     }
 }
 

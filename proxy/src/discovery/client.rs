@@ -1,7 +1,7 @@
 //! The proxy side of the discovery stream: subscribe, apply each response atomically into a new
 //! snapshot (or NACK it and keep the last good one), reconnect with backoff.
 
-use super::{SERVICE_PREFIX, TRUST_RESOURCE, convert};
+use super::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE, convert};
 use crate::bootstrap::Bootstrap;
 use crate::identity::control_plane::ControlPlane;
 use crate::snapshot::{Snapshot, Snapshots};
@@ -70,6 +70,7 @@ impl DiscoveryClient {
                 version_label: self.bootstrap.version_label.clone().unwrap_or_default(),
             }),
             subscribe: std::iter::once(TRUST_RESOURCE.to_string())
+                .chain(self.bootstrap.transparent.then(|| ALL_SERVICES.to_string()))
                 .chain(
                     self.snapshots
                         .subscriptions()
@@ -162,6 +163,7 @@ impl DiscoveryClient {
         }
         self.snapshots.store(Snapshot {
             version: resp.version,
+            app_addrs: crate::snapshot::app_addrs(&services),
             services,
             missing,
             synced: true,

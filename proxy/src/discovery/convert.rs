@@ -54,6 +54,7 @@ impl TryFrom<pb::ServiceConfig> for Service {
                 addr,
                 version: e.labels.get("version").map(|v| Arc::from(v.as_str())),
                 ready: e.ready,
+                app_port: u16::try_from(e.app_port).ok().filter(|p| *p != 0),
             });
         }
         let route = c.route.clone().unwrap_or_default();
@@ -295,6 +296,7 @@ mod tests {
                 address: "127.0.0.1:9000".into(),
                 labels: [("version".to_string(), "v1".to_string())].into(),
                 ready: true,
+                app_port: 0,
             }],
             route: Some(pb::Route {
                 backends: vec![pb::WeightedBackend {

@@ -8,7 +8,7 @@ use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, 
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
-use crate::tls::{TlsContext, spiffe_id_of};
+use crate::tls::{ALPN_OPAQUE, TlsContext, spiffe_id_of};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -61,6 +61,8 @@ pub struct Inbound {
     snapshots: Arc<Snapshots>,
     /// The service this proxy fronts: its policy's inbound rate limits apply here.
     service: Option<Arc<str>>,
+    /// The proxy's own ports, which an opaque stream may not be connected to.
+    own_ports: Vec<u16>,
 }
 
 impl Inbound {
@@ -70,6 +72,7 @@ impl Inbound {
         app: SocketAddr,
         snapshots: Arc<Snapshots>,
         service: Option<Arc<str>>,
+        own_ports: Vec<u16>,
     ) -> Self {
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -87,6 +90,7 @@ impl Inbound {
             h2,
             snapshots,
             service,
+            own_ports,
         }
     }
 
@@ -196,8 +200,57 @@ impl Inbound {
             tracing::info!(%peer, "peer certificate has no SPIFFE identity; closing");
             return;
         };
+        if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
+            self.serve_opaque(tls, caller, peer).await;
+            return;
+        }
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
         self.serve_http(tls, caller.into(), xfcc, watcher).await;
+    }
+
+    /// An opaque stream from a peer (transparent interception of a protocol that is not
+    /// HTTP): the app port it is for, then bytes both ways. Authorization by caller identity
+    /// alone (there is no method or path).
+    async fn serve_opaque<S>(&self, mut s: S, caller: String, peer: SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let mut port = [0u8; 2];
+        if tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, s.read_exact(&mut port))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            return;
+        }
+        let port = u16::from_be_bytes(port);
+        if port == 0 || self.own_ports.contains(&port) {
+            tracing::info!(%peer, port, "opaque stream to a port of the proxy itself refused");
+            return;
+        }
+        let snap = self.snapshots.load();
+        let authz = self
+            .service
+            .as_ref()
+            .and_then(|n| snap.services.get(n))
+            .and_then(|s| s.authz.as_ref());
+        if let Some(a) = authz {
+            let d = a.decide(Some(&caller), "", "");
+            if !d.allowed && !a.audit {
+                tracing::info!(%caller, port, policy = %d.by, "opaque stream denied");
+                return;
+            }
+        }
+        let _open = ConnGuard::new(ConnKind::InboundPeer);
+        match TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await {
+            Ok(mut app) => {
+                let _ = app.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut app).await;
+            }
+            Err(e) => {
+                tracing::debug!(%caller, port, error = %e, "opaque stream: app port unreachable")
+            }
+        }
     }
 
     /// Serves HTTP from one caller (`""`: a plaintext caller, no identity).

@@ -6,6 +6,7 @@
 
 pub mod endpoint;
 pub mod pool;
+pub mod transparent;
 
 use crate::balance::Tried;
 use crate::http::body::{ReplayBody, ReqBody};

@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 /// ALPN ids: h2 between sidecars; http/1.1 accepted for peers that only speak it.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of an opaque TCP stream between sidecars (transparent interception of a protocol that
+/// is not HTTP): a 2-byte big-endian app port, then the app's bytes either way.
+pub const ALPN_OPAQUE: &[u8] = b"mesh.opaque/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -187,10 +190,17 @@ impl TlsContext {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.resolver.clone());
-        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec(), ALPN_OPAQUE.to_vec()];
         let cfg = Arc::new(cfg);
         bundle.server.store(Some(cfg.clone()));
         Ok(cfg)
+    }
+
+    /// As [`TlsContext::client_config`], offering only the opaque-stream ALPN.
+    pub fn opaque_client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut cfg = (*self.client_config(expected)?).clone();
+        cfg.alpn_protocols = vec![ALPN_OPAQUE.to_vec()];
+        Ok(Arc::new(cfg))
     }
 
     /// Client config that accepts only a peer presenting `expected` as its SPIFFE identity.

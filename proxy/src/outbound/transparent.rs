@@ -1,0 +1,205 @@
+//! Connections redirected to the outbound listener by `mesh-proxy init`: the app dialled some
+//! `ip:port` and knows nothing of the mesh. The original destination (`SO_ORIGINAL_DST`) says
+//! where it was going:
+//!
+//! - the app address (IP and app port) of a mesh endpoint, speaking HTTP: served as HTTP for
+//!   that endpoint's service (routes, policies, balancing, mTLS), as if the app had called it
+//!   by name;
+//! - any other port of a mesh endpoint's IP, or a protocol that is not HTTP: an opaque stream
+//!   over mTLS to that endpoint's sidecar (ALPN `mesh.opaque/1`), which connects it to that
+//!   port of its app;
+//! - anywhere else: passed through as is.
+//!
+//! The protocol is told by the first bytes the client sends; a client that sends nothing for
+//! `DETECT_TIMEOUT` is served opaque, so server-first protocols (the server speaks first) do
+//! not stall.
+
+use super::Outbound;
+use crate::http::server::{Client, serve};
+use crate::tls::TlsContext;
+use hyper_util::server::graceful::Watcher;
+use rustls_pki_types::ServerName;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// How long the client has to send its first bytes before the stream counts as opaque.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The destination the app dialled, if the connection was redirected (not addressed to the
+/// listener itself).
+pub fn original_dst(s: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = s.local_addr().ok()?;
+    let orig = match local.ip() {
+        IpAddr::V4(_) => getsockopt(s, sockopt::OriginalDst).ok().map(|a| {
+            SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            ))
+        }),
+        IpAddr::V6(_) => getsockopt(s, sockopt::Ip6tOriginalDst).ok().map(|a| {
+            SocketAddr::from((
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+            ))
+        }),
+    }?;
+    (orig != local).then_some(orig)
+}
+
+/// What the client's first bytes say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detected {
+    Http,
+    Opaque,
+}
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Classifies a prefix of the stream: Some once it can tell, None while more bytes could still
+/// make it HTTP.
+pub fn classify(prefix: &[u8]) -> Option<Detected> {
+    let could_be = |token: &[u8]| {
+        let n = prefix.len().min(token.len());
+        prefix[..n] == token[..n]
+    };
+    if METHODS.iter().any(|m| prefix.starts_with(m)) || prefix.starts_with(H2_PREFACE) {
+        return Some(Detected::Http);
+    }
+    if METHODS.iter().any(|m| could_be(m)) || could_be(H2_PREFACE) {
+        return None;
+    }
+    Some(Detected::Opaque)
+}
+
+/// Peeks at the client's first bytes (without consuming them) until the protocol is clear.
+async fn detect(s: &TcpStream) -> Detected {
+    let mut buf = [0u8; 32];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            // Nothing (more) from the client in time, or an error: not HTTP.
+            _ => return Detected::Opaque,
+        };
+        if n == 0 {
+            return Detected::Opaque;
+        }
+        if let Some(d) = classify(&buf[..n]) {
+            return d;
+        }
+        // A prefix of a method or the preface: wait for the next segment.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Detected::Opaque;
+        }
+    }
+}
+
+/// Serves one redirected connection.
+pub async fn handle(
+    out: Arc<Outbound>,
+    tls: Arc<TlsContext>,
+    s: TcpStream,
+    orig: SocketAddr,
+    watcher: Watcher,
+) {
+    let (app, endpoint) = {
+        let snap = out.snapshots.load();
+        (
+            snap.app_addrs.by_addr.get(&orig).cloned(),
+            snap.app_addrs.by_ip.get(&orig.ip()).cloned(),
+        )
+    };
+    let Some(t) = app.clone().or(endpoint) else {
+        passthrough(s, orig).await;
+        return;
+    };
+    // Only an app address can be served as HTTP for its service; any other port is opaque.
+    if app.is_some() && detect(&s).await == Detected::Http {
+        let service = Some(t.service.clone());
+        serve(
+            s,
+            hyper::service::service_fn(move |r| out.clone().handle(service.clone(), r)),
+            Client::App,
+            watcher,
+        )
+        .await;
+        return;
+    }
+    if let Err(e) = opaque(&tls, s, &t.identity, t.inbound, orig.port()).await {
+        tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
+    }
+}
+
+/// An opaque stream to the endpoint's sidecar over mTLS.
+async fn opaque(
+    tls: &TlsContext,
+    mut s: TcpStream,
+    identity: &Arc<str>,
+    inbound: SocketAddr,
+    app_port: u16,
+) -> std::io::Result<()> {
+    let cfg = tls
+        .opaque_client_config(identity)
+        .map_err(std::io::Error::other)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(inbound))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    let mut peer = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(inbound.ip().into()), tcp)
+        .await?;
+    peer.write_all(&app_port.to_be_bytes()).await?;
+    tokio::io::copy_bidirectional(&mut s, &mut peer).await?;
+    Ok(())
+}
+
+/// Not a mesh destination: connect to it directly (the proxy's own traffic is not redirected)
+/// and copy both ways.
+async fn passthrough(mut s: TcpStream, orig: SocketAddr) {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(orig)).await {
+        Ok(Ok(mut up)) => {
+            let _ = up.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
+        Err(_) => tracing::debug!(%orig, "passthrough connect timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_http_from_other_protocols() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http));
+        assert_eq!(classify(b"POST /x"), Some(Detected::Http));
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http));
+        assert_eq!(classify(b"PO"), None, "could still be POST");
+        assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque), "TLS");
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING\r\n"),
+            Some(Detected::Opaque),
+            "Redis"
+        );
+        assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+    }
+}
