@@ -117,12 +117,8 @@ fn redirected_to(
     listeners: &[SocketAddr],
     dst: SocketAddr,
 ) -> anyhow::Result<Vec<Option<SocketAddr>>> {
-    let ns = ns.to_string();
     let listeners = listeners.to_vec();
-    std::thread::spawn(move || -> anyhow::Result<Vec<Option<SocketAddr>>> {
-        // This thread alone enters the namespace; its sockets live there.
-        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    in_netns(ns, move || {
         let ls: Vec<TcpListener> = listeners
             .iter()
             .map(|a| {
@@ -156,8 +152,6 @@ fn redirected_to(
         }
         Ok(got)
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
 }
 
 /// Test 2 of the Kubernetes issue, its init-step part.
@@ -231,7 +225,8 @@ fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
+/// Runs `f` on a thread inside network namespace `ns` and waits for it: that thread alone
+/// enters it, and the sockets it makes live there (and stay there when handed out).
 fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
@@ -403,11 +398,9 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         dir.path().join("app-b.log"),
     )
     .await?;
-    let banner_ns = pods.b.0.clone();
+    // Bound in b's namespace before anyone connects; served on a plain thread.
+    let l = in_netns(&pods.b.0, || Ok(TcpListener::bind("0.0.0.0:9000")?))?;
     let banner = std::thread::spawn(move || -> anyhow::Result<()> {
-        let f = std::fs::File::open(format!("/run/netns/{banner_ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let l = TcpListener::bind("0.0.0.0:9000")?;
         let (mut c, _) = l.accept()?;
         c.write_all(b"HELLO from b\n")?;
         let mut buf = [0u8; 64];
@@ -511,16 +504,12 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("banner thread"))??;
 
     // Outside the mesh (the bridge's own address): passed through.
-    let sw_ns = pods.sw.0.clone();
+    let l = in_netns(&pods.sw.0, || Ok(TcpListener::bind("10.201.0.1:7000")?))?;
     let outside = std::thread::spawn(move || -> anyhow::Result<()> {
-        let f = std::fs::File::open(format!("/run/netns/{sw_ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let l = TcpListener::bind("10.201.0.1:7000")?;
         let (mut c, _) = l.accept()?;
         c.write_all(b"plain\n")?;
         Ok(())
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(exchange(&pods.a.0, "10.201.0.1:7000", b"")?, "plain\n");
     outside
         .join()

@@ -99,13 +99,14 @@ impl Pool {
         });
     }
 
-    /// Open connections (for tests and /config_dump).
+    /// Open connections (for tests and /config_dump); one its peer closed is not counted,
+    /// though it stays in the map until the next request for its key or the next sweep.
     pub fn len(&self) -> usize {
-        self.ready.len()
+        self.ready.iter().filter(|c| !c.sender.is_closed()).count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+        self.len() == 0
     }
 
     /// Drops connections to endpoints no longer in the config. Requests still using one keep
