@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod discovery;
 pub mod inject;
+pub mod kubernetes;
 pub mod lease;
 pub mod metrics;
 pub mod model;

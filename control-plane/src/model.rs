@@ -33,6 +33,9 @@ pub struct EndpointRecord {
     /// The app's port on the endpoint's IP (0: not known).
     #[serde(default)]
     pub app_port: u16,
+    /// Comes from a Kubernetes EndpointSlice (kept in step with it by `kubernetes`).
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 impl EndpointRecord {

@@ -37,6 +37,8 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// How long an endpoint outlives its proxy's disconnection (see `lease`).
     pub endpoint_lease: Duration,
+    /// Endpoints from Kubernetes Pods and EndpointSlices (None: proxies register them).
+    pub kubernetes: Option<crate::kubernetes::Source>,
     /// HTTPS port of the sidecar-injection webhook (None: not served).
     pub webhook_addr: Option<SocketAddr>,
     pub inject: crate::inject::InjectConfig,
@@ -134,6 +136,12 @@ pub async fn run(
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
+    if let Some(src) = &cfg.kubernetes {
+        let client = crate::kubernetes::client(src)
+            .await
+            .context("Kubernetes API client")?;
+        tokio::spawn(crate::kubernetes::run(client, registry.clone()));
+    }
     tokio::spawn(crate::lease::run(
         registry.clone(),
         proxies.clone(),

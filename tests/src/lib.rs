@@ -5,6 +5,7 @@
 //! Logs go to the test's temporary directory and are printed when a test fails.
 
 pub mod browser;
+pub mod kube_api;
 pub mod otlp;
 
 use anyhow::Context;

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use mesh_tests::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/admission");
 /// The name in the webhook configuration's `clientConfig.service`.
@@ -278,5 +279,161 @@ spec:
         stderr.contains("document 1 (Pod p)") && stderr.contains("not a quantity"),
         "{stderr}"
     );
+    Ok(())
+}
+
+fn pod(name: &str, ip: &str, version: &str, injected: bool) -> serde_json::Value {
+    let mut annotations = serde_json::Map::new();
+    if injected {
+        annotations.insert("mesh.io/injected".into(), "0.1.0".into());
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                     "labels": {"app": "catalog", "version": version}, "annotations": annotations},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "catalog", "image": "catalog:1"}]},
+        "status": {"podIP": ip, "phase": "Running"}
+    })
+}
+
+fn slice(endpoints: &[(&str, &str, bool)]) -> serde_json::Value {
+    let eps: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(pod, ip, ready)| serde_json::json!({
+            "addresses": [ip], "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod, "uid": format!("uid-{pod}")}
+        }))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "catalog-x7k2p", "namespace": "shop", "uid": "slice-1",
+                     "labels": {"kubernetes.io/service-name": "catalog", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    })
+}
+
+/// The catalog endpoints in a proxy's config: (id, address, version, ready).
+fn catalog_in_dump(d: &serde_json::Value) -> Vec<(String, String, String, bool)> {
+    let mut v: Vec<_> = d["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "catalog")
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["address"].as_str().unwrap_or_default().to_string(),
+                e["version"].as_str().unwrap_or_default().to_string(),
+                e["ready"] == true,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Test 3 of the Kubernetes issue: the control plane watches Pods and EndpointSlices of an
+/// API server (here a stand-in serving recorded objects and watch events over HTTP); a
+/// proxy's endpoints follow each change — not ready, added, removed — within a second. Only
+/// injected pods count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
+        (Kind::Pod, pod("legacy", "10.1.0.99", "v1", false)),
+        (
+            Kind::EndpointSlice,
+            slice(&[
+                ("catalog-a", "10.1.0.11", true),
+                ("legacy", "10.1.0.99", true),
+            ]),
+        ),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    // The first request subscribes the proxy to catalog (its answer does not matter: the
+    // addresses are not reachable from here).
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let a = |ready| {
+        (
+            "shop.catalog-a".to_string(),
+            "10.1.0.11:15006".to_string(),
+            "v1".to_string(),
+            ready,
+        )
+    };
+    let b = (
+        "shop.catalog-b".to_string(),
+        "10.1.0.12:15006".to_string(),
+        "v2".to_string(),
+        true,
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_in_dump(d) == vec![a(true)]
+    })
+    .await?;
+    let identity = mesh.meshctl(&["-o", "json", "services"]).await?;
+    assert!(
+        identity.contains("spiffe://mesh.local/ns/shop/sa/catalog"),
+        "{identity}"
+    );
+
+    let within_a_second = |want: Vec<(String, String, String, bool)>| {
+        let admin = c.admin;
+        async move {
+            let t = tokio::time::Instant::now();
+            wait_config(admin, Duration::from_secs(5), |d| {
+                catalog_in_dump(d) == want
+            })
+            .await?;
+            let took = t.elapsed();
+            anyhow::ensure!(took < Duration::from_secs(1), "took {took:?}");
+            anyhow::Ok(())
+        }
+    };
+    // Not ready.
+    api.apply(
+        Kind::EndpointSlice,
+        "MODIFIED",
+        slice(&[
+            ("catalog-a", "10.1.0.11", false),
+            ("legacy", "10.1.0.99", true),
+        ]),
+    );
+    within_a_second(vec![a(false)]).await?;
+    // A second pod (v2) joins, the first is ready again.
+    api.apply(
+        Kind::Pod,
+        "ADDED",
+        pod("catalog-b", "10.1.0.12", "v2", true),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        "MODIFIED",
+        slice(&[
+            ("catalog-a", "10.1.0.11", true),
+            ("catalog-b", "10.1.0.12", true),
+        ]),
+    );
+    within_a_second(vec![a(true), b.clone()]).await?;
+    // The first goes away.
+    api.apply(
+        Kind::EndpointSlice,
+        "MODIFIED",
+        slice(&[("catalog-b", "10.1.0.12", true)]),
+    );
+    within_a_second(vec![b]).await?;
+    // The slice is deleted: no endpoints.
+    api.apply(
+        Kind::EndpointSlice,
+        "DELETED",
+        slice(&[("catalog-b", "10.1.0.12", true)]),
+    );
+    within_a_second(vec![]).await?;
     Ok(())
 }

@@ -43,6 +43,14 @@ struct Args {
     /// it is removed (a lost machine never deregisters).
     #[arg(long, env = "MESH_ENDPOINT_LEASE_SECS", default_value_t = 30)]
     endpoint_lease_secs: u64,
+    /// Take endpoints from Kubernetes (Pods and EndpointSlices of injected pods), with the
+    /// in-cluster service account or the kubeconfig.
+    #[arg(long, env = "MESH_KUBERNETES")]
+    kubernetes: bool,
+    /// As --kubernetes, with an API server reached at this URL without credentials (tests,
+    /// `kubectl proxy`).
+    #[arg(long, env = "MESH_KUBE_API", conflicts_with = "kubernetes")]
+    kube_api: Option<String>,
     /// Serve the Kubernetes sidecar-injection webhook (HTTPS, POST /inject) here, e.g.
     /// 0.0.0.0:15017. Off unless given.
     #[arg(long, env = "MESH_WEBHOOK_ADDR")]
@@ -76,6 +84,11 @@ async fn main() -> std::process::ExitCode {
         ca_key: a.ca_key,
         otlp_endpoint: a.otlp_endpoint,
         webhook_addr: a.webhook_addr,
+        kubernetes: match (a.kubernetes, a.kube_api) {
+            (_, Some(url)) => Some(mesh_control_plane::kubernetes::Source::Url(url)),
+            (true, None) => Some(mesh_control_plane::kubernetes::Source::Infer),
+            (false, None) => None,
+        },
         endpoint_lease: std::time::Duration::from_secs(a.endpoint_lease_secs.max(1)),
         inject: a.inject.config(),
     };

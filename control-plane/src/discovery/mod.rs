@@ -130,6 +130,7 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
         ready: e.ready,
         leased: false,
         app_port: u16::try_from(e.app_port).unwrap_or(0),
+        kubernetes: false,
     }
 }
 

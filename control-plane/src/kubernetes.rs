@@ -1,0 +1,183 @@
+//! Discovery from Kubernetes: Pods and EndpointSlices, watched with kube-rs, become the mesh's
+//! endpoints. An EndpointSlice's service (label `kubernetes.io/service-name`) is the mesh
+//! service; each endpoint whose Pod is injected (`mesh.io/injected`) is an endpoint at
+//! `<pod IP>:15006` with its readiness, its app port (the slice's first port), its version
+//! label (the Pod's `version` or `app.kubernetes.io/version`), and the identity of its Pod's
+//! ServiceAccount. After every change the endpoints the registry holds from Kubernetes are
+//! reconciled with what the watches say: added, updated, removed.
+
+use crate::model::EndpointRecord;
+use crate::registry::Registry;
+use crate::spiffe::SpiffeId;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The inbound port of an injected proxy.
+const INBOUND_PORT: u16 = crate::inject::INBOUND_PORT as u16;
+/// Changes arriving within this window are applied together.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Where the Kubernetes API is.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// In-cluster service account, or the kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    Infer,
+    /// An API server URL without credentials (tests, `kubectl proxy`).
+    Url(String),
+}
+
+pub async fn client(source: &Source) -> anyhow::Result<Client> {
+    let cfg = match source {
+        Source::Infer => kube::Config::infer().await?,
+        Source::Url(u) => kube::Config::new(u.parse()?),
+    };
+    Ok(Client::try_from(cfg)?)
+}
+
+/// One desired endpoint: (service, identity, record).
+type Desired = (String, SpiffeId, EndpointRecord);
+
+/// What the watched objects say the endpoints are.
+fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str) -> Vec<Desired> {
+    let mut out = Vec::new();
+    for slice in slices.state() {
+        let Some(service) = slice.labels().get("kubernetes.io/service-name").cloned() else {
+            continue;
+        };
+        let ns = slice.namespace().unwrap_or_else(|| "default".into());
+        let app_port = slice
+            .ports
+            .as_ref()
+            .and_then(|p| p.first())
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(0);
+        for e in &slice.endpoints {
+            let Some(ip) = e
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            else {
+                continue;
+            };
+            let Some(pod_name) = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone())
+            else {
+                continue;
+            };
+            let Some(pod) = pods.get(&ObjectRef::new(&pod_name).within(&ns)) else {
+                continue;
+            };
+            if !pod.annotations().contains_key(crate::inject::INJECTED) {
+                continue;
+            }
+            let sa = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into());
+            let Ok(identity) = SpiffeId::new(trust_domain, &ns, &sa) else {
+                continue;
+            };
+            let mut labels = BTreeMap::new();
+            let version = pod
+                .labels()
+                .get("version")
+                .or_else(|| pod.labels().get("app.kubernetes.io/version"))
+                .cloned();
+            if let Some(v) = version {
+                labels.insert("version".to_string(), v);
+            }
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            out.push((
+                service.clone(),
+                identity,
+                EndpointRecord {
+                    id: format!("{ns}.{pod_name}"),
+                    address: std::net::SocketAddr::new(ip, INBOUND_PORT).to_string(),
+                    labels,
+                    ready,
+                    leased: false,
+                    app_port,
+                    kubernetes: true,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// Makes the registry's Kubernetes endpoints what the watches say.
+async fn reconcile(registry: &Registry, want: Vec<Desired>) {
+    let state = registry.state();
+    let keep: HashSet<(String, String)> = want
+        .iter()
+        .map(|(s, _, e)| (s.clone(), e.id.clone()))
+        .collect();
+    for (service, identity, record) in want {
+        if state
+            .endpoints
+            .get(&service)
+            .and_then(|m| m.get(&record.id))
+            == Some(&record)
+        {
+            continue;
+        }
+        let id = record.id.clone();
+        if let Err(e) = registry.upsert_endpoint(&service, &identity, record).await {
+            tracing::warn!(%service, endpoint = %id, error = %e, "cannot apply a Kubernetes endpoint");
+        }
+    }
+    for (service, eps) in &state.endpoints {
+        for (id, e) in eps {
+            if e.kubernetes
+                && !keep.contains(&(service.clone(), id.clone()))
+                && let Err(err) = registry.remove_endpoint(service, id, None).await
+            {
+                tracing::warn!(%service, endpoint = %id, error = %err, "cannot remove a Kubernetes endpoint");
+            }
+        }
+    }
+}
+
+/// Watches Pods and EndpointSlices in every namespace and keeps the registry's endpoints in
+/// step; runs until the process ends (the watches retry with backoff on API errors).
+pub async fn run(client: Client, registry: Arc<Registry>) {
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let cfg = watcher::Config::default();
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client.clone()), cfg.clone()).default_backoff(),
+    )
+    .map(|_| ());
+    let slice_events = reflector::reflector(
+        slice_writer,
+        watcher(Api::<EndpointSlice>::all(client), cfg).default_backoff(),
+    )
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures_util::stream::select(pod_events, slice_events));
+    let trust_domain = registry.trust_domain.clone();
+    while events.next().await.is_some() {
+        // Let a burst of events land, then apply the result once.
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                e = events.next() => if e.is_none() { return },
+            }
+        }
+        reconcile(&registry, desired(&pods, &slices, &trust_domain)).await;
+    }
+}

@@ -1,0 +1,194 @@
+//! A stand-in for the Kubernetes API server, for Pods and EndpointSlices only: list and watch
+//! over plain HTTP, as kube-rs's watcher uses them. The test drives it with recorded objects
+//! and watch events; a watch replays the events after the resourceVersion it asks from, so
+//! none is lost between a list and the watch that follows it.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::Frame;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// The two resources served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Pod,
+    EndpointSlice,
+}
+
+impl Kind {
+    fn of_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/pods" => Some(Kind::Pod),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            _ => None,
+        }
+    }
+    fn list(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Pod => ("v1", "PodList"),
+            Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<(u8, String, String), Value>,
+    /// (resourceVersion, kind, watch event line)
+    log: Vec<(u64, Kind, String)>,
+}
+
+pub struct FakeKubeApi {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<(Kind, String)>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn key(kind: Kind, obj: &Value) -> (u8, String, String) {
+    (
+        kind as u8,
+        obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
+        obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+impl FakeKubeApi {
+    pub async fn start(objects: Vec<(Kind, Value)>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (events, _) = broadcast::channel(256);
+        let mut api = Self {
+            url,
+            state: Arc::new(Mutex::new(State::default())),
+            events,
+            stop: None,
+        };
+        for (k, o) in objects {
+            api.apply(k, "ADDED", o);
+        }
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
+        let (state, events) = (api.state.clone(), api.events.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+                    _ = &mut stop_rx => return,
+                };
+                let (state, events) = (state.clone(), events.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (state, events) = (state.clone(), events.clone());
+                        async move { Ok::<_, Infallible>(serve(req, &state, &events)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        api.stop = Some(stop_tx);
+        Ok(api)
+    }
+
+    /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) and sends it to the watches.
+    pub fn apply(&self, kind: Kind, event: &str, mut obj: Value) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = rv.to_string().into();
+        let k = key(kind, &obj);
+        if event == "DELETED" {
+            st.objects.remove(&k);
+        } else {
+            st.objects.insert(k, obj.clone());
+        }
+        let line = format!("{}\n", json!({"type": event, "object": obj}));
+        st.log.push((rv, kind, line.clone()));
+        let _ = self.events.send((kind, line));
+    }
+}
+
+impl Drop for FakeKubeApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn serve(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
+) -> hyper::Response<Body> {
+    let full = |status: u16, v: Value| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+        r
+    };
+    let Some(kind) = Kind::of_path(req.uri().path()) else {
+        return full(
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        );
+    };
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let st = state.lock().unwrap_or_else(|p| p.into_inner());
+    if query.get("watch").map(String::as_str) != Some("true") {
+        let (api_version, list_kind) = kind.list();
+        let items: Vec<&Value> = st
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| *k == kind as u8)
+            .map(|(_, v)| v)
+            .collect();
+        return full(
+            200,
+            json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+        );
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let replay: Vec<String> = st
+        .log
+        .iter()
+        .filter(|(rv, k, _)| *k == kind && *rv > from)
+        .map(|(_, _, l)| l.clone())
+        .collect();
+    // Subscribed before the lock is released: nothing falls between replay and live.
+    let live = tokio_stream::wrappers::BroadcastStream::new(events.subscribe());
+    drop(st);
+    let live = live.filter_map(move |e| async move {
+        match e {
+            Ok((k, line)) if k == kind => Some(line),
+            _ => None,
+        }
+    });
+    let lines = futures_util::stream::iter(replay).chain(live);
+    let body = StreamBody::new(lines.map(|l| Ok::<_, Infallible>(Frame::data(Bytes::from(l)))));
+    hyper::Response::new(body.boxed_unsync())
+}
