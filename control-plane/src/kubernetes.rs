@@ -41,6 +41,63 @@ pub async fn client(source: &Source) -> anyhow::Result<Client> {
     Ok(Client::try_from(cfg)?)
 }
 
+/// Audience the injected proxies' projected tokens are issued for.
+pub const TOKEN_AUDIENCE: &str = "mesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenReviewError {
+    #[error("TokenReview failed: {0}")]
+    Api(String),
+    #[error("ServiceAccount token refused by the API server: {0}")]
+    Refused(String),
+    #[error("the token is not a ServiceAccount's (user {0:?})")]
+    NotServiceAccount(String),
+    #[error("the token is not for audience {TOKEN_AUDIENCE:?}")]
+    Audience,
+}
+
+/// Asks the API server whose projected ServiceAccount token this is (TokenReview); the
+/// ServiceAccount is the workload's identity.
+pub async fn review_token(
+    client: &Client,
+    token: &str,
+    trust_domain: &str,
+) -> Result<SpiffeId, TokenReviewError> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
+        },
+        ..Default::default()
+    };
+    let r = Api::<TokenReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .map_err(|e| TokenReviewError::Api(e.to_string()))?;
+    let status = r.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(TokenReviewError::Refused(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    if !status
+        .audiences
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a == TOKEN_AUDIENCE)
+    {
+        return Err(TokenReviewError::Audience);
+    }
+    let user = status.user.and_then(|u| u.username).unwrap_or_default();
+    let parts: Vec<&str> = user.split(':').collect();
+    match parts.as_slice() {
+        ["system", "serviceaccount", ns, sa] => SpiffeId::new(trust_domain, ns, sa)
+            .map_err(|_| TokenReviewError::NotServiceAccount(user.clone())),
+        _ => Err(TokenReviewError::NotServiceAccount(user)),
+    }
+}
+
 /// One desired endpoint: (service, identity, record).
 type Desired = (String, SpiffeId, EndpointRecord);
 

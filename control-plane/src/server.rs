@@ -121,10 +121,19 @@ pub async fn run(
         proxies: proxies.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let kube = match &cfg.kubernetes {
+        Some(src) => Some(
+            crate::kubernetes::client(src)
+                .await
+                .context("Kubernetes API client")?,
+        ),
+        None => None,
+    };
     let identity_svc = pb::identity_server::IdentityServer::new(IdentityService {
         ca: ca.clone(),
         registry: registry.clone(),
         stats: stats.clone(),
+        kube: kube.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let telemetry = Arc::new(crate::telemetry::TelemetryStore::default());
@@ -136,11 +145,8 @@ pub async fn run(
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
-    if let Some(src) = &cfg.kubernetes {
-        let client = crate::kubernetes::client(src)
-            .await
-            .context("Kubernetes API client")?;
-        tokio::spawn(crate::kubernetes::run(client, registry.clone()));
+    if let Some(client) = &kube {
+        tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
     }
     tokio::spawn(crate::lease::run(
         registry.clone(),

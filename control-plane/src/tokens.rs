@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 /// Default lifetime of a bootstrap token.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
-const PREFIX: &str = "mesh1.";
+pub const PREFIX: &str = "mesh1.";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {

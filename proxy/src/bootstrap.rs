@@ -133,6 +133,9 @@ pub struct Bootstrap {
     pub control_plane_name: String,
     pub ca_pem: String,
     pub token: Option<String>,
+    /// Where the token came from: read again at each use (a projected Kubernetes token is
+    /// replaced by the kubelet before it expires).
+    pub token_file: Option<PathBuf>,
     /// `spiffe://<td>/ns/<ns>/sa/<sa>`
     pub identity: String,
     pub service: Option<String>,
@@ -171,6 +174,19 @@ fn label_ok(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+impl Bootstrap {
+    /// The bootstrap token as it is now: the token file read again (falling back to what it
+    /// held at start if it cannot be read), or the token given.
+    pub fn current_token(&self) -> Option<String> {
+        self.token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone())
+    }
+}
+
 impl TryFrom<Args> for Bootstrap {
     type Error = BootstrapError;
 
@@ -184,6 +200,7 @@ impl TryFrom<Args> for Bootstrap {
                 a.ca_file.display()
             )));
         }
+        let token_file = a.token_file.clone().filter(|_| a.token.is_none());
         let token = match (a.token, a.token_file) {
             (Some(t), _) => Some(t.trim().to_string()),
             (None, Some(p)) => Some(
@@ -296,6 +313,7 @@ impl TryFrom<Args> for Bootstrap {
             control_plane_name: a.control_plane_name,
             ca_pem,
             token,
+            token_file,
             identity: format!("spiffe://{}/ns/{}/sa/{sa}", a.trust_domain, a.namespace),
             service: a.service,
             version_label: a.version_label,

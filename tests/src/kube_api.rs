@@ -38,6 +38,8 @@ impl Kind {
 
 #[derive(Default)]
 struct State {
+    /// ServiceAccount tokens the TokenReview API accepts: token → (namespace, account).
+    tokens: BTreeMap<String, (String, String)>,
     rv: u64,
     objects: BTreeMap<(u8, String, String), Value>,
     /// (resourceVersion, kind, watch event line)
@@ -91,7 +93,14 @@ impl FakeKubeApi {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (state, events) = (state.clone(), events.clone());
-                        async move { Ok::<_, Infallible>(serve(req, &state, &events)) }
+                        async move {
+                            if req.method() == hyper::Method::POST
+                                && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+                            {
+                                return Ok::<_, Infallible>(token_review(req, &state).await);
+                            }
+                            Ok::<_, Infallible>(serve(req, &state, &events))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -101,6 +110,12 @@ impl FakeKubeApi {
         });
         api.stop = Some(stop_tx);
         Ok(api)
+    }
+
+    /// Makes `token` a valid ServiceAccount token (audience `mesh`) for `ns/sa`.
+    pub fn add_token(&self, token: &str, ns: &str, sa: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.tokens.insert(token.into(), (ns.into(), sa.into()));
     }
 
     /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) and sends it to the watches.
@@ -130,6 +145,46 @@ impl Drop for FakeKubeApi {
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// TokenReview: authenticated as `system:serviceaccount:<ns>:<sa>` when the token is known and
+/// the review asks for audience `mesh`.
+async fn token_review(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wants_mesh = review["spec"]["audiences"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == "mesh"));
+    let known = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .tokens
+        .get(token)
+        .cloned();
+    let status = match known {
+        Some((ns, sa)) if wants_mesh => json!({
+            "authenticated": true,
+            "user": {"username": format!("system:serviceaccount:{ns}:{sa}"), "uid": "u-1",
+                     "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}")]},
+            "audiences": ["mesh"]
+        }),
+        _ => {
+            json!({"authenticated": false, "error": "[invalid bearer token, token lookup failed]"})
+        }
+    };
+    let out = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status});
+    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
+    *r.status_mut() = hyper::StatusCode::CREATED;
+    r
+}
 
 fn serve(
     req: hyper::Request<hyper::body::Incoming>,

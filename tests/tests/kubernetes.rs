@@ -437,3 +437,70 @@ async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
     within_a_second(vec![]).await?;
     Ok(())
 }
+
+/// Identity from Kubernetes: a projected ServiceAccount token, checked by the API server's
+/// TokenReview (audience `mesh`), gets a certificate for that ServiceAccount's identity, and
+/// for no other; an unknown token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serviceaccount_tokens_are_checked_by_tokenreview() -> anyhow::Result<()> {
+    use mesh_proto::v1 as pb;
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(vec![]).await?;
+    let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6c2hvcDp3ZWIifQ.c2ln";
+    api.add_token(jwt, "shop", "web");
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+
+    // A proxy with nothing but the token file, as injected.
+    let dir = mesh.dir.path().to_path_buf();
+    std::fs::write(dir.join("sa-token"), jwt)?;
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+    cmd.args([
+        "--control-plane",
+        &format!("https://{}", mesh.grpc),
+        "--namespace",
+        "shop",
+        "--service-account",
+        "web",
+    ])
+    .arg("--ca-file")
+    .arg(mesh.data_dir().join("ca/bundle.pem"))
+    .arg("--token-file")
+    .arg(dir.join("sa-token"))
+    .args([
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ])
+    .stderr(std::fs::File::create(dir.join("sa-proxy.log"))?);
+    let (p, ready) = process::Process::spawn_ready("sa proxy", cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    assert_eq!(
+        ready["identity"], "spiffe://mesh.local/ns/shop/sa/web",
+        "{ready}"
+    );
+
+    let mut id = identity_client(&mesh).await?;
+    // The token proves shop/web, not shop/admin.
+    let (_, other) = csr("spiffe://mesh.local/ns/shop/sa/admin")?;
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: other,
+            token: jwt.into(),
+        })
+        .await
+        .expect_err("another identity");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A token the API server does not know.
+    let (_, mine) = csr("spiffe://mesh.local/ns/shop/sa/web")?;
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: mine,
+            token: "eyJ.unknown.token".into(),
+        })
+        .await
+        .expect_err("unknown token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("refused by the API server"), "{e:?}");
+    Ok(())
+}

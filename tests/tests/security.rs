@@ -44,27 +44,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     }
 }
 
-fn csr(identity: &str) -> anyhow::Result<(KeyPair, String)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
-    let pem = p.serialize_request(&key)?.pem()?;
-    Ok((key, pem))
-}
-
-async fn identity_client(
-    mesh: &Mesh,
-) -> anyhow::Result<pb::identity_client::IdentityClient<tonic::transport::Channel>> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(mesh.ca_pem()?))
-        .domain_name("mesh-control-plane");
-    let ch = Endpoint::from_shared(format!("https://{}", mesh.grpc))?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    Ok(pb::identity_client::IdentityClient::new(ch))
-}
-
 /// Sends one HTTP/1.1 request over TLS with `chain`/`key` as client certificate; returns what
 /// came back (empty when the server refused the handshake).
 async fn raw_tls_request(

@@ -20,6 +20,8 @@ pub struct IdentityService {
     pub ca: Arc<CertificateAuthority>,
     pub registry: Arc<Registry>,
     pub stats: Arc<CaStats>,
+    /// With Kubernetes: a projected ServiceAccount token is a credential too (TokenReview).
+    pub kube: Option<kube::Client>,
 }
 
 impl From<CaError> for Status {
@@ -43,7 +45,11 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = req.peer_certs().and_then(|c| identity_of_chain(&c));
         let msg = req.into_inner();
-        let result = self.certify_inner(&msg, peer);
+        let result = match self.kube_identity(&msg.token).await {
+            Ok(Some(id)) => self.sign(&msg, id),
+            Ok(None) => self.certify_inner(&msg, peer),
+            Err(e) => Err(e),
+        };
         let counter = if result.is_ok() {
             &self.stats.signed
         } else {
@@ -58,6 +64,36 @@ impl Identity for IdentityService {
 }
 
 impl IdentityService {
+    /// The identity a Kubernetes ServiceAccount token proves (None: not such a token, or no
+    /// Kubernetes): the API server's TokenReview, for the mesh's audience.
+    async fn kube_identity(&self, token: &str) -> Result<Option<crate::spiffe::SpiffeId>, Status> {
+        let Some(client) = &self.kube else {
+            return Ok(None);
+        };
+        if token.is_empty() || token.starts_with(tokens::PREFIX) {
+            return Ok(None);
+        }
+        crate::kubernetes::review_token(client, token, &self.ca.trust_domain)
+            .await
+            .map(Some)
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    fn sign(
+        &self,
+        msg: &CertifyRequest,
+        allowed: crate::spiffe::SpiffeId,
+    ) -> Result<CertifyResponse, Status> {
+        let signed = self.ca.sign_csr(&msg.csr_pem, &allowed)?;
+        tracing::info!(identity = %allowed, "signed workload certificate");
+        Ok(CertifyResponse {
+            cert_chain_pem: signed.chain_pem,
+            trust_bundle_pem: signed.bundle_pem,
+            expires_at_unix: signed.not_after.unix_timestamp(),
+            signer: signed.signer,
+        })
+    }
+
     fn certify_inner(
         &self,
         msg: &CertifyRequest,
@@ -73,13 +109,6 @@ impl IdentityService {
                 "no credential: send a bootstrap token or present a mesh client certificate",
             ));
         };
-        let signed = self.ca.sign_csr(&msg.csr_pem, &allowed)?;
-        tracing::info!(identity = %allowed, "signed workload certificate");
-        Ok(CertifyResponse {
-            cert_chain_pem: signed.chain_pem,
-            trust_bundle_pem: signed.bundle_pem,
-            expires_at_unix: signed.not_after.unix_timestamp(),
-            signer: signed.signer,
-        })
+        self.sign(msg, allowed)
     }
 }

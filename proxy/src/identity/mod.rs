@@ -100,8 +100,8 @@ impl IdentityManager {
         if leaf.is_some() {
             attempts.push(None);
         }
-        if let Some(t) = &self.bootstrap.token {
-            attempts.push(Some(t.clone()));
+        if let Some(t) = self.bootstrap.current_token() {
+            attempts.push(Some(t));
         }
         if attempts.is_empty() {
             return Err(IdentityError::Refused(
