@@ -10,7 +10,7 @@ use crate::model::EndpointRecord;
 use crate::registry::Registry;
 use crate::spiffe::SpiffeId;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -202,6 +202,74 @@ async fn reconcile(registry: &Registry, want: Vec<Desired>) {
                 && let Err(err) = registry.remove_endpoint(service, id, None).await
             {
                 tracing::warn!(%service, endpoint = %id, error = %err, "cannot remove a Kubernetes endpoint");
+            }
+        }
+    }
+}
+
+/// Keeps ConfigMap `config_map` (key `bundle.pem`, which injected pods mount) in every
+/// namespace equal to the trust bundle (server-side apply), so injected pods find it before
+/// they start and follow a root rotation.
+pub async fn publish_bundle(client: Client, registry: Arc<Registry>, config_map: String) {
+    let (namespaces, writer) = reflector::store::<Namespace>();
+    let events = reflector::reflector(
+        writer,
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    )
+    .map(|_| ());
+    let mut events = std::pin::pin!(events);
+    let mut changes = registry.watch();
+    // Namespace → the bundle last written there.
+    let mut written: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let params = kube::api::PatchParams::apply("mesh-control-plane").force();
+    loop {
+        tokio::select! {
+            e = events.next() => if e.is_none() { return },
+            r = changes.changed() => if r.is_err() { return },
+        }
+        let Some(bundle) = registry
+            .state()
+            .trust
+            .as_ref()
+            .map(|t| t.bundle_pem.clone())
+        else {
+            continue;
+        };
+        for ns in namespaces.state() {
+            let name = ns.name_any();
+            if written.get(&name) == Some(&bundle) {
+                continue;
+            }
+            let cm = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(config_map.clone()),
+                    namespace: Some(name.clone()),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([("bundle.pem".to_string(), bundle.clone())])),
+                ..Default::default()
+            };
+            let api = Api::<ConfigMap>::namespaced(client.clone(), &name);
+            let mut obj = match serde_json::to_value(&cm) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            obj["apiVersion"] = "v1".into();
+            obj["kind"] = "ConfigMap".into();
+            match api
+                .patch(&config_map, &params, &kube::api::Patch::Apply(obj))
+                .await
+            {
+                Ok(_) => {
+                    written.insert(name, bundle.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %name, error = %e, "cannot write the trust bundle ConfigMap")
+                }
             }
         }
     }

@@ -147,6 +147,11 @@ pub async fn run(
     tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
     if let Some(client) = &kube {
         tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
+        tokio::spawn(crate::kubernetes::publish_bundle(
+            client.clone(),
+            registry.clone(),
+            cfg.inject.ca_config_map.clone(),
+        ));
     }
     tokio::spawn(crate::lease::run(
         registry.clone(),

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 pub enum Kind {
     Pod,
     EndpointSlice,
+    Namespace,
 }
 
 impl Kind {
@@ -25,6 +26,7 @@ impl Kind {
         match path {
             "/api/v1/pods" => Some(Kind::Pod),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/api/v1/namespaces" => Some(Kind::Namespace),
             _ => None,
         }
     }
@@ -32,6 +34,7 @@ impl Kind {
         match self {
             Kind::Pod => ("v1", "PodList"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Kind::Namespace => ("v1", "NamespaceList"),
         }
     }
 }
@@ -40,6 +43,8 @@ impl Kind {
 struct State {
     /// ServiceAccount tokens the TokenReview API accepts: token → (namespace, account).
     tokens: BTreeMap<String, (String, String)>,
+    /// ConfigMaps written by server-side apply: (namespace, name) → object.
+    config_maps: BTreeMap<(String, String), Value>,
     rv: u64,
     objects: BTreeMap<(u8, String, String), Value>,
     /// (resourceVersion, kind, watch event line)
@@ -99,6 +104,9 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if req.method() == hyper::Method::PATCH {
+                                return Ok::<_, Infallible>(apply_config_map(req, &state).await);
+                            }
                             Ok::<_, Infallible>(serve(req, &state, &events))
                         }
                     });
@@ -110,6 +118,12 @@ impl FakeKubeApi {
         });
         api.stop = Some(stop_tx);
         Ok(api)
+    }
+
+    /// A ConfigMap as the control plane last applied it.
+    pub fn config_map(&self, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.config_maps.get(&(ns.into(), name.into())).cloned()
     }
 
     /// Makes `token` a valid ServiceAccount token (audience `mesh`) for `ns/sa`.
@@ -145,6 +159,37 @@ impl Drop for FakeKubeApi {
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`).
+async fn apply_config_map(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (status, out) = match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "configmaps", name] if obj["kind"] == "ConfigMap" => {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.config_maps
+                .insert((ns.to_string(), name.to_string()), obj.clone());
+            (hyper::StatusCode::OK, obj)
+        }
+        _ => (
+            hyper::StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
+        ),
+    };
+    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
+    *r.status_mut() = status;
+    r
+}
 
 /// TokenReview: authenticated as `system:serviceaccount:<ns>:<sa>` when the token is known and
 /// the review asks for audience `mesh`.

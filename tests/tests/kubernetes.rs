@@ -504,3 +504,48 @@ async fn serviceaccount_tokens_are_checked_by_tokenreview() -> anyhow::Result<()
     assert!(e.message().contains("refused by the API server"), "{e:?}");
     Ok(())
 }
+
+/// The trust bundle is written as ConfigMap `mesh-ca-bundle` (which injected pods mount) into
+/// every namespace, new ones included, and rewritten when a root rotation changes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_bundle_configmap_is_in_every_namespace() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let ns = |name: &str| serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "uid": format!("ns-{name}")}});
+    let api = FakeKubeApi::start(vec![
+        (Kind::Namespace, ns("default")),
+        (Kind::Namespace, ns("shop")),
+    ])
+    .await?;
+    let mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let bundle_in = |name: &str| {
+        api.config_map(name, "mesh-ca-bundle")
+            .and_then(|c| c["data"]["bundle.pem"].as_str().map(String::from))
+    };
+    let wait_for = |names: &'static [&'static str], want: String| {
+        let bundle_in = &bundle_in;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while names
+                .iter()
+                .any(|n| bundle_in(n).as_deref() != Some(want.as_str()))
+            {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "ConfigMaps not written: {:?}",
+                    names.iter().map(|n| bundle_in(n)).collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    wait_for(&["default", "shop"], mesh.ca_pem()?).await?;
+    api.apply(Kind::Namespace, "ADDED", ns("payments"));
+    wait_for(&["default", "shop", "payments"], mesh.ca_pem()?).await?;
+    // A rotation's first step puts two roots in the bundle: every ConfigMap follows.
+    mesh.meshctl(&["ca", "rotate", "--step", "prepare"]).await?;
+    let two = mesh.ca_pem()?;
+    assert_eq!(two.matches("BEGIN CERTIFICATE").count(), 2);
+    wait_for(&["default", "shop", "payments"], two).await?;
+    Ok(())
+}
