@@ -207,6 +207,61 @@ async fn reconcile(registry: &Registry, want: Vec<Desired>) {
     }
 }
 
+/// Keeps the `caBundle` of every webhook in MutatingWebhookConfiguration `name` equal to the
+/// trust bundle, so the API server keeps trusting the injection webhook's certificate across a
+/// root rotation. The configuration itself is the operator's (deploy manifests); a missing one
+/// is reported and tried again at the next change.
+pub async fn sync_webhook_ca(client: Client, registry: Arc<Registry>, name: String) {
+    use base64::Engine;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api = Api::<MutatingWebhookConfiguration>::all(client);
+    let mut changes = registry.watch();
+    let mut written: Option<String> = None;
+    loop {
+        if let Some(bundle) = registry
+            .state()
+            .trust
+            .as_ref()
+            .map(|t| t.bundle_pem.clone())
+            && written.as_ref() != Some(&bundle)
+        {
+            let ca = base64::engine::general_purpose::STANDARD.encode(&bundle);
+            let result = match api.get(&name).await {
+                Ok(cfg) => {
+                    let ops: Vec<serde_json::Value> = (0..cfg.webhooks.as_ref().map_or(0, Vec::len))
+                        .map(|i| serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": ca}))
+                        .collect();
+                    match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops))
+                    {
+                        Ok(p) => api
+                            .patch(
+                                &name,
+                                &kube::api::PatchParams::default(),
+                                &kube::api::Patch::<()>::Json(p),
+                            )
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(kube::Error::SerdeError(e)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(webhook_configuration = %name, "webhook caBundle set to the trust bundle");
+                    written = Some(bundle);
+                }
+                Err(e) => {
+                    tracing::warn!(webhook_configuration = %name, error = %e, "cannot set the webhook caBundle")
+                }
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Keeps ConfigMap `config_map` (key `bundle.pem`, which injected pods mount) in every
 /// namespace equal to the trust bundle (server-side apply), so injected pods find it before
 /// they start and follow a root rotation.

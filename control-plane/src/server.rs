@@ -39,6 +39,8 @@ pub struct Config {
     pub endpoint_lease: Duration,
     /// Endpoints from Kubernetes Pods and EndpointSlices (None: proxies register them).
     pub kubernetes: Option<crate::kubernetes::Source>,
+    /// The MutatingWebhookConfiguration whose caBundle follows the trust bundle (Kubernetes).
+    pub webhook_configuration: String,
     /// HTTPS port of the sidecar-injection webhook (None: not served).
     pub webhook_addr: Option<SocketAddr>,
     pub inject: crate::inject::InjectConfig,
@@ -152,6 +154,13 @@ pub async fn run(
             registry.clone(),
             cfg.inject.ca_config_map.clone(),
         ));
+        if cfg.webhook_addr.is_some() {
+            tokio::spawn(crate::kubernetes::sync_webhook_ca(
+                client.clone(),
+                registry.clone(),
+                cfg.webhook_configuration.clone(),
+            ));
+        }
     }
     tokio::spawn(crate::lease::run(
         registry.clone(),

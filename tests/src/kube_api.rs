@@ -45,6 +45,8 @@ struct State {
     tokens: BTreeMap<String, (String, String)>,
     /// ConfigMaps written by server-side apply: (namespace, name) → object.
     config_maps: BTreeMap<(String, String), Value>,
+    /// MutatingWebhookConfigurations by name (GET, JSON-patch PATCH).
+    webhook_configs: BTreeMap<String, Value>,
     rv: u64,
     objects: BTreeMap<(u8, String, String), Value>,
     /// (resourceVersion, kind, watch event line)
@@ -104,6 +106,11 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if req.uri().path().starts_with(WEBHOOK_CONFIGS) {
+                                return Ok::<_, Infallible>(
+                                    webhook_configuration(req, &state).await,
+                                );
+                            }
                             if req.method() == hyper::Method::PATCH {
                                 return Ok::<_, Infallible>(apply_config_map(req, &state).await);
                             }
@@ -118,6 +125,22 @@ impl FakeKubeApi {
         });
         api.stop = Some(stop_tx);
         Ok(api)
+    }
+
+    /// Creates (or replaces) a MutatingWebhookConfiguration.
+    pub fn put_webhook_configuration(&self, obj: Value) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        st.webhook_configs.insert(name, obj);
+    }
+
+    /// A MutatingWebhookConfiguration as it is now.
+    pub fn webhook_configuration(&self, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.webhook_configs.get(name).cloned()
     }
 
     /// A ConfigMap as the control plane last applied it.
@@ -159,6 +182,49 @@ impl Drop for FakeKubeApi {
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+const WEBHOOK_CONFIGS: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/";
+
+/// GET, or JSON-patch PATCH, of one MutatingWebhookConfiguration.
+async fn webhook_configuration(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let name = req
+        .uri()
+        .path()
+        .trim_start_matches(WEBHOOK_CONFIGS)
+        .to_string();
+    let patch = req.method() == hyper::Method::PATCH;
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (status, out) = match st.webhook_configs.get_mut(&name) {
+        None => (
+            hyper::StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        ),
+        Some(obj) if patch => match serde_json::from_slice::<json_patch::Patch>(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|p| json_patch::patch(obj, &p).map_err(|e| e.to_string()))
+        {
+            Ok(()) => (hyper::StatusCode::OK, obj.clone()),
+            Err(e) => (
+                hyper::StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": e, "code": 422}),
+            ),
+        },
+        Some(obj) => (hyper::StatusCode::OK, obj.clone()),
+    };
+    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
+    *r.status_mut() = status;
+    r
+}
 
 /// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`).
 async fn apply_config_map(

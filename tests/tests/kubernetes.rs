@@ -549,3 +549,55 @@ async fn trust_bundle_configmap_is_in_every_namespace() -> anyhow::Result<()> {
     wait_for(&["default", "shop", "payments"], two).await?;
     Ok(())
 }
+
+/// The webhook configuration's `caBundle` follows the trust bundle, so the API server keeps
+/// trusting the injection webhook across a root rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_ca_bundle_follows_the_trust_bundle() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(vec![]).await?;
+    let hook = |name: &str| {
+        serde_json::json!({"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"service": {"name": "mesh-control-plane", "namespace": "mesh-system", "path": "/inject", "port": 443}}})
+    };
+    api.put_webhook_configuration(serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "mesh-sidecar-injector"},
+        "webhooks": [hook("namespace.inject.mesh.io"), hook("object.inject.mesh.io")]
+    }));
+    let mesh = Mesh::start_with(&["--kube-api", &api.url, "--webhook-addr", "127.0.0.1:0"]).await?;
+    let bundles = || -> Vec<String> {
+        api.webhook_configuration("mesh-sidecar-injector")
+            .and_then(|c| c["webhooks"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|w| {
+                w["clientConfig"]["caBundle"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    };
+    let wait_for = |pem: String| {
+        let bundles = &bundles;
+        async move {
+            use base64::Engine;
+            let want = base64::engine::general_purpose::STANDARD.encode(pem);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while bundles() != [want.clone(), want.clone()] {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "caBundle not set: {:?}",
+                    bundles()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    wait_for(mesh.ca_pem()?).await?;
+    mesh.meshctl(&["ca", "rotate", "--step", "prepare"]).await?;
+    wait_for(mesh.ca_pem()?).await?;
+    Ok(())
+}

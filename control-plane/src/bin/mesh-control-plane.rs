@@ -55,6 +55,10 @@ struct Args {
     /// 0.0.0.0:15017. Off unless given.
     #[arg(long, env = "MESH_WEBHOOK_ADDR")]
     webhook_addr: Option<std::net::SocketAddr>,
+    /// With Kubernetes and --webhook-addr: the MutatingWebhookConfiguration whose caBundle the
+    /// control plane keeps equal to the trust bundle.
+    #[arg(long, default_value = "mesh-sidecar-injector")]
+    webhook_configuration: String,
     #[command(flatten)]
     inject: mesh_control_plane::inject::InjectArgs,
 }
@@ -84,6 +88,7 @@ async fn main() -> std::process::ExitCode {
         ca_key: a.ca_key,
         otlp_endpoint: a.otlp_endpoint,
         webhook_addr: a.webhook_addr,
+        webhook_configuration: a.webhook_configuration,
         kubernetes: match (a.kubernetes, a.kube_api) {
             (_, Some(url)) => Some(mesh_control_plane::kubernetes::Source::Url(url)),
             (true, None) => Some(mesh_control_plane::kubernetes::Source::Infer),
