@@ -183,6 +183,20 @@ impl Drop for FakeKubeApi {
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+async fn body_of(req: hyper::Request<hyper::body::Incoming>) -> Bytes {
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
+fn json_response(status: hyper::StatusCode, v: &Value) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
+    *r.status_mut() = status;
+    r
+}
+
 const WEBHOOK_CONFIGS: &str =
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/";
 
@@ -197,12 +211,7 @@ async fn webhook_configuration(
         .trim_start_matches(WEBHOOK_CONFIGS)
         .to_string();
     let patch = req.method() == hyper::Method::PATCH;
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body_of(req).await;
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     let (status, out) = match st.webhook_configs.get_mut(&name) {
         None => (
@@ -221,9 +230,7 @@ async fn webhook_configuration(
         },
         Some(obj) => (hyper::StatusCode::OK, obj.clone()),
     };
-    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
-    *r.status_mut() = status;
-    r
+    json_response(status, &out)
 }
 
 /// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`).
@@ -233,12 +240,7 @@ async fn apply_config_map(
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body_of(req).await;
     let obj: Value = serde_json::from_slice(&body).unwrap_or_default();
     let (status, out) = match parts.as_slice() {
         ["api", "v1", "namespaces", ns, "configmaps", name] if obj["kind"] == "ConfigMap" => {
@@ -252,9 +254,7 @@ async fn apply_config_map(
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
         ),
     };
-    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
-    *r.status_mut() = status;
-    r
+    json_response(status, &out)
 }
 
 /// TokenReview: authenticated as `system:serviceaccount:<ns>:<sa>` when the token is known and
@@ -263,12 +263,7 @@ async fn token_review(
     req: hyper::Request<hyper::body::Incoming>,
     state: &Mutex<State>,
 ) -> hyper::Response<Body> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body_of(req).await;
     let review: Value = serde_json::from_slice(&body).unwrap_or_default();
     let token = review["spec"]["token"].as_str().unwrap_or_default();
     let wants_mesh = review["spec"]["audiences"]
@@ -292,9 +287,7 @@ async fn token_review(
         }
     };
     let out = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status});
-    let mut r = hyper::Response::new(Full::new(Bytes::from(out.to_string())).boxed_unsync());
-    *r.status_mut() = hyper::StatusCode::CREATED;
-    r
+    json_response(hyper::StatusCode::CREATED, &out)
 }
 
 fn serve(
@@ -302,15 +295,10 @@ fn serve(
     state: &Mutex<State>,
     events: &broadcast::Sender<(Kind, String)>,
 ) -> hyper::Response<Body> {
-    let full = |status: u16, v: Value| {
-        let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
-        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
-        r
-    };
     let Some(kind) = Kind::of_path(req.uri().path()) else {
-        return full(
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        return json_response(
+            hyper::StatusCode::NOT_FOUND,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
         );
     };
     let query: BTreeMap<String, String> = req
@@ -330,9 +318,9 @@ fn serve(
             .filter(|((k, _, _), _)| *k == kind as u8)
             .map(|(_, v)| v)
             .collect();
-        return full(
-            200,
-            json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+        return json_response(
+            hyper::StatusCode::OK,
+            &json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
         );
     }
     let from: u64 = query
