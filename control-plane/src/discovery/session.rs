@@ -133,28 +133,33 @@ impl Session {
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         // "service/*" stands for every service there is, and every one sent before (so its
-        // removal goes out too).
-        let mut names: BTreeSet<String> = self
-            .subscriptions
-            .iter()
-            .filter(|n| *n != ALL_SERVICES)
-            .cloned()
-            .collect();
-        if self.subscriptions.contains(ALL_SERVICES) {
-            names.extend(
+        // removal goes out too); without it the subscriptions are used as they are, uncopied.
+        let expanded: BTreeSet<String>;
+        let names = if self.subscriptions.contains(ALL_SERVICES) {
+            let mut all: BTreeSet<String> = self
+                .subscriptions
+                .iter()
+                .filter(|n| *n != ALL_SERVICES)
+                .cloned()
+                .collect();
+            all.extend(
                 state
                     .services
                     .keys()
                     .map(|s| format!("{SERVICE_PREFIX}{s}")),
             );
-            names.extend(
+            all.extend(
                 self.sent
                     .keys()
                     .filter(|k| k.starts_with(SERVICE_PREFIX))
                     .cloned(),
             );
-        }
-        for name in &names {
+            expanded = all;
+            &expanded
+        } else {
+            &self.subscriptions
+        };
+        for name in names {
             let last = self.sent.get(name);
             match current(&state, name, last) {
                 Some((version, kind)) if last != Some(&Some(version)) => {

@@ -52,6 +52,31 @@ impl tower_service::Service<Uri> for AppConnector {
     }
 }
 
+/// The service's authorization for one request (an opaque stream has no method or path):
+/// Denied names the deciding rule; in audit mode a would-be denial is logged and let through.
+fn authorize(
+    service: &str,
+    svc: &crate::snapshot::Service,
+    caller: &Arc<str>,
+    method: &str,
+    path: &str,
+) -> Result<(), ProxyError> {
+    let Some(authz) = &svc.authz else {
+        return Ok(());
+    };
+    let who = (!caller.is_empty()).then_some(&**caller);
+    let d = authz.decide(who, method, path);
+    if d.allowed {
+        return Ok(());
+    }
+    if authz.audit {
+        tracing::info!(%service, %caller, method, path, policy = %d.by, "authz audit: would deny; let through");
+        return Ok(());
+    }
+    tracing::debug!(%service, %caller, method, path, policy = %d.by, "authz: denied");
+    Err(ProxyError::Denied(d.by.to_string()))
+}
+
 pub struct Inbound {
     pub tls: Arc<TlsContext>,
     /// This proxy's own identity (the `By=` of XFCC).
@@ -104,19 +129,7 @@ impl Inbound {
         let Some(svc) = snap.services.get(name) else {
             return Ok(());
         };
-        if let Some(authz) = &svc.authz {
-            let (method, path) = (req.method().as_str(), req.uri().path());
-            let who = (!caller.is_empty()).then_some(&**caller);
-            let d = authz.decide(who, method, path);
-            if !d.allowed {
-                if authz.audit {
-                    tracing::info!(service = %name, %caller, method, path, policy = %d.by, "authz audit: would deny; let through");
-                } else {
-                    tracing::debug!(service = %name, %caller, method, path, policy = %d.by, "authz: denied");
-                    return Err(ProxyError::Denied(d.by.to_string()));
-                }
-            }
-        }
+        authorize(name, svc, caller, req.method().as_str(), req.uri().path())?;
         let p = &svc.policy;
         if let Some(rate) = p.rate_inbound_per_caller {
             svc.state
@@ -229,17 +242,14 @@ impl Inbound {
             return;
         }
         let snap = self.snapshots.load();
-        let authz = self
+        let caller: Arc<str> = caller.into();
+        if let Some((name, svc)) = self
             .service
             .as_ref()
-            .and_then(|n| snap.services.get(n))
-            .and_then(|s| s.authz.as_ref());
-        if let Some(a) = authz {
-            let d = a.decide(Some(&caller), "", "");
-            if !d.allowed && !a.audit {
-                tracing::info!(%caller, port, policy = %d.by, "opaque stream denied");
-                return;
-            }
+            .and_then(|n| Some((n, snap.services.get(n)?)))
+            && authorize(name, svc, &caller, "", "").is_err()
+        {
+            return;
         }
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         match TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await {
