@@ -160,12 +160,6 @@ impl App {
         )
     }
 
-    /// Reads the whole body, then fails so the server drops the connection / resets the stream.
-    async fn reset(&self, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
-        let _ = req.into_body().collect().await;
-        Err(Box::new(ResetOnPurpose))
-    }
-
     async fn http(&self, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
         use std::sync::atomic::Ordering::SeqCst;
         let path = req.uri().path();
@@ -178,6 +172,14 @@ impl App {
                 serde_json::json!({"inflight": self.inflight.load(SeqCst)}),
             ));
         }
+        // Read the whole body first, as a well-behaved app does: an HTTP/1.1 server that
+        // answers before reading it closes the keep-alive connection under its caller.
+        let (req, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, 1 << 20)
+            .collect()
+            .await?
+            .to_bytes();
+        let path = req.uri.path();
         self.served.fetch_add(1, SeqCst);
         let delay = self.delay_ms.load(SeqCst);
         if delay > 0 {
@@ -193,7 +195,8 @@ impl App {
             ));
         }
         if path == "/reset" {
-            return self.reset(req).await;
+            // Fails so the server drops the connection / resets the stream.
+            return Err(Box::new(ResetOnPurpose));
         }
         if let Some(pct) = path
             .strip_prefix("/fail/")
@@ -208,13 +211,13 @@ impl App {
                 ));
             }
         }
-        Ok(self.http_inner(req).await)
+        Ok(self.http_inner(&req, body.len()).await)
     }
 
-    async fn http_inner(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn http_inner(&self, req: &http::request::Parts, body_bytes: usize) -> Response<Body> {
         use std::sync::atomic::Ordering::SeqCst;
         if let Some(n) = req
-            .uri()
+            .uri
             .path()
             .strip_prefix("/bytes/")
             .and_then(|n| n.parse::<usize>().ok())
@@ -232,25 +235,26 @@ impl App {
             return r;
         }
         self.inflight.fetch_add(1, SeqCst);
-        let r = self.respond(req).await;
+        let r = self.respond(req, body_bytes).await;
         self.inflight.fetch_sub(1, SeqCst);
         r
     }
 
-    async fn respond(&self, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_string();
+    async fn respond(&self, req: &http::request::Parts, body_bytes: usize) -> Response<Body> {
+        let path = req.uri.path().to_string();
         let mut body = serde_json::json!({
             "service": self.service,
             "version": self.version,
-            "protocol": format!("{:?}", req.version()),
-            "method": req.method().as_str(),
+            "protocol": format!("{:?}", req.version),
+            "method": req.method.as_str(),
             "path": path,
-            "host": req.headers().get("host").and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str())),
-            "peer": peer_of(req.headers()),
+            "body_bytes": body_bytes,
+            "host": req.headers.get("host").and_then(|h| h.to_str().ok()).or(req.uri.authority().map(|a| a.as_str())),
+            "peer": peer_of(&req.headers),
             // The W3C trace context the app was called with (its sidecar's span is the parent).
-            "traceparent": req.headers().get("traceparent").and_then(|v| v.to_str().ok()),
+            "traceparent": req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
             // The request's x- headers (route header edits are checked with these).
-            "x_headers": req.headers().iter()
+            "x_headers": req.headers.iter()
                 .filter(|(n, _)| n.as_str().starts_with("x-") && n.as_str() != "x-forwarded-client-cert")
                 .map(|(n, v)| (n.as_str().to_string(), serde_json::Value::from(v.to_str().unwrap_or(""))))
                 .collect::<serde_json::Map<_, _>>(),

@@ -661,3 +661,97 @@ async fn a_rule_policy_applies_only_to_its_requests() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An HTTP/1.1 app that answers the first request on each connection, then closes the
+/// connection without a word when the next request arrives on it (no `connection: close`),
+/// as an app does whose keep-alive timeout fires just as a request goes out. Returns its
+/// address and its count of accepted connections.
+async fn app_closing_reused_connections()
+-> anyhow::Result<(SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                // The first request: headers, then the body its content-length announces.
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                while got.len() < body_at + len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+                // The next request on this connection: read it, then close unanswered.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    Ok((addr, conns))
+}
+
+/// The inbound sidecar sends a bodyless idempotent request once more on a fresh connection
+/// when the app closes a reused one before answering; a POST is not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_closing_a_reused_connection_is_replayed_for_idempotent_requests() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start().await?;
+    let (app, conns) = app_closing_reused_connections().await?;
+    mesh.sidecar(SidecarOpts {
+        service: Some("legacy"),
+        version: Some("v1"),
+        service_account: "legacy",
+        app: Some(app),
+        node_id: None,
+        workers: 0,
+        extra: &[],
+    })
+    .await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("legacy", 1).await?;
+    let http = h1_client(c.outbound);
+    for i in 0..5 {
+        let r = get(&http, "http://legacy/").await?;
+        assert_eq!((r.status.as_u16(), r.text.as_str()), (200, "ok"), "GET {i}");
+    }
+    // Each GET after the first met a connection the app then closed, and went again.
+    let opened = conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened >= 5, "the app saw {opened} connections for 5 GETs");
+
+    let post = |body: &'static [u8]| {
+        http::Request::post("http://legacy/orders").body(Full::new(Bytes::from_static(body)))
+    };
+    // The pooled connection holds one answered request: the POST on it must not be replayed.
+    let first = http.request(post(b"{\"order\":1}")?).await?;
+    assert_eq!(
+        first.status(),
+        502,
+        "a POST the app may have read is not sent twice"
+    );
+    assert_eq!(
+        first.headers().get("x-mesh-error").map(|v| v.as_bytes()),
+        Some(&b"app-unavailable"[..])
+    );
+    Ok(())
+}

@@ -77,12 +77,38 @@ fn authorize(
     Err(ProxyError::Denied(d.by.to_string()))
 }
 
+/// A request body to the app: the caller's, or empty when a bodyless request is replayed.
+type AppBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
+/// Methods RFC 9110 lets a client repeat on its own (safe or idempotent).
+fn idempotent(m: &http::Method) -> bool {
+    use http::Method as M;
+    matches!(
+        *m,
+        M::GET | M::HEAD | M::OPTIONS | M::TRACE | M::PUT | M::DELETE
+    )
+}
+
+/// Whether the app closed the connection before answering: the HTTP/1.1 race where an app
+/// closes a keep-alive connection (idle timeout, unread body) just as a request goes out on it.
+fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
+}
+
+fn app_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let why = std::error::Error::source(e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+    tracing::debug!(error = %why, "app request failed");
+    ProxyError::App(why)
+}
+
 pub struct Inbound {
     pub tls: Arc<TlsContext>,
     /// This proxy's own identity (the `By=` of XFCC).
     pub identity: Arc<str>,
-    h1: Client<AppConnector, Incoming>,
-    h2: Client<AppConnector, Incoming>,
+    h1: Client<AppConnector, AppBody>,
+    h2: Client<AppConnector, AppBody>,
     snapshots: Arc<Snapshots>,
     /// The service this proxy fronts: its policy's inbound rate limits apply here.
     service: Option<Arc<str>>,
@@ -345,14 +371,32 @@ impl Inbound {
         } else {
             Version::HTTP_2
         };
-        let req = Request::from_parts(parts, body);
-        let client = if h1 { &self.h1 } else { &self.h2 };
-        let mut resp = client.request(req).await.map_err(|e| {
-            ProxyError::App(
-                std::error::Error::source(&e)
-                    .map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
+        // An HTTP/1.1 app may close a pooled connection as the request goes out on it; a
+        // bodyless idempotent request is then sent once more on a fresh connection (RFC 9110
+        // §9.2.2), so the caller never sees that race. Only such requests keep a copy.
+        use hyper::body::Body as _;
+        let replay = (h1 && body.is_end_stream() && idempotent(&parts.method)).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
             )
-        })?;
+        });
+        let req = Request::from_parts(parts, AppBody::Left(body));
+        let client = if h1 { &self.h1 } else { &self.h2 };
+        let mut resp = match (client.request(req).await, replay) {
+            (Ok(r), _) => r,
+            (Err(e), Some((method, uri, headers))) if closed_before_response(&e) => {
+                tracing::debug!(%method, %uri, "app closed the connection before answering; sent again");
+                let mut again = Request::new(AppBody::Right(http_body_util::Empty::new()));
+                *again.method_mut() = method;
+                *again.uri_mut() = uri;
+                *again.version_mut() = Version::HTTP_11;
+                *again.headers_mut() = headers;
+                client.request(again).await.map_err(|e| app_error(&e))?
+            }
+            (Err(e), _) => return Err(app_error(&e)),
+        };
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
     }
