@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod inject;
 pub mod kubernetes;
+pub mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod model;

@@ -59,6 +59,8 @@ impl CpMetrics {
 struct TableCollector {
     proxies: Arc<ProxyTable>,
     ca: Arc<CaStats>,
+    registry: Arc<crate::registry::Registry>,
+    leader: crate::leader::Leadership,
 }
 
 impl fmt::Debug for TableCollector {
@@ -87,6 +89,21 @@ impl Collector for TableCollector {
                 "Connected proxies whose last answer was a NACK",
                 nacking,
             ),
+            (
+                "mesh_cp_store_up",
+                "1 while the store answers (a shared store's watch is open)",
+                i64::from(self.registry.store_up()),
+            ),
+            (
+                "mesh_cp_leader",
+                "1 while this replica runs the singleton work (canary controller, lease sweeper)",
+                i64::from(self.leader.is_leader()),
+            ),
+            (
+                "mesh_cp_store_revision",
+                "Store revision this replica's state is at",
+                i64::try_from(self.registry.state().revision).unwrap_or(i64::MAX),
+            ),
         ] {
             let e = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(e)?;
@@ -106,7 +123,12 @@ impl Collector for TableCollector {
 }
 
 /// The control plane's `/metrics` registry.
-pub fn registry(proxies: Arc<ProxyTable>, ca: Arc<CaStats>) -> Registry {
+pub fn registry(
+    proxies: Arc<ProxyTable>,
+    ca: Arc<CaStats>,
+    state: Arc<crate::registry::Registry>,
+    leader: crate::leader::Leadership,
+) -> Registry {
     let m = cp_metrics();
     let mut r = Registry::default();
     r.register(
@@ -129,7 +151,12 @@ pub fn registry(proxies: Arc<ProxyTable>, ca: Arc<CaStats>) -> Registry {
         "Telemetry reports received from proxies",
         m.telemetry_reports.clone(),
     );
-    r.register_collector(Box::new(TableCollector { proxies, ca }));
+    r.register_collector(Box::new(TableCollector {
+        proxies,
+        ca,
+        registry: state,
+        leader,
+    }));
     r
 }
 

@@ -102,6 +102,14 @@ pub struct CanaryRecord {
     pub updated_at_unix: i64,
 }
 
+/// Which proxies one control-plane replica has connected, refreshed while it lives (shared
+/// stores only): the endpoint-lease sweeper runs on one replica and must know them all.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct PresenceRecord {
+    pub nodes: Vec<String>,
+    pub at_unix_ms: i64,
+}
+
 /// A bootstrap token, stored by its SHA-256 only.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenRecord {

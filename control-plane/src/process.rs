@@ -62,6 +62,17 @@ impl Process {
         }
     }
 
+    /// Starts `cmd` without waiting for a readiness line (third-party programs: the caller
+    /// checks readiness its own way). Killed when dropped.
+    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+        })
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

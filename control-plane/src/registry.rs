@@ -4,9 +4,10 @@
 
 use crate::model::*;
 use crate::spiffe::SpiffeId;
-use crate::store::{Op, Store, StoreError};
+use crate::store::{Change, Contents, Op, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,8 @@ pub struct State {
     pub policies: BTreeMap<String, PolicyRecord>,
     /// Automated canaries, running or finished (the latest per service).
     pub canaries: BTreeMap<String, CanaryRecord>,
+    /// Proxies connected to each control-plane replica (shared stores only).
+    pub presence: BTreeMap<String, PresenceRecord>,
     /// Authorization rules per service.
     pub authz: BTreeMap<String, AuthzRecord>,
     /// Default authorization action per namespace (absent: allow-all).
@@ -69,6 +72,34 @@ pub struct State {
 }
 
 impl State {
+    /// The state of a whole store. An entry that does not decode is a corrupt store: reported,
+    /// not dropped.
+    fn from_contents(
+        contents: &Contents,
+        trust_domain: &str,
+        store: &str,
+    ) -> Result<Self, RegistryError> {
+        let mut state = State {
+            revision: contents.revision,
+            trust_domain: trust_domain.to_string(),
+            ..State::default()
+        };
+        for (k, v, rev) in &contents.entries {
+            state
+                .apply(k, Some(v), *rev)
+                .map_err(|reason| StoreError::Corrupt {
+                    path: store.to_string(),
+                    reason,
+                })?;
+        }
+        // After a (re)load every service starts at the current revision: versions never go back.
+        for v in state.service_versions.values_mut() {
+            *v = contents.revision;
+        }
+        state.trust_version = contents.revision;
+        Ok(state)
+    }
+
     /// Applies one stored entry (or its deletion when `value` is None).
     fn apply(&mut self, key: &str, value: Option<&[u8]>, rev: u64) -> Result<(), String> {
         fn de<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, String> {
@@ -161,6 +192,13 @@ impl State {
             (Some("trust"), Some("bundle"), None, value) => {
                 self.trust = value.map(|v| de(key, v)).transpose()?;
                 self.trust_version = rev;
+                None
+            }
+            (Some("presence"), Some(r), None, value) => {
+                match value {
+                    Some(v) => self.presence.insert(r.into(), de(key, v)?),
+                    None => self.presence.remove(r),
+                };
                 None
             }
             (Some("tokens"), Some(h), None, Some(v)) => {
@@ -266,30 +304,20 @@ pub struct Registry {
     writer: Mutex<()>,
     changes: watch::Sender<u64>,
     pub trust_domain: String,
+    /// A shared store's watch is open (see [`Registry::follow`]).
+    store_up: std::sync::atomic::AtomicBool,
 }
+
+/// Conflicting writes (another replica first) computed again before giving up.
+const MAX_WRITE_ATTEMPTS: u32 = 8;
+/// How long a committed write may take to come back on a shared store's watch.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Registry {
     /// Loads the store. An entry that does not decode is a corrupt store: reported, not dropped.
     pub async fn open(store: Arc<dyn Store>, trust_domain: String) -> Result<Self, RegistryError> {
         let contents = store.load().await?;
-        let mut state = State {
-            revision: contents.revision,
-            trust_domain: trust_domain.clone(),
-            ..State::default()
-        };
-        for (k, v, rev) in &contents.entries {
-            state
-                .apply(k, Some(v), *rev)
-                .map_err(|reason| StoreError::Corrupt {
-                    path: "store".into(),
-                    reason,
-                })?;
-        }
-        // After a restart every service starts at the current revision: versions never go back.
-        for v in state.service_versions.values_mut() {
-            *v = contents.revision;
-        }
-        state.trust_version = contents.revision;
+        let state = State::from_contents(&contents, &trust_domain, &store.describe())?;
         let (changes, _) = watch::channel(contents.revision);
         Ok(Self {
             store,
@@ -297,6 +325,7 @@ impl Registry {
             writer: Mutex::new(()),
             changes,
             trust_domain,
+            store_up: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -313,25 +342,54 @@ impl Registry {
         self.changes.subscribe()
     }
 
-    /// Computes ops from the current state, commits them, publishes the new state.
+    /// Computes ops from the current state, commits them if nobody else committed since that
+    /// state, publishes the new state. On a shared store another replica may have committed
+    /// first: the write waits until this replica has seen that commit and computes again.
     async fn write<F>(&self, f: F) -> Result<u64, RegistryError>
     where
-        F: FnOnce(&State) -> Result<Vec<Op>, RegistryError>,
+        F: Fn(&State) -> Result<Vec<Op>, RegistryError>,
     {
         let _w = self.writer.lock().await;
-        let current = self.state();
-        let ops = f(&current)?;
-        if ops.is_empty() {
-            return Ok(current.revision);
+        let mut attempts = 0;
+        loop {
+            let current = self.state();
+            let ops = f(&current)?;
+            if ops.is_empty() {
+                return Ok(current.revision);
+            }
+            match self.store.commit(current.revision, ops.clone()).await {
+                // The watch delivers our own commit, in order with everyone else's.
+                Ok(rev) if self.store.shared() => {
+                    self.wait_applied(rev).await?;
+                    return Ok(rev);
+                }
+                Ok(rev) => {
+                    self.publish(&current, Change { revision: rev, ops })?;
+                    return Ok(rev);
+                }
+                Err(StoreError::Conflict(newest)) if attempts < MAX_WRITE_ATTEMPTS => {
+                    attempts += 1;
+                    tracing::debug!(
+                        newest,
+                        seen = current.revision,
+                        "store write conflict; computing again"
+                    );
+                    self.wait_applied(newest.max(current.revision + 1)).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let rev = self.store.commit(ops.clone()).await?;
-        let mut next = (*current).clone();
-        next.revision = rev;
+    }
+
+    /// Applies one commit on top of `current` and makes it the state.
+    fn publish(&self, current: &State, change: Change) -> Result<(), RegistryError> {
+        let mut next = current.clone();
+        next.revision = change.revision;
         next.committed_at = Some(std::time::Instant::now());
-        for op in &ops {
+        for op in &change.ops {
             let r = match op {
-                Op::Put(k, v) => next.apply(k, Some(v), rev),
-                Op::Delete(k) => next.apply(k, None, rev),
+                Op::Put(k, v) => next.apply(k, Some(v), change.revision),
+                Op::Delete(k) => next.apply(k, None, change.revision),
             };
             r.map_err(RegistryError::Invalid)?;
         }
@@ -339,8 +397,93 @@ impl Registry {
             Ok(mut g) => *g = Arc::new(next),
             Err(p) => *p.into_inner() = Arc::new(next),
         }
+        self.changes.send_replace(change.revision);
+        Ok(())
+    }
+
+    /// Waits (bounded) until the state includes revision `rev`.
+    async fn wait_applied(&self, rev: u64) -> Result<(), RegistryError> {
+        let mut rx = self.changes.subscribe();
+        match tokio::time::timeout(APPLY_TIMEOUT, rx.wait_for(|r| *r >= rev)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::Unavailable(format!(
+                "{}: revision {rev} was committed but has not come back on the watch within {APPLY_TIMEOUT:?}",
+                self.store.describe()
+            ))
+            .into()),
+        }
+    }
+
+    /// Follows a shared store: applies every commit (this replica's and the others') in the
+    /// store's order, reconnecting with backoff, reloading everything if the store's history
+    /// was compacted past our revision. Runs until the process ends.
+    pub async fn follow(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let from = self.state().revision;
+            match self.store.watch(from).await {
+                Ok(mut stream) => {
+                    backoff = Duration::from_millis(100);
+                    self.store_up
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    while let Some(item) = futures_util::StreamExt::next(&mut stream).await {
+                        match item {
+                            Ok(c) if c.revision <= self.state().revision => {}
+                            Ok(c) => {
+                                let rev = c.revision;
+                                if let Err(e) = self.publish(&self.state(), c) {
+                                    tracing::error!(revision = rev, error = %e, "store change not applied");
+                                }
+                            }
+                            Err(StoreError::Compacted(r)) => {
+                                tracing::warn!(compacted = r, "store history compacted; reloading");
+                                if let Err(e) = self.reload().await {
+                                    tracing::warn!(error = %e, "store reload failed");
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "store watch ended; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "store watch failed; retrying"),
+            }
+            self.store_up
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Replaces the state with a fresh load of the store.
+    async fn reload(&self) -> Result<(), RegistryError> {
+        let contents = self.store.load().await?;
+        let state = State::from_contents(&contents, &self.trust_domain, &self.store.describe())?;
+        let rev = state.revision;
+        match self.state.write() {
+            Ok(mut g) => *g = Arc::new(state),
+            Err(p) => *p.into_inner() = Arc::new(state),
+        }
         self.changes.send_replace(rev);
-        Ok(rev)
+        Ok(())
+    }
+
+    /// Whether the store answers (a shared store's watch is open; the file store always).
+    pub fn store_up(&self) -> bool {
+        !self.store.shared() || self.store_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Where the store is, for messages.
+    pub fn store_name(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Whether other replicas share the store.
+    pub fn shared(&self) -> bool {
+        self.store.shared()
     }
 
     /// Registers (or updates) an endpoint, creating its service on first use. The service's
@@ -515,7 +658,7 @@ impl Registry {
         check: F,
     ) -> Result<u64, RegistryError>
     where
-        F: FnOnce(&State) -> Result<(), RegistryError>,
+        F: Fn(&State) -> Result<(), RegistryError>,
     {
         let now = now_unix();
         self.write(|st| {
@@ -567,7 +710,7 @@ impl Registry {
         prefix: &str,
         service: &str,
         present: fn(&State, &str) -> bool,
-        record: Option<impl FnOnce(u64) -> T>,
+        record: Option<impl Fn(u64) -> T>,
     ) -> Result<u64, RegistryError> {
         self.write(|st| {
             if !st.services.contains_key(service) {
@@ -576,7 +719,7 @@ impl Registry {
                 )));
             }
             let key = format!("{prefix}/{service}");
-            Ok(match record {
+            Ok(match &record {
                 // As for routes: the file store's single writer commits exactly this revision.
                 Some(make) => vec![put(key, &make(st.revision + 1))?],
                 None if present(st, service) => vec![Op::Delete(key)],
@@ -596,7 +739,7 @@ impl Registry {
         let updated_at_unix = now_unix();
         let record =
             (policy != mesh_proto::v1::Policy::default()).then_some(|revision| PolicyRecord {
-                policy,
+                policy: policy.clone(),
                 revision,
                 updated_at_unix,
             });
@@ -621,7 +764,7 @@ impl Registry {
         mesh_authz::Authz::try_from(&authz).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let updated_at_unix = now_unix();
         let record = (!authz.rules.is_empty()).then_some(|revision| AuthzRecord {
-            authz,
+            authz: authz.clone(),
             revision,
             updated_at_unix,
         });
@@ -678,6 +821,23 @@ impl Registry {
     }
 
     /// Removes a stored token (by its hash).
+    /// Records which proxies `replica` has connected (None: forgets the replica).
+    pub async fn set_presence(
+        &self,
+        replica: &str,
+        record: Option<PresenceRecord>,
+    ) -> Result<u64, RegistryError> {
+        let key = format!("presence/{replica}");
+        self.write(|st| {
+            Ok(match &record {
+                Some(r) if st.presence.get(replica) != Some(r) => vec![put(key.clone(), r)?],
+                None if st.presence.contains_key(replica) => vec![Op::Delete(key.clone())],
+                _ => Vec::new(),
+            })
+        })
+        .await
+    }
+
     pub async fn delete_token(&self, hash: &str) -> Result<u64, RegistryError> {
         self.write(|st| {
             Ok(if st.tokens.contains_key(hash) {

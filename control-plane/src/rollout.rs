@@ -308,11 +308,20 @@ pub async fn tick(registry: &Registry, store: &TelemetryStore) {
 }
 
 /// Runs the controller until the process ends.
-pub async fn run(registry: Arc<Registry>, store: Arc<TelemetryStore>) {
+/// Only the leading replica moves canaries; the others wait.
+pub async fn run(
+    registry: Arc<Registry>,
+    store: Arc<TelemetryStore>,
+    leader: crate::leader::Leadership,
+) {
     let mut t = tokio::time::interval(TICK);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         t.tick().await;
-        tick(&registry, &store).await;
+        if leader.is_leader() {
+            tick(&registry, &store).await;
+        } else {
+            leader.acquired().await;
+        }
     }
 }

@@ -44,6 +44,12 @@ pub struct Config {
     /// HTTPS port of the sidecar-injection webhook (None: not served).
     pub webhook_addr: Option<SocketAddr>,
     pub inject: crate::inject::InjectConfig,
+    /// A shared store, `etcd://host:port[,…][/prefix]` (None: the embedded file store).
+    pub store: Option<String>,
+    /// This replica's name in the shared store (presence, leader election).
+    pub replica_id: String,
+    /// Leader lease on a shared store: how long the others wait after a leader vanishes.
+    pub leader_lease: Duration,
 }
 
 /// The DNS name proxies and meshctl verify the control plane's certificate against by default.
@@ -76,8 +82,32 @@ pub async fn run(
     if let Some(e) = &cfg.otlp_endpoint {
         crate::trace::start(e).with_context(|| format!("--otlp-endpoint {e}"))?;
     }
-    let store = FileStore::open(&cfg.data_dir)?;
-    let registry = Arc::new(Registry::open(Arc::new(store), cfg.trust_domain.clone()).await?);
+    let (store, leader): (Arc<dyn crate::store::Store>, _) = match &cfg.store {
+        None => (
+            Arc::new(FileStore::open(&cfg.data_dir)?),
+            crate::leader::Leadership::always(),
+        ),
+        Some(url) => {
+            anyhow::ensure!(
+                cfg.ca_cert.is_some(),
+                "--store {url}: every replica must sign with the same CA; give each one \
+                 --ca-cert and --ca-key (the key is never written to the store)"
+            );
+            crate::registry::check_name("--replica-id", &cfg.replica_id)?;
+            let s = crate::store::etcd::EtcdStore::connect(url).await?;
+            let leader = crate::leader::Leadership::etcd(
+                s.client(),
+                s.prefix(),
+                cfg.replica_id.clone(),
+                cfg.leader_lease,
+            );
+            (Arc::new(s), leader)
+        }
+    };
+    let registry = Arc::new(Registry::open(store, cfg.trust_domain.clone()).await?);
+    if registry.shared() {
+        tokio::spawn(registry.clone().follow());
+    }
     let ca = match (&cfg.ca_cert, &cfg.ca_key) {
         (Some(c), Some(k)) => CertificateAuthority::from_files(
             c,
@@ -146,7 +176,11 @@ pub async fn run(
             tap: tap.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tokio::spawn(crate::rollout::run(registry.clone(), telemetry.clone()));
+    tokio::spawn(crate::rollout::run(
+        registry.clone(),
+        telemetry.clone(),
+        leader.clone(),
+    ));
     if let Some(client) = &kube {
         tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
         tokio::spawn(crate::kubernetes::publish_bundle(
@@ -166,9 +200,16 @@ pub async fn run(
         registry.clone(),
         proxies.clone(),
         cfg.endpoint_lease,
+        cfg.replica_id.clone(),
+        leader.clone(),
     ));
     let web = Arc::new(crate::web::Web {
-        metrics: crate::metrics::registry(proxies.clone(), stats.clone()),
+        metrics: crate::metrics::registry(
+            proxies.clone(),
+            stats.clone(),
+            registry.clone(),
+            leader.clone(),
+        ),
         dashboard: crate::dashboard::Dashboard {
             registry: registry.clone(),
             proxies: proxies.clone(),

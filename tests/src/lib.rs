@@ -5,7 +5,9 @@
 //! Logs go to the test's temporary directory and are printed when a test fails.
 
 pub mod browser;
+pub mod etcd;
 pub mod kube_api;
+pub mod netns;
 pub mod otlp;
 
 use anyhow::Context;
@@ -783,4 +785,62 @@ pub async fn identity_client(
         .connect()
         .await?;
     Ok(mesh_proto::v1::identity_client::IdentityClient::new(ch))
+}
+
+/// One request of the constant load: when it was sent, and the version that answered (None
+/// for a failure).
+pub type Sample = (tokio::time::Instant, Option<String>);
+
+/// Sends GETs at `rps` until `stop` turns true (bounded by `max`); returns every sample.
+pub async fn constant_load(
+    http: HttpClient,
+    rps: u32,
+    max: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Sample> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..max {
+        tick.tick().await;
+        if *stop.borrow() {
+            break;
+        }
+        let http = http.clone();
+        tasks.spawn(async move {
+            let sent = tokio::time::Instant::now();
+            let v = match get(&http, "http://backend/").await {
+                Ok(r) if r.status == 200 => r.json["version"].as_str().map(str::to_string),
+                _ => None,
+            };
+            (sent, v)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(s) = r {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// A constant load running in the background.
+pub struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    /// GETs of `http://backend/` at `rps`, for at most a minute.
+    pub fn start(http: HttpClient, rps: u32) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(constant_load(http, rps, rps as usize * 60, rx));
+        Self { stop, task }
+    }
+
+    /// Stops the load; returns every sample.
+    pub async fn finish(self) -> anyhow::Result<Vec<Sample>> {
+        let _ = self.stop.send(true);
+        Ok(self.task.await?)
+    }
 }

@@ -4,110 +4,49 @@
 //! proxy's ports with the original destination readable (SO_ORIGINAL_DST), leave the
 //! excluded ports alone, and `--cleanup` removes them.
 
+use mesh_tests::netns::{Lan, Netns, cannot_run, in_netns, ip, spawn_in};
 use mesh_tests::*;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
-/// A network namespace with lo and a "pod" interface 10.200.0.2/24 (a veth; default route);
-/// deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("mesh-test-{}-{}", std::process::id(), fastrand_u32());
-        ip(&["netns", "add", &name])?;
-        let ns = Self(name);
-        for args in [
-            vec!["link", "set", "lo", "up"],
-            vec![
-                "link",
-                "add",
-                "pod0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "pod0-peer",
-            ],
-            vec!["addr", "add", "10.200.0.2/24", "dev", "pod0"],
-            vec!["link", "set", "pod0", "up"],
-            vec!["link", "set", "pod0-peer", "up"],
-            vec!["route", "add", "default", "dev", "pod0"],
-        ] {
-            let mut a = vec!["-n", ns.0.as_str()];
-            a.extend(args);
-            ip(&a)?;
-        }
-        Ok(ns)
+/// A namespace with lo and a "pod" interface 10.200.0.2/24 (a veth; default route).
+fn pod_netns() -> anyhow::Result<Netns> {
+    let ns = Netns::named(&format!("mesh-test-{}", std::process::id()))?;
+    for args in [
+        vec![
+            "link",
+            "add",
+            "pod0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pod0-peer",
+        ],
+        vec!["addr", "add", "10.200.0.2/24", "dev", "pod0"],
+        vec!["link", "set", "pod0", "up"],
+        vec!["link", "set", "pod0-peer", "up"],
+        vec!["route", "add", "default", "dev", "pod0"],
+    ] {
+        let mut a = vec!["-n", ns.0.as_str()];
+        a.extend(args);
+        ip(&a)?;
     }
-
-    /// Runs a command inside the namespace; returns (success, stdout, stderr).
-    fn exec(&self, cmd: &std::path::Path, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .arg(cmd)
-            .args(args)
-            .output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        ))
-    }
-
-    /// The nat rules (`-A ...` lines) of one family.
-    fn rules(&self, save: &str) -> anyhow::Result<Vec<String>> {
-        let (ok, out, err) = self.exec(std::path::Path::new(save), &["-t", "nat"])?;
-        anyhow::ensure!(ok, "{save}: {err}");
-        Ok(out
-            .lines()
-            .filter(|l| l.starts_with("-A"))
-            .map(String::from)
-            .collect())
-    }
+    Ok(ns)
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.0]);
-    }
+/// The nat rules (`-A ...` lines) of one family.
+fn rules(ns: &Netns, save: &str) -> anyhow::Result<Vec<String>> {
+    let (ok, out, err) = ns.exec(std::path::Path::new(save), &["-t", "nat"])?;
+    anyhow::ensure!(ok, "{save}: {err}");
+    Ok(out
+        .lines()
+        .filter(|l| l.starts_with("-A"))
+        .map(String::from)
+        .collect())
 }
 
-fn fastrand_u32() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn cannot_run() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("not root".into());
-    }
-    for tool in ["iptables-restore", "iptables-save", "ip"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
-        if !found {
-            return Some(format!(
-                "{tool} is missing (scripts/install-test-deps.sh installs it)"
-            ));
-        }
-    }
-    None
-}
+const TOOLS: &[&str] = &["iptables-restore", "iptables-save"];
 
 /// Connects to `dst` from inside the namespace and accepts on `listener` (also in the
 /// namespace): returns the destination the accepted socket was originally sent to, or None if
@@ -157,12 +96,12 @@ fn redirected_to(
 /// Test 2 of the Kubernetes issue, its init-step part.
 #[test]
 fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
-    if let Some(why) = cannot_run() {
+    if let Some(why) = cannot_run(TOOLS) {
         eprintln!("SKIPPED init_redirects_pod_traffic_in_a_network_namespace: {why}");
         return Ok(());
     }
     let proxy = bin_dir().join("mesh-proxy");
-    let ns = Netns::new()?;
+    let ns = pod_netns()?;
     let init = |extra: &[&str]| -> anyhow::Result<(bool, String, String)> {
         let mut a = vec![
             "init",
@@ -176,7 +115,7 @@ fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
     };
     let (ok, _, err) = init(&[])?;
     assert!(ok, "{err}");
-    let first = ns.rules("iptables-save")?;
+    let first = rules(&ns, "iptables-save")?;
     for want in [
         "-A OUTPUT -p tcp -j MESH_OUTPUT",
         "-A PREROUTING -p tcp -j MESH_INBOUND",
@@ -189,7 +128,7 @@ fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
     // Again: the same rules, once.
     let (ok, _, err) = init(&[])?;
     assert!(ok, "{err}");
-    assert_eq!(ns.rules("iptables-save")?, first);
+    assert_eq!(rules(&ns, "iptables-save")?, first);
 
     let (out_port, in_port): (SocketAddr, SocketAddr) =
         ("127.0.0.1:15001".parse()?, "0.0.0.0:15006".parse()?);
@@ -215,93 +154,22 @@ fn init_redirects_pod_traffic_in_a_network_namespace() -> anyhow::Result<()> {
     // A bad CIDR: refused before anything changes.
     let (ok, _, err) = init(&["--skip-outbound-cidrs", "10.0.0.0/40"])?;
     assert!(!ok && err.contains("10.0.0.0/40"), "{err}");
-    assert_eq!(ns.rules("iptables-save")?, first);
+    assert_eq!(rules(&ns, "iptables-save")?, first);
 
     let (ok, _, err) = ns.exec(&proxy, &["init", "--cleanup"])?;
     assert!(ok, "{err}");
-    let left = ns.rules("iptables-save")?;
+    let left = rules(&ns, "iptables-save")?;
     assert!(left.iter().all(|l| !l.contains("MESH_")), "{left:#?}");
     assert_eq!(redirected_to(&ns.0, &[out_port], dst)?, [None]);
     Ok(())
 }
 
-/// Runs `f` on a thread inside network namespace `ns` and waits for it: that thread alone
-/// enters it, and the sockets it makes live there (and stay there when handed out).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
-}
-
 /// Three namespaces on a bridge: `sw` (the bridge, 10.201.0.1, runs the control plane) and two
-/// "pods", `a` (10.201.0.2) and `b` (10.201.0.3). Deleted on drop.
-struct Pods {
-    sw: Netns,
-    a: Netns,
-    b: Netns,
-}
-
-impl Pods {
-    fn new() -> anyhow::Result<Self> {
-        let tag = std::process::id() % 100_000;
-        let make = |n: &str| -> anyhow::Result<Netns> {
-            let name = format!("mesh-{n}-{tag}");
-            ip(&["netns", "add", &name])?;
-            let ns = Netns(name);
-            ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
-            Ok(ns)
-        };
-        let (sw, a, b) = (make("sw")?, make("a")?, make("b")?);
-        ip(&["-n", &sw.0, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw.0, "addr", "add", "10.201.0.1/24", "dev", "br0"])?;
-        ip(&["-n", &sw.0, "link", "set", "br0", "up"])?;
-        for (pod, addr, n) in [(&a, "10.201.0.2/24", "a"), (&b, "10.201.0.3/24", "b")] {
-            let (inner, outer) = (format!("p{n}{tag}"), format!("s{n}{tag}"));
-            ip(&[
-                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ])?;
-            ip(&["link", "set", &inner, "netns", &pod.0])?;
-            ip(&["link", "set", &outer, "netns", &sw.0])?;
-            ip(&["-n", &sw.0, "link", "set", &outer, "master", "br0", "up"])?;
-            ip(&["-n", &pod.0, "addr", "add", addr, "dev", &inner])?;
-            ip(&["-n", &pod.0, "link", "set", &inner, "up"])?;
-        }
-        Ok(Self { sw, a, b })
-    }
-}
-
-/// `ip netns exec <ns> [setpriv --reuid uid …] <bin> <args>`, started and awaited until ready.
-async fn spawn_in(
-    ns: &Netns,
-    uid: Option<u32>,
-    bin: &str,
-    args: &[String],
-    log: std::path::PathBuf,
-) -> anyhow::Result<(process::Process, serde_json::Value)> {
-    let mut cmd = tokio::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0]);
-    if let Some(u) = uid {
-        cmd.args([
-            "setpriv",
-            &format!("--reuid={u}"),
-            &format!("--regid={u}"),
-            "--clear-groups",
-            "--",
-        ]);
-    }
-    cmd.arg(bin_dir().join(bin))
-        .args(args)
-        .env("RUST_LOG", "info,mesh_proxy=debug")
-        .stderr(std::fs::File::create(log)?);
-    process::Process::spawn_ready(bin, cmd, READY_TIMEOUT).await
+/// "pods", `a` (10.201.0.2) and `b` (10.201.0.3).
+struct Pods<'a> {
+    sw: &'a Netns,
+    a: &'a Netns,
+    b: &'a Netns,
 }
 
 /// Sends `req` on a new connection from inside `ns` and reads until the server closes (or 5 s).
@@ -328,11 +196,16 @@ fn exchange(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    if let Some(why) = cannot_run() {
+    if let Some(why) = cannot_run(TOOLS) {
         eprintln!("SKIPPED pods_talk_by_plain_ip_with_mtls_on_the_wire: {why}");
         return Ok(());
     }
-    let pods = Pods::new()?;
+    let lan = Lan::new("10.201.0", &["a", "b"])?;
+    let pods = Pods {
+        sw: &lan.sw,
+        a: &lan.hosts[0],
+        b: &lan.hosts[1],
+    };
     let dir = tempfile::tempdir()?;
     // The proxies run as uid 2102: what they read must be readable by it.
     std::fs::set_permissions(
@@ -343,7 +216,7 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
     let (_cp, _) = spawn_in(
-        &pods.sw,
+        pods.sw,
         None,
         "mesh-control-plane",
         &s(&[
@@ -383,7 +256,7 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
 
     // Pod b: the backend app on :8080, a server-first protocol on :9000, its proxy.
     let (_app, _) = spawn_in(
-        &pods.b,
+        pods.b,
         None,
         "mesh-example",
         &s(&[
@@ -437,7 +310,7 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         anyhow::ensure!(ok, "init: {err}");
     }
     let (_pb, _) = spawn_in(
-        &pods.b,
+        pods.b,
         Some(2102),
         "mesh-proxy",
         &proxy_args(
@@ -459,7 +332,7 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     )
     .await?;
     let (_pa, _) = spawn_in(
-        &pods.a,
+        pods.a,
         Some(2102),
         "mesh-proxy",
         &proxy_args("web", &[]),

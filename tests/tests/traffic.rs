@@ -140,64 +140,6 @@ async fn route_rules_follow_precedence() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One request of the constant load: when it was sent, and the version that answered (None
-/// for a failure).
-type Sample = (Instant, Option<String>);
-
-/// Sends GETs at `rps` until `stop` turns true (bounded by `max`); returns every sample.
-async fn constant_load(
-    http: HttpClient,
-    rps: u32,
-    max: usize,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<Sample> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..max {
-        tick.tick().await;
-        if *stop.borrow() {
-            break;
-        }
-        let http = http.clone();
-        tasks.spawn(async move {
-            let sent = Instant::now();
-            let v = match get(&http, "http://backend/").await {
-                Ok(r) if r.status == 200 => r.json["version"].as_str().map(str::to_string),
-                _ => None,
-            };
-            (sent, v)
-        });
-    }
-    let mut out = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(s) = r {
-            out.push(s);
-        }
-    }
-    out
-}
-
-/// A constant load running in the background.
-struct Load {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
-}
-
-impl Load {
-    /// GETs of `http://backend/` at `rps`, for at most a minute.
-    fn start(http: HttpClient, rps: u32) -> Self {
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(constant_load(http, rps, rps as usize * 60, rx));
-        Self { stop, task }
-    }
-
-    /// Stops the load; returns every sample.
-    async fn finish(self) -> anyhow::Result<Vec<Sample>> {
-        let _ = self.stop.send(true);
-        Ok(self.task.await?)
-    }
-}
-
 /// Waits until the sidecar at `admin` routes backend by these default weights.
 async fn wait_weights(admin: std::net::SocketAddr, v1: u64, v2: u64) -> anyhow::Result<()> {
     let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];

@@ -61,6 +61,34 @@ struct Args {
     webhook_configuration: String,
     #[command(flatten)]
     inject: mesh_control_plane::inject::InjectArgs,
+    /// Where the mesh's state lives: `file` (the data directory; one replica) or
+    /// `etcd://host:2379[,host:2379...][/prefix]`, shared by several replicas, each of which
+    /// then needs --ca-cert/--ca-key (the same CA) and a --replica-id of its own.
+    #[arg(long, env = "MESH_STORE", default_value = "file")]
+    store: String,
+    /// This replica's name on a shared store (default: host name and process id).
+    #[arg(long, env = "MESH_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds a leader's etcd lease lasts: how soon another replica takes over singleton
+    /// work (the canary controller, the endpoint-lease sweeper) after the leader is lost.
+    #[arg(long, env = "MESH_LEADER_LEASE_SECS", default_value_t = 10)]
+    leader_lease_secs: u64,
+}
+
+/// Host name and process id: unique per replica without configuration.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "replica" } else { &host },
+        std::process::id()
+    )
 }
 
 #[tokio::main]
@@ -96,6 +124,9 @@ async fn main() -> std::process::ExitCode {
         },
         endpoint_lease: std::time::Duration::from_secs(a.endpoint_lease_secs.max(1)),
         inject: a.inject.config(),
+        store: (a.store != "file").then_some(a.store),
+        replica_id: a.replica_id.unwrap_or_else(default_replica_id),
+        leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -104,9 +104,12 @@ impl Store for FileStore {
         })
     }
 
-    fn commit(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+    fn commit(&self, base: u64, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let mut doc = self.doc.lock().await;
+            if doc.revision != base {
+                return Err(StoreError::Conflict(doc.revision));
+            }
             let mut next = doc.clone();
             next.revision += 1;
             let rev = next.revision;
@@ -138,6 +141,10 @@ impl Store for FileStore {
             Ok(rev)
         })
     }
+
+    fn describe(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
 }
 
 #[cfg(test)]
@@ -149,14 +156,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = FileStore::open(dir.path()).unwrap();
         let r1 = s
-            .commit(vec![Op::Put("a".into(), b"\"1\"".to_vec())])
+            .commit(0, vec![Op::Put("a".into(), b"\"1\"".to_vec())])
             .await
             .unwrap();
+        assert!(matches!(
+            s.commit(0, vec![Op::Delete("a".into())]).await,
+            Err(StoreError::Conflict(1))
+        ));
         let r2 = s
-            .commit(vec![
-                Op::Put("b".into(), b"\"2\"".to_vec()),
-                Op::Delete("a".into()),
-            ])
+            .commit(
+                1,
+                vec![
+                    Op::Put("b".into(), b"\"2\"".to_vec()),
+                    Op::Delete("a".into()),
+                ],
+            )
             .await
             .unwrap();
         assert_eq!((r1, r2), (1, 2));
