@@ -473,20 +473,84 @@ impl Drop for Mesh {
 
 /// Always dials one address (a sidecar's outbound port), whatever the URI's host: an HTTP proxy
 /// client. The proxy's own connector to its local app does exactly this.
-pub use mesh_proxy::inbound::AppConnector as Dial;
+/// Connects every request to one address (a sidecar's port), whatever the URI says; from
+/// inside a network namespace the test made when `ns` is set.
+#[derive(Clone)]
+pub struct Dial {
+    addr: SocketAddr,
+    ns: Option<Arc<str>>,
+}
+
+impl Dial {
+    /// Dials `addr` from this process's namespace.
+    pub fn to(addr: SocketAddr) -> Self {
+        Self { addr, ns: None }
+    }
+
+    /// Dials `addr` from inside namespace `ns`.
+    pub fn in_netns(ns: &str, addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            ns: Some(ns.into()),
+        }
+    }
+}
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, ns) = (self.addr, self.ns.clone());
+        Box::pin(async move {
+            let s = match ns {
+                None => tokio::net::TcpStream::connect(addr).await?,
+                Some(ns) => {
+                    // The socket is made by a thread inside the namespace and stays there.
+                    let std = tokio::task::spawn_blocking(move || {
+                        netns::in_netns(&ns, move || {
+                            let s = std::net::TcpStream::connect_timeout(
+                                &addr,
+                                Duration::from_secs(3),
+                            )?;
+                            s.set_nonblocking(true)?;
+                            Ok(s)
+                        })
+                    })
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::other)?;
+                    tokio::net::TcpStream::from_std(std)?
+                }
+            };
+            let _ = s.set_nodelay(true);
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
+}
 
 pub type HttpClient = Client<Dial, Full<Bytes>>;
 
 /// An HTTP/1.1 client that sends everything through `proxy`.
 pub fn h1_client(proxy: SocketAddr) -> HttpClient {
-    Client::builder(TokioExecutor::new()).build(Dial(proxy))
+    Client::builder(TokioExecutor::new()).build(Dial::to(proxy))
 }
 
 /// An h2c (prior knowledge) client that sends everything through `proxy`.
 pub fn h2c_client(proxy: SocketAddr) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build(Dial(proxy))
+        .build(Dial::to(proxy))
 }
 
 /// A response read whole.
@@ -516,7 +580,7 @@ pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<Reply> {
 
 /// GET `url` on a sidecar's admin port over plain HTTP/1.1.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build(Dial(addr));
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(Dial::to(addr));
     get(&client, &format!("http://{addr}{path}")).await
 }
 

@@ -138,3 +138,258 @@ async fn replicas_share_writes_and_ride_out_an_etcd_outage() -> anyhow::Result<(
     assert_eq!(failed, 0, "{counts:?}");
     Ok(())
 }
+
+/// GET on a host's loopback (its proxy's admin port) from inside its namespace.
+async fn ns_get(ns: &str, addr: &str, path: &str) -> anyhow::Result<String> {
+    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || {
+        mesh_tests::netns::in_netns(&ns, move || mesh_tests::netns::http_get(&addr, &path))
+    })
+    .await?
+}
+
+/// A `mesh_cp_<name>` gauge of the replica serving /metrics at `addr` inside `ns`.
+async fn ns_gauge(ns: &str, addr: &str, name: &str) -> anyhow::Result<i64> {
+    let m = ns_get(ns, addr, "/metrics").await?;
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("mesh_cp_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no mesh_cp_{name}"))
+}
+
+/// Polls until `pred` holds on the result of `probe` (bounded); returns how long it took.
+async fn until<F, Fut>(within: Duration, what: &str, mut probe: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if matches!(probe().await, Ok(true)) {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Tests 1, 2 and 3 of the VM/etcd issue, with hosts as network namespaces on a bridge (needs
+/// root; skipped with a message otherwise). etcd runs on the bridge host, replicas A and B on
+/// hosts of their own, and three hosts each run an app and its `mesh-proxy`: backend v1 and v2
+/// (joined to A first) and web (joined to B first). Traffic from web's host reaches both
+/// backend hosts over mTLS (the app sees web's SPIFFE id); a route set on A reaches web's proxy
+/// in under a second; SIGKILL of A under a constant 100 rps fails no request, A's proxies
+/// reconnect to B, B leads, and a route change through B still reaches the proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
+    use mesh_tests::netns::{Lan, cannot_run, spawn_in};
+    if let Some(why) = cannot_run(&["etcd"]) {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let lan = Lan::new("10.203.0", &["cpa", "cpb", "h1", "h2", "h3"])?;
+    let _etcd = Etcd::start(Some(&lan.sw), &lan.sw_ip(), dir.path()).await?;
+    let etcd_url = format!("etcd://{}:2379", lan.sw_ip());
+    let (ca_cert, ca_key) = shared_ca(dir.path())?;
+    let ca_cert = ca_cert.display().to_string();
+    let ca_key = ca_key.display().to_string();
+
+    let mut replicas = Vec::new();
+    for (i, id) in ["a", "b"].into_iter().enumerate() {
+        let ip = lan.ip_of(i);
+        let args: Vec<String> = [
+            "--data-dir",
+            &d(id),
+            "--grpc-addr",
+            &format!("{ip}:15010"),
+            "--admin-addr",
+            &format!("{ip}:15011"),
+            "--http-addr",
+            &format!("{ip}:15014"),
+            "--store",
+            &etcd_url,
+            "--ca-cert",
+            &ca_cert,
+            "--ca-key",
+            &ca_key,
+            "--replica-id",
+            id,
+            "--leader-lease-secs",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = dir.path().join(format!("cp-{id}.log"));
+        replicas.push(
+            spawn_in(&lan.hosts[i], None, "mesh-control-plane", &args, log)
+                .await?
+                .0,
+        );
+    }
+    // meshctl on replica i's host.
+    let meshctl = |i: usize, args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lan.hosts[i].0])
+            .arg(bin_dir().join("meshctl"))
+            .args(["--server", &format!("https://{}:15011", lan.ip_of(i))])
+            .args(["--data-dir", &d(["a", "b"][i])])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "meshctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let cp = |i: usize| format!("https://{}:15010", lan.ip_of(i));
+
+    // Hosts 2, 3, 4 of the LAN: an app on 127.0.0.1:8080 and its proxy.
+    let mut workloads = Vec::new();
+    for (h, svc, ver, first) in [
+        (2, "backend", "v1", 0),
+        (3, "backend", "v2", 0),
+        (4, "web", "v1", 1),
+    ] {
+        let host = &lan.hosts[h];
+        let app: Vec<String> = [
+            "serve",
+            "--service",
+            svc,
+            "--version",
+            ver,
+            "--listen",
+            "127.0.0.1:8080",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = dir.path().join(format!("{svc}-{ver}-app.log"));
+        workloads.push(spawn_in(host, None, "mesh-example", &app, log).await?.0);
+        let token = meshctl(
+            0,
+            &["token", "create", "--identity", &format!("default/{svc}")],
+        )?;
+        let token_file = d(&format!("token-{svc}-{ver}"));
+        std::fs::write(&token_file, token.trim())?;
+        let proxy: Vec<String> = [
+            "--control-plane",
+            &cp(first),
+            "--control-plane",
+            &cp(1 - first),
+            "--service-account",
+            svc,
+            "--token-file",
+            &token_file,
+            "--ca-file",
+            &ca_cert,
+            "--service",
+            svc,
+            "--service-version",
+            ver,
+            "--app-port",
+            "8080",
+            "--outbound-addr",
+            "127.0.0.1:15001",
+            "--inbound-addr",
+            &format!("{}:15006", lan.ip_of(h)),
+            "--admin-addr",
+            "127.0.0.1:15000",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = dir.path().join(format!("{svc}-{ver}-proxy.log"));
+        workloads.push(spawn_in(host, None, "mesh-proxy", &proxy, log).await?.0);
+    }
+    let web = lan.hosts[4].0.clone();
+    let dump = || async {
+        let t = ns_get(&web, "127.0.0.1:15000", "/config_dump").await?;
+        Ok::<_, anyhow::Error>(serde_json::from_str::<serde_json::Value>(&t)?)
+    };
+    // Both backend hosts registered through A, as B sees it.
+    until(
+        Duration::from_secs(15),
+        "B lists both backend hosts",
+        || async {
+            let out = meshctl(1, &["endpoints", "--service", "backend"])?;
+            let ready = out
+                .lines()
+                .filter(|l| l.trim_end().ends_with("true"))
+                .count();
+            Ok(ready == 2)
+        },
+    )
+    .await?;
+
+    // Test 1: traffic between hosts, mTLS with web's identity.
+    let http: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(Dial::in_netns(&web, "127.0.0.1:15001".parse()?));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = get(&http, "http://backend/").await?;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.json["peer"], "spiffe://mesh.local/ns/default/sa/web",
+            "{}",
+            r.text
+        );
+        seen.insert(r.json["version"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(seen.len(), 2, "both backend hosts answer: {seen:?}");
+
+    // Test 2: a route set on A reaches web's proxy, connected to B, in under a second.
+    let route = |d: &serde_json::Value| route_in_dump(d, "backend");
+    for (v1, v2) in [(100u64, 0u64), (0, 100)] {
+        meshctl(
+            0,
+            &[
+                "route",
+                "set",
+                "backend",
+                "--weights",
+                &format!("v1={v1},v2={v2}"),
+            ],
+        )?;
+        let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
+        let took = until(Duration::from_secs(1), "route from A at web", || async {
+            Ok(route(&dump().await?) == want)
+        })
+        .await?;
+        eprintln!("route {v1}/{v2} set on A applied by web (on B) in {took:?}");
+    }
+    meshctl(0, &["route", "set", "backend", "--weights", "v1=50,v2=50"])?;
+    until(Duration::from_secs(1), "50/50 at web", || async {
+        Ok(route(&dump().await?) == vec![("v1".to_string(), 50), ("v2".to_string(), 50)])
+    })
+    .await?;
+
+    // Test 3: SIGKILL replica A under constant load.
+    let load = Load::start(http.clone(), 100);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    replicas[0].kill();
+    let _ = replicas[0].wait().await;
+    let b_http = format!("{}:15014", lan.ip_of(1));
+    let b_ns = lan.hosts[1].0.clone();
+    let took = until(Duration::from_secs(20), "all proxies on B", || async {
+        Ok(ns_gauge(&b_ns, &b_http, "connected_proxies").await? == 3)
+    })
+    .await?;
+    eprintln!("A's proxies reconnected to B {took:?} after A was killed");
+    until(Duration::from_secs(15), "B leads", || async {
+        Ok(ns_gauge(&b_ns, &b_http, "leader").await? == 1)
+    })
+    .await?;
+    meshctl(1, &["route", "set", "backend", "--weights", "v1=0,v2=100"])?;
+    until(Duration::from_secs(2), "route from B at web", || async {
+        Ok(route(&dump().await?) == vec![("v1".to_string(), 0), ("v2".to_string(), 100)])
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.finish().await?;
+    let failed = samples.iter().filter(|s| s.1.is_none()).count();
+    assert!(samples.len() > 100, "only {} requests sent", samples.len());
+    assert_eq!(failed, 0, "{failed} of {} requests failed", samples.len());
+    Ok(())
+}
