@@ -3,5 +3,6 @@
 # example services, via `meshctl demo`. Ctrl-C stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+./scripts/install-build-deps.sh
 cargo build --release --workspace --bins
 exec target/release/meshctl demo "$@"

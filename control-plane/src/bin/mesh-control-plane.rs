@@ -32,9 +32,10 @@ struct Args {
     #[arg(long = "server-name")]
     server_names: Vec<String>,
     /// Operator-provided CA certificate (PEM); with --ca-key, used instead of a generated root.
-    #[arg(long, requires = "ca_key")]
+    #[arg(long, env = "MESH_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
-    #[arg(long, requires = "ca_cert")]
+    /// The key of --ca-cert (PEM; keep it mode 0600). Read from this file only, never stored.
+    #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// OTLP/gRPC collector for the control plane's spans, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
