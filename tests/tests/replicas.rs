@@ -189,7 +189,7 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let d = |p: &str| dir.path().join(p).display().to_string();
-    let lan = Lan::new("10.203.0", &["cpa", "cpb", "h1", "h2", "h3"])?;
+    let lan = Lan::new("10.203.0", &["cpa", "cpb", "h1", "h2", "h3", "h4"])?;
     let _etcd = Etcd::start(Some(&lan.sw), &lan.sw_ip(), dir.path()).await?;
     let etcd_url = format!("etcd://{}:2379", lan.sw_ip());
     let (ca_cert, ca_key) = shared_ca(dir.path())?;
@@ -217,6 +217,8 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
             "--replica-id",
             id,
             "--leader-lease-secs",
+            "3",
+            "--endpoint-lease-secs",
             "3",
         ]
         .map(String::from)
@@ -246,12 +248,13 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
     };
     let cp = |i: usize| format!("https://{}:15010", lan.ip_of(i));
 
-    // Hosts 2, 3, 4 of the LAN: an app on 127.0.0.1:8080 and its proxy.
+    // Hosts 2 to 5 of the LAN: an app on 127.0.0.1:8080 and its proxy.
     let mut workloads = Vec::new();
     for (h, svc, ver, first) in [
         (2, "backend", "v1", 0),
         (3, "backend", "v2", 0),
         (4, "web", "v1", 1),
+        (5, "backend", "v2", 1),
     ] {
         let host = &lan.hosts[h];
         let app: Vec<String> = [
@@ -265,13 +268,13 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
         ]
         .map(String::from)
         .to_vec();
-        let log = dir.path().join(format!("{svc}-{ver}-app.log"));
+        let log = dir.path().join(format!("{svc}-{ver}-h{h}-app.log"));
         workloads.push(spawn_in(host, None, "mesh-example", &app, log).await?.0);
         let token = meshctl(
             0,
             &["token", "create", "--identity", &format!("default/{svc}")],
         )?;
-        let token_file = d(&format!("token-{svc}-{ver}"));
+        let token_file = d(&format!("token-h{h}"));
         std::fs::write(&token_file, token.trim())?;
         let proxy: Vec<String> = [
             "--control-plane",
@@ -299,7 +302,7 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
         ]
         .map(String::from)
         .to_vec();
-        let log = dir.path().join(format!("{svc}-{ver}-proxy.log"));
+        let log = dir.path().join(format!("{svc}-{ver}-h{h}-proxy.log"));
         workloads.push(spawn_in(host, None, "mesh-proxy", &proxy, log).await?.0);
     }
     let web = lan.hosts[4].0.clone();
@@ -307,18 +310,19 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
         let t = ns_get(&web, "127.0.0.1:15000", "/config_dump").await?;
         Ok::<_, anyhow::Error>(serde_json::from_str::<serde_json::Value>(&t)?)
     };
-    // Both backend hosts registered through A, as B sees it.
+    // The backend hosts registered through A and B, as B sees them.
+    let ready_backends = || async {
+        let out = meshctl(1, &["endpoints", "--service", "backend"])?;
+        Ok::<_, anyhow::Error>(
+            out.lines()
+                .filter(|l| l.trim_end().ends_with("true"))
+                .count(),
+        )
+    };
     until(
         Duration::from_secs(15),
-        "B lists both backend hosts",
-        || async {
-            let out = meshctl(1, &["endpoints", "--service", "backend"])?;
-            let ready = out
-                .lines()
-                .filter(|l| l.trim_end().ends_with("true"))
-                .count();
-            Ok(ready == 2)
-        },
+        "B lists the 3 backend hosts",
+        || async { Ok(ready_backends().await? == 3) },
     )
     .await?;
 
@@ -337,7 +341,7 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
         );
         seen.insert(r.json["version"].as_str().unwrap_or("").to_string());
     }
-    assert_eq!(seen.len(), 2, "both backend hosts answer: {seen:?}");
+    assert_eq!(seen.len(), 2, "both backend versions answer: {seen:?}");
 
     // Test 2: a route set on A reaches web's proxy, connected to B, in under a second.
     let route = |d: &serde_json::Value| route_in_dump(d, "backend");
@@ -373,7 +377,7 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
     let b_http = format!("{}:15014", lan.ip_of(1));
     let b_ns = lan.hosts[1].0.clone();
     let took = until(Duration::from_secs(20), "all proxies on B", || async {
-        Ok(ns_gauge(&b_ns, &b_http, "connected_proxies").await? == 3)
+        Ok(ns_gauge(&b_ns, &b_http, "connected_proxies").await? == 4)
     })
     .await?;
     eprintln!("A's proxies reconnected to B {took:?} after A was killed");
@@ -391,5 +395,55 @@ async fn hosts_keep_talking_when_a_replica_is_killed() -> anyhow::Result<()> {
     let failed = samples.iter().filter(|s| s.1.is_none()).count();
     assert!(samples.len() > 100, "only {} requests sent", samples.len());
     assert_eq!(failed, 0, "{failed} of {} requests failed", samples.len());
+
+    // Test 4: host h4 (backend v2, joined to B) is lost: proxy and app SIGKILLed, nothing
+    // deregistered. The leader removes its endpoint once the lease (3 s) is over, not before;
+    // meanwhile the requests that meet it fail to connect and go to h2's v2.
+    for p in &mut workloads[6..8] {
+        p.kill();
+        let _ = p.wait().await;
+    }
+    let killed = tokio::time::Instant::now();
+    // A request already written to the dead host when it died would fail; wait until web's
+    // proxy has seen its connection close.
+    until(
+        Duration::from_secs(5),
+        "web drops its connection to h4",
+        || async {
+            Ok(dump().await?["peer_connections"]
+                .as_u64()
+                .is_some_and(|n| n <= 2))
+        },
+    )
+    .await?;
+    let (mut sent, mut failed) = (0, Vec::new());
+    let removed_after = loop {
+        let r = get(&http, "http://backend/").await?;
+        sent += 1;
+        if r.status != 200 {
+            failed.push(format!("{} {}", r.status, r.text));
+        }
+        if ready_backends().await? == 2 {
+            break killed.elapsed();
+        }
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(10),
+            "h4's endpoint still listed after {:?}",
+            killed.elapsed()
+        );
+    };
+    eprintln!(
+        "h4's endpoint removed {removed_after:?} after it was lost; {sent} requests meanwhile"
+    );
+    assert!(
+        removed_after >= Duration::from_secs(3),
+        "removed after {removed_after:?}, before the lease"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(sent > 5, "only {sent} requests during the lease");
     Ok(())
 }
