@@ -6,18 +6,10 @@
 # missing (the tests that need it then fail or skip, naming this script).
 set -euo pipefail
 "$(dirname "$0")/install-build-deps.sh"
+. "$(dirname "$0")/apt-install.sh"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v etcd >/dev/null || missing+=(etcd-server)
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" != 0 ]; then
-  echo "install-test-deps: missing ${missing[*]}; run this script as root to install them" >&2
-  exit 0
-fi
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "install-test-deps: installed ${missing[*]}"
+apt_install install-test-deps "${missing[@]}"
