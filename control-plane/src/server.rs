@@ -50,7 +50,12 @@ pub struct Config {
     pub replica_id: String,
     /// Leader lease on a shared store: how long the others wait after a leader vanishes.
     pub leader_lease: Duration,
+    /// Namespace of the leader-election Lease (Kubernetes).
+    pub leader_election_namespace: String,
 }
+
+/// The `coordination.k8s.io` Lease the replicas elect a leader with on Kubernetes.
+pub const LEASE_NAME: &str = "mesh-control-plane";
 
 /// The DNS name proxies and meshctl verify the control plane's certificate against by default.
 pub const SERVER_NAME: &str = "mesh-control-plane";
@@ -82,11 +87,8 @@ pub async fn run(
     if let Some(e) = &cfg.otlp_endpoint {
         crate::trace::start(e).with_context(|| format!("--otlp-endpoint {e}"))?;
     }
-    let (store, leader): (Arc<dyn crate::store::Store>, _) = match &cfg.store {
-        None => (
-            Arc::new(FileStore::open(&cfg.data_dir)?),
-            crate::leader::Leadership::always(),
-        ),
+    let (store, etcd_leader): (Arc<dyn crate::store::Store>, _) = match &cfg.store {
+        None => (Arc::new(FileStore::open(&cfg.data_dir)?), None),
         Some(url) => {
             anyhow::ensure!(
                 cfg.ca_cert.is_some(),
@@ -101,7 +103,7 @@ pub async fn run(
                 cfg.replica_id.clone(),
                 cfg.leader_lease,
             );
-            (Arc::new(s), leader)
+            (Arc::new(s), Some(leader))
         }
     };
     let registry = Arc::new(Registry::open(store, cfg.trust_domain.clone()).await?);
@@ -160,6 +162,18 @@ pub async fn run(
                 .context("Kubernetes API client")?,
         ),
         None => None,
+    };
+    // Singleton work: one replica at a time, by etcd election on etcd, by a Lease on Kubernetes.
+    let leader = match (etcd_leader, &kube) {
+        (Some(l), _) => l,
+        (None, Some(client)) => crate::leader::Leadership::kubernetes(
+            client.clone(),
+            &cfg.leader_election_namespace,
+            LEASE_NAME.to_string(),
+            cfg.replica_id.clone(),
+            cfg.leader_lease,
+        ),
+        (None, None) => crate::leader::Leadership::always(),
     };
     let identity_svc = pb::identity_server::IdentityServer::new(IdentityService {
         ca: ca.clone(),

@@ -47,6 +47,9 @@ struct State {
     config_maps: BTreeMap<(String, String), Value>,
     /// MutatingWebhookConfigurations by name (GET, JSON-patch PATCH).
     webhook_configs: BTreeMap<String, Value>,
+    /// coordination.k8s.io Leases: (namespace, name) → object (GET, POST, PUT with
+    /// resourceVersion preconditions).
+    leases: BTreeMap<(String, String), Value>,
     rv: u64,
     objects: BTreeMap<(u8, String, String), Value>,
     /// (resourceVersion, kind, watch event line)
@@ -106,6 +109,9 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if req.uri().path().starts_with(LEASES) {
+                                return Ok::<_, Infallible>(lease(req, &state).await);
+                            }
                             if req.uri().path().starts_with(WEBHOOK_CONFIGS) {
                                 return Ok::<_, Infallible>(
                                     webhook_configuration(req, &state).await,
@@ -125,6 +131,12 @@ impl FakeKubeApi {
         });
         api.stop = Some(stop_tx);
         Ok(api)
+    }
+
+    /// A Lease as the API server holds it now.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.leases.get(&(ns.to_string(), name.to_string())).cloned()
     }
 
     /// Creates (or replaces) a MutatingWebhookConfiguration.
@@ -195,6 +207,78 @@ fn json_response(status: hyper::StatusCode, v: &Value) -> hyper::Response<Body> 
     let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
     *r.status_mut() = status;
     r
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+
+fn status(code: u16, reason: &str, message: &str) -> (hyper::StatusCode, Value) {
+    (
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR),
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message, "code": code}),
+    )
+}
+
+/// Leases as the API server keeps them: create fails if one exists, and a replace whose
+/// resourceVersion is not the current one fails with 409 Conflict.
+async fn lease(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let parts: Vec<String> = path
+        .trim_start_matches(LEASES)
+        .split('/')
+        .map(String::from)
+        .collect();
+    let body = body_of(req).await;
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (code, out) = match (method, parts.as_slice()) {
+        (hyper::Method::GET, [ns, kind, name]) if kind == "leases" => {
+            match st.leases.get(&(ns.clone(), name.clone())) {
+                Some(l) => (hyper::StatusCode::OK, l.clone()),
+                None => status(404, "NotFound", "lease not found"),
+            }
+        }
+        (hyper::Method::POST, [ns, kind]) if kind == "leases" => {
+            let mut obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if st.leases.contains_key(&(ns.clone(), name.clone())) {
+                status(409, "AlreadyExists", "lease exists")
+            } else {
+                st.rv += 1;
+                obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
+                obj["metadata"]["namespace"] = ns.clone().into();
+                st.leases.insert((ns.clone(), name), obj.clone());
+                (hyper::StatusCode::CREATED, obj)
+            }
+        }
+        (hyper::Method::PUT, [ns, kind, name]) if kind == "leases" => {
+            let mut obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let key = (ns.clone(), name.clone());
+            let current = st
+                .leases
+                .get(&key)
+                .map(|l| l["metadata"]["resourceVersion"].clone());
+            match current {
+                None => status(404, "NotFound", "lease not found"),
+                Some(rv) if rv != obj["metadata"]["resourceVersion"] => {
+                    status(409, "Conflict", "the object has been modified")
+                }
+                Some(_) => {
+                    st.rv += 1;
+                    obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
+                    st.leases.insert(key, obj.clone());
+                    (hyper::StatusCode::OK, obj)
+                }
+            }
+        }
+        _ => status(404, "NotFound", "no such lease path"),
+    };
+    json_response(code, &out)
 }
 
 const WEBHOOK_CONFIGS: &str =

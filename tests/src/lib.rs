@@ -202,6 +202,16 @@ impl Mesh {
         }
     }
 
+    /// A `mesh_cp_<name>` gauge on the control plane's /metrics.
+    pub async fn cp_gauge(&self, name: &str) -> anyhow::Result<i64> {
+        let m = admin_get(self.http, "/metrics").await?;
+        m.text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("mesh_cp_{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no mesh_cp_{name} in /metrics"))
+    }
+
     /// SIGKILLs the control plane (no cleanup, like a crash).
     pub async fn kill_control_plane(&mut self) {
         if let Some(mut cp) = self.cp.take() {
@@ -906,5 +916,27 @@ impl Load {
     pub async fn finish(self) -> anyhow::Result<Vec<Sample>> {
         let _ = self.stop.send(true);
         Ok(self.task.await?)
+    }
+}
+
+/// Waits until exactly one of `replicas` leads; returns its index.
+pub async fn one_leader(replicas: &[&Mesh], within: Duration) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let mut leading = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            if r.cp_gauge("leader").await? == 1 {
+                leading.push(i);
+            }
+        }
+        anyhow::ensure!(leading.len() <= 1, "two leaders at once: {leading:?}");
+        if let [i] = leading[..] {
+            return Ok(i);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no leader within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -601,3 +601,65 @@ async fn webhook_ca_bundle_follows_the_trust_bundle() -> anyhow::Result<()> {
     wait_for(mesh.ca_pem()?).await?;
     Ok(())
 }
+
+/// Test 4: two control-plane replicas against the API server elect one leader with the
+/// `coordination.k8s.io` Lease `mesh-system/mesh-control-plane`: exactly one leads, and it is
+/// the Lease's holder. SIGKILL the leader: the other takes the Lease over once it has gone
+/// unrenewed for its duration (3 s here; not sooner), and leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_leader_with_a_lease() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(vec![]).await?;
+    let replica = |id: &'static str| {
+        let url = api.url.clone();
+        async move {
+            Mesh::start_with(&[
+                "--kube-api",
+                &url,
+                "--replica-id",
+                id,
+                "--leader-lease-secs",
+                "3",
+                "--leader-election-namespace",
+                "mesh-system",
+            ])
+            .await
+        }
+    };
+    let mut meshes = [replica("cp-a").await?, replica("cp-b").await?];
+    let ids = ["cp-a", "cp-b"];
+    let leader = one_leader(&[&meshes[0], &meshes[1]], Duration::from_secs(10)).await?;
+    let holder = |api: &FakeKubeApi| {
+        api.lease("mesh-system", "mesh-control-plane")
+            .map(|l| l["spec"].clone())
+            .unwrap_or_default()
+    };
+    let spec = holder(&api);
+    assert_eq!(spec["holderIdentity"], ids[leader], "{spec}");
+    assert_eq!(spec["leaseDurationSeconds"], 3, "{spec}");
+
+    meshes[leader].kill_control_plane().await;
+    let killed = tokio::time::Instant::now();
+    let other = 1 - leader;
+    let took = loop {
+        if meshes[other].cp_gauge("leader").await? == 1 {
+            break killed.elapsed();
+        }
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(15),
+            "{} did not take over: {}",
+            ids[other],
+            holder(&api)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let spec = holder(&api);
+    assert_eq!(spec["holderIdentity"], ids[other], "{spec}");
+    assert_eq!(spec["leaseTransitions"], 1, "{spec}");
+    // The old holder renewed at most a third of the lease before it died.
+    assert!(
+        took >= Duration::from_secs(2),
+        "taken over {took:?} after the kill, before the lease could expire"
+    );
+    Ok(())
+}

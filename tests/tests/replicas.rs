@@ -30,38 +30,6 @@ async fn replica(
     .await
 }
 
-/// `mesh_cp_<name>` on a control plane's /metrics.
-async fn cp_gauge(mesh: &Mesh, name: &str) -> anyhow::Result<i64> {
-    let m = admin_get(mesh.http, "/metrics").await?;
-    m.text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("mesh_cp_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no mesh_cp_{name} in /metrics"))
-}
-
-/// Waits until exactly one of `replicas` leads; returns its index.
-async fn one_leader(replicas: &[&Mesh], within: Duration) -> anyhow::Result<usize> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let mut leading = Vec::new();
-        for (i, r) in replicas.iter().enumerate() {
-            if cp_gauge(r, "leader").await? == 1 {
-                leading.push(i);
-            }
-        }
-        anyhow::ensure!(leading.len() <= 1, "two leaders at once: {leading:?}");
-        if let [i] = leading[..] {
-            return Ok(i);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no leader within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Tests 2 and 5 of the VM/etcd issue, on loopback: two replicas on one etcd; backend's
 /// endpoints register through replica A, the client's proxy is connected to replica B. A
 /// route set on A reaches the client in under a second; one replica leads. With etcd stopped,
@@ -110,7 +78,7 @@ async fn replicas_share_writes_and_ride_out_an_etcd_outage() -> anyhow::Result<(
         "{err}"
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cp_gauge(&b, "store_up").await? != 0 {
+    while b.cp_gauge("store_up").await? != 0 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "store_up stayed 1");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -133,7 +101,7 @@ async fn replicas_share_writes_and_ride_out_an_etcd_outage() -> anyhow::Result<(
             }
         }
     }
-    assert_eq!(cp_gauge(&b, "store_up").await?, 1);
+    assert_eq!(b.cp_gauge("store_up").await?, 1);
     let (counts, failed) = split(&http, "http://backend/", 50).await?;
     assert_eq!(failed, 0, "{counts:?}");
     Ok(())

@@ -70,10 +70,15 @@ struct Args {
     /// This replica's name on a shared store (default: host name and process id).
     #[arg(long, env = "MESH_REPLICA_ID")]
     replica_id: Option<String>,
-    /// Seconds a leader's etcd lease lasts: how soon another replica takes over singleton
-    /// work (the canary controller, the endpoint-lease sweeper) after the leader is lost.
+    /// Seconds a leader's lease lasts (etcd, or the Kubernetes Lease): how soon another
+    /// replica takes over singleton work (the canary controller, the endpoint-lease sweeper)
+    /// after the leader is lost.
     #[arg(long, env = "MESH_LEADER_LEASE_SECS", default_value_t = 10)]
     leader_lease_secs: u64,
+    /// With Kubernetes: the namespace of the Lease `mesh-control-plane` the replicas elect
+    /// their leader with (the control plane's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    leader_election_namespace: String,
 }
 
 /// Host name and process id: unique per replica without configuration.
@@ -128,6 +133,7 @@ async fn main() -> std::process::ExitCode {
         store: (a.store != "file").then_some(a.store),
         replica_id: a.replica_id.unwrap_or_else(default_replica_id),
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
+        leader_election_namespace: a.leader_election_namespace,
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
