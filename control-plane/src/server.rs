@@ -52,6 +52,9 @@ pub struct Config {
     pub leader_lease: Duration,
     /// Namespace of the leader-election Lease (Kubernetes).
     pub leader_election_namespace: String,
+    /// The admin token from this file (one Secret for every replica) instead of
+    /// `<data-dir>/admin-token`.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The `coordination.k8s.io` Lease the replicas elect a leader with on Kubernetes.
@@ -126,7 +129,20 @@ pub async fn run(
         _ => anyhow::bail!("--ca-cert and --ca-key go together"),
     };
     let ca = Arc::new(ca);
-    let token = admin_token(&cfg.data_dir)?;
+    let token = match &cfg.admin_token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("--admin-token-file {}", p.display()))
+            .and_then(|t| {
+                let t = t.trim().to_string();
+                anyhow::ensure!(
+                    t.len() >= 16,
+                    "--admin-token-file {}: token shorter than 16 characters",
+                    p.display()
+                );
+                Ok(t)
+            })?,
+        None => admin_token(&cfg.data_dir)?,
+    };
 
     let mut names = vec![SERVER_NAME.to_string(), "localhost".to_string()];
     names.extend(cfg.server_names.iter().cloned());

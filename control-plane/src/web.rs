@@ -1,5 +1,6 @@
 //! The control plane's plain-HTTP port (default 127.0.0.1:15014, like istiod's monitoring
-//! port): `/metrics` for Prometheus, the dashboard at `/` and its data at `/api/dashboard`.
+//! port): `/metrics` for Prometheus, the dashboard at `/` and its data at `/api/dashboard`,
+//! and the probes: `/live` (the process answers) and `/ready` (its store answers too).
 //! Read-only, unauthenticated: bind it to loopback or a private network.
 
 use bytes::Bytes;
@@ -53,6 +54,18 @@ impl Web {
                     format!("encoding metrics failed: {e}\n"),
                 ),
             },
+            "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
+            "/ready" if self.dashboard.registry.store_up() => {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            }
+            "/ready" => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "not ready: store {} unavailable\n",
+                    self.dashboard.registry.store_name()
+                ),
+            ),
             "/" => reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
@@ -66,7 +79,7 @@ impl Web {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /, /api/dashboard, /metrics\n",
+                "not found: try /, /api/dashboard, /metrics, /live, /ready\n",
             ),
         })
     }

@@ -79,6 +79,10 @@ struct Args {
     /// their leader with (the control plane's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
     leader_election_namespace: String,
+    /// Read the admin token from this file (e.g. a mounted Secret shared by every replica)
+    /// instead of making one in the data directory.
+    #[arg(long, env = "MESH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Host name and process id: unique per replica without configuration.
@@ -134,6 +138,7 @@ async fn main() -> std::process::ExitCode {
         replica_id: a.replica_id.unwrap_or_else(default_replica_id),
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
         leader_election_namespace: a.leader_election_namespace,
+        admin_token_file: a.admin_token_file,
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,216 @@
+//! The Kubernetes manifests under deploy/kubernetes/ are valid for the version they name
+//! (1.33): every document deserializes into its k8s-openapi type and serializes back to the
+//! same thing, so no field is misspelled or misplaced; and they agree with each other and with
+//! the binaries (flags the control plane has, ports the Service names, the webhook's Service,
+//! the names RBAC grants, the etcd members the store URL lists).
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use serde_json::Value;
+use std::path::Path;
+
+/// Deserializes `doc` as `T` and back; any field `T` does not have is lost on the way, and
+/// the first difference says where.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    doc: &Value,
+) -> Result<(), String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    first_difference(doc, &back, "").map_or(Ok(()), Err)
+}
+
+fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                let here = format!("{at}.{k}");
+                match y.get(k) {
+                    Some(w) => {
+                        if let Some(d) = first_difference(v, w, &here) {
+                            return Some(d);
+                        }
+                    }
+                    None => return Some(format!("{here}: not a field of this kind")),
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_difference(v, w, &format!("{at}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(format!("{at}: {a} became {b}")),
+    }
+}
+
+/// Every document of every manifest, with its file name.
+fn documents() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in {}", dir.display());
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read manifest");
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let name = f.file_name().map(|n| n.to_string_lossy().to_string());
+        for d in docs.into_iter().filter(|d| !d.is_null()) {
+            out.push((name.clone().unwrap_or_default(), d));
+        }
+    }
+    out
+}
+
+fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn every_manifest_is_a_valid_object_of_its_kind() {
+    let docs = documents();
+    for (file, d) in &docs {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        let r = match (d["apiVersion"].as_str().unwrap_or_default(), kind) {
+            ("v1", "Namespace") => round_trip::<Namespace>(d),
+            ("v1", "Service") => round_trip::<Service>(d),
+            ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(d),
+            ("apps/v1", "Deployment") => round_trip::<Deployment>(d),
+            ("apps/v1", "StatefulSet") => round_trip::<StatefulSet>(d),
+            ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(d),
+            ("autoscaling/v2", "HorizontalPodAutoscaler") => {
+                round_trip::<HorizontalPodAutoscaler>(d)
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(d),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                round_trip::<ClusterRoleBinding>(d)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(d),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(d),
+            ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+                round_trip::<MutatingWebhookConfiguration>(d)
+            }
+            (v, k) => Err(format!("{v} {k}: not a kind this test knows")),
+        };
+        if let Err(e) = r {
+            panic!("{file}: {kind} {}: {e}", d["metadata"]["name"]);
+        }
+    }
+}
+
+#[test]
+fn manifests_agree_with_each_other_and_the_binaries() {
+    let docs = documents();
+    let deploy: Deployment =
+        serde_json::from_value(find(&docs, "Deployment", "mesh-control-plane").clone()).unwrap();
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+
+    // Every flag given is one the control plane has.
+    let help = std::process::Command::new(mesh_tests::bin_dir().join("mesh-control-plane"))
+        .arg("--help")
+        .output()
+        .expect("mesh-control-plane --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let args = c.args.clone().unwrap_or_default();
+    for a in &args {
+        let flag = a.split('=').next().unwrap_or(a);
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag}: not a flag of mesh-control-plane"
+        );
+    }
+    // The store URL is one the control plane parses, naming the etcd members.
+    let store = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--store="))
+        .expect("--store");
+    let url = mesh_control_plane::store::etcd::EtcdUrl::parse(store).expect("store URL");
+    let etcd: StatefulSet =
+        serde_json::from_value(find(&docs, "StatefulSet", "mesh-etcd").clone()).unwrap();
+    let members = etcd.spec.unwrap().replicas.unwrap_or(1);
+    let want: Vec<String> = (0..members)
+        .map(|i| format!("http://mesh-etcd-{i}.mesh-etcd.mesh-system.svc:2379"))
+        .collect();
+    assert_eq!(url.endpoints, want);
+
+    // The Service's target ports are the container's named ports.
+    let svc: Service =
+        serde_json::from_value(find(&docs, "Service", "mesh-control-plane").clone()).unwrap();
+    let named: Vec<String> = c
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let svc_spec = svc.spec.unwrap();
+    for p in svc_spec.ports.iter().flatten() {
+        match &p.target_port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) => {
+                assert!(
+                    named.contains(n),
+                    "Service port {:?} targets {n}, not a container port",
+                    p.name
+                )
+            }
+            other => panic!(
+                "Service port {:?} targets {other:?}: name a container port",
+                p.name
+            ),
+        }
+    }
+    // The webhook calls that Service on a port it has, at the path the control plane serves.
+    let hook: MutatingWebhookConfiguration = serde_json::from_value(
+        find(
+            &docs,
+            "MutatingWebhookConfiguration",
+            "mesh-sidecar-injector",
+        )
+        .clone(),
+    )
+    .unwrap();
+    for w in hook.webhooks.iter().flatten() {
+        let s = w.client_config.service.as_ref().expect("service");
+        assert_eq!(
+            (s.name.as_str(), s.namespace.as_str()),
+            ("mesh-control-plane", "mesh-system")
+        );
+        assert_eq!(s.path.as_deref(), Some("/inject"));
+        let port = s.port.unwrap_or(443);
+        assert!(
+            svc_spec.ports.iter().flatten().any(|p| p.port == port),
+            "no Service port {port}"
+        );
+    }
+    // The serving certificate covers the name the webhook and the proxies dial.
+    assert!(args.contains(&"--server-name=mesh-control-plane.mesh-system.svc".to_string()));
+    // RBAC names what the control plane uses.
+    let role: ClusterRole =
+        serde_json::from_value(find(&docs, "ClusterRole", "mesh-control-plane").clone()).unwrap();
+    assert!(role.rules.iter().flatten().any(|r| {
+        r.resource_names
+            .as_ref()
+            .is_some_and(|n| n.contains(&"mesh-sidecar-injector".to_string()))
+    }));
+    let lease_role: Role =
+        serde_json::from_value(find(&docs, "Role", "mesh-control-plane").clone()).unwrap();
+    assert!(lease_role.rules.iter().flatten().any(|r| {
+        r.resource_names
+            .as_ref()
+            .is_some_and(|n| n.contains(&mesh_control_plane::server::LEASE_NAME.to_string()))
+    }));
+}
