@@ -80,6 +80,8 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
         policy,
         authz: None,
         mtls_mode: String::new(),
+        vips: Vec::new(),
+        ports: Vec::new(),
     };
     match Service::try_from(cfg) {
         Ok(s) => s,

@@ -3,14 +3,16 @@
 //! service; each endpoint whose Pod is injected (`mesh.io/injected`) is an endpoint at
 //! `<pod IP>:15006` with its readiness, its app port (the slice's first port), its version
 //! label (the Pod's `version` or `app.kubernetes.io/version`), and the identity of its Pod's
-//! ServiceAccount. After every change the endpoints the registry holds from Kubernetes are
-//! reconciled with what the watches say: added, updated, removed.
+//! ServiceAccount. Services give the mesh services their ClusterIPs and ports (each port's
+//! targetPort, resolved by name through the slices), so a transparently intercepted call to a
+//! ClusterIP is a call of that service. After every change the endpoints and virtual IPs the
+//! registry holds from Kubernetes are reconciled with what the watches say.
 
-use crate::model::EndpointRecord;
+use crate::model::{EndpointRecord, VipRecord};
 use crate::registry::Registry;
 use crate::spiffe::SpiffeId;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -174,6 +176,75 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
     out
 }
 
+/// The virtual IPs and ports of each Service (by name, as mesh services are named).
+fn desired_vips(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+) -> BTreeMap<String, VipRecord> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut out = BTreeMap::new();
+    for svc in services.state() {
+        let Some(spec) = &svc.spec else { continue };
+        let mut ips: Vec<String> = spec
+            .cluster_ips
+            .clone()
+            .unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
+        ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+        if ips.is_empty() {
+            continue;
+        }
+        let name = svc.name_any();
+        let ns = svc.namespace().unwrap_or_else(|| "default".into());
+        // A named targetPort is the port of that name on the service's endpoints.
+        let named = |port_name: &str| {
+            slices
+                .state()
+                .iter()
+                .filter(|sl| {
+                    sl.namespace().as_deref() == Some(ns.as_str())
+                        && sl.labels().get("kubernetes.io/service-name") == Some(&name)
+                })
+                .flat_map(|sl| sl.ports.clone().unwrap_or_default())
+                .find(|p| p.name.as_deref() == Some(port_name))
+                .and_then(|p| p.port)
+        };
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|x| x == "TCP"))
+            .filter_map(|p| {
+                let target = match &p.target_port {
+                    None => Some(p.port),
+                    Some(IntOrString::Int(n)) => Some(*n),
+                    Some(IntOrString::String(n)) => named(n),
+                }?;
+                Some((u16::try_from(p.port).ok()?, u16::try_from(target).ok()?))
+            })
+            .collect();
+        out.insert(name, VipRecord { ips, ports });
+    }
+    out
+}
+
+/// Makes the registry's virtual IPs those of the Services that are mesh services.
+async fn reconcile_vips(registry: &Registry, want: BTreeMap<String, VipRecord>) {
+    let state = registry.state();
+    for (service, rec) in &want {
+        if state.services.contains_key(service)
+            && state.vips.get(service) != Some(rec)
+            && let Err(e) = registry.set_vips(service, Some(rec.clone())).await
+        {
+            tracing::warn!(%service, error = %e, "cannot apply a Service's ClusterIPs");
+        }
+    }
+    for service in state.vips.keys().filter(|s| !want.contains_key(*s)) {
+        if let Err(e) = registry.set_vips(service, None).await {
+            tracing::warn!(%service, error = %e, "cannot remove a Service's ClusterIPs");
+        }
+    }
+}
+
 /// Makes the registry's Kubernetes endpoints what the watches say.
 async fn reconcile(registry: &Registry, want: Vec<Desired>) {
     let state = registry.state();
@@ -330,11 +401,13 @@ pub async fn publish_bundle(client: Client, registry: Arc<Registry>, config_map:
     }
 }
 
-/// Watches Pods and EndpointSlices in every namespace and keeps the registry's endpoints in
-/// step; runs until the process ends (the watches retry with backoff on API errors).
+/// Watches Pods, EndpointSlices and Services in every namespace and keeps the registry's
+/// endpoints and virtual IPs in step; runs until the process ends (the watches retry with
+/// backoff on API errors).
 pub async fn run(client: Client, registry: Arc<Registry>) {
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let (services, service_writer) = reflector::store::<Service>();
     let cfg = watcher::Config::default();
     let pod_events = reflector::reflector(
         pod_writer,
@@ -343,12 +416,35 @@ pub async fn run(client: Client, registry: Arc<Registry>) {
     .map(|_| ());
     let slice_events = reflector::reflector(
         slice_writer,
-        watcher(Api::<EndpointSlice>::all(client), cfg).default_backoff(),
+        watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff(),
     )
     .map(|_| ());
-    let mut events = std::pin::pin!(futures_util::stream::select(pod_events, slice_events));
+    let service_events = reflector::reflector(
+        service_writer,
+        watcher(Api::<Service>::all(client), cfg).default_backoff(),
+    )
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures_util::stream::select(
+        futures_util::stream::select(pod_events, slice_events),
+        service_events
+    ));
     let trust_domain = registry.trust_domain.clone();
-    while events.next().await.is_some() {
+    let mut changes = registry.watch();
+    // Services known to the registry when the virtual IPs were last reconciled: a service that
+    // appears later (its first endpoint registers) gets its ClusterIPs then.
+    let mut known = 0;
+    loop {
+        tokio::select! {
+            e = events.next() => if e.is_none() { return },
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                if registry.state().services.len() == known {
+                    continue;
+                }
+            }
+        }
         // Let a burst of events land, then apply the result once.
         let settle = tokio::time::sleep(SETTLE);
         tokio::pin!(settle);
@@ -359,5 +455,7 @@ pub async fn run(client: Client, registry: Arc<Registry>) {
             }
         }
         reconcile(&registry, desired(&pods, &slices, &trust_domain)).await;
+        known = registry.state().services.len();
+        reconcile_vips(&registry, desired_vips(&services, &slices)).await;
     }
 }

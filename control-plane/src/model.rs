@@ -17,6 +17,15 @@ pub struct ServiceRecord {
     pub identity: String,
 }
 
+/// A service's virtual IPs (Kubernetes ClusterIPs) and their ports, each with the app port it
+/// reaches on the endpoints.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct VipRecord {
+    pub ips: Vec<String>,
+    /// (service port, target app port)
+    pub ports: Vec<(u16, u16)>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointRecord {
     pub id: String,

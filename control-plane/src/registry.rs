@@ -53,6 +53,8 @@ pub struct State {
     pub canaries: BTreeMap<String, CanaryRecord>,
     /// Proxies connected to each control-plane replica (shared stores only).
     pub presence: BTreeMap<String, PresenceRecord>,
+    /// Virtual IPs per service (Kubernetes ClusterIPs).
+    pub vips: BTreeMap<String, VipRecord>,
     /// Authorization rules per service.
     pub authz: BTreeMap<String, AuthzRecord>,
     /// Default authorization action per namespace (absent: allow-all).
@@ -193,6 +195,13 @@ impl State {
                 self.trust = value.map(|v| de(key, v)).transpose()?;
                 self.trust_version = rev;
                 None
+            }
+            (Some("vips"), Some(n), None, value) => {
+                match value {
+                    Some(v) => self.vips.insert(n.into(), de(key, v)?),
+                    None => self.vips.remove(n),
+                };
+                Some(n)
             }
             (Some("presence"), Some(r), None, value) => {
                 match value {
@@ -821,6 +830,33 @@ impl Registry {
     }
 
     /// Removes a stored token (by its hash).
+    /// Sets (None: removes) the virtual IPs of an existing service.
+    pub async fn set_vips(
+        &self,
+        service: &str,
+        record: Option<VipRecord>,
+    ) -> Result<u64, RegistryError> {
+        for ip in record.iter().flat_map(|r| &r.ips) {
+            ip.parse::<std::net::IpAddr>().map_err(|_| {
+                RegistryError::Invalid(format!("virtual IP {ip:?} of {service:?} is not an IP"))
+            })?;
+        }
+        let key = format!("vips/{service}");
+        self.write(|st| {
+            if !st.services.contains_key(service) {
+                return Err(RegistryError::NotFound(format!(
+                    "unknown service {service:?}"
+                )));
+            }
+            Ok(match &record {
+                Some(r) if st.vips.get(service) != Some(r) => vec![put(key.clone(), r)?],
+                None if st.vips.contains_key(service) => vec![Op::Delete(key.clone())],
+                _ => Vec::new(),
+            })
+        })
+        .await
+    }
+
     /// Records which proxies `replica` has connected (None: forgets the replica).
     pub async fn set_presence(
         &self,

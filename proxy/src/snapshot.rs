@@ -53,6 +53,9 @@ pub struct Service {
     pub metrics: Arc<TargetMetrics>,
     /// What the proxy knows of each endpoint, shared by every balancer of the service.
     pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
+    /// Virtual IPs (Kubernetes ClusterIPs) and their (port, target app port) pairs.
+    pub vips: Vec<std::net::IpAddr>,
+    pub vip_ports: Vec<(u16, u16)>,
 }
 
 pub type EndpointKey = (Arc<str>, SocketAddr);
@@ -180,6 +183,8 @@ pub struct Snapshot {
 pub struct AppAddrs {
     pub by_addr: HashMap<SocketAddr, AppTarget>,
     pub by_ip: HashMap<std::net::IpAddr, AppTarget>,
+    /// Service virtual IP and port → the service, and the app port the port reaches.
+    pub by_vip: HashMap<SocketAddr, (Arc<str>, u16)>,
 }
 
 /// The service and endpoint an app address belongs to.
@@ -204,6 +209,12 @@ pub fn app_addrs(services: &HashMap<Arc<str>, Arc<Service>>) -> AppAddrs {
             };
             m.by_ip.insert(e.addr.ip(), t.clone());
             m.by_addr.insert(SocketAddr::new(e.addr.ip(), port), t);
+        }
+        for ip in &s.vips {
+            for &(port, target) in &s.vip_ports {
+                m.by_vip
+                    .insert(SocketAddr::new(*ip, port), (name.clone(), target));
+            }
         }
     }
     m

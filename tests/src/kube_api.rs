@@ -1,4 +1,4 @@
-//! A stand-in for the Kubernetes API server, for Pods and EndpointSlices only: list and watch
+//! A stand-in for the Kubernetes API server: Pods, EndpointSlices, Services and Namespaces to list and watch
 //! over plain HTTP, as kube-rs's watcher uses them. The test drives it with recorded objects
 //! and watch events; a watch replays the events after the resourceVersion it asks from, so
 //! none is lost between a list and the watch that follows it.
@@ -13,12 +13,13 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
-/// The two resources served.
+/// The resources served for list and watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Pod,
     EndpointSlice,
     Namespace,
+    Service,
 }
 
 impl Kind {
@@ -27,6 +28,7 @@ impl Kind {
             "/api/v1/pods" => Some(Kind::Pod),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
             "/api/v1/namespaces" => Some(Kind::Namespace),
+            "/api/v1/services" => Some(Kind::Service),
             _ => None,
         }
     }
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Pod => ("v1", "PodList"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Kind::Namespace => ("v1", "NamespaceList"),
+            Kind::Service => ("v1", "ServiceList"),
         }
     }
 }
@@ -79,7 +82,17 @@ fn key(kind: Kind, obj: &Value) -> (u8, String, String) {
 
 impl FakeKubeApi {
     pub async fn start(objects: Vec<(Kind, Value)>) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        Self::start_on(listener, objects).await
+    }
+
+    /// Serves on `listener` (e.g. one bound inside a network namespace the test made).
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        objects: Vec<(Kind, Value)>,
+    ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let url = format!("http://{}", listener.local_addr()?);
         let (events, _) = broadcast::channel(256);
         let mut api = Self {

@@ -215,6 +215,36 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     let d = |p: &str| dir.path().join(p).display().to_string();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
+    // The API server (in the control plane's namespace) knows one Service, backend, with
+    // ClusterIP 10.96.0.50: port 80 reaches the app's 8080.
+    let l = in_netns(&pods.sw.0, || {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    let api = mesh_tests::kube_api::FakeKubeApi::start_on(
+        l,
+        vec![(
+            mesh_tests::kube_api::Kind::Service,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "backend", "namespace": "default", "uid": "svc-b"},
+                "spec": {"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"],
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+            }),
+        )],
+    )
+    .await?;
+    // Pods reach ClusterIPs by their default route (the redirect takes them before it).
+    ip(&[
+        "-n",
+        &pods.a.0,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.201.0.1",
+    ])?;
     let (_cp, _) = spawn_in(
         pods.sw,
         None,
@@ -228,6 +258,8 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
             "10.201.0.1:15011",
             "--http-addr",
             "10.201.0.1:15014",
+            "--kube-api",
+            &api.url,
         ]),
         dir.path().join("cp.log"),
     )
@@ -356,6 +388,25 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
         reply.contains("spiffe://mesh.local/ns/default/sa/web"),
+        "the app saw the caller's identity: {reply}"
+    );
+
+    // HTTP to the Service's ClusterIP: the same call, routed as service backend.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let r = exchange(
+            &pods.a.0,
+            "10.96.0.50:80",
+            b"GET /by-vip HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n",
+        )?;
+        if r.starts_with("HTTP/1.1 200") || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.contains("spiffe://mesh.local/ns/default/sa/web") && reply.contains("/by-vip"),
         "the app saw the caller's identity: {reply}"
     );
 

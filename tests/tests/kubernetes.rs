@@ -663,3 +663,80 @@ async fn replicas_elect_one_leader_with_a_lease() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A Service of the shop namespace: ClusterIP 10.96.0.20, port 80 to the endpoints' port named
+/// `http`, and `extra` to a numbered target port.
+fn service(extra: (i32, i32)) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "catalog", "namespace": "shop", "uid": "svc-1"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "type": "ClusterIP",
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                           {"name": "extra", "port": extra.0, "targetPort": extra.1, "protocol": "TCP"}]}
+    })
+}
+
+/// The catalog's virtual IPs and (port, target port)s in a proxy's config.
+fn catalog_vips(d: &serde_json::Value) -> (Vec<String>, Vec<(u64, u64)>) {
+    let s = d["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "catalog")
+        .cloned()
+        .unwrap_or_default();
+    let ips = s["vips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    let ports = s["vip_ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["port"].as_u64().unwrap_or(0),
+                p["target_port"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    (ips, ports)
+}
+
+/// Services give mesh services their ClusterIPs: the proxies learn each virtual IP with its
+/// ports and the app port each reaches (a named targetPort resolved through the EndpointSlice),
+/// follow a change of the ports, and drop them when the Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_cluster_ips_reach_the_proxies() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
+        (
+            Kind::EndpointSlice,
+            slice(&[("catalog-a", "10.1.0.11", true)]),
+        ),
+        (Kind::Service, service((9090, 9091))),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let vip = vec!["10.96.0.20".to_string()];
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_vips(d) == (vip.clone(), vec![(80, 8080), (9090, 9091)])
+    })
+    .await?;
+    api.apply(Kind::Service, "MODIFIED", service((7000, 7001)));
+    wait_config(c.admin, Duration::from_secs(2), |d| {
+        catalog_vips(d) == (vip.clone(), vec![(80, 8080), (7000, 7001)])
+    })
+    .await?;
+    api.apply(Kind::Service, "DELETED", service((7000, 7001)));
+    wait_config(c.admin, Duration::from_secs(2), |d| {
+        catalog_vips(d) == (vec![], vec![])
+    })
+    .await?;
+    Ok(())
+}

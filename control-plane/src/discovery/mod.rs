@@ -87,6 +87,21 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
         policy: state.policies.get(name).map(|p| p.policy.clone()),
         authz: effective_authz(state, name),
         mtls_mode: crate::registry::Registry::mtls_mode(state, name).to_string(),
+        vips: state
+            .vips
+            .get(name)
+            .map(|v| v.ips.clone())
+            .unwrap_or_default(),
+        ports: state
+            .vips
+            .get(name)
+            .into_iter()
+            .flat_map(|v| &v.ports)
+            .map(|&(port, target)| pb::ServicePort {
+                port: u32::from(port),
+                target_port: u32::from(target),
+            })
+            .collect(),
     })
 }
 

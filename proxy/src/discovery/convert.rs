@@ -88,7 +88,23 @@ impl TryFrom<pb::ServiceConfig> for Service {
             }
             None => None,
         };
+        let mut vips = Vec::with_capacity(c.vips.len());
+        for ip in &c.vips {
+            vips.push(
+                ip.parse::<std::net::IpAddr>()
+                    .map_err(|_| bad(format!("virtual IP {ip:?} is not an IP")))?,
+            );
+        }
+        let mut vip_ports = Vec::with_capacity(c.ports.len());
+        for p in &c.ports {
+            match (u16::try_from(p.port), u16::try_from(p.target_port)) {
+                (Ok(a), Ok(b)) if a != 0 && b != 0 => vip_ports.push((a, b)),
+                _ => return Err(bad(format!("service port {} → {}", p.port, p.target_port))),
+            }
+        }
         let mut svc = Service {
+            vips,
+            vip_ports,
             state: PolicyState::new(&policy),
             policy,
             authz,
@@ -309,6 +325,8 @@ mod tests {
             policy: None,
             authz: None,
             mtls_mode: String::new(),
+            vips: Vec::new(),
+            ports: Vec::new(),
         }
     }
 

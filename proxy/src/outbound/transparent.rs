@@ -119,32 +119,70 @@ pub async fn handle(
     orig: SocketAddr,
     watcher: Watcher,
 ) {
-    let (app, endpoint) = {
+    let (app, endpoint, vip) = {
         let snap = out.snapshots.load();
         (
             snap.app_addrs.by_addr.get(&orig).cloned(),
             snap.app_addrs.by_ip.get(&orig.ip()).cloned(),
+            snap.app_addrs.by_vip.get(&orig).cloned(),
         )
     };
+    // A service's virtual IP (ClusterIP): HTTP goes through the service's routes; anything
+    // else goes opaque to one of its ready endpoints, on the port the service port targets.
+    if app.is_none()
+        && let Some((service, target)) = vip
+    {
+        if detect(&s).await == Detected::Http {
+            serve_http(out, service, s, watcher).await;
+            return;
+        }
+        let pick = {
+            let snap = out.snapshots.load();
+            snap.services.get(&service).and_then(|svc| {
+                let ready: Vec<SocketAddr> = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| e.addr)
+                    .collect();
+                let i = fastrand::usize(..ready.len().max(1));
+                ready.get(i).map(|a| (svc.identity.clone(), *a))
+            })
+        };
+        match pick {
+            Some((identity, inbound)) => {
+                if let Err(e) = opaque(&tls, s, &identity, inbound, target).await {
+                    tracing::debug!(%orig, %service, error = %e, "opaque stream ended");
+                }
+            }
+            None => tracing::debug!(%orig, %service, "no ready endpoint for an opaque stream"),
+        }
+        return;
+    }
     let Some(t) = app.clone().or(endpoint) else {
         passthrough(s, orig).await;
         return;
     };
     // Only an app address can be served as HTTP for its service; any other port is opaque.
     if app.is_some() && detect(&s).await == Detected::Http {
-        let service = Some(t.service.clone());
-        serve(
-            s,
-            hyper::service::service_fn(move |r| out.clone().handle(service.clone(), r)),
-            Client::App,
-            watcher,
-        )
-        .await;
+        serve_http(out, t.service.clone(), s, watcher).await;
         return;
     }
     if let Err(e) = opaque(&tls, s, &t.identity, t.inbound, orig.port()).await {
         tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
     }
+}
+
+/// Serves the connection as HTTP calls of `service`, whatever Host they name.
+async fn serve_http(out: Arc<Outbound>, service: Arc<str>, s: TcpStream, watcher: Watcher) {
+    let service = Some(service);
+    serve(
+        s,
+        hyper::service::service_fn(move |r| out.clone().handle(service.clone(), r)),
+        Client::App,
+        watcher,
+    )
+    .await;
 }
 
 /// An opaque stream to the endpoint's sidecar over mTLS.
