@@ -213,6 +213,11 @@ pub async fn run(
     ));
     if let Some(client) = &kube {
         tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
+        tokio::spawn(crate::kube_routes::sync(
+            client.clone(),
+            registry.clone(),
+            leader.clone(),
+        ));
         tokio::spawn(crate::kubernetes::publish_bundle(
             client.clone(),
             registry.clone(),

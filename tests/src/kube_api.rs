@@ -20,6 +20,7 @@ pub enum Kind {
     EndpointSlice,
     Namespace,
     Service,
+    MeshRoute,
 }
 
 impl Kind {
@@ -29,6 +30,7 @@ impl Kind {
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/services" => Some(Kind::Service),
+            "/apis/mesh.io/v1alpha1/meshroutes" => Some(Kind::MeshRoute),
             _ => None,
         }
     }
@@ -38,6 +40,7 @@ impl Kind {
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Kind::Namespace => ("v1", "NamespaceList"),
             Kind::Service => ("v1", "ServiceList"),
+            Kind::MeshRoute => ("mesh.io/v1alpha1", "MeshRouteList"),
         }
     }
 }
@@ -130,6 +133,13 @@ impl FakeKubeApi {
                                     webhook_configuration(req, &state).await,
                                 );
                             }
+                            if req.method() == hyper::Method::PATCH
+                                && req.uri().path().contains("/meshroutes/")
+                            {
+                                return Ok::<_, Infallible>(
+                                    apply_mesh_route(req, &state, &events).await,
+                                );
+                            }
                             if req.method() == hyper::Method::PATCH {
                                 return Ok::<_, Infallible>(apply_config_map(req, &state).await);
                             }
@@ -181,21 +191,65 @@ impl FakeKubeApi {
     }
 
     /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) and sends it to the watches.
-    pub fn apply(&self, kind: Kind, event: &str, mut obj: Value) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.rv += 1;
-        let rv = st.rv;
-        obj["metadata"]["resourceVersion"] = rv.to_string().into();
-        let k = key(kind, &obj);
-        if event == "DELETED" {
-            st.objects.remove(&k);
-        } else {
-            st.objects.insert(k, obj.clone());
-        }
-        let line = format!("{}\n", json!({"type": event, "object": obj}));
-        st.log.push((rv, kind, line.clone()));
-        let _ = self.events.send((kind, line));
+    pub fn apply(&self, kind: Kind, event: &str, obj: Value) {
+        record(&self.state, &self.events, kind, event, obj);
     }
+
+    /// An object as the API server holds it now.
+    pub fn object(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.objects
+            .get(&(kind as u8, ns.to_string(), name.to_string()))
+            .cloned()
+    }
+}
+
+/// Stores (or deletes) an object at a new resourceVersion and tells the watches.
+fn record(
+    state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
+    kind: Kind,
+    event: &str,
+    mut obj: Value,
+) -> Value {
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    st.rv += 1;
+    let rv = st.rv;
+    obj["metadata"]["resourceVersion"] = rv.to_string().into();
+    let k = key(kind, &obj);
+    if event == "DELETED" {
+        st.objects.remove(&k);
+    } else {
+        st.objects.insert(k, obj.clone());
+    }
+    let line = format!("{}\n", json!({"type": event, "object": obj}));
+    st.log.push((rv, kind, line.clone()));
+    let _ = events.send((kind, line));
+    obj
+}
+
+/// Server-side apply of a MeshRoute (`PATCH /apis/mesh.io/v1alpha1/namespaces/<ns>/meshroutes/<name>`):
+/// the applied object replaces the stored one, and watches see it.
+async fn apply_mesh_route(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
+) -> hyper::Response<Body> {
+    let body = body_of(req).await;
+    let obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if obj["kind"] != "MeshRoute" {
+        return json_response(
+            hyper::StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422}),
+        );
+    }
+    let exists = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.objects.contains_key(&key(Kind::MeshRoute, &obj))
+    };
+    let event = if exists { "MODIFIED" } else { "ADDED" };
+    let stored = record(state, events, Kind::MeshRoute, event, obj);
+    json_response(hyper::StatusCode::OK, &stored)
 }
 
 impl Drop for FakeKubeApi {

@@ -460,6 +460,18 @@ impl Mesh {
     }
 
     /// Prints every process log (called when a test fails).
+    /// Everything the control plane logged so far (all its runs).
+    pub fn cp_log(&self) -> String {
+        self.logs
+            .iter()
+            .filter(|l| {
+                l.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("control-plane"))
+            })
+            .filter_map(|l| std::fs::read_to_string(l).ok())
+            .collect()
+    }
+
     pub fn dump_logs(&self) {
         for l in &self.logs {
             if let Ok(s) = std::fs::read_to_string(l) {

@@ -740,3 +740,134 @@ async fn service_cluster_ips_reach_the_proxies() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A MeshRoute object as `kubectl apply` would write it.
+fn mesh_route(backends: &[(&str, u32)]) -> serde_json::Value {
+    let b: Vec<_> = backends
+        .iter()
+        .map(|(v, w)| serde_json::json!({"version": v, "weight": w}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "mesh.io/v1alpha1", "kind": "MeshRoute",
+        "metadata": {"name": "catalog", "namespace": "shop"},
+        "spec": {"service": "catalog", "backends": b}
+    })
+}
+
+/// Routes as Kubernetes objects: `meshctl route set` writes the service's MeshRoute; a
+/// MeshRoute applied with kubectl becomes the route the proxies use; one naming an unknown
+/// version is refused and changes nothing; deleting it resets the service's route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
+        (Kind::Pod, pod("catalog-b", "10.1.0.12", "v2", true)),
+        (
+            Kind::EndpointSlice,
+            slice(&[
+                ("catalog-a", "10.1.0.11", true),
+                ("catalog-b", "10.1.0.12", true),
+            ]),
+        ),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_in_dump(d).len() == 2
+    })
+    .await?;
+    let weights = |v: &serde_json::Value| -> Vec<(String, u64)> {
+        v["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    b["version"].as_str().unwrap_or("").to_string(),
+                    b["weight"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let want = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        pairs.iter().map(|(v, w)| (v.to_string(), *w)).collect()
+    };
+    let object_within = |pairs: Vec<(String, u64)>| {
+        let api = &api;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let spec = api
+                    .object(Kind::MeshRoute, "shop", "catalog")
+                    .map(|o| o["spec"].clone())
+                    .unwrap_or_default();
+                if weights(&spec) == pairs && spec["service"] == "catalog" {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "MeshRoute is {spec}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // meshctl → the object.
+    mesh.meshctl(&["route", "set", "catalog", "--weights", "v1=80,v2=20"])
+        .await?;
+    object_within(want(&[("v1", 80), ("v2", 20)])).await?;
+
+    // kubectl apply → the route, in the registry and at the proxy.
+    api.apply(
+        Kind::MeshRoute,
+        "MODIFIED",
+        mesh_route(&[("v1", 10), ("v2", 90)]),
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "catalog") == want(&[("v1", 10), ("v2", 90)])
+    })
+    .await?;
+    let got = mesh
+        .meshctl(&["-o", "json", "route", "get", "catalog"])
+        .await?;
+    assert!(got.contains("90"), "{got}");
+
+    // An unknown version is refused, with the reason logged; the route stays, and the
+    // object is set back to it.
+    api.apply(Kind::MeshRoute, "MODIFIED", mesh_route(&[("v9", 100)]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !mesh
+        .cp_log()
+        .contains("MeshRoute refused; the route is unchanged")
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dump = admin_get(c.admin, "/config_dump").await?;
+    assert_eq!(
+        route_in_dump(&dump.json, "catalog"),
+        want(&[("v1", 10), ("v2", 90)])
+    );
+    object_within(want(&[("v1", 10), ("v2", 90)])).await?;
+
+    // meshctl again: the object follows.
+    mesh.meshctl(&["route", "set", "catalog", "--weights", "v1=50,v2=50"])
+        .await?;
+    object_within(want(&[("v1", 50), ("v2", 50)])).await?;
+
+    // kubectl delete → the default route (no weights).
+    api.apply(
+        Kind::MeshRoute,
+        "DELETED",
+        mesh_route(&[("v1", 50), ("v2", 50)]),
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "catalog").is_empty()
+    })
+    .await?;
+    Ok(())
+}
