@@ -8,7 +8,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod discovery;
 pub mod inject;
-pub mod kube_routes;
+pub mod kube_objects;
 pub mod kubernetes;
 pub mod leader;
 pub mod lease;

@@ -213,7 +213,18 @@ pub async fn run(
     ));
     if let Some(client) = &kube {
         tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
-        tokio::spawn(crate::kube_routes::sync(
+        use crate::kube_objects::{Authorizations, Policies, Routes, sync};
+        tokio::spawn(sync::<Routes>(
+            client.clone(),
+            registry.clone(),
+            leader.clone(),
+        ));
+        tokio::spawn(sync::<Policies>(
+            client.clone(),
+            registry.clone(),
+            leader.clone(),
+        ));
+        tokio::spawn(sync::<Authorizations>(
             client.clone(),
             registry.clone(),
             leader.clone(),

@@ -21,6 +21,8 @@ pub enum Kind {
     Namespace,
     Service,
     MeshRoute,
+    MeshPolicy,
+    MeshAuthorization,
 }
 
 impl Kind {
@@ -31,6 +33,8 @@ impl Kind {
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/services" => Some(Kind::Service),
             "/apis/mesh.io/v1alpha1/meshroutes" => Some(Kind::MeshRoute),
+            "/apis/mesh.io/v1alpha1/meshpolicies" => Some(Kind::MeshPolicy),
+            "/apis/mesh.io/v1alpha1/meshauthorizations" => Some(Kind::MeshAuthorization),
             _ => None,
         }
     }
@@ -41,6 +45,8 @@ impl Kind {
             Kind::Namespace => ("v1", "NamespaceList"),
             Kind::Service => ("v1", "ServiceList"),
             Kind::MeshRoute => ("mesh.io/v1alpha1", "MeshRouteList"),
+            Kind::MeshPolicy => ("mesh.io/v1alpha1", "MeshPolicyList"),
+            Kind::MeshAuthorization => ("mesh.io/v1alpha1", "MeshAuthorizationList"),
         }
     }
 }
@@ -134,10 +140,10 @@ impl FakeKubeApi {
                                 );
                             }
                             if req.method() == hyper::Method::PATCH
-                                && req.uri().path().contains("/meshroutes/")
+                                && req.uri().path().starts_with("/apis/mesh.io/")
                             {
                                 return Ok::<_, Infallible>(
-                                    apply_mesh_route(req, &state, &events).await,
+                                    apply_mesh_object(req, &state, &events).await,
                                 );
                             }
                             if req.method() == hyper::Method::PATCH {
@@ -228,27 +234,33 @@ fn record(
     obj
 }
 
-/// Server-side apply of a MeshRoute (`PATCH /apis/mesh.io/v1alpha1/namespaces/<ns>/meshroutes/<name>`):
-/// the applied object replaces the stored one, and watches see it.
-async fn apply_mesh_route(
+/// Server-side apply of a mesh.io object
+/// (`PATCH /apis/mesh.io/v1alpha1/namespaces/<ns>/<plural>/<name>`): the applied object
+/// replaces the stored one, and watches see it.
+async fn apply_mesh_object(
     req: hyper::Request<hyper::body::Incoming>,
     state: &Mutex<State>,
     events: &broadcast::Sender<(Kind, String)>,
 ) -> hyper::Response<Body> {
     let body = body_of(req).await;
     let obj: Value = serde_json::from_slice(&body).unwrap_or_default();
-    if obj["kind"] != "MeshRoute" {
-        return json_response(
-            hyper::StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422}),
-        );
-    }
+    let kind = match obj["kind"].as_str() {
+        Some("MeshRoute") => Kind::MeshRoute,
+        Some("MeshPolicy") => Kind::MeshPolicy,
+        Some("MeshAuthorization") => Kind::MeshAuthorization,
+        _ => {
+            return json_response(
+                hyper::StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422}),
+            );
+        }
+    };
     let exists = {
         let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        st.objects.contains_key(&key(Kind::MeshRoute, &obj))
+        st.objects.contains_key(&key(kind, &obj))
     };
     let event = if exists { "MODIFIED" } else { "ADDED" };
-    let stored = record(state, events, Kind::MeshRoute, event, obj);
+    let stored = record(state, events, kind, event, obj);
     json_response(hyper::StatusCode::OK, &stored)
 }
 

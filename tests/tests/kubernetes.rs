@@ -840,10 +840,7 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
     // object is set back to it.
     api.apply(Kind::MeshRoute, "MODIFIED", mesh_route(&[("v9", 100)]));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !mesh
-        .cp_log()
-        .contains("MeshRoute refused; the route is unchanged")
-    {
+    while !mesh.cp_log().contains("object refused; nothing changed") {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "no refusal logged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -869,5 +866,63 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
         route_in_dump(d, "catalog").is_empty()
     })
     .await?;
+    Ok(())
+}
+
+/// Policies are objects too: a MeshPolicy applied with kubectl becomes the service's
+/// resilience policy at the proxies, and `meshctl authz set` writes the service's
+/// MeshAuthorization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
+        (
+            Kind::EndpointSlice,
+            slice(&[("catalog-a", "10.1.0.11", true)]),
+        ),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_in_dump(d).len() == 1
+    })
+    .await?;
+
+    api.apply(
+        Kind::MeshPolicy,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "mesh.io/v1alpha1", "kind": "MeshPolicy",
+            "metadata": {"name": "catalog", "namespace": "shop"},
+            "spec": {"service": "catalog", "timeouts": {"request_ms": 1234}}
+        }),
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        d["services"].as_array().into_iter().flatten().any(|s| {
+            s["name"] == "catalog" && s["policy"].as_str().is_some_and(|p| p.contains("1.234s"))
+        })
+    })
+    .await?;
+
+    mesh.meshctl(&["authz", "set", "catalog", "--rule", "allow from=ns/shop/*"])
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let spec = api
+            .object(Kind::MeshAuthorization, "shop", "catalog")
+            .map(|o| o["spec"].clone())
+            .unwrap_or_default();
+        if spec["service"] == "catalog" && spec.to_string().contains("ns/shop/*") {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "MeshAuthorization is {spec}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
