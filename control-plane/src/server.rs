@@ -50,8 +50,8 @@ pub struct Config {
     pub replica_id: String,
     /// Leader lease on a shared store: how long the others wait after a leader vanishes.
     pub leader_lease: Duration,
-    /// Namespace of the leader-election Lease (Kubernetes).
-    pub leader_election_namespace: String,
+    /// The control plane's namespace (Kubernetes): its Lease, its state ConfigMap.
+    pub namespace: String,
     /// The admin token from this file (one Secret for every replica) instead of
     /// `<data-dir>/admin-token`.
     pub admin_token_file: Option<PathBuf>,
@@ -90,6 +90,14 @@ pub async fn run(
     if let Some(e) = &cfg.otlp_endpoint {
         crate::trace::start(e).with_context(|| format!("--otlp-endpoint {e}"))?;
     }
+    let kube = match &cfg.kubernetes {
+        Some(src) => Some(
+            crate::kubernetes::client(src)
+                .await
+                .context("Kubernetes API client")?,
+        ),
+        None => None,
+    };
     let (store, etcd_leader): (Arc<dyn crate::store::Store>, _) = match &cfg.store {
         None => (Arc::new(FileStore::open(&cfg.data_dir)?), None),
         Some(url) => {
@@ -99,14 +107,26 @@ pub async fn run(
                  --ca-cert and --ca-key (the key is never written to the store)"
             );
             crate::registry::check_name("--replica-id", &cfg.replica_id)?;
-            let s = crate::store::etcd::EtcdStore::connect(url).await?;
-            let leader = crate::leader::Leadership::etcd(
-                s.client(),
-                s.prefix(),
-                cfg.replica_id.clone(),
-                cfg.leader_lease,
-            );
-            (Arc::new(s), Some(leader))
+            if url == "kubernetes" {
+                let client = kube.clone().context(
+                    "--store kubernetes needs the Kubernetes API: give --kubernetes or --kube-api",
+                )?;
+                let s = crate::store::kube::KubeStore::new(
+                    client,
+                    &cfg.namespace,
+                    crate::store::kube::DEFAULT_NAME,
+                );
+                (Arc::new(s) as Arc<dyn crate::store::Store>, None)
+            } else {
+                let s = crate::store::etcd::EtcdStore::connect(url).await?;
+                let leader = crate::leader::Leadership::etcd(
+                    s.client(),
+                    s.prefix(),
+                    cfg.replica_id.clone(),
+                    cfg.leader_lease,
+                );
+                (Arc::new(s), Some(leader))
+            }
         }
     };
     let registry = Arc::new(Registry::open(store, cfg.trust_domain.clone()).await?);
@@ -171,20 +191,12 @@ pub async fn run(
         proxies: proxies.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let kube = match &cfg.kubernetes {
-        Some(src) => Some(
-            crate::kubernetes::client(src)
-                .await
-                .context("Kubernetes API client")?,
-        ),
-        None => None,
-    };
     // Singleton work: one replica at a time, by etcd election on etcd, by a Lease on Kubernetes.
     let leader = match (etcd_leader, &kube) {
         (Some(l), _) => l,
         (None, Some(client)) => crate::leader::Leadership::kubernetes(
             client.clone(),
-            &cfg.leader_election_namespace,
+            &cfg.namespace,
             LEASE_NAME.to_string(),
             cfg.replica_id.clone(),
             cfg.leader_lease,

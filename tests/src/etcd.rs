@@ -1,6 +1,5 @@
 //! A real etcd (Debian's `etcd-server`, installed by scripts/install-test-deps.sh) with a
-//! temporary data directory, on loopback or inside a network namespace made by the test, and
-//! the shared CA every control-plane replica on it signs with.
+//! temporary data directory, on loopback or inside a network namespace made by the test.
 
 use crate::netns::{Netns, in_netns};
 use crate::process::Process;
@@ -126,25 +125,4 @@ impl Etcd {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.run().await
     }
-}
-
-/// A CA certificate and key (PEM files under `dir`) for `--ca-cert`/`--ca-key`: the one CA
-/// every replica signs with.
-pub fn shared_ca(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "mesh test shared root");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key)?;
-    let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
-    std::fs::write(&c, cert.pem())?;
-    std::fs::write(&k, key.serialize_pem())?;
-    Ok((c, k))
 }

@@ -23,10 +23,14 @@ pub enum Kind {
     MeshRoute,
     MeshPolicy,
     MeshAuthorization,
+    ConfigMap,
 }
 
 impl Kind {
     fn of_path(path: &str) -> Option<Self> {
+        if path.starts_with("/api/v1/namespaces/") && path.ends_with("/configmaps") {
+            return Some(Kind::ConfigMap);
+        }
         match path {
             "/api/v1/pods" => Some(Kind::Pod),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
@@ -47,6 +51,7 @@ impl Kind {
             Kind::MeshRoute => ("mesh.io/v1alpha1", "MeshRouteList"),
             Kind::MeshPolicy => ("mesh.io/v1alpha1", "MeshPolicyList"),
             Kind::MeshAuthorization => ("mesh.io/v1alpha1", "MeshAuthorizationList"),
+            Kind::ConfigMap => ("v1", "ConfigMapList"),
         }
     }
 }
@@ -148,6 +153,11 @@ impl FakeKubeApi {
                             }
                             if req.method() == hyper::Method::PATCH {
                                 return Ok::<_, Infallible>(apply_config_map(req, &state).await);
+                            }
+                            if let Some(r) = config_map_object(&req) {
+                                return Ok::<_, Infallible>(
+                                    stored_config_map(req, r, &state, &events).await,
+                                );
                             }
                             Ok::<_, Infallible>(serve(req, &state, &events))
                         }
@@ -394,6 +404,80 @@ async fn webhook_configuration(
         Some(obj) => (hyper::StatusCode::OK, obj.clone()),
     };
     json_response(status, &out)
+}
+
+/// `GET`/`PUT` of `/api/v1/namespaces/<ns>/configmaps/<name>` or `POST` to
+/// `/api/v1/namespaces/<ns>/configmaps`: (namespace, name when in the path).
+fn config_map_object(
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> Option<(String, Option<String>)> {
+    let parts: Vec<&str> = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .collect();
+    match (req.method(), parts.as_slice()) {
+        (
+            &hyper::Method::GET | &hyper::Method::PUT,
+            ["api", "v1", "namespaces", ns, "configmaps", name],
+        ) => Some((ns.to_string(), Some(name.to_string()))),
+        (&hyper::Method::POST, ["api", "v1", "namespaces", ns, "configmaps"]) => {
+            Some((ns.to_string(), None))
+        }
+        _ => None,
+    }
+}
+
+/// ConfigMaps kept as the API server keeps objects: create fails if one exists, a replace
+/// whose resourceVersion is not the current one fails with 409, and watches see each change.
+async fn stored_config_map(
+    req: hyper::Request<hyper::body::Incoming>,
+    (ns, name): (String, Option<String>),
+    state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
+) -> hyper::Response<Body> {
+    let method = req.method().clone();
+    let body = body_of(req).await;
+    let mut obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let name = name.unwrap_or_else(|| {
+        obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    });
+    obj["metadata"]["namespace"] = ns.clone().into();
+    let current = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.objects
+            .get(&(Kind::ConfigMap as u8, ns.clone(), name.clone()))
+            .cloned()
+    };
+    let (code, out) = match (method, current) {
+        (hyper::Method::GET, Some(c)) => (hyper::StatusCode::OK, c),
+        (hyper::Method::POST, Some(_)) => status(409, "AlreadyExists", "configmap exists"),
+        (hyper::Method::POST, None) => {
+            obj["apiVersion"] = "v1".into();
+            obj["kind"] = "ConfigMap".into();
+            (
+                hyper::StatusCode::CREATED,
+                record(state, events, Kind::ConfigMap, "ADDED", obj),
+            )
+        }
+        (_, None) => status(404, "NotFound", "configmap not found"),
+        (_, Some(c)) if c["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"] => {
+            status(409, "Conflict", "the object has been modified")
+        }
+        (_, Some(_)) => {
+            obj["apiVersion"] = "v1".into();
+            obj["kind"] = "ConfigMap".into();
+            (
+                hyper::StatusCode::OK,
+                record(state, events, Kind::ConfigMap, "MODIFIED", obj),
+            )
+        }
+    };
+    json_response(code, &out)
 }
 
 /// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`).

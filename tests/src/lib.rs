@@ -455,6 +455,7 @@ impl Mesh {
             .arg(self.data_dir())
             .args(args)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?)
     }
@@ -951,4 +952,25 @@ pub async fn one_leader(replicas: &[&Mesh], within: Duration) -> anyhow::Result<
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A CA certificate and key (PEM files under `dir`) for `--ca-cert`/`--ca-key`: the one CA
+/// every replica of a shared store signs with.
+pub fn shared_ca(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "mesh test shared root");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key)?;
+    let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
+    std::fs::write(&c, cert.pem())?;
+    std::fs::write(&k, key.serialize_pem())?;
+    Ok((c, k))
 }

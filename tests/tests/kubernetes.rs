@@ -620,7 +620,7 @@ async fn replicas_elect_one_leader_with_a_lease() -> anyhow::Result<()> {
                 id,
                 "--leader-lease-secs",
                 "3",
-                "--leader-election-namespace",
+                "--namespace",
                 "mesh-system",
             ])
             .await
@@ -924,5 +924,119 @@ async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// The HA control plane on Kubernetes alone: two replicas keep their state in ConfigMap
+/// `mesh-system/mesh-state` through the API server. A route set on replica A reaches a proxy
+/// connected to replica B in under a second; writes racing on both replicas all land (a
+/// replace with a stale resourceVersion is refused and computed again); one replica leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
+        (Kind::Pod, pod("catalog-b", "10.1.0.12", "v2", true)),
+        (
+            Kind::EndpointSlice,
+            slice(&[
+                ("catalog-a", "10.1.0.11", true),
+                ("catalog-b", "10.1.0.12", true),
+            ]),
+        ),
+    ])
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = shared_ca(dir.path())?;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let replica = |id: &'static str| {
+        let (url, cert, key) = (api.url.clone(), cert.clone(), key.clone());
+        async move {
+            Mesh::start_with(&[
+                "--kube-api",
+                &url,
+                "--store",
+                "kubernetes",
+                "--namespace",
+                "mesh-system",
+                "--ca-cert",
+                &cert,
+                "--ca-key",
+                &key,
+                "--replica-id",
+                id,
+                "--leader-lease-secs",
+                "3",
+            ])
+            .await
+        }
+    };
+    let a = replica("cp-a").await?;
+    let mut b = replica("cp-b").await?;
+    let c = b.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_in_dump(d).len() == 2
+    })
+    .await?;
+
+    for (v1, v2) in [(100u64, 0u64), (30, 70)] {
+        a.meshctl(&[
+            "route",
+            "set",
+            "catalog",
+            "--weights",
+            &format!("v1={v1},v2={v2}"),
+        ])
+        .await?;
+        let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
+        let took = wait_config(c.admin, Duration::from_secs(1), |d| {
+            route_in_dump(d, "catalog") == want
+        })
+        .await?;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+    // Writes racing on both replicas: every one lands.
+    let mut racing = Vec::new();
+    for i in 0..5 {
+        racing.push(a.meshctl_spawn(&[
+            "token",
+            "create",
+            "--identity",
+            &format!("default/a{i}"),
+        ])?);
+        racing.push(b.meshctl_spawn(&[
+            "token",
+            "create",
+            "--identity",
+            &format!("default/b{i}"),
+        ])?);
+    }
+    for child in racing {
+        let out = child.wait_with_output().await?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tokens = b.meshctl(&["token", "list"]).await?;
+    for i in 0..5 {
+        for r in ["a", "b"] {
+            assert!(
+                tokens.contains(&format!("default/sa/{r}{i}")),
+                "{r}{i} missing: {tokens}"
+            );
+        }
+    }
+    let state = api
+        .object(Kind::ConfigMap, "mesh-system", "mesh-state")
+        .expect("state ConfigMap");
+    assert!(
+        state["data"]["state.json"]
+            .as_str()
+            .is_some_and(|s| s.contains("routes/catalog"))
+    );
+    one_leader(&[&a, &b], Duration::from_secs(10)).await?;
     Ok(())
 }

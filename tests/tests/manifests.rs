@@ -54,12 +54,21 @@ fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
 /// Every document of every manifest, with its file name.
 fn documents() -> Vec<(String, Value)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("deploy/kubernetes")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)
+            .expect("deploy/kubernetes")
+            .filter_map(Result::ok)
+        {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p);
+            }
+        }
+    }
     files.sort();
     assert!(!files.is_empty(), "no manifests in {}", dir.display());
     let mut out = Vec::new();
@@ -67,7 +76,7 @@ fn documents() -> Vec<(String, Value)> {
         let text = std::fs::read_to_string(&f).expect("read manifest");
         let docs: Vec<Value> =
             serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let name = f.file_name().map(|n| n.to_string_lossy().to_string());
+        let name = f.strip_prefix(&dir).ok().map(|n| n.display().to_string());
         for d in docs.into_iter().filter(|d| !d.is_null()) {
             out.push((name.clone().unwrap_or_default(), d));
         }
@@ -139,11 +148,17 @@ fn manifests_agree_with_each_other_and_the_binaries() {
             "{flag}: not a flag of mesh-control-plane"
         );
     }
-    // The store URL is one the control plane parses, naming the etcd members.
-    let store = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--store="))
-        .expect("--store");
+    // The state is kept through the API server.
+    assert!(args.contains(&"--store=kubernetes".to_string()), "{args:?}");
+    // The etcd alternative: the store URL its comment gives parses and names every member.
+    let etcd_file = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/etcd/etcd.yaml"),
+    )
+    .expect("etcd.yaml");
+    let store = etcd_file
+        .lines()
+        .find_map(|l| l.trim_start_matches('#').trim().strip_prefix("--store="))
+        .expect("the --store the etcd alternative needs");
     let url = mesh_control_plane::store::etcd::EtcdUrl::parse(store).expect("store URL");
     let etcd: StatefulSet =
         serde_json::from_value(find(&docs, "StatefulSet", "mesh-etcd").clone()).unwrap();
@@ -218,4 +233,31 @@ fn manifests_agree_with_each_other_and_the_binaries() {
             .as_ref()
             .is_some_and(|n| n.contains(&mesh_control_plane::server::LEASE_NAME.to_string()))
     }));
+    assert!(lease_role.rules.iter().flatten().any(|r| {
+        r.resource_names
+            .as_ref()
+            .is_some_and(|n| n.contains(&mesh_control_plane::store::kube::DEFAULT_NAME.to_string()))
+    }));
+    // Every resource the control plane watches may be listed and watched.
+    for res in [
+        "pods",
+        "services",
+        "namespaces",
+        "endpointslices",
+        "meshroutes",
+        "meshpolicies",
+        "meshauthorizations",
+    ] {
+        assert!(
+            role.rules.iter().flatten().any(|r| {
+                r.resources
+                    .as_ref()
+                    .is_some_and(|x| x.iter().any(|x| x == res))
+                    && ["list", "watch"]
+                        .iter()
+                        .all(|v| r.verbs.iter().any(|x| x == v))
+            }),
+            "the ClusterRole does not let the control plane watch {res}"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! exactly one replica leads the singleton work, and an etcd outage leaves traffic flowing and
 //! writes refused with a clear error until etcd is back.
 
-use mesh_tests::etcd::{Etcd, shared_ca};
+use mesh_tests::etcd::Etcd;
 use mesh_tests::*;
 use std::time::Duration;
 

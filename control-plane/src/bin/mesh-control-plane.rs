@@ -62,9 +62,11 @@ struct Args {
     webhook_configuration: String,
     #[command(flatten)]
     inject: mesh_control_plane::inject::InjectArgs,
-    /// Where the mesh's state lives: `file` (the data directory; one replica) or
-    /// `etcd://host:2379[,host:2379...][/prefix]`, shared by several replicas, each of which
-    /// then needs --ca-cert/--ca-key (the same CA) and a --replica-id of its own.
+    /// Where the mesh's state lives: `file` (the data directory; one replica),
+    /// `etcd://host:2379[,host:2379...][/prefix]`, or `kubernetes` (ConfigMap `mesh-state` in
+    /// --namespace, through the API server; needs --kubernetes or --kube-api). The last two
+    /// are shared by several replicas, each of which then needs --ca-cert/--ca-key (the same
+    /// CA) and a --replica-id of its own.
     #[arg(long, env = "MESH_STORE", default_value = "file")]
     store: String,
     /// This replica's name on a shared store (default: host name and process id).
@@ -75,10 +77,11 @@ struct Args {
     /// after the leader is lost.
     #[arg(long, env = "MESH_LEADER_LEASE_SECS", default_value_t = 10)]
     leader_lease_secs: u64,
-    /// With Kubernetes: the namespace of the Lease `mesh-control-plane` the replicas elect
-    /// their leader with (the control plane's own namespace).
+    /// With Kubernetes: the control plane's own namespace, where the replicas hold the Lease
+    /// `mesh-control-plane` they elect their leader with (and, with `--store kubernetes`, the
+    /// state ConfigMap `mesh-state`).
     #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
-    leader_election_namespace: String,
+    namespace: String,
     /// Read the admin token from this file (e.g. a mounted Secret shared by every replica)
     /// instead of making one in the data directory.
     #[arg(long, env = "MESH_ADMIN_TOKEN_FILE")]
@@ -137,7 +140,7 @@ async fn main() -> std::process::ExitCode {
         store: (a.store != "file").then_some(a.store),
         replica_id: a.replica_id.unwrap_or_else(default_replica_id),
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
-        leader_election_namespace: a.leader_election_namespace,
+        namespace: a.namespace,
         admin_token_file: a.admin_token_file,
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {

@@ -12,16 +12,67 @@ use tokio::sync::Mutex;
 const FILE_NAME: &str = "state.json";
 
 #[derive(Serialize, Deserialize, Default, Clone)]
-struct Document {
-    revision: u64,
-    entries: BTreeMap<String, Entry>,
+pub(crate) struct Document {
+    pub(crate) revision: u64,
+    pub(crate) entries: BTreeMap<String, Entry>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
-struct Entry {
+pub(crate) struct Entry {
     /// The value is itself JSON; kept as a string so the file stays readable.
-    value: String,
-    revision: u64,
+    pub(crate) value: String,
+    pub(crate) revision: u64,
+}
+
+impl Document {
+    pub(crate) fn contents(&self) -> Contents {
+        Contents {
+            revision: self.revision,
+            entries: self
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.value.clone().into_bytes(), e.revision))
+                .collect(),
+        }
+    }
+
+    /// The document after one commit of `ops`, at the next revision.
+    pub(crate) fn applied(&self, ops: Vec<Op>) -> Result<Self, std::string::FromUtf8Error> {
+        let mut next = self.clone();
+        next.revision += 1;
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    let entry = Entry {
+                        value: String::from_utf8(v)?,
+                        revision: next.revision,
+                    };
+                    next.entries.insert(k, entry);
+                }
+                Op::Delete(k) => {
+                    next.entries.remove(&k);
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// What changed from `self` to `next`, as one commit.
+    pub(crate) fn diff(&self, next: &Self) -> Vec<Op> {
+        let mut ops: Vec<Op> = next
+            .entries
+            .iter()
+            .filter(|(k, e)| self.entries.get(*k).is_none_or(|old| old.value != e.value))
+            .map(|(k, e)| Op::Put(k.clone(), e.value.clone().into_bytes()))
+            .collect();
+        ops.extend(
+            self.entries
+                .keys()
+                .filter(|k| !next.entries.contains_key(*k))
+                .map(|k| Op::Delete(k.clone())),
+        );
+        ops
+    }
 }
 
 /// File-backed store. One writer at a time; the document is cached in memory.
@@ -91,17 +142,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 
 impl Store for FileStore {
     fn load(&self) -> BoxFuture<'_, Result<Contents, StoreError>> {
-        Box::pin(async move {
-            let doc = self.doc.lock().await;
-            Ok(Contents {
-                revision: doc.revision,
-                entries: doc
-                    .entries
-                    .iter()
-                    .map(|(k, e)| (k.clone(), e.value.clone().into_bytes(), e.revision))
-                    .collect(),
-            })
-        })
+        Box::pin(async move { Ok(self.doc.lock().await.contents()) })
     }
 
     fn commit(&self, base: u64, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
@@ -110,29 +151,11 @@ impl Store for FileStore {
             if doc.revision != base {
                 return Err(StoreError::Conflict(doc.revision));
             }
-            let mut next = doc.clone();
-            next.revision += 1;
+            let next = doc.applied(ops).map_err(|e| StoreError::Io {
+                path: self.path.display().to_string(),
+                source: std::io::Error::other(e),
+            })?;
             let rev = next.revision;
-            for op in ops {
-                match op {
-                    Op::Put(k, v) => {
-                        let value = String::from_utf8(v).map_err(|e| StoreError::Io {
-                            path: self.path.display().to_string(),
-                            source: std::io::Error::other(e),
-                        })?;
-                        next.entries.insert(
-                            k,
-                            Entry {
-                                value,
-                                revision: rev,
-                            },
-                        );
-                    }
-                    Op::Delete(k) => {
-                        next.entries.remove(&k);
-                    }
-                }
-            }
             // Persist before publishing in memory: a failed write changes nothing.
             let to_write = next.clone();
             let this = self;

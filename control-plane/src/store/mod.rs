@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod kube;
 
 use std::future::Future;
 use std::pin::Pin;
