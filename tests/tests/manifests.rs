@@ -261,3 +261,55 @@ fn manifests_agree_with_each_other_and_the_binaries() {
         );
     }
 }
+
+/// The Dockerfile (no Docker engine runs on the test machines, so it is checked, not built):
+/// the images the manifests name are its targets, each copies binaries the workspace builds,
+/// from a stage that exists, and the builder builds the packages those binaries belong to.
+#[test]
+fn dockerfile_targets_and_binaries_match_the_workspace() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    let stages: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .filter_map(|l| l.split(" AS ").nth(1))
+        .map(|s| s.trim().to_string())
+        .collect();
+    for target in ["build", "control-plane", "proxy"] {
+        assert!(
+            stages.iter().any(|s| s == target),
+            "no stage {target}: {stages:?}"
+        );
+    }
+    let bins = mesh_tests::bin_dir();
+    for l in text.lines().filter(|l| l.starts_with("COPY --from=")) {
+        let mut words = l.split_whitespace().skip(1);
+        let from = words.next().unwrap_or("").trim_start_matches("--from=");
+        assert!(stages.iter().any(|s| s == from), "{l}: no stage {from}");
+        let files: Vec<&str> = words.collect();
+        for f in &files[..files.len() - 1] {
+            let name = Path::new(f)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            assert!(
+                bins.join(name).is_file(),
+                "{l}: {name} is not a binary of the workspace"
+            );
+        }
+    }
+    for pkg in ["mesh-control-plane", "mesh-proxy"] {
+        assert!(
+            text.contains(&format!("-p {pkg}")),
+            "the builder does not build {pkg}"
+        );
+    }
+    // The images the manifests and injection use are this Dockerfile's.
+    let deploy = std::fs::read_to_string(root.join("deploy/kubernetes/30-control-plane.yaml"))
+        .expect("control plane manifest");
+    assert!(
+        deploy.contains("image: mesh-control-plane:")
+            && deploy.contains("--proxy-image=mesh-proxy:")
+    );
+    assert!(text.contains("-t mesh-control-plane:") && text.contains("-t mesh-proxy:"));
+}
