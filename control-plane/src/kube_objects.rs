@@ -24,13 +24,10 @@ use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub const GROUP: &str = "mesh.io";
 pub const VERSION: &str = "v1alpha1";
 const FIELD_MANAGER: &str = "mesh-control-plane";
-/// Changes arriving within this window are synced together.
-const SETTLE: Duration = Duration::from_millis(20);
 
 /// One kind of per-service object and the registry record it mirrors.
 pub trait Kind: Send + Sync + 'static {
@@ -174,13 +171,8 @@ pub async fn sync<K: Kind>(client: Client, registry: Arc<Registry>, leader: Lead
             e = events.next() => if e.is_none() { return },
             r = changes.changed() => if r.is_err() { return },
         }
-        let settle = tokio::time::sleep(SETTLE);
-        tokio::pin!(settle);
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                e = events.next() => if e.is_none() { return },
-            }
+        if !crate::kubernetes::settle(&mut events).await {
+            return;
         }
         if leader.is_leader() {
             sync_once::<K>(&client, &ar, &registry, &objects, &mut memory).await;

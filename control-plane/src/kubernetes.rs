@@ -401,6 +401,19 @@ pub async fn publish_bundle(client: Client, registry: Arc<Registry>, config_map:
     }
 }
 
+/// Lets a burst of watch events land (drained for [`SETTLE`]), so their result is applied
+/// once; false when the watches ended.
+pub(crate) async fn settle<S: futures_util::Stream + Unpin>(events: &mut S) -> bool {
+    let until = tokio::time::sleep(SETTLE);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => return true,
+            e = events.next() => if e.is_none() { return false },
+        }
+    }
+}
+
 /// Watches Pods, EndpointSlices and Services in every namespace and keeps the registry's
 /// endpoints and virtual IPs in step; runs until the process ends (the watches retry with
 /// backoff on API errors).
@@ -446,13 +459,8 @@ pub async fn run(client: Client, registry: Arc<Registry>) {
             }
         }
         // Let a burst of events land, then apply the result once.
-        let settle = tokio::time::sleep(SETTLE);
-        tokio::pin!(settle);
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                e = events.next() => if e.is_none() { return },
-            }
+        if !crate::kubernetes::settle(&mut events).await {
+            return;
         }
         reconcile(&registry, desired(&pods, &slices, &trust_domain)).await;
         known = registry.state().services.len();

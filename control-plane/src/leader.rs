@@ -12,15 +12,18 @@ use tokio::sync::watch;
 #[derive(Clone)]
 pub struct Leadership {
     rx: watch::Receiver<bool>,
+    /// A lone replica's sender, kept so the value never closes.
+    _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
 }
 
 impl Leadership {
     /// A lone replica: always the leader.
     pub fn always() -> Self {
         let (tx, rx) = watch::channel(true);
-        // Keep the sender alive so `changed` never fails.
-        std::mem::forget(tx);
-        Self { rx }
+        Self {
+            rx,
+            _fixed: Some(std::sync::Arc::new(tx)),
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -53,7 +56,7 @@ impl Leadership {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
-        Self { rx }
+        Self { rx, _fixed: None }
     }
 }
 
@@ -158,7 +161,7 @@ impl Leadership {
                 tokio::time::sleep(elector.ttl / 3).await;
             }
         });
-        Self { rx }
+        Self { rx, _fixed: None }
     }
 }
 

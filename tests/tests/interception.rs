@@ -172,6 +172,19 @@ struct Pods<'a> {
     b: &'a Netns,
 }
 
+/// Sends `req` from inside `ns` until the answer is a 200 (the proxy learns the destination
+/// from the control plane shortly after it starts), for at most 10 s; returns the last answer.
+async fn get_until_ok(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = exchange(ns, dst, req)?;
+        if r.starts_with("HTTP/1.1 200") || tokio::time::Instant::now() > deadline {
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends `req` on a new connection from inside `ns` and reads until the server closes (or 5 s).
 fn exchange(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
     use std::io::{Read, Write};
@@ -373,18 +386,12 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     .await?;
 
     // HTTP by plain IP, once a's proxy knows b's endpoint.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let reply = loop {
-        let r = exchange(
-            &pods.a.0,
-            "10.201.0.3:8080",
-            b"GET /hello HTTP/1.1\r\nHost: 10.201.0.3:8080\r\nConnection: close\r\n\r\n",
-        )?;
-        if r.starts_with("HTTP/1.1 200") || tokio::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let reply = get_until_ok(
+        &pods.a.0,
+        "10.201.0.3:8080",
+        b"GET /hello HTTP/1.1\r\nHost: 10.201.0.3:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
         reply.contains("spiffe://mesh.local/ns/default/sa/web"),
@@ -392,18 +399,12 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     );
 
     // HTTP to the Service's ClusterIP: the same call, routed as service backend.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let reply = loop {
-        let r = exchange(
-            &pods.a.0,
-            "10.96.0.50:80",
-            b"GET /by-vip HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n",
-        )?;
-        if r.starts_with("HTTP/1.1 200") || tokio::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let reply = get_until_ok(
+        &pods.a.0,
+        "10.96.0.50:80",
+        b"GET /by-vip HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
         reply.contains("spiffe://mesh.local/ns/default/sa/web") && reply.contains("/by-vip"),

@@ -754,31 +754,38 @@ fn mesh_route(backends: &[(&str, u32)]) -> serde_json::Value {
     })
 }
 
+/// Catalog v1 (and v2 when `two`) as injected pods of one EndpointSlice on the stand-in API
+/// server, a control plane on it, and a client proxy that has asked for catalog and sees its
+/// endpoints.
+async fn catalog_on_kubernetes(
+    two: bool,
+) -> anyhow::Result<(mesh_tests::kube_api::FakeKubeApi, Mesh, Sidecar)> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let mut objects = vec![(Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true))];
+    let mut eps = vec![("catalog-a", "10.1.0.11", true)];
+    if two {
+        objects.push((Kind::Pod, pod("catalog-b", "10.1.0.12", "v2", true)));
+        eps.push(("catalog-b", "10.1.0.12", true));
+    }
+    objects.push((Kind::EndpointSlice, slice(&eps)));
+    let api = FakeKubeApi::start(objects).await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        catalog_in_dump(d).len() == eps.len()
+    })
+    .await?;
+    Ok((api, mesh, c))
+}
+
 /// Routes as Kubernetes objects: `meshctl route set` writes the service's MeshRoute; a
 /// MeshRoute applied with kubectl becomes the route the proxies use; one naming an unknown
 /// version is refused and changes nothing; deleting it resets the service's route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
-    use mesh_tests::kube_api::{FakeKubeApi, Kind};
-    let api = FakeKubeApi::start(vec![
-        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
-        (Kind::Pod, pod("catalog-b", "10.1.0.12", "v2", true)),
-        (
-            Kind::EndpointSlice,
-            slice(&[
-                ("catalog-a", "10.1.0.11", true),
-                ("catalog-b", "10.1.0.12", true),
-            ]),
-        ),
-    ])
-    .await?;
-    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let c = mesh.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
-    wait_config(c.admin, Duration::from_secs(5), |d| {
-        catalog_in_dump(d).len() == 2
-    })
-    .await?;
+    use mesh_tests::kube_api::Kind;
+    let (api, mesh, c) = catalog_on_kubernetes(true).await?;
     let weights = |v: &serde_json::Value| -> Vec<(String, u64)> {
         v["backends"]
             .as_array()
@@ -874,22 +881,8 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
 /// MeshAuthorization.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
-    use mesh_tests::kube_api::{FakeKubeApi, Kind};
-    let api = FakeKubeApi::start(vec![
-        (Kind::Pod, pod("catalog-a", "10.1.0.11", "v1", true)),
-        (
-            Kind::EndpointSlice,
-            slice(&[("catalog-a", "10.1.0.11", true)]),
-        ),
-    ])
-    .await?;
-    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let c = mesh.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
-    wait_config(c.admin, Duration::from_secs(5), |d| {
-        catalog_in_dump(d).len() == 1
-    })
-    .await?;
+    use mesh_tests::kube_api::Kind;
+    let (api, mesh, c) = catalog_on_kubernetes(false).await?;
 
     api.apply(
         Kind::MeshPolicy,

@@ -174,6 +174,36 @@ impl Store for FileStore {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_documents_diff_replays_to_the_next_document() {
+        let d0 = Document::default()
+            .applied(vec![
+                Op::Put("a".into(), b"1".to_vec()),
+                Op::Put("b".into(), b"2".to_vec()),
+            ])
+            .unwrap();
+        let d1 = d0
+            .applied(vec![
+                Op::Put("b".into(), b"3".to_vec()),
+                Op::Delete("a".into()),
+                Op::Put("c".into(), b"4".to_vec()),
+            ])
+            .unwrap();
+        assert_eq!((d0.revision, d1.revision), (1, 2));
+        let ops = d0.diff(&d1);
+        // Replaying the difference on the old document gives the new one's entries.
+        let replayed = d0.applied(ops.clone()).unwrap();
+        let values = |d: &Document| {
+            d.entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.value.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values(&replayed), values(&d1));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(d1.diff(&d1).is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn survives_reopen_and_reports_corruption() {
         let dir = tempfile::tempdir().unwrap();
