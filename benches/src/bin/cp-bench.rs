@@ -3,7 +3,7 @@
 //! opens N simulated proxies on the real discovery stream (mTLS with a workload certificate,
 //! many streams per HTTP/2 connection, each subscribed to one service and ACKing every push),
 //! then changes that service's route several times and measures, per change, the time from
-//! the admin call's return until each proxy has the new route: p50 and p99 over all proxies
+//! sending the admin call until each proxy has the new route: p50 and p99 over all proxies
 //! and changes, and the time until the last one has it. Also: the control plane's RSS per
 //! connected proxy, CSRs signed per second of control-plane CPU (renewals over mTLS), and
 //! sidecar start to ready. Writes a Markdown table (`--out`).
@@ -284,7 +284,7 @@ async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushRes
                 .context("all proxies ended")?;
             if weight == w && !std::mem::replace(&mut got[id], true) {
                 count += 1;
-                let d = at.saturating_duration_since(written);
+                let d = at.saturating_duration_since(t0);
                 all.push(d);
                 last = last.max(d);
             }
