@@ -88,3 +88,27 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
         Err(e) => panic!("fixture is valid: {e}"),
     }
 }
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |i: usize| -> anyhow::Result<f64> { Ok(f.get(i).context("stat fields")?.parse::<f64>()?) };
+    Ok((field(11)? + field(12)?) / 100.0)
+}
+
+/// Resident set size of a process, KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()
+        .context("VmRSS value")
+}

@@ -9,6 +9,7 @@
 //! sidecar start to ready. Writes a Markdown table (`--out`).
 
 use anyhow::Context;
+use mesh_benches::{cpu_secs, rss_kib};
 use mesh_control_plane::cli::client::{bootstrap_token, connect_with};
 use mesh_control_plane::process::{Process, bin_dir, proxy_command, sibling};
 use mesh_proto::v1 as pb;
@@ -46,26 +47,6 @@ struct Args {
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// A field of /proc/<pid>/status, KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()
-        .context("VmRSS value")
-}
-
-/// CPU seconds (user + system) of a process so far.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

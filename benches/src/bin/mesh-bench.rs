@@ -50,25 +50,11 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// CPU seconds (user + system) of a process so far.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
+use mesh_benches::cpu_secs;
 
 /// Resident set size, MiB.
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kb / 1024.0)
+    Ok(mesh_benches::rss_kib(pid)? / 1024.0)
 }
 
 /// A topology under test: where the load goes and which processes are "the proxy".
