@@ -829,7 +829,6 @@ impl Registry {
         .await
     }
 
-    /// Removes a stored token (by its hash).
     /// Sets (None: removes) the virtual IPs of an existing service.
     pub async fn set_vips(
         &self,
@@ -848,11 +847,7 @@ impl Registry {
                     "unknown service {service:?}"
                 )));
             }
-            Ok(match &record {
-                Some(r) if st.vips.get(service) != Some(r) => vec![put(key.clone(), r)?],
-                None if st.vips.contains_key(service) => vec![Op::Delete(key.clone())],
-                _ => Vec::new(),
-            })
+            replace_record(&key, st.vips.get(service), record.as_ref())
         })
         .await
     }
@@ -864,16 +859,11 @@ impl Registry {
         record: Option<PresenceRecord>,
     ) -> Result<u64, RegistryError> {
         let key = format!("presence/{replica}");
-        self.write(|st| {
-            Ok(match &record {
-                Some(r) if st.presence.get(replica) != Some(r) => vec![put(key.clone(), r)?],
-                None if st.presence.contains_key(replica) => vec![Op::Delete(key.clone())],
-                _ => Vec::new(),
-            })
-        })
-        .await
+        self.write(|st| replace_record(&key, st.presence.get(replica), record.as_ref()))
+            .await
     }
 
+    /// Removes a stored token (by its hash).
     pub async fn delete_token(&self, hash: &str) -> Result<u64, RegistryError> {
         self.write(|st| {
             Ok(if st.tokens.contains_key(hash) {
@@ -902,6 +892,19 @@ impl Registry {
         self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))
             .await
     }
+}
+
+/// The ops that make record `key` `new` (None: absent) when it is `current`: none if equal.
+fn replace_record<T: serde::Serialize + PartialEq>(
+    key: &str,
+    current: Option<&T>,
+    new: Option<&T>,
+) -> Result<Vec<Op>, RegistryError> {
+    Ok(match (current, new) {
+        (c, Some(r)) if c != Some(r) => vec![put(key.to_string(), r)?],
+        (Some(_), None) => vec![Op::Delete(key.to_string())],
+        _ => Vec::new(),
+    })
 }
 
 fn put<T: serde::Serialize>(key: String, v: &T) -> Result<Op, RegistryError> {

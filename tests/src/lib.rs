@@ -202,6 +202,31 @@ impl Mesh {
         }
     }
 
+    /// Replica `id` of a control plane on the shared store `store` (`--store`), signing with
+    /// the shared CA `ca` (see [`shared_ca`]), with a 3 s leader lease; `extra` flags after.
+    pub async fn replica(
+        store: &str,
+        ca: &(PathBuf, PathBuf),
+        id: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let (cert, key) = (ca.0.display().to_string(), ca.1.display().to_string());
+        let mut args = vec![
+            "--store",
+            store,
+            "--ca-cert",
+            &cert,
+            "--ca-key",
+            &key,
+            "--replica-id",
+            id,
+            "--leader-lease-secs",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(&args).await
+    }
+
     /// A `mesh_cp_<name>` gauge on the control plane's /metrics.
     pub async fn cp_gauge(&self, name: &str) -> anyhow::Result<i64> {
         let m = admin_get(self.http, "/metrics").await?;

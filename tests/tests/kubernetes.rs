@@ -940,30 +940,9 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
     ])
     .await?;
     let dir = tempfile::tempdir()?;
-    let (cert, key) = shared_ca(dir.path())?;
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let replica = |id: &'static str| {
-        let (url, cert, key) = (api.url.clone(), cert.clone(), key.clone());
-        async move {
-            Mesh::start_with(&[
-                "--kube-api",
-                &url,
-                "--store",
-                "kubernetes",
-                "--namespace",
-                "mesh-system",
-                "--ca-cert",
-                &cert,
-                "--ca-key",
-                &key,
-                "--replica-id",
-                id,
-                "--leader-lease-secs",
-                "3",
-            ])
-            .await
-        }
-    };
+    let ca = shared_ca(dir.path())?;
+    let extra = ["--kube-api", api.url.as_str(), "--namespace", "mesh-system"];
+    let replica = |id: &'static str| Mesh::replica("kubernetes", &ca, id, &extra);
     let a = replica("cp-a").await?;
     let mut b = replica("cp-b").await?;
     let c = b.client("web").await?;

@@ -8,28 +8,6 @@ use mesh_tests::etcd::Etcd;
 use mesh_tests::*;
 use std::time::Duration;
 
-/// Replica `id` of a control plane on `etcd`, signing with the shared CA.
-async fn replica(
-    etcd: &Etcd,
-    ca: &(std::path::PathBuf, std::path::PathBuf),
-    id: &str,
-) -> anyhow::Result<Mesh> {
-    let (cert, key) = (ca.0.display().to_string(), ca.1.display().to_string());
-    Mesh::start_with(&[
-        "--store",
-        &etcd.url(),
-        "--ca-cert",
-        &cert,
-        "--ca-key",
-        &key,
-        "--replica-id",
-        id,
-        "--leader-lease-secs",
-        "3",
-    ])
-    .await
-}
-
 /// Tests 2 and 5 of the VM/etcd issue, on loopback: two replicas on one etcd; backend's
 /// endpoints register through replica A, the client's proxy is connected to replica B. A
 /// route set on A reaches the client in under a second; one replica leads. With etcd stopped,
@@ -44,8 +22,8 @@ async fn replicas_share_writes_and_ride_out_an_etcd_outage() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let mut etcd = Etcd::start(None, "127.0.0.1", dir.path()).await?;
     let ca = shared_ca(dir.path())?;
-    let mut a = replica(&etcd, &ca, "a").await?;
-    let mut b = replica(&etcd, &ca, "b").await?;
+    let mut a = Mesh::replica(&etcd.url(), &ca, "a", &[]).await?;
+    let mut b = Mesh::replica(&etcd.url(), &ca, "b", &[]).await?;
     a.workload("backend", "v1").await?;
     a.workload("backend", "v2").await?;
     let c = b.client("web").await?;
