@@ -83,11 +83,35 @@ fn resolve(c: &mut Criterion) {
     });
 }
 
+/// The rule a request takes, through 10 header-matched rules to a path prefix; and the default
+/// route when no rule matches.
+fn route_match(c: &mut Criterion) {
+    let svc = mesh_benches::service_with_rules(10);
+    let method = http::Method::GET;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-canary", http::HeaderValue::from_static("user-none"));
+    headers.insert("accept", http::HeaderValue::from_static("*/*"));
+    for (name, uri, want) in [
+        (
+            "route_match_prefix_after_10_header_rules",
+            "/bytes/1024",
+            Some(10),
+        ),
+        ("route_match_no_rule_of_11", "/other?x=1", None),
+    ] {
+        let uri: http::Uri = uri.parse().expect("uri");
+        assert_eq!(svc.router.route(&method, &uri, &headers), want);
+        c.bench_function(name, |b| {
+            b.iter(|| black_box(svc.router.route(&method, black_box(&uri), &headers)))
+        });
+    }
+}
+
 fn host(c: &mut Criterion) {
     c.bench_function("service_key_fqdn", |b| {
         b.iter(|| black_box(service_key(black_box("backend.default.svc.cluster.local"))))
     });
 }
 
-criterion_group!(benches, pick, resolve, host, policy_stack);
+criterion_group!(benches, pick, resolve, route_match, host, policy_stack);
 criterion_main!(benches);

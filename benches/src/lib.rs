@@ -45,6 +45,18 @@ pub fn full_policy() -> pb::Policy {
 
 /// As [`service`], with a policy.
 pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
+    build(config(n, policy))
+}
+
+fn build(cfg: pb::ServiceConfig) -> Service {
+    match Service::try_from(cfg) {
+        Ok(s) => s,
+        Err(e) => panic!("fixture is valid: {e}"),
+    }
+}
+
+/// The discovery config behind [`service_with`].
+fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
     let endpoints = (0..n)
         .map(|i| pb::Endpoint {
             id: format!("ep{i}"),
@@ -58,7 +70,7 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
             app_port: 0,
         })
         .collect();
-    let cfg = pb::ServiceConfig {
+    pb::ServiceConfig {
         name: "backend".into(),
         namespace: "default".into(),
         identity: "spiffe://mesh.local/ns/default/sa/backend".into(),
@@ -82,10 +94,6 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
         mtls_mode: String::new(),
         vips: Vec::new(),
         ports: Vec::new(),
-    };
-    match Service::try_from(cfg) {
-        Ok(s) => s,
-        Err(e) => panic!("fixture is valid: {e}"),
     }
 }
 
@@ -111,4 +119,39 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<f64> {
         .context("VmRSS")?
         .parse()
         .context("VmRSS value")
+}
+
+/// A route with `n` header-matched rules ahead of a path-prefix rule (most specific first, so
+/// a request for the prefix walks every header rule before it matches).
+pub fn service_with_rules(n: usize) -> Service {
+    use pb::{key_match, route_match};
+    let mut cfg = config(4, None);
+    let header_rules = (0..n).map(|i| pb::RouteRule {
+        name: format!("canary-{i}"),
+        matches: vec![pb::RouteMatch {
+            path: Some(route_match::Path::Prefix(format!("/api/v{i}"))),
+            headers: vec![pb::KeyMatch {
+                name: "x-canary".into(),
+                value: Some(key_match::Value::Exact(format!("user-{i}"))),
+            }],
+            ..Default::default()
+        }],
+        backends: vec![pb::WeightedBackend {
+            version: "v2".into(),
+            weight: 100,
+        }],
+        ..Default::default()
+    });
+    let prefix_rule = pb::RouteRule {
+        name: "bytes".into(),
+        matches: vec![pb::RouteMatch {
+            path: Some(route_match::Path::Prefix("/bytes".into())),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    if let Some(route) = cfg.route.as_mut() {
+        route.rules = header_rules.chain([prefix_rule]).collect();
+    }
+    build(cfg)
 }

@@ -412,6 +412,8 @@ async fn serve(
     );
     loop {
         let (s, _) = listener.accept().await?;
+        // Without it, a gRPC answer's trailers wait out Nagle against the caller's delayed ACK.
+        let _ = s.set_nodelay(true);
         let (app, grpc) = (app.clone(), grpc.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -506,6 +506,10 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() -> anyhow::Result<
         plain.contains("\"peer\":\"\""),
         "no identity for plaintext: {plain}"
     );
+    assert!(
+        plain.contains("\"protocol\":\"HTTP/1.1\""),
+        "a plaintext HTTP/1.1 caller reaches the app over HTTP/1.1: {plain}"
+    );
     let r = get(&http, "http://backend/mtls").await?;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["peer"], "spiffe://mesh.local/ns/default/sa/web");

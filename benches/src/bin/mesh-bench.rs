@@ -1,11 +1,13 @@
 //! `mesh-bench`: load benchmarks side by side in one run, on loopback:
 //!
 //! - `direct`: load tool → app
+//! - `mesh-1` / `envoy-1`: load tool → one proxy (plaintext, the inbound side) → app
 //! - `mesh`: load tool → mesh-proxy (outbound) → mTLS HTTP/2 → mesh-proxy (inbound) → app
 //! - `envoy`: the same sidecar pair with Envoy (mTLS, SPIFFE SAN checks, HTTP/2 between them)
 //!
-//! Each proxy runs one worker thread. Load comes from `oha`: closed-loop saturation and a fixed
-//! rate (1,000 rps over 4 connections). Per topology: requests/s, p50/p90/p99, p99 added over
+//! Each proxy runs one worker thread. Load comes from `oha`: closed-loop saturation over
+//! HTTP/1.1, HTTP/2 and gRPC unary (1 KiB each way), and a fixed rate (1,000 rps over 4
+//! connections). Per topology: requests/s, p50/p90/p99, p99 added over
 //! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
 //! Writes a Markdown table (`--out`) with the mesh/Envoy ratios.
 
@@ -42,6 +44,16 @@ struct Args {
     /// Where the Markdown table goes.
     #[arg(long, default_value = "target/bench-results.md")]
     out: PathBuf,
+    /// Measure only these topologies (direct, mesh-1, envoy-1, mesh, envoy), e.g. to profile
+    /// one; the ratios then lack their other side.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only these loads (h1, h2, grpc, fixed).
+    #[arg(long, value_delimiter = ',')]
+    loads: Vec<String>,
+    /// The gRPC request body file (written at start).
+    #[arg(skip)]
+    grpc_body: PathBuf,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -76,10 +88,11 @@ struct Run {
     rss_load: f64,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Load {
     H1Saturation,
     H2Saturation,
+    GrpcUnary,
     H1Fixed1000,
 }
 
@@ -88,9 +101,52 @@ impl Load {
         match self {
             Load::H1Saturation => "HTTP/1.1 saturation",
             Load::H2Saturation => "HTTP/2 saturation",
+            Load::GrpcUnary => "gRPC unary saturation",
             Load::H1Fixed1000 => "HTTP/1.1 1,000 rps, 4 conns",
         }
     }
+
+    fn short(self) -> &'static str {
+        match self {
+            Load::H1Saturation => "h1",
+            Load::H2Saturation => "h2",
+            Load::GrpcUnary => "grpc",
+            Load::H1Fixed1000 => "fixed",
+        }
+    }
+}
+
+/// The body of one gRPC `Echo/Unary` call: a length-prefixed message of `body` bytes.
+fn grpc_request(body: usize) -> Vec<u8> {
+    use prost::Message as _;
+    let msg = mesh_proto::example::EchoRequest {
+        message: "x".repeat(body),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
+}
+
+/// Checks that a real gRPC client gets an OK `Echo/Unary` answer with its message back through
+/// the topology: oha counts HTTP statuses, and a gRPC error comes as a 200 with a grpc-status.
+async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .origin("http://backend".parse()?)
+        .connect()
+        .await?;
+    let message = "x".repeat(body);
+    let r = mesh_proto::example::echo_client::EchoClient::new(ch)
+        .unary(mesh_proto::example::EchoRequest {
+            message: message.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(r.message == message, "gRPC echo came back changed");
+    Ok(())
 }
 
 async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
@@ -107,7 +163,7 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
         Load::H1Saturation => {
             cmd.args(["-c", &args.connections.to_string()]);
         }
-        Load::H2Saturation => {
+        Load::H2Saturation | Load::GrpcUnary => {
             cmd.args([
                 "--http2",
                 "-c",
@@ -120,7 +176,14 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
             cmd.args(["-c", "4", "-q", "1000"]);
         }
     }
-    cmd.arg(format!("http://backend/bytes/{}", args.body));
+    if load == Load::GrpcUnary {
+        cmd.args(["-m", "POST", "-H", "content-type: application/grpc"])
+            .args(["-H", "te: trailers", "-D"])
+            .arg(&args.grpc_body)
+            .arg("http://backend/mesh.example.v1.Echo/Unary");
+    } else {
+        cmd.arg(format!("http://backend/bytes/{}", args.body));
+    }
     let out = cmd
         .output()
         .await
@@ -186,18 +249,14 @@ fn envoy_tls_files(dir: &Path, name: &str) -> (String, String) {
 }
 
 /// Envoy as the inbound sidecar: TLS with a required client certificate from the mesh CA whose
-/// SPIFFE id is in the trust domain, then plain HTTP/1.1 to the app.
-fn envoy_inbound(dir: &Path, port: u16, admin: u16, app: u16) -> String {
+/// SPIFFE id is in the trust domain (`mtls`; else plaintext, as the one-proxy topology), then
+/// HTTP/1.1 to the app, or HTTP/2 for gRPC.
+fn envoy_inbound(dir: &Path, port: u16, admin: u16, app: u16, mtls: bool) -> String {
     let (crt, key) = envoy_tls_files(dir, "backend");
     let ca = dir.join("ca.pem").display().to_string();
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - transport_socket:
+    let transport = if mtls {
+        format!(
+            r#"transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
@@ -208,18 +267,48 @@ static_resources:
             validation_context:
               trusted_ca: {{filename: "{ca}"}}
               match_typed_subject_alt_names: [{{san_type: URI, matcher: {{prefix: "spiffe://{TRUST_DOMAIN}/"}}}}]
-      filters:
+      "#
+        )
+    } else {
+        String::new()
+    };
+    let endpoint = format!(
+        "{{cluster_name: app, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app}}}}}}}}}]}}]}}"
+    );
+    format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - {transport}filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: inbound
           codec_type: AUTO
-          route_config: {{virtual_hosts: [{{name: app, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]}}
+          route_config:
+            virtual_hosts:
+            - name: app
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/", headers: [{{name: content-type, string_match: {{prefix: application/grpc}}}}]}}
+                route: {{cluster: app_h2}}
+              - match: {{prefix: "/"}}
+                route: {{cluster: app}}
           http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
   clusters:
   - name: app
     type: STATIC
-    load_assignment: {{cluster_name: app, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app}}}}}}}}}]}}]}}
+    load_assignment: {endpoint}
+  - name: app_h2
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {endpoint}
 "#
     )
 }
@@ -299,10 +388,12 @@ async fn certify_files(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = clap::Parser::parse();
+    let mut args: Args = clap::Parser::parse();
     let bins = bin_dir()?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
+    args.grpc_body = d.join("grpc-echo.bin");
+    std::fs::write(&args.grpc_body, grpc_request(args.body))?;
     let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
     let mut procs: Vec<Process> = Vec::new();
 
@@ -381,23 +472,39 @@ async fn main() -> anyhow::Result<()> {
         sidecars.push(Process::spawn_ready(&format!("mesh sidecar {sa}"), c, READY).await?);
     }
     let (p_out, ready) = sidecars.pop().context("outbound sidecar")?;
-    let (p_in, _) = sidecars.pop().context("inbound sidecar")?;
-    let mesh_port: u16 = ready["outbound"]
-        .as_str()
-        .context("outbound")?
-        .parse::<SocketAddr>()?
-        .port();
+    let (p_in, in_ready) = sidecars.pop().context("inbound sidecar")?;
+    let port_of = |ready: &serde_json::Value, side: &str| -> anyhow::Result<u16> {
+        Ok(ready[side]
+            .as_str()
+            .context("ready line")?
+            .parse::<SocketAddr>()?
+            .port())
+    };
+    let mesh_port = port_of(&ready, "outbound")?;
+    // The one-proxy topology is the backend's sidecar taking plaintext (PERMISSIVE mTLS).
+    let mesh_single_port = port_of(&in_ready, "inbound")?;
     let mesh_pids = vec![p_out.pid().context("pid")?, p_in.pid().context("pid")?];
+    let mesh_single_pids = vec![p_in.pid().context("pid")?];
     procs.push(p_in);
     procs.push(p_out);
+    admin
+        .set_mtls_mode(pb::SetMtlsModeRequest {
+            service: "backend".into(),
+            mode: "permissive".into(),
+        })
+        .await?;
 
     // The Envoy sidecar pair, with certificates from the same CA.
     certify_files(&mut admin, grpc, &ca_pem, d, "backend").await?;
     certify_files(&mut admin, grpc, &ca_pem, d, "web").await?;
-    let (e_in_port, e_out_port) = (free_port()?, free_port()?);
+    let (e_in_port, e_out_port, e_single_port) = (free_port()?, free_port()?, free_port()?);
     std::fs::write(
         d.join("envoy-in.yaml"),
-        envoy_inbound(d, e_in_port, free_port()?, app_port),
+        envoy_inbound(d, e_in_port, free_port()?, app_port, true),
+    )?;
+    std::fs::write(
+        d.join("envoy-1.yaml"),
+        envoy_inbound(d, e_single_port, free_port()?, app_port, false),
     )?;
     std::fs::write(
         d.join("envoy-out.yaml"),
@@ -405,7 +512,11 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let mut envoy_pids = Vec::new();
     let mut envoys = Vec::new();
-    for (name, port) in [("envoy-in", e_in_port), ("envoy-out", e_out_port)] {
+    for (name, port) in [
+        ("envoy-in", e_in_port),
+        ("envoy-out", e_out_port),
+        ("envoy-1", e_single_port),
+    ] {
         let child = Command::new(&args.envoy)
             .arg("-c")
             .arg(d.join(format!("{name}.yaml")))
@@ -451,6 +562,16 @@ async fn main() -> anyhow::Result<()> {
             proxies: vec![],
         },
         Topology {
+            name: "mesh-1",
+            port: mesh_single_port,
+            proxies: mesh_single_pids,
+        },
+        Topology {
+            name: "envoy-1",
+            port: e_single_port,
+            proxies: envoy_pids[2..].to_vec(),
+        },
+        Topology {
             name: "mesh",
             port: mesh_port,
             proxies: mesh_pids,
@@ -458,20 +579,56 @@ async fn main() -> anyhow::Result<()> {
         Topology {
             name: "envoy",
             port: e_out_port,
-            proxies: envoy_pids.clone(),
+            proxies: envoy_pids[..2].to_vec(),
         },
     ];
-    // Warm up connections and the mesh's on-demand discovery.
+    // Each proxy's RSS as started, before any request.
+    let rss_start: Vec<f64> = topologies
+        .iter()
+        .map(|t| t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum())
+        .collect();
+    // Warm up connections and the mesh's on-demand discovery; check that gRPC is answered OK
+    // end to end (the PERMISSIVE mode has reached the backend's sidecar once mesh-1 answers).
+    let deadline = tokio::time::Instant::now() + READY;
     for t in &topologies {
-        oha(&args, t.port, Load::H1Saturation, 1)
+        loop {
+            let warm = oha(&args, t.port, Load::H1Saturation, 1).await;
+            let all_ok = warm.as_ref().is_ok_and(|v| {
+                v["statusCodeDistribution"]
+                    .as_object()
+                    .is_some_and(|m| m.contains_key("200") && m.len() == 1)
+            });
+            if all_ok {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not answer 200 to the warm-up: {warm:?}",
+                t.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        grpc_check(t.port, args.body)
             .await
-            .with_context(|| format!("warm-up of {}", t.name))?;
+            .with_context(|| format!("gRPC through {}", t.name))?;
     }
 
-    let loads = [Load::H1Saturation, Load::H2Saturation, Load::H1Fixed1000];
+    let loads = [
+        Load::H1Saturation,
+        Load::H2Saturation,
+        Load::GrpcUnary,
+        Load::H1Fixed1000,
+    ];
     let mut results = Vec::new();
+    let chosen = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
     for load in loads {
+        if !chosen(&args.loads, load.short()) {
+            continue;
+        }
         for t in &topologies {
+            if !chosen(&args.only, t.name) {
+                continue;
+            }
             let r = measure(&args, t, load).await?;
             eprintln!(
                 "{:<28} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req  errors {}",
@@ -534,42 +691,55 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     writeln!(md, "\nRatios mesh / Envoy (targets in parentheses):\n")?;
-    let sat = (
-        get(Load::H1Saturation, "mesh"),
-        get(Load::H1Saturation, "envoy"),
-    );
-    let fixed = (
-        get(Load::H1Fixed1000, "mesh"),
-        get(Load::H1Fixed1000, "envoy"),
-        get(Load::H1Fixed1000, "direct"),
-    );
+    let ratio =
+        |load: Load, t: (&str, &str), f: fn(&Run) -> f64| f(&get(load, t.0)) / f(&get(load, t.1));
+    let (pair, single) = (("mesh", "envoy"), ("mesh-1", "envoy-1"));
+    let cpu = |r: &Run| r.cpu_us_per_req;
+    let rps = |r: &Run| r.rps;
+    let direct_p99 = get(Load::H1Fixed1000, "direct").p99;
+    let added = |t: &str| get(Load::H1Fixed1000, t).p99 - direct_p99;
     writeln!(
         md,
-        "- CPU per request, HTTP/1.1 saturation: {:.2}× (≤ 0.4×)",
-        sat.0.cpu_us_per_req / sat.1.cpu_us_per_req
+        "- CPU per request, mTLS pair (≤ 0.4×): HTTP/1.1 saturation {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×, HTTP/1.1 at 1,000 rps {:.2}×",
+        ratio(Load::H1Saturation, pair, cpu),
+        ratio(Load::H2Saturation, pair, cpu),
+        ratio(Load::GrpcUnary, pair, cpu),
+        ratio(Load::H1Fixed1000, pair, cpu),
     )?;
     writeln!(
         md,
-        "- CPU per request, 1,000 rps: {:.2}× (≤ 0.4×)",
-        fixed.0.cpu_us_per_req / fixed.1.cpu_us_per_req
+        "- p99 added at 1,000 rps (≤ 0.33×): mTLS pair {:.2}×, one proxy {:.2}×",
+        added("mesh") / added("envoy"),
+        added("mesh-1") / added("envoy-1"),
     )?;
     writeln!(
         md,
-        "- p99 added at 1,000 rps: {:.2}× (≤ 0.33×)",
-        (fixed.0.p99 - fixed.2.p99) / (fixed.1.p99 - fixed.2.p99)
+        "- saturation throughput through one proxy (≥ 2×): HTTP/1.1 {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×",
+        ratio(Load::H1Saturation, single, rps),
+        ratio(Load::H2Saturation, single, rps),
+        ratio(Load::GrpcUnary, single, rps),
     )?;
     writeln!(
         md,
-        "- saturation throughput, HTTP/1.1: {:.2}× (≥ 2×); HTTP/2: {:.2}×",
-        sat.0.rps / sat.1.rps,
-        get(Load::H2Saturation, "mesh").rps / get(Load::H2Saturation, "envoy").rps
+        "- saturation throughput through the mTLS pair: HTTP/1.1 {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×",
+        ratio(Load::H1Saturation, pair, rps),
+        ratio(Load::H2Saturation, pair, rps),
+        ratio(Load::GrpcUnary, pair, rps),
     )?;
+    let started = |name: &str| {
+        topologies
+            .iter()
+            .zip(&rss_start)
+            .find(|(t, _)| t.name == name)
+            .map_or(0.0, |(_, r)| *r)
+    };
     writeln!(
         md,
-        "- RSS of the sidecar pair after load: {:.2}× (mesh {:.1} MiB, Envoy {:.1} MiB)",
-        fixed.0.rss_load / fixed.1.rss_load,
-        fixed.0.rss_load,
-        fixed.1.rss_load
+        "- RSS of one proxy, as started / after all runs (idle ≤ 10 MB, loaded ≤ 20 MB): mesh {:.1} / {:.1} MiB, Envoy {:.1} / {:.1} MiB",
+        started("mesh-1"),
+        get(Load::H1Fixed1000, "mesh-1").rss_load,
+        started("envoy-1"),
+        get(Load::H1Fixed1000, "envoy-1").rss_load,
     )?;
     println!("{md}");
     if let Some(p) = args.out.parent() {

@@ -351,10 +351,13 @@ impl Inbound {
         if let Some(tp) = traceparent {
             parts.headers.insert(crate::outbound::TRACEPARENT, tp);
         }
+        // The caller's own protocol: what a mesh peer says it was, or what a plaintext
+        // (PERMISSIVE) caller speaks itself.
         let h1 = parts
             .headers
             .remove(ORIG_PROTO)
-            .is_some_and(|v| v == ORIG_PROTO_H1);
+            .is_some_and(|v| v == ORIG_PROTO_H1)
+            || parts.version < Version::HTTP_2;
         match xfcc {
             Some(v) => parts.headers.insert(XFCC, v),
             None => parts.headers.remove(XFCC),
