@@ -9,7 +9,8 @@
 //! HTTP/1.1, HTTP/2 and gRPC unary (1 KiB each way), and a fixed rate (1,000 rps over 4
 //! connections). Per topology: requests/s, p50/p90/p99, p99 added over
 //! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
-//! Writes a Markdown table (`--out`) with the mesh/Envoy ratios.
+//! `--rounds N` repeats the whole matrix and reports each cell's median. Writes a Markdown table
+//! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
 use mesh_control_plane::cli::client::{bootstrap_token, connect_with};
@@ -29,6 +30,9 @@ struct Args {
     /// Seconds per load run.
     #[arg(long, default_value_t = 8)]
     secs: u64,
+    /// Rounds of the whole matrix; the table has each cell's median over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Connections for the saturation runs.
     #[arg(long, default_value_t = 16)]
     connections: u32,
@@ -86,6 +90,31 @@ struct Run {
     cpu_us_per_req: f64,
     rss_idle: f64,
     rss_load: f64,
+}
+
+impl Run {
+    /// Each figure's median over the rounds (errors: their sum).
+    fn median(runs: &[Run]) -> Run {
+        let med = |f: fn(&Run) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            match v.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            }
+        };
+        Run {
+            rps: med(|r| r.rps),
+            p50: med(|r| r.p50),
+            p90: med(|r| r.p90),
+            p99: med(|r| r.p99),
+            errors: runs.iter().map(|r| r.errors).sum(),
+            cpu_us_per_req: med(|r| r.cpu_us_per_req),
+            rss_idle: med(|r| r.rss_idle),
+            rss_load: med(|r| r.rss_load),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -619,31 +648,44 @@ async fn main() -> anyhow::Result<()> {
         Load::GrpcUnary,
         Load::H1Fixed1000,
     ];
-    let mut results = Vec::new();
     let chosen = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
-    for load in loads {
-        if !chosen(&args.loads, load.short()) {
-            continue;
-        }
-        for t in &topologies {
-            if !chosen(&args.only, t.name) {
+    // Every round runs the whole matrix, so slow drifts of the shared machine hit all cells alike.
+    let mut rounds: Vec<(Load, &str, Vec<Run>)> = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        for load in loads {
+            if !chosen(&args.loads, load.short()) {
                 continue;
             }
-            let r = measure(&args, t, load).await?;
-            eprintln!(
-                "{:<28} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req  errors {}",
-                load.label(),
-                t.name,
-                r.rps,
-                r.p50,
-                r.p99,
-                r.cpu_us_per_req,
-                r.errors
-            );
-            results.push((load, t.name, r));
+            for t in &topologies {
+                if !chosen(&args.only, t.name) {
+                    continue;
+                }
+                let r = measure(&args, t, load).await?;
+                eprintln!(
+                    "round {round} {:<28} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req  errors {}",
+                    load.label(),
+                    t.name,
+                    r.rps,
+                    r.p50,
+                    r.p99,
+                    r.cpu_us_per_req,
+                    r.errors
+                );
+                match rounds
+                    .iter_mut()
+                    .find(|(l, n, _)| *l == load && *n == t.name)
+                {
+                    Some((_, _, runs)) => runs.push(r),
+                    None => rounds.push((load, t.name, vec![r])),
+                }
+            }
         }
     }
     drop(envoys);
+    let results: Vec<(Load, &str, Run)> = rounds
+        .into_iter()
+        .map(|(l, n, runs)| (l, n, Run::median(&runs)))
+        .collect();
 
     let get = |load: Load, name: &str| {
         results
@@ -653,6 +695,12 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     let mut md = String::new();
+    writeln!(
+        md,
+        "{} round(s) of {} s per cell; each figure is its cell's median over the rounds.\n",
+        args.rounds.max(1),
+        args.secs
+    )?;
     writeln!(
         md,
         "| load | topology | req/s | p50 ms | p90 ms | p99 ms | p99 added over direct, ms | proxy CPU µs/req | proxy RSS idle / after, MiB | errors |"

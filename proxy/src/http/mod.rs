@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by the inbound, outbound and admin listeners.
 
 pub mod body;
+pub mod coalesce;
 pub mod errors;
 pub mod router;
 pub mod server;

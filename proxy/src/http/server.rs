@@ -109,7 +109,7 @@ where
 {
     let b = builder(client);
     let conn = b
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .serve_connection_with_upgrades(TokioIo::new(super::coalesce::Coalesce::new(io)), svc)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection ended with an error");

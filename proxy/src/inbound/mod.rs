@@ -2,6 +2,7 @@
 //! caller's SPIFFE identity, and forwards to the local app in the protocol the caller's app
 //! spoke (`x-mesh-orig-proto`), telling the app who called in `x-forwarded-client-cert`.
 
+use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
 use crate::http::server::{Client as Caller, serve};
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
@@ -34,7 +35,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AppConnector(pub SocketAddr);
 
 impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Coalesce<TcpStream>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -47,7 +48,7 @@ impl tower_service::Service<Uri> for AppConnector {
         Box::pin(async move {
             let s = TcpStream::connect(addr).await?;
             let _ = s.set_nodelay(true);
-            Ok(TokioIo::new(s))
+            Ok(TokioIo::new(Coalesce::new(s)))
         })
     }
 }

@@ -158,7 +158,7 @@ impl Pool {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(crate::http::coalesce::Coalesce::new(tls)))
             .await
             .map_err(|e| ProxyError::Connect {
                 addr,
