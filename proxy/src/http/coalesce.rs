@@ -39,10 +39,6 @@ impl<IO> Coalesce<IO> {
             deferred: false,
         }
     }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
