@@ -80,6 +80,24 @@ struct Topology {
     proxies: Vec<u32>,
 }
 
+impl Topology {
+    /// RSS of its proxies together, MiB.
+    fn rss(&self) -> f64 {
+        self.proxies
+            .iter()
+            .map(|p| rss_mib(*p).unwrap_or(0.0))
+            .sum()
+    }
+
+    /// CPU seconds its proxies have used so far.
+    fn cpu(&self) -> f64 {
+        self.proxies
+            .iter()
+            .map(|p| cpu_secs(*p).unwrap_or(0.0))
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Run {
     rps: f64,
@@ -226,11 +244,9 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
 }
 
 async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
-    let rss_idle: f64 = t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum();
-    let cpu0: f64 = t.proxies.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).sum();
+    let (rss_idle, cpu0) = (t.rss(), t.cpu());
     let v = oha(args, t.port, load, args.secs).await?;
-    let cpu1: f64 = t.proxies.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).sum();
-    let rss_load: f64 = t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum();
+    let (cpu1, rss_load) = (t.cpu(), t.rss());
     let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
     let total: u64 = v["statusCodeDistribution"]
         .as_object()
@@ -612,10 +628,7 @@ async fn main() -> anyhow::Result<()> {
         },
     ];
     // Each proxy's RSS as started, before any request.
-    let rss_start: Vec<f64> = topologies
-        .iter()
-        .map(|t| t.proxies.iter().map(|p| rss_mib(*p).unwrap_or(0.0)).sum())
-        .collect();
+    let rss_start: Vec<f64> = topologies.iter().map(Topology::rss).collect();
     // Warm up connections and the mesh's on-demand discovery; check that gRPC is answered OK
     // end to end (the PERMISSIVE mode has reached the backend's sidecar once mesh-1 answers).
     let deadline = tokio::time::Instant::now() + READY;
