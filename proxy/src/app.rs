@@ -214,6 +214,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 b.inbound_addr.port(),
             ],
         ));
+        tokio::spawn(sweep_app_connections(inbound.clone()));
         loops.push(tokio::spawn(accept_loop(
             l,
             stop_rx.clone(),
@@ -298,6 +299,15 @@ async fn sweep_pool(outbound: Arc<Outbound>) {
     loop {
         tick.tick().await;
         outbound.pool.sweep();
+    }
+}
+
+/// Closes HTTP/1.1 connections to the app left unused.
+async fn sweep_app_connections(inbound: Arc<Inbound>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        inbound.sweep();
     }
 }
 

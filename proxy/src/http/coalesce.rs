@@ -6,7 +6,6 @@
 //! It does so only once it has seen the HTTP/2 preface go either way: HTTP/1.1 already writes
 //! a message's head and body in one `writev`, and would only pay for the extra turn.
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -153,12 +152,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
-impl<IO: Connection> Connection for Coalesce<IO> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 

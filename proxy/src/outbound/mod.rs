@@ -169,7 +169,7 @@ impl Outbound {
             return Ok(redirect(rd, &authority, &parts.uri));
         }
         let h1 = parts.version < Version::HTTP_2;
-        parts.uri = absolute_uri(&authority, &parts.uri)
+        parts.uri = absolute_uri(Some(&authority), std::mem::take(&mut parts.uri))
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         parts.version = Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);

@@ -167,8 +167,11 @@ impl Observation {
     }
 }
 
+/// A constant, so that finding it in every response and trailer block needs no parsing.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get("grpc-status")
+    h.get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }
