@@ -700,12 +700,12 @@ async fn main() -> anyhow::Result<()> {
         .map(|(l, n, runs)| (l, n, Run::median(&runs)))
         .collect();
 
+    // None: the cell was not run (`--only`, `--loads`).
     let get = |load: Load, name: &str| {
         results
             .iter()
             .find(|(l, n, _)| *l == load && *n == name)
             .map(|(_, _, r)| r.clone())
-            .unwrap_or_default()
     };
     let mut md = String::new();
     writeln!(
@@ -722,11 +722,12 @@ async fn main() -> anyhow::Result<()> {
     for load in loads {
         let direct = get(load, "direct");
         for t in &topologies {
-            let r = get(load, t.name);
-            let added = if t.name == "direct" {
-                "-".to_string()
-            } else {
-                format!("{:.3}", r.p99 - direct.p99)
+            let Some(r) = get(load, t.name) else {
+                continue;
+            };
+            let added = match &direct {
+                Some(d) if t.name != "direct" => format!("{:.3}", r.p99 - d.p99),
+                _ => "-".to_string(),
             };
             let cpu = if t.proxies.is_empty() {
                 "-".to_string()
@@ -752,16 +753,23 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     writeln!(md, "\nRatios mesh / Envoy (targets in parentheses):\n")?;
-    let ratio =
-        |load: Load, t: (&str, &str), f: fn(&Run) -> f64| f(&get(load, t.0)) / f(&get(load, t.1));
+    let times = |x: Option<f64>| x.map_or_else(|| "not run".to_string(), |x| format!("{x:.2}×"));
+    let ratio = |load: Load, t: (&str, &str), f: fn(&Run) -> f64| {
+        times(
+            get(load, t.0)
+                .zip(get(load, t.1))
+                .map(|(a, b)| f(&a) / f(&b)),
+        )
+    };
     let (pair, single) = (("mesh", "envoy"), ("mesh-1", "envoy-1"));
     let cpu = |r: &Run| r.cpu_us_per_req;
     let rps = |r: &Run| r.rps;
-    let direct_p99 = get(Load::H1Fixed1000, "direct").p99;
-    let added = |t: &str| get(Load::H1Fixed1000, t).p99 - direct_p99;
+    let direct_p99 = get(Load::H1Fixed1000, "direct").map(|r| r.p99);
+    let added = |t: &str| Some(get(Load::H1Fixed1000, t)?.p99 - direct_p99?);
+    let added_ratio = |t: (&str, &str)| times(added(t.0).zip(added(t.1)).map(|(a, b)| a / b));
     writeln!(
         md,
-        "- CPU per request, mTLS pair (≤ 0.4×): HTTP/1.1 saturation {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×, HTTP/1.1 at 1,000 rps {:.2}×",
+        "- CPU per request, mTLS pair (≤ 0.4×): HTTP/1.1 saturation {}, HTTP/2 {}, gRPC {}, HTTP/1.1 at 1,000 rps {}",
         ratio(Load::H1Saturation, pair, cpu),
         ratio(Load::H2Saturation, pair, cpu),
         ratio(Load::GrpcUnary, pair, cpu),
@@ -769,20 +777,20 @@ async fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "- p99 added at 1,000 rps (≤ 0.33×): mTLS pair {:.2}×, one proxy {:.2}×",
-        added("mesh") / added("envoy"),
-        added("mesh-1") / added("envoy-1"),
+        "- p99 added at 1,000 rps (≤ 0.33×): mTLS pair {}, one proxy {}",
+        added_ratio(pair),
+        added_ratio(single),
     )?;
     writeln!(
         md,
-        "- saturation throughput through one proxy (≥ 2×): HTTP/1.1 {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×",
+        "- saturation throughput through one proxy (≥ 2×): HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
         ratio(Load::H1Saturation, single, rps),
         ratio(Load::H2Saturation, single, rps),
         ratio(Load::GrpcUnary, single, rps),
     )?;
     writeln!(
         md,
-        "- saturation throughput through the mTLS pair: HTTP/1.1 {:.2}×, HTTP/2 {:.2}×, gRPC {:.2}×",
+        "- saturation throughput through the mTLS pair: HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
         ratio(Load::H1Saturation, pair, rps),
         ratio(Load::H2Saturation, pair, rps),
         ratio(Load::GrpcUnary, pair, rps),
@@ -794,13 +802,17 @@ async fn main() -> anyhow::Result<()> {
             .find(|(t, _)| t.name == name)
             .map_or(0.0, |(_, r)| *r)
     };
+    let loaded = |name: &str| {
+        get(Load::H1Fixed1000, name)
+            .map_or_else(|| "-".to_string(), |r| format!("{:.1}", r.rss_load))
+    };
     writeln!(
         md,
-        "- RSS of one proxy, as started / after all runs (idle ≤ 10 MB, loaded ≤ 20 MB): mesh {:.1} / {:.1} MiB, Envoy {:.1} / {:.1} MiB",
+        "- RSS of one proxy, as started / after all runs (idle ≤ 10 MB, loaded ≤ 20 MB): mesh {:.1} / {} MiB, Envoy {:.1} / {} MiB",
         started("mesh-1"),
-        get(Load::H1Fixed1000, "mesh-1").rss_load,
+        loaded("mesh-1"),
         started("envoy-1"),
-        get(Load::H1Fixed1000, "envoy-1").rss_load,
+        loaded("envoy-1"),
     )?;
     println!("{md}");
     if let Some(p) = args.out.parent() {
