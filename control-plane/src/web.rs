@@ -106,6 +106,7 @@ impl Web {
                 },
                 _ = &mut stopped => return,
             };
+            let _ = tcp.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |r| this.clone().handle(r));
