@@ -951,6 +951,16 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
         catalog_in_dump(d).len() == 2
     })
     .await?;
+    // Replica A learns the service through its own watch of the shared state: B's proxy
+    // having it says nothing of A yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.meshctl(&["route", "get", "catalog"]).await.is_err() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "replica A never learned the catalog service"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for (v1, v2) in [(100u64, 0u64), (30, 70)] {
         a.meshctl(&[
