@@ -232,6 +232,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
     .await?;
 
     let load = Load::start(http.clone(), 200);
+    let load_started = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for sidecar in old {
         mesh.workload_app("backend", "v1").await?;
@@ -254,7 +255,10 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
         })
         .await?;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The load goes on 500 ms past the last step, and for at least 3.2 s in all, so that it
+    // covers the update however fast sidecars start.
+    let tail = tokio::time::Instant::now() + Duration::from_millis(500);
+    tokio::time::sleep_until(tail.max(load_started + Duration::from_millis(3200))).await;
     let samples = load.finish().await?;
     let failed = samples.iter().filter(|(_, v)| v.is_none()).count();
     assert!(
