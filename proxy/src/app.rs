@@ -172,7 +172,8 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         )),
     });
     tokio::spawn(prune_pool(outbound.clone()));
-    tokio::spawn(sweep_pool(outbound.clone()));
+    let o = outbound.clone();
+    tokio::spawn(every(SWEEP_INTERVAL, move || o.pool.sweep()));
     let transparent = b.transparent;
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
         let (outbound, tls) = (outbound.clone(), tls.clone());
@@ -214,7 +215,8 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 b.inbound_addr.port(),
             ],
         ));
-        tokio::spawn(sweep_app_connections(inbound.clone()));
+        let i = inbound.clone();
+        tokio::spawn(every(SWEEP_INTERVAL, move || i.sweep()));
         loops.push(tokio::spawn(accept_loop(
             l,
             stop_rx.clone(),
@@ -290,24 +292,15 @@ async fn prune_pool(outbound: Arc<Outbound>) {
     }
 }
 
-/// How often idle peer connections are looked for.
+/// How often idle connections (to peers, to the app) are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Closes peer connections idle past their service's idle timeout.
-async fn sweep_pool(outbound: Arc<Outbound>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+/// Runs `f` every `period`: the idle sweeps of the peer pool and of the app connections.
+async fn every(period: Duration, f: impl Fn()) {
+    let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        outbound.pool.sweep();
-    }
-}
-
-/// Closes HTTP/1.1 connections to the app left unused.
-async fn sweep_app_connections(inbound: Arc<Inbound>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        tick.tick().await;
-        inbound.sweep();
+        f();
     }
 }
 
