@@ -5,9 +5,20 @@
 //! scheduler: what the other ready tasks write in that turn leaves in the same system call.
 //! It does so only once it has seen the HTTP/2 preface go either way: HTTP/1.1 already writes
 //! a message's head and body in one `writev`, and would only pay for the extra turn.
+//!
+//! h2 also flushes in the middle of a batch: a DATA frame of 1 KiB or more is kept aside
+//! rather than copied, and h2 flushes before it buffers the next frame. Were each of those
+//! flushes a yield, a batch of responses would leave two DATA frames per system call, their
+//! trailers a turn later. So when the task driving the connection counts its polls in
+//! [`Turns`] (`Turns::drive`, or [`TurnExec`] for a connection hyper spawns), a flush in the
+//! same poll as the one that deferred returns at once and the bytes stay held: h2 flushes at
+//! the end of every poll of its connection, and the first flush in a later poll sends all.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -18,6 +29,43 @@ const MAX_HELD: usize = 64 * 1024;
 /// A buffer that grew past this is freed once drained, so idle connections stay small.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+/// The polls of the task that drives one connection, counted so that its [`Coalesce`] can tell
+/// a flush in the poll that deferred (more frames may follow) from one in a later poll.
+#[derive(Debug, Clone, Default)]
+pub struct Turns(Arc<AtomicU32>);
+
+impl Turns {
+    fn now(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Runs `fut`, counting each of its polls.
+    pub async fn drive<F: Future>(self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(move |cx| {
+            // Starts at 1: 0 means "never counted" to `Coalesce`.
+            self.0.fetch_add(1, Ordering::Relaxed);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// A hyper executor that counts the polls of what it spawns in one connection's [`Turns`]:
+/// hyper's HTTP/2 client drives its connection on a task of its own.
+#[derive(Debug, Clone)]
+pub struct TurnExec(pub Turns);
+
+impl<F> hyper::rt::Executor<F> for TurnExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(self.0.clone().drive(fut));
+    }
+}
+
 /// An I/O stream whose writes are held until a flush, and whose flushes wait one scheduler turn.
 #[derive(Debug)]
 pub struct Coalesce<IO> {
@@ -27,6 +75,10 @@ pub struct Coalesce<IO> {
     held: Vec<u8>,
     /// The flush in progress has already yielded its turn.
     deferred: bool,
+    /// The polls of the task driving this connection (see the module doc).
+    turns: Turns,
+    /// The poll in which the held bytes' flush was deferred.
+    deferred_at: u32,
 }
 
 impl<IO> Coalesce<IO> {
@@ -36,7 +88,15 @@ impl<IO> Coalesce<IO> {
             h2: None,
             held: Vec::new(),
             deferred: false,
+            turns: Turns::default(),
+            deferred_at: 0,
         }
+    }
+
+    /// What the task driving this connection must count its polls in; unless it does, each
+    /// flush yields one turn before it sends.
+    pub fn turns(&self) -> Turns {
+        self.turns.clone()
     }
 }
 
@@ -137,11 +197,23 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.held.is_empty() && !this.deferred {
-            // Yield once: tasks already woken in this turn may add their frames first.
-            this.deferred = true;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+        let turn = this.turns.now();
+        if !this.held.is_empty() {
+            if !this.deferred {
+                // Yield once: tasks already woken in this turn may add their frames first.
+                this.deferred = true;
+                this.deferred_at = turn;
+                cx.waker().wake_by_ref();
+                if turn == 0 {
+                    return Poll::Pending;
+                }
+                // Counted: report the flush done and keep holding, so h2 buffers the rest of
+                // this poll's frames; its flush in the next poll (the wake above) sends them.
+                return Poll::Ready(Ok(()));
+            }
+            if turn != 0 && turn == this.deferred_at {
+                return Poll::Ready(Ok(()));
+            }
         }
         ready!(this.poll_drain(cx))?;
         this.deferred = false;
@@ -175,6 +247,58 @@ mod tests {
         let mut got = vec![0u8; H2_PREFACE.len() + 4];
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [H2_PREFACE, b" two"].concat());
+    }
+
+    /// Records each write the connection makes, to count system calls.
+    #[derive(Default, Clone)]
+    struct Writes(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            d: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(d.to_vec());
+            Poll::Ready(Ok(d.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// With the driving task's polls counted, flushes in one poll (h2 flushes before each
+    /// large DATA frame) keep holding, and the first flush of the next poll sends everything
+    /// in one write.
+    #[tokio::test]
+    async fn counted_flushes_hold_until_the_next_poll_then_send_once() {
+        let writes = Writes::default();
+        let mut w = Coalesce::new(writes.clone());
+        let turns = w.turns();
+        let mut poll = 0;
+        let frames: [&[u8]; 3] = [H2_PREFACE, b" headers", b" data"];
+        turns
+            .drive(std::future::poll_fn(|cx| {
+                poll += 1;
+                let mut w = Pin::new(&mut w);
+                if poll == 1 {
+                    for f in frames {
+                        assert!(matches!(w.as_mut().poll_write(cx, f), Poll::Ready(Ok(_))));
+                        assert!(matches!(w.as_mut().poll_flush(cx), Poll::Ready(Ok(()))));
+                    }
+                    assert!(writes.0.lock().unwrap().is_empty(), "held within the poll");
+                    // The wake the deferred flush made brings the second poll.
+                    return Poll::Pending;
+                }
+                assert!(matches!(w.as_mut().poll_flush(cx), Poll::Ready(Ok(()))));
+                Poll::Ready(())
+            }))
+            .await;
+        assert_eq!(poll, 2);
+        assert_eq!(*writes.0.lock().unwrap(), vec![frames.concat()]);
     }
 
     /// An HTTP/1.1 stream is passed through as written.

@@ -108,10 +108,12 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let b = builder(client);
+    let io = super::coalesce::Coalesce::new(io);
+    let turns = io.turns();
     let conn = b
-        .serve_connection_with_upgrades(TokioIo::new(super::coalesce::Coalesce::new(io)), svc)
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    if let Err(e) = turns.drive(watcher.watch(conn)).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

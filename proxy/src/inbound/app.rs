@@ -4,14 +4,14 @@
 //! by); the address is always the app's.
 
 use crate::balance::state::Now;
-use crate::http::coalesce::Coalesce;
+use crate::http::coalesce::{Coalesce, TurnExec};
 use crate::http::errors::ProxyError;
 use arc_swap::ArcSwapOption;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest as Http1Sender;
 use hyper::client::conn::http2::SendRequest as Http2Sender;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +20,13 @@ use tokio::net::TcpStream;
 /// A request body to the app: the caller's, or empty when a bodyless request is replayed.
 pub(super) type AppBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
 
-/// A new connection to the app, writes coalesced.
-async fn connect_app(addr: SocketAddr) -> Result<TokioIo<Coalesce<TcpStream>>, ProxyError> {
+/// A new connection to the app, writes coalesced (HTTP/2 only; see `Coalesce`).
+async fn connect_app(addr: SocketAddr) -> Result<Coalesce<TcpStream>, ProxyError> {
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| ProxyError::App(format!("connecting to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
-    Ok(TokioIo::new(Coalesce::new(s)))
+    Ok(Coalesce::new(s))
 }
 
 /// Runs a connection to the app until it closes.
@@ -105,7 +105,7 @@ impl AppH1 {
 
     async fn connect(&self) -> Result<Http1Sender<AppBody>, ProxyError> {
         let io = connect_app(self.addr).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| app_error(&e))?;
         drive(self.addr, "HTTP/1.1", conn);
@@ -222,9 +222,9 @@ impl AppH2 {
             return Ok(s);
         }
         let io = connect_app(self.addr).await?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
             .timer(TokioTimer::new())
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| app_error(&e))?;
         drive(self.addr, "HTTP/2", conn);
@@ -317,8 +317,10 @@ mod tests {
                             Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("hi"))))
                         }
                     });
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc);
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tcp), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}

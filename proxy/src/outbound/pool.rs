@@ -5,11 +5,12 @@
 
 use crate::balance::state::Now;
 use crate::http::body::ReqBody;
+use crate::http::coalesce::{Coalesce, TurnExec};
 use crate::http::errors::ProxyError;
 use crate::tls::TlsContext;
 use dashmap::DashMap;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,11 +155,12 @@ impl Pool {
                 });
             }
         };
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let io = Coalesce::new(tls);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(crate::http::coalesce::Coalesce::new(tls)))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::Connect {
                 addr,
