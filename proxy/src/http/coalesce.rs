@@ -39,15 +39,31 @@ impl Turns {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// Runs `fut`, counting each of its polls.
-    pub async fn drive<F: Future>(self, fut: F) -> F::Output {
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(move |cx| {
-            // Starts at 1: 0 means "never counted" to `Coalesce`.
-            self.0.fetch_add(1, Ordering::Relaxed);
-            fut.as_mut().poll(cx)
-        })
-        .await
+    /// `fut`, with each of its polls counted.
+    pub fn drive<F: Future>(self, fut: F) -> Driven<F> {
+        Driven { fut, turns: self }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose polls are counted in [`Turns`]. A struct rather than an async block,
+    /// which would hold the future twice (argument and pinned local) and copy it on the first
+    /// poll: hyper's spawned HTTP/2 futures are the size of its whole connection task.
+    pub struct Driven<F> {
+        #[pin]
+        fut: F,
+        turns: Turns,
+    }
+}
+
+impl<F: Future> Future for Driven<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // Starts at 1: 0 means "never counted" to `Coalesce`.
+        this.turns.0.fetch_add(1, Ordering::Relaxed);
+        this.fut.poll(cx)
     }
 }
 

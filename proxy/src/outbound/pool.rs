@@ -155,7 +155,9 @@ impl Pool {
                 });
             }
         };
-        let io = Coalesce::new(tls);
+        // Boxed: hyper spawns every request's future as the type of its connection task, which
+        // holds this stream; inline, rustls's state (~1.1 KB) would be copied with each spawn.
+        let io = Coalesce::new(Box::new(tls));
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
