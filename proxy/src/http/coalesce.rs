@@ -89,12 +89,10 @@ pub struct Coalesce<IO> {
     /// None until the first bytes go either way; then whether they were the HTTP/2 preface.
     h2: Option<bool>,
     held: Vec<u8>,
-    /// The flush in progress has already yielded its turn.
-    deferred: bool,
     /// The polls of the task driving this connection (see the module doc).
     turns: Turns,
-    /// The poll in which the held bytes' flush was deferred.
-    deferred_at: u32,
+    /// Set when the flush in progress has yielded its turn: the poll it did so in.
+    deferred_at: Option<u32>,
 }
 
 impl<IO> Coalesce<IO> {
@@ -103,9 +101,8 @@ impl<IO> Coalesce<IO> {
             io,
             h2: None,
             held: Vec::new(),
-            deferred: false,
             turns: Turns::default(),
-            deferred_at: 0,
+            deferred_at: None,
         }
     }
 
@@ -215,24 +212,24 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         let this = self.get_mut();
         let turn = this.turns.now();
         if !this.held.is_empty() {
-            if !this.deferred {
-                // Yield once: tasks already woken in this turn may add their frames first.
-                this.deferred = true;
-                this.deferred_at = turn;
-                cx.waker().wake_by_ref();
-                if turn == 0 {
-                    return Poll::Pending;
+            match this.deferred_at {
+                None => {
+                    // Yield once: tasks already woken in this turn may add their frames first.
+                    this.deferred_at = Some(turn);
+                    cx.waker().wake_by_ref();
+                    if turn == 0 {
+                        return Poll::Pending;
+                    }
+                    // Counted: report the flush done and keep holding, so h2 buffers the rest
+                    // of this poll's frames; its flush in the next poll (the wake) sends them.
+                    return Poll::Ready(Ok(()));
                 }
-                // Counted: report the flush done and keep holding, so h2 buffers the rest of
-                // this poll's frames; its flush in the next poll (the wake above) sends them.
-                return Poll::Ready(Ok(()));
-            }
-            if turn != 0 && turn == this.deferred_at {
-                return Poll::Ready(Ok(()));
+                Some(at) if turn != 0 && at == turn => return Poll::Ready(Ok(())),
+                Some(_) => {}
             }
         }
         ready!(this.poll_drain(cx))?;
-        this.deferred = false;
+        this.deferred_at = None;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
