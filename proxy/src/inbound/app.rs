@@ -20,13 +20,13 @@ use tokio::net::TcpStream;
 /// A request body to the app: the caller's, or empty when a bodyless request is replayed.
 pub(super) type AppBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
 
-/// A new connection to the app, writes coalesced (HTTP/2 only; see `Coalesce`).
-async fn connect_app(addr: SocketAddr) -> Result<Coalesce<TcpStream>, ProxyError> {
+/// A new connection to the app.
+async fn connect_app(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| ProxyError::App(format!("connecting to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
-    Ok(Coalesce::new(s))
+    Ok(s)
 }
 
 /// Runs a connection to the app until it closes.
@@ -221,7 +221,8 @@ impl AppH2 {
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let io = connect_app(self.addr).await?;
+        // Writes coalesced: HTTP/2 only, since hyper writes an HTTP/1.1 message in one go.
+        let io = Coalesce::new(connect_app(self.addr).await?);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))
