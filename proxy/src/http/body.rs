@@ -1,5 +1,5 @@
 //! Request bodies on the outbound path: the app's body as hyper gave it, or a replayable copy
-//! when a retry policy may send it again.
+//! when a retry policy may send it again; and the answer bodies the proxy passes on.
 //!
 //! A [`ReplayBody`] streams to the first attempt while keeping what passed, up to a cap
 //! ([`MAX_REPLAY_BYTES`]); a clone made for a retry replays the kept frames, then continues from
@@ -59,6 +59,10 @@ impl Body for ReqBody {
         }
     }
 }
+
+/// The body of an answer the proxy passes on: from an HTTP/1.1 app connection (hyper's, left),
+/// or from an HTTP/2 stream (a peer sidecar's or an HTTP/2 app's, right).
+pub type RespBody = http_body_util::Either<Incoming, crate::http::h2client::H2Body>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("request body cannot be replayed: more than {MAX_REPLAY_BYTES} bytes were sent already")]

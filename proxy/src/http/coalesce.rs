@@ -10,9 +10,9 @@
 //! rather than copied, and h2 flushes before it buffers the next frame. Were each of those
 //! flushes a yield, a batch of responses would leave two DATA frames per system call, their
 //! trailers a turn later. So when the task driving the connection counts its polls in
-//! [`Turns`] (`Turns::drive`, or [`TurnExec`] for a connection hyper spawns), a flush in the
-//! same poll as the one that deferred returns at once and the bytes stay held: h2 flushes at
-//! the end of every poll of its connection, and the first flush in a later poll sends all.
+//! [`Turns`] (`Turns::drive`), a flush in the same poll as the one that deferred returns at once
+//! and the bytes stay held: h2 flushes at the end of every poll of its connection, and the first
+//! flush in a later poll sends all.
 
 use std::future::Future;
 use std::io;
@@ -64,21 +64,6 @@ impl<F: Future> Future for Driven<F> {
         // Starts at 1: 0 means "never counted" to `Coalesce`.
         this.turns.0.fetch_add(1, Ordering::Relaxed);
         this.fut.poll(cx)
-    }
-}
-
-/// A hyper executor that counts the polls of what it spawns in one connection's [`Turns`]:
-/// hyper's HTTP/2 client drives its connection on a task of its own.
-#[derive(Debug, Clone)]
-pub struct TurnExec(pub Turns);
-
-impl<F> hyper::rt::Executor<F> for TurnExec
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(self.0.clone().drive(fut));
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod body;
 pub mod coalesce;
 pub mod errors;
+pub mod h2client;
 pub mod router;
 pub mod server;
 pub mod stack;
@@ -10,10 +11,8 @@ pub mod stack;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-
 /// Response body: a proxied body, or one the proxy made (errors, admin pages).
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<body::RespBody, Full<Bytes>>;
 
 /// Set by the outbound proxy when the app spoke HTTP/1.x; the inbound proxy uses it to talk
 /// HTTP/1.1 to its app (the hop between sidecars is always HTTP/2).

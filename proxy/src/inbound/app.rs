@@ -4,14 +4,15 @@
 //! by); the address is always the app's.
 
 use crate::balance::state::Now;
-use crate::http::coalesce::{Coalesce, TurnExec};
+use crate::http::body::RespBody;
+use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
+use crate::http::h2client::{H2Sender, SendError};
 use arc_swap::ArcSwapOption;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest as Http1Sender;
-use hyper::client::conn::http2::SendRequest as Http2Sender;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,18 +28,6 @@ async fn connect_app(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
         .map_err(|e| ProxyError::App(format!("connecting to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
     Ok(s)
-}
-
-/// Runs a connection to the app until it closes.
-fn drive<C>(addr: SocketAddr, proto: &'static str, conn: C)
-where
-    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, proto, error = %e, "app connection closed");
-        }
-    });
 }
 
 /// How long an HTTP/1.1 connection to the app may stay unused.
@@ -108,7 +97,12 @@ impl AppH1 {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| app_error(&e))?;
-        drive(self.addr, "HTTP/1.1", conn);
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/1.1 app connection closed");
+            }
+        });
         Ok(sender)
     }
 
@@ -182,10 +176,11 @@ impl AppH1 {
 /// The one HTTP/2 connection to the app, shared by every request that goes to it over
 /// HTTP/2. It is opened on first use and again after the app closes it. A request takes it
 /// with an atomic load and a clone, without the general pool's checkout, key hashing and
-/// extra channel, which cost ~4% of a proxy's instructions per gRPC request.
+/// extra channel, which cost ~4% of a proxy's instructions per gRPC request. It is driven with
+/// h2 directly (see `http::h2client`), like the connections to peer sidecars.
 pub(super) struct AppH2 {
     addr: SocketAddr,
-    ready: ArcSwapOption<Http2Sender<AppBody>>,
+    ready: ArcSwapOption<H2Sender>,
     /// Serialises connecting, so a burst of first requests opens one connection.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -199,37 +194,31 @@ impl AppH2 {
         }
     }
 
-    fn live(&self) -> Option<Http2Sender<AppBody>> {
-        self.ready
-            .load()
-            .as_deref()
-            .filter(|s| !s.is_closed())
-            .cloned()
+    fn live(&self) -> Option<Arc<H2Sender>> {
+        self.ready.load_full().filter(|s| !s.is_closed())
     }
 
-    async fn sender(&self) -> Result<Http2Sender<AppBody>, ProxyError> {
+    async fn sender(&self) -> Result<Arc<H2Sender>, ProxyError> {
         if let Some(s) = self.live() {
             return Ok(s);
         }
         // Boxed: connecting is rare, and inline it would more than double the size of every
-        // request's future, which is copied when the request's task is spawned.
+        // request's future.
         Box::pin(self.connect()).await
     }
 
-    async fn connect(&self) -> Result<Http2Sender<AppBody>, ProxyError> {
+    async fn connect(&self) -> Result<Arc<H2Sender>, ProxyError> {
         let _g = self.connecting.lock().await;
         if let Some(s) = self.live() {
             return Ok(s);
         }
         // Writes coalesced: HTTP/2 only, since hyper writes an HTTP/1.1 message in one go.
         let io = Coalesce::new(connect_app(self.addr).await?);
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(io))
+        let sender = H2Sender::handshake(io, None, self.addr)
             .await
             .map_err(|e| app_error(&e))?;
-        drive(self.addr, "HTTP/2", conn);
-        self.ready.store(Some(Arc::new(sender.clone())));
+        let sender = Arc::new(sender);
+        self.ready.store(Some(sender.clone()));
         Ok(sender)
     }
 
@@ -238,13 +227,13 @@ impl AppH2 {
     pub(super) async fn request(
         &self,
         req: Request<AppBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<RespBody>, ProxyError> {
         let req = match self.send_once(req).await {
             Ok(r) => return Ok(r),
             Err(Unsent::Back(req)) => req,
             Err(Unsent::Failed(e)) => return Err(e),
         };
-        // A connection that gave a request back is closed, so `live` passes it over now.
+        // The connection that gave the request back is no longer offered.
         match self.send_once(req).await {
             Ok(r) => Ok(r),
             Err(Unsent::Back(_)) => Err(ProxyError::App(format!(
@@ -255,18 +244,18 @@ impl AppH2 {
         }
     }
 
-    async fn send_once(&self, req: Request<AppBody>) -> Result<Response<Incoming>, Unsent> {
-        let mut sender = self.sender().await.map_err(Unsent::Failed)?;
-        if sender.ready().await.is_err() {
-            return Err(Unsent::Back(req));
+    async fn send_once(&self, req: Request<AppBody>) -> Result<Response<RespBody>, Unsent> {
+        let sender = self.sender().await.map_err(Unsent::Failed)?;
+        match H2Sender::clone(&sender).send(req).await {
+            Ok(resp) => Ok(resp.map(RespBody::Right)),
+            Err(SendError::Unsent(req, e)) => {
+                // Going away: the next request opens a new connection (unless one did already).
+                tracing::debug!(addr = %self.addr, error = %e, "app connection gave the request back");
+                self.ready.compare_and_swap(&Some(sender), None);
+                Err(Unsent::Back(*req))
+            }
+            Err(SendError::Failed(e)) => Err(Unsent::Failed(app_error(&e))),
         }
-        sender
-            .try_send_request(req)
-            .await
-            .map_err(|mut e| match e.take_message() {
-                Some(req) => Unsent::Back(req),
-                None => Unsent::Failed(app_error(&e.into_error())),
-            })
     }
 }
 

@@ -2,6 +2,7 @@
 //! caller's SPIFFE identity, and forwards to the local app in the protocol the caller's app
 //! spoke (`x-mesh-orig-proto`), telling the app who called in `x-forwarded-client-cert`.
 
+use crate::http::body::RespBody;
 use crate::http::errors::ProxyError;
 use crate::http::server::{Client as Caller, serve};
 use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
@@ -302,7 +303,7 @@ impl Inbound {
         xfcc: Option<HeaderValue>,
         traceparent: Option<HeaderValue>,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if let Some(tp) = traceparent {
             parts.headers.insert(crate::outbound::TRACEPARENT, tp);
@@ -338,7 +339,7 @@ impl Inbound {
         });
         let req = Request::from_parts(parts, AppBody::Left(body));
         let mut resp = if h1 {
-            self.h1.request(req, replay).await?
+            self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {
             self.h2.request(req).await?
         };

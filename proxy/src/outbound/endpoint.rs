@@ -5,13 +5,12 @@
 use super::pool::{Pool, Sender};
 use crate::balance::outlier::OutlierConfig;
 use crate::balance::{Balancer, LbConfig, PickError, Picked, Tried, hash_bytes};
-use crate::http::body::ReqBody;
+use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
+use crate::http::h2client::{SendError, never_processed};
 use crate::telemetry::Answered;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,21 +40,8 @@ impl std::fmt::Debug for EndpointService {
     }
 }
 
-/// True when hyper says the request provably never reached the peer: returned unsent, or
-/// refused by the peer with REFUSED_STREAM or a GOAWAY that did not cover its stream.
-fn never_processed(e: &hyper::Error) -> bool {
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away();
-        }
-        src = s.source();
-    }
-    false
-}
-
 /// Extra attempts, on other endpoints, for a request that was never handed to a connection
-/// (the endpoint refused the connection, or hyper gave the request back unsent). Always safe,
+/// (the endpoint refused the connection, or its connection gave the request back unsent). Always safe,
 /// policy or not: this is what keeps a rolling update free of errors.
 const TRANSPARENT_RETRIES: usize = 2;
 
@@ -81,25 +67,19 @@ impl EndpointService {
         }
     }
 
-    /// A ready connection to `addr` (one fresh attempt if the pooled one just closed).
+    /// The pooled connection to `addr`, or a new one.
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
-        let get = || {
-            self.pool.get(
+        self.pool
+            .get(
                 addr,
                 &self.identity,
                 self.connect_timeout,
                 self.idle_timeout,
             )
-        };
-        let mut sender = get().await?;
-        if sender.ready().await.is_err() {
-            self.pool.evict(addr, &self.identity);
-            sender = get().await?;
-        }
-        Ok(sender)
+            .await
     }
 
-    async fn send(self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(self, mut req: Request<ReqBody>) -> Result<Response<RespBody>, ProxyError> {
         let hash = self
             .lb
             .hash_header
@@ -115,7 +95,7 @@ impl EndpointService {
                 t.push(&picked);
             }
             let (addr, id) = (picked.addr, picked.id.clone());
-            let mut sender = match self.connect(addr).await {
+            let sender = match self.connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {
                     self.finish(picked, false);
@@ -128,37 +108,39 @@ impl EndpointService {
                     return Err(e);
                 }
             };
-            match sender.try_send_request(req).await {
-                Ok(mut resp) => {
+            match sender.send(req).await {
+                Ok(resp) => {
                     let ok = !resp.status().is_server_error();
                     let version = picked.version.clone();
                     self.finish(picked, ok);
+                    let mut resp = resp.map(RespBody::Right);
                     resp.extensions_mut().insert(Answered { version, addr });
                     return Ok(resp);
                 }
-                Err(mut e) => {
+                Err(SendError::Unsent(r, e)) => {
+                    // The connection is closed or going away: the next request opens another.
                     self.finish(picked, false);
-                    let unsent = e.take_message();
-                    let e = e.into_error();
-                    if e.is_closed() || e.is_canceled() {
+                    self.pool.evict(addr, &self.identity);
+                    if attempt < TRANSPARENT_RETRIES {
+                        attempt += 1;
+                        avoid.push(addr);
+                        tracing::debug!(%addr, error = %e, "connection gave the request back; trying again");
+                        req = *r;
+                        continue;
+                    }
+                    return Err(ProxyError::Refused(format!("{id} ({addr}): {e}")));
+                }
+                Err(SendError::Failed(e)) => {
+                    self.finish(picked, false);
+                    if e.is_go_away() || e.is_io() {
                         self.pool.evict(addr, &self.identity);
                     }
-                    match unsent {
-                        Some(r) if attempt < TRANSPARENT_RETRIES => {
-                            attempt += 1;
-                            avoid.push(addr);
-                            req = r;
-                            continue;
-                        }
-                        unsent => {
-                            let what = format!("{id} ({addr}): {e}");
-                            return Err(if unsent.is_some() || never_processed(&e) {
-                                ProxyError::Refused(what)
-                            } else {
-                                ProxyError::Upstream(what)
-                            });
-                        }
-                    }
+                    let what = format!("{id} ({addr}): {e}");
+                    return Err(if never_processed(&e) {
+                        ProxyError::Refused(what)
+                    } else {
+                        ProxyError::Upstream(what)
+                    });
                 }
             }
         }
@@ -166,9 +148,9 @@ impl EndpointService {
 }
 
 impl tower::Service<Request<ReqBody>> for EndpointService {
-    type Response = Response<Incoming>;
+    type Response = Response<RespBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, ProxyError>>;
+    type Future = BoxFuture<'static, Result<Response<RespBody>, ProxyError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

@@ -4,13 +4,11 @@
 //! service's idle timeout are closed by `sweep`.
 
 use crate::balance::state::Now;
-use crate::http::body::ReqBody;
-use crate::http::coalesce::{Coalesce, TurnExec};
+use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
+use crate::http::h2client::{H2Sender, KeepAlive};
 use crate::tls::TlsContext;
 use dashmap::DashMap;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 type Key = (SocketAddr, Arc<str>);
-pub type Sender = SendRequest<ReqBody>;
+pub type Sender = H2Sender;
+
+/// Pings on peer connections, so a peer gone silent (host down, partition) is noticed.
+const PEER_KEEP_ALIVE: KeepAlive = KeepAlive {
+    interval: Duration::from_secs(20),
+    timeout: Duration::from_secs(10),
+};
 
 struct Conn {
     sender: Sender,
@@ -155,24 +159,13 @@ impl Pool {
                 });
             }
         };
-        // Boxed: hyper spawns every request's future as the type of its connection task, which
-        // holds this stream; inline, rustls's state (~1.1 KB) would be copied with each spawn.
-        let io = Coalesce::new(Box::new(tls));
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TurnExec(io.turns()))
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(io))
+        // Boxed: the stream is moved into the connection's task once; rustls's state is ~1.1 KB.
+        let sender = H2Sender::handshake(Coalesce::new(Box::new(tls)), Some(PEER_KEEP_ALIVE), addr)
             .await
             .map_err(|e| ProxyError::Connect {
                 addr,
                 reason: e.to_string(),
             })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "peer connection closed");
-            }
-        });
         tracing::debug!(%addr, %identity, "peer connection open");
         Ok(sender)
     }
