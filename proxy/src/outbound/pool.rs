@@ -18,7 +18,8 @@ use std::time::Duration;
 type Key = (SocketAddr, Arc<str>);
 pub type Sender = H2Sender;
 
-/// Pings on peer connections, so a peer gone silent (host down, partition) is noticed.
+/// Pings on peer connections, so a peer gone silent (host down, partition) is noticed; sent
+/// while idle too, so the next request does not find out first.
 const PEER_KEEP_ALIVE: KeepAlive = KeepAlive {
     interval: Duration::from_secs(20),
     timeout: Duration::from_secs(10),
