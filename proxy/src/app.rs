@@ -190,11 +190,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 }
                 serve(
                     s,
-                    hyper::service::service_fn(move |r| {
-                        // Boxed: hyper spawns each HTTP/2 stream's future and moves it a few
-                        // times on the way; a pointer moves cheaper than the whole handler.
-                        Box::pin(outbound.clone().handle(fixed.clone(), r))
-                    }),
+                    hyper::service::service_fn(move |r| outbound.clone().handle(fixed.clone(), r)),
                     crate::http::server::Client::App,
                     w,
                 )

@@ -6,7 +6,7 @@
 //! and takes the answer: no channel, no oneshot, and a task only for a body that is still
 //! streaming when the answer comes (a streaming upload).
 
-use crate::http::coalesce::{Coalesce, Turns};
+use crate::http::coalesce::Coalesce;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -81,7 +81,7 @@ impl H2Sender {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let turns: Turns = io.turns();
+        let turns = io.turns();
         let (tx, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)

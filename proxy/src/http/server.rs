@@ -108,6 +108,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let b = builder(client);
+    // Each request's future boxed: hyper spawns every HTTP/2 stream as a task holding it, and
+    // moves it several times on the way in; a pointer moves cheaper than a whole handler.
+    let svc = hyper::service::service_fn(move |req| Box::pin(svc.call(req)));
     let io = super::coalesce::Coalesce::new(io);
     let turns = io.turns();
     let conn = b

@@ -222,48 +222,31 @@ impl AppH2 {
         Ok(sender)
     }
 
-    /// Sends `req`; a request the connection gave back unsent (the app closed it) goes once
-    /// more on a new connection.
+    /// Sends `req`; a request the connection gave back unsent (the app closed it or is closing
+    /// it) goes once more on a new connection.
     pub(super) async fn request(
         &self,
-        req: Request<AppBody>,
+        mut req: Request<AppBody>,
     ) -> Result<Response<RespBody>, ProxyError> {
-        let req = match self.send_once(req).await {
-            Ok(r) => return Ok(r),
-            Err(Unsent::Back(req)) => req,
-            Err(Unsent::Failed(e)) => return Err(e),
-        };
-        // The connection that gave the request back is no longer offered.
-        match self.send_once(req).await {
-            Ok(r) => Ok(r),
-            Err(Unsent::Back(_)) => Err(ProxyError::App(format!(
-                "HTTP/2 connection to {} closed before the request went out, twice",
-                self.addr
-            ))),
-            Err(Unsent::Failed(e)) => Err(e),
-        }
-    }
-
-    async fn send_once(&self, req: Request<AppBody>) -> Result<Response<RespBody>, Unsent> {
-        let sender = self.sender().await.map_err(Unsent::Failed)?;
-        match H2Sender::clone(&sender).send(req).await {
-            Ok(resp) => Ok(resp.map(RespBody::Right)),
-            Err(SendError::Unsent(req, e)) => {
-                // Going away: the next request opens a new connection (unless one did already).
-                tracing::debug!(addr = %self.addr, error = %e, "app connection gave the request back");
-                self.ready.compare_and_swap(&Some(sender), None);
-                Err(Unsent::Back(*req))
+        for _ in 0..2 {
+            let sender = self.sender().await?;
+            match H2Sender::clone(&sender).send(req).await {
+                Ok(resp) => return Ok(resp.map(RespBody::Right)),
+                Err(SendError::Unsent(back, e)) => {
+                    // No longer offered: the next attempt opens a new connection (unless
+                    // another request did already).
+                    tracing::debug!(addr = %self.addr, error = %e, "app connection gave the request back");
+                    self.ready.compare_and_swap(&Some(sender), None);
+                    req = *back;
+                }
+                Err(SendError::Failed(e)) => return Err(app_error(&e)),
             }
-            Err(SendError::Failed(e)) => Err(Unsent::Failed(app_error(&e))),
         }
+        Err(ProxyError::App(format!(
+            "HTTP/2 connection to {} closed before the request went out, twice",
+            self.addr
+        )))
     }
-}
-
-/// Why a request to the app over HTTP/2 got no answer.
-enum Unsent {
-    /// The connection closed before taking it: safe to send again.
-    Back(Request<AppBody>),
-    Failed(ProxyError),
 }
 
 fn app_error(e: &dyn std::error::Error) -> ProxyError {

@@ -275,8 +275,7 @@ impl Inbound {
                 d
             });
             let obs = Observation::start(Some(counters.clone()), detail);
-            // Boxed, as on the outbound side: hyper moves each stream's future a few times.
-            Box::pin(this.clone().handle(caller.clone(), xfcc.clone(), req, obs))
+            this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
         serve(io, svc, client, watcher).await;
     }

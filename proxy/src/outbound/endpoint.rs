@@ -41,8 +41,8 @@ impl std::fmt::Debug for EndpointService {
 }
 
 /// Extra attempts, on other endpoints, for a request that was never handed to a connection
-/// (the endpoint refused the connection, or its connection gave the request back unsent). Always safe,
-/// policy or not: this is what keeps a rolling update free of errors.
+/// (the endpoint refused the connection, or its connection gave the request back unsent).
+/// Always safe, policy or not: this is what keeps a rolling update free of errors.
 const TRANSPARENT_RETRIES: usize = 2;
 
 impl EndpointService {

@@ -160,8 +160,7 @@ impl Pool {
                 });
             }
         };
-        // Boxed: the stream is moved into the connection's task once; rustls's state is ~1.1 KB.
-        let sender = H2Sender::handshake(Coalesce::new(Box::new(tls)), Some(PEER_KEEP_ALIVE), addr)
+        let sender = H2Sender::handshake(Coalesce::new(tls), Some(PEER_KEEP_ALIVE), addr)
             .await
             .map_err(|e| ProxyError::Connect {
                 addr,
