@@ -2,6 +2,7 @@
 //! read per request with `ArcSwap::load`. Also the on-demand subscription of services: a
 //! request for a service not yet known asks discovery for it and waits (bounded) for the answer.
 
+use crate::FastMap;
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
 use crate::http::router::{MirrorConfig, Router, Rule};
@@ -168,7 +169,7 @@ impl Service {
 pub struct Snapshot {
     /// Control-plane revision of the last applied response.
     pub version: u64,
-    pub services: HashMap<Arc<str>, Arc<Service>>,
+    pub services: FastMap<Arc<str>, Arc<Service>>,
     /// Names the control plane said do not exist.
     pub missing: HashSet<Arc<str>>,
     /// True once the first response of the control plane was applied.
@@ -197,7 +198,7 @@ pub struct AppTarget {
 }
 
 /// Indexes the services' endpoints by app address and by IP.
-pub fn app_addrs(services: &HashMap<Arc<str>, Arc<Service>>) -> AppAddrs {
+pub fn app_addrs(services: &FastMap<Arc<str>, Arc<Service>>) -> AppAddrs {
     let mut m = AppAddrs::default();
     for (name, s) in services {
         for e in &s.endpoints {

@@ -1,7 +1,7 @@
 //! The one table from proxy errors to responses. Every response the proxy makes itself carries
 //! `x-mesh-error: <reason>`; gRPC callers get a gRPC status instead of an HTTP one.
 
-use super::{Body, MESH_ERROR, full};
+use super::{Body, GRPC_STATUS, MESH_ERROR, full};
 use http::{HeaderValue, Response, StatusCode};
 
 /// Which side a failure is on.
@@ -155,7 +155,7 @@ impl ProxyError {
                 HeaderValue::from_static("application/grpc"),
             );
             r.headers_mut()
-                .insert("grpc-status", HeaderValue::from(u16::from(code)));
+                .insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
             if let Ok(v) = HeaderValue::from_str(&grpc_encode(&msg)) {
                 r.headers_mut().insert("grpc-message", v);
             }

@@ -22,6 +22,8 @@ pub const ORIG_PROTO_H1: &str = "HTTP/1.1";
 pub const MESH_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
 /// The caller's identity, as the inbound proxy verified it (Envoy's XFCC format).
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// A gRPC call's status, in the trailers (or the head of a trailers-only answer).
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// `http://<authority><path?query>`: the absolute form HTTP/2 needs (`:authority`, `:path`).
 /// `authority` None keeps the URI's own (`localhost` if it has none). A URI already in that

@@ -17,7 +17,7 @@ use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, 
 use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Snapshots};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
-use http::{HeaderValue, Request, Response, Version};
+use http::{HeaderName, HeaderValue, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use pool::Pool;
@@ -29,13 +29,13 @@ use tower::ServiceExt;
 /// pile up work in the proxy).
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 /// W3C trace context header.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Marks a mirror copy.
-pub const MIRROR_HEADER: &str = "x-mesh-mirror";
+pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-mesh-mirror");
 
 /// Request header asking the proxy to say how it handled the request (route, backend,
 /// endpoint, attempts) in `x-mesh-*` response headers.
-pub const DEBUG_HEADER: &str = "x-mesh-debug";
+pub const DEBUG_HEADER: HeaderName = HeaderName::from_static("x-mesh-debug");
 
 /// What the debug header reports.
 #[derive(Debug, Default)]

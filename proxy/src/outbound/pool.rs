@@ -3,12 +3,12 @@
 //! a burst of first requests opens one connection, not hundreds. Connections unused for their
 //! service's idle timeout are closed by `sweep`.
 
+use crate::FastDashMap;
 use crate::balance::state::Now;
 use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{H2Sender, KeepAlive};
 use crate::tls::TlsContext;
-use dashmap::DashMap;
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,16 +34,16 @@ struct Conn {
 
 pub struct Pool {
     tls: Arc<TlsContext>,
-    ready: DashMap<Key, Conn>,
-    connecting: DashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+    ready: FastDashMap<Key, Conn>,
+    connecting: FastDashMap<Key, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Pool {
     pub fn new(tls: Arc<TlsContext>) -> Self {
         Self {
             tls,
-            ready: DashMap::new(),
-            connecting: DashMap::new(),
+            ready: FastDashMap::default(),
+            connecting: FastDashMap::default(),
         }
     }
 

@@ -12,7 +12,7 @@
 use crate::balance::Tried;
 use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::errors::ProxyError;
-use crate::http::is_grpc;
+use crate::http::{GRPC_STATUS, is_grpc};
 use futures_util::future::{BoxFuture, Either};
 use http::{Method, Request, Response};
 use http_body::Body;
@@ -22,6 +22,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
+
+/// A request that carries one may be sent again whatever its method (IETF httpapi draft).
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -89,7 +92,7 @@ impl RetryConfig {
                 }
                 let grpc = resp
                     .headers()
-                    .get("grpc-status")
+                    .get(GRPC_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u8>().ok());
                 match grpc {
@@ -279,7 +282,7 @@ where
             let grpc = is_grpc(req.headers());
             let may_resend = idempotent(req.method())
                 || cfg.non_idempotent
-                || req.headers().contains_key("idempotency-key");
+                || req.headers().contains_key(IDEMPOTENCY_KEY);
             let (head, body) = req.into_parts();
             let replay = match body {
                 ReqBody::Incoming(b) if !b.is_end_stream() => Some(ReplayBody::new(b)),

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
 
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// Which timeout a layer enforces (they answer differently: see `ProxyError::Timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

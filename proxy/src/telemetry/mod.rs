@@ -13,7 +13,7 @@ pub mod trace;
 pub use report::TelemetryReporter;
 
 use crate::http::errors::reason_index;
-use crate::http::{Body, MESH_ERROR};
+use crate::http::{Body, GRPC_STATUS, MESH_ERROR};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Frame, SizeHint};
@@ -78,7 +78,7 @@ impl Detail {
             .unwrap_or("")
             .to_string();
         let empty: Arc<str> = Arc::from("");
-        let traceparent = req.headers().get("traceparent");
+        let traceparent = req.headers().get(crate::outbound::TRACEPARENT);
         let span = trace::begin(traceparent);
         let trace_id = match &span {
             Some(s) => Some(s.context.trace_id_hex()),
@@ -167,9 +167,7 @@ impl Observation {
     }
 }
 
-/// A constant, so that finding it in every response and trailer block needs no parsing.
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
+/// The gRPC status of a head or trailer block, if it carries one.
 fn grpc_status(h: &HeaderMap) -> Option<u16> {
     h.get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
