@@ -1,5 +1,7 @@
 //! Fixtures shared by the benchmarks.
 
+pub mod mesh;
+
 use mesh_proto::v1 as pb;
 use mesh_proxy::snapshot::Service;
 

@@ -13,8 +13,9 @@
 //! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
-use mesh_control_plane::cli::client::{bootstrap_token, connect_with};
-use mesh_control_plane::process::{Process, bin_dir, proxy_command, sibling};
+use mesh_benches::mesh::{Mesh, READY, free_port, grpc_check, grpc_request, proxy_bin};
+use mesh_control_plane::cli::client::bootstrap_token;
+use mesh_control_plane::process::bin_dir;
 use mesh_proto::v1 as pb;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Command;
 
-const READY: Duration = Duration::from_secs(30);
 const TRUST_DOMAIN: &str = "mesh.local";
 
 #[derive(clap::Parser)]
@@ -55,15 +55,13 @@ struct Args {
     /// Run only these loads (h1, h2, grpc, fixed).
     #[arg(long, value_delimiter = ',')]
     loads: Vec<String>,
+    /// The sidecar binary (default: `mesh-proxy` beside this one); `benches/run.sh` passes
+    /// the profile-guided build, `target/pgo/mesh-proxy`.
+    #[arg(long)]
+    proxy: Option<PathBuf>,
     /// The gRPC request body file (written at start).
     #[arg(skip)]
     grpc_body: PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 use mesh_benches::cpu_secs;
@@ -161,39 +159,6 @@ impl Load {
             Load::H1Fixed1000 => "fixed",
         }
     }
-}
-
-/// The body of one gRPC `Echo/Unary` call: a length-prefixed message of `body` bytes.
-fn grpc_request(body: usize) -> Vec<u8> {
-    use prost::Message as _;
-    let msg = mesh_proto::example::EchoRequest {
-        message: "x".repeat(body),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
-    frame.extend_from_slice(&msg);
-    frame
-}
-
-/// Checks that a real gRPC client gets an OK `Echo/Unary` answer with its message back through
-/// the topology: oha counts HTTP statuses, and a gRPC error comes as a 200 with a grpc-status.
-async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .origin("http://backend".parse()?)
-        .connect()
-        .await?;
-    let message = "x".repeat(body);
-    let r = mesh_proto::example::echo_client::EchoClient::new(ch)
-        .unary(mesh_proto::example::EchoRequest {
-            message: message.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    anyhow::ensure!(r.message == message, "gRPC echo came back changed");
-    Ok(())
 }
 
 async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
@@ -435,113 +400,20 @@ async fn certify_files(
 async fn main() -> anyhow::Result<()> {
     let mut args: Args = clap::Parser::parse();
     let bins = bin_dir()?;
+    let proxy = proxy_bin(args.proxy.clone(), &bins)?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     args.grpc_body = d.join("grpc-echo.bin");
     std::fs::write(&args.grpc_body, grpc_request(args.body))?;
     let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
-    let mut procs: Vec<Process> = Vec::new();
-
-    let (grpc, admin_addr) = (
-        SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-    );
-    let mut cmd = Command::new(sibling(&bins, "mesh-control-plane")?);
-    cmd.arg("--data-dir")
-        .arg(d.join("cp"))
-        .args([
-            "--grpc-addr",
-            &grpc.to_string(),
-            "--admin-addr",
-            &admin_addr.to_string(),
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stderr(log("cp")?);
-    procs.push(Process::spawn_ready("control plane", cmd, READY).await?.0);
-    let ca_pem = std::fs::read_to_string(d.join("cp/ca/bundle.pem"))?;
-    std::fs::write(d.join("ca.pem"), &ca_pem)?;
-    let token = std::fs::read_to_string(d.join("cp/admin-token"))?;
-    let mut admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca_pem).await?;
-
-    let app_port = free_port()?;
-    let mut cmd = Command::new(sibling(&bins, "mesh-example")?);
-    cmd.args([
-        "serve",
-        "--service",
-        "backend",
-        "--version",
-        "v1",
-        "--listen",
-        &format!("127.0.0.1:{app_port}"),
-    ])
-    .stderr(log("app")?);
-    procs.push(Process::spawn_ready("app", cmd, READY).await?.0);
-
-    // The mesh sidecar pair.
-    let proxy_bin = sibling(&bins, "mesh-proxy")?;
-    let mut sidecars = Vec::new();
-    for (sa, extra) in [
-        (
-            "backend",
-            vec![
-                "--service".to_string(),
-                "backend".into(),
-                "--app-port".into(),
-                app_port.to_string(),
-            ],
-        ),
-        ("web", vec![]),
-    ] {
-        let mut c = proxy_command(
-            &proxy_bin,
-            &grpc.to_string(),
-            &d.join("ca.pem"),
-            &mut admin,
-            sa,
-        )
-        .await?;
-        c.args([
-            "--workers",
-            "1",
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stderr(log(&format!("proxy-{sa}"))?);
-        sidecars.push(Process::spawn_ready(&format!("mesh sidecar {sa}"), c, READY).await?);
-    }
-    let (p_out, ready) = sidecars.pop().context("outbound sidecar")?;
-    let (p_in, in_ready) = sidecars.pop().context("inbound sidecar")?;
-    let port_of = |ready: &serde_json::Value, side: &str| -> anyhow::Result<u16> {
-        Ok(ready[side]
-            .as_str()
-            .context("ready line")?
-            .parse::<SocketAddr>()?
-            .port())
-    };
-    let mesh_port = port_of(&ready, "outbound")?;
-    // The one-proxy topology is the backend's sidecar taking plaintext (PERMISSIVE mTLS).
-    let mesh_single_port = port_of(&in_ready, "inbound")?;
-    let mesh_pids = vec![p_out.pid().context("pid")?, p_in.pid().context("pid")?];
-    let mesh_single_pids = vec![p_in.pid().context("pid")?];
-    procs.push(p_in);
-    procs.push(p_out);
-    admin
-        .set_mtls_mode(pb::SetMtlsModeRequest {
-            service: "backend".into(),
-            mode: "permissive".into(),
-        })
-        .await?;
+    let mut mesh = Mesh::start(d, &bins, &proxy).await?;
+    eprintln!("mesh sidecars: {}", proxy.display());
+    let (grpc, app_port) = (mesh.grpc, mesh.app_port);
+    let ca_pem = mesh.ca_pem.clone();
 
     // The Envoy sidecar pair, with certificates from the same CA.
-    certify_files(&mut admin, grpc, &ca_pem, d, "backend").await?;
-    certify_files(&mut admin, grpc, &ca_pem, d, "web").await?;
+    certify_files(&mut mesh.admin, grpc, &ca_pem, d, "backend").await?;
+    certify_files(&mut mesh.admin, grpc, &ca_pem, d, "web").await?;
     let (e_in_port, e_out_port, e_single_port) = (free_port()?, free_port()?, free_port()?);
     std::fs::write(
         d.join("envoy-in.yaml"),
@@ -608,8 +480,8 @@ async fn main() -> anyhow::Result<()> {
         },
         Topology {
             name: "mesh-1",
-            port: mesh_single_port,
-            proxies: mesh_single_pids,
+            port: mesh.single_port,
+            proxies: vec![mesh.single_pid],
         },
         Topology {
             name: "envoy-1",
@@ -618,8 +490,8 @@ async fn main() -> anyhow::Result<()> {
         },
         Topology {
             name: "mesh",
-            port: mesh_port,
-            proxies: mesh_pids,
+            port: mesh.pair_port,
+            proxies: mesh.pair_pids.clone(),
         },
         Topology {
             name: "envoy",
@@ -710,9 +582,11 @@ async fn main() -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} round(s) of {} s per cell; each figure is its cell's median over the rounds.\n",
+        "{} round(s) of {} s per cell; each figure is its cell's median over the rounds. Mesh \
+         sidecar: `{}`.\n",
         args.rounds.max(1),
-        args.secs
+        args.secs,
+        proxy.display()
     )?;
     writeln!(
         md,
@@ -824,6 +698,6 @@ async fn main() -> anyhow::Result<()> {
         args.out.display(),
         dir.keep().display()
     );
-    drop(procs);
+    mesh.stop();
     Ok(())
 }

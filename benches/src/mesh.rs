@@ -1,0 +1,236 @@
+//! The mesh under load, as the load benchmarks and the profile-guided build's training run
+//! both start it: a control plane, the example app, and two sidecars (`web` outbound,
+//! `backend` inbound in front of the app, its service in PERMISSIVE mode so that it also
+//! takes plaintext as the one-proxy topology).
+
+use anyhow::Context;
+use mesh_control_plane::cli::client::{Admin, connect_with};
+use mesh_control_plane::process::{Process, proxy_command, sibling};
+use mesh_proto::v1 as pb;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::Command;
+
+/// How long each process has to say it is ready.
+pub const READY: Duration = Duration::from_secs(30);
+/// Time a sidecar has to drain and exit on SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The running mesh. Dropping it kills every process; [`Mesh::stop_sidecars`] stops the
+/// sidecars cleanly first.
+pub struct Mesh {
+    pub admin: Admin,
+    /// The control plane's gRPC address (discovery, CSRs).
+    pub grpc: SocketAddr,
+    pub ca_pem: String,
+    pub app_port: u16,
+    /// The `web` sidecar's outbound listener: the mTLS pair's entry.
+    pub pair_port: u16,
+    /// The `backend` sidecar's inbound listener, taking plaintext: the one-proxy entry.
+    pub single_port: u16,
+    /// The pair's sidecars, outbound first.
+    pub pair_pids: Vec<u32>,
+    /// The inbound sidecar's, which is also the one-proxy topology.
+    pub single_pid: u32,
+    /// Inbound (backend) first.
+    sidecars: Vec<Process>,
+    /// Control plane and app.
+    others: Vec<Process>,
+}
+
+impl Mesh {
+    /// Starts everything under `dir` (state, logs), with `proxy` as the sidecar binary and the
+    /// control plane and app taken from `bins`.
+    pub async fn start(dir: &Path, bins: &Path, proxy: &Path) -> anyhow::Result<Self> {
+        let log = |n: &str| std::fs::File::create(dir.join(format!("{n}.log")));
+        let mut others = Vec::new();
+        let (grpc, admin_addr) = (
+            SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        );
+        let mut cmd = Command::new(sibling(bins, "mesh-control-plane")?);
+        cmd.arg("--data-dir")
+            .arg(dir.join("cp"))
+            .args([
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--admin-addr",
+                &admin_addr.to_string(),
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .stderr(log("cp")?);
+        others.push(Process::spawn_ready("control plane", cmd, READY).await?.0);
+        let ca_pem = std::fs::read_to_string(dir.join("cp/ca/bundle.pem"))?;
+        std::fs::write(dir.join("ca.pem"), &ca_pem)?;
+        let token = std::fs::read_to_string(dir.join("cp/admin-token"))?;
+        let mut admin =
+            connect_with(&format!("https://{admin_addr}"), token.trim(), &ca_pem).await?;
+
+        let app_port = free_port()?;
+        let mut cmd = Command::new(sibling(bins, "mesh-example")?);
+        cmd.args([
+            "serve",
+            "--service",
+            "backend",
+            "--version",
+            "v1",
+            "--listen",
+            &format!("127.0.0.1:{app_port}"),
+        ])
+        .stderr(log("app")?);
+        others.push(Process::spawn_ready("app", cmd, READY).await?.0);
+
+        let mut sidecars = Vec::new();
+        let mut ready = Vec::new();
+        for (sa, extra) in [
+            (
+                "backend",
+                vec![
+                    "--service".to_string(),
+                    "backend".into(),
+                    "--app-port".into(),
+                    app_port.to_string(),
+                ],
+            ),
+            ("web", vec![]),
+        ] {
+            let mut c = proxy_command(
+                proxy,
+                &grpc.to_string(),
+                &dir.join("ca.pem"),
+                &mut admin,
+                sa,
+            )
+            .await?;
+            c.args([
+                "--workers",
+                "1",
+                "--outbound-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--inbound-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(log(&format!("proxy-{sa}"))?);
+            let (p, r) = Process::spawn_ready(&format!("mesh sidecar {sa}"), c, READY).await?;
+            sidecars.push(p);
+            ready.push(r);
+        }
+        let port_of = |ready: &serde_json::Value, side: &str| -> anyhow::Result<u16> {
+            Ok(ready[side]
+                .as_str()
+                .context("ready line")?
+                .parse::<SocketAddr>()?
+                .port())
+        };
+        let pids = sidecars
+            .iter()
+            .map(|p| p.pid().context("sidecar pid"))
+            .collect::<anyhow::Result<Vec<u32>>>()?;
+        // The backend's sidecar registers its service once ready; until then it is unknown.
+        let deadline = tokio::time::Instant::now() + READY;
+        while let Err(e) = admin
+            .set_mtls_mode(pb::SetMtlsModeRequest {
+                service: "backend".into(),
+                mode: "permissive".into(),
+            })
+            .await
+        {
+            anyhow::ensure!(
+                e.code() == tonic::Code::NotFound && tokio::time::Instant::now() < deadline,
+                "PERMISSIVE mode for backend: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            admin,
+            grpc,
+            ca_pem,
+            app_port,
+            pair_port: port_of(&ready[1], "outbound")?,
+            single_port: port_of(&ready[0], "inbound")?,
+            single_pid: pids[0],
+            pair_pids: vec![pids[1], pids[0]],
+            sidecars,
+            others,
+        })
+    }
+
+    /// SIGTERM to both sidecars; each must drain and exit with success (a profiling build
+    /// writes its profile only on a clean exit).
+    pub async fn stop_sidecars(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.sidecars {
+            let status = p.terminate(DRAIN).await;
+            anyhow::ensure!(
+                status.is_some_and(|s| s.success()),
+                "{} did not exit cleanly: {status:?}",
+                p.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills the control plane and the app (the sidecars too, if still running).
+    pub fn stop(self) {
+        drop(self.sidecars);
+        drop(self.others);
+    }
+}
+
+/// The sidecar binary: `--proxy` if given, else `mesh-proxy` beside the running benchmark.
+pub fn proxy_bin(arg: Option<PathBuf>, bins: &Path) -> anyhow::Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p),
+        None => sibling(bins, "mesh-proxy"),
+    }
+}
+
+/// The body of one gRPC `Echo/Unary` call: a length-prefixed message of `body` bytes.
+pub fn grpc_request(body: usize) -> Vec<u8> {
+    use prost::Message as _;
+    let msg = echo_request(body).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
+}
+
+/// The `Echo/Unary` request the loads send: a message of `body` bytes.
+pub fn echo_request(body: usize) -> mesh_proto::example::EchoRequest {
+    mesh_proto::example::EchoRequest {
+        message: "x".repeat(body),
+        ..Default::default()
+    }
+}
+
+/// A gRPC `Echo` client to `backend` through the listener on `port`.
+pub async fn echo_client(
+    port: u16,
+) -> anyhow::Result<mesh_proto::example::echo_client::EchoClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .origin("http://backend".parse()?)
+        .connect()
+        .await?;
+    Ok(mesh_proto::example::echo_client::EchoClient::new(ch))
+}
+
+/// Checks that a real gRPC client gets an OK `Echo/Unary` answer with its message back through
+/// the listener on `port`: a gRPC error comes as an HTTP 200 with a grpc-status.
+pub async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
+    let req = echo_request(body);
+    let want = req.message.clone();
+    let r = echo_client(port).await?.unary(req).await?.into_inner();
+    anyhow::ensure!(r.message == want, "gRPC echo came back changed");
+    Ok(())
+}
