@@ -22,6 +22,10 @@ if ! command -v valgrind >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
 bin=$PWD/target/release
+# The sidecar the images ship (profile-guided, scripts/build-release.sh) if it is built.
+proxy=$bin/mesh-proxy
+[ -x "$PWD/target/pgo/mesh-proxy" ] && proxy=$PWD/target/pgo/mesh-proxy
+echo "sidecar: $proxy" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # mesh-bench starts the binaries beside its own (resolved) path: a copy of it, links to the
@@ -30,7 +34,7 @@ cp "$bin/mesh-bench" "$work/"
 for b in mesh-example mesh-control-plane meshctl; do ln -s "$bin/$b" "$work/$b"; done
 cat > "$work/mesh-proxy" <<WRAP
 #!/bin/sh
-exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.%p "$bin/mesh-proxy" "\$@"
+exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.%p "$proxy" "\$@"
 WRAP
 chmod +x "$work/mesh-proxy"
 "$work/mesh-bench" --secs 25 --only "$topology" --loads "$load" --out "$work/table.md" \

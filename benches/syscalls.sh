@@ -21,7 +21,11 @@ if ! command -v perf >/dev/null; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-target/release/mesh-bench --secs 14 --only "$topology" --loads "$load" --out "$work/table.md" \
+# The sidecar the images ship (profile-guided, scripts/build-release.sh) if it is built.
+proxy=target/release/mesh-proxy
+[ -x target/pgo/mesh-proxy ] && proxy=target/pgo/mesh-proxy
+echo "sidecar: $proxy" >&2
+target/release/mesh-bench --proxy "$proxy" --secs 14 --only "$topology" --loads "$load" --out "$work/table.md" \
   > "$work/bench.log" 2>&1 &
 bench=$!
 # The timed run, not the warm-up before it: oha with the run's duration.
