@@ -234,3 +234,47 @@ pub async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
     anyhow::ensure!(r.message == want, "gRPC echo came back changed");
     Ok(())
 }
+
+/// One GET for `path` of service `backend` through the listener on `port`, over HTTP/2 (prior
+/// knowledge) or HTTP/1.1; the status and the whole body.
+pub async fn get_once(
+    port: u16,
+    h2: bool,
+    path: &str,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let io = TokioIo::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    let req = http::Request::get(format!("http://backend{path}"))
+        .header(http::header::HOST, "backend")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = if h2 {
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        tx.send_request(req).await?
+    } else {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        tx.send_request(req).await?
+    };
+    let status = resp.status();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+/// Checks that the app behind `port` is spoken to in its caller's protocol, HTTP/1.1 and HTTP/2
+/// alike (the mesh keeps it; the Envoy configs are set to do the same), so that every topology
+/// gives the app the same work under the same load.
+pub async fn protocol_check(port: u16) -> anyhow::Result<()> {
+    for (h2, want) in [(false, "HTTP/1.1"), (true, "HTTP/2.0")] {
+        let (status, body) = get_once(port, h2, "/protocol").await?;
+        anyhow::ensure!(status == http::StatusCode::OK, "answered {status}");
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        anyhow::ensure!(
+            v["protocol"] == want,
+            "a {want} caller's request reached the app as {}",
+            v["protocol"]
+        );
+    }
+    Ok(())
+}

@@ -13,7 +13,9 @@
 //! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
-use mesh_benches::mesh::{Mesh, READY, free_port, grpc_check, grpc_request, proxy_bin};
+use mesh_benches::mesh::{
+    Mesh, READY, free_port, grpc_check, grpc_request, protocol_check, proxy_bin,
+};
 use mesh_control_plane::cli::client::bootstrap_token;
 use mesh_control_plane::process::bin_dir;
 use mesh_proto::v1 as pb;
@@ -258,9 +260,15 @@ fn envoy_tls_files(dir: &Path, name: &str) -> (String, String) {
     )
 }
 
+/// The header the Envoy pair carries the caller's protocol in (`%PROTOCOL%`), as the mesh's
+/// sidecars carry theirs in `x-mesh-orig-proto`.
+const ORIG_PROTO: &str = "x-bench-orig-proto";
+
 /// Envoy as the inbound sidecar: TLS with a required client certificate from the mesh CA whose
 /// SPIFFE id is in the trust domain (`mtls`; else plaintext, as the one-proxy topology), then
-/// HTTP/1.1 to the app, or HTTP/2 for gRPC.
+/// to the app in the caller's protocol, as the mesh does: the one the outbound Envoy says
+/// (`ORIG_PROTO`) on the pair, the downstream's own as one proxy. (Istio's Envoy and Linkerd
+/// also keep the caller's protocol.)
 fn envoy_inbound(dir: &Path, port: u16, admin: u16, app: u16, mtls: bool) -> String {
     let (crt, key) = envoy_tls_files(dir, "backend");
     let ca = dir.join("ca.pem").display().to_string();
@@ -303,10 +311,14 @@ static_resources:
             - name: app
               domains: ["*"]
               routes:
-              - match: {{prefix: "/", headers: [{{name: content-type, string_match: {{prefix: application/grpc}}}}]}}
-                route: {{cluster: app_h2}}
-              - match: {{prefix: "/"}}
+              - match: {{prefix: "/", headers: [{{name: {ORIG_PROTO}, string_match: {{exact: HTTP/1.1}}}}]}}
                 route: {{cluster: app}}
+                request_headers_to_remove: [{ORIG_PROTO}]
+              - match: {{prefix: "/", headers: [{{name: {ORIG_PROTO}, present_match: true}}]}}
+                route: {{cluster: app_h2}}
+                request_headers_to_remove: [{ORIG_PROTO}]
+              - match: {{prefix: "/"}}
+                route: {{cluster: app_as_called}}
           http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
   clusters:
   - name: app
@@ -318,6 +330,13 @@ static_resources:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {endpoint}
+  - name: app_as_called
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config: {{http_protocol_options: {{}}, http2_protocol_options: {{}}}}
     load_assignment: {endpoint}
 "#
     )
@@ -341,7 +360,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: outbound
           codec_type: AUTO
-          route_config: {{virtual_hosts: [{{name: backend, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]}}]}}
+          route_config: {{virtual_hosts: [{{name: backend, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}, request_headers_to_add: [{{header: {{key: {ORIG_PROTO}, value: "%PROTOCOL%"}}}}]}}]}}]}}
           http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
   clusters:
   - name: backend
@@ -525,6 +544,9 @@ async fn main() -> anyhow::Result<()> {
         grpc_check(t.port, args.body)
             .await
             .with_context(|| format!("gRPC through {}", t.name))?;
+        protocol_check(t.port)
+            .await
+            .with_context(|| format!("protocol to the app through {}", t.name))?;
     }
 
     let loads = [
