@@ -40,7 +40,9 @@ pid=$(pgrep -f "mesh-proxy .*--service-account $who " | head -1)
 # The admin listener is the one of the sidecar's ports that serves its metrics.
 metrics=""
 for port in $(ss -ltnpH | grep "pid=$pid," | awk '{print $4}' | sed 's/.*://'); do
-  if curl -sf -m 1 "http://127.0.0.1:$port/metrics" | grep -q '^mesh_requests_total'; then
+  # Not `curl | grep -q`: under pipefail, grep leaving early fails curl (SIGPIPE) and the test.
+  page=$(curl -sf -m 1 "http://127.0.0.1:$port/metrics" || true)
+  if grep -q '^mesh_requests_total' <<<"$page"; then
     metrics="http://127.0.0.1:$port/metrics"
     break
   fi
