@@ -235,6 +235,22 @@ pub async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A GET for `path` of service `backend`, as a load tool sends it: origin form with a Host
+/// field, or absolute for HTTP/2 (`:authority`).
+pub fn get_request(
+    path: &str,
+    absolute: bool,
+) -> anyhow::Result<http::Request<http_body_util::Empty<bytes::Bytes>>> {
+    let uri = if absolute {
+        format!("http://backend{path}")
+    } else {
+        path.to_string()
+    };
+    Ok(http::Request::get(uri)
+        .header(http::header::HOST, "backend")
+        .body(http_body_util::Empty::new())?)
+}
+
 /// One GET for `path` of service `backend` through the listener on `port`, over HTTP/2 (prior
 /// knowledge) or HTTP/1.1; the status and the whole body.
 pub async fn get_once(
@@ -245,9 +261,7 @@ pub async fn get_once(
     use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let io = TokioIo::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
-    let req = http::Request::get(format!("http://backend{path}"))
-        .header(http::header::HOST, "backend")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let req = get_request(path, h2)?;
     let resp = if h2 {
         let (mut tx, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;

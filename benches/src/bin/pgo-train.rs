@@ -9,7 +9,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_benches::mesh::{Mesh, READY, echo_client, echo_request, grpc_check};
+use mesh_benches::mesh::{Mesh, READY, echo_client, echo_request, get_request, grpc_check};
 use mesh_control_plane::process::bin_dir;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,17 +39,9 @@ enum Load {
     Grpc,
 }
 
-/// A GET for `/bytes/<body>` of service `backend`; absolute for HTTP/2 (`:authority`).
+/// A GET for `/bytes/<body>`; absolute for HTTP/2.
 fn get(body: usize, absolute: bool) -> anyhow::Result<http::Request<Empty<Bytes>>> {
-    let path = format!("/bytes/{body}");
-    let uri = if absolute {
-        format!("http://backend{path}")
-    } else {
-        path
-    };
-    Ok(http::Request::get(uri)
-        .header(http::header::HOST, "backend")
-        .body(Empty::new())?)
+    get_request(&format!("/bytes/{body}"), absolute)
 }
 
 /// Reads a whole answer and fails unless it is a 200.
