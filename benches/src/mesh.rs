@@ -276,18 +276,25 @@ pub async fn get_once(
     Ok((status, resp.into_body().collect().await?.to_bytes()))
 }
 
-/// Checks that the app behind `port` is spoken to in its caller's protocol, HTTP/1.1 and HTTP/2
-/// alike (the mesh keeps it; the Envoy configs are set to do the same), so that every topology
-/// gives the app the same work under the same load.
-pub async fn protocol_check(port: u16) -> anyhow::Result<()> {
+/// Checks that every topology gives the app the same view, so that it does the same work under
+/// the same load: the app behind `port` is spoken to in its caller's protocol, HTTP/1.1 and
+/// HTTP/2 alike (the mesh keeps it; the Envoy configs are set to do the same), and it is told
+/// the caller's identity `caller` in `x-forwarded-client-cert` (`""`: no identity, as from a
+/// plaintext caller).
+pub async fn app_view_check(port: u16, caller: &str) -> anyhow::Result<()> {
     for (h2, want) in [(false, "HTTP/1.1"), (true, "HTTP/2.0")] {
-        let (status, body) = get_once(port, h2, "/protocol").await?;
+        let (status, body) = get_once(port, h2, "/app-view").await?;
         anyhow::ensure!(status == http::StatusCode::OK, "answered {status}");
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         anyhow::ensure!(
             v["protocol"] == want,
             "a {want} caller's request reached the app as {}",
             v["protocol"]
+        );
+        anyhow::ensure!(
+            v["peer"] == caller,
+            "the app was told the caller is {}, not {caller:?}",
+            v["peer"]
         );
     }
     Ok(())

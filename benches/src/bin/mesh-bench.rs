@@ -14,7 +14,7 @@
 
 use anyhow::Context;
 use mesh_benches::mesh::{
-    Mesh, READY, free_port, grpc_check, grpc_request, protocol_check, proxy_bin,
+    Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
 };
 use mesh_control_plane::cli::client::bootstrap_token;
 use mesh_control_plane::process::bin_dir;
@@ -264,6 +264,11 @@ fn envoy_tls_files(dir: &Path, name: &str) -> (String, String) {
 /// sidecars carry theirs in `x-mesh-orig-proto`.
 const ORIG_PROTO: &str = "x-bench-orig-proto";
 
+// Both Envoys add only what the mesh's sidecars add: no request id, no `x-envoy-*` fields
+// (`suppress_envoy_headers`), the upstream's `server` field kept; and the inbound one tells
+// the app who called in `x-forwarded-client-cert`, as the inbound sidecar does. (Istio's
+// sidecars set that field too.)
+
 /// Envoy as the inbound sidecar: TLS with a required client certificate from the mesh CA whose
 /// SPIFFE id is in the trust domain (`mtls`; else plaintext, as the one-proxy topology), then
 /// to the app in the caller's protocol, as the mesh does: the one the outbound Envoy says
@@ -306,6 +311,10 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: inbound
           codec_type: AUTO
+          generate_request_id: false
+          server_header_transformation: PASS_THROUGH
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{uri: true}}
           route_config:
             virtual_hosts:
             - name: app
@@ -319,7 +328,7 @@ static_resources:
                 request_headers_to_remove: [{ORIG_PROTO}]
               - match: {{prefix: "/"}}
                 route: {{cluster: app_as_called}}
-          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppress_envoy_headers: true}}}}]
   clusters:
   - name: app
     type: STATIC
@@ -360,8 +369,10 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: outbound
           codec_type: AUTO
+          generate_request_id: false
+          server_header_transformation: PASS_THROUGH
           route_config: {{virtual_hosts: [{{name: backend, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}, request_headers_to_add: [{{header: {{key: {ORIG_PROTO}, value: "%PROTOCOL%"}}}}]}}]}}]}}
-          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppress_envoy_headers: true}}}}]
   clusters:
   - name: backend
     type: STATIC
@@ -544,9 +555,14 @@ async fn main() -> anyhow::Result<()> {
         grpc_check(t.port, args.body)
             .await
             .with_context(|| format!("gRPC through {}", t.name))?;
-        protocol_check(t.port)
+        // Through a sidecar pair the app learns the caller's identity; else there is none.
+        let caller = match t.name {
+            "mesh" | "envoy" => format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/web"),
+            _ => String::new(),
+        };
+        app_view_check(t.port, &caller)
             .await
-            .with_context(|| format!("protocol to the app through {}", t.name))?;
+            .with_context(|| format!("what the app sees through {}", t.name))?;
     }
 
     let loads = [
