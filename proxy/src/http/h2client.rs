@@ -224,19 +224,18 @@ where
 {
     fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), crate::http::body::BoxError>> {
         loop {
-            // Woken if the peer resets the stream while the body or capacity is awaited.
-            if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
-                return Poll::Ready(Err(format!("stream reset by the peer: {reason:?}").into()));
-            }
             if self.held.is_some() {
                 // h2 takes a frame larger than the capacity and sends it as capacity comes;
                 // capacity is awaited only so a fast body cannot outrun a slow peer.
                 while self.stream.capacity() == 0 {
-                    match ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
-                        None => return Poll::Ready(Err("stream closed while sending".into())),
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => return self.pending_unless_reset(cx),
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err("stream closed while sending".into()));
+                        }
                     }
                 }
                 if let Some((data, eos)) = self.held.take() {
@@ -249,11 +248,18 @@ where
             }
             // The next frame is read before any capacity is claimed: a claim made ahead of a
             // body that sends nothing would pin the connection's window (hyper #4003).
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return self.pending_unless_reset(cx),
+                Poll::Ready(f) => f,
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = self.body.is_end_stream();
-                        if data.is_empty() {
+                        if data.is_empty() || eos {
+                            // Nothing to hold back: the body's last frame is in memory already
+                            // (a unary call's whole message), and h2 asks for the capacity a
+                            // frame needs when it takes it.
                             self.stream.send_data(data, eos)?;
                             if eos {
                                 return Poll::Ready(Ok(()));
@@ -277,6 +283,20 @@ where
                     return Poll::Ready(Ok(()));
                 }
             }
+        }
+    }
+
+    /// Pending, with a wake-up registered for a reset by the peer too: one while the body or
+    /// capacity is awaited ends the pipe.
+    fn pending_unless_reset(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), crate::http::body::BoxError>> {
+        match self.stream.poll_reset(cx) {
+            Poll::Ready(reason) => {
+                Poll::Ready(Err(format!("stream reset by the peer: {reason:?}").into()))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
