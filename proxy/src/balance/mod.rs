@@ -78,9 +78,19 @@ impl Tried {
     }
 }
 
+/// Which endpoint answered a request: carried by the answer's body to telemetry (the
+/// per-version counters, access logs, spans).
+#[derive(Debug)]
+pub struct Answered {
+    pub version: Option<Arc<str>>,
+    pub addr: SocketAddr,
+}
+
 #[derive(Debug)]
 struct Member {
     ep: Endpoint,
+    /// Handed to each answer from this endpoint (one shared copy, not one per request).
+    answered: Arc<Answered>,
     state: Arc<EndpointState>,
     /// For rendezvous hashing.
     hash: u64,
@@ -118,6 +128,8 @@ pub struct Picked {
     pub id: Arc<str>,
     pub addr: SocketAddr,
     pub version: Option<Arc<str>>,
+    /// What telemetry is told of the endpoint if it answers.
+    pub answered: Arc<Answered>,
     state: Arc<EndpointState>,
     trial: bool,
     started: state::Now,
@@ -215,6 +227,10 @@ impl Balancer {
         let member = |e: &Endpoint| Member {
             hash: hash_bytes(e.id.as_bytes()),
             state: state_of(e),
+            answered: Arc::new(Answered {
+                version: e.version.clone(),
+                addr: e.addr,
+            }),
             ep: e.clone(),
         };
         let ready = endpoints.iter().filter(|e| e.ready);
@@ -339,6 +355,7 @@ impl Balancer {
                     id: m.ep.id.clone(),
                     addr: m.ep.addr,
                     version: m.ep.version.clone(),
+                    answered: m.answered.clone(),
                     state: m.state.clone(),
                     trial,
                     started: now,

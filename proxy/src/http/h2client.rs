@@ -6,6 +6,7 @@
 //! and takes the answer: no channel, no oneshot, and a task only for a body that is still
 //! streaming when the answer comes (a streaming upload).
 
+use crate::balance::Answered;
 use crate::http::coalesce::Coalesce;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -164,6 +165,7 @@ impl H2Sender {
             recv,
             data_done: false,
             hint,
+            answered: None,
         }))
     }
 }
@@ -308,6 +310,21 @@ pub struct H2Body {
     recv: h2::RecvStream,
     data_done: bool,
     hint: SizeHint,
+    /// The endpoint that answered, for telemetry. It rides with the body rather than in the
+    /// response's extensions, whose first entry costs three allocations per request.
+    answered: Option<Arc<Answered>>,
+}
+
+impl H2Body {
+    /// Records the endpoint that answered (the outbound endpoint service).
+    pub fn set_answered(&mut self, a: Arc<Answered>) {
+        self.answered = Some(a);
+    }
+
+    /// The endpoint that answered, if one was recorded.
+    pub fn answered(&self) -> Option<&Answered> {
+        self.answered.as_deref()
+    }
 }
 
 impl Body for H2Body {

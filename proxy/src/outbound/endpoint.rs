@@ -8,7 +8,6 @@ use crate::balance::{Balancer, LbConfig, PickError, Picked, Tried, hash_bytes};
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{SendError, never_processed};
-use crate::telemetry::Answered;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use std::net::SocketAddr;
@@ -111,11 +110,12 @@ impl EndpointService {
             match sender.send(req).await {
                 Ok(resp) => {
                     let ok = !resp.status().is_server_error();
-                    let version = picked.version.clone();
+                    let answered = picked.answered.clone();
                     self.finish(picked, ok);
-                    let mut resp = resp.map(RespBody::Right);
-                    resp.extensions_mut().insert(Answered { version, addr });
-                    return Ok(resp);
+                    return Ok(resp.map(|mut b| {
+                        b.set_answered(answered);
+                        RespBody::Right(b)
+                    }));
                 }
                 Err(SendError::Unsent(r, e)) => {
                     // The connection is closed or going away: the next request opens another.

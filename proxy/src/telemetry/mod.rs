@@ -17,19 +17,13 @@ use crate::http::{Body, GRPC_STATUS, MESH_ERROR};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Frame, SizeHint};
+use http_body_util::Either;
 use metrics::{Direction, Outcome, RequestMetrics, TargetMetrics};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
-
-/// Which endpoint answered a request: put in the response's extensions by the endpoint service.
-#[derive(Debug, Clone)]
-pub struct Answered {
-    pub version: Option<Arc<str>>,
-    pub addr: SocketAddr,
-}
 
 /// Where a request's counters are: fixed (inbound: per connection) or chosen by the version
 /// that answered (outbound: per route target).
@@ -134,7 +128,10 @@ impl Observation {
 
     /// Wraps the response: from here the body's end records the request.
     pub fn finish(mut self, resp: Response<Body>) -> Response<ObservedBody> {
-        let answered = resp.extensions().get::<Answered>();
+        let answered = match resp.body() {
+            Either::Left(Either::Right(h2)) => h2.answered(),
+            _ => None,
+        };
         let version = answered.and_then(|a| a.version.as_ref());
         if let (Some(d), Some(a)) = (self.detail.as_mut(), answered) {
             d.version = a.version.clone();
