@@ -1,5 +1,6 @@
 //! Fixtures shared by the benchmarks.
 
+pub mod cpu_limit;
 pub mod mesh;
 
 use mesh_proto::v1 as pb;

@@ -7,12 +7,15 @@
 //!
 //! Each proxy runs one worker thread. Load comes from `oha`: closed-loop saturation over
 //! HTTP/1.1, HTTP/2 and gRPC unary (1 KiB each way), and a fixed rate (1,000 rps over 4
-//! connections). Per topology: requests/s, p50/p90/p99, p99 added over
+//! connections); the saturation loads again with each proxy held to `--cpu-limit` CPU (a CFS
+//! quota, as Kubernetes enforces a limit), so that the proxy and not the load tool or the app
+//! saturates. Per topology: requests/s, p50/p90/p99, p99 added over
 //! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
 //! `--rounds N` repeats the whole matrix and reports each cell's median. Writes a Markdown table
 //! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
+use mesh_benches::cpu_limit::CpuLimit;
 use mesh_benches::mesh::{
     Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
 };
@@ -54,13 +57,17 @@ struct Args {
     /// one; the ratios then lack their other side.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run only these loads (h1, h2, grpc, fixed).
+    /// Run only these loads (h1, h2, grpc, fixed, h1-limited, h2-limited, grpc-limited).
     #[arg(long, value_delimiter = ',')]
     loads: Vec<String>,
     /// The sidecar binary (default: `mesh-proxy` beside this one); `benches/run.sh` passes
     /// the profile-guided build, `target/pgo/mesh-proxy`.
     #[arg(long)]
     proxy: Option<PathBuf>,
+    /// CPU each proxy process is held to (cores, as a Kubernetes limit) in the `*-limited`
+    /// loads, so that the proxy, not the load tool or the app, is what saturates.
+    #[arg(long, default_value_t = 0.5)]
+    cpu_limit: f64,
     /// The gRPC request body file (written at start).
     #[arg(skip)]
     grpc_body: PathBuf,
@@ -141,6 +148,9 @@ enum Load {
     H2Saturation,
     GrpcUnary,
     H1Fixed1000,
+    H1Limited,
+    H2Limited,
+    GrpcLimited,
 }
 
 impl Load {
@@ -150,7 +160,15 @@ impl Load {
             Load::H2Saturation => "HTTP/2 saturation",
             Load::GrpcUnary => "gRPC unary saturation",
             Load::H1Fixed1000 => "HTTP/1.1 1,000 rps, 4 conns",
+            Load::H1Limited => "HTTP/1.1 saturation, proxy CPU-limited",
+            Load::H2Limited => "HTTP/2 saturation, proxy CPU-limited",
+            Load::GrpcLimited => "gRPC unary saturation, proxy CPU-limited",
         }
+    }
+
+    /// A cell where each proxy is held to `--cpu-limit` (the load is its unlimited twin's).
+    fn limited(self) -> bool {
+        matches!(self, Load::H1Limited | Load::H2Limited | Load::GrpcLimited)
     }
 
     fn short(self) -> &'static str {
@@ -159,6 +177,9 @@ impl Load {
             Load::H2Saturation => "h2",
             Load::GrpcUnary => "grpc",
             Load::H1Fixed1000 => "fixed",
+            Load::H1Limited => "h1-limited",
+            Load::H2Limited => "h2-limited",
+            Load::GrpcLimited => "grpc-limited",
         }
     }
 }
@@ -174,10 +195,10 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
     ])
     .args(["--connect-to", &format!("backend:80:127.0.0.1:{port}")]);
     match load {
-        Load::H1Saturation => {
+        Load::H1Saturation | Load::H1Limited => {
             cmd.args(["-c", &args.connections.to_string()]);
         }
-        Load::H2Saturation | Load::GrpcUnary => {
+        Load::H2Saturation | Load::GrpcUnary | Load::H2Limited | Load::GrpcLimited => {
             cmd.args([
                 "--http2",
                 "-c",
@@ -190,7 +211,7 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
             cmd.args(["-c", "4", "-q", "1000"]);
         }
     }
-    if load == Load::GrpcUnary {
+    if matches!(load, Load::GrpcUnary | Load::GrpcLimited) {
         cmd.args(["-m", "POST", "-H", "content-type: application/grpc"])
             .args(["-H", "te: trailers", "-D"])
             .arg(&args.grpc_body)
@@ -570,6 +591,9 @@ async fn main() -> anyhow::Result<()> {
         Load::H2Saturation,
         Load::GrpcUnary,
         Load::H1Fixed1000,
+        Load::H1Limited,
+        Load::H2Limited,
+        Load::GrpcLimited,
     ];
     let chosen = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
     // Every round runs the whole matrix, so slow drifts of the shared machine hit all cells alike.
@@ -580,18 +604,31 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             for t in &topologies {
-                if !chosen(&args.only, t.name) {
+                if !chosen(&args.only, t.name) || (load.limited() && t.proxies.is_empty()) {
                     continue;
                 }
+                let limit = if load.limited() {
+                    match CpuLimit::new(t.name, &t.proxies, args.cpu_limit) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            eprintln!("{} not run: {e:#}", load.label());
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let r = measure(&args, t, load).await?;
+                drop(limit);
                 eprintln!(
-                    "round {round} {:<28} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req  errors {}",
+                    "round {round} {:<40} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req ({:.2} cores)  errors {}",
                     load.label(),
                     t.name,
                     r.rps,
                     r.p50,
                     r.p99,
                     r.cpu_us_per_req,
+                    r.cpu_us_per_req * r.rps / 1e6,
                     r.errors
                 );
                 match rounds
@@ -621,10 +658,12 @@ async fn main() -> anyhow::Result<()> {
     writeln!(
         md,
         "{} round(s) of {} s per cell; each figure is its cell's median over the rounds. Mesh \
-         sidecar: `{}`.\n",
+         sidecar: `{}`. In the CPU-limited loads each proxy process is held to {} CPU (CFS \
+         quota, 100 ms period).\n",
         args.rounds.max(1),
         args.secs,
-        proxy.display()
+        proxy.display(),
+        args.cpu_limit
     )?;
     writeln!(
         md,
@@ -702,10 +741,22 @@ async fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "- saturation throughput through the mTLS pair: HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
+        "- the same, each proxy held to {} CPU, so that the proxy is what saturates: HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
+        args.cpu_limit,
+        ratio(Load::H1Limited, single, rps),
+        ratio(Load::H2Limited, single, rps),
+        ratio(Load::GrpcLimited, single, rps),
+    )?;
+    writeln!(
+        md,
+        "- saturation throughput through the mTLS pair: HTTP/1.1 {}, HTTP/2 {}, gRPC {}; each sidecar held to {} CPU: {}, {}, {}",
         ratio(Load::H1Saturation, pair, rps),
         ratio(Load::H2Saturation, pair, rps),
         ratio(Load::GrpcUnary, pair, rps),
+        args.cpu_limit,
+        ratio(Load::H1Limited, pair, rps),
+        ratio(Load::H2Limited, pair, rps),
+        ratio(Load::GrpcLimited, pair, rps),
     )?;
     let started = |name: &str| {
         topologies
