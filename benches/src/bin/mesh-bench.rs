@@ -220,6 +220,7 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
         cmd.arg(format!("http://backend/bytes/{}", args.body));
     }
     let out = cmd
+        .kill_on_drop(true)
         .output()
         .await
         .with_context(|| format!("running {}", args.oha.display()))?;
@@ -449,6 +450,17 @@ async fn certify_files(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Interrupted, the run is dropped: every process it started is killed and every proxy is
+    // moved out of its CPU-limit cgroup, which is removed.
+    tokio::select! {
+        r = run() => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let mut args: Args = clap::Parser::parse();
     let bins = bin_dir()?;
     let proxy = proxy_bin(args.proxy.clone(), &bins)?;
