@@ -63,7 +63,7 @@ impl Tried {
             v.push(Attempt {
                 addr: p.addr,
                 id: p.id.clone(),
-                version: p.version.clone(),
+                version: p.answered.version.clone(),
             });
         }
     }
@@ -127,8 +127,7 @@ pub enum PickError {
 pub struct Picked {
     pub id: Arc<str>,
     pub addr: SocketAddr,
-    pub version: Option<Arc<str>>,
-    /// What telemetry is told of the endpoint if it answers.
+    /// The endpoint's version and address, shared: what telemetry is told if it answers.
     pub answered: Arc<Answered>,
     state: Arc<EndpointState>,
     trial: bool,
@@ -354,7 +353,6 @@ impl Balancer {
                 return Some(Picked {
                     id: m.ep.id.clone(),
                     addr: m.ep.addr,
-                    version: m.ep.version.clone(),
                     answered: m.answered.clone(),
                     state: m.state.clone(),
                     trial,
