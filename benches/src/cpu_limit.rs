@@ -65,6 +65,10 @@ impl CpuLimit {
         let (root, v1) = hierarchy()?;
         let mut limit = CpuLimit { held: Vec::new() };
         let quota = (cores * PERIOD_US as f64).round() as u64;
+        if !v1 {
+            // The root's children get the cpu controller only if the root hands it down.
+            write(&root.join("cgroup.subtree_control"), "+cpu")?;
+        }
         for &pid in pids {
             let from = root.join(current_cgroup(pid, v1)?);
             let cg = root.join(format!("mesh-bench-{}-{tag}-{pid}", std::process::id()));
@@ -75,8 +79,6 @@ impl CpuLimit {
                 write(&cg.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
                 write(&cg.join("cpu.cfs_quota_us"), &quota.to_string())?;
             } else {
-                // The root's children get the cpu controller only if the root hands it down.
-                write(&root.join("cgroup.subtree_control"), "+cpu")?;
                 write(&cg.join("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
             }
             write(&cg.join("cgroup.procs"), &pid.to_string())?;
