@@ -70,6 +70,19 @@ impl Pool {
         if let Some(s) = self.ready_sender(&key) {
             return Ok(s);
         }
+        // Boxed: connecting is rare, and its TLS handshake inline made every request's future
+        // ~7.8 KB, allocated and copied per request.
+        Box::pin(self.open(key, connect_timeout, idle_timeout)).await
+    }
+
+    /// A new connection for `key` (or one another request opened meanwhile).
+    async fn open(
+        &self,
+        key: (SocketAddr, Arc<str>),
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Sender, ProxyError> {
+        let (addr, identity) = (key.0, &key.1);
         let gate = self.connecting.entry(key.clone()).or_default().clone();
         let _g = gate.lock().await;
         if let Some(s) = self.ready_sender(&key) {
