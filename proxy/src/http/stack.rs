@@ -4,7 +4,7 @@
 
 use crate::balance::Balancer;
 use crate::balance::outlier::OutlierConfig;
-use crate::outbound::endpoint::EndpointService;
+use crate::outbound::endpoint::{Endpoint, EndpointService};
 use crate::outbound::pool::Pool;
 use crate::policy::circuit_breaker::{Limit, LimitsLayer};
 use crate::policy::fault::{Fault, FaultLayer};
@@ -34,13 +34,13 @@ pub fn build(
         p,
         state,
         // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
-        EndpointService {
+        EndpointService(Arc::new(Endpoint {
             outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
             ejections: p
                 .outlier
                 .map(|_| crate::telemetry::metrics::metrics().ejections(&svc.name)),
-            ..endpoint(svc, balancer, p, pool)
-        },
+            ..endpoint_config(svc, balancer, p, pool)
+        })),
     )
 }
 
@@ -53,7 +53,17 @@ pub fn endpoint(
     p: &Policy,
     pool: &Arc<Pool>,
 ) -> EndpointService {
-    EndpointService {
+    EndpointService(Arc::new(endpoint_config(svc, balancer, p, pool)))
+}
+
+/// What `endpoint` shares, without outlier recording.
+fn endpoint_config(
+    svc: &Service,
+    balancer: &Arc<Balancer>,
+    p: &Policy,
+    pool: &Arc<Pool>,
+) -> Endpoint {
+    Endpoint {
         service: svc.name.clone(),
         identity: svc.identity.clone(),
         balancer: balancer.clone(),

@@ -16,9 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The endpoint service: one shared [`Endpoint`], so that the per-request clones of the stack
+/// (and the one each call takes) cost one reference count, not one per field.
+#[derive(Clone, Debug)]
+pub struct EndpointService(pub Arc<Endpoint>);
+
 /// What the endpoint service needs of a service's config (no back-reference to the service).
-#[derive(Clone)]
-pub struct EndpointService {
+pub struct Endpoint {
     pub service: Arc<str>,
     pub identity: Arc<str>,
     pub balancer: Arc<Balancer>,
@@ -31,9 +35,9 @@ pub struct EndpointService {
     pub ejections: Option<Arc<AtomicU64>>,
 }
 
-impl std::fmt::Debug for EndpointService {
+impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointService")
+        f.debug_struct("Endpoint")
             .field("service", &self.service)
             .finish_non_exhaustive()
     }
@@ -44,7 +48,7 @@ impl std::fmt::Debug for EndpointService {
 /// Always safe, policy or not: this is what keeps a rolling update free of errors.
 const TRANSPARENT_RETRIES: usize = 2;
 
-impl EndpointService {
+impl Endpoint {
     fn pick(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Result<Picked, ProxyError> {
         self.balancer
             .pick(&self.lb, hash, avoid)
@@ -78,7 +82,10 @@ impl EndpointService {
             .await
     }
 
-    async fn send(self, mut req: Request<ReqBody>) -> Result<Response<RespBody>, ProxyError> {
+    async fn send(
+        self: Arc<Self>,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<RespBody>, ProxyError> {
         let hash = self
             .lb
             .hash_header
@@ -157,6 +164,6 @@ impl tower::Service<Request<ReqBody>> for EndpointService {
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        Box::pin(self.clone().send(req))
+        Box::pin(self.0.clone().send(req))
     }
 }
