@@ -289,22 +289,20 @@ impl Snapshots {
 
     /// The service for `name`; subscribes and waits up to `DISCOVERY_WAIT` the first time.
     pub async fn resolve(&self, name: &str) -> Result<Arc<Service>, ResolveError> {
-        let check = |s: &Snapshot| -> Option<Result<Arc<Service>, ResolveError>> {
-            if let Some(svc) = s.services.get(name) {
-                return Some(Ok(svc.clone()));
-            }
-            s.missing
-                .contains(name)
-                .then_some(Err(ResolveError::Unknown))
-        };
-        if let Some(r) = check(&self.current.load()) {
-            return r;
+        match lookup(&self.current.load(), name) {
+            Some(r) => r,
+            // Boxed: rare, and its wait inline would enlarge every request's future.
+            None => Box::pin(self.discover(name)).await,
         }
+    }
+
+    /// Subscribes to `name` and waits for the control plane to say what it is.
+    async fn discover(&self, name: &str) -> Result<Arc<Service>, ResolveError> {
         let mut rx = self.changed.subscribe();
         self.subscribe(name)?;
         let wait = async {
             loop {
-                if let Some(r) = check(&self.current.load()) {
+                if let Some(r) = lookup(&self.current.load(), name) {
                     return r;
                 }
                 if rx.changed().await.is_err() {
@@ -316,4 +314,14 @@ impl Snapshots {
             .await
             .unwrap_or(Err(ResolveError::Unavailable))
     }
+}
+
+/// What `snap` says of `name`: the service, known not to exist, or nothing yet.
+fn lookup(snap: &Snapshot, name: &str) -> Option<Result<Arc<Service>, ResolveError>> {
+    if let Some(svc) = snap.services.get(name) {
+        return Some(Ok(svc.clone()));
+    }
+    snap.missing
+        .contains(name)
+        .then_some(Err(ResolveError::Unknown))
 }

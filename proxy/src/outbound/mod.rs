@@ -213,6 +213,8 @@ impl Outbound {
                 (primary, Some(kept))
             }
         };
+        // Boxed: few requests are mirrored, and a request head kept inline across the call
+        // would enlarge every request's future.
         let mirror = mirror.map(|(to, permit)| {
             let mut copy = Request::new(());
             *copy.method_mut() = parts.method.clone();
@@ -221,7 +223,7 @@ impl Outbound {
             *copy.headers_mut() = parts.headers.clone();
             copy.headers_mut()
                 .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
-            (copy, to, permit)
+            Box::new((copy, to, permit))
         });
         if let Some(d) = debug.as_ref() {
             parts.extensions.insert(d.tried.clone());
@@ -249,7 +251,8 @@ impl Outbound {
         }
         .clone();
         let mut resp = stack.oneshot(upstream).await?;
-        if let Some((copy, to, permit)) = mirror {
+        if let Some(m) = mirror {
+            let (copy, to, permit) = *m;
             let body = match kept {
                 None => Some(ReqBody::Empty),
                 Some(k) => k
