@@ -5,6 +5,7 @@
 #   benches/callgrind.sh <topology> <load> [service-account] [out-file]
 #   benches/callgrind.sh mesh-1 grpc                 # the backend sidecar, one proxy
 #   benches/callgrind.sh mesh grpc web               # the outbound sidecar of the mTLS pair
+#   PROXY=/tmp/other/mesh-proxy benches/callgrind.sh mesh grpc web   # another build of it
 #
 # It runs `mesh-bench --only <topology> --loads <load>` from target/release with every
 # mesh-proxy started under valgrind, zeroes the counters once the load runs, dumps them 10 s
@@ -25,6 +26,8 @@ bin=$PWD/target/release
 # The sidecar the images ship (profile-guided, scripts/build-release.sh) if it is built.
 proxy=$bin/mesh-proxy
 [ -x "$PWD/target/pgo/mesh-proxy" ] && proxy=$PWD/target/pgo/mesh-proxy
+# Or another build, to compare two (PROXY=/path/to/mesh-proxy).
+proxy=${PROXY:-$proxy}
 echo "sidecar: $proxy" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -47,12 +50,13 @@ for _ in $(seq 1 60); do
   sleep 0.5
 done
 [ -n "$pid" ] || { echo "no $who sidecar started" >&2; cat "$work/bench.log" >&2; exit 1; }
-# The load tool starts once every process is ready and the protocol check has passed.
+# The timed run, not the warm-ups before it (1 s of HTTP/1.1 through every topology, which
+# would be counted as requests too): oha with the run's duration.
 for _ in $(seq 1 240); do
-  pgrep -x oha >/dev/null && break
+  pgrep -f "oha .*-z 25s" >/dev/null && break
   sleep 0.25
 done
-pgrep -x oha >/dev/null || { echo "the load never started" >&2; cat "$work/bench.log" >&2; exit 1; }
+pgrep -f "oha .*-z 25s" >/dev/null || { echo "the load never started" >&2; cat "$work/bench.log" >&2; exit 1; }
 sleep 2
 callgrind_control -z "$pid" >/dev/null 2>&1
 sleep 10
