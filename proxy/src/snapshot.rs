@@ -289,7 +289,9 @@ impl Snapshots {
 
     /// The service for `name`; subscribes and waits up to `DISCOVERY_WAIT` the first time.
     pub async fn resolve(&self, name: &str) -> Result<Arc<Service>, ResolveError> {
-        match lookup(&self.current.load(), name) {
+        // Bound first, so the snapshot's guard is not held across the wait.
+        let known = lookup(&self.current.load(), name);
+        match known {
             Some(r) => r,
             // Boxed: rare, and its wait inline would enlarge every request's future.
             None => Box::pin(self.discover(name)).await,

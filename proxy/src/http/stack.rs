@@ -3,7 +3,6 @@
 //! so a service without a policy costs what the bare endpoint call costs.
 
 use crate::balance::Balancer;
-use crate::balance::outlier::OutlierConfig;
 use crate::outbound::endpoint::{Endpoint, EndpointService};
 use crate::outbound::pool::Pool;
 use crate::policy::circuit_breaker::{Limit, LimitsLayer};
@@ -35,7 +34,7 @@ pub fn build(
         state,
         // Pick an endpoint (P2C / RR / hash, skipping ejected ones), send over pooled mTLS h2.
         EndpointService(Arc::new(Endpoint {
-            outlier: p.outlier.map(|o: OutlierConfig| Arc::new(o)),
+            outlier: p.outlier,
             ejections: p
                 .outlier
                 .map(|_| crate::telemetry::metrics::metrics().ejections(&svc.name)),
@@ -67,7 +66,7 @@ fn endpoint_config(
         service: svc.name.clone(),
         identity: svc.identity.clone(),
         balancer: balancer.clone(),
-        lb: Arc::new(p.lb.clone()),
+        lb: p.lb.clone(),
         outlier: None,
         connect_timeout: p.connect_timeout,
         idle_timeout: p.idle_timeout,

@@ -26,8 +26,8 @@ pub struct Endpoint {
     pub service: Arc<str>,
     pub identity: Arc<str>,
     pub balancer: Arc<Balancer>,
-    pub lb: Arc<LbConfig>,
-    pub outlier: Option<Arc<OutlierConfig>>,
+    pub lb: LbConfig,
+    pub outlier: Option<OutlierConfig>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool: Arc<Pool>,
@@ -63,7 +63,7 @@ impl Endpoint {
 
     /// Tells the balancer (and outlier detection) how the attempt went.
     fn finish(&self, picked: Picked, ok: bool) {
-        if picked.finish(ok, &self.balancer, self.outlier.as_deref())
+        if picked.finish(ok, &self.balancer, self.outlier.as_ref())
             && let Some(n) = &self.ejections
         {
             n.fetch_add(1, Ordering::Relaxed);
