@@ -40,7 +40,7 @@ cat > "$work/mesh-proxy" <<WRAP
 exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.%p "$proxy" "\$@"
 WRAP
 chmod +x "$work/mesh-proxy"
-"$work/mesh-bench" --secs 25 --only "$topology" --loads "$load" --out "$work/table.md" \
+"$work/mesh-bench" --secs 25 --fixed-secs 25 --only "$topology" --loads "$load" --out "$work/table.md" \
   > "$work/bench.log" 2>&1 &
 bench=$!
 pid=""

@@ -25,7 +25,7 @@ trap 'rm -rf "$work"' EXIT
 proxy=target/release/mesh-proxy
 [ -x target/pgo/mesh-proxy ] && proxy=target/pgo/mesh-proxy
 echo "sidecar: $proxy" >&2
-target/release/mesh-bench --proxy "$proxy" --secs 14 --only "$topology" --loads "$load" --out "$work/table.md" \
+target/release/mesh-bench --proxy "$proxy" --secs 14 --fixed-secs 14 --only "$topology" --loads "$load" --out "$work/table.md" \
   > "$work/bench.log" 2>&1 &
 bench=$!
 # The timed run, not the warm-up before it: oha with the run's duration.
