@@ -736,15 +736,24 @@ async fn run() -> anyhow::Result<()> {
     let (pair, single) = (("mesh", "envoy"), ("mesh-1", "envoy-1"));
     let cpu = |r: &Run| r.cpu_us_per_req;
     let rps = |r: &Run| r.rps;
+    let saturation = [Load::H1Saturation, Load::H2Saturation, Load::GrpcUnary];
+    let limited = [Load::H1Limited, Load::H2Limited, Load::GrpcLimited];
+    // One ratio per protocol, for the three saturation loads or their CPU-limited runs.
+    let by_protocol = |loads: [Load; 3], t: (&str, &str), f: fn(&Run) -> f64| {
+        format!(
+            "HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
+            ratio(loads[0], t, f),
+            ratio(loads[1], t, f),
+            ratio(loads[2], t, f)
+        )
+    };
     let direct_p99 = get(Load::H1Fixed1000, "direct").map(|r| r.p99);
     let added = |t: &str| Some(get(Load::H1Fixed1000, t)?.p99 - direct_p99?);
     let added_ratio = |t: (&str, &str)| times(added(t.0).zip(added(t.1)).map(|(a, b)| a / b));
     writeln!(
         md,
-        "- CPU per request, mTLS pair (≤ 0.4×): HTTP/1.1 saturation {}, HTTP/2 {}, gRPC {}, HTTP/1.1 at 1,000 rps {}",
-        ratio(Load::H1Saturation, pair, cpu),
-        ratio(Load::H2Saturation, pair, cpu),
-        ratio(Load::GrpcUnary, pair, cpu),
+        "- CPU per request, mTLS pair (≤ 0.4×): at saturation {}; HTTP/1.1 at 1,000 rps {}",
+        by_protocol(saturation, pair, cpu),
         ratio(Load::H1Fixed1000, pair, cpu),
     )?;
     writeln!(
@@ -755,29 +764,21 @@ async fn run() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "- saturation throughput through one proxy (≥ 2×): HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
-        ratio(Load::H1Saturation, single, rps),
-        ratio(Load::H2Saturation, single, rps),
-        ratio(Load::GrpcUnary, single, rps),
+        "- saturation throughput through one proxy (≥ 2×): {}",
+        by_protocol(saturation, single, rps),
     )?;
     writeln!(
         md,
-        "- the same, each proxy held to {} CPU, so that the proxy is what saturates: HTTP/1.1 {}, HTTP/2 {}, gRPC {}",
+        "- the same, each proxy held to {} CPU, so that the proxy is what saturates: {}",
         args.cpu_limit,
-        ratio(Load::H1Limited, single, rps),
-        ratio(Load::H2Limited, single, rps),
-        ratio(Load::GrpcLimited, single, rps),
+        by_protocol(limited, single, rps),
     )?;
     writeln!(
         md,
-        "- saturation throughput through the mTLS pair: HTTP/1.1 {}, HTTP/2 {}, gRPC {}; each sidecar held to {} CPU: {}, {}, {}",
-        ratio(Load::H1Saturation, pair, rps),
-        ratio(Load::H2Saturation, pair, rps),
-        ratio(Load::GrpcUnary, pair, rps),
+        "- saturation throughput through the mTLS pair: {}; each sidecar held to {} CPU: {}",
+        by_protocol(saturation, pair, rps),
         args.cpu_limit,
-        ratio(Load::H1Limited, pair, rps),
-        ratio(Load::H2Limited, pair, rps),
-        ratio(Load::GrpcLimited, pair, rps),
+        by_protocol(limited, pair, rps),
     )?;
     let started = |name: &str| {
         topologies
