@@ -5,9 +5,9 @@
 //! - `mesh`: load tool → mesh-proxy (outbound) → mTLS HTTP/2 → mesh-proxy (inbound) → app
 //! - `envoy`: the same sidecar pair with Envoy (mTLS, SPIFFE SAN checks, HTTP/2 between them)
 //!
-//! Each proxy runs one worker thread. Load comes from `oha`: closed-loop saturation over
-//! HTTP/1.1, HTTP/2 and gRPC unary (1 KiB each way), and a fixed rate (1,000 rps over 4
-//! connections); the saturation loads again with each proxy held to `--cpu-limit` CPU (a CFS
+//! Each proxy runs one worker thread. Load comes from `oha` (or, for HTTP/2 and gRPC,
+//! `h2load` with `--h2-tool h2load`): closed-loop saturation over HTTP/1.1, HTTP/2 and gRPC
+//! unary (1 KiB each way), and a fixed rate (1,000 rps over 4 connections); the saturation loads again with each proxy held to `--cpu-limit` CPU (a CFS
 //! quota, as Kubernetes enforces a limit), so that the proxy and not the load tool or the app
 //! saturates. Per topology: requests/s, p50/p90/p99, p99 added over
 //! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
@@ -54,6 +54,14 @@ struct Args {
     /// oha binary.
     #[arg(long, default_value = "oha")]
     oha: PathBuf,
+    /// The load tool of the HTTP/2 and gRPC saturation loads. h2load (nghttp2) takes about
+    /// half the CPU per request that oha does, which leaves more of a small machine to the
+    /// proxy under test; the HTTP/1.1 loads always use oha.
+    #[arg(long, value_enum, default_value_t = H2Tool::Oha)]
+    h2_tool: H2Tool,
+    /// h2load binary.
+    #[arg(long, default_value = "h2load")]
+    h2load: PathBuf,
     /// Where the Markdown table goes.
     #[arg(long, default_value = "target/bench-results.md")]
     out: PathBuf,
@@ -78,6 +86,12 @@ struct Args {
 }
 
 use mesh_benches::cpu_secs;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum H2Tool {
+    Oha,
+    H2load,
+}
 
 /// Resident set size, MiB.
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
@@ -188,6 +202,23 @@ impl Load {
     }
 }
 
+/// Runs a load tool to its end; its standard output, or an error with what it printed.
+async fn run_load_tool(cmd: &mut Command, bin: &Path) -> anyhow::Result<Vec<u8>> {
+    let out = cmd
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}{}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
 async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
     let mut cmd = Command::new(&args.oha);
     cmd.args([
@@ -223,33 +254,28 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
     } else {
         cmd.arg(format!("http://backend/bytes/{}", args.body));
     }
-    let out = cmd
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("running {}", args.oha.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "oha failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let out = run_load_tool(&mut cmd, &args.oha).await?;
+    Ok(serde_json::from_slice(&out)?)
 }
 
-async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
-    let (rss_idle, cpu0) = (t.rss(), t.cpu());
-    let secs = match load {
-        Load::H1Fixed1000 => args.secs.max(args.fixed_secs),
-        _ => args.secs,
-    };
-    let v = oha(args, t.port, load, secs).await?;
-    let (cpu1, rss_load) = (t.cpu(), t.rss());
+/// What one timed load run gave, whichever tool made it.
+struct Counted {
+    ok: u64,
+    errors: u64,
+    rps: f64,
+    /// p50, p90, p99 in ms.
+    percentiles: [f64; 3],
+}
+
+/// An oha run, counted. Requests still in flight when a timed run ends are cut by oha, not
+/// failed by the proxy.
+async fn oha_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<Counted> {
+    let v = oha(args, port, load, secs).await?;
     let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
     let total: u64 = v["statusCodeDistribution"]
         .as_object()
         .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
         .unwrap_or(0);
-    // Requests still in flight when a timed run ends are cut by oha, not failed by the proxy.
     let errors = v["errorDistribution"]
         .as_object()
         .map(|m| {
@@ -262,21 +288,157 @@ async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
         + (total - ok);
     if errors > 0 {
         eprintln!(
-            "  errors on port {}: {} (status codes {})",
-            t.port, v["errorDistribution"], v["statusCodeDistribution"]
+            "  errors on port {port}: {} (status codes {})",
+            v["errorDistribution"], v["statusCodeDistribution"]
         );
     }
     let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
-    Ok(Run {
-        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-        p50: ms("p50"),
-        p90: ms("p90"),
-        p99: ms("p99"),
+    Ok(Counted {
+        ok,
         errors,
-        cpu_us_per_req: if t.proxies.is_empty() || ok == 0 {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        percentiles: [ms("p50"), ms("p90"), ms("p99")],
+    })
+}
+
+/// An h2load run (HTTP/2 or gRPC), counted. h2load prints no percentiles, so they come from
+/// its per-request log; its successes are HTTP statuses (the gRPC status of every topology is
+/// checked before the runs, `grpc_check`).
+async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<Counted> {
+    let log = args.grpc_body.with_file_name("h2load.log");
+    // h2load appends to its log.
+    match std::fs::remove_file(&log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let mut cmd = Command::new(&args.h2load);
+    cmd.args(["-c", "4", "-m", &(args.connections / 4).max(1).to_string()])
+        .args(["-D", &secs.to_string(), "-H", ":authority: backend"])
+        .arg(format!("--log-file={}", log.display()));
+    if matches!(load, Load::GrpcUnary | Load::GrpcLimited) {
+        cmd.args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+        ])
+        .arg(&args.grpc_body)
+        .arg(format!(
+            "http://127.0.0.1:{port}/mesh.example.v1.Echo/Unary"
+        ));
+    } else {
+        cmd.arg(format!("http://127.0.0.1:{port}/bytes/{}", args.body));
+    }
+    let out = run_load_tool(&mut cmd, &args.h2load).await?;
+    let stdout = String::from_utf8_lossy(&out);
+    let summary = H2loadSummary::parse(&stdout)?;
+    let mut ms: Vec<f64> = std::fs::read_to_string(&log)?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t').skip(1);
+            let status = f.next()?;
+            let us: f64 = f.next()?.parse().ok()?;
+            (status == "200").then_some(us / 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let q = |p: f64| match ms.len() {
+        0 => f64::NAN,
+        n => ms[(((n as f64) * p).ceil() as usize).clamp(1, n) - 1],
+    };
+    if summary.errors > 0 {
+        eprintln!("  errors on port {port}: {stdout}");
+    }
+    Ok(Counted {
+        ok: summary.ok,
+        errors: summary.errors,
+        rps: summary.ok as f64 / summary.secs,
+        percentiles: [q(0.50), q(0.90), q(0.99)],
+    })
+}
+
+/// The figures of h2load's summary the table needs.
+#[derive(Debug, PartialEq)]
+struct H2loadSummary {
+    secs: f64,
+    ok: u64,
+    errors: u64,
+}
+
+impl H2loadSummary {
+    /// From `finished in 5.00s, ...`, `requests: N total, ... K succeeded, F failed,
+    /// E errored, T timeout` and `status codes: A 2xx, B 3xx, C 4xx, D 5xx`. Requests still in
+    /// flight at the deadline are neither succeeded nor failed. `succeeded` counts any
+    /// status, so the 2xx count is what succeeded.
+    fn parse(out: &str) -> anyhow::Result<Self> {
+        let line = |prefix: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+                .with_context(|| format!("no `{prefix}` line in h2load's output: {out}"))
+        };
+        // "N word" pairs of a comma-separated line, by word.
+        let count = |text: &str, word: &str| -> anyhow::Result<u64> {
+            text.split(',')
+                .find_map(|part| {
+                    let mut it = part.split_whitespace();
+                    let n = it.next()?;
+                    (it.next()? == word).then(|| n.parse().ok()).flatten()
+                })
+                .with_context(|| format!("no `{word}` count in h2load's `{text}`"))
+        };
+        let secs: f64 = line("finished in ")?
+            .split('s')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("h2load's duration")?;
+        let requests = line("requests: ")?;
+        let codes = line("status codes: ")?;
+        let ok = count(codes, "2xx")?;
+        let not_ok = ["3xx", "4xx", "5xx"]
+            .iter()
+            .map(|w| count(codes, w))
+            .sum::<anyhow::Result<u64>>()?;
+        let errors = ["failed", "errored", "timeout"]
+            .iter()
+            .map(|w| count(requests, w))
+            .sum::<anyhow::Result<u64>>()?;
+        anyhow::ensure!(secs > 0.0, "h2load ran for {secs} s");
+        Ok(Self {
+            secs,
+            ok,
+            errors: errors + not_ok,
+        })
+    }
+}
+
+async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
+    let (rss_idle, cpu0) = (t.rss(), t.cpu());
+    let secs = match load {
+        Load::H1Fixed1000 => args.secs.max(args.fixed_secs),
+        _ => args.secs,
+    };
+    let h2 = matches!(
+        load,
+        Load::H2Saturation | Load::GrpcUnary | Load::H2Limited | Load::GrpcLimited
+    );
+    let c = if h2 && args.h2_tool == H2Tool::H2load {
+        h2load_counted(args, t.port, load, secs).await?
+    } else {
+        oha_counted(args, t.port, load, secs).await?
+    };
+    let (cpu1, rss_load) = (t.cpu(), t.rss());
+    let [p50, p90, p99] = c.percentiles;
+    Ok(Run {
+        rps: c.rps,
+        p50,
+        p90,
+        p99,
+        errors: c.errors,
+        cpu_us_per_req: if t.proxies.is_empty() || c.ok == 0 {
             0.0
         } else {
-            (cpu1 - cpu0) * 1e6 / ok as f64
+            (cpu1 - cpu0) * 1e6 / c.ok as f64
         },
         rss_idle,
         rss_load,
@@ -678,12 +840,16 @@ async fn run() -> anyhow::Result<()> {
     writeln!(
         md,
         "{} round(s) of {} s per cell ({} s at 1,000 rps); each figure is its cell's median over \
-         the rounds. Mesh sidecar: `{}`. In the CPU-limited loads each proxy process is held to \
-         {} CPU (CFS quota, 100 ms period).\n",
+         the rounds. Mesh sidecar: `{}`. Load: oha, and {} for HTTP/2 and gRPC. In the \
+         CPU-limited loads each proxy process is held to {} CPU (CFS quota, 100 ms period).\n",
         args.rounds.max(1),
         args.secs,
         args.secs.max(args.fixed_secs),
         proxy.display(),
+        match args.h2_tool {
+            H2Tool::Oha => "oha",
+            H2Tool::H2load => "h2load (percentiles from its per-request log)",
+        },
         args.cpu_limit
     )?;
     writeln!(
@@ -811,4 +977,39 @@ async fn run() -> anyhow::Result<()> {
     );
     mesh.stop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::H2loadSummary;
+
+    /// The summary of an h2load 1.52 run, trimmed to the lines it is read from and one beside.
+    const OUT: &str = "Application protocol: h2c
+Main benchmark duration is over for thread #0. Stopping all clients.
+
+finished in 5.00s, 85762.60 req/s, 85.96MB/s
+requests: 428813 total, 428829 started, 428813 done, 428810 succeeded, 2 failed, 1 errored, 0 timeout
+status codes: 428805 2xx, 0 3xx, 4 4xx, 1 5xx
+traffic: 429.81MB (450683303) total, 3.68MB (3859937) headers (space savings 90.72%), 418.76MB (439104512) data
+";
+
+    #[test]
+    fn h2load_summary_counts_only_2xx_as_ok_and_every_failure_as_an_error() {
+        let s = H2loadSummary::parse(OUT).expect("parses");
+        assert_eq!(
+            s,
+            H2loadSummary {
+                secs: 5.0,
+                ok: 428_805,
+                errors: 2 + 1 + 4 + 1,
+            }
+        );
+    }
+
+    #[test]
+    fn h2load_summary_without_status_codes_is_an_error() {
+        let cut = OUT.replace("status codes:", "codes:");
+        let e = H2loadSummary::parse(&cut).expect_err("no status line");
+        assert!(e.to_string().contains("status codes: "), "{e}");
+    }
 }
