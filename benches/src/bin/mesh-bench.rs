@@ -7,12 +7,12 @@
 //!
 //! Each proxy runs one worker thread. Load comes from `oha` (or, for HTTP/2 and gRPC,
 //! `h2load` with `--h2-tool h2load`): closed-loop saturation over HTTP/1.1, HTTP/2 and gRPC
-//! unary (1 KiB each way), and a fixed rate (1,000 rps over 4 connections); the saturation loads again with each proxy held to `--cpu-limit` CPU (a CFS
-//! quota, as Kubernetes enforces a limit), so that the proxy and not the load tool or the app
-//! saturates. Per topology: requests/s, p50/p90/p99, p99 added over
-//! direct, proxy CPU µs per request (utime+stime from /proc), proxy RSS idle and after load.
-//! `--rounds N` repeats the whole matrix and reports each cell's median. Writes a Markdown table
-//! (`--out`) with the mesh/Envoy ratios.
+//! unary (1 KiB each way), and a fixed rate (1,000 rps over 4 connections); the saturation
+//! loads again with each proxy held to `--cpu-limit` CPU (a CFS quota, as Kubernetes enforces
+//! a limit), so that the proxy and not the load tool or the app saturates. Per topology:
+//! requests/s, p50/p90/p99, p99 added over direct, proxy CPU µs per request (utime+stime from
+//! /proc), proxy RSS idle and after load. `--rounds N` repeats the whole matrix and reports
+//! each cell's median. Writes a Markdown table (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
