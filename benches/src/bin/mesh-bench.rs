@@ -189,6 +189,25 @@ impl Load {
         matches!(self, Load::H1Limited | Load::H2Limited | Load::GrpcLimited)
     }
 
+    /// gRPC unary calls, limited or not.
+    fn grpc(self) -> bool {
+        matches!(self, Load::GrpcUnary | Load::GrpcLimited)
+    }
+
+    /// Spoken over HTTP/2 (so `--h2-tool` picks its load tool).
+    fn http2(self) -> bool {
+        self.grpc() || matches!(self, Load::H2Saturation | Load::H2Limited)
+    }
+
+    /// What each request asks for.
+    fn path(self, body: usize) -> String {
+        if self.grpc() {
+            "/mesh.example.v1.Echo/Unary".to_string()
+        } else {
+            format!("/bytes/{body}")
+        }
+    }
+
     fn short(self) -> &'static str {
         match self {
             Load::H1Saturation => "h1",
@@ -200,6 +219,11 @@ impl Load {
             Load::GrpcLimited => "grpc-limited",
         }
     }
+}
+
+/// Streams per connection of the HTTP/2 loads: `--connections` over 4 connections.
+fn streams_per_conn(args: &Args) -> String {
+    (args.connections / 4).max(1).to_string()
 }
 
 /// Runs a load tool to its end; its standard output, or an error with what it printed.
@@ -229,31 +253,19 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
         &format!("{secs}s"),
     ])
     .args(["--connect-to", &format!("backend:80:127.0.0.1:{port}")]);
-    match load {
-        Load::H1Saturation | Load::H1Limited => {
-            cmd.args(["-c", &args.connections.to_string()]);
-        }
-        Load::H2Saturation | Load::GrpcUnary | Load::H2Limited | Load::GrpcLimited => {
-            cmd.args([
-                "--http2",
-                "-c",
-                "4",
-                "-p",
-                &(args.connections / 4).max(1).to_string(),
-            ]);
-        }
-        Load::H1Fixed1000 => {
-            cmd.args(["-c", "4", "-q", "1000"]);
-        }
+    if load.http2() {
+        cmd.args(["--http2", "-c", "4", "-p", &streams_per_conn(args)]);
+    } else if load == Load::H1Fixed1000 {
+        cmd.args(["-c", "4", "-q", "1000"]);
+    } else {
+        cmd.args(["-c", &args.connections.to_string()]);
     }
-    if matches!(load, Load::GrpcUnary | Load::GrpcLimited) {
+    if load.grpc() {
         cmd.args(["-m", "POST", "-H", "content-type: application/grpc"])
             .args(["-H", "te: trailers", "-D"])
-            .arg(&args.grpc_body)
-            .arg("http://backend/mesh.example.v1.Echo/Unary");
-    } else {
-        cmd.arg(format!("http://backend/bytes/{}", args.body));
+            .arg(&args.grpc_body);
     }
+    cmd.arg(format!("http://backend{}", load.path(args.body)));
     let out = run_load_tool(&mut cmd, &args.oha).await?;
     Ok(serde_json::from_slice(&out)?)
 }
@@ -312,10 +324,10 @@ async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow
         _ => {}
     }
     let mut cmd = Command::new(&args.h2load);
-    cmd.args(["-c", "4", "-m", &(args.connections / 4).max(1).to_string()])
+    cmd.args(["-c", "4", "-m", &streams_per_conn(args)])
         .args(["-D", &secs.to_string(), "-H", ":authority: backend"])
         .arg(format!("--log-file={}", log.display()));
-    if matches!(load, Load::GrpcUnary | Load::GrpcLimited) {
+    if load.grpc() {
         cmd.args([
             "-H",
             "content-type: application/grpc",
@@ -323,13 +335,9 @@ async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow
             "te: trailers",
             "-d",
         ])
-        .arg(&args.grpc_body)
-        .arg(format!(
-            "http://127.0.0.1:{port}/mesh.example.v1.Echo/Unary"
-        ));
-    } else {
-        cmd.arg(format!("http://127.0.0.1:{port}/bytes/{}", args.body));
+        .arg(&args.grpc_body);
     }
+    cmd.arg(format!("http://127.0.0.1:{port}{}", load.path(args.body)));
     let out = run_load_tool(&mut cmd, &args.h2load).await?;
     let stdout = String::from_utf8_lossy(&out);
     let summary = H2loadSummary::parse(&stdout)?;
@@ -418,11 +426,7 @@ async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
         Load::H1Fixed1000 => args.secs.max(args.fixed_secs),
         _ => args.secs,
     };
-    let h2 = matches!(
-        load,
-        Load::H2Saturation | Load::GrpcUnary | Load::H2Limited | Load::GrpcLimited
-    );
-    let c = if h2 && args.h2_tool == H2Tool::H2load {
+    let c = if load.http2() && args.h2_tool == H2Tool::H2load {
         h2load_counted(args, t.port, load, secs).await?
     } else {
         oha_counted(args, t.port, load, secs).await?
