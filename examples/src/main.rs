@@ -54,6 +54,10 @@ enum Cmd {
         /// The sidecar's outbound address.
         #[arg(long)]
         proxy: Option<SocketAddr>,
+        /// Runtime threads (default: one per core). One costs least per request, but serves
+        /// nothing while its thread waits for a core (`mesh-bench --app-threads`).
+        #[arg(long)]
+        threads: Option<std::num::NonZeroUsize>,
     },
     /// Send requests through a sidecar at a fixed rate and print the split by version.
     Load {
@@ -106,7 +110,12 @@ struct App {
     sick: AtomicU64,
     sick_seq: AtomicU64,
     delay_ms: AtomicU64,
+    /// `/bytes/<n>` answers a slice of this, so a benchmark's request allocates no body.
+    filler: Bytes,
 }
+
+/// The largest `/bytes/<n>` answer.
+const MAX_BYTES: usize = 1 << 20;
 
 /// Why the app drops a connection on purpose (`/reset`).
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +233,7 @@ impl App {
         {
             // Benchmarks: a fixed-size body with no per-request formatting.
             let mut r = Response::new(
-                Full::new(Bytes::from(vec![b'x'; n.min(1 << 20)]))
+                Full::new(self.filler.slice(..n.min(MAX_BYTES)))
                     .map_err(|e| match e {})
                     .boxed_unsync(),
             );
@@ -313,7 +322,7 @@ impl echo_server::Echo for Echo {
         &self,
         req: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
-        let peer = peer_of(&req.metadata().clone().into_headers());
+        let peer = peer_of(req.metadata().as_ref());
         let grpc_timeout = req
             .metadata()
             .get("grpc-timeout")
@@ -338,7 +347,7 @@ impl echo_server::Echo for Echo {
         &self,
         req: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<Self::ServerStreamStream>, tonic::Status> {
-        let peer = peer_of(&req.metadata().clone().into_headers());
+        let peer = peer_of(req.metadata().as_ref());
         let m = req.into_inner();
         let count = m.count.min(10_000);
         let served_by = self.served_by.clone();
@@ -404,6 +413,7 @@ async fn serve(
         sick: 0.into(),
         sick_seq: 0.into(),
         delay_ms: 0.into(),
+        filler: Bytes::from(vec![b'x'; MAX_BYTES]),
     });
     let grpc = echo_server::EchoServer::new(Echo { served_by });
     println!(
@@ -485,21 +495,40 @@ async fn load(
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
-        Cmd::Serve {
-            service,
-            version,
-            listen,
-            call,
-            proxy,
-        } => serve(service, version, listen, call.zip(proxy)).await,
-        Cmd::Load {
-            proxy,
-            url,
-            rps,
-            duration_secs,
-        } => load(proxy, url, rps, duration_secs.map(Duration::from_secs)).await,
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let threads = match cli.cmd {
+        Cmd::Serve { threads, .. } => threads,
+        Cmd::Load { .. } => None,
+    };
+    let rt = match threads.map(std::num::NonZeroUsize::get) {
+        // One thread: no work stealing, no wake-ups across threads.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
     }
+    .enable_all()
+    .build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Serve {
+                service,
+                version,
+                listen,
+                call,
+                proxy,
+                threads: _,
+            } => serve(service, version, listen, call.zip(proxy)).await,
+            Cmd::Load {
+                proxy,
+                url,
+                rps,
+                duration_secs,
+            } => load(proxy, url, rps, duration_secs.map(Duration::from_secs)).await,
+        }
+    })
 }
