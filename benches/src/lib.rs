@@ -1,6 +1,7 @@
 //! Fixtures shared by the benchmarks.
 
 pub mod cpu_limit;
+pub mod cpu_pin;
 pub mod mesh;
 
 use mesh_proto::v1 as pb;

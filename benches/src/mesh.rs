@@ -31,6 +31,7 @@ pub struct Mesh {
     pub grpc: SocketAddr,
     pub ca_pem: String,
     pub app_port: u16,
+    pub app_pid: u32,
     /// The `web` sidecar's outbound listener: the mTLS pair's entry.
     pub pair_port: u16,
     /// The `backend` sidecar's inbound listener, taking plaintext: the one-proxy entry.
@@ -47,8 +48,14 @@ pub struct Mesh {
 
 impl Mesh {
     /// Starts everything under `dir` (state, logs), with `proxy` as the sidecar binary and the
-    /// control plane and app taken from `bins`.
-    pub async fn start(dir: &Path, bins: &Path, proxy: &Path) -> anyhow::Result<Self> {
+    /// control plane and app taken from `bins`, the app on `app_threads` runtime threads (or
+    /// its default, one per core).
+    pub async fn start(
+        dir: &Path,
+        bins: &Path,
+        proxy: &Path,
+        app_threads: Option<std::num::NonZeroUsize>,
+    ) -> anyhow::Result<Self> {
         let log = |n: &str| std::fs::File::create(dir.join(format!("{n}.log")));
         let mut others = Vec::new();
         let (grpc, admin_addr) = (
@@ -85,8 +92,11 @@ impl Mesh {
             "--listen",
             &format!("127.0.0.1:{app_port}"),
         ])
+        .args(app_threads.map(|n| format!("--threads={n}")))
         .stderr(log("app")?);
-        others.push(Process::spawn_ready("app", cmd, READY).await?.0);
+        let app = Process::spawn_ready("app", cmd, READY).await?.0;
+        let app_pid = app.pid().context("app pid")?;
+        others.push(app);
 
         let mut sidecars = Vec::new();
         let mut ready = Vec::new();
@@ -158,6 +168,7 @@ impl Mesh {
             grpc,
             ca_pem,
             app_port,
+            app_pid,
             pair_port: port_of(&ready[1], "outbound")?,
             single_port: port_of(&ready[0], "inbound")?,
             single_pid: pids[0],

@@ -16,6 +16,7 @@
 
 use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
+use mesh_benches::cpu_pin::{self, CpuPin};
 use mesh_benches::mesh::{
     Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
 };
@@ -80,6 +81,16 @@ struct Args {
     /// loads, so that the proxy, not the load tool or the app, is what saturates.
     #[arg(long, default_value_t = 0.5)]
     cpu_limit: f64,
+    /// In the unlimited saturation loads, run the proxies on a core of their own (the last
+    /// this process may use) and the app, the load tool and this bench on the others, so that
+    /// a proxy's neighbours do not take its core. Needs two cores; more, so that the app and
+    /// the load tool do not saturate theirs first.
+    #[arg(long)]
+    pin: bool,
+    /// The app's runtime threads (default: the app's own, one per core). The unlimited
+    /// saturation cells move with it, Envoy's and the mesh's differently (BENCHMARKS.md).
+    #[arg(long)]
+    app_threads: Option<std::num::NonZeroUsize>,
     /// The gRPC request body file (written at start).
     #[arg(skip)]
     grpc_body: PathBuf,
@@ -187,6 +198,14 @@ impl Load {
     /// A cell where each proxy is held to `--cpu-limit` (the load is its unlimited twin's).
     fn limited(self) -> bool {
         matches!(self, Load::H1Limited | Load::H2Limited | Load::GrpcLimited)
+    }
+
+    /// A closed-loop load with nothing limited (the cells `--pin` pins).
+    fn unlimited_saturation(self) -> bool {
+        matches!(
+            self,
+            Load::H1Saturation | Load::H2Saturation | Load::GrpcUnary
+        )
     }
 
     /// gRPC unary calls, limited or not.
@@ -638,12 +657,18 @@ async fn run() -> anyhow::Result<()> {
     let mut args: Args = clap::Parser::parse();
     let bins = bin_dir()?;
     let proxy = proxy_bin(args.proxy.clone(), &bins)?;
+    // Checked before anything starts: a machine with one CPU cannot be split.
+    let pinned_cpu = if args.pin {
+        Some(cpu_pin::split()?.0)
+    } else {
+        None
+    };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     args.grpc_body = d.join("grpc-echo.bin");
     std::fs::write(&args.grpc_body, grpc_request(args.body))?;
     let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
-    let mut mesh = Mesh::start(d, &bins, &proxy).await?;
+    let mut mesh = Mesh::start(d, &bins, &proxy, args.app_threads).await?;
     eprintln!("mesh sidecars: {}", proxy.display());
     let (grpc, app_port) = (mesh.grpc, mesh.app_port);
     let ca_pem = mesh.ca_pem.clone();
@@ -804,8 +829,16 @@ async fn run() -> anyhow::Result<()> {
                 } else {
                     None
                 };
+                let pin = if args.pin && load.unlimited_saturation() {
+                    Some(CpuPin::new(
+                        &t.proxies,
+                        &[mesh.app_pid, std::process::id()],
+                    )?)
+                } else {
+                    None
+                };
                 let r = measure(&args, t, load).await?;
-                drop(limit);
+                drop((limit, pin));
                 eprintln!(
                     "round {round} {:<40} {:<7} {:>9.0} rps  p50 {:.3} ms  p99 {:.3} ms  cpu {:.1} µs/req ({:.2} cores)  errors {}",
                     load.label(),
@@ -856,6 +889,19 @@ async fn run() -> anyhow::Result<()> {
         },
         args.cpu_limit
     )?;
+    if let Some(cpu) = pinned_cpu {
+        writeln!(
+            md,
+            "Pinned (`--pin`): in the saturation loads that are not CPU-limited, the proxies ran \
+             on CPU {cpu} alone, and the app, the load tool and the bench on the other CPUs.\n"
+        )?;
+    }
+    if let Some(n) = args.app_threads {
+        writeln!(
+            md,
+            "The app ran on {n} runtime thread(s) (`--app-threads`).\n"
+        )?;
+    }
     writeln!(
         md,
         "| load | topology | req/s | p50 ms | p90 ms | p99 ms | p99 added over direct, ms | proxy CPU µs/req | proxy RSS idle / after, MiB | errors |"
