@@ -94,3 +94,51 @@ impl Drop for CpuPin {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPUs a process may run on, as `/proc` tells them (e.g. "0-1", "1").
+    fn allowed(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn pins_proxies_to_the_last_cpu_and_the_rest_elsewhere_until_dropped() {
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep")
+        };
+        let (mut proxy, mut app) = (spawn(), spawn());
+        let (p, a) = (proxy.id(), app.id());
+        let before = (allowed(p), allowed(a));
+        match split() {
+            Ok((last, _)) => {
+                let pin = CpuPin::new(&[p], &[a]).expect("pin");
+                assert_eq!(allowed(p), last.to_string());
+                let app_cpus = allowed(a);
+                assert!(
+                    !app_cpus.split([',', '-']).any(|c| c == last.to_string()),
+                    "the app may still run on the proxies' CPU {last}: {app_cpus}"
+                );
+                drop(pin);
+                assert_eq!((allowed(p), allowed(a)), before);
+            }
+            // One CPU: nothing to split, and pinning says so.
+            Err(_) => assert!(CpuPin::new(&[p], &[a]).is_err()),
+        }
+        for c in [&mut proxy, &mut app] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
