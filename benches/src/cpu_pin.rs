@@ -45,31 +45,42 @@ pub struct CpuPin {
 }
 
 /// The split of the CPUs this process may use: the last one for the proxies, the rest for
-/// everything else. Needs two at least.
-pub fn split() -> anyhow::Result<(usize, CpuSet)> {
-    let all = sched_getaffinity(Pid::from_raw(0))?;
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| all.is_set(c).unwrap_or(false))
-        .collect();
-    let Some((&proxy_cpu, rest)) = cpus.split_last().filter(|(_, r)| !r.is_empty()) else {
-        anyhow::bail!("pinning needs two CPUs at least; this process may use {cpus:?}");
-    };
-    let mut others = CpuSet::new();
-    for &c in rest {
-        others.set(c)?;
-    }
-    Ok((proxy_cpu, others))
+/// everything else.
+pub struct CpuSplit {
+    /// The proxies' CPU.
+    pub proxy_cpu: usize,
+    proxies: CpuSet,
+    others: CpuSet,
 }
 
-impl CpuPin {
-    /// Pins every thread of `proxies` to the last CPU this process may use and every thread of
-    /// `others` to the rest ([`split`]).
-    pub fn new(proxies: &[u32], others: &[u32]) -> anyhow::Result<CpuPin> {
-        let (proxy_cpu, rest) = split()?;
-        let mut one = CpuSet::new();
-        one.set(proxy_cpu)?;
+impl CpuSplit {
+    /// From the CPUs this process may use now; needs two at least.
+    pub fn of_this_process() -> anyhow::Result<CpuSplit> {
+        let all = sched_getaffinity(Pid::from_raw(0))?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| all.is_set(c).unwrap_or(false))
+            .collect();
+        let Some((&proxy_cpu, rest)) = cpus.split_last().filter(|(_, r)| !r.is_empty()) else {
+            anyhow::bail!("pinning needs two CPUs at least; this process may use {cpus:?}");
+        };
+        let mut proxies = CpuSet::new();
+        proxies.set(proxy_cpu)?;
+        let mut others = CpuSet::new();
+        for &c in rest {
+            others.set(c)?;
+        }
+        Ok(CpuSplit {
+            proxy_cpu,
+            proxies,
+            others,
+        })
+    }
+
+    /// Pins every thread of `proxies` to the proxies' CPU and every thread of `others` to
+    /// the rest, until the pin is dropped.
+    pub fn pin(&self, proxies: &[u32], others: &[u32]) -> anyhow::Result<CpuPin> {
         let mut pin = CpuPin { held: Vec::new() };
-        for (pids, set) in [(proxies, &one), (others, &rest)] {
+        for (pids, set) in [(proxies, &self.proxies), (others, &self.others)] {
             for &pid in pids {
                 let before = sched_getaffinity(Pid::from_raw(pid as i32))
                     .with_context(|| format!("CPU set of pid {pid}"))?;
@@ -121,9 +132,10 @@ mod tests {
         let (mut proxy, mut app) = (spawn(), spawn());
         let (p, a) = (proxy.id(), app.id());
         let before = (allowed(p), allowed(a));
-        match split() {
-            Ok((last, _)) => {
-                let pin = CpuPin::new(&[p], &[a]).expect("pin");
+        match CpuSplit::of_this_process() {
+            Ok(split) => {
+                let last = split.proxy_cpu;
+                let pin = split.pin(&[p], &[a]).expect("pin");
                 assert_eq!(allowed(p), last.to_string());
                 let app_cpus = allowed(a);
                 assert!(
@@ -133,8 +145,8 @@ mod tests {
                 drop(pin);
                 assert_eq!((allowed(p), allowed(a)), before);
             }
-            // One CPU: nothing to split, and pinning says so.
-            Err(_) => assert!(CpuPin::new(&[p], &[a]).is_err()),
+            // One CPU: nothing to split, and the split says so.
+            Err(e) => assert!(e.to_string().contains("two CPUs"), "{e:#}"),
         }
         for c in [&mut proxy, &mut app] {
             let _ = c.kill();

@@ -16,7 +16,7 @@
 
 use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
-use mesh_benches::cpu_pin::{self, CpuPin};
+use mesh_benches::cpu_pin::CpuSplit;
 use mesh_benches::mesh::{
     Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
 };
@@ -657,12 +657,8 @@ async fn run() -> anyhow::Result<()> {
     let mut args: Args = clap::Parser::parse();
     let bins = bin_dir()?;
     let proxy = proxy_bin(args.proxy.clone(), &bins)?;
-    // Checked before anything starts: a machine with one CPU cannot be split.
-    let pinned_cpu = if args.pin {
-        Some(cpu_pin::split()?.0)
-    } else {
-        None
-    };
+    // Taken before anything starts: a machine with one CPU cannot be split.
+    let split = args.pin.then(CpuSplit::of_this_process).transpose()?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     args.grpc_body = d.join("grpc-echo.bin");
@@ -829,13 +825,11 @@ async fn run() -> anyhow::Result<()> {
                 } else {
                     None
                 };
-                let pin = if args.pin && load.unlimited_saturation() {
-                    Some(CpuPin::new(
-                        &t.proxies,
-                        &[mesh.app_pid, std::process::id()],
-                    )?)
-                } else {
-                    None
+                let pin = match &split {
+                    Some(s) if load.unlimited_saturation() => {
+                        Some(s.pin(&t.proxies, &[mesh.app_pid, std::process::id()])?)
+                    }
+                    _ => None,
                 };
                 let r = measure(&args, t, load).await?;
                 drop((limit, pin));
@@ -889,7 +883,7 @@ async fn run() -> anyhow::Result<()> {
         },
         args.cpu_limit
     )?;
-    if let Some(cpu) = pinned_cpu {
+    if let Some(cpu) = split.as_ref().map(|s| s.proxy_cpu) {
         writeln!(
             md,
             "Pinned (`--pin`): in the saturation loads that are not CPU-limited, the proxies ran \
