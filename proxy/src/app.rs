@@ -214,6 +214,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 admin_addr.port(),
                 b.inbound_addr.port(),
             ],
+            b.app_protocol,
         ));
         let i = inbound.clone();
         tokio::spawn(every(SWEEP_INTERVAL, move || i.sweep()));

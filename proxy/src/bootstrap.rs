@@ -1,5 +1,6 @@
 //! Static configuration: flags and environment, validated once at start (exit 78 when invalid).
 
+use crate::inbound::AppProtocol;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +56,11 @@ pub struct Args {
     /// Local app port; enables the inbound listener.
     #[arg(long, env = "MESH_APP_PORT")]
     pub app_port: Option<u16>,
+    /// What the app speaks on its port: `http1` (every request reaches it as HTTP/1.1,
+    /// whatever the caller spoke), `http2` (h2c with prior knowledge), or `detect` (the
+    /// caller's protocol; an app that does not answer HTTP/2 gets HTTP/1.1).
+    #[arg(long, env = "MESH_APP_PROTOCOL", value_enum, default_value_t = AppProtocol::Detect)]
+    pub app_protocol: AppProtocol,
     #[arg(long, env = "MESH_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
     pub outbound_addr: SocketAddr,
     #[arg(long, env = "MESH_INBOUND_ADDR", default_value = "127.0.0.1:15006")]
@@ -141,6 +147,7 @@ pub struct Bootstrap {
     pub service: Option<String>,
     pub version_label: Option<String>,
     pub app_port: Option<u16>,
+    pub app_protocol: AppProtocol,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub advertise_addr: Option<SocketAddr>,
@@ -318,6 +325,7 @@ impl TryFrom<Args> for Bootstrap {
             service: a.service,
             version_label: a.version_label,
             app_port: a.app_port,
+            app_protocol: a.app_protocol,
             outbound_addr: a.outbound_addr,
             inbound_addr: a.inbound_addr,
             advertise_addr: a.advertise_addr,

@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod kube_api;
 pub mod netns;
 pub mod otlp;
+pub mod peers;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -276,7 +277,7 @@ impl Mesh {
         bootstrap_token(&mut self.admin, &format!("default/{sa}"), 0).await
     }
 
-    fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
+    pub fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
         let p = self
             .dir
             .path()

@@ -57,12 +57,16 @@ pub enum ProxyError {
     Denied(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Framing refused before routing (`http::framing`); the connection is closed after it.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 17] = [
+pub const REASONS: [&str; 18] = [
     "no-authority",
     "bad-request",
+    "malformed-request",
     "unknown-service",
     "too-many-services",
     "discovery-unavailable",
@@ -96,6 +100,7 @@ impl ProxyError {
         match self {
             NoAuthority => (StatusCode::BAD_REQUEST, "no-authority", 3, D),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", 3, D),
+            Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-request", 3, D),
             UnknownService(_) => (StatusCode::NOT_FOUND, "unknown-service", 12, D),
             TooManyServices => (StatusCode::SERVICE_UNAVAILABLE, "too-many-services", 8, D),
             DiscoveryUnavailable(_) => (
@@ -171,6 +176,12 @@ impl ProxyError {
         };
         resp.headers_mut()
             .insert(MESH_ERROR, HeaderValue::from_static(reason));
+        if let ProxyError::Malformed(_) = self {
+            // Whatever follows on an HTTP/1.1 connection cannot be framed with confidence
+            // (RFC 9112 §6.3); hyper closes it after this answer.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let ProxyError::RateLimited { retry_after } = self {
             // Whole seconds, rounded up (RFC 9110 §10.2.3).
             let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
@@ -218,6 +229,7 @@ mod tests {
         let all = [
             ProxyError::NoAuthority,
             ProxyError::BadRequest(String::new()),
+            ProxyError::Malformed(""),
             ProxyError::UnknownService(String::new()),
             ProxyError::TooManyServices,
             ProxyError::DiscoveryUnavailable(String::new()),

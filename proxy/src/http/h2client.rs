@@ -82,6 +82,32 @@ impl H2Sender {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        Self::start(io, keep_alive, None, peer).await
+    }
+
+    /// As [`H2Sender::handshake`], then proves the peer speaks HTTP/2 with a PING answered
+    /// within `within`: h2's handshake only writes the preface, so a server that speaks only
+    /// HTTP/1.1 would otherwise fail the first request after it was sent.
+    pub async fn handshake_checked<IO>(
+        io: Coalesce<IO>,
+        within: Duration,
+        peer: std::net::SocketAddr,
+    ) -> Result<Self, h2::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start(io, None, Some(within), peer).await
+    }
+
+    async fn start<IO>(
+        io: Coalesce<IO>,
+        keep_alive: Option<KeepAlive>,
+        check: Option<Duration>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Self, h2::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let turns = io.turns();
         let (tx, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -93,7 +119,8 @@ impl H2Sender {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
-        let pings = keep_alive.and_then(|k| conn.ping_pong().map(|p| (k, p)));
+        let mut ping_pong = conn.ping_pong();
+        let pings = keep_alive.and_then(|k| ping_pong.take().map(|p| (k, p)));
         tokio::spawn(turns.drive(async move {
             let why = match pings {
                 None => conn.await.err().map(|e| e.to_string()),
@@ -109,6 +136,14 @@ impl H2Sender {
                 tracing::debug!(%peer, error = %why, "HTTP/2 connection closed");
             }
         }));
+        if let (Some(within), Some(mut p)) = (check, ping_pong) {
+            match tokio::time::timeout(within, p.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(e)) => return Err(e),
+                // No answer in time: as if the peer never acknowledged our SETTINGS.
+                Err(_) => return Err(h2::Error::from(h2::Reason::SETTINGS_TIMEOUT)),
+            }
+        }
         Ok(Self { tx, closed })
     }
 

@@ -3,10 +3,12 @@
 pub mod body;
 pub mod coalesce;
 pub mod errors;
+pub mod framing;
 pub mod h2client;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod upgrade;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};

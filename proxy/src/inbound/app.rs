@@ -1,7 +1,7 @@
 //! The inbound proxy's connections to its local app: one HTTP/2 connection shared by every
 //! request that speaks HTTP/2, and HTTP/1.1 connections that carry one request at a time.
-//! Requests keep their original authority in the URI (the app sees the Host it was called
-//! by); the address is always the app's.
+//! Requests reach the app as a direct caller would have sent them (`http::framing::for_origin`:
+//! origin-form and Host for HTTP/1.1, `:authority` for HTTP/2); the address is always the app's.
 
 use crate::balance::state::Now;
 use crate::http::body::RespBody;
@@ -15,6 +15,7 @@ use hyper::client::conn::http1::SendRequest as Http1Sender;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -153,6 +154,25 @@ impl AppH1 {
         Ok(r)
     }
 
+    /// Sends a request that asks to switch protocols on a connection of its own, which the
+    /// answer's upgrade then owns (never pooled).
+    pub(super) async fn upgrade(
+        &self,
+        req: Request<AppBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let io = connect_app(self.addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| app_error(&e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "app connection for an upgrade closed");
+            }
+        });
+        sender.send_request(req).await.map_err(|e| app_error(&e))
+    }
+
     /// Closes connections unused for `idle_timeout`.
     pub(super) fn sweep(&self) {
         let now = Now::get().ms();
@@ -183,15 +203,39 @@ pub(super) struct AppH2 {
     ready: ArcSwapOption<H2Sender>,
     /// Serialises connecting, so a burst of first requests opens one connection.
     connecting: tokio::sync::Mutex<()>,
+    /// The app's protocol is detected, not declared: each new connection is proven with a
+    /// PING, and an app that does not answer it as HTTP/2 is marked `h1_only`.
+    detect: bool,
+    h1_only: AtomicBool,
 }
 
+/// How long an app has to answer the PING that proves it speaks HTTP/2.
+const H2_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl AppH2 {
-    pub(super) fn new(addr: SocketAddr) -> Self {
+    pub(super) fn new(addr: SocketAddr, detect: bool) -> Self {
         Self {
             addr,
             ready: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            detect,
+            h1_only: AtomicBool::new(false),
         }
+    }
+
+    /// False once detection found that the app does not speak HTTP/2. The first call (and
+    /// the first after the app closed its connection) connects, so that the request knows
+    /// before it is shaped and sent.
+    pub(super) async fn speaks_h2(&self) -> bool {
+        if !self.detect || self.live().is_some() {
+            return !self.h1_only.load(Ordering::Relaxed);
+        }
+        if self.h1_only.load(Ordering::Relaxed) {
+            return false;
+        }
+        // A connect error other than the failed proof is the request's own to report.
+        let _ = Box::pin(self.connect()).await;
+        !self.h1_only.load(Ordering::Relaxed)
     }
 
     fn live(&self) -> Option<Arc<H2Sender>> {
@@ -214,19 +258,30 @@ impl AppH2 {
         }
         // Writes coalesced: HTTP/2 only, since hyper writes an HTTP/1.1 message in one go.
         let io = Coalesce::new(connect_app(self.addr).await?);
-        let sender = H2Sender::handshake(io, None, self.addr)
-            .await
-            .map_err(|e| app_error(&e))?;
+        let sender = if self.detect {
+            H2Sender::handshake_checked(io, H2_CHECK_TIMEOUT, self.addr)
+                .await
+                .inspect_err(|e| {
+                    tracing::info!(addr = %self.addr, error = %e, "the app does not speak HTTP/2 (h2c); HTTP/1.1 from now on");
+                    self.h1_only.store(true, Ordering::Relaxed);
+                })
+        } else {
+            H2Sender::handshake(io, None, self.addr).await
+        }
+        .map_err(|e| app_error(&e))?;
         let sender = Arc::new(sender);
         self.ready.store(Some(sender.clone()));
         Ok(sender)
     }
 
     /// Sends `req`; a request the connection gave back unsent (the app closed it or is closing
-    /// it) goes once more on a new connection.
+    /// it) goes once more on a new connection, and so does `replay` (a copy of a bodyless
+    /// request) when the app's GOAWAY or REFUSED_STREAM says it never processed the stream
+    /// (RFC 9113 §6.8, §8.7): what a graceful close by the app leaves in flight.
     pub(super) async fn request(
         &self,
         mut req: Request<AppBody>,
+        mut replay: Option<Replay>,
     ) -> Result<Response<RespBody>, ProxyError> {
         for _ in 0..2 {
             let sender = self.sender().await?;
@@ -239,7 +294,19 @@ impl AppH2 {
                     self.ready.compare_and_swap(&Some(sender), None);
                     req = *back;
                 }
-                Err(SendError::Failed(e)) => return Err(app_error(&e)),
+                Err(SendError::Failed(e)) => match replay.take() {
+                    Some((method, uri, headers)) if unprocessed(&e) => {
+                        tracing::debug!(addr = %self.addr, error = %e, "the app did not process the stream; sent again");
+                        self.ready.compare_and_swap(&Some(sender), None);
+                        let mut again = Request::new(AppBody::Right(http_body_util::Empty::new()));
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.version_mut() = Version::HTTP_2;
+                        *again.headers_mut() = headers;
+                        req = again;
+                    }
+                    _ => return Err(app_error(&e)),
+                },
             }
         }
         Err(ProxyError::App(format!(
@@ -247,6 +314,12 @@ impl AppH2 {
             self.addr
         )))
     }
+}
+
+/// True when the app provably left the stream unprocessed: it refused it, or its GOAWAY's
+/// last stream id is below it (h2 fails only those streams with the GOAWAY's error).
+fn unprocessed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 fn app_error(e: &dyn std::error::Error) -> ProxyError {
@@ -312,9 +385,9 @@ mod tests {
     #[tokio::test]
     async fn app_h2_connection_closed_by_the_app_is_replaced() {
         let (addr, mut closed) = one_answer_per_connection().await;
-        let app = AppH2::new(addr);
+        let app = AppH2::new(addr, false);
         for i in 0..3 {
-            let resp = tokio::time::timeout(Duration::from_secs(5), app.request(get()))
+            let resp = tokio::time::timeout(Duration::from_secs(5), app.request(get(), None))
                 .await
                 .expect("answer in time")
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
@@ -336,7 +409,10 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let e = AppH2::new(addr).request(get()).await.unwrap_err();
+        let e = AppH2::new(addr, false)
+            .request(get(), None)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ProxyError::App(_)), "{e}");
         assert!(e.to_string().contains(&addr.to_string()), "{e}");
     }

@@ -5,7 +5,9 @@
 use crate::http::body::RespBody;
 use crate::http::errors::ProxyError;
 use crate::http::server::{Client as Caller, serve};
-use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
+use crate::http::{
+    Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, framing, is_grpc, strip_hop_by_hop, upgrade,
+};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
@@ -62,6 +64,19 @@ fn idempotent(m: &http::Method) -> bool {
     )
 }
 
+/// The protocol the local app speaks on its port, declared or detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AppProtocol {
+    /// Every request reaches the app as HTTP/1.1, whatever the caller spoke (gRPC cannot).
+    Http1,
+    /// Every request reaches the app as HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// The caller's protocol, except that an app found not to answer HTTP/2 (proven with a
+    /// PING on each new connection) gets HTTP/1.1 from then on.
+    #[default]
+    Detect,
+}
+
 pub struct Inbound {
     pub tls: Arc<TlsContext>,
     /// This proxy's own identity (the `By=` of XFCC).
@@ -73,6 +88,7 @@ pub struct Inbound {
     service: Option<Arc<str>>,
     /// The proxy's own ports, which an opaque stream may not be connected to.
     own_ports: Vec<u16>,
+    app_protocol: AppProtocol,
 }
 
 impl Inbound {
@@ -83,9 +99,10 @@ impl Inbound {
         snapshots: Arc<Snapshots>,
         service: Option<Arc<str>>,
         own_ports: Vec<u16>,
+        app_protocol: AppProtocol,
     ) -> Self {
         let h1 = AppH1::new(app, APP_IDLE_TIMEOUT);
-        let h2 = AppH2::new(app);
+        let h2 = AppH2::new(app, app_protocol == AppProtocol::Detect);
         Self {
             tls,
             identity,
@@ -94,6 +111,7 @@ impl Inbound {
             snapshots,
             service,
             own_ports,
+            app_protocol,
         }
     }
 
@@ -288,14 +306,54 @@ impl Inbound {
         obs: Observation,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
+        if let Some(why) = framing::malformed(&req) {
+            return Ok(obs.finish(ProxyError::Malformed(why).to_response(grpc)));
+        }
         let resp = match self.admit(&caller, &req) {
             Err(e) => e.to_response(grpc),
-            Ok(()) => match self.forward(xfcc, traceparent(&obs), req).await {
-                Ok(r) => r.map(Body::Left),
+            Ok(()) => match self.forward(xfcc, traceparent(&obs), req, grpc).await {
+                Ok(r) => r,
                 Err(e) => e.to_response(grpc),
             },
         };
         Ok(obs.finish(resp))
+    }
+
+    /// Whether a request goes to the app as HTTP/1.1: what the app is declared to speak, or
+    /// else what the caller spoke (unless the app was found to speak only HTTP/1.1).
+    async fn app_h1(&self, caller_h1: bool, grpc: bool) -> bool {
+        match self.app_protocol {
+            AppProtocol::Http1 => true,
+            AppProtocol::Http2 => false,
+            AppProtocol::Detect => caller_h1 || (!grpc && !self.h2.speaks_h2().await),
+        }
+    }
+
+    /// A request that asks to switch protocols: sent on a connection of its own to the app;
+    /// once the app answers 101, bytes are copied both ways between the two connections.
+    async fn upgrade(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        up: HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let caller = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+        framing::for_origin(&mut parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        upgrade::ask(&mut parts.headers, up);
+        let mut resp = self
+            .h1
+            .upgrade(Request::from_parts(parts, AppBody::Left(body)))
+            .await?;
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(resp.headers_mut());
+            return Ok(resp.map(|b| Body::Left(RespBody::Left(b))));
+        }
+        let next = hyper::upgrade::on(&mut resp);
+        tokio::spawn(upgrade::splice_upgrades(caller, next));
+        Ok(upgrade::switching(&resp).map(|()| crate::http::full("")))
     }
 
     async fn forward(
@@ -303,34 +361,41 @@ impl Inbound {
         xfcc: Option<HeaderValue>,
         traceparent: Option<HeaderValue>,
         req: Request<Incoming>,
-    ) -> Result<Response<RespBody>, ProxyError> {
+        grpc: bool,
+    ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if let Some(tp) = traceparent {
             parts.headers.insert(crate::outbound::TRACEPARENT, tp);
         }
         // The caller's own protocol: what a mesh peer says it was, or what a plaintext
         // (PERMISSIVE) caller speaks itself.
-        let h1 = parts
+        let caller_h1 = parts
             .headers
             .remove(ORIG_PROTO)
             .is_some_and(|v| v == ORIG_PROTO_H1)
             || parts.version < Version::HTTP_2;
+        let up = if parts.version < Version::HTTP_2 {
+            upgrade::requested(&parts.headers)
+        } else {
+            None
+        };
+        strip_hop_by_hop(&mut parts.headers);
         match xfcc {
             Some(v) => parts.headers.insert(XFCC, v),
             None => parts.headers.remove(XFCC),
         };
-        parts.uri = absolute_uri(None, std::mem::take(&mut parts.uri))
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        parts.version = if h1 {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_2
-        };
-        // An HTTP/1.1 app may close a pooled connection as the request goes out on it; a
-        // bodyless idempotent request is then sent once more on a fresh connection (RFC 9110
-        // §9.2.2), so the caller never sees that race. Only such requests keep a copy.
+        if let Some(up) = up {
+            return self.upgrade(parts, body, up).await;
+        }
+        let h1 = self.app_h1(caller_h1, grpc).await;
+        framing::for_origin(&mut parts, h1).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        // An app may close a connection as a request goes out on it: an HTTP/1.1 app a pooled
+        // keep-alive connection (RFC 9110 §9.2.2), an HTTP/2 app with GOAWAY (RFC 9113 §6.8).
+        // A bodyless request is then sent once more on a fresh connection, so the caller never
+        // sees that race: over HTTP/1.1 an idempotent one, over HTTP/2 any one the app says it
+        // never processed. Only such requests keep a copy.
         use hyper::body::Body as _;
-        let replay = (h1 && body.is_end_stream() && idempotent(&parts.method)).then(|| {
+        let replay = (body.is_end_stream() && (!h1 || idempotent(&parts.method))).then(|| {
             (
                 parts.method.clone(),
                 parts.uri.clone(),
@@ -341,10 +406,10 @@ impl Inbound {
         let mut resp = if h1 {
             self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {
-            self.h2.request(req).await?
+            self.h2.request(req, replay).await?
         };
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp)
+        Ok(resp.map(Body::Left))
     }
 }
 

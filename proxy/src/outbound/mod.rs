@@ -8,16 +8,19 @@ pub mod endpoint;
 pub mod pool;
 pub mod transparent;
 
-use crate::balance::Tried;
-use crate::http::body::{ReplayBody, ReqBody};
+use crate::balance::{Balancer, PickError, Picked, Tried};
+use crate::http::body::{ReplayBody, ReqBody, RespBody};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::stack;
-use crate::http::{Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, is_grpc, strip_hop_by_hop};
-use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Snapshots};
+use crate::http::{
+    Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, framing, is_grpc, strip_hop_by_hop,
+    upgrade,
+};
+use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Service, Snapshots};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
-use http::{HeaderName, HeaderValue, Request, Response, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use pool::Pool;
@@ -82,15 +85,6 @@ pub fn service_key(host: &str) -> &str {
     }
 }
 
-fn authority_of(req: &Request<Incoming>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-}
-
 /// The host part of an authority (port stripped; bracketed IPv6 hosts keep their brackets).
 fn host_of(authority: &str) -> &str {
     if authority.starts_with('[') {
@@ -110,6 +104,10 @@ impl Outbound {
         req: Request<Incoming>,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
+        if let Some(why) = framing::malformed(&req) {
+            let obs = Observation::start(None, None);
+            return Ok(obs.finish(ProxyError::Malformed(why).to_response(grpc)));
+        }
         let mut debug = req
             .headers()
             .contains_key(DEBUG_HEADER)
@@ -136,7 +134,7 @@ impl Outbound {
         debug: &mut Option<Debug>,
         obs: &mut Observation,
     ) -> Result<Response<Body>, ProxyError> {
-        let authority = authority_of(&req)
+        let authority = framing::authority(req.uri(), req.headers())
             .ok_or(ProxyError::NoAuthority)?
             .to_ascii_lowercase();
         // Borrowed: an owned copy is made only for an error message.
@@ -150,6 +148,9 @@ impl Outbound {
             ResolveError::TooMany => ProxyError::TooManyServices,
         })?;
         let (mut parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            return self.tunnel(&svc, &authority, parts).await;
+        }
         let rule = svc
             .router
             .route(&parts.method, &parts.uri, &parts.headers)
@@ -169,6 +170,11 @@ impl Outbound {
             return Ok(redirect(rd, &authority, &parts.uri));
         }
         let h1 = parts.version < Version::HTTP_2;
+        let up = if h1 {
+            upgrade::requested(&parts.headers)
+        } else {
+            None
+        };
         parts.uri = absolute_uri(Some(&authority), std::mem::take(&mut parts.uri))
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         parts.version = Version::HTTP_2;
@@ -190,6 +196,12 @@ impl Outbound {
             for (n, v) in &r.set_request {
                 parts.headers.insert(n.clone(), v.clone());
             }
+        }
+        if let Some(up) = up {
+            let to = rule.map_or(&svc.balancer, |(_, t)| &t.balancer);
+            return self
+                .upgrade(&svc, to, svc.policy_for(rule).0, parts, body, up)
+                .await;
         }
         let (mirror_cfg, mirror_to) = match rule {
             Some((r, t)) => (r.mirror.as_ref(), t.mirror_balancer.as_ref()),
@@ -280,6 +292,133 @@ impl Outbound {
             }
         }
         Ok(resp.map(Body::Left))
+    }
+}
+
+impl Outbound {
+    /// One endpoint of `svc` for a dedicated connection (an upgrade or a tunnel).
+    fn pick_one(
+        svc: &Service,
+        balancer: &Balancer,
+        lb: &crate::balance::LbConfig,
+    ) -> Result<Picked, ProxyError> {
+        balancer.pick(lb, None, &[]).map_err(|e| match e {
+            PickError::NoEndpoints => ProxyError::NoEndpoints(svc.name.to_string()),
+            PickError::AllEjected => {
+                ProxyError::CircuitOpen(format!("every endpoint of {:?} is ejected", svc.name))
+            }
+        })
+    }
+
+    /// An HTTP/1.1 request that asks to switch protocols (WebSocket, …): sent over a dedicated
+    /// mTLS connection that speaks HTTP/1.1 to one endpoint's sidecar; once it answers 101,
+    /// the caller's connection and that one are spliced (see `http::upgrade`).
+    async fn upgrade(
+        &self,
+        svc: &Service,
+        balancer: &Arc<Balancer>,
+        policy: &crate::policy::Policy,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        up: HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let caller = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+        framing::for_origin(&mut parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        upgrade::ask(&mut parts.headers, up);
+        let picked = Self::pick_one(svc, balancer, &policy.lb)?;
+        let addr = picked.addr;
+        let sent = async {
+            let cfg = self
+                .pool
+                .tls()
+                .h1_client_config(&svc.identity)
+                .map_err(|e| ProxyError::Tls {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            let io = tokio::time::timeout(policy.connect_timeout, self.pool.dial(addr, cfg))
+                .await
+                .map_err(|_| ProxyError::Connect {
+                    addr,
+                    reason: "timed out".into(),
+                })??;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                    .await
+                    .map_err(|e| ProxyError::Upstream(format!("{addr}: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "peer connection of an upgrade closed");
+                }
+            });
+            sender
+                .send_request(Request::from_parts(parts, body))
+                .await
+                .map_err(|e| ProxyError::Upstream(format!("{addr}: {e}")))
+        }
+        .await;
+        let ok = sent.as_ref().is_ok_and(|r| !r.status().is_server_error());
+        picked.finish(ok, balancer, policy.outlier.as_ref());
+        let mut resp = sent?;
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(resp.headers_mut());
+            return Ok(resp.map(|b| Body::Left(RespBody::Left(b))));
+        }
+        let next = hyper::upgrade::on(&mut resp);
+        tokio::spawn(upgrade::splice_upgrades(caller, next));
+        Ok(upgrade::switching(&resp).map(|()| crate::http::full("")))
+    }
+
+    /// `CONNECT service:port`: an opaque TCP stream to that port of one endpoint's app, over
+    /// mTLS to its sidecar (as transparent interception carries a protocol that is not HTTP),
+    /// so a process that can use an HTTP proxy gets opaque TCP into the mesh without iptables.
+    async fn tunnel(
+        &self,
+        svc: &Service,
+        authority: &str,
+        mut parts: http::request::Parts,
+    ) -> Result<Response<Body>, ProxyError> {
+        let port = authority
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {authority:?}: no port")))?;
+        let caller = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+        let picked = Self::pick_one(svc, &svc.balancer, &svc.policy.lb)?;
+        let addr = picked.addr;
+        let opened = async {
+            let cfg = self
+                .pool
+                .tls()
+                .opaque_client_config(&svc.identity)
+                .map_err(|e| ProxyError::Tls {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            let mut io =
+                tokio::time::timeout(svc.policy.connect_timeout, self.pool.dial(addr, cfg))
+                    .await
+                    .map_err(|_| ProxyError::Connect {
+                        addr,
+                        reason: "timed out".into(),
+                    })??;
+            use tokio::io::AsyncWriteExt;
+            io.write_all(&port.to_be_bytes())
+                .await
+                .map_err(|e| ProxyError::Upstream(format!("{addr}: {e}")))?;
+            Ok::<_, ProxyError>(io)
+        }
+        .await;
+        picked.finish(opened.is_ok(), &svc.balancer, svc.policy.outlier.as_ref());
+        let io = opened?;
+        tokio::spawn(upgrade::splice(caller, io));
+        Ok(Response::new(crate::http::full("")))
     }
 }
 

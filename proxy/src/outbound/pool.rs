@@ -140,7 +140,14 @@ impl Pool {
         self.ready.remove(&(addr, identity.clone()));
     }
 
-    async fn connect(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {
+    /// A new mTLS connection to the sidecar at `addr`, which must present `identity`, with
+    /// the ALPN of `cfg` (HTTP/2 for the shared connections; HTTP/1.1 or the opaque stream for
+    /// a dedicated one).
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProxyError> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| ProxyError::Connect {
@@ -148,6 +155,32 @@ impl Pool {
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await;
+        let m = crate::telemetry::metrics::metrics();
+        use crate::telemetry::metrics::{Direction, Handshake};
+        match tls {
+            Ok(t) => {
+                m.handshake(Direction::Outbound, Handshake::Ok);
+                Ok(t)
+            }
+            Err(e) => {
+                m.handshake(Direction::Outbound, Handshake::Failed);
+                Err(ProxyError::Tls {
+                    addr,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The TLS context peer connections are made with.
+    pub fn tls(&self) -> &TlsContext {
+        &self.tls
+    }
+
+    async fn connect(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {
         let cfg = self
             .tls
             .client_config(identity)
@@ -155,24 +188,7 @@ impl Pool {
                 addr,
                 reason: e.to_string(),
             })?;
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await;
-        let m = crate::telemetry::metrics::metrics();
-        use crate::telemetry::metrics::{Direction, Handshake};
-        let tls = match tls {
-            Ok(t) => {
-                m.handshake(Direction::Outbound, Handshake::Ok);
-                t
-            }
-            Err(e) => {
-                m.handshake(Direction::Outbound, Handshake::Failed);
-                return Err(ProxyError::Tls {
-                    addr,
-                    reason: e.to_string(),
-                });
-            }
-        };
+        let tls = self.dial(addr, cfg).await?;
         let sender = H2Sender::handshake(Coalesce::new(tls), Some(PEER_KEEP_ALIVE), addr)
             .await
             .map_err(|e| ProxyError::Connect {

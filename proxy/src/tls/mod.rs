@@ -203,6 +203,14 @@ impl TlsContext {
         Ok(Arc::new(cfg))
     }
 
+    /// As [`TlsContext::client_config`], offering only HTTP/1.1: a dedicated connection that
+    /// carries one upgraded request (WebSocket and other `Upgrade` tokens) to a peer sidecar.
+    pub fn h1_client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut cfg = (*self.client_config(expected)?).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// Client config that accepts only a peer presenting `expected` as its SPIFFE identity.
     pub fn client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, TlsError> {
         let bundle = self.bundle.load_full();

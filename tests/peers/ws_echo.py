@@ -1,0 +1,16 @@
+"""A WebSocket echo app on the `websockets` library (its own HTTP/1.1 handshake, as a real
+WebSocket server checks it: Upgrade, Connection, Sec-WebSocket-Key and -Version). Each
+message comes back prefixed with `echo:`. Prints one JSON readiness line."""
+import json
+from websockets.sync.server import serve
+
+
+def echo(ws):
+    for message in ws:
+        ws.send(f"echo:{message}")
+
+
+with serve(echo, "127.0.0.1", 0) as server:
+    host, port = server.socket.getsockname()[:2]
+    print(json.dumps({"event": "ready", "addr": f"{host}:{port}"}), flush=True)
+    server.serve_forever()

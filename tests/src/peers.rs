@@ -1,0 +1,259 @@
+//! Servers and clients the project did not write, started by the tests: Node.js's `http`
+//! module and Python's `http.server` as apps (tests/peers/), nginx as an h2c app, Python's
+//! `websockets` library as a WebSocket app and client, curl and h2load as callers. Each is
+//! installed by scripts/install-test-deps.sh; a missing one fails the test and names that script.
+
+use crate::{Mesh, READY_TIMEOUT, process::Process};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::Command;
+
+/// The folder of the peer scripts (tests/peers).
+pub fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+/// The Python of the venv scripts/install-test-deps.sh makes (it has `websockets`).
+pub fn venv_python() -> anyhow::Result<PathBuf> {
+    let p = crate::bin_dir()
+        .parent()
+        .context("target dir")?
+        .join("test-venv/bin/python");
+    anyhow::ensure!(
+        p.exists(),
+        "{} missing: run scripts/install-test-deps.sh",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Fails naming the install script when a command is not on PATH.
+pub fn require(cmd: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()));
+    anyhow::ensure!(found, "{cmd} not found: run scripts/install-test-deps.sh");
+    Ok(())
+}
+
+/// Starts a command that prints a JSON readiness line with its `addr`; kept with the mesh.
+async fn start(mesh: &mut Mesh, name: &str, mut cmd: Command) -> anyhow::Result<SocketAddr> {
+    cmd.stderr(mesh.log(name)?);
+    let (p, ready) = Process::spawn_ready(name, cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    ready["addr"]
+        .as_str()
+        .context("addr in the readiness line")?
+        .parse()
+        .context("address")
+}
+
+/// The Node.js app (tests/peers/echo-app.js).
+pub async fn node_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
+    require("node")?;
+    let mut cmd = Command::new("node");
+    cmd.arg(scripts().join("echo-app.js"));
+    start(mesh, "node-app", cmd).await
+}
+
+/// The Python `http.server` app (tests/peers/echo_app.py).
+pub async fn python_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
+    require("python3")?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(scripts().join("echo_app.py"));
+    start(mesh, "python-app", cmd).await
+}
+
+/// The `websockets` echo app (tests/peers/ws_echo.py).
+pub async fn websocket_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
+    let mut cmd = Command::new(venv_python()?);
+    cmd.arg(scripts().join("ws_echo.py"));
+    start(mesh, "ws-app", cmd).await
+}
+
+/// Runs the `websockets` client against `url`, sending `messages`; returns the answers.
+pub async fn websocket_client(url: &str, messages: &[&str]) -> anyhow::Result<Vec<String>> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(venv_python()?)
+            .arg(scripts().join("ws_client.py"))
+            .arg(url)
+            .args(messages)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("websocket client timed out")??;
+    anyhow::ensure!(
+        out.status.success(),
+        "websocket client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// Waits until something accepts TCP connections on `addr` (bounded).
+pub async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listening on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// nginx as an app that speaks only HTTP/2 with prior knowledge (h2c) on a free loopback
+/// port, answering `ok` to every request, and closing each connection (GOAWAY) after
+/// `keepalive_requests` requests.
+pub async fn nginx_h2c(mesh: &mut Mesh, keepalive_requests: u32) -> anyhow::Result<SocketAddr> {
+    require("nginx")?;
+    let dir = mesh.dir.path().join(format!("nginx-{}", mesh.procs.len()));
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let port = crate::free_port();
+    let conf = format!(
+        "worker_processes 1;\n\
+         error_log {d}/logs/error.log warn;\n\
+         pid {d}/nginx.pid;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+           access_log off;\n\
+           client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n\
+           scgi_temp_path {d}/scgi;\n\
+           keepalive_requests {keepalive_requests};\n\
+           server {{\n\
+             listen 127.0.0.1:{port} http2;\n\
+             location / {{ return 200 \"ok\\n\"; }}\n\
+           }}\n\
+         }}\n",
+        d = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off; master_process off;"])
+        .stderr(mesh.log("nginx")?);
+    mesh.procs.push(Process::spawn("nginx", cmd)?);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr).await?;
+    Ok(addr)
+}
+
+/// What h2load reported: requests done, succeeded (2xx), failed, errored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct H2loadSummary {
+    pub done: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub status_2xx: u64,
+}
+
+/// Runs h2load (prior-knowledge h2c) against `url` for `n` requests over `clients` connections
+/// with `streams` concurrent streams each.
+pub async fn h2load(
+    url: &str,
+    n: u64,
+    clients: u32,
+    streams: u32,
+) -> anyhow::Result<(H2loadSummary, String)> {
+    require("h2load")?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new("h2load")
+            .args(["-n", &n.to_string()])
+            .args(["-c", &clients.to_string()])
+            .args(["-m", &streams.to_string()])
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("h2load timed out")??;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    Ok((parse_h2load(&text)?, text))
+}
+
+fn parse_h2load(text: &str) -> anyhow::Result<H2loadSummary> {
+    let mut s = H2loadSummary::default();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .context("no requests: line in h2load's output")?;
+    // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, 0 timeout"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for w in words.windows(2) {
+        let n = w[0].parse().ok();
+        match (n, w[1].trim_end_matches(',')) {
+            (Some(n), "done") => s.done = n,
+            (Some(n), "succeeded") => s.succeeded = n,
+            (Some(n), "failed") => s.failed = n,
+            (Some(n), "errored") => s.errored = n,
+            _ => {}
+        }
+    }
+    if let Some(l) = text.lines().find(|l| l.starts_with("status codes:")) {
+        s.status_2xx = l
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1].trim_end_matches(',') == "2xx")
+            .and_then(|w| w[0].parse().ok())
+            .unwrap_or(0);
+    }
+    Ok(s)
+}
+
+/// Runs curl with `args`; returns (HTTP status, body). `-s -S` and the status are added.
+pub async fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
+    require("curl")?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("curl timed out")??;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code.trim().parse().with_context(|| {
+        format!(
+            "curl {args:?}: no status ({})",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_h2load_summary() {
+        let s = super::parse_h2load(
+            "finished in 1.2s\nrequests: 2000 total, 2000 started, 1990 done, 1985 succeeded, 15 failed, 5 errored, 0 timeout\nstatus codes: 1985 2xx, 0 3xx, 0 4xx, 5 5xx\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.done, s.succeeded, s.failed, s.errored, s.status_2xx),
+            (1990, 1985, 15, 5, 1985)
+        );
+    }
+}
