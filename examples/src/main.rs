@@ -314,6 +314,16 @@ impl App {
 
 struct Echo {
     served_by: String,
+    app: Arc<App>,
+}
+
+impl Echo {
+    /// A sick app (`/admin/sick/100`) fails every call as a real gRPC server does: HTTP 200
+    /// with UNAVAILABLE, trailers-only for a unary call, in the trailers after the items for
+    /// a stream.
+    fn sick(&self) -> bool {
+        self.app.sick.load(std::sync::atomic::Ordering::SeqCst) >= 100
+    }
 }
 
 #[tonic::async_trait]
@@ -330,6 +340,9 @@ impl echo_server::Echo for Echo {
             .unwrap_or("")
             .to_string();
         let m = req.into_inner();
+        if self.sick() {
+            return Err(tonic::Status::unavailable("sick on purpose"));
+        }
         if m.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(m.delay_ms.min(60_000)))).await;
         }
@@ -359,7 +372,12 @@ impl echo_server::Echo for Echo {
                 grpc_timeout: String::new(),
             })
         });
-        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
+        let end = self
+            .sick()
+            .then(|| Err(tonic::Status::unavailable("sick on purpose")));
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(
+            items.chain(end),
+        ))))
     }
 }
 
@@ -415,7 +433,10 @@ async fn serve(
         delay_ms: 0.into(),
         filler: Bytes::from(vec![b'x'; MAX_BYTES]),
     });
-    let grpc = echo_server::EchoServer::new(Echo { served_by });
+    let grpc = echo_server::EchoServer::new(Echo {
+        served_by,
+        app: app.clone(),
+    });
     println!(
         "{}",
         serde_json::json!({"event": "listening", "addr": listener.local_addr()?.to_string()})

@@ -755,3 +755,113 @@ async fn app_closing_a_reused_connection_is_replayed_for_idempotent_requests() -
     );
     Ok(())
 }
+
+/// Issue 24 item 4: a gRPC endpoint that fails every call with UNAVAILABLE, as real gRPC
+/// servers do (HTTP 200; the status in the trailers after the items of a stream, or in the
+/// head of a trailers-only answer), is ejected like one answering 5xx, and `meshctl top`
+/// counts those calls as failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_failures_in_trailers_eject_and_count() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (sick, _) = mesh.workload_app("backend", "v1").await?;
+    mesh.workload_app("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.outbound))?
+        .origin("http://backend".parse()?)
+        .connect()
+        .await?;
+    let mut echo = EchoClient::new(channel);
+    // The first call makes the client sidecar learn the service.
+    echo.unary(EchoRequest::default()).await?;
+    mesh.set_policy(
+        c.admin,
+        "backend",
+        &[
+            "--circuit-breaker",
+            "consecutive=3,eject=60s,max-ejected=50%",
+            "--lb",
+            "round-robin",
+        ],
+        &["consecutive_failures: 3"],
+    )
+    .await?;
+    admin_get(sick, "/admin/sick/100").await?;
+    let stream_call = |mut echo: EchoClient<tonic::transport::Channel>| async move {
+        let mut s = echo
+            .server_stream(EchoRequest {
+                message: "m".into(),
+                count: 2,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut n = 0;
+        while let Some(item) = s.message().await? {
+            anyhow::ensure!(item.message.starts_with("m "));
+            n += 1;
+        }
+        anyhow::ensure!(n == 2, "{n} items");
+        Ok(())
+    };
+    // Streams: the sick endpoint's calls end with UNAVAILABLE in the trailers.
+    let (mut failed, mut calls) = (0, 0);
+    let mut ejected = false;
+    for _ in 0..20 {
+        calls += 1;
+        if let Err(e) = stream_call(echo.clone()).await {
+            assert!(format!("{e:?}").contains("sick on purpose"), "{e:?}");
+            failed += 1;
+        }
+        let dump = admin_get(c.admin, "/config_dump").await?.json;
+        ejected = balancer_entries(&dump).iter().any(|e| e["ejected"] == true);
+        if ejected {
+            break;
+        }
+    }
+    assert!(
+        ejected,
+        "ejected after {failed} streams failed in their trailers"
+    );
+    assert_eq!(failed, 3, "ejected at the third consecutive failure");
+    // From now on every call, unary and streaming, reaches the healthy endpoint.
+    for _ in 0..20 {
+        stream_call(echo.clone()).await?;
+        echo.unary(EchoRequest::default()).await?;
+    }
+    // The telemetry the control plane shows counts those three calls as failures.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = mesh
+            .meshctl(&["-o", "json", "top", "--window", "60s"])
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let rows: Vec<&serde_json::Value> = v["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["service"] == "backend")
+            .collect();
+        let total: f64 = rows.iter().filter_map(|r| r["requests"].as_f64()).sum();
+        let failures: f64 = rows
+            .iter()
+            .map(|r| {
+                r["requests"].as_f64().unwrap_or(0.0)
+                    * (100.0 - r["success_percent"].as_f64().unwrap_or(0.0))
+                    / 100.0
+            })
+            .sum();
+        let want = f64::from(calls + 41);
+        if total >= want {
+            assert_eq!(total, want, "every call counted once: {v}");
+            assert_eq!(failures.round() as u64, 3, "{v}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "top never showed the calls: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -162,6 +162,98 @@ impl Picked {
     }
 }
 
+impl Picked {
+    /// The head of the answer is in, but its outcome is not: a gRPC call's status comes in
+    /// its trailers. Latency is recorded now (for EWMA); the outcome waits for the returned
+    /// [`Verdict`].
+    pub fn head_only(mut self) -> Verdict {
+        self.done = true;
+        let now = state::Now::get();
+        let rtt = Duration::from_nanos(now.0.saturating_sub(self.started.0));
+        self.state.head(now, rtt, true);
+        Verdict {
+            id: self.id.clone(),
+            state: self.state.clone(),
+            trial: self.trial,
+            rtt,
+            done: false,
+        }
+    }
+}
+
+/// The outcome of an attempt still to be told (see [`Picked::head_only`]). Dropped untold
+/// (the caller went away before the end) it counts as a request that did not fail: the
+/// endpoint is not to blame.
+#[derive(Debug)]
+pub struct Verdict {
+    pub id: Arc<str>,
+    state: Arc<EndpointState>,
+    trial: bool,
+    rtt: Duration,
+    done: bool,
+}
+
+impl Verdict {
+    /// Records the outcome; true when it got the endpoint ejected.
+    pub fn finish(
+        mut self,
+        success: bool,
+        balancer: &Balancer,
+        cfg: Option<&OutlierConfig>,
+    ) -> bool {
+        self.done = true;
+        self.state.outcome(self.rtt, success, self.trial);
+        cfg.is_some_and(|cfg| {
+            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id)
+        })
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.outcome(self.rtt, true, self.trial);
+        }
+    }
+}
+
+/// Records a deferred verdict: the endpoint service whose balancer the attempt was picked from.
+pub trait Judge: Send + Sync {
+    fn judge(&self, v: Verdict, success: bool);
+}
+
+/// A gRPC answer's verdict waiting for the status in its trailers.
+pub struct GrpcPending {
+    pub verdict: Verdict,
+    pub judge: Arc<dyn Judge>,
+}
+
+impl std::fmt::Debug for GrpcPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcPending")
+            .field("verdict", &self.verdict)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcPending {
+    /// The call ended with `status` (None: with no status at all, a broken call).
+    pub fn status(self, status: Option<u16>) {
+        let success = status.is_some_and(|c| !grpc_failed(c));
+        self.judge.judge(self.verdict, success);
+    }
+}
+
+/// gRPC status codes that say the server failed (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
+/// UNAVAILABLE, DATA_LOSS): they count against an endpoint as a 5xx does. The rest are the
+/// application's answers (NOT_FOUND, INVALID_ARGUMENT, …) and count as successes.
+pub const GRPC_FAILURES: [u16; 5] = [2, 4, 13, 14, 15];
+
+/// True when a gRPC status counts as the server's failure (see [`GRPC_FAILURES`]).
+pub fn grpc_failed(code: u16) -> bool {
+    GRPC_FAILURES.contains(&code)
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }

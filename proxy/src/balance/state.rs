@@ -157,9 +157,15 @@ impl EndpointState {
         }
     }
 
-    /// Peak EWMA: a slower observation is taken at once, faster ones blend in over time.
+    /// An attempt's answer, head and outcome at once.
     pub(crate) fn finish(&self, now: Now, rtt: Duration, success: bool, trial: bool) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.head(now, rtt, success);
+        self.outcome(rtt, success, trial);
+    }
+
+    /// The outcome of an attempt whose head came earlier ([`EndpointState::head`]): counted
+    /// for telemetry, and a trial's end lets the next trial go.
+    pub(crate) fn outcome(&self, rtt: Duration, success: bool, trial: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if !success {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -175,6 +181,13 @@ impl EndpointState {
         if trial {
             self.trial_out.store(false, Ordering::Release);
         }
+    }
+
+    /// The head of an attempt's answer came after `rtt`: it is no longer in flight, and the
+    /// latency feeds the estimate. Peak EWMA: a slower observation is taken at once, faster
+    /// ones blend in over time.
+    pub(crate) fn head(&self, now: Now, rtt: Duration, success: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut rtt = rtt.as_nanos() as f64;
         let prev = self.ewma(now);
         if !success {

@@ -6,7 +6,7 @@
 //! and takes the answer: no channel, no oneshot, and a task only for a body that is still
 //! streaming when the answer comes (a streaming upload).
 
-use crate::balance::Answered;
+use crate::balance::{Answered, GrpcPending};
 use crate::http::coalesce::Coalesce;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -201,6 +201,7 @@ impl H2Sender {
             data_done: false,
             hint,
             answered: None,
+            pending: None,
         }))
     }
 }
@@ -348,9 +349,26 @@ pub struct H2Body {
     /// The endpoint that answered, for telemetry. It rides with the body rather than in the
     /// response's extensions, whose first entry costs three allocations per request.
     answered: Option<Arc<Answered>>,
+    /// A gRPC call's outcome for the balancer, told when its status arrives in the trailers.
+    pending: Option<GrpcPending>,
 }
 
 impl H2Body {
+    /// Tells `p` the gRPC status this answer ends with.
+    pub fn set_pending(&mut self, p: GrpcPending) {
+        self.pending = Some(p);
+    }
+
+    fn ended(&mut self, trailers: Option<&HeaderMap>) {
+        if let Some(p) = self.pending.take() {
+            let status = trailers
+                .and_then(|t| t.get(crate::http::GRPC_STATUS))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            p.status(status);
+        }
+    }
+
     /// Records the endpoint that answered (the outbound endpoint service).
     pub fn set_answered(&mut self, a: Arc<Answered>) {
         self.answered = Some(a);
@@ -377,14 +395,26 @@ impl Body for H2Body {
                     let _ = self.recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(e)) => {
+                    self.ended(None);
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => self.data_done = true,
             }
         }
         match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+            Ok(Some(t)) => {
+                self.ended(Some(&t));
+                Poll::Ready(Some(Ok(Frame::trailers(t))))
+            }
+            Ok(None) => {
+                self.ended(None);
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                self.ended(None);
+                Poll::Ready(Some(Err(e)))
+            }
         }
     }
 

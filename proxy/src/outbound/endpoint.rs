@@ -4,7 +4,10 @@
 
 use super::pool::{Pool, Sender};
 use crate::balance::outlier::OutlierConfig;
-use crate::balance::{Balancer, LbConfig, PickError, Picked, Tried, hash_bytes};
+use crate::balance::{
+    Balancer, GrpcPending, Judge, LbConfig, PickError, Picked, Tried, Verdict, grpc_failed,
+    hash_bytes,
+};
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{SendError, never_processed};
@@ -70,6 +73,31 @@ impl Endpoint {
         }
     }
 
+    /// Judges an answer by its head: a 5xx fails; a gRPC answer is judged by its grpc-status,
+    /// in the head of a trailers-only answer, or else in the trailers (the verdict is then
+    /// left to the body, returned here).
+    fn judge_head<B>(self: &Arc<Self>, resp: &Response<B>, picked: Picked) -> Option<GrpcPending> {
+        if resp.status().is_server_error() || !crate::http::is_grpc(resp.headers()) {
+            self.finish(picked, !resp.status().is_server_error());
+            return None;
+        }
+        let head_status = resp
+            .headers()
+            .get(crate::http::GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match head_status {
+            Some(code) => {
+                self.finish(picked, !grpc_failed(code));
+                None
+            }
+            None => Some(GrpcPending {
+                verdict: picked.head_only(),
+                judge: self.clone(),
+            }),
+        }
+    }
+
     /// The pooled connection to `addr`, or a new one.
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
         self.pool
@@ -116,11 +144,13 @@ impl Endpoint {
             };
             match sender.send(req).await {
                 Ok(resp) => {
-                    let ok = !resp.status().is_server_error();
                     let answered = picked.answered.clone();
-                    self.finish(picked, ok);
+                    let pending = self.judge_head(&resp, picked);
                     return Ok(resp.map(|mut b| {
                         b.set_answered(answered);
+                        if let Some(p) = pending {
+                            b.set_pending(p);
+                        }
                         RespBody::Right(b)
                     }));
                 }
@@ -150,6 +180,16 @@ impl Endpoint {
                     });
                 }
             }
+        }
+    }
+}
+
+impl Judge for Endpoint {
+    fn judge(&self, v: Verdict, success: bool) {
+        if v.finish(success, &self.balancer, self.outlier.as_ref())
+            && let Some(n) = &self.ejections
+        {
+            n.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
