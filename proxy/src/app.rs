@@ -170,6 +170,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         mirrors: Arc::new(tokio::sync::Semaphore::new(
             crate::outbound::MAX_MIRRORS_IN_FLIGHT,
         )),
+        ports: crate::outbound::transparent::PortKinds::new(&b.opaque_ports),
     });
     tokio::spawn(prune_pool(outbound.clone()));
     let o = outbound.clone();

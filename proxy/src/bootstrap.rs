@@ -61,6 +61,11 @@ pub struct Args {
     /// caller's protocol; an app that does not answer HTTP/2 gets HTTP/1.1).
     #[arg(long, env = "MESH_APP_PROTOCOL", value_enum, default_value_t = AppProtocol::Detect)]
     pub app_protocol: AppProtocol,
+    /// Destination ports served opaque at once, without protocol detection (transparent
+    /// mode), besides the defaults (25, 587, 3306, 4444, 5432, 6379, 9300, 11211): ports of
+    /// server-first protocols, whose clients send nothing until the server speaks.
+    #[arg(long, env = "MESH_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
     #[arg(long, env = "MESH_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
     pub outbound_addr: SocketAddr,
     #[arg(long, env = "MESH_INBOUND_ADDR", default_value = "127.0.0.1:15006")]
@@ -148,6 +153,7 @@ pub struct Bootstrap {
     pub version_label: Option<String>,
     pub app_port: Option<u16>,
     pub app_protocol: AppProtocol,
+    pub opaque_ports: Vec<u16>,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub advertise_addr: Option<SocketAddr>,
@@ -326,6 +332,7 @@ impl TryFrom<Args> for Bootstrap {
             version_label: a.version_label,
             app_port: a.app_port,
             app_protocol: a.app_protocol,
+            opaque_ports: a.opaque_ports,
             outbound_addr: a.outbound_addr,
             inbound_addr: a.inbound_addr,
             advertise_addr: a.advertise_addr,

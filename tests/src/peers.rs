@@ -65,6 +65,14 @@ pub async fn python_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     start(mesh, "python-app", cmd).await
 }
 
+/// A server-first TCP app that greets, then echoes lines (tests/peers/banner.py).
+pub async fn banner_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
+    require("python3")?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(scripts().join("banner.py"));
+    start(mesh, "banner-app", cmd).await
+}
+
 /// The `websockets` echo app (tests/peers/ws_echo.py).
 pub async fn websocket_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     let mut cmd = Command::new(venv_python()?);

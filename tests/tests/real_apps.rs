@@ -233,3 +233,62 @@ async fn nginx_graceful_close_loses_no_request() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Reads from `s` until `want` has arrived (bounded by `within`).
+async fn read_until(
+    s: &mut tokio::net::TcpStream,
+    want: &str,
+    within: Duration,
+) -> anyhow::Result<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let n = s.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "{want:?} not within {within:?}; got {:?}",
+            String::from_utf8_lossy(&got)
+        )
+    })??;
+    Ok(String::from_utf8_lossy(&got).to_string())
+}
+
+/// Issue 24 item 5: on a PERMISSIVE service, a plaintext client that does not speak HTTP
+/// passes through to the app as TCP: a server-first protocol's greeting arrives after the
+/// detection window (not never), and a client-first one is echoed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_plaintext_that_is_not_http_passes_through() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let banner = peers::banner_app(&mut mesh).await?;
+    let s = front(&mut mesh, "smtp", banner, &[]).await?;
+    let inbound = s.inbound.expect("inbound");
+    mesh.wait_endpoints("smtp", 1).await?;
+    mesh.meshctl(&["mtls", "smtp", "permissive"]).await?;
+    wait_config(s.admin, Duration::from_secs(10), |d| {
+        d["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "smtp" && s["mtls_permissive"] == true)
+        })
+    })
+    .await?;
+
+    // Server-first: the client waits for the greeting.
+    let mut c = tokio::net::TcpStream::connect(inbound).await?;
+    read_until(&mut c, "220 banner\r\n", Duration::from_secs(3)).await?;
+    c.write_all(b"EHLO test\r\n").await?;
+    read_until(&mut c, "EHLO test\r\n", Duration::from_secs(3)).await?;
+
+    // Client-first, not HTTP.
+    let mut c = tokio::net::TcpStream::connect(inbound).await?;
+    c.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+    let got = read_until(&mut c, "PING\r\n", Duration::from_secs(3)).await?;
+    assert!(got.starts_with("220 banner\r\n"), "{got:?}");
+    Ok(())
+}

@@ -8,6 +8,7 @@ use crate::http::server::{Client as Caller, serve};
 use crate::http::{
     Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, framing, is_grpc, strip_hop_by_hop, upgrade,
 };
+use crate::outbound::transparent::{DETECT_TIMEOUT, Detected, detect};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
@@ -89,6 +90,8 @@ pub struct Inbound {
     /// The proxy's own ports, which an opaque stream may not be connected to.
     own_ports: Vec<u16>,
     app_protocol: AppProtocol,
+    /// The app's address (loopback and its port).
+    app: SocketAddr,
 }
 
 impl Inbound {
@@ -112,6 +115,7 @@ impl Inbound {
             service,
             own_ports,
             app_protocol,
+            app,
         }
     }
 
@@ -163,7 +167,18 @@ impl Inbound {
     /// (told apart by the first byte: a TLS record starts with 0x16), then HTTP.
     pub async fn accept(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
         let mut first = [0u8; 1];
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        // A client of a server-first protocol (the server speaks first) sends nothing: on a
+        // PERMISSIVE service, silence past the detection window makes it a plaintext TCP
+        // client. A STRICT service only ever waits for a TLS ClientHello.
+        let peeked = match tokio::time::timeout(DETECT_TIMEOUT, tcp.peek(&mut first)).await {
+            Err(_) if self.permissive() => {
+                self.plaintext_tcp(tcp, peer).await;
+                return;
+            }
+            Err(_) => tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await,
+            Ok(r) => Ok(r),
+        };
+        match peeked {
             Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
             Ok(Ok(1)) => {
                 if !self.permissive() {
@@ -171,7 +186,12 @@ impl Inbound {
                     return;
                 }
                 // No certificate, no identity: the app is told nothing about the caller.
-                self.serve_http(tcp, Arc::from(""), None, watcher).await;
+                // A plaintext client of another protocol than HTTP passes through as TCP.
+                if detect(&tcp).await == Detected::Http {
+                    self.serve_http(tcp, Arc::from(""), None, watcher).await;
+                } else {
+                    self.plaintext_tcp(tcp, peer).await;
+                }
                 return;
             }
             _ => return,
@@ -242,14 +262,30 @@ impl Inbound {
             tracing::info!(%peer, port, "opaque stream to a port of the proxy itself refused");
             return;
         }
-        let snap = self.snapshots.load();
-        let caller: Arc<str> = caller.into();
-        if let Some((name, svc)) = self
-            .service
-            .as_ref()
-            .and_then(|n| Some((n, snap.services.get(n)?)))
-            && authorize(name, svc, &caller, "", "").is_err()
-        {
+        self.tcp_to_app(s, caller.into(), port).await;
+    }
+
+    /// A plaintext caller (PERMISSIVE) that does not speak HTTP: bytes both ways with the
+    /// app's port, authorized as a caller without identity.
+    async fn plaintext_tcp(&self, s: TcpStream, peer: SocketAddr) {
+        tracing::debug!(%peer, "plaintext caller that is not HTTP: passed through as TCP");
+        self.tcp_to_app(s, Arc::from(""), self.app.port()).await;
+    }
+
+    /// Bytes both ways between a caller and `port` of the app, if the service's authorization
+    /// lets the caller in by identity alone (there is no method or path).
+    async fn tcp_to_app<S>(&self, mut s: S, caller: Arc<str>, port: u16)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let denied = {
+            let snap = self.snapshots.load();
+            self.service
+                .as_ref()
+                .and_then(|n| Some((n, snap.services.get(n)?)))
+                .is_some_and(|(name, svc)| authorize(name, svc, &caller, "", "").is_err())
+        };
+        if denied {
             return;
         }
         let _open = ConnGuard::new(ConnKind::InboundPeer);

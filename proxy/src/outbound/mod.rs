@@ -71,6 +71,8 @@ pub struct Outbound {
     pub snapshots: Arc<Snapshots>,
     pub pool: Arc<Pool>,
     pub mirrors: Arc<tokio::sync::Semaphore>,
+    /// Destination ports known opaque or HTTP (transparent interception).
+    pub ports: transparent::PortKinds,
 }
 
 /// Service name from a host: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.

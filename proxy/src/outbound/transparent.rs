@@ -88,9 +88,21 @@ pub fn classify(prefix: &[u8]) -> Option<Detected> {
 }
 
 /// Peeks at the client's first bytes (without consuming them) until the protocol is clear.
-async fn detect(s: &TcpStream) -> Detected {
+pub(crate) async fn detect(s: &TcpStream) -> Detected {
+    detect_within(s, DETECT_TIMEOUT).await.0
+}
+
+/// As [`detect`] within `window`; also says whether the client sent nothing at all (a
+/// server-first protocol, or a slow client).
+async fn detect_within(s: &TcpStream, window: Duration) -> (Detected, bool) {
+    let mut silent = true;
+    let d = detect_bytes(s, window, &mut silent).await;
+    (d, silent)
+}
+
+async fn detect_bytes(s: &TcpStream, window: Duration, silent: &mut bool) -> Detected {
     let mut buf = [0u8; 32];
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + window;
     loop {
         let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -100,6 +112,7 @@ async fn detect(s: &TcpStream) -> Detected {
         if n == 0 {
             return Detected::Opaque;
         }
+        *silent = false;
         if let Some(d) = classify(&buf[..n]) {
             return d;
         }
@@ -164,12 +177,72 @@ pub async fn handle(
         return;
     };
     // Only an app address can be served as HTTP for its service; any other port is opaque.
-    if app.is_some() && detect(&s).await == Detected::Http {
-        serve_http(out, t.service.clone(), s, watcher).await;
-        return;
+    // A port declared opaque, or learned to be server-first, skips detection.
+    if app.is_some()
+        && let Some(window) = out.ports.window(orig.port())
+    {
+        let (d, silent) = detect_within(&s, window).await;
+        out.ports.learn(orig.port(), d == Detected::Http, silent);
+        if d == Detected::Http {
+            serve_http(out, t.service.clone(), s, watcher).await;
+            return;
+        }
     }
     if let Err(e) = opaque(&tls, s, &t.identity, t.inbound, orig.port()).await {
         tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
+    }
+}
+
+/// Ports whose connections are opaque without detection: server-first or binary protocols
+/// (SMTP, MySQL, Galera, PostgreSQL, Redis, Elasticsearch transport, Memcached), as Linkerd
+/// lists by default. `--opaque-ports` adds to them.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// What the proxy knows of destination ports: declared opaque, or learned by detection, so a
+/// server-first protocol on an undeclared port pays the detection window once per port, and a
+/// port known to speak HTTP waits for a slow client's first bytes as long as a request head
+/// may take instead of giving up on it.
+#[derive(Debug, Default)]
+pub struct PortKinds {
+    opaque: Vec<u16>,
+    learned: crate::FastDashMap<u16, bool>,
+}
+
+impl PortKinds {
+    /// The default opaque ports plus `extra`.
+    pub fn new(extra: &[u16]) -> Self {
+        let mut opaque = DEFAULT_OPAQUE_PORTS.to_vec();
+        opaque.extend_from_slice(extra);
+        Self {
+            opaque,
+            learned: Default::default(),
+        }
+    }
+
+    /// How long to wait for a client's first bytes on `port`; None: opaque at once.
+    pub fn window(&self, port: u16) -> Option<Duration> {
+        if self.opaque.contains(&port) {
+            return None;
+        }
+        match self.learned.get(&port).map(|v| *v) {
+            Some(true) => Some(crate::http::server::HEADER_READ_TIMEOUT),
+            Some(false) => None,
+            None => Some(DETECT_TIMEOUT),
+        }
+    }
+
+    /// Remembers what a detection found: HTTP, or silence (server-first). A client-first
+    /// protocol that is not HTTP is told apart at once anyway and is not remembered.
+    pub fn learn(&self, port: u16, http: bool, silent: bool) {
+        if http {
+            self.learned.insert(port, true);
+        } else if silent && self.learned.get(&port).is_none() {
+            tracing::info!(
+                port,
+                "no bytes from the client within the detection window: port {port} is server-first, opaque from now on"
+            );
+            self.learned.insert(port, false);
+        }
     }
 }
 
@@ -239,5 +312,30 @@ mod tests {
             "Redis"
         );
         assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn a_server_first_port_pays_detection_once_and_declared_ones_never() {
+        let p = PortKinds::new(&[7000]);
+        assert_eq!(p.window(5432), None, "a default opaque port");
+        assert_eq!(p.window(7000), None, "declared opaque");
+        assert_eq!(p.window(8080), Some(DETECT_TIMEOUT), "unknown: detect");
+        p.learn(8080, true, false);
+        assert_eq!(
+            p.window(8080),
+            Some(crate::http::server::HEADER_READ_TIMEOUT),
+            "known HTTP: a slow client is waited for"
+        );
+        p.learn(2525, false, true);
+        assert_eq!(p.window(2525), None, "learned server-first");
+        p.learn(9000, false, false);
+        assert_eq!(
+            p.window(9000),
+            Some(DETECT_TIMEOUT),
+            "client-first, not HTTP"
+        );
+        // A port once seen speaking HTTP stays HTTP after a silent client.
+        p.learn(8080, false, true);
+        assert!(p.window(8080).is_some());
     }
 }
