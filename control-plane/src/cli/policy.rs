@@ -24,6 +24,9 @@ pub struct PolicyArgs {
     /// Close pooled connections unused this long (default 5m).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// End a request or answer body that moves no data this long, e.g. 30s (default: none).
+    #[arg(long)]
+    pub stream_idle_timeout: Option<String>,
     /// Retries after the first attempt (0 turns retries off).
     #[arg(long)]
     pub retries: Option<u32>,
@@ -177,6 +180,7 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
         || a.per_try_timeout.is_some()
         || a.connect_timeout.is_some()
         || a.idle_timeout.is_some()
+        || a.stream_idle_timeout.is_some()
     {
         let t = p.timeouts.get_or_insert_with(Default::default);
         let set = |v: &Option<String>, f: &mut u32, flag: &'static str| -> Result<(), String> {
@@ -189,6 +193,11 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
         set(&a.per_try_timeout, &mut t.per_try_ms, "per-try-timeout")?;
         set(&a.connect_timeout, &mut t.connect_ms, "connect-timeout")?;
         set(&a.idle_timeout, &mut t.idle_ms, "idle-timeout")?;
+        set(
+            &a.stream_idle_timeout,
+            &mut t.stream_idle_ms,
+            "stream-idle-timeout",
+        )?;
     }
     if a.retries.is_some()
         || a.retry_on.is_some()

@@ -193,6 +193,7 @@ pub fn policy(p: &pb::Policy) -> Result<Policy, String> {
         out.per_try_timeout = ms(t.per_try_ms);
         out.connect_timeout = or(t.connect_ms, pol::DEFAULT_CONNECT_TIMEOUT);
         out.idle_timeout = or(t.idle_ms, pol::DEFAULT_IDLE_TIMEOUT);
+        out.stream_idle_timeout = ms(t.stream_idle_ms);
     }
     if let Some(r) = p.retry.as_ref().filter(|r| r.max_retries > 0) {
         out.retry = Some(RetryConfig {

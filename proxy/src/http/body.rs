@@ -23,7 +23,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of a request the outbound proxy sends to a peer sidecar.
 #[derive(Debug)]
 pub enum ReqBody {
-    Incoming(Incoming),
+    Incoming(Upload),
     Replay(ReplayBody),
     Empty,
 }
@@ -37,7 +37,7 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Replay(b) => b.poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
         }
@@ -57,6 +57,94 @@ impl Body for ReqBody {
             ReqBody::Replay(b) => b.hint,
             ReqBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// Ends a body that moves no frame for `after` (a route's `stream_idle_timeout`): a stalled
+/// upload or download is then reset instead of holding the stream, its buffers and the
+/// caller's slot open for as long as the peer likes. Only requests whose policy sets it pay
+/// for a timer.
+#[derive(Debug)]
+pub struct IdleTimer {
+    after: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// What an idle body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?}: stream idle timeout")]
+pub struct StreamIdle(pub std::time::Duration);
+
+impl IdleTimer {
+    pub fn new(after: std::time::Duration) -> Self {
+        Self {
+            after,
+            sleep: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+
+    /// A frame moved: the idle time starts again.
+    pub fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.after;
+        self.sleep.as_mut().reset(at);
+    }
+
+    /// Ready once nothing moved for `after`.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<StreamIdle> {
+        self.sleep
+            .as_mut()
+            .poll(cx)
+            .map(|()| StreamIdle(self.after))
+    }
+}
+
+use std::future::Future as _;
+
+/// The app's request body as hyper gave it, ended by an [`IdleTimer`] when its route sets one.
+#[derive(Debug)]
+pub struct Upload {
+    inner: Incoming,
+    idle: Option<IdleTimer>,
+}
+
+impl Upload {
+    pub fn new(inner: Incoming, idle: Option<std::time::Duration>) -> Self {
+        Self {
+            inner,
+            idle: idle.map(IdleTimer::new),
+        }
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                if let Some(t) = this.idle.as_mut() {
+                    t.touch();
+                }
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.idle.as_mut().map(|t| t.poll_expired(cx)) {
+                Some(Poll::Ready(e)) => Poll::Ready(Some(Err(e.into()))),
+                _ => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -84,7 +172,7 @@ struct Shared<B> {
 
 /// A request body that retries can send again; see the module docs.
 #[derive(Debug)]
-pub struct ReplayBody<B = Incoming> {
+pub struct ReplayBody<B = Upload> {
     shared: Arc<Mutex<Shared<B>>>,
     /// Frames this copy has yielded.
     pos: usize,

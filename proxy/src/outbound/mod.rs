@@ -9,7 +9,7 @@ pub mod pool;
 pub mod transparent;
 
 use crate::balance::{Balancer, PickError, Picked, Tried};
-use crate::http::body::{ReplayBody, ReqBody, RespBody};
+use crate::http::body::{ReplayBody, ReqBody, RespBody, Upload};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::stack;
@@ -218,11 +218,13 @@ impl Outbound {
                 .map(|p| (to.clone(), p)),
             _ => None,
         };
+        let idle = svc.policy_for(rule).0.stream_idle_timeout;
+        obs.set_stream_idle(idle);
         let (body, kept) = match (body.is_end_stream(), &mirror) {
             (true, _) => (ReqBody::Empty, None),
-            (false, None) => (ReqBody::Incoming(body), None),
+            (false, None) => (ReqBody::Incoming(Upload::new(body, idle)), None),
             (false, Some(_)) => {
-                let kept = ReplayBody::new(body);
+                let kept = ReplayBody::new(Upload::new(body, idle));
                 let primary = kept.replay().map_or(ReqBody::Empty, ReqBody::Replay);
                 (primary, Some(kept))
             }

@@ -25,6 +25,8 @@ pub struct Policy {
     pub per_try_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A request or answer body that moves nothing this long is ended (None: never).
+    pub stream_idle_timeout: Option<Duration>,
     pub retry: Option<retry::RetryConfig>,
     pub outlier: Option<OutlierConfig>,
     pub limits: Option<circuit_breaker::LimitsConfig>,
@@ -42,6 +44,7 @@ impl Default for Policy {
             per_try_timeout: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            stream_idle_timeout: None,
             retry: None,
             outlier: None,
             limits: None,

@@ -12,6 +12,7 @@ pub mod trace;
 
 pub use report::TelemetryReporter;
 
+use crate::http::body::IdleTimer;
 use crate::http::errors::reason_index;
 use crate::http::{Body, GRPC_STATUS, MESH_ERROR};
 use bytes::Bytes;
@@ -109,6 +110,7 @@ pub struct Observation {
     start: Instant,
     counters: Option<Counters>,
     pub detail: Option<Box<Detail>>,
+    stream_idle: Option<std::time::Duration>,
 }
 
 impl Observation {
@@ -119,7 +121,13 @@ impl Observation {
             start: Instant::now(),
             counters,
             detail,
+            stream_idle: None,
         }
+    }
+
+    /// The answer's body is ended if it moves nothing for `d` (a route's stream idle timeout).
+    pub fn set_stream_idle(&mut self, d: Option<std::time::Duration>) {
+        self.stream_idle = d;
     }
 
     pub fn set_counters(&mut self, c: Counters) {
@@ -151,8 +159,10 @@ impl Observation {
             ..Outcome::default()
         };
         let grpc = crate::http::is_grpc(h);
+        let idle = self.stream_idle.map(IdleTimer::new);
         resp.map(|inner| ObservedBody {
             inner,
+            idle,
             pending: counters.map(|counters| Pending {
                 start: self.start,
                 counters,
@@ -209,6 +219,7 @@ impl Pending {
 #[derive(Debug)]
 pub struct ObservedBody {
     inner: Body,
+    idle: Option<IdleTimer>,
     pending: Option<Pending>,
 }
 
@@ -236,8 +247,20 @@ impl http_body::Body for ObservedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let r = match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
+            Poll::Pending => {
+                if let Some(Poll::Ready(e)) = this.idle.as_mut().map(|t| t.poll_expired(cx)) {
+                    tracing::debug!(error = %e, "answer body ended");
+                    this.done();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(r) => {
+                if let Some(t) = this.idle.as_mut() {
+                    t.touch();
+                }
+                r
+            }
         };
         match &r {
             Some(Ok(f)) => {
