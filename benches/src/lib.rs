@@ -39,6 +39,7 @@ pub fn full_policy() -> pb::Policy {
             ..Default::default()
         }),
         load_balancer: None,
+        grpc_failures: Vec::new(),
         fault: Some(pb::Fault {
             abort_percent: 0.0001,
             abort_status: 503,

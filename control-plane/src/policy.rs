@@ -152,6 +152,18 @@ pub fn validate(p: &pb::Policy) -> Result<(), PolicyError> {
         }
         ms("load_balancer.warmup", lb.warmup_ms)?;
     }
+    if let Some(bad_code) = p
+        .grpc_failures
+        .iter()
+        .find(|c| mesh_proto::grpc_code(c).is_none())
+    {
+        return Err(bad(
+            "grpc_failures",
+            format!(
+                "{bad_code:?} is not a gRPC status other than ok (a name such as unavailable, or 1 to 16)"
+            ),
+        ));
+    }
     if let Some(f) = &p.fault {
         ms("fault.delay", f.delay_ms)?;
         percent("fault.delay_percent", f.delay_percent)?;
@@ -215,5 +227,22 @@ mod tests {
             ..Default::default()
         };
         assert!(validate(&p).unwrap_err().reason.contains("p2c-ewma"));
+        let mut p = pb::Policy {
+            grpc_failures: vec![
+                "unavailable".into(),
+                "RESOURCE_EXHAUSTED".into(),
+                "13".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(validate(&p), Ok(()));
+        for bad_code in ["ok", "0", "17", "sometimes"] {
+            p.grpc_failures = vec![bad_code.into()];
+            assert_eq!(
+                validate(&p).unwrap_err().field,
+                "grpc_failures",
+                "{bad_code}"
+            );
+        }
     }
 }

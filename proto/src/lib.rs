@@ -15,6 +15,43 @@ pub mod example {
 /// holds everything slower. Part of the API: proxies and the control plane must agree.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 
+/// Every gRPC status name, by code (0 to 16), as policies spell them.
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// gRPC statuses that count as the server's failure when a policy names none: UNKNOWN,
+/// DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS. The rest are the application's
+/// answers (NOT_FOUND, INVALID_ARGUMENT, …).
+pub const DEFAULT_GRPC_FAILURES: [u16; 5] = [2, 4, 13, 14, 15];
+
+/// The code of a gRPC status as a policy names it: a name of [`GRPC_STATUS_NAMES`] or a
+/// number from 1 to 16 (OK is never a failure).
+pub fn grpc_code(name: &str) -> Option<u16> {
+    let n = name.trim().to_ascii_lowercase().replace('_', "-");
+    let code = match n.parse::<u16>() {
+        Ok(c) => c,
+        Err(_) => GRPC_STATUS_NAMES.iter().position(|s| *s == n)? as u16,
+    };
+    (1..=16).contains(&code).then_some(code)
+}
+
 /// gRPC status names a retry policy may list in `Retry.retry_on`, with their codes. Part of the
 /// API: the control plane validates against it and proxies apply it.
 pub const RETRY_GRPC_CODES: &[(&str, u8)] = &[

@@ -174,17 +174,22 @@ pub struct H2loadSummary {
 
 /// Runs h2load (prior-knowledge h2c) against `url` for `n` requests over `clients` connections
 /// with `streams` concurrent streams each.
+/// `data`: a file whose content each request POSTs (None: GET).
 pub async fn h2load(
     url: &str,
     n: u64,
     clients: u32,
     streams: u32,
+    data: Option<&Path>,
 ) -> anyhow::Result<(H2loadSummary, String)> {
     require("h2load")?;
+    let mut cmd = Command::new("h2load");
+    if let Some(d) = data {
+        cmd.arg("-d").arg(d);
+    }
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        Command::new("h2load")
-            .args(["-n", &n.to_string()])
+        cmd.args(["-n", &n.to_string()])
             .args(["-c", &clients.to_string()])
             .args(["-m", &streams.to_string()])
             .arg(url)

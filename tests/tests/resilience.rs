@@ -782,8 +782,10 @@ async fn grpc_failures_in_trailers_eject_and_count() -> anyhow::Result<()> {
             "consecutive=3,eject=60s,max-ejected=50%",
             "--lb",
             "round-robin",
+            "--grpc-failures",
+            "internal",
         ],
-        &["consecutive_failures: 3"],
+        &["consecutive_failures: 3", "GrpcFailures(8192)"],
     )
     .await?;
     admin_get(sick, "/admin/sick/100").await?;
@@ -804,8 +806,36 @@ async fn grpc_failures_in_trailers_eject_and_count() -> anyhow::Result<()> {
         anyhow::ensure!(n == 2, "{n} items");
         Ok(())
     };
+    // With only INTERNAL counting as a failure, the sick endpoint's UNAVAILABLE is an
+    // answer of the application: it stays in.
+    let mut calls = 0;
+    let mut unavailable = 0;
+    for _ in 0..6 {
+        calls += 1;
+        if stream_call(echo.clone()).await.is_err() {
+            unavailable += 1;
+        }
+    }
+    assert_eq!(
+        unavailable, 3,
+        "round robin: every other call reached the sick endpoint"
+    );
+    let dump = admin_get(c.admin, "/config_dump").await?.json;
+    assert!(
+        balancer_entries(&dump)
+            .iter()
+            .all(|e| e["ejected"] == false),
+        "{dump}"
+    );
+    mesh.set_policy(
+        c.admin,
+        "backend",
+        &["--grpc-failures", "default"],
+        &["GrpcFailures(57364)"],
+    )
+    .await?;
     // Streams: the sick endpoint's calls end with UNAVAILABLE in the trailers.
-    let (mut failed, mut calls) = (0, 0);
+    let mut failed = 0;
     let mut ejected = false;
     for _ in 0..20 {
         calls += 1;
@@ -829,7 +859,8 @@ async fn grpc_failures_in_trailers_eject_and_count() -> anyhow::Result<()> {
         stream_call(echo.clone()).await?;
         echo.unary(EchoRequest::default()).await?;
     }
-    // The telemetry the control plane shows counts those three calls as failures.
+    // The telemetry the control plane shows counts those three calls as failures, and not
+    // the three UNAVAILABLE answers while only INTERNAL counted.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let out = mesh

@@ -50,6 +50,11 @@ pub struct PolicyArgs {
     /// failure-rate=50%,window=10s,min-requests=20,max-concurrent=100,max-pending=10.
     #[arg(long)]
     pub circuit_breaker: Option<String>,
+    /// gRPC statuses that count as the server's failure (outlier ejection, success rates,
+    /// canary gate), e.g. unavailable,internal,resource-exhausted; "default" for UNKNOWN,
+    /// DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+    #[arg(long)]
+    pub grpc_failures: Option<String>,
     /// Calls from each client proxy to the service, e.g. 100/s or 100/s,burst=20.
     #[arg(long)]
     pub rate_limit: Option<String>,
@@ -231,6 +236,13 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
         if let Some(v) = a.retry_non_idempotent {
             r.non_idempotent = v;
         }
+    }
+    if let Some(g) = &a.grpc_failures {
+        p.grpc_failures = if g.trim() == "default" {
+            Vec::new()
+        } else {
+            g.split(',').map(|c| c.trim().to_string()).collect()
+        };
     }
     if let Some(cb) = &a.circuit_breaker {
         parse_circuit_breaker(cb, p.circuit_breaker.get_or_insert_with(Default::default))

@@ -219,7 +219,8 @@ impl Drop for Verdict {
 
 /// Records a deferred verdict: the endpoint service whose balancer the attempt was picked from.
 pub trait Judge: Send + Sync {
-    fn judge(&self, v: Verdict, success: bool);
+    /// The call ended with `status` (None: with none at all, a broken call).
+    fn judge(&self, v: Verdict, status: Option<u16>);
 }
 
 /// A gRPC answer's verdict waiting for the status in its trailers.
@@ -239,19 +240,8 @@ impl std::fmt::Debug for GrpcPending {
 impl GrpcPending {
     /// The call ended with `status` (None: with no status at all, a broken call).
     pub fn status(self, status: Option<u16>) {
-        let success = status.is_some_and(|c| !grpc_failed(c));
-        self.judge.judge(self.verdict, success);
+        self.judge.judge(self.verdict, status);
     }
-}
-
-/// gRPC status codes that say the server failed (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
-/// UNAVAILABLE, DATA_LOSS): they count against an endpoint as a 5xx does. The rest are the
-/// application's answers (NOT_FOUND, INVALID_ARGUMENT, …) and count as successes.
-pub const GRPC_FAILURES: [u16; 5] = [2, 4, 13, 14, 15];
-
-/// True when a gRPC status counts as the server's failure (see [`GRPC_FAILURES`]).
-pub fn grpc_failed(code: u16) -> bool {
-    GRPC_FAILURES.contains(&code)
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

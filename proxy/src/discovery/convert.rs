@@ -265,6 +265,17 @@ pub fn policy(p: &pb::Policy) -> Result<Policy, String> {
             warmup: or(lb.warmup_ms, Duration::ZERO),
         };
     }
+    if !p.grpc_failures.is_empty() {
+        let codes = p
+            .grpc_failures
+            .iter()
+            .map(|c| {
+                mesh_proto::grpc_code(c)
+                    .ok_or_else(|| format!("grpc_failures: {c:?} is not a gRPC status"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.grpc_failures = crate::policy::GrpcFailures::of(&codes);
+    }
     if let Some(f) = &p.fault
         && (f.delay_percent > 0.0 || f.abort_percent > 0.0)
     {

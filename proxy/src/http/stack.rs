@@ -68,6 +68,7 @@ fn endpoint_config(
         balancer: balancer.clone(),
         lb: p.lb.clone(),
         outlier: None,
+        grpc_failures: p.grpc_failures,
         connect_timeout: p.connect_timeout,
         idle_timeout: p.idle_timeout,
         pool: pool.clone(),

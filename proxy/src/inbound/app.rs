@@ -4,7 +4,7 @@
 //! origin-form and Host for HTTP/1.1, `:authority` for HTTP/2); the address is always the app's.
 
 use crate::balance::state::Now;
-use crate::http::body::RespBody;
+use crate::http::body::{ReplayBody, ReqBody, RespBody};
 use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{H2Sender, SendError};
@@ -55,6 +55,13 @@ struct H1Conn {
 
 /// A bodyless idempotent request kept to send again (method, URI, headers).
 pub(super) type Replay = (http::Method, Uri, http::HeaderMap);
+
+/// What an HTTP/2 request keeps to go again after the app's GOAWAY: its head, and its body's
+/// replay buffer (None: it had no body).
+pub(super) struct AppReplay {
+    pub head: Replay,
+    pub body: Option<ReplayBody>,
+}
 
 impl AppH1 {
     pub(super) fn new(addr: SocketAddr, idle_timeout: Duration) -> Self {
@@ -280,8 +287,8 @@ impl AppH2 {
     /// (RFC 9113 §6.8, §8.7): what a graceful close by the app leaves in flight.
     pub(super) async fn request(
         &self,
-        mut req: Request<AppBody>,
-        mut replay: Option<Replay>,
+        mut req: Request<ReqBody>,
+        mut replay: Option<AppReplay>,
     ) -> Result<Response<RespBody>, ProxyError> {
         for _ in 0..2 {
             let sender = self.sender().await?;
@@ -294,15 +301,10 @@ impl AppH2 {
                     self.ready.compare_and_swap(&Some(sender), None);
                     req = *back;
                 }
-                Err(SendError::Failed(e)) => match replay.take() {
-                    Some((method, uri, headers)) if unprocessed(&e) => {
+                Err(SendError::Failed(e)) => match replay.take().and_then(AppReplay::again) {
+                    Some(again) if unprocessed(&e) => {
                         tracing::debug!(addr = %self.addr, error = %e, "the app did not process the stream; sent again");
                         self.ready.compare_and_swap(&Some(sender), None);
-                        let mut again = Request::new(AppBody::Right(http_body_util::Empty::new()));
-                        *again.method_mut() = method;
-                        *again.uri_mut() = uri;
-                        *again.version_mut() = Version::HTTP_2;
-                        *again.headers_mut() = headers;
                         req = again;
                     }
                     _ => return Err(app_error(&e)),
@@ -313,6 +315,23 @@ impl AppH2 {
             "HTTP/2 connection to {} closed before the request went out, twice",
             self.addr
         )))
+    }
+}
+
+impl AppReplay {
+    /// The request again, or None when its body outgrew the replay buffer.
+    fn again(self) -> Option<Request<ReqBody>> {
+        let body = match &self.body {
+            None => ReqBody::Empty,
+            Some(kept) => ReqBody::Replay(kept.replay()?),
+        };
+        let (method, uri, headers) = self.head;
+        let mut again = Request::new(body);
+        *again.method_mut() = method;
+        *again.uri_mut() = uri;
+        *again.version_mut() = Version::HTTP_2;
+        *again.headers_mut() = headers;
+        Some(again)
     }
 }
 
@@ -337,11 +356,11 @@ mod tests {
     use std::convert::Infallible;
     use tokio::net::TcpListener;
 
-    fn get() -> Request<AppBody> {
+    fn get() -> Request<ReqBody> {
         Request::builder()
             .uri("http://app/hello")
             .version(Version::HTTP_2)
-            .body(AppBody::Right(http_body_util::Empty::new()))
+            .body(ReqBody::Empty)
             .unwrap()
     }
 

@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 
 mod app;
 
-use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2};
+use crate::http::body::{ReplayBody, ReqBody, Upload};
+use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2, AppReplay};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -427,22 +428,32 @@ impl Inbound {
         framing::for_origin(&mut parts, h1).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         // An app may close a connection as a request goes out on it: an HTTP/1.1 app a pooled
         // keep-alive connection (RFC 9110 §9.2.2), an HTTP/2 app with GOAWAY (RFC 9113 §6.8).
-        // A bodyless request is then sent once more on a fresh connection, so the caller never
-        // sees that race: over HTTP/1.1 an idempotent one, over HTTP/2 any one the app says it
-        // never processed. Only such requests keep a copy.
+        // The request is then sent once more on a fresh connection, so the caller never sees
+        // that race: over HTTP/1.1 a bodyless idempotent one; over HTTP/2 any one the app says
+        // it never processed, with its body replayed if that fitted the replay buffer.
         use hyper::body::Body as _;
-        let replay = (body.is_end_stream() && (!h1 || idempotent(&parts.method))).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
-        let req = Request::from_parts(parts, AppBody::Left(body));
+        let head = |p: &http::request::Parts| (p.method.clone(), p.uri.clone(), p.headers.clone());
         let mut resp = if h1 {
+            let replay = (body.is_end_stream() && idempotent(&parts.method)).then(|| head(&parts));
+            let req = Request::from_parts(parts, AppBody::Left(body));
             self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {
-            self.h2.request(req, replay).await?
+            let (body, kept) = if body.is_end_stream() {
+                (ReqBody::Empty, None)
+            } else {
+                let kept = ReplayBody::new(Upload::new(body, None));
+                (
+                    kept.replay().map_or(ReqBody::Empty, ReqBody::Replay),
+                    Some(kept),
+                )
+            };
+            let replay = AppReplay {
+                head: head(&parts),
+                body: kept,
+            };
+            self.h2
+                .request(Request::from_parts(parts, body), Some(replay))
+                .await?
         };
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp.map(Body::Left))

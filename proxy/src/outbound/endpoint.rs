@@ -5,12 +5,12 @@
 use super::pool::{Pool, Sender};
 use crate::balance::outlier::OutlierConfig;
 use crate::balance::{
-    Balancer, GrpcPending, Judge, LbConfig, PickError, Picked, Tried, Verdict, grpc_failed,
-    hash_bytes,
+    Balancer, GrpcPending, Judge, LbConfig, PickError, Picked, Tried, Verdict, hash_bytes,
 };
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{SendError, never_processed};
+use crate::policy::GrpcFailures;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use std::net::SocketAddr;
@@ -31,6 +31,8 @@ pub struct Endpoint {
     pub balancer: Arc<Balancer>,
     pub lb: LbConfig,
     pub outlier: Option<OutlierConfig>,
+    /// Which gRPC statuses fail an attempt.
+    pub grpc_failures: GrpcFailures,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool: Arc<Pool>,
@@ -88,7 +90,7 @@ impl Endpoint {
             .and_then(|v| v.parse().ok());
         match head_status {
             Some(code) => {
-                self.finish(picked, !grpc_failed(code));
+                self.finish(picked, !self.grpc_failures.failed(Some(code)));
                 None
             }
             None => Some(GrpcPending {
@@ -185,7 +187,8 @@ impl Endpoint {
 }
 
 impl Judge for Endpoint {
-    fn judge(&self, v: Verdict, success: bool) {
+    fn judge(&self, v: Verdict, status: Option<u16>) {
+        let success = !self.grpc_failures.failed(status);
         if v.finish(success, &self.balancer, self.outlier.as_ref())
             && let Some(n) = &self.ejections
         {

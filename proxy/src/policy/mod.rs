@@ -35,6 +35,34 @@ pub struct Policy {
     pub rate_inbound_per_caller: Option<rate_limit::Rate>,
     pub lb: LbConfig,
     pub fault: Option<fault::FaultConfig>,
+    /// gRPC statuses that count as the server's failure, one bit per code.
+    pub grpc_failures: GrpcFailures,
+}
+
+/// A set of gRPC status codes (0 to 16), one bit each: which count as the server's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcFailures(pub u32);
+
+impl Default for GrpcFailures {
+    fn default() -> Self {
+        Self::of(&mesh_proto::DEFAULT_GRPC_FAILURES)
+    }
+}
+
+impl GrpcFailures {
+    pub fn of(codes: &[u16]) -> Self {
+        Self(
+            codes
+                .iter()
+                .filter(|c| **c < 32)
+                .fold(0, |m, c| m | (1 << c)),
+        )
+    }
+
+    /// True when a call that ended with `status` (None: with none at all) failed.
+    pub fn failed(self, status: Option<u16>) -> bool {
+        status.is_none_or(|c| c < 32 && self.0 & (1 << c) != 0)
+    }
 }
 
 impl Default for Policy {
@@ -53,6 +81,7 @@ impl Default for Policy {
             rate_inbound_per_caller: None,
             lb: LbConfig::default(),
             fault: None,
+            grpc_failures: GrpcFailures::default(),
         }
     }
 }
@@ -88,5 +117,24 @@ impl PolicyState {
         {
             self.limits = Some(old.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GrpcFailures;
+
+    #[test]
+    fn grpc_failures_by_default_are_the_server_faults() {
+        let d = GrpcFailures::default();
+        for code in [2, 4, 13, 14, 15] {
+            assert!(d.failed(Some(code)), "{code}");
+        }
+        for code in [0, 1, 3, 5, 7, 8, 12, 16] {
+            assert!(!d.failed(Some(code)), "{code}");
+        }
+        assert!(d.failed(None), "a call that ended without a status failed");
+        let only_internal = GrpcFailures::of(&[13]);
+        assert!(only_internal.failed(Some(13)) && !only_internal.failed(Some(14)));
     }
 }
