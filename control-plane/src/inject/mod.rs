@@ -193,6 +193,25 @@ struct PodOptions {
     skip_outbound_cidrs: Vec<String>,
     image: Option<String>,
     resources: ResourceRequirements,
+    /// What the app speaks on its port (`MESH_APP_PROTOCOL`): the `mesh.io/app-protocol`
+    /// annotation, else the app port's name by Kubernetes' and Istio's convention
+    /// (`grpc…`, `h2c…`, `http2…`: http2; `http…`: http1); None: the proxy detects.
+    app_protocol: Option<&'static str>,
+    /// Destination ports served opaque without detection (`MESH_OPAQUE_PORTS`).
+    opaque_ports: Vec<i32>,
+}
+
+/// The app protocol an annotation value or port name names.
+fn app_protocol_of(name: &str) -> Option<&'static str> {
+    let n = name.trim().to_ascii_lowercase();
+    let n = n.strip_prefix("kubernetes.io/").unwrap_or(&n);
+    if ["grpc", "h2c", "http2"].iter().any(|p| n.starts_with(p)) {
+        Some("http2")
+    } else if n.starts_with("http") {
+        Some("http1")
+    } else {
+        None
+    }
 }
 
 impl PodOptions {
@@ -214,16 +233,37 @@ impl PodOptions {
                 .map(|s| s.split(',').map(|p| port(key, p)).collect())
                 .unwrap_or(Ok(vec![]))
         };
-        let app_port = match ann("mesh.io/app-port") {
-            Some(p) => Some(port("mesh.io/app-port", p)?),
-            None => pod["spec"]["containers"]
+        let tcp_ports = || {
+            pod["spec"]["containers"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .flat_map(|c| c["ports"].as_array().into_iter().flatten())
-                .find(|p| p["protocol"].as_str().is_none_or(|x| x == "TCP"))
+                .filter(|p| p["protocol"].as_str().is_none_or(|x| x == "TCP"))
+        };
+        let app_port = match ann("mesh.io/app-port") {
+            Some(p) => Some(port("mesh.io/app-port", p)?),
+            None => tcp_ports()
+                .next()
                 .and_then(|p| p["containerPort"].as_i64())
                 .and_then(|p| i32::try_from(p).ok()),
+        };
+        let app_protocol = match ann("mesh.io/app-protocol") {
+            Some(v) => Some(match v {
+                "http1" => "http1",
+                "http2" => "http2",
+                "detect" => "detect",
+                other => {
+                    return Err(bad(
+                        "mesh.io/app-protocol",
+                        format!("{other:?} is not http1, http2 or detect"),
+                    ));
+                }
+            }),
+            None => tcp_ports()
+                .find(|p| p["containerPort"].as_i64().map(|x| x as i32) == app_port)
+                .and_then(|p| p["name"].as_str())
+                .and_then(app_protocol_of),
         };
         let mut skip_outbound_cidrs = Vec::new();
         if let Some(list) = ann("mesh.io/skip-outbound-cidrs").filter(|s| !s.is_empty()) {
@@ -268,6 +308,8 @@ impl PodOptions {
             service: label("app.kubernetes.io/name").or_else(|| label("app")),
             version: label("app.kubernetes.io/version").or_else(|| label("version")),
             app_port,
+            app_protocol,
+            opaque_ports: ports("mesh.io/opaque-ports")?,
             skip_inbound_ports: ports("mesh.io/skip-inbound-ports")?,
             skip_outbound_ports: ports("mesh.io/skip-outbound-ports")?,
             skip_outbound_cidrs,
@@ -376,6 +418,12 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
             env("MESH_INBOUND_ADDR", format!("0.0.0.0:{INBOUND_PORT}")),
             env("MESH_ADVERTISE_ADDR", format!("$(POD_IP):{INBOUND_PORT}")),
         ]);
+    }
+    if let Some(p) = o.app_protocol {
+        vars.push(env("MESH_APP_PROTOCOL", p));
+    }
+    if !o.opaque_ports.is_empty() {
+        vars.push(env("MESH_OPAQUE_PORTS", join(&o.opaque_ports)));
     }
     if let Some(s) = &o.service {
         vars.push(env("MESH_SERVICE", s));

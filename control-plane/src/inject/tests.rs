@@ -172,6 +172,8 @@ fn bad_annotations_refuse_the_pod_with_the_reason() {
         ("mesh.io/skip-outbound-cidrs", "10.0.0.0/33", "not a CIDR"),
         ("mesh.io/proxy-memory-limit", "lots", "not a quantity"),
         ("mesh.io/proxy-cpu-request", ".5", "not a quantity"),
+        ("mesh.io/app-protocol", "spdy", "not http1, http2 or detect"),
+        ("mesh.io/opaque-ports", "5432,db", "not a port"),
     ] {
         let mut r: Value = serde_json::from_str(BARE_POD).unwrap();
         r["request"]["object"]["metadata"]["annotations"] = json!({ key: value });
@@ -305,4 +307,46 @@ items:
         report.lines
     );
     assert!(inject_manifest("a: [unclosed", &cfg()).is_err());
+}
+
+#[test]
+fn app_protocol_and_opaque_ports_reach_the_proxy() {
+    let proxy_env = |r: &Value, name: &str| {
+        let resp = review(r.to_string().as_bytes(), &cfg()).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(resp["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut pod = r["request"]["object"].clone();
+        json_patch::patch(&mut pod, &patch).unwrap();
+        let pod: Pod = serde_json::from_value(pod).unwrap();
+        let inits = pod.spec.unwrap().init_containers.unwrap();
+        let proxy = inits.iter().find(|c| c.name == PROXY_CONTAINER).unwrap();
+        env_of(proxy, name)
+    };
+    let base: Value = serde_json::from_str(DEPLOYMENT_POD).unwrap();
+    let mut r = base.clone();
+    r["request"]["object"]["metadata"]["annotations"] =
+        json!({"mesh.io/app-protocol": "http2", "mesh.io/opaque-ports": "5432, 6380"});
+    assert_eq!(proxy_env(&r, "MESH_APP_PROTOCOL").as_deref(), Some("http2"));
+    assert_eq!(
+        proxy_env(&r, "MESH_OPAQUE_PORTS").as_deref(),
+        Some("5432,6380")
+    );
+    // Without the annotation, the app port's name says it (grpc-*, h2c-*: http2; http-*: http1).
+    for (name, want) in [
+        ("grpc-api", Some("http2")),
+        ("http-web", Some("http1")),
+        ("db", None),
+    ] {
+        let mut r = base.clone();
+        let ports = &mut r["request"]["object"]["spec"]["containers"][0]["ports"][0];
+        ports["name"] = json!(name);
+        assert_eq!(
+            proxy_env(&r, "MESH_APP_PROTOCOL").as_deref(),
+            want,
+            "{name}"
+        );
+    }
+    assert_eq!(proxy_env(&base, "MESH_OPAQUE_PORTS"), None);
 }
