@@ -6,6 +6,8 @@
 use mesh_proto::v1 as pb;
 use std::fmt;
 
+pub mod path;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthzError {
     #[error("{0}")]
@@ -224,6 +226,12 @@ impl Authz {
             allowed,
             by: DecidedBy::Default(self.default),
         }
+    }
+
+    /// True when a rule matches on paths: the path then decides, so encodings that apps read
+    /// differently are refused (`path::normalize`'s `strict`).
+    pub fn matches_paths(&self) -> bool {
+        self.rules.iter().any(|r| !r.paths.is_empty())
     }
 
     /// True when every request is allowed without looking (no rules, allow-all): the proxy

@@ -20,6 +20,8 @@ pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub identity: Arc<str>,
     pub node_id: String,
+    /// The service this proxy serves inbound, if any: not ready until its settings are known.
+    pub service: Option<Arc<str>>,
     /// False once draining: load balancers and probes stop sending.
     pub serving: AtomicBool,
 }
@@ -39,6 +41,12 @@ impl Admin {
             Some("no certificate yet")
         } else if !self.snapshots.load().synced {
             Some("no config from the control plane yet")
+        } else if self
+            .service
+            .as_ref()
+            .is_some_and(|s| !self.snapshots.load().services.contains_key(s))
+        {
+            Some("the service's own authorization and mTLS settings are not known yet")
         } else {
             None
         }

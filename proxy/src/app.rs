@@ -105,6 +105,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         identity: identity.clone(),
         node_id: b.node_id.clone(),
+        service: b.app_port.and(b.service.as_deref()).map(Arc::from),
         serving: true.into(),
     });
     {

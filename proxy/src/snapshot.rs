@@ -318,6 +318,24 @@ impl Snapshots {
     }
 }
 
+impl Snapshots {
+    /// Waits (at most `within`) until the snapshot holds `name`, even if the control plane
+    /// said it does not exist yet: a proxy's own service, which its registration creates.
+    pub async fn wait_for(&self, name: &str, within: std::time::Duration) -> Option<Arc<Service>> {
+        let mut rx = self.changed.subscribe();
+        let _ = self.subscribe(name);
+        let wait = async {
+            loop {
+                if let Some(svc) = self.current.load().services.get(name) {
+                    return Some(svc.clone());
+                }
+                rx.changed().await.ok()?;
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
+    }
+}
+
 /// What `snap` says of `name`: the service, known not to exist, or nothing yet.
 fn lookup(snap: &Snapshot, name: &str) -> Option<Result<Arc<Service>, ResolveError>> {
     if let Some(svc) = snap.services.get(name) {

@@ -416,7 +416,18 @@ impl pb::admin_server::Admin for AdminService {
         } else {
             m.path.as_str()
         };
-        let d = authz.decide(caller.as_deref(), method, path);
+        // The path as the proxy decides on it: normalised, or refused before any rule.
+        let path = match mesh_authz::path::normalize(path, authz.matches_paths()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Response::new(pb::CheckAuthzResponse {
+                    allowed: false,
+                    decided_by: format!("refused before authorization (400): {e}"),
+                    audit: false,
+                }));
+            }
+        };
+        let d = authz.decide(caller.as_deref(), method, &path);
         Ok(Response::new(pb::CheckAuthzResponse {
             allowed: d.allowed,
             decided_by: d.by.to_string(),

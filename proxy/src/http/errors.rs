@@ -60,10 +60,13 @@ pub enum ProxyError {
     /// Framing refused before routing (`http::framing`); the connection is closed after it.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// The inbound proxy does not know its own service's settings yet (fail closed).
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 18] = [
+pub const REASONS: [&str; 19] = [
     "no-authority",
     "bad-request",
     "malformed-request",
@@ -82,6 +85,7 @@ pub const REASONS: [&str; 18] = [
     "fault-abort",
     "app-unavailable",
     "denied",
+    "not-ready",
 ];
 
 /// Index of `reason` in `REASONS` (`REASONS.len()` for one not in it).
@@ -101,6 +105,7 @@ impl ProxyError {
             NoAuthority => (StatusCode::BAD_REQUEST, "no-authority", 3, D),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", 3, D),
             Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-request", 3, D),
+            NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", 14, I),
             UnknownService(_) => (StatusCode::NOT_FOUND, "unknown-service", 12, D),
             TooManyServices => (StatusCode::SERVICE_UNAVAILABLE, "too-many-services", 8, D),
             DiscoveryUnavailable(_) => (
@@ -230,6 +235,7 @@ mod tests {
             ProxyError::NoAuthority,
             ProxyError::BadRequest(String::new()),
             ProxyError::Malformed(""),
+            ProxyError::NotReady(""),
             ProxyError::UnknownService(String::new()),
             ProxyError::TooManyServices,
             ProxyError::DiscoveryUnavailable(String::new()),

@@ -57,6 +57,32 @@ fn authorize(
     Err(ProxyError::Denied(d.by.to_string()))
 }
 
+/// How long a request waits for this proxy's own service config before it is refused.
+const OWN_CONFIG_WAIT: Duration = Duration::from_secs(3);
+
+/// Replaces the request's path by its normal form (`mesh_authz::path::normalize`), keeping
+/// the query; refuses it when the path is malformed, or ambiguous while `strict`.
+fn normalize_path<B>(req: &mut Request<B>, strict: bool) -> Result<(), ProxyError> {
+    let path = match mesh_authz::path::normalize(req.uri().path(), strict) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
+    };
+    tracing::debug!(from = req.uri().path(), to = %path, "path normalised");
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e: http::uri::InvalidUri| ProxyError::BadRequest(e.to_string()))?,
+    );
+    *req.uri_mut() =
+        http::Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    Ok(())
+}
+
 /// Methods RFC 9110 lets a client repeat on its own (safe or idempotent).
 fn idempotent(m: &http::Method) -> bool {
     use http::Method as M;
@@ -125,16 +151,39 @@ impl Inbound {
         self.h1.sweep();
     }
 
-    /// Authorization, then the service-wide and per-caller inbound rate limits of this
-    /// proxy's service.
-    fn admit<B>(&self, caller: &Arc<str>, req: &Request<B>) -> Result<(), ProxyError> {
+    /// This proxy's service as the current config has it. Until its authorization and mTLS
+    /// settings are known nothing is served (fail closed): a request waits for them at most
+    /// `OWN_CONFIG_WAIT` (they follow the endpoint's registration by milliseconds).
+    async fn own_service(&self, name: &str) -> Result<Arc<crate::snapshot::Service>, ProxyError> {
+        if let Some(svc) = self.snapshots.load().services.get(name) {
+            return Ok(svc.clone());
+        }
+        Box::pin(self.snapshots.wait_for(name, OWN_CONFIG_WAIT))
+            .await
+            .ok_or(ProxyError::NotReady(
+                "the service's own authorization and mTLS settings are not known yet",
+            ))
+    }
+
+    /// The path normalised (`mesh_authz::path`: what the app receives is what was
+    /// authorized), authorization, then the service-wide and per-caller inbound rate limits
+    /// of this proxy's service.
+    async fn admit<B>(&self, caller: &Arc<str>, req: &mut Request<B>) -> Result<(), ProxyError> {
         let Some(name) = &self.service else {
             return Ok(());
         };
-        let snap = self.snapshots.load();
-        let Some(svc) = snap.services.get(name) else {
-            return Ok(());
+        let guard = self.snapshots.load();
+        let owned;
+        let svc = match guard.services.get(name) {
+            Some(svc) => svc,
+            None => {
+                drop(guard);
+                owned = self.own_service(name).await?;
+                &owned
+            }
         };
+        let strict = svc.authz.as_ref().is_some_and(|a| a.matches_paths());
+        normalize_path(req, strict)?;
         authorize(name, svc, caller, req.method().as_str(), req.uri().path())?;
         let p = &svc.policy;
         if let Some(rate) = p.rate_inbound_per_caller {
@@ -279,15 +328,15 @@ impl Inbound {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let denied = {
-            let snap = self.snapshots.load();
-            self.service
-                .as_ref()
-                .and_then(|n| Some((n, snap.services.get(n)?)))
-                .is_some_and(|(name, svc)| authorize(name, svc, &caller, "", "").is_err())
-        };
-        if denied {
-            return;
+        if let Some(name) = &self.service {
+            match self.own_service(name).await {
+                Ok(svc) if authorize(name, &svc, &caller, "", "").is_ok() => {}
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::info!(%caller, port, error = %e, "opaque stream refused");
+                    return;
+                }
+            }
         }
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         match TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await {
@@ -339,14 +388,14 @@ impl Inbound {
         self: Arc<Self>,
         caller: Arc<str>,
         xfcc: Option<HeaderValue>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         obs: Observation,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
         if let Some(why) = framing::malformed(&req) {
             return Ok(obs.finish(ProxyError::Malformed(why).to_response(grpc)));
         }
-        let resp = match self.admit(&caller, &req) {
+        let resp = match self.admit(&caller, &mut req).await {
             Err(e) => e.to_response(grpc),
             Ok(()) => match self.forward(xfcc, traceparent(&obs), req, grpc).await {
                 Ok(r) => r,
@@ -464,4 +513,51 @@ impl Inbound {
 fn traceparent(obs: &Observation) -> Option<HeaderValue> {
     let span = obs.detail.as_ref()?.span.as_ref()?;
     HeaderValue::from_str(&span.context.header()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound(snapshots: Arc<Snapshots>) -> Inbound {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).expect("CA");
+        let tls = Arc::new(TlsContext::new(&ca.cert.pem()).expect("bundle"));
+        Inbound::new(
+            tls,
+            Arc::from("spiffe://mesh.local/ns/default/sa/api"),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            snapshots,
+            Some(Arc::from("api")),
+            vec![],
+            AppProtocol::Detect,
+        )
+    }
+
+    /// Before its own service's settings arrive, the inbound proxy refuses requests (after a
+    /// bounded wait) instead of serving them unchecked.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_served_before_the_services_own_settings() {
+        let (snapshots, _rx) = Snapshots::new();
+        let inbound = inbound(snapshots);
+        let mut req = Request::get("http://api/admin").body(()).unwrap();
+        let caller: Arc<str> = Arc::from("spiffe://mesh.local/ns/default/sa/web");
+        let e = inbound.admit(&caller, &mut req).await.unwrap_err();
+        assert!(matches!(e, ProxyError::NotReady(_)), "{e}");
+        assert_eq!(e.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn the_normalised_path_replaces_the_requests_and_keeps_the_query() {
+        let mut req = Request::get("http://api//a/./b/../%61dmin?x=%2F")
+            .body(())
+            .unwrap();
+        normalize_path(&mut req, true).unwrap();
+        assert_eq!(req.uri().to_string(), "http://api/a/admin?x=%2F");
+        let mut req = Request::get("/a%2Fb").body(()).unwrap();
+        assert!(matches!(
+            normalize_path(&mut req, true),
+            Err(ProxyError::BadRequest(_))
+        ));
+        assert!(normalize_path(&mut req, false).is_ok());
+    }
 }
