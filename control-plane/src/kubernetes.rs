@@ -58,6 +58,17 @@ pub enum TokenReviewError {
     Audience,
 }
 
+/// True when the API server says the identity's ServiceAccount does not exist (404): its
+/// certificates are no longer renewed. Any other answer (or none) is not proof of deletion.
+pub async fn service_account_gone(client: &Client, id: &SpiffeId) -> bool {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), &id.namespace);
+    matches!(
+        api.get(&id.service_account).await,
+        Err(kube::Error::Api(e)) if e.code == 404
+    )
+}
+
 /// Asks the API server whose projected ServiceAccount token this is (TokenReview); the
 /// ServiceAccount is the workload's identity.
 pub async fn review_token(

@@ -119,6 +119,15 @@ pub struct PresenceRecord {
     pub at_unix_ms: i64,
 }
 
+/// A revoked grant (`ca::grant`): a bootstrap token (`token:<id>`) or an identity
+/// (`identity:<ns>:<sa>`). Renewals of certificates descending from it are refused.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// When it was revoked, Unix milliseconds: an identity's certificates whose grant began
+    /// before this are refused; a token issued after it starts a new, valid line.
+    pub revoked_at_ms: i64,
+}
+
 /// A bootstrap token, stored by its SHA-256 only.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -138,6 +147,14 @@ pub struct TrustRecord {
 }
 
 /// Seconds since the Unix epoch.
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

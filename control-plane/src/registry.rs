@@ -47,6 +47,8 @@ pub struct State {
     pub endpoints: BTreeMap<String, BTreeMap<String, EndpointRecord>>,
     pub routes: BTreeMap<String, RouteRecord>,
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Revoked tokens and identities (`ca::grant`), by key.
+    pub revocations: BTreeMap<String, RevocationRecord>,
     /// Resilience policy per service.
     pub policies: BTreeMap<String, PolicyRecord>,
     /// Automated canaries, running or finished (the latest per service).
@@ -216,6 +218,13 @@ impl State {
             }
             (Some("tokens"), Some(h), None, None) => {
                 self.tokens.remove(h);
+                None
+            }
+            (Some("revocations"), Some(k), None, value) => {
+                match value {
+                    Some(v) => self.revocations.insert(k.into(), de(key, v)?),
+                    None => self.revocations.remove(k),
+                };
                 None
             }
             _ => return Err(format!("unknown key {key:?}")),
@@ -861,6 +870,52 @@ impl Registry {
         let key = format!("presence/{replica}");
         self.write(|st| replace_record(&key, st.presence.get(replica), record.as_ref()))
             .await
+    }
+
+    /// Revokes a token (deleted, and its id recorded as revoked, in one commit) so no
+    /// certificate descending from it is renewed.
+    pub async fn revoke_token(&self, hash: &str, id: &str) -> Result<u64, RegistryError> {
+        let record = RevocationRecord {
+            revoked_at_ms: crate::model::now_unix_ms(),
+        };
+        let key = format!("revocations/{}", crate::ca::grant::token_key(id));
+        self.write(|st| {
+            let mut ops = vec![put(key.clone(), &record)?];
+            if st.tokens.contains_key(hash) {
+                ops.push(Op::Delete(format!("tokens/{hash}")));
+            }
+            Ok(ops)
+        })
+        .await
+    }
+
+    /// Revokes an identity: renewals of its certificates issued so far are refused, and its
+    /// unused tokens are deleted (in the same commit). Returns when, and how many tokens.
+    pub async fn revoke_identity(
+        &self,
+        id: &crate::spiffe::SpiffeId,
+    ) -> Result<(i64, usize), RegistryError> {
+        let record = RevocationRecord {
+            revoked_at_ms: crate::model::now_unix_ms(),
+        };
+        let key = format!("revocations/{}", crate::ca::grant::identity_key(id));
+        let spiffe = id.to_string();
+        // The write may run its closure again (a conflicting commit): the last run counts.
+        let deleted = std::sync::atomic::AtomicUsize::new(0);
+        self.write(|st| {
+            let mut ops = vec![put(key.clone(), &record)?];
+            let tokens: Vec<Op> = st
+                .tokens
+                .iter()
+                .filter(|(_, t)| t.identity == spiffe)
+                .map(|(h, _)| Op::Delete(format!("tokens/{h}")))
+                .collect();
+            deleted.store(tokens.len(), std::sync::atomic::Ordering::Relaxed);
+            ops.extend(tokens);
+            Ok(ops)
+        })
+        .await?;
+        Ok((record.revoked_at_ms, deleted.into_inner()))
     }
 
     /// Removes a stored token (by its hash).

@@ -64,7 +64,7 @@ pub async fn revoke(registry: &Registry, id: &str) -> Result<(String, String), R
         .get(&key)
         .map(|r| r.identity.clone())
         .ok_or_else(|| RegistryError::NotFound("no such token".into()))?;
-    registry.delete_token(&key).await?;
+    registry.revoke_token(&key, id_of(&key)).await?;
     Ok((key, identity))
 }
 

@@ -153,7 +153,11 @@ impl Admin {
             "identity": &*self.identity,
             "config_version": snap.version,
             "synced": snap.synced,
-            "certificate": leaf.map(|l| json!({"expires_at_unix": l.expires_at, "signer": &*l.signer})),
+            "certificate": leaf.map(|l| json!({
+                "expires_at_unix": l.expires_at,
+                "signer": &*l.signer,
+                "public_key": crate::tls::public_key_hex(&l.chain_pem),
+            })),
             "trust_roots": self.tls.bundle().anchors.len(),
             "services": services,
             "unknown_services": missing,

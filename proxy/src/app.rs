@@ -205,19 +205,20 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         loops.push(tokio::spawn(serve_outbound(l, Some(name))));
     }
     if let (Some(l), Some(port)) = (inbound_l, b.app_port) {
-        let inbound = Arc::new(Inbound::new(
-            tls.clone(),
-            identity.clone(),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            snapshots.clone(),
-            b.service.as_deref().map(Arc::from),
-            vec![
+        let inbound = Arc::new(Inbound::new(crate::inbound::InboundConfig {
+            tls: tls.clone(),
+            identity: identity.clone(),
+            app: SocketAddr::from(([127, 0, 0, 1], port)),
+            snapshots: snapshots.clone(),
+            service: b.service.as_deref().map(Arc::from),
+            own_ports: vec![
                 outbound_addr.port(),
                 admin_addr.port(),
                 b.inbound_addr.port(),
             ],
-            b.app_protocol,
-        ));
+            app_protocol: b.app_protocol,
+            stop: stop_rx.clone(),
+        }));
         let i = inbound.clone();
         tokio::spawn(every(SWEEP_INTERVAL, move || i.sweep()));
         loops.push(tokio::spawn(accept_loop(

@@ -780,3 +780,141 @@ async fn root_rotation_with_overlap_fails_no_request() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The certificate section of a sidecar's /config_dump: (expires_at_unix, public key).
+async fn cert_of(admin: std::net::SocketAddr) -> anyhow::Result<(i64, String)> {
+    let d = admin_get(admin, "/config_dump").await?.json;
+    let c = &d["certificate"];
+    Ok((
+        c["expires_at_unix"].as_i64().unwrap_or_default(),
+        c["public_key"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// Issue 29 finding 3: every renewal comes with a fresh key pair; revoking a bootstrap token,
+/// or an identity, stops the renewals of the certificates descending from it, and its proxy
+/// drops out of the mesh when its certificate expires (a connection lives no longer than the
+/// certificate that opened it); a workload not revoked keeps renewing and calling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_and_identities_stop_renewing() -> anyhow::Result<()> {
+    // 30 s certificates: a proxy renews at 70% ± 5% with its certificate (while more than
+    // 5 s of it are left), so both the renewal and the refusal happen within the test.
+    let mut mesh = Mesh::start_with(&["--cert-ttl-secs", "30"]).await?;
+    mesh.workload("backend", "v1").await?;
+    let web = mesh.client("web").await?;
+    let batch = mesh.client("batch").await?;
+    let ops = mesh.client("ops").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let clients = [(&web, "web"), (&batch, "batch"), (&ops, "ops")]
+        .map(|(c, name)| (h1_client(c.outbound), c.admin, name));
+    for (http, _, name) in &clients {
+        assert_eq!(get(http, "http://backend/").await?.status, 200, "{name}");
+    }
+
+    // A renewal (at about 70% of 30 s) installs a certificate for a key pair of its own.
+    let first = cert_of(web.admin).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(35);
+    let renewed = loop {
+        let now = cert_of(web.admin).await?;
+        if now.0 != first.0 {
+            break now;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!first.1.is_empty());
+    assert_ne!(renewed.1, first.1, "a renewal reuses no key pair");
+
+    // Revoke batch's bootstrap token and web's identity.
+    let list: serde_json::Value =
+        serde_json::from_str(&mesh.meshctl(&["-o", "json", "token", "list"]).await?)?;
+    let batch_token = list["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["identity"] == "spiffe://mesh.local/ns/default/sa/batch")
+        .and_then(|t| t["id"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("no token for batch: {list}"))?;
+    mesh.meshctl(&["token", "revoke", &batch_token]).await?;
+    let out = mesh.meshctl(&["identity", "revoke", "default/web"]).await?;
+    assert!(out.contains("revoked"), "{out}");
+
+    // Each keeps working until the certificate it holds expires, then is out; ops, not
+    // revoked, is served all along, across its own connections' certificate-bound closes.
+    let now_unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    };
+    let expiry = [cert_of(web.admin).await?.0, cert_of(batch.admin).await?.0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut out_at: [Option<i64>; 2] = [None, None];
+    let mut served_after_revoke = [false, false];
+    let (mut ops_ok, mut ops_failed) = (0, Vec::new());
+    while out_at.iter().any(Option::is_none) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still served after their certificates expired ({expiry:?}, now {}): {out_at:?}",
+            now_unix()
+        );
+        for i in 0..2 {
+            if out_at[i].is_none() {
+                match get(&clients[i].0, "http://backend/").await {
+                    Ok(r) if r.status == 200 => served_after_revoke[i] = true,
+                    other => {
+                        let why = other.map_or_else(
+                            |e| e.to_string(),
+                            |r| format!("{} {:?}", r.status, r.headers.get("x-mesh-error")),
+                        );
+                        eprintln!(
+                            "{} out at {} (certificate expiry {}): {why}",
+                            clients[i].2,
+                            now_unix(),
+                            expiry[i]
+                        );
+                        out_at[i] = Some(now_unix());
+                    }
+                }
+            }
+        }
+        match get(&clients[2].0, "http://backend/").await {
+            Ok(r) if r.status == 200 => ops_ok += 1,
+            other => ops_failed.push(other.map_or_else(
+                |e| e.to_string(),
+                |r| format!("{} {:?}", r.status, r.headers.get("x-mesh-error")),
+            )),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ops_failed.is_empty(),
+        "ops, not revoked, failed: {ops_failed:?} ({ops_ok} ok)"
+    );
+    for i in 0..2 {
+        assert!(
+            served_after_revoke[i],
+            "{}: served until its certificate expires",
+            clients[i].2
+        );
+        let at = out_at[i].unwrap_or_default();
+        assert!(
+            at >= expiry[i] - 1,
+            "{} out at {at}, before its certificate expired at {}",
+            clients[i].2,
+            expiry[i]
+        );
+    }
+    let log = mesh.cp_log();
+    assert!(
+        log.contains("renewal refused: identity spiffe://mesh.local/ns/default/sa/web was revoked"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("the bootstrap token {batch_token}")),
+        "{log}"
+    );
+    // A token created after the revocation admits the identity again.
+    let _again = mesh.client("web").await?;
+    Ok(())
+}

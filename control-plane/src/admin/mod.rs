@@ -541,6 +541,23 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RevokeTokenResponse { id, identity }))
     }
 
+    async fn revoke_identity(
+        &self,
+        req: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
+        let m = req.into_inner();
+        let id = SpiffeId::from_ns_sa(&self.registry.trust_domain, &m.identity).map_err(|e| {
+            Status::invalid_argument(format!("{e}; expected <namespace>/<service-account>"))
+        })?;
+        let (at, deleted) = self.registry.revoke_identity(&id).await?;
+        tracing::info!(identity = %id, tokens_deleted = deleted, "identity revoked");
+        Ok(Response::new(pb::RevokeIdentityResponse {
+            identity: id.to_string(),
+            revoked_at_unix_ms: at,
+            tokens_deleted: deleted as u32,
+        }))
+    }
+
     async fn get_ca(&self, _: Request<pb::GetCaRequest>) -> Result<Response<pb::CaInfo>, Status> {
         Ok(Response::new(self.rotation.info(&self.proxies)))
     }

@@ -179,6 +179,18 @@ impl CertificateAuthority {
 
     /// Signs a CSR whose identity must equal `allowed`.
     pub fn sign_csr(&self, csr_pem: &str, allowed: &SpiffeId) -> Result<Signed, CaError> {
+        let grant = super::grant::Grant::new(super::grant::Source::Unrecorded);
+        self.sign_csr_with(csr_pem, allowed, &grant)
+    }
+
+    /// As [`CertificateAuthority::sign_csr`], recording `grant` in the certificate (see
+    /// `ca::grant`), so its renewals can be refused once the grant is revoked.
+    pub fn sign_csr_with(
+        &self,
+        csr_pem: &str,
+        allowed: &SpiffeId,
+        grant: &super::grant::Grant,
+    ) -> Result<Signed, CaError> {
         let (csr, id) = self.requested_identity(csr_pem)?;
         if &id != allowed {
             return Err(CaError::IdentityMismatch {
@@ -186,11 +198,12 @@ impl CertificateAuthority {
                 allowed: allowed.to_string(),
             });
         }
-        let params = self.leaf_params(vec![SanType::URI(
+        let mut params = self.leaf_params(vec![SanType::URI(
             id.to_string()
                 .try_into()
                 .map_err(|e: rcgen::Error| CaError::BadSans(e.to_string()))?,
         )])?;
+        params.distinguished_name = grant.subject();
         let not_after = params.not_after;
         let roots = self.roots();
         let cert = params

@@ -2,6 +2,7 @@
 //! operator) that signs workload CSRs into short-lived SPIFFE certificates, and the Identity
 //! gRPC service.
 
+pub mod grant;
 pub mod issuer;
 pub mod roots;
 pub mod rotation;

@@ -1,6 +1,7 @@
 //! The Identity gRPC service: authenticates the caller (bootstrap token, or a mesh client
 //! certificate for renewal) and signs its CSR only for the identity it proved.
 
+use super::grant::{Grant, Source};
 use super::issuer::{CaError, CertificateAuthority, identity_of_chain};
 use crate::registry::Registry;
 use crate::tokens;
@@ -43,11 +44,24 @@ impl Identity for IdentityService {
         &self,
         req: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
-        let peer = req.peer_certs().and_then(|c| identity_of_chain(&c));
+        let peer = req.peer_certs().and_then(|c| {
+            let id = identity_of_chain(&c)?;
+            let grant = c
+                .first()
+                .and_then(|leaf| Grant::of_cert(leaf))
+                .unwrap_or(Grant {
+                    source: Source::Unrecorded,
+                    since_ms: 0,
+                });
+            Some((id, grant))
+        });
         let msg = req.into_inner();
         let result = match self.kube_identity(&msg.token).await {
-            Ok(Some(id)) => self.sign(&msg, id),
-            Ok(None) => self.certify_inner(&msg, peer),
+            Ok(Some(id)) => self.sign(&msg, id, &Grant::new(Source::Kubernetes)),
+            Ok(None) => match self.renewal_refused(&msg, peer.as_ref()).await {
+                Some(why) => Err(Status::permission_denied(why)),
+                None => self.certify_inner(&msg, peer),
+            },
             Err(e) => Err(e),
         };
         let counter = if result.is_ok() {
@@ -79,12 +93,36 @@ impl IdentityService {
             .map_err(|e| Status::unauthenticated(e.to_string()))
     }
 
+    /// Why a renewal (a request with no token, authenticated by the certificate it renews)
+    /// is refused: its grant was revoked, or its Kubernetes ServiceAccount is gone.
+    async fn renewal_refused(
+        &self,
+        msg: &CertifyRequest,
+        peer: Option<&(crate::spiffe::SpiffeId, Grant)>,
+    ) -> Option<String> {
+        let (id, grant) = peer.filter(|_| msg.token.is_empty())?;
+        if let Some(why) = grant.revoked(&self.registry.state(), id) {
+            return Some(format!("renewal refused: {why}"));
+        }
+        if grant.source == Source::Kubernetes
+            && let Some(client) = &self.kube
+            && crate::kubernetes::service_account_gone(client, id).await
+        {
+            return Some(format!(
+                "renewal refused: ServiceAccount {}/{} no longer exists",
+                id.namespace, id.service_account
+            ));
+        }
+        None
+    }
+
     fn sign(
         &self,
         msg: &CertifyRequest,
         allowed: crate::spiffe::SpiffeId,
+        grant: &Grant,
     ) -> Result<CertifyResponse, Status> {
-        let signed = self.ca.sign_csr(&msg.csr_pem, &allowed)?;
+        let signed = self.ca.sign_csr_with(&msg.csr_pem, &allowed, grant)?;
         tracing::info!(identity = %allowed, "signed workload certificate");
         Ok(CertifyResponse {
             cert_chain_pem: signed.chain_pem,
@@ -97,18 +135,21 @@ impl IdentityService {
     fn certify_inner(
         &self,
         msg: &CertifyRequest,
-        peer: Option<crate::spiffe::SpiffeId>,
+        peer: Option<(crate::spiffe::SpiffeId, Grant)>,
     ) -> Result<CertifyResponse, Status> {
-        let allowed = if !msg.token.is_empty() {
-            tokens::check(&self.registry, &msg.token)
-                .map_err(|e| Status::unauthenticated(e.to_string()))?
-        } else if let Some(p) = peer {
-            p
+        let (allowed, grant) = if !msg.token.is_empty() {
+            let id = tokens::check(&self.registry, &msg.token)
+                .map_err(|e| Status::unauthenticated(e.to_string()))?;
+            let token_id = tokens::id_of(&tokens::hash(&msg.token)).to_string();
+            (id, Grant::new(Source::Token(token_id)))
+        } else if let Some((id, grant)) = peer {
+            // A renewal carries its certificate's grant on.
+            (id, grant)
         } else {
             return Err(Status::unauthenticated(
                 "no credential: send a bootstrap token or present a mesh client certificate",
             ));
         };
-        self.sign(msg, allowed)
+        self.sign(msg, allowed, &grant)
     }
 }

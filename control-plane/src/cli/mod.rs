@@ -136,6 +136,11 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Workload identities.
+    Identity {
+        #[command(subcommand)]
+        cmd: IdentityCmd,
+    },
     /// The mesh's trust roots: status, and rotation with an overlap period.
     Ca {
         #[command(subcommand)]
@@ -200,6 +205,15 @@ pub enum TokenCmd {
     List,
     /// Revoke a token by its id (or the token itself): it can no longer obtain a certificate.
     Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum IdentityCmd {
+    /// Revoke an identity (`<namespace>/<service-account>`): its unused tokens are deleted and
+    /// its certificates are no longer renewed, so its proxies drop out when their certificates
+    /// expire (within the leaf lifetime, `--cert-ttl-secs` of the control plane). A token
+    /// created afterwards admits it again.
+    Revoke { identity: String },
 }
 
 /// `meshctl inject -f`: reads the manifest, prints it injected.
@@ -655,6 +669,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             println!("token {} for {} revoked", r.id, r.identity);
+        }
+        AdminCmd::Identity {
+            cmd: IdentityCmd::Revoke { identity },
+        } => {
+            let r = c
+                .revoke_identity(pb::RevokeIdentityRequest { identity })
+                .await?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"identity": r.identity, "revoked_at_unix_ms": r.revoked_at_unix_ms, "tokens_deleted": r.tokens_deleted})
+                );
+                return Ok(());
+            }
+            println!(
+                "identity {} revoked: its certificates are no longer renewed ({} unused token(s) deleted)",
+                r.identity, r.tokens_deleted
+            );
         }
     }
     Ok(())

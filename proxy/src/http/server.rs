@@ -121,6 +121,52 @@ where
     }
 }
 
+/// As [`serve`], and the connection also ends (gracefully: GOAWAY, or `Connection: close`
+/// after the request in flight) at `until`: the moment the peer's certificate expires. A
+/// connection lives no longer than the certificate that opened it, so a workload whose
+/// renewals are refused (revoked) drops out when its certificate expires, not when its
+/// connections happen to close. `stop` is the drain signal, which `watcher` would otherwise
+/// carry; the watcher is held so that drain waits for this connection.
+pub async fn serve_until<I, S, B>(
+    io: I,
+    svc: S,
+    client: Client,
+    watcher: Watcher,
+    stop: watch::Receiver<bool>,
+    until: tokio::time::Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let b = builder(client);
+    let svc = hyper::service::service_fn(move |req| Box::pin(svc.call(req)));
+    let io = super::coalesce::Coalesce::new(io);
+    let turns = io.turns();
+    let conn = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    let served = async move {
+        let _held = watcher;
+        tokio::pin!(conn);
+        let why = tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stopped(stop) => "draining",
+            _ = tokio::time::sleep_until(until) => "the peer's certificate expired",
+        };
+        tracing::debug!(why, "closing the connection gracefully");
+        conn.as_mut().graceful_shutdown();
+        conn.await
+    };
+    if let Err(e) = turns.drive(served).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }

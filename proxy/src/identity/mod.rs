@@ -53,16 +53,9 @@ fn unix_now() -> i64 {
 
 impl IdentityManager {
     pub async fn run(self) {
-        let key = match KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot generate a key pair");
-                return;
-            }
-        };
         let mut backoff = RETRY_MIN;
         loop {
-            match self.certify(&key).await {
+            match self.certify().await {
                 Ok(lifetime) => {
                     backoff = RETRY_MIN;
                     let signer = self.tls.leaf().map(|l| l.signer.clone());
@@ -88,8 +81,11 @@ impl IdentityManager {
         }
     }
 
-    /// One CSR round trip; returns the new certificate's remaining lifetime.
-    async fn certify(&self, key: &KeyPair) -> Result<Duration, IdentityError> {
+    /// One CSR round trip with a key pair of its own (a renewal never reuses a key, so a
+    /// leaked key ends with its certificate); returns the new certificate's remaining lifetime.
+    async fn certify(&self) -> Result<Duration, IdentityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let key = &key;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(self.bootstrap.identity.clone().try_into()?)];
         let csr_pem = params.serialize_request(key)?.pem()?;

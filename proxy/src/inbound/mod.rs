@@ -4,7 +4,7 @@
 
 use crate::http::body::RespBody;
 use crate::http::errors::ProxyError;
-use crate::http::server::{Client as Caller, serve};
+use crate::http::server::{Client as Caller, serve, serve_until};
 use crate::http::{
     Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, framing, is_grpc, strip_hop_by_hop, upgrade,
 };
@@ -119,30 +119,37 @@ pub struct Inbound {
     app_protocol: AppProtocol,
     /// The app's address (loopback and its port).
     app: SocketAddr,
+    /// Turns true when the proxy drains.
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What the inbound proxy is made of (see the fields of [`Inbound`]).
+pub struct InboundConfig {
+    pub tls: Arc<TlsContext>,
+    pub identity: Arc<str>,
+    pub app: SocketAddr,
+    pub snapshots: Arc<Snapshots>,
+    pub service: Option<Arc<str>>,
+    pub own_ports: Vec<u16>,
+    pub app_protocol: AppProtocol,
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Inbound {
-    pub fn new(
-        tls: Arc<TlsContext>,
-        identity: Arc<str>,
-        app: SocketAddr,
-        snapshots: Arc<Snapshots>,
-        service: Option<Arc<str>>,
-        own_ports: Vec<u16>,
-        app_protocol: AppProtocol,
-    ) -> Self {
-        let h1 = AppH1::new(app, APP_IDLE_TIMEOUT);
-        let h2 = AppH2::new(app, app_protocol == AppProtocol::Detect);
+    pub fn new(c: InboundConfig) -> Self {
+        let h1 = AppH1::new(c.app, APP_IDLE_TIMEOUT);
+        let h2 = AppH2::new(c.app, c.app_protocol == AppProtocol::Detect);
         Self {
-            tls,
-            identity,
+            tls: c.tls,
+            identity: c.identity,
             h1,
             h2,
-            snapshots,
-            service,
-            own_ports,
-            app_protocol,
-            app,
+            snapshots: c.snapshots,
+            service: c.service,
+            own_ports: c.own_ports,
+            app_protocol: c.app_protocol,
+            app: c.app,
+            stop: c.stop,
         }
     }
 
@@ -238,7 +245,8 @@ impl Inbound {
                 // No certificate, no identity: the app is told nothing about the caller.
                 // A plaintext client of another protocol than HTTP passes through as TCP.
                 if detect(&tcp).await == Detected::Http {
-                    self.serve_http(tcp, Arc::from(""), None, watcher).await;
+                    self.serve_http(tcp, Arc::from(""), None, watcher, None)
+                        .await;
                 } else {
                     self.plaintext_tcp(tcp, peer).await;
                 }
@@ -274,22 +282,19 @@ impl Inbound {
                 return;
             }
         };
-        let Some(caller) = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| spiffe_id_of(c))
-        else {
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let Some(caller) = leaf.and_then(|c| spiffe_id_of(c)) else {
             tracing::info!(%peer, "peer certificate has no SPIFFE identity; closing");
             return;
         };
+        let expires = leaf.and_then(|c| crate::tls::not_after_unix(c));
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
             self.serve_opaque(tls, caller, peer).await;
             return;
         }
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
-        self.serve_http(tls, caller.into(), xfcc, watcher).await;
+        self.serve_http(tls, caller.into(), xfcc, watcher, expires)
+            .await;
     }
 
     /// An opaque stream from a peer (transparent interception of a protocol that is not
@@ -350,13 +355,15 @@ impl Inbound {
         }
     }
 
-    /// Serves HTTP from one caller (`""`: a plaintext caller, no identity).
+    /// Serves HTTP from one caller (`""`: a plaintext caller, no identity); a mesh peer's
+    /// connection until its certificate expires (`expires`, Unix seconds) at the latest.
     async fn serve_http<I>(
         self: Arc<Self>,
         io: I,
         caller: Arc<str>,
         xfcc: Option<HeaderValue>,
         watcher: Watcher,
+        expires: Option<i64>,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -381,7 +388,18 @@ impl Inbound {
             let obs = Observation::start(Some(counters.clone()), detail);
             this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
-        serve(io, svc, client, watcher).await;
+        match expires {
+            Some(at) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let left = Duration::from_secs(at.saturating_sub(now).max(0) as u64);
+                let until = tokio::time::Instant::now() + left;
+                let stop = self.stop.clone();
+                serve_until(io, svc, client, watcher, stop, until).await;
+            }
+            None => serve(io, svc, client, watcher).await,
+        }
     }
 
     async fn handle(
@@ -522,15 +540,16 @@ mod tests {
     fn inbound(snapshots: Arc<Snapshots>) -> Inbound {
         let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).expect("CA");
         let tls = Arc::new(TlsContext::new(&ca.cert.pem()).expect("bundle"));
-        Inbound::new(
+        Inbound::new(InboundConfig {
             tls,
-            Arc::from("spiffe://mesh.local/ns/default/sa/api"),
-            SocketAddr::from(([127, 0, 0, 1], 1)),
+            identity: Arc::from("spiffe://mesh.local/ns/default/sa/api"),
+            app: SocketAddr::from(([127, 0, 0, 1], 1)),
             snapshots,
-            Some(Arc::from("api")),
-            vec![],
-            AppProtocol::Detect,
-        )
+            service: Some(Arc::from("api")),
+            own_ports: vec![],
+            app_protocol: AppProtocol::Detect,
+            stop: tokio::sync::watch::channel(false).1,
+        })
     }
 
     /// Before its own service's settings arrive, the inbound proxy refuses requests (after a

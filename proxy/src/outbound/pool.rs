@@ -1,7 +1,9 @@
 //! HTTP/2 connections to peer sidecars over mTLS, one per (endpoint, expected identity), shared
 //! by all requests. The fast path is a map read and a clone; connecting is serialised per key so
 //! a burst of first requests opens one connection, not hundreds. Connections unused for their
-//! service's idle timeout are closed by `sweep`.
+//! service's idle timeout are closed by `sweep`. A connection opened under an older certificate
+//! of this proxy is replaced after a renewal: the peer closes connections when the certificate
+//! that opened them expires, and a close from that side can race a request on its way.
 
 use crate::FastDashMap;
 use crate::balance::state::Now;
@@ -27,6 +29,8 @@ const PEER_KEEP_ALIVE: KeepAlive = KeepAlive {
 
 struct Conn {
     sender: Sender,
+    /// The certificate generation it was opened under (`TlsContext::generation`).
+    generation: u64,
     /// `Now` in ms of the last request.
     last_used_ms: AtomicU64,
     idle_timeout: Duration,
@@ -48,9 +52,10 @@ impl Pool {
     }
 
     fn ready_sender(&self, key: &Key) -> Option<Sender> {
+        let generation = self.tls.generation();
         self.ready
             .get(key)
-            .filter(|c| !c.sender.is_closed())
+            .filter(|c| !c.sender.is_closed() && c.generation == generation)
             .map(|c| {
                 c.last_used_ms.store(Now::get().ms(), Ordering::Relaxed);
                 c.sender.clone()
@@ -88,6 +93,7 @@ impl Pool {
         if let Some(s) = self.ready_sender(&key) {
             return Ok(s);
         }
+        let generation = self.tls.generation();
         let s = tokio::time::timeout(connect_timeout, self.connect(addr, identity))
             .await
             .map_err(|_| ProxyError::Connect {
@@ -98,6 +104,7 @@ impl Pool {
             key,
             Conn {
                 sender: s.clone(),
+                generation,
                 last_used_ms: AtomicU64::new(Now::get().ms()),
                 idle_timeout,
             },

@@ -90,6 +90,8 @@ pub struct TlsContext {
     leaf: ArcSwapOption<Leaf>,
     bundle: ArcSwap<Bundle>,
     resolver: Arc<LeafResolver>,
+    /// Counts installed certificates: a connection opened under an older one is retired.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Serves whatever leaf is current, to rustls on both sides.
@@ -122,7 +124,15 @@ impl TlsContext {
             resolver: Arc::new(LeafResolver {
                 current: ArcSwapOption::empty(),
             }),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Which certificate is current (it changes with each install): a peer connection opened
+    /// under an older one is replaced, so it ends, closed by this side with nothing in flight,
+    /// before the peer closes it at that certificate's expiry.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn leaf(&self) -> Option<Arc<Leaf>> {
@@ -155,6 +165,8 @@ impl TlsContext {
             self.set_bundle(Bundle::from_pem(bundle_pem)?);
         }
         self.resolver.current.store(Some(certified.clone()));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.leaf.store(Some(Arc::new(Leaf {
             certified,
             chain_pem: chain_pem.into(),
@@ -191,6 +203,11 @@ impl TlsContext {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.resolver.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec(), ALPN_OPAQUE.to_vec()];
+        // No session resumption: a resumed session carries the client certificate of the
+        // handshake it resumes, which would outlive its expiry (and a revocation that stopped
+        // its renewal). Peer connections are long-lived, so full handshakes are rare anyway.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         let cfg = Arc::new(cfg);
         bundle.server.store(Some(cfg.clone()));
         Ok(cfg)
@@ -228,10 +245,36 @@ impl TlsContext {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.resolver.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // Every connection presents the current certificate (see `server_config`).
+        cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
         bundle.clients.insert(expected.clone(), cfg.clone());
         Ok(cfg)
     }
+}
+
+/// The public key of the first certificate of a PEM chain, as hex (public, for /config_dump:
+/// it shows that each renewal comes with a key pair of its own).
+pub fn public_key_hex(chain_pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::*;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(chain_pem.as_bytes()).ok()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    Some(
+        cert.public_key()
+            .subject_public_key
+            .data
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// When a DER certificate expires, Unix seconds.
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// The single SPIFFE URI SAN of a DER certificate.
