@@ -918,3 +918,53 @@ async fn revoked_tokens_and_identities_stop_renewing() -> anyhow::Result<()> {
     let _again = mesh.client("web").await?;
     Ok(())
 }
+
+/// Issue 29 finding 4: a service's authorization rules reach its own proxies only; a caller's
+/// proxy still gets everything it needs to call it (endpoints, identity, route, policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_rules_reach_only_the_services_own_proxies() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let b = mesh.workload("backend", "v1").await?;
+    let web = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(web.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    mesh.meshctl(&[
+        "authz",
+        "set",
+        "backend",
+        "--rule",
+        "allow name=web-only from=ns/default/sa/web",
+    ])
+    .await?;
+    mesh.meshctl(&["policy", "set", "backend", "--timeout", "3s"])
+        .await?;
+    let backend_of = |d: &serde_json::Value| {
+        d["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == "backend")
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_config(b.admin, Duration::from_secs(10), |d| {
+        backend_of(d)["authz"].to_string().contains("web-only")
+    })
+    .await?;
+    wait_config(web.admin, Duration::from_secs(10), |d| {
+        policy_in_dump(d, "backend").is_some_and(|p| p.contains("3s"))
+    })
+    .await?;
+    let seen = backend_of(&admin_get(web.admin, "/config_dump").await?.json);
+    assert!(
+        seen["authz"].is_null(),
+        "the caller's proxy got the rules: {seen}"
+    );
+    assert!(
+        !seen["balancer"].as_array().is_none_or(|e| e.is_empty()),
+        "the caller's proxy knows the endpoints: {seen}"
+    );
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    Ok(())
+}

@@ -179,7 +179,13 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             ..ProxyStatus::default()
         });
         tracing::info!(node = %node.id, %identity, "proxy connected");
-        let session = session::Session::new(self.registry.clone(), self.proxies.clone(), id, tx);
+        let session = session::Session::new(
+            self.registry.clone(),
+            self.proxies.clone(),
+            id,
+            identity.to_string(),
+            tx,
+        );
         tokio::spawn(session.run(first, inbound));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -17,6 +17,9 @@ pub(super) struct Session {
     registry: Arc<Registry>,
     table: Arc<ProxyTable>,
     id: u64,
+    /// The proxy's verified identity: only the services it serves (those with this identity)
+    /// come with their authorization rules.
+    identity: String,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     subscriptions: BTreeSet<String>,
     /// What the proxy was last sent per name: Some(version), or None when sent as removed.
@@ -32,12 +35,14 @@ impl Session {
         registry: Arc<Registry>,
         table: Arc<ProxyTable>,
         id: u64,
+        identity: String,
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> Self {
         Self {
             registry,
             table,
             id,
+            identity,
             tx,
             subscriptions: BTreeSet::new(),
             sent: HashMap::new(),
@@ -161,7 +166,7 @@ impl Session {
         };
         for name in names {
             let last = self.sent.get(name);
-            match current(&state, name, last) {
+            match current(&state, name, last, &self.identity) {
                 Some((version, kind)) if last != Some(&Some(version)) => {
                     self.sent.insert(name.clone(), Some(version));
                     resources.push(pb::Resource {
@@ -218,6 +223,7 @@ fn current(
     state: &crate::registry::State,
     name: &str,
     sent: Option<&Option<u64>>,
+    identity: &str,
 ) -> Option<(u64, Option<pb::resource::Kind>)> {
     let version = if name == TRUST_RESOURCE {
         state.trust.as_ref().map(|_| state.trust_version)?
@@ -234,7 +240,16 @@ fn current(
         return Some((version, None));
     }
     let kind = match name.strip_prefix(SERVICE_PREFIX) {
-        Some(svc) => pb::resource::Kind::Service(service_config(state, svc)?),
+        Some(svc) => {
+            let mut c = service_config(state, svc)?;
+            // Who may call a service is its own proxies' business: another proxy learning
+            // the rules would learn which identities to impersonate. (A service with no
+            // identity yet has no proxy of its own: its rules go to whoever asks.)
+            if !c.identity.is_empty() && c.identity != identity {
+                c.authz = None;
+            }
+            pb::resource::Kind::Service(c)
+        }
         None => {
             let t = state.trust.as_ref()?;
             pb::resource::Kind::Trust(pb::TrustBundle {
