@@ -210,6 +210,20 @@ async fn metrics_count_every_request_exactly_per_label_set() -> anyhow::Result<(
             (&["backend", "v1"], 14.0)
         ]),
     );
+    // Issue 28: the buckets are cumulative once, not twice: the +Inf bucket of each series
+    // equals its count (it read many times the count when cumulative counts were summed again).
+    let inf: Vec<f64> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("mesh_response_latency_seconds_bucket{")
+                && l.contains("le=\"+Inf\"")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("dst_service=\"backend\"")
+                && l.contains("backend_version=\"v1\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(inf, [14.0], "+Inf bucket of backend v1");
     let web_id = "spiffe://mesh.local/ns/default/sa/web";
     let backend_id = "spiffe://mesh.local/ns/default/sa/backend";
     let ids = samples(

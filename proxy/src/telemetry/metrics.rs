@@ -111,10 +111,11 @@ impl RequestMetrics {
         if let Some(e) = o.error {
             self.errors[e.min(REASONS.len())].fetch_add(1, Relaxed);
         }
-        let ms = o.latency.as_millis() as u64;
+        // At microsecond precision: a 1.9 ms request is not ≤ 1 ms.
+        let us = o.latency.as_micros() as u64;
         let bucket = LATENCY_BUCKETS_MS
             .iter()
-            .position(|b| ms <= *b)
+            .position(|b| us <= *b * 1000)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[bucket].fetch_add(1, Relaxed);
         self.latency_sum_us
@@ -445,21 +446,23 @@ impl Collector for ProxyCollector {
                 MetricType::Histogram,
             )?;
             for (l, r) in &sets {
-                let mut cumulative = 0;
+                // Per-bucket counts: the encoder makes them cumulative itself.
+                let mut total = 0;
                 let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_MS.len() + 1);
                 for (i, b) in r.latency.iter().enumerate() {
-                    cumulative += load(b);
+                    let n = load(b);
+                    total += n;
                     let le = LATENCY_BUCKETS_MS
                         .get(i)
                         .map_or(f64::INFINITY, |ms| *ms as f64 / 1000.0);
-                    buckets.push((le, cumulative));
+                    buckets.push((le, n));
                 }
-                if cumulative == 0 {
+                if total == 0 {
                     continue;
                 }
                 let sum = load(&r.latency_sum_us) as f64 / 1e6;
                 e.encode_family(l)?
-                    .encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
+                    .encode_histogram::<NoLabelSet>(sum, total, &buckets, None)?;
             }
         }
         counter(
@@ -623,6 +626,14 @@ mod tests {
         assert_eq!(m.errors[timeout].load(Relaxed), 1);
         // 3 ms → the 5 ms bucket (index 2); 9 s → above the last bound.
         assert_eq!(m.latency[2].load(Relaxed), 1);
+        // 1.9 ms is above 1 ms: the 2 ms bucket (index 1), not the 1 ms one.
+        m.record(&Outcome {
+            status: 200,
+            latency: Duration::from_micros(1900),
+            ..Outcome::default()
+        });
+        assert_eq!(m.latency[0].load(Relaxed), 1, "the 0 ms request");
+        assert_eq!(m.latency[1].load(Relaxed), 1);
         assert_eq!(m.latency[LATENCY_BUCKETS_MS.len()].load(Relaxed), 1);
         assert_eq!(m.response_bytes.load(Relaxed), 10);
     }
