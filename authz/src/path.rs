@@ -38,22 +38,34 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// True when the path is already in normal form (the common case: no allocation).
+/// True when the path is already in normal form (the common case: one pass over its bytes, no
+/// allocation): it starts with `/`, has no `%` or `\`, no empty segment but a trailing one,
+/// and no `.` or `..` segment.
 fn is_normal(p: &str) -> bool {
     let b = p.as_bytes();
-    if b.first() != Some(&b'/') || b.contains(&b'%') || b.contains(&b'\\') {
+    if b.first() != Some(&b'/') {
         return false;
     }
-    // No empty segment except a trailing one, no `.` or `..` segment.
-    let segs = &p[1..];
-    let mut parts = segs.split('/').peekable();
-    while let Some(s) = parts.next() {
-        let last = parts.peek().is_none();
-        if (s.is_empty() && !last) || s == "." || s == ".." {
-            return false;
+    // The length of the segment being read, and whether it is all dots so far.
+    let (mut len, mut dots) = (0usize, true);
+    for &c in &b[1..] {
+        match c {
+            b'%' | b'\\' => return false,
+            b'/' => {
+                // An empty segment before this slash, or `.` / `..`.
+                if len == 0 || (dots && len <= 2) {
+                    return false;
+                }
+                (len, dots) = (0, true);
+            }
+            _ => {
+                len += 1;
+                dots &= c == b'.';
+            }
         }
     }
-    true
+    // The last segment: empty (a trailing slash) is fine; `.` or `..` is not.
+    !(len > 0 && dots && len <= 2)
 }
 
 /// The normal form of `path` (without query). `strict`: refuse encodings apps disagree on

@@ -60,6 +60,9 @@ impl Kind {
 struct State {
     /// ServiceAccount tokens the TokenReview API accepts: token → (namespace, account).
     tokens: BTreeMap<String, (String, String)>,
+    /// ServiceAccounts deleted since their token was added (GET answers 404, TokenReview
+    /// refuses their tokens).
+    deleted_accounts: std::collections::BTreeSet<(String, String)>,
     /// ConfigMaps written by server-side apply: (namespace, name) → object.
     config_maps: BTreeMap<(String, String), Value>,
     /// MutatingWebhookConfigurations by name (GET, JSON-patch PATCH).
@@ -136,6 +139,9 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if let Some(r) = service_account(&req, &state) {
+                                return Ok::<_, Infallible>(r);
+                            }
                             if req.uri().path().starts_with(LEASES) {
                                 return Ok::<_, Infallible>(lease(req, &state).await);
                             }
@@ -204,6 +210,12 @@ impl FakeKubeApi {
     pub fn add_token(&self, token: &str, ns: &str, sa: &str) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.tokens.insert(token.into(), (ns.into(), sa.into()));
+    }
+
+    /// Deletes a ServiceAccount: GET answers 404 and its tokens stop authenticating.
+    pub fn delete_service_account(&self, ns: &str, sa: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.deleted_accounts.insert((ns.into(), sa.into()));
     }
 
     /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) and sends it to the watches.
@@ -504,6 +516,37 @@ async fn apply_config_map(
     json_response(status, &out)
 }
 
+/// `GET /api/v1/namespaces/<ns>/serviceaccounts/<name>`: a ServiceAccount exists while a
+/// token of it is known and it was not deleted. None: not such a request.
+fn service_account(
+    req: &hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> Option<hyper::Response<Body>> {
+    let rest = req.uri().path().strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix("serviceaccounts/")?;
+    if req.method() != hyper::Method::GET || name.contains('/') {
+        return None;
+    }
+    let st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let id = (ns.to_string(), name.to_string());
+    let exists = st.tokens.values().any(|t| *t == id) && !st.deleted_accounts.contains(&id);
+    Some(if exists {
+        json_response(
+            hyper::StatusCode::OK,
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": ns, "uid": format!("sa-{ns}-{name}")}}),
+        )
+    } else {
+        json_response(
+            hyper::StatusCode::NOT_FOUND,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "NotFound", "code": 404,
+                    "message": format!("serviceaccounts \"{name}\" not found")}),
+        )
+    })
+}
+
 /// TokenReview: authenticated as `system:serviceaccount:<ns>:<sa>` when the token is known and
 /// the review asks for audience `mesh`.
 async fn token_review(
@@ -516,12 +559,13 @@ async fn token_review(
     let wants_mesh = review["spec"]["audiences"]
         .as_array()
         .is_some_and(|a| a.iter().any(|x| x == "mesh"));
-    let known = state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .tokens
-        .get(token)
-        .cloned();
+    let known = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.tokens
+            .get(token)
+            .filter(|id| !st.deleted_accounts.contains(*id))
+            .cloned()
+    };
     let status = match known {
         Some((ns, sa)) if wants_mesh => json!({
             "authenticated": true,

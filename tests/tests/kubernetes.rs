@@ -1022,3 +1022,68 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
     one_leader(&[&a, &b], Duration::from_secs(10)).await?;
     Ok(())
 }
+
+/// Issue 29 finding 3 on Kubernetes: once a ServiceAccount is deleted, the CA refuses to renew
+/// the certificates issued against its token; another ServiceAccount's proxy keeps renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_serviceaccount_is_no_longer_renewed() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(vec![]).await?;
+    // 30 s certificates: the renewals come at about 21 s.
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url, "--cert-ttl-secs", "30"]).await?;
+    let dir = mesh.dir.path().to_path_buf();
+    let mut admins = Vec::new();
+    for sa in ["web", "api"] {
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{sa}.c2ln");
+        api.add_token(&jwt, "shop", sa);
+        std::fs::write(dir.join(format!("{sa}-token")), &jwt)?;
+        let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+        cmd.args([
+            "--control-plane",
+            &format!("https://{}", mesh.grpc),
+            "--namespace",
+            "shop",
+            "--service-account",
+            sa,
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--ca-file")
+        .arg(mesh.data_dir().join("ca/bundle.pem"))
+        .arg("--token-file")
+        .arg(dir.join(format!("{sa}-token")))
+        .stderr(std::fs::File::create(dir.join(format!("{sa}-proxy.log")))?);
+        let (p, ready) = process::Process::spawn_ready(sa, cmd, READY_TIMEOUT).await?;
+        mesh.procs.push(p);
+        let admin: std::net::SocketAddr = ready["admin"].as_str().unwrap_or_default().parse()?;
+        admins.push(admin);
+    }
+    let expiry = |admin| async move {
+        let d = admin_get(admin, "/config_dump").await?.json;
+        anyhow::Ok(
+            d["certificate"]["expires_at_unix"]
+                .as_i64()
+                .unwrap_or_default(),
+        )
+    };
+    let api_first = expiry(admins[1]).await?;
+    api.delete_service_account("shop", "web");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let refused = mesh
+            .cp_log()
+            .contains("renewal refused: ServiceAccount shop/web no longer exists");
+        let api_renewed = expiry(admins[1]).await? > api_first;
+        if refused && api_renewed {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "web refused: {refused}, api renewed: {api_renewed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

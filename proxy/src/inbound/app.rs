@@ -234,11 +234,11 @@ impl AppH2 {
     /// the first after the app closed its connection) connects, so that the request knows
     /// before it is shaped and sent.
     pub(super) async fn speaks_h2(&self) -> bool {
-        if !self.detect || self.live().is_some() {
-            return !self.h1_only.load(Ordering::Relaxed);
-        }
         if self.h1_only.load(Ordering::Relaxed) {
             return false;
+        }
+        if !self.detect || self.ready.load().as_ref().is_some_and(|s| !s.is_closed()) {
+            return true;
         }
         // A connect error other than the failed proof is the request's own to report.
         let _ = Box::pin(self.connect()).await;

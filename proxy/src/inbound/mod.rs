@@ -489,7 +489,8 @@ impl Inbound {
             None => parts.headers.remove(XFCC),
         };
         if let Some(up) = up {
-            return self.upgrade(parts, body, up).await;
+            // Boxed: rare, and its handshake inline would enlarge every request's future.
+            return Box::pin(self.upgrade(parts, body, up)).await;
         }
         let h1 = self.app_h1(caller_h1, grpc).await;
         framing::for_origin(&mut parts, h1).map_err(|e| ProxyError::BadRequest(e.to_string()))?;

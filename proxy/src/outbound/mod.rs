@@ -151,7 +151,9 @@ impl Outbound {
         })?;
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
-            return self.tunnel(&svc, &authority, parts).await;
+            // Boxed, like the upgrade below: rare, and inline they would enlarge every
+            // request's future (a handshake's state), which is moved on each poll.
+            return Box::pin(self.tunnel(&svc, &authority, parts)).await;
         }
         let rule = svc
             .router
@@ -201,9 +203,7 @@ impl Outbound {
         }
         if let Some(up) = up {
             let to = rule.map_or(&svc.balancer, |(_, t)| &t.balancer);
-            return self
-                .upgrade(&svc, to, svc.policy_for(rule).0, parts, body, up)
-                .await;
+            return Box::pin(self.upgrade(&svc, to, svc.policy_for(rule).0, parts, body, up)).await;
         }
         let (mirror_cfg, mirror_to) = match rule {
             Some((r, t)) => (r.mirror.as_ref(), t.mirror_balancer.as_ref()),
