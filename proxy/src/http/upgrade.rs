@@ -49,6 +49,37 @@ pub fn switching<B>(next: &Response<B>) -> Response<()> {
     r
 }
 
+/// Readies an upgrade request for the next hop (origin-form, Host, the upgrade fields) and
+/// takes the caller's side of the upgrade out of it.
+pub fn prepare(
+    parts: &mut http::request::Parts,
+    up: HeaderValue,
+) -> Result<OnUpgrade, super::errors::ProxyError> {
+    use super::errors::ProxyError;
+    let caller = parts
+        .extensions
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+    super::framing::for_origin(parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    ask(&mut parts.headers, up);
+    Ok(caller)
+}
+
+/// The next hop's answer to an upgrade request, for the caller: a 101 splices the caller's
+/// connection with the next hop's (on a task of its own); any other answer passes as it is.
+pub fn answer(
+    mut resp: Response<hyper::body::Incoming>,
+    caller: OnUpgrade,
+) -> Response<super::Body> {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        super::strip_hop_by_hop(resp.headers_mut());
+        return resp.map(|b| http_body_util::Either::Left(http_body_util::Either::Left(b)));
+    }
+    let next = hyper::upgrade::on(&mut resp);
+    tokio::spawn(splice_upgrades(caller, next));
+    switching(&resp).map(|()| super::full(""))
+}
+
 /// Copies bytes both ways between the caller's upgraded connection, once hyper hands it over
 /// (after the `101` or `2xx` went out), and `other`, until either side closes.
 pub async fn splice<T>(caller: OnUpgrade, mut other: T)

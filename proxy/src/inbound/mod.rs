@@ -441,23 +441,12 @@ impl Inbound {
         body: Incoming,
         up: HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
-        let caller = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
-        framing::for_origin(&mut parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        upgrade::ask(&mut parts.headers, up);
-        let mut resp = self
+        let caller = upgrade::prepare(&mut parts, up)?;
+        let resp = self
             .h1
             .upgrade(Request::from_parts(parts, AppBody::Left(body)))
             .await?;
-        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(resp.headers_mut());
-            return Ok(resp.map(|b| Body::Left(RespBody::Left(b))));
-        }
-        let next = hyper::upgrade::on(&mut resp);
-        tokio::spawn(upgrade::splice_upgrades(caller, next));
-        Ok(upgrade::switching(&resp).map(|()| crate::http::full("")))
+        Ok(upgrade::answer(resp, caller))
     }
 
     async fn forward(

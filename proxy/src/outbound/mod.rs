@@ -9,7 +9,7 @@ pub mod pool;
 pub mod transparent;
 
 use crate::balance::{Balancer, PickError, Picked, Tried};
-use crate::http::body::{ReplayBody, ReqBody, RespBody, Upload};
+use crate::http::body::{ReplayBody, ReqBody, Upload};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::stack;
@@ -326,12 +326,7 @@ impl Outbound {
         body: Incoming,
         up: HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
-        let caller = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
-        framing::for_origin(&mut parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        upgrade::ask(&mut parts.headers, up);
+        let caller = upgrade::prepare(&mut parts, up)?;
         let picked = Self::pick_one(svc, balancer, &policy.lb)?;
         let addr = picked.addr;
         let sent = async {
@@ -366,14 +361,7 @@ impl Outbound {
         .await;
         let ok = sent.as_ref().is_ok_and(|r| !r.status().is_server_error());
         picked.finish(ok, balancer, policy.outlier.as_ref());
-        let mut resp = sent?;
-        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(resp.headers_mut());
-            return Ok(resp.map(|b| Body::Left(RespBody::Left(b))));
-        }
-        let next = hyper::upgrade::on(&mut resp);
-        tokio::spawn(upgrade::splice_upgrades(caller, next));
-        Ok(upgrade::switching(&resp).map(|()| crate::http::full("")))
+        Ok(upgrade::answer(sent?, caller))
     }
 
     /// `CONNECT service:port`: an opaque TCP stream to that port of one endpoint's app, over
