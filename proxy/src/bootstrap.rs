@@ -76,38 +76,38 @@ pub struct Args {
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
     /// Extra per-service local listeners for apps that cannot use an HTTP proxy: `name=ip:port`.
-    #[arg(long = "upstream", value_delimiter = ',')]
+    #[arg(long = "upstream", env = "MESH_UPSTREAM", value_delimiter = ',')]
     pub upstreams: Vec<String>,
     /// Unique id of this proxy (default: <service>-<hostname>-<pid>).
     #[arg(long, env = "MESH_NODE_ID")]
     pub node_id: Option<String>,
     /// How long in-flight requests may take to finish on shutdown, seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
     /// After deregistering on shutdown, keep accepting this long, so that callers that have not
     /// yet applied the endpoint's removal still get answers, milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "MESH_DRAIN_GRACE_MS", default_value_t = 1000)]
     pub drain_grace_ms: u64,
     /// How often golden metrics are reported to the control plane, milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "MESH_TELEMETRY_INTERVAL_MS", default_value_t = 1000)]
     pub telemetry_interval_ms: u64,
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Time a client has to send a request head, milliseconds (slowloris bound).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "MESH_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
     /// Largest request head, bytes.
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, env = "MESH_MAX_HEADER_BYTES", default_value_t = 65_536)]
     pub max_header_bytes: usize,
     /// Most headers in one HTTP/1 request.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "MESH_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
     /// Concurrent HTTP/2 streams per connection.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "MESH_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
     /// Open connections per listener; past it new connections are closed at once.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// Write one JSON line per request: `stderr`, or a file path (appended). Off by default.
     #[arg(long, env = "MESH_ACCESS_LOG")]
@@ -358,5 +358,34 @@ impl TryFrom<Args> for Bootstrap {
             app_health,
             transparent: a.transparent,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::CommandFactory;
+
+    /// Injected pods are configured by the environment alone: every flag has its variable,
+    /// named by the one rule (`--drain-grace-ms` → `MESH_DRAIN_GRACE_MS`) that `--config-file`
+    /// keys follow too, so a setting is never silently dropped.
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        let cmd = Args::command();
+        let mut checked = 0;
+        for a in cmd.get_arguments() {
+            let Some(long) = a.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let want = crate::config_file::env_of(long);
+            assert_eq!(
+                a.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 30, "only {checked} flags seen");
     }
 }

@@ -28,7 +28,7 @@ fn flag_of(key: &str) -> String {
 }
 
 /// The environment variable of a flag, by the proxy's naming rule.
-fn env_of(flag: &str) -> String {
+pub(crate) fn env_of(flag: &str) -> String {
     format!("MESH_{}", flag.to_ascii_uppercase().replace('-', "_"))
 }
 
