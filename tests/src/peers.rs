@@ -322,3 +322,68 @@ mod tests {
         );
     }
 }
+
+/// A real Prometheus (Debian's), scraping `targets` (host:port, path /metrics) every second;
+/// returns its address once it answers `/-/ready`.
+pub async fn prometheus(mesh: &mut Mesh, targets: &[SocketAddr]) -> anyhow::Result<SocketAddr> {
+    require("prometheus")?;
+    let dir = mesh
+        .dir
+        .path()
+        .join(format!("prometheus-{}", mesh.procs.len()));
+    std::fs::create_dir_all(&dir)?;
+    let list = targets
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let conf = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: mesh\n    static_configs:\n      - targets: [{list}]\n"
+    );
+    std::fs::write(dir.join("prometheus.yml"), conf)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!(
+        "--config.file={}",
+        dir.join("prometheus.yml").display()
+    ))
+    .arg(format!(
+        "--storage.tsdb.path={}",
+        dir.join("data").display()
+    ))
+    .arg(format!("--web.listen-address={addr}"))
+    .stdout(std::process::Stdio::null())
+    .stderr(mesh.log("prometheus")?);
+    mesh.procs.push(Process::spawn("prometheus", cmd)?);
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if crate::admin_get(addr, "/-/ready")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            return Ok(addr);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "prometheus not ready on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of an instant PromQL query with one result (None: no result yet).
+pub async fn promql(prometheus: SocketAddr, query: &str) -> anyhow::Result<Option<f64>> {
+    let mut q = String::new();
+    for b in query.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            q.push(char::from(b));
+        } else {
+            q.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let r = crate::admin_get(prometheus, &format!("/api/v1/query?query={q}")).await?;
+    anyhow::ensure!(r.status == 200, "query {query:?}: {} {}", r.status, r.text);
+    Ok(r.json["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok()))
+}

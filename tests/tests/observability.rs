@@ -1,5 +1,6 @@
 //! End-to-end tests of what the mesh lets operators see.
 
+use mesh_tests::peers::{self, promql};
 use mesh_tests::*;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -654,5 +655,77 @@ async fn dashboard_shows_the_live_topology_in_a_browser() -> anyhow::Result<()> 
         .join("test-artifacts/dashboard.png");
     b.screenshot(&shot).await?;
     assert!(std::fs::metadata(&shot)?.len() > 1000);
+    Ok(())
+}
+
+/// Issue 28 item 0: a real Prometheus scraping the sidecar computes a p99 from the latency
+/// histogram that lies in the same bucket as the p99 the load measured, and so does
+/// `meshctl top`. (With the buckets cumulated twice, Prometheus put the p99 at the last bound,
+/// 5 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (app, _) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let prom = peers::prometheus(&mut mesh, &[c.admin]).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    // Every request takes 30 ms in the app: all land in the (25 ms, 50 ms] bucket.
+    admin_get(app, "/admin/delay/30").await?;
+    let n = 200;
+    let rs = load(&http, n, 4, |_| get_req("http://backend/")).await;
+    let mut took: Vec<Duration> = rs
+        .iter()
+        .map(|r| match r {
+            Ok((200, _, d)) => Ok(*d),
+            other => Err(anyhow::anyhow!("{other:?}")),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    took.sort();
+    let load_p99 = took[took.len() * 99 / 100 - 1].as_secs_f64();
+    assert!(
+        (0.025..=0.05).contains(&load_p99),
+        "the load's p99 {load_p99} s is in (25 ms, 50 ms]"
+    );
+    let series =
+        "mesh_response_latency_seconds_bucket{direction=\"outbound\",dst_service=\"backend\"}";
+    let count =
+        "sum(mesh_response_latency_seconds_count{direction=\"outbound\",dst_service=\"backend\"})";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while promql(prom, count).await? < Some((n + 1) as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped all requests"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let p99 = promql(
+        prom,
+        &format!("histogram_quantile(0.99, sum by (le) ({series}))"),
+    )
+    .await?
+    .ok_or_else(|| anyhow::anyhow!("no quantile"))?;
+    // The app's 30 ms dominate: 199 of the 201 requests are in (25 ms, 50 ms] (the first
+    // request, before the delay, is faster).
+    assert!(
+        (0.025..=0.05).contains(&p99),
+        "prometheus p99 {p99} s, load p99 {load_p99} s"
+    );
+    let out = mesh
+        .meshctl(&["-o", "json", "top", "--window", "60s"])
+        .await?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let top_p99 = v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["service"] == "backend")
+        .and_then(|r| r["p99_ms"].as_f64())
+        .ok_or_else(|| anyhow::anyhow!("no backend row: {v}"))?;
+    assert!(
+        (25.0..=50.0).contains(&top_p99),
+        "top p99 {top_p99} ms, load p99 {load_p99} s"
+    );
     Ok(())
 }
