@@ -308,21 +308,6 @@ pub fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_h2load_summary() {
-        let s = super::parse_h2load(
-            "finished in 1.2s\nrequests: 2000 total, 2000 started, 1990 done, 1985 succeeded, 15 failed, 5 errored, 0 timeout\nstatus codes: 1985 2xx, 0 3xx, 0 4xx, 5 5xx\n",
-        )
-        .unwrap();
-        assert_eq!(
-            (s.done, s.succeeded, s.failed, s.errored, s.status_2xx),
-            (1990, 1985, 15, 5, 1985)
-        );
-    }
-}
-
 /// A real Prometheus (Debian's), scraping `targets` (host:port, path /metrics) every second;
 /// returns its address once it answers `/-/ready`.
 pub async fn prometheus(mesh: &mut Mesh, targets: &[SocketAddr]) -> anyhow::Result<SocketAddr> {
@@ -386,4 +371,19 @@ pub async fn promql(prometheus: SocketAddr, query: &str) -> anyhow::Result<Optio
     Ok(r.json["data"]["result"][0]["value"][1]
         .as_str()
         .and_then(|v| v.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_h2load_summary() {
+        let s = super::parse_h2load(
+            "finished in 1.2s\nrequests: 2000 total, 2000 started, 1990 done, 1985 succeeded, 15 failed, 5 errored, 0 timeout\nstatus codes: 1985 2xx, 0 3xx, 0 4xx, 5 5xx\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.done, s.succeeded, s.failed, s.errored, s.status_2xx),
+            (1990, 1985, 15, 5, 1985)
+        );
+    }
 }
