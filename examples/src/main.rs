@@ -448,9 +448,65 @@ async fn handle(
             .await
             .map_err(box_err)?;
         Ok(r.map(|b| b.map_err(box_err).boxed_unsync()))
+    } else if req.uri().path() == "/ws" {
+        Ok(websocket(req))
     } else {
         app.http(req).await
     }
+}
+
+/// `/ws`: a WebSocket echo (tokio-tungstenite), each message answered as `echo:<message>`.
+/// A request that is not a WebSocket handshake gets 426.
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()));
+    let wants = req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let (Some(accept), true) = (key, wants) else {
+        return json_response(
+            StatusCode::UPGRADE_REQUIRED,
+            serde_json::json!({"error": "a WebSocket handshake, please"}),
+        );
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(up),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(m)) = ws.next().await {
+            let reply = match m {
+                Message::Text(t) => Message::text(format!("echo:{}", t.as_str())),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    h.insert("connection", http::HeaderValue::from_static("upgrade"));
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
 }
 
 async fn serve(
@@ -497,7 +553,7 @@ async fn serve(
                 handle(app.clone(), grpc.clone(), req)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(s), svc)
+                .serve_connection_with_upgrades(TokioIo::new(s), svc)
                 .await;
         });
     }

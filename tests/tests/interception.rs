@@ -398,6 +398,25 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         "the app saw the caller's identity: {reply}"
     );
 
+    // A WebSocket by plain IP (tungstenite as the client, the app's tokio-tungstenite echo):
+    // the upgrade crosses the transparent outbound, a dedicated mTLS connection and the
+    // inbound, then messages flow both ways.
+    let echoed = in_netns(&pods.a.0, || {
+        use tokio_tungstenite::tungstenite::{Message, client::client};
+        let tcp = TcpStream::connect_timeout(&"10.201.0.3:8080".parse()?, Duration::from_secs(3))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let (mut ws, resp) = client("ws://10.201.0.3:8080/ws", tcp)
+            .map_err(|e| anyhow::anyhow!("WebSocket handshake: {e}"))?;
+        anyhow::ensure!(resp.status() == 101, "{resp:?}");
+        let mut got = Vec::new();
+        for m in ["hello", "again"] {
+            ws.send(Message::text(m))?;
+            got.push(ws.read()?.into_text()?.as_str().to_string());
+        }
+        Ok(got)
+    })?;
+    assert_eq!(echoed, ["echo:hello", "echo:again"]);
+
     // HTTP to the Service's ClusterIP: the same call, routed as service backend.
     let reply = get_until_ok(
         &pods.a.0,
