@@ -178,16 +178,16 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     tokio::spawn(every(SWEEP_INTERVAL, move || o.pool.sweep()));
     let transparent = b.transparent;
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
-        let (outbound, tls) = (outbound.clone(), tls.clone());
+        let outbound = outbound.clone();
         accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
-            let (outbound, fixed, tls) = (outbound.clone(), fixed.clone(), tls.clone());
+            let (outbound, fixed) = (outbound.clone(), fixed.clone());
             async move {
                 let _open = ConnGuard::new(ConnKind::OutboundApp);
                 if let Some(orig) = transparent
                     .then(|| crate::outbound::transparent::original_dst(&s))
                     .flatten()
                 {
-                    crate::outbound::transparent::handle(outbound, tls, s, orig, w).await;
+                    crate::outbound::transparent::handle(outbound, s, orig, w).await;
                     return;
                 }
                 serve(

@@ -300,34 +300,31 @@ impl Snapshots {
 
     /// Subscribes to `name` and waits for the control plane to say what it is.
     async fn discover(&self, name: &str) -> Result<Arc<Service>, ResolveError> {
-        let mut rx = self.changed.subscribe();
         self.subscribe(name)?;
-        let wait = async {
-            loop {
-                if let Some(r) = lookup(&self.current.load(), name) {
-                    return r;
-                }
-                if rx.changed().await.is_err() {
-                    return Err(ResolveError::Unavailable);
-                }
-            }
-        };
-        tokio::time::timeout(DISCOVERY_WAIT, wait)
+        self.wait_until(DISCOVERY_WAIT, |snap| lookup(snap, name))
             .await
             .unwrap_or(Err(ResolveError::Unavailable))
     }
-}
 
-impl Snapshots {
     /// Waits (at most `within`) until the snapshot holds `name`, even if the control plane
     /// said it does not exist yet: a proxy's own service, which its registration creates.
     pub async fn wait_for(&self, name: &str, within: std::time::Duration) -> Option<Arc<Service>> {
-        let mut rx = self.changed.subscribe();
         let _ = self.subscribe(name);
+        self.wait_until(within, |snap| snap.services.get(name).cloned())
+            .await
+    }
+
+    /// The first answer `f` gives on the current snapshot or a later one, within `within`.
+    async fn wait_until<R>(
+        &self,
+        within: std::time::Duration,
+        f: impl Fn(&Snapshot) -> Option<R>,
+    ) -> Option<R> {
+        let mut rx = self.changed.subscribe();
         let wait = async {
             loop {
-                if let Some(svc) = self.current.load().services.get(name) {
-                    return Some(svc.clone());
+                if let Some(r) = f(&self.current.load()) {
+                    return Some(r);
                 }
                 rx.changed().await.ok()?;
             }

@@ -426,6 +426,47 @@ impl Mesh {
         .await
     }
 
+    /// A sidecar (version v1) in front of an app the test started itself (a third-party
+    /// server), with more flags.
+    pub async fn front(
+        &mut self,
+        service: &str,
+        app: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Sidecar> {
+        let node = format!("{service}-{}", self.procs.len());
+        self.sidecar(SidecarOpts {
+            service: Some(service),
+            version: Some("v1"),
+            service_account: service,
+            app: Some(app),
+            node_id: Some(&node),
+            workers: 0,
+            extra,
+        })
+        .await
+    }
+
+    /// A client sidecar (`caller`) that also serves `service` on a fixed loopback port
+    /// (`--upstream`); returns it and that port once it listens.
+    pub async fn client_with_upstream(
+        &mut self,
+        service: &str,
+    ) -> anyhow::Result<(Sidecar, SocketAddr)> {
+        let port = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let up = format!("{service}={port}");
+        let c = self
+            .sidecar(SidecarOpts {
+                service_account: "caller",
+                workers: 1,
+                extra: &["--upstream", &up],
+                ..Default::default()
+            })
+            .await?;
+        peers::wait_listening(port).await?;
+        Ok((c, port))
+    }
+
     /// Waits until `service` has `n` ready endpoints in the registry (bounded).
     pub async fn wait_endpoints(&mut self, service: &str, n: usize) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -285,16 +285,7 @@ async fn hostile_clients_are_refused_or_bounded() -> anyhow::Result<()> {
 async fn authorization_by_path_cannot_be_bypassed_by_spelling() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let node = mesh_tests::peers::node_app(&mut mesh).await?;
-    let b = mesh
-        .sidecar(SidecarOpts {
-            service: Some("files"),
-            version: Some("v1"),
-            service_account: "files",
-            app: Some(node),
-            node_id: Some("files-1"),
-            ..Default::default()
-        })
-        .await?;
+    let b = mesh.front("files", node, &[]).await?;
     let c = mesh.client("web").await?;
     mesh.wait_endpoints("files", 1).await?;
     mesh.meshctl(&[

@@ -438,6 +438,42 @@ async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client-only proxy of ServiceAccount `ns/sa` with nothing but its token in a file, as an
+/// injected one; returns its readiness line.
+async fn sa_proxy(
+    mesh: &mut Mesh,
+    ns: &str,
+    sa: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = mesh.dir.path().to_path_buf();
+    let token_file = dir.join(format!("{ns}-{sa}-token"));
+    std::fs::write(&token_file, token)?;
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+    cmd.args([
+        "--control-plane",
+        &format!("https://{}", mesh.grpc),
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ])
+    .arg("--ca-file")
+    .arg(mesh.data_dir().join("ca/bundle.pem"))
+    .arg("--token-file")
+    .arg(token_file)
+    .stderr(std::fs::File::create(
+        dir.join(format!("{ns}-{sa}-proxy.log")),
+    )?);
+    let (p, ready) = process::Process::spawn_ready(sa, cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    Ok(ready)
+}
+
 /// Identity from Kubernetes: a projected ServiceAccount token, checked by the API server's
 /// TokenReview (audience `mesh`), gets a certificate for that ServiceAccount's identity, and
 /// for no other; an unknown token is refused.
@@ -451,30 +487,7 @@ async fn serviceaccount_tokens_are_checked_by_tokenreview() -> anyhow::Result<()
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
 
     // A proxy with nothing but the token file, as injected.
-    let dir = mesh.dir.path().to_path_buf();
-    std::fs::write(dir.join("sa-token"), jwt)?;
-    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
-    cmd.args([
-        "--control-plane",
-        &format!("https://{}", mesh.grpc),
-        "--namespace",
-        "shop",
-        "--service-account",
-        "web",
-    ])
-    .arg("--ca-file")
-    .arg(mesh.data_dir().join("ca/bundle.pem"))
-    .arg("--token-file")
-    .arg(dir.join("sa-token"))
-    .args([
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ])
-    .stderr(std::fs::File::create(dir.join("sa-proxy.log"))?);
-    let (p, ready) = process::Process::spawn_ready("sa proxy", cmd, READY_TIMEOUT).await?;
-    mesh.procs.push(p);
+    let ready = sa_proxy(&mut mesh, "shop", "web", jwt).await?;
     assert_eq!(
         ready["identity"], "spiffe://mesh.local/ns/shop/sa/web",
         "{ready}"
@@ -1031,32 +1044,11 @@ async fn a_deleted_serviceaccount_is_no_longer_renewed() -> anyhow::Result<()> {
     let api = FakeKubeApi::start(vec![]).await?;
     // 30 s certificates: the renewals come at about 21 s.
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url, "--cert-ttl-secs", "30"]).await?;
-    let dir = mesh.dir.path().to_path_buf();
     let mut admins = Vec::new();
     for sa in ["web", "api"] {
         let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{sa}.c2ln");
         api.add_token(&jwt, "shop", sa);
-        std::fs::write(dir.join(format!("{sa}-token")), &jwt)?;
-        let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
-        cmd.args([
-            "--control-plane",
-            &format!("https://{}", mesh.grpc),
-            "--namespace",
-            "shop",
-            "--service-account",
-            sa,
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--ca-file")
-        .arg(mesh.data_dir().join("ca/bundle.pem"))
-        .arg("--token-file")
-        .arg(dir.join(format!("{sa}-token")))
-        .stderr(std::fs::File::create(dir.join(format!("{sa}-proxy.log")))?);
-        let (p, ready) = process::Process::spawn_ready(sa, cmd, READY_TIMEOUT).await?;
-        mesh.procs.push(p);
+        let ready = sa_proxy(&mut mesh, "shop", sa, &jwt).await?;
         let admin: std::net::SocketAddr = ready["admin"].as_str().unwrap_or_default().parse()?;
         admins.push(admin);
     }

@@ -11,45 +11,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A sidecar in front of `app` for `service`, with more flags.
-async fn front(
-    mesh: &mut Mesh,
-    service: &str,
-    app: SocketAddr,
-    extra: &[&str],
-) -> anyhow::Result<Sidecar> {
-    let node = format!("{service}-{}", mesh.procs.len());
-    mesh.sidecar(SidecarOpts {
-        service: Some(service),
-        version: Some("v1"),
-        service_account: service,
-        app: Some(app),
-        node_id: Some(&node),
-        workers: 0,
-        extra,
-    })
-    .await
-}
-
-/// A client sidecar that also serves `service` on a fixed loopback port (`--upstream`).
-async fn client_with_upstream(
-    mesh: &mut Mesh,
-    service: &str,
-) -> anyhow::Result<(Sidecar, SocketAddr)> {
-    let port = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let up = format!("{service}={port}");
-    let c = mesh
-        .sidecar(SidecarOpts {
-            service_account: "caller",
-            workers: 1,
-            extra: &["--upstream", &up],
-            ..Default::default()
-        })
-        .await?;
-    peers::wait_listening(port).await?;
-    Ok((c, port))
-}
-
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
@@ -63,9 +24,9 @@ async fn http1_apps_receive_origin_form_and_one_host() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let node = peers::node_app(&mut mesh).await?;
     let py = peers::python_app(&mut mesh).await?;
-    front(&mut mesh, "nodeapp", node, &[]).await?;
-    front(&mut mesh, "pyapp", py, &[]).await?;
-    let (c, fixed) = client_with_upstream(&mut mesh, "nodeapp").await?;
+    mesh.front("nodeapp", node, &[]).await?;
+    mesh.front("pyapp", py, &[]).await?;
+    let (c, fixed) = mesh.client_with_upstream("nodeapp").await?;
     mesh.wait_endpoints("nodeapp", 1).await?;
     mesh.wait_endpoints("pyapp", 1).await?;
     let proxy = format!("http://{}", c.outbound);
@@ -123,7 +84,7 @@ async fn raw(addr: SocketAddr, request: &str) -> anyhow::Result<String> {
 async fn ambiguous_framing_is_refused_before_the_app() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let node = peers::node_app(&mut mesh).await?;
-    front(&mut mesh, "nodeapp", node, &[]).await?;
+    mesh.front("nodeapp", node, &[]).await?;
     let c = mesh.client("caller").await?;
     mesh.wait_endpoints("nodeapp", 1).await?;
     for req in [
@@ -171,10 +132,10 @@ async fn ambiguous_framing_is_refused_before_the_app() -> anyhow::Result<()> {
 async fn websocket_and_connect_cross_the_pair() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let ws = peers::websocket_app(&mut mesh).await?;
-    front(&mut mesh, "chat", ws, &[]).await?;
+    mesh.front("chat", ws, &[]).await?;
     let node = peers::node_app(&mut mesh).await?;
-    front(&mut mesh, "nodeapp", node, &[]).await?;
-    let (c, fixed) = client_with_upstream(&mut mesh, "chat").await?;
+    mesh.front("nodeapp", node, &[]).await?;
+    let (c, fixed) = mesh.client_with_upstream("chat").await?;
     mesh.wait_endpoints("chat", 1).await?;
     mesh.wait_endpoints("nodeapp", 1).await?;
 
@@ -217,8 +178,9 @@ async fn websocket_and_connect_cross_the_pair() -> anyhow::Result<()> {
 async fn nginx_graceful_close_loses_no_request() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let nginx = peers::nginx_h2c(&mut mesh, 100).await?;
-    front(&mut mesh, "web", nginx, &["--app-protocol", "http2"]).await?;
-    let (_c, fixed) = client_with_upstream(&mut mesh, "web").await?;
+    mesh.front("web", nginx, &["--app-protocol", "http2"])
+        .await?;
+    let (_c, fixed) = mesh.client_with_upstream("web").await?;
     mesh.wait_endpoints("web", 1).await?;
 
     let (status, body) = curl(&["--http1.1", &format!("http://{fixed}/")]).await?;
@@ -277,7 +239,7 @@ async fn read_until(
 async fn permissive_plaintext_that_is_not_http_passes_through() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let banner = peers::banner_app(&mut mesh).await?;
-    let s = front(&mut mesh, "smtp", banner, &[]).await?;
+    let s = mesh.front("smtp", banner, &[]).await?;
     let inbound = s.inbound.expect("inbound");
     mesh.wait_endpoints("smtp", 1).await?;
     mesh.meshctl(&["mtls", "smtp", "permissive"]).await?;

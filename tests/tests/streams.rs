@@ -115,27 +115,8 @@ async fn grpc_calls_of_every_shape_cross_the_pair() -> anyhow::Result<()> {
 /// A Node.js app behind a sidecar, and a client sidecar serving it on a fixed port.
 async fn bulk(mesh: &mut Mesh) -> anyhow::Result<(Sidecar, Sidecar, SocketAddr)> {
     let node = peers::node_app(mesh).await?;
-    let server = mesh
-        .sidecar(SidecarOpts {
-            service: Some("bulk"),
-            version: Some("v1"),
-            service_account: "bulk",
-            app: Some(node),
-            node_id: Some("bulk-1"),
-            ..Default::default()
-        })
-        .await?;
-    let fixed = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let up = format!("bulk={fixed}");
-    let client = mesh
-        .sidecar(SidecarOpts {
-            service_account: "caller",
-            workers: 1,
-            extra: &["--upstream", &up],
-            ..Default::default()
-        })
-        .await?;
-    peers::wait_listening(fixed).await?;
+    let server = mesh.front("bulk", node, &[]).await?;
+    let (client, fixed) = mesh.client_with_upstream("bulk").await?;
     mesh.wait_endpoints("bulk", 1).await?;
     Ok((server, client, fixed))
 }

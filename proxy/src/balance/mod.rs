@@ -155,11 +155,33 @@ impl Picked {
         self.done = true;
         let now = state::Now::get();
         let rtt = Duration::from_nanos(now.0.saturating_sub(self.started.0));
-        self.state.finish(now, rtt, success, self.trial);
-        cfg.is_some_and(|cfg| {
-            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id)
-        })
+        self.state.head(now, rtt, success);
+        record_outcome(
+            &self.state,
+            &self.id,
+            self.trial,
+            rtt,
+            success,
+            balancer,
+            cfg,
+        )
     }
+}
+
+/// An attempt's outcome, for telemetry and outlier ejection; true when it got the endpoint
+/// ejected. Shared by an attempt judged at its head ([`Picked::finish`]) and one judged at
+/// its end ([`Verdict::finish`]).
+fn record_outcome(
+    state: &Arc<EndpointState>,
+    id: &Arc<str>,
+    trial: bool,
+    rtt: Duration,
+    success: bool,
+    balancer: &Balancer,
+    cfg: Option<&OutlierConfig>,
+) -> bool {
+    state.outcome(rtt, success, trial);
+    cfg.is_some_and(|cfg| outlier::record(balancer, state, success, trial, cfg, id))
 }
 
 impl Picked {
@@ -202,10 +224,15 @@ impl Verdict {
         cfg: Option<&OutlierConfig>,
     ) -> bool {
         self.done = true;
-        self.state.outcome(self.rtt, success, self.trial);
-        cfg.is_some_and(|cfg| {
-            outlier::record(balancer, &self.state, success, self.trial, cfg, &self.id)
-        })
+        record_outcome(
+            &self.state,
+            &self.id,
+            self.trial,
+            self.rtt,
+            success,
+            balancer,
+            cfg,
+        )
     }
 }
 

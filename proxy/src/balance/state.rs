@@ -157,12 +157,6 @@ impl EndpointState {
         }
     }
 
-    /// An attempt's answer, head and outcome at once.
-    pub(crate) fn finish(&self, now: Now, rtt: Duration, success: bool, trial: bool) {
-        self.head(now, rtt, success);
-        self.outcome(rtt, success, trial);
-    }
-
     /// The outcome of an attempt whose head came earlier ([`EndpointState::head`]): counted
     /// for telemetry, and a trial's end lets the next trial go.
     pub(crate) fn outcome(&self, rtt: Duration, success: bool, trial: bool) {

@@ -107,33 +107,21 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let b = builder(client);
-    // Each request's future boxed: hyper spawns every HTTP/2 stream as a task holding it, and
-    // moves it several times on the way in; a pointer moves cheaper than a whole handler.
-    let svc = hyper::service::service_fn(move |req| Box::pin(svc.call(req)));
-    let io = super::coalesce::Coalesce::new(io);
-    let turns = io.turns();
-    let conn = b
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .into_owned();
-    if let Err(e) = turns.drive(watcher.watch(conn)).await {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
+    serve_bounded(io, svc, client, watcher, None).await;
 }
 
-/// As [`serve`], and the connection also ends (gracefully: GOAWAY, or `Connection: close`
-/// after the request in flight) at `until`: the moment the peer's certificate expires. A
-/// connection lives no longer than the certificate that opened it, so a workload whose
-/// renewals are refused (revoked) drops out when its certificate expires, not when its
-/// connections happen to close. `stop` is the drain signal, which `watcher` would otherwise
-/// carry; the watcher is held so that drain waits for this connection.
-pub async fn serve_until<I, S, B>(
+/// As [`serve`]; with `bound` (the drain signal, and a deadline) the connection also ends,
+/// gracefully (GOAWAY, or `Connection: close` after the request in flight), at the deadline:
+/// for a mesh peer, the moment the certificate that opened it expires. A connection lives no
+/// longer than that certificate, so a workload whose renewals are refused (revoked) drops
+/// out when its certificate expires, not when its connections happen to close. The watcher
+/// is held so that drain waits for the connection.
+pub async fn serve_bounded<I, S, B>(
     io: I,
     svc: S,
     client: Client,
     watcher: Watcher,
-    stop: watch::Receiver<bool>,
-    until: tokio::time::Instant,
+    bound: Option<(watch::Receiver<bool>, tokio::time::Instant)>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
@@ -144,12 +132,20 @@ pub async fn serve_until<I, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let b = builder(client);
+    // Each request's future boxed: hyper spawns every HTTP/2 stream as a task holding it, and
+    // moves it several times on the way in; a pointer moves cheaper than a whole handler.
     let svc = hyper::service::service_fn(move |req| Box::pin(svc.call(req)));
     let io = super::coalesce::Coalesce::new(io);
     let turns = io.turns();
     let conn = b
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .into_owned();
+    let Some((stop, until)) = bound else {
+        if let Err(e) = turns.drive(watcher.watch(conn)).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        return;
+    };
     // The deadline and the drain signal are watched by a task of their own, which flags the
     // connection and wakes it: polling a timer and a watch channel along with the connection
     // on every wake cost ~1,000 instructions per request.

@@ -49,6 +49,13 @@ pub fn switching<B>(next: &Response<B>) -> Response<()> {
     r
 }
 
+/// The caller's side of an upgrade (or CONNECT), taken out of its request.
+pub fn take(parts: &mut http::request::Parts) -> Result<OnUpgrade, super::errors::ProxyError> {
+    parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
+        super::errors::ProxyError::BadRequest("this connection cannot be upgraded".into())
+    })
+}
+
 /// Readies an upgrade request for the next hop (origin-form, Host, the upgrade fields) and
 /// takes the caller's side of the upgrade out of it.
 pub fn prepare(
@@ -56,10 +63,7 @@ pub fn prepare(
     up: HeaderValue,
 ) -> Result<OnUpgrade, super::errors::ProxyError> {
     use super::errors::ProxyError;
-    let caller = parts
-        .extensions
-        .remove::<OnUpgrade>()
-        .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+    let caller = take(parts)?;
     super::framing::for_origin(parts, true).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     ask(&mut parts.headers, up);
     Ok(caller)

@@ -140,14 +140,13 @@ impl AppH1 {
             }
             Err(mut e) => match (e.take_message(), replay) {
                 (Some(unsent), _) => unsent,
-                (None, Some((method, uri, headers))) if e.error().is_incomplete_message() => {
-                    tracing::debug!(%method, %uri, "app closed the connection before answering; sent again");
-                    let mut again = Request::new(AppBody::Right(http_body_util::Empty::new()));
-                    *again.method_mut() = method;
-                    *again.uri_mut() = uri;
-                    *again.version_mut() = Version::HTTP_11;
-                    *again.headers_mut() = headers;
-                    again
+                (None, Some(head)) if e.error().is_incomplete_message() => {
+                    tracing::debug!(method = %head.0, uri = %head.1, "app closed the connection before answering; sent again");
+                    rebuild(
+                        head,
+                        Version::HTTP_11,
+                        AppBody::Right(http_body_util::Empty::new()),
+                    )
                 }
                 (None, _) => return Err(app_error(&e.into_error())),
             },
@@ -325,14 +324,18 @@ impl AppReplay {
             None => ReqBody::Empty,
             Some(kept) => ReqBody::Replay(kept.replay()?),
         };
-        let (method, uri, headers) = self.head;
-        let mut again = Request::new(body);
-        *again.method_mut() = method;
-        *again.uri_mut() = uri;
-        *again.version_mut() = Version::HTTP_2;
-        *again.headers_mut() = headers;
-        Some(again)
+        Some(rebuild(self.head, Version::HTTP_2, body))
     }
+}
+
+/// A kept request head as a request again, with `body`.
+fn rebuild<B>((method, uri, headers): Replay, version: Version, body: B) -> Request<B> {
+    let mut again = Request::new(body);
+    *again.method_mut() = method;
+    *again.uri_mut() = uri;
+    *again.version_mut() = version;
+    *again.headers_mut() = headers;
+    again
 }
 
 /// True when the app provably left the stream unprocessed: it refused it, or its GOAWAY's

@@ -4,7 +4,7 @@
 
 use crate::http::body::RespBody;
 use crate::http::errors::ProxyError;
-use crate::http::server::{Client as Caller, serve, serve_until};
+use crate::http::server::{Client as Caller, serve_bounded};
 use crate::http::{
     Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, framing, is_grpc, strip_hop_by_hop, upgrade,
 };
@@ -12,7 +12,7 @@ use crate::outbound::transparent::{DETECT_TIMEOUT, Detected, detect};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
-use crate::tls::{ALPN_OPAQUE, TlsContext, spiffe_id_of};
+use crate::tls::{ALPN_OPAQUE, TlsContext, spiffe_id_and_expiry};
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::server::graceful::Watcher;
@@ -283,17 +283,16 @@ impl Inbound {
             }
         };
         let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-        let Some(caller) = leaf.and_then(|c| spiffe_id_of(c)) else {
+        let Some((caller, expires)) = leaf.and_then(|c| spiffe_id_and_expiry(c)) else {
             tracing::info!(%peer, "peer certificate has no SPIFFE identity; closing");
             return;
         };
-        let expires = leaf.and_then(|c| crate::tls::not_after_unix(c));
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
             self.serve_opaque(tls, caller, peer).await;
             return;
         }
         let xfcc = HeaderValue::from_str(&format!("By={};URI={caller}", self.identity)).ok();
-        self.serve_http(tls, caller.into(), xfcc, watcher, expires)
+        self.serve_http(tls, caller.into(), xfcc, watcher, Some(expires))
             .await;
     }
 
@@ -388,18 +387,14 @@ impl Inbound {
             let obs = Observation::start(Some(counters.clone()), detail);
             this.clone().handle(caller.clone(), xfcc.clone(), req, obs)
         });
-        match expires {
-            Some(at) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let left = Duration::from_secs(at.saturating_sub(now).max(0) as u64);
-                let until = tokio::time::Instant::now() + left;
-                let stop = self.stop.clone();
-                serve_until(io, svc, client, watcher, stop, until).await;
-            }
-            None => serve(io, svc, client, watcher).await,
-        }
+        let bound = expires.map(|at| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let left = Duration::from_secs(at.saturating_sub(now).max(0) as u64);
+            (self.stop.clone(), tokio::time::Instant::now() + left)
+        });
+        serve_bounded(io, svc, client, watcher, bound).await;
     }
 
     async fn handle(

@@ -23,7 +23,7 @@ use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use pool::Pool;
+use pool::{Dedicated, Pool};
 use std::convert::Infallible;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -330,20 +330,15 @@ impl Outbound {
         let picked = Self::pick_one(svc, balancer, &policy.lb)?;
         let addr = picked.addr;
         let sent = async {
-            let cfg = self
+            let io = self
                 .pool
-                .tls()
-                .h1_client_config(&svc.identity)
-                .map_err(|e| ProxyError::Tls {
+                .dedicated(
                     addr,
-                    reason: e.to_string(),
-                })?;
-            let io = tokio::time::timeout(policy.connect_timeout, self.pool.dial(addr, cfg))
-                .await
-                .map_err(|_| ProxyError::Connect {
-                    addr,
-                    reason: "timed out".into(),
-                })??;
+                    &svc.identity,
+                    Dedicated::Http1,
+                    policy.connect_timeout,
+                )
+                .await?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
                     .await
@@ -378,35 +373,17 @@ impl Outbound {
             .and_then(|(_, p)| p.parse::<u16>().ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {authority:?}: no port")))?;
-        let caller = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .ok_or_else(|| ProxyError::BadRequest("this connection cannot be upgraded".into()))?;
+        let caller = upgrade::take(&mut parts)?;
         let picked = Self::pick_one(svc, &svc.balancer, &svc.policy.lb)?;
-        let addr = picked.addr;
-        let opened = async {
-            let cfg = self
-                .pool
-                .tls()
-                .opaque_client_config(&svc.identity)
-                .map_err(|e| ProxyError::Tls {
-                    addr,
-                    reason: e.to_string(),
-                })?;
-            let mut io =
-                tokio::time::timeout(svc.policy.connect_timeout, self.pool.dial(addr, cfg))
-                    .await
-                    .map_err(|_| ProxyError::Connect {
-                        addr,
-                        reason: "timed out".into(),
-                    })??;
-            use tokio::io::AsyncWriteExt;
-            io.write_all(&port.to_be_bytes())
-                .await
-                .map_err(|e| ProxyError::Upstream(format!("{addr}: {e}")))?;
-            Ok::<_, ProxyError>(io)
-        }
-        .await;
+        let opened = self
+            .pool
+            .dedicated(
+                picked.addr,
+                &svc.identity,
+                Dedicated::Opaque { app_port: port },
+                svc.policy.connect_timeout,
+            )
+            .await;
         picked.finish(opened.is_ok(), &svc.balancer, svc.policy.outlier.as_ref());
         let io = opened?;
         tokio::spawn(upgrade::splice(caller, io));

@@ -36,6 +36,15 @@ struct Conn {
     idle_timeout: Duration,
 }
 
+/// What a dedicated connection to a peer sidecar carries (see [`Pool::dedicated`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Dedicated {
+    /// One HTTP/1.1 request that switches protocols (ALPN `http/1.1`).
+    Http1,
+    /// Bytes for `app_port` of the endpoint's app (ALPN `mesh.opaque/1`, then the port).
+    Opaque { app_port: u16 },
+}
+
 pub struct Pool {
     tls: Arc<TlsContext>,
     ready: FastDashMap<Key, Conn>,
@@ -182,9 +191,37 @@ impl Pool {
         }
     }
 
-    /// The TLS context peer connections are made with.
-    pub fn tls(&self) -> &TlsContext {
-        &self.tls
+    /// A dedicated (never pooled) mTLS connection to the sidecar at `addr`, which must
+    /// present `identity`, up within `timeout`: HTTP/1.1 for one upgraded request, or an
+    /// opaque stream already connected to a port of the endpoint's app.
+    pub async fn dedicated(
+        &self,
+        addr: SocketAddr,
+        identity: &Arc<str>,
+        what: Dedicated,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProxyError> {
+        let cfg = match what {
+            Dedicated::Http1 => self.tls.h1_client_config(identity),
+            Dedicated::Opaque { .. } => self.tls.opaque_client_config(identity),
+        }
+        .map_err(|e| ProxyError::Tls {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let mut io = tokio::time::timeout(timeout, self.dial(addr, cfg))
+            .await
+            .map_err(|_| ProxyError::Connect {
+                addr,
+                reason: format!("timed out after {timeout:?}"),
+            })??;
+        if let Dedicated::Opaque { app_port } = what {
+            use tokio::io::AsyncWriteExt;
+            io.write_all(&app_port.to_be_bytes())
+                .await
+                .map_err(|e| ProxyError::Upstream(format!("{addr}: {e}")))?;
+        }
+        Ok(io)
     }
 
     async fn connect(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {

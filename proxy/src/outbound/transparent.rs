@@ -15,14 +15,12 @@
 //! not stall.
 
 use super::Outbound;
+use super::pool::{Dedicated, Pool};
 use crate::http::server::{Client, serve};
-use crate::tls::TlsContext;
 use hyper_util::server::graceful::Watcher;
-use rustls_pki_types::ServerName;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// How long the client has to send its first bytes before the stream counts as opaque.
@@ -125,13 +123,7 @@ async fn detect_bytes(s: &TcpStream, window: Duration, silent: &mut bool) -> Det
 }
 
 /// Serves one redirected connection.
-pub async fn handle(
-    out: Arc<Outbound>,
-    tls: Arc<TlsContext>,
-    s: TcpStream,
-    orig: SocketAddr,
-    watcher: Watcher,
-) {
+pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher: Watcher) {
     let (app, endpoint, vip) = {
         let snap = out.snapshots.load();
         (
@@ -164,7 +156,7 @@ pub async fn handle(
         };
         match pick {
             Some((identity, inbound)) => {
-                if let Err(e) = opaque(&tls, s, &identity, inbound, target).await {
+                if let Err(e) = opaque(&out.pool, s, &identity, inbound, target).await {
                     tracing::debug!(%orig, %service, error = %e, "opaque stream ended");
                 }
             }
@@ -188,7 +180,7 @@ pub async fn handle(
             return;
         }
     }
-    if let Err(e) = opaque(&tls, s, &t.identity, t.inbound, orig.port()).await {
+    if let Err(e) = opaque(&out.pool, s, &t.identity, t.inbound, orig.port()).await {
         tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
     }
 }
@@ -260,23 +252,21 @@ async fn serve_http(out: Arc<Outbound>, service: Arc<str>, s: TcpStream, watcher
 
 /// An opaque stream to the endpoint's sidecar over mTLS.
 async fn opaque(
-    tls: &TlsContext,
+    pool: &Pool,
     mut s: TcpStream,
     identity: &Arc<str>,
     inbound: SocketAddr,
     app_port: u16,
 ) -> std::io::Result<()> {
-    let cfg = tls
-        .opaque_client_config(identity)
-        .map_err(std::io::Error::other)?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(inbound))
+    let mut peer = pool
+        .dedicated(
+            inbound,
+            identity,
+            Dedicated::Opaque { app_port },
+            CONNECT_TIMEOUT,
+        )
         .await
-        .map_err(|_| std::io::Error::other("connect timed out"))??;
-    let _ = tcp.set_nodelay(true);
-    let mut peer = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(inbound.ip().into()), tcp)
-        .await?;
-    peer.write_all(&app_port.to_be_bytes()).await?;
+        .map_err(std::io::Error::other)?;
     tokio::io::copy_bidirectional(&mut s, &mut peer).await?;
     Ok(())
 }

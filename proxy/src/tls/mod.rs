@@ -270,22 +270,22 @@ pub fn public_key_hex(chain_pem: &str) -> Option<String> {
     )
 }
 
-/// When a DER certificate expires, Unix seconds.
-pub fn not_after_unix(der: &[u8]) -> Option<i64> {
-    use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    Some(cert.validity().not_after.timestamp())
-}
-
 /// The single SPIFFE URI SAN of a DER certificate.
 pub fn spiffe_id_of(der: &[u8]) -> Option<String> {
+    spiffe_id_and_expiry(der).map(|(id, _)| id)
+}
+
+/// The single SPIFFE URI SAN of a DER certificate and when the certificate expires (Unix
+/// seconds), from one parse.
+pub fn spiffe_id_and_expiry(der: &[u8]) -> Option<(String, i64)> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let expires = cert.validity().not_after.timestamp();
     let san = cert.subject_alternative_name().ok()??;
     let mut ids = san.value.general_names.iter().filter_map(|n| match n {
         GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
         _ => None,
     });
     let first = ids.next()?;
-    ids.next().is_none().then_some(first)
+    ids.next().is_none().then_some((first, expires))
 }
