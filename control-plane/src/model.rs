@@ -128,13 +128,19 @@ pub struct RevocationRecord {
     pub revoked_at_ms: i64,
 }
 
-/// A bootstrap token, stored by its SHA-256 only.
+/// A bootstrap token or a scoped admin credential, stored by its SHA-256 only.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenRecord {
-    /// SPIFFE identity this token may obtain a certificate for.
+    /// SPIFFE identity this token may obtain a certificate for (empty for an admin credential).
     pub identity: String,
     pub expires_at_unix: i64,
     pub created_at_unix: i64,
+    /// An admin credential's scopes (`admin::scope`); records written before scopes existed
+    /// are bootstrap tokens and read back unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 /// The trust bundle proxies verify peers against, pushed as resource "trust/bundle". Stored

@@ -930,7 +930,6 @@ impl Registry {
         .await
     }
 
-    /// Stores a bootstrap token's hash; returns nothing secret.
     /// Publishes the CA's bundle to every proxy (nothing is written when it is unchanged).
     pub async fn set_trust(&self, record: TrustRecord) -> Result<u64, RegistryError> {
         self.write(|st| {
@@ -943,6 +942,7 @@ impl Registry {
         .await
     }
 
+    /// Stores a token's hash; returns nothing secret.
     pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<u64, RegistryError> {
         self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))
             .await

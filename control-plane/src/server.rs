@@ -1,6 +1,7 @@
 //! Wiring of the control-plane process: store, registry, CA, and the two gRPC servers.
 
-use crate::admin::{AdminAuth, AdminService};
+use crate::admin::AdminService;
+use crate::admin::scope::AdminAuth;
 use crate::ca::CertificateAuthority;
 use crate::ca::service::{CaStats, IdentityService};
 use crate::discovery::{DiscoveryService, ProxyTable};
@@ -55,6 +56,8 @@ pub struct Config {
     /// The admin token from this file (one Secret for every replica) instead of
     /// `<data-dir>/admin-token`.
     pub admin_token_file: Option<PathBuf>,
+    /// TLS to etcd (`--store etcd+https://…`).
+    pub etcd_tls: crate::store::etcd::EtcdTls,
 }
 
 /// The `coordination.k8s.io` Lease the replicas elect a leader with on Kubernetes.
@@ -118,7 +121,7 @@ pub async fn run(
                 );
                 (Arc::new(s) as Arc<dyn crate::store::Store>, None)
             } else {
-                let s = crate::store::etcd::EtcdStore::connect(url).await?;
+                let s = crate::store::etcd::EtcdStore::connect(url, &cfg.etcd_tls).await?;
                 let leader = crate::leader::Leadership::etcd(
                     s.client(),
                     s.prefix(),
@@ -261,6 +264,8 @@ pub async fn run(
         cfg.replica_id.clone(),
         leader.clone(),
     ));
+    // The dashboard is open on loopback only; elsewhere it asks for a read credential.
+    let web_token: Arc<str> = token.as_str().into();
     let web = Arc::new(crate::web::Web {
         metrics: crate::metrics::registry(
             proxies.clone(),
@@ -273,17 +278,16 @@ pub async fn run(
             proxies: proxies.clone(),
             telemetry: telemetry.clone(),
         },
+        dashboard_auth: (!cfg.http_addr.ip().is_loopback()).then_some(web_token),
     });
-    let admin = pb::admin_server::AdminServer::with_interceptor(
-        AdminService {
-            registry: registry.clone(),
-            proxies,
-            telemetry,
-            tap,
-            rotation: rotation.clone(),
-        },
-        AdminAuth::new(&token),
-    );
+    let admin = pb::admin_server::AdminServer::new(AdminService {
+        registry: registry.clone(),
+        proxies,
+        telemetry,
+        tap,
+        rotation: rotation.clone(),
+    });
+    let auth = AdminAuth::layer(registry.clone(), &token);
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await
@@ -334,6 +338,7 @@ pub async fn run(
         );
     let admin = Server::builder()
         .layer(tower::layer::layer_fn(crate::trace::Traced))
+        .layer(auth)
         .add_service(admin)
         .serve_with_incoming_shutdown(
             crate::tls::incoming(admin_listener, rotation.tls.admin.clone()),

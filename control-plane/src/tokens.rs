@@ -38,7 +38,7 @@ pub fn id_of(hash: &str) -> &str {
 /// Revokes the one token that `id` names (an id prefix, or the token itself); returns its
 /// hash and identity.
 pub async fn revoke(registry: &Registry, id: &str) -> Result<(String, String), RegistryError> {
-    let key = if id.starts_with(PREFIX) {
+    let key = if id.starts_with(PREFIX) || id.starts_with(crate::admin::scope::PREFIX) {
         hash(id)
     } else {
         if id.len() < MIN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -74,9 +74,31 @@ pub async fn create(
     identity: &SpiffeId,
     ttl_secs: u64,
 ) -> Result<(String, i64), RegistryError> {
+    let (token, expires, _) = store(
+        registry,
+        PREFIX,
+        identity.to_string(),
+        Vec::new(),
+        "",
+        ttl_secs,
+    )
+    .await?;
+    Ok((token, expires))
+}
+
+/// Makes a random secret with `prefix`, stores its hash with what it grants, and returns the
+/// secret (once), its expiry and its id.
+pub(crate) async fn store(
+    registry: &Registry,
+    prefix: &str,
+    identity: String,
+    scopes: Vec<String>,
+    name: &str,
+    ttl_secs: u64,
+) -> Result<(String, i64, String), RegistryError> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-    let token = format!("{PREFIX}{}", hex::encode(secret));
+    let token = format!("{prefix}{}", hex::encode(secret));
     let now = now_unix();
     let ttl = if ttl_secs == 0 {
         DEFAULT_TOKEN_TTL_SECS
@@ -84,17 +106,21 @@ pub async fn create(
         ttl_secs
     };
     let expires = now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
+    let key = hash(&token);
+    let id = id_of(&key).to_string();
     registry
         .put_token(
-            hash(&token),
+            key,
             TokenRecord {
-                identity: identity.to_string(),
+                identity,
                 expires_at_unix: expires,
                 created_at_unix: now,
+                scopes,
+                name: name.to_string(),
             },
         )
         .await?;
-    Ok((token, expires))
+    Ok((token, expires, id))
 }
 
 /// Checks a token's shape (`mesh1.` + 64 hex digits) before it is looked up.

@@ -1,7 +1,10 @@
 //! The control plane's plain-HTTP port (default 127.0.0.1:15014, like istiod's monitoring
 //! port): `/metrics` for Prometheus, the dashboard at `/` and its data at `/api/dashboard`,
 //! and the probes: `/live` (the process answers) and `/ready` (its store answers too).
-//! Read-only, unauthenticated: bind it to loopback or a private network.
+//! Read-only. The dashboard shows the whole mesh's services and traffic, so on any address but
+//! loopback it needs an admin credential with the read scope (HTTP Basic with the credential as
+//! password, which browsers prompt for, or `Authorization: Bearer`); `/metrics` and the probes
+//! stay open for Prometheus and the kubelet.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -20,6 +23,23 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Web {
     pub metrics: prometheus_client::registry::Registry,
     pub dashboard: crate::dashboard::Dashboard,
+    /// The root admin token, when the dashboard needs a credential (not bound to loopback).
+    pub dashboard_auth: Option<Arc<str>>,
+}
+
+/// The credential a request presents: `Bearer <credential>`, or HTTP Basic with it as password.
+fn presented(req: &Request<Incoming>) -> Option<String> {
+    use base64::Engine;
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = v.strip_prefix("Bearer ") {
+        return Some(t.trim().to_string());
+    }
+    let b = v.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b.trim())
+        .ok()?;
+    let pair = String::from_utf8(raw).ok()?;
+    pair.split_once(':').map(|(_, p)| p.to_string())
 }
 
 fn reply(
@@ -41,6 +61,26 @@ impl Web {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if let ("/" | "/api/dashboard", Some(root)) = (req.uri().path(), &self.dashboard_auth) {
+            let held = presented(&req).and_then(|c| {
+                crate::admin::scope::lookup(&self.dashboard.registry, root.as_bytes(), &c)
+            });
+            if !held.is_some_and(|h| h.has(crate::admin::scope::Scope::Read)) {
+                let mut r = reply(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    "the dashboard needs an admin credential with the read scope \
+                     (meshctl token create --scope read), as the password\n",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static(
+                        "Basic realm=\"mesh dashboard\", charset=\"UTF-8\"",
+                    ),
+                );
+                return Ok(r);
+            }
+        }
         Ok(match req.uri().path() {
             "/metrics" => match crate::metrics::encode(&self.metrics) {
                 Ok(text) => reply(

@@ -13,10 +13,76 @@ pub fn missing() -> Option<String> {
     (!found).then(|| "etcd is missing (scripts/install-test-deps.sh installs it)".to_string())
 }
 
+/// PEM files for an etcd serving TLS: its CA, and a client certificate signed by it.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// A fresh CA, a serving certificate for 127.0.0.1 and a client certificate, under `dir`.
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, SanType,
+        };
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "test etcd CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key)?;
+        let issuer = Issuer::new(p, ca_key);
+        let leaf = |cn: &str, eku: ExtendedKeyUsagePurpose| -> anyhow::Result<(String, String)> {
+            let key = KeyPair::generate()?;
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
+            p.extended_key_usages = vec![eku];
+            Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        let (server, server_key) = leaf("etcd", ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (client, client_key) = leaf("mesh-control-plane", ExtendedKeyUsagePurpose::ClientAuth)?;
+        let t = Self {
+            ca: dir.join("ca.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        };
+        std::fs::write(&t.ca, ca.pem())?;
+        std::fs::write(&t.server_cert, server)?;
+        std::fs::write(&t.server_key, server_key)?;
+        std::fs::write(&t.client_cert, client)?;
+        std::fs::write(&t.client_key, client_key)?;
+        Ok(t)
+    }
+
+    /// The control plane's flags for this etcd's CA and client certificate.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--etcd-ca".into(),
+            self.ca.display().to_string(),
+            "--etcd-cert".into(),
+            self.client_cert.display().to_string(),
+            "--etcd-key".into(),
+            self.client_key.display().to_string(),
+        ]
+    }
+}
+
 pub struct Etcd {
     proc: Option<Process>,
     /// `ip:port` clients use.
     pub client: String,
+    /// Where `/health` is served in plain HTTP: the client address, or with TLS a metrics port.
+    health: String,
+    /// TLS with client certificates on the client port, when started by [`Etcd::start_tls`].
+    pub tls: Option<EtcdTls>,
     peer: String,
     dir: PathBuf,
     ns: Option<String>,
@@ -36,7 +102,9 @@ impl Etcd {
         };
         let mut e = Self {
             proc: None,
+            health: client.clone(),
             client,
+            tls: None,
             peer,
             dir: dir.join("etcd"),
             ns: ns.map(|n| n.0.clone()),
@@ -46,9 +114,29 @@ impl Etcd {
         Ok(e)
     }
 
-    /// `etcd://<client>` for `--store`.
+    /// Starts etcd on loopback serving clients only over TLS, and only those with a
+    /// certificate from its CA (`--client-cert-auth`).
+    pub async fn start_tls(dir: &Path) -> anyhow::Result<Self> {
+        let mut e = Self {
+            proc: None,
+            client: format!("127.0.0.1:{}", crate::free_port()),
+            health: format!("127.0.0.1:{}", crate::free_port()),
+            tls: Some(EtcdTls::generate(&dir.join("etcd-tls"))?),
+            peer: format!("127.0.0.1:{}", crate::free_port()),
+            dir: dir.join("etcd"),
+            ns: None,
+            log: dir.join("etcd.log"),
+        };
+        e.run().await?;
+        Ok(e)
+    }
+
+    /// `etcd://<client>` (`etcd+https://` with TLS) for `--store`.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.client)
+        match self.tls {
+            Some(_) => format!("etcd+https://{}", self.client),
+            None => format!("etcd://{}", self.client),
+        }
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
@@ -60,14 +148,26 @@ impl Etcd {
             }
             None => tokio::process::Command::new("etcd"),
         };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth")
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://{}", self.health));
+        }
         cmd.args(["--name", "test"])
             .arg("--data-dir")
             .arg(&self.dir)
             .args([
                 "--listen-client-urls",
-                &format!("http://{}", self.client),
+                &format!("{scheme}://{}", self.client),
                 "--advertise-client-urls",
-                &format!("http://{}", self.client),
+                &format!("{scheme}://{}", self.client),
                 "--listen-peer-urls",
                 &format!("http://{}", self.peer),
                 "--initial-advertise-peer-urls",
@@ -90,7 +190,7 @@ impl Etcd {
     async fn wait_healthy(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            let (client, ns) = (self.client.clone(), self.ns.clone());
+            let (client, ns) = (self.health.clone(), self.ns.clone());
             let body = tokio::task::spawn_blocking(move || {
                 let get = move || crate::netns::http_get(&client, "/health");
                 match ns {

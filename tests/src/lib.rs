@@ -137,18 +137,14 @@ impl Mesh {
         ];
         // Port 0: the control plane binds and reports its ports, so concurrent tests never
         // race for a port; a restart reuses the reported ones.
+        // A flag in `extra` replaces the default (e.g. `--http-addr 0.0.0.0:0`).
+        let given = |flag: &str| extra.contains(&flag);
         let mut first = base.clone();
-        first.extend(
-            [
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-            ]
-            .map(String::from),
-        );
+        for flag in ["--grpc-addr", "--admin-addr", "--http-addr"] {
+            if !given(flag) {
+                first.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+            }
+        }
         first.extend(extra.iter().map(|s| s.to_string()));
         let mut logs = Vec::new();
         let (cp, ready) = Self::spawn_cp(dir.path(), &first, &mut logs).await?;
@@ -156,16 +152,23 @@ impl Mesh {
         let admin_addr = json_addr(&ready, "admin")?;
         let http = json_addr(&ready, "http")?;
         let webhook = json_addr(&ready, "webhook").ok();
+        // A restart binds the reported ports again.
         let mut cp_args = base;
-        cp_args.extend([
-            "--grpc-addr".to_string(),
-            grpc.to_string(),
-            "--admin-addr".into(),
-            admin_addr.to_string(),
-            "--http-addr".into(),
-            http.to_string(),
-        ]);
-        cp_args.extend(extra.iter().map(|s| s.to_string()));
+        for (flag, addr) in [
+            ("--grpc-addr", grpc),
+            ("--admin-addr", admin_addr),
+            ("--http-addr", http),
+        ] {
+            cp_args.extend([flag.to_string(), addr.to_string()]);
+        }
+        let mut rest = extra.iter();
+        while let Some(a) = rest.next() {
+            if ["--grpc-addr", "--admin-addr", "--http-addr"].contains(a) {
+                rest.next();
+            } else {
+                cp_args.push(a.to_string());
+            }
+        }
         let token = std::fs::read_to_string(dir.path().join("cp/admin-token"))?;
         let ca = std::fs::read_to_string(dir.path().join("cp/ca/bundle.pem"))?;
         let admin = connect_with(&format!("https://{admin_addr}"), token.trim(), &ca).await?;

@@ -968,3 +968,299 @@ async fn authorization_rules_reach_only_the_services_own_proxies() -> anyhow::Re
     assert_eq!(get(&http, "http://backend/").await?.status, 200);
     Ok(())
 }
+
+/// What each admin RPC needs, written out here independently of the control plane's table so
+/// that a change to either is caught.
+const READ_RPCS: &[&str] = &[
+    "ListServices",
+    "ListEndpoints",
+    "GetRoute",
+    "ListRoutes",
+    "RouteHistory",
+    "GetPolicy",
+    "GetAuthz",
+    "CheckAuthz",
+    "GetCanary",
+    "Top",
+    "Tap",
+    "ListProxies",
+    "ListTokens",
+    "GetCa",
+];
+const WRITE_RPCS: &[&str] = &[
+    "AddEndpoint",
+    "RemoveEndpoint",
+    "SetRoute",
+    "RollbackRoute",
+    "SetPolicy",
+    "SetAuthz",
+    "SetAuthzDefault",
+    "SetMtlsMode",
+    "StartCanary",
+    "CanaryAction",
+];
+const IDENTITY_RPCS: &[&str] = &["CreateToken", "RevokeToken", "RevokeIdentity", "RotateCa"];
+
+/// Calls admin RPC `method` with an empty request and `credential`; the answer's code.
+async fn raw_admin_call(
+    channel: tonic::transport::Channel,
+    credential: &str,
+    method: &str,
+) -> anyhow::Result<tonic::Code> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path: http::uri::PathAndQuery = format!("/mesh.v1.Admin/{method}").parse()?;
+    let mut req = tonic::Request::new(());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {credential}").parse()?);
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let call = async {
+        if method == "Tap" {
+            grpc.server_streaming(req, path, codec).await.map(|_| ())
+        } else {
+            grpc.unary(req, path, codec).await.map(|_| ())
+        }
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| anyhow::anyhow!("{method}: no answer within 10 s"))?;
+    Ok(match r {
+        Ok(()) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    })
+}
+
+/// Admin credentials carry scopes: each RPC is refused (PERMISSION_DENIED) to a credential
+/// without its scope and let through to one with it, RPC by RPC; a credential grants no more
+/// than it holds, `meshctl token list` shows scopes, and a revoked credential stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_credentials_have_scopes_enforced_rpc_by_rpc() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+
+    // Every RPC of the service is in exactly one list above.
+    let proto = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/mesh/v1/admin.proto"),
+    )?;
+    let service = proto
+        .split("service Admin {")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .unwrap_or_default();
+    let mut rpcs: Vec<&str> = service
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .collect();
+    rpcs.sort();
+    let mut listed: Vec<&str> = [READ_RPCS, WRITE_RPCS, IDENTITY_RPCS].concat();
+    listed.sort();
+    assert_eq!(
+        rpcs, listed,
+        "admin.proto's RPCs and this test's lists differ"
+    );
+
+    let create = |scope: &'static str, name: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let out = mesh
+                .meshctl(&[
+                    "-o", "json", "token", "create", "--scope", scope, "--name", name, "--ttl",
+                    "1h",
+                ])
+                .await?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            anyhow::Ok((
+                v["token"].as_str().unwrap_or_default().to_string(),
+                v["id"].as_str().unwrap_or_default().to_string(),
+            ))
+        }
+    };
+    let (read, read_id) = create("read", "dashboards").await?;
+    let (write, _) = create("write", "ci-routes").await?;
+    let (ident, _) = create("identity", "vm-bootstrap").await?;
+    assert!(read.starts_with("meshadm1."), "{read}");
+
+    let list = mesh.meshctl(&["token", "list"]).await?;
+    for want in [
+        read_id.as_str(),
+        "admin",
+        "read",
+        "dashboards",
+        "write",
+        "ci-routes",
+        "identity",
+        "vm-bootstrap",
+    ] {
+        assert!(list.contains(want), "{want} not in:\n{list}");
+    }
+    assert!(!list.contains(&read), "a secret is listed:\n{list}");
+
+    let channel = Endpoint::from_shared(format!("https://{}", mesh.admin_addr))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(mesh.ca_pem()?))
+                .domain_name("mesh-control-plane"),
+        )?
+        .connect()
+        .await?;
+    let root = std::fs::read_to_string(mesh.data_dir().join("admin-token"))?;
+    let bootstrap = mesh.token("web").await?;
+    let denied = [tonic::Code::PermissionDenied, tonic::Code::Unauthenticated];
+    let mut checked = 0;
+    // `write` and `identity` include `read`.
+    let (read_ident, read_write) = (
+        [READ_RPCS, IDENTITY_RPCS].concat(),
+        [READ_RPCS, WRITE_RPCS].concat(),
+    );
+    for (cred, allowed) in [
+        (read.as_str(), READ_RPCS),
+        (ident.as_str(), read_ident.as_slice()),
+        (write.as_str(), read_write.as_slice()),
+        (root.trim(), listed.as_slice()),
+    ] {
+        for rpc in &listed {
+            let code = raw_admin_call(channel.clone(), cred, rpc).await?;
+            if allowed.contains(rpc) {
+                assert!(
+                    !denied.contains(&code),
+                    "{rpc} refused to its scope: {code:?}"
+                );
+            } else {
+                assert_eq!(
+                    code,
+                    tonic::Code::PermissionDenied,
+                    "{rpc} with a narrower scope"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 * listed.len());
+    // A bootstrap token, garbage and nothing are no admin credentials.
+    for cred in [bootstrap.as_str(), "meshadm1.00", ""] {
+        let code = raw_admin_call(channel.clone(), cred, "ListServices").await?;
+        assert_eq!(code, tonic::Code::Unauthenticated, "{cred:?}");
+    }
+
+    // Through meshctl: reads work with a read credential, writes say which scope they need.
+    let services = mesh.meshctl(&["--token", &read, "services"]).await?;
+    assert!(services.contains("backend"), "{services}");
+    let err = mesh
+        .meshctl(&[
+            "--token",
+            &read,
+            "route",
+            "set",
+            "backend",
+            "--weights",
+            "v1=100",
+        ])
+        .await
+        .expect_err("a read credential wrote a route");
+    assert!(
+        err.to_string().contains("needs the \"write\" scope"),
+        "{err}"
+    );
+    mesh.meshctl(&[
+        "--token",
+        &write,
+        "route",
+        "set",
+        "backend",
+        "--weights",
+        "v1=100",
+    ])
+    .await?;
+    // No credential grants more than it holds.
+    let err = mesh
+        .meshctl(&["--token", &ident, "token", "create", "--scope", "write"])
+        .await
+        .expect_err("an identity credential minted a write credential");
+    assert!(err.to_string().contains("cannot grant"), "{err}");
+    mesh.meshctl(&[
+        "--token",
+        &ident,
+        "token",
+        "create",
+        "--identity",
+        "default/batch",
+    ])
+    .await?;
+
+    // Revoked: refused on the next call.
+    let out = mesh.meshctl(&["token", "revoke", &read_id]).await?;
+    assert!(
+        out.contains("admin credential") && out.contains("revoked"),
+        "{out}"
+    );
+    let code = raw_admin_call(channel.clone(), &read, "ListServices").await?;
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    Ok(())
+}
+
+/// The dashboard bound beyond loopback asks for a read credential (HTTP Basic or Bearer);
+/// `/metrics` and the probes stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_off_loopback_needs_a_read_credential() -> anyhow::Result<()> {
+    use base64::Engine;
+    let mut mesh = Mesh::start_with(&["--http-addr", "0.0.0.0:0"]).await?;
+    let web = std::net::SocketAddr::from(([127, 0, 0, 1], mesh.http.port()));
+    let out = mesh
+        .meshctl(&["-o", "json", "token", "create", "--scope", "read"])
+        .await?;
+    let read = serde_json::from_str::<serde_json::Value>(&out)?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // A workload's bootstrap token is no admin credential.
+    let bootstrap = mesh.token("web").await?;
+    let client = h1_client(web);
+    let fetch = |path: &'static str, auth: Option<String>| {
+        let client = client.clone();
+        async move {
+            let mut req = http::Request::get(format!("http://{web}{path}"));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = client
+                .request(req.body(http_body_util::Full::new(bytes::Bytes::new()))?)
+                .await?;
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            anyhow::Ok((resp.status().as_u16(), challenge))
+        }
+    };
+    let basic = |pw: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("me:{pw}"))
+        )
+    };
+    for path in ["/", "/api/dashboard"] {
+        let (status, challenge) = fetch(path, None).await?;
+        assert_eq!(status, 401, "{path}");
+        assert!(challenge.is_some_and(|c| c.starts_with("Basic")), "{path}");
+        assert_eq!(fetch(path, Some(basic("wrong"))).await?.0, 401, "{path}");
+        assert_eq!(
+            fetch(path, Some(basic(&bootstrap))).await?.0,
+            401,
+            "{path}: a bootstrap token"
+        );
+        assert_eq!(fetch(path, Some(basic(&read))).await?.0, 200, "{path}");
+        assert_eq!(
+            fetch(path, Some(format!("Bearer {read}"))).await?.0,
+            200,
+            "{path}"
+        );
+    }
+    for path in ["/metrics", "/live", "/ready"] {
+        assert_eq!(fetch(path, None).await?.0, 200, "{path}");
+    }
+    // On loopback (every other test's setup) the dashboard stays open.
+    let local = Mesh::start().await?;
+    assert_eq!(admin_get(local.http, "/api/dashboard").await?.status, 200);
+    Ok(())
+}

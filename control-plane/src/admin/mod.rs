@@ -1,4 +1,6 @@
-//! The admin API meshctl calls, behind a bearer token.
+//! The admin API meshctl calls, behind a bearer credential with scopes (`scope`).
+
+pub mod scope;
 
 use crate::discovery::{ProxyTable, endpoint_from_proto, endpoint_to_proto};
 use crate::model::RouteVersion;
@@ -8,39 +10,6 @@ use crate::tokens;
 use mesh_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-
-/// Checks `authorization: Bearer <token>` in constant time.
-#[derive(Clone)]
-pub struct AdminAuth {
-    token: Arc<str>,
-}
-
-impl AdminAuth {
-    pub fn new(token: &str) -> Self {
-        Self {
-            token: token.into(),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let (a, b) = (given.as_bytes(), self.token.as_bytes());
-        let same =
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-        if same {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or wrong admin token"))
-        }
-    }
-}
 
 pub struct AdminService {
     pub registry: Arc<Registry>,
@@ -498,7 +467,37 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let held = req
+            .extensions()
+            .get::<scope::Scopes>()
+            .copied()
+            .unwrap_or_default();
         let m = req.into_inner();
+        if !m.scopes.is_empty() {
+            if !m.identity.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either an identity (bootstrap token) or scopes (admin credential)",
+                ));
+            }
+            let want = scope::Scopes::parse(&m.scopes).map_err(Status::invalid_argument)?;
+            if !held.covers(want) {
+                return Err(Status::permission_denied(format!(
+                    "a credential with {:?} cannot grant {:?}",
+                    held.names(),
+                    want.names()
+                )));
+            }
+            let (token, expires, id) =
+                scope::create(&self.registry, want, &m.name, m.ttl_seconds).await?;
+            tracing::info!(token_id = %id, scopes = ?want.names(), name = %m.name, "admin credential created");
+            return Ok(Response::new(pb::CreateTokenResponse {
+                token,
+                identity: String::new(),
+                scopes: want.names(),
+                expires_at_unix: expires,
+                id,
+            }));
+        }
         let id = SpiffeId::from_ns_sa(&self.registry.trust_domain, &m.identity).map_err(|e| {
             Status::invalid_argument(format!("{e}; expected <namespace>/<service-account>"))
         })?;
@@ -508,6 +507,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::CreateTokenResponse {
             token,
             identity: id.to_string(),
+            scopes: Vec::new(),
             expires_at_unix: expires,
             id: token_id,
         }))
@@ -526,6 +526,8 @@ impl pb::admin_server::Admin for AdminService {
                 identity: r.identity.clone(),
                 expires_at_unix: r.expires_at_unix,
                 created_at_unix: r.created_at_unix,
+                scopes: r.scopes.clone(),
+                name: r.name.clone(),
             })
             .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
@@ -537,7 +539,11 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let (hash, identity) = tokens::revoke(&self.registry, &req.into_inner().id).await?;
         let id = tokens::id_of(&hash).to_string();
-        tracing::info!(token_id = %id, %identity, "bootstrap token revoked");
+        if identity.is_empty() {
+            tracing::info!(token_id = %id, "admin credential revoked");
+        } else {
+            tracing::info!(token_id = %id, %identity, "bootstrap token revoked");
+        }
         Ok(Response::new(pb::RevokeTokenResponse { id, identity }))
     }
 

@@ -63,12 +63,22 @@ struct Args {
     #[command(flatten)]
     inject: mesh_control_plane::inject::InjectArgs,
     /// Where the mesh's state lives: `file` (the data directory; one replica),
-    /// `etcd://host:2379[,host:2379...][/prefix]`, or `kubernetes` (ConfigMap `mesh-state` in
+    /// `etcd://host:2379[,host:2379...][/prefix]` (`etcd+https://…` for TLS, with --etcd-ca
+    /// and, for etcd's --client-cert-auth, --etcd-cert/--etcd-key), or `kubernetes` (ConfigMap `mesh-state` in
     /// --namespace, through the API server; needs --kubernetes or --kube-api). The last two
     /// are shared by several replicas, each of which then needs --ca-cert/--ca-key (the same
     /// CA) and a --replica-id of its own.
     #[arg(long, env = "MESH_STORE", default_value = "file")]
     store: String,
+    /// The CA (PEM) that signed etcd's serving certificates (`etcd+https://`).
+    #[arg(long, env = "MESH_ETCD_CA")]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// This replica's client certificate (PEM) for etcd.
+    #[arg(long, env = "MESH_ETCD_CERT")]
+    etcd_cert: Option<std::path::PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "MESH_ETCD_KEY")]
+    etcd_key: Option<std::path::PathBuf>,
     /// This replica's name on a shared store (default: host name and process id).
     #[arg(long, env = "MESH_REPLICA_ID")]
     replica_id: Option<String>,
@@ -142,6 +152,11 @@ async fn main() -> std::process::ExitCode {
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
         namespace: a.namespace,
         admin_token_file: a.admin_token_file,
+        etcd_tls: mesh_control_plane::store::etcd::EtcdTls {
+            ca: a.etcd_ca,
+            cert: a.etcd_cert,
+            key: a.etcd_key,
+        },
     };
     match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

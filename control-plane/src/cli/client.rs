@@ -29,6 +29,7 @@ pub async fn bootstrap_token(
         .create_token(mesh_proto::v1::CreateTokenRequest {
             identity: identity.to_string(),
             ttl_seconds,
+            ..Default::default()
         })
         .await?;
     Ok(r.into_inner().token)

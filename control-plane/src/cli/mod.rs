@@ -31,7 +31,8 @@ pub struct Cli {
         global = true
     )]
     pub server: String,
-    /// Admin token (default: read from <data-dir>/admin-token).
+    /// Admin credential: the root admin token (default: read from <data-dir>/admin-token) or
+    /// a scoped one from `meshctl token create --scope …`.
     #[arg(long, env = "MESH_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate to verify the control plane (default: <data-dir>/ca/bundle.pem).
@@ -131,7 +132,7 @@ pub enum AdminCmd {
     Tap(tap::TapArgs),
     /// Connected proxies and the config version each ACKed or NACKed.
     Proxies,
-    /// Bootstrap tokens for VMs / single machines.
+    /// Bootstrap tokens for VMs / single machines, and scoped admin credentials.
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,
@@ -193,17 +194,26 @@ pub enum RouteCmd {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum TokenCmd {
-    /// Create a token bound to one identity, e.g. `--identity default/web`.
+    /// Create a bootstrap token bound to one identity (`--identity default/web`), or an admin
+    /// credential with scopes (`--scope read`, `--scope read,write`; scopes: read, write,
+    /// identity). A credential can grant only scopes it holds itself.
     Create {
-        #[arg(long)]
-        identity: String,
+        #[arg(long, required_unless_present = "scope", conflicts_with = "scope")]
+        identity: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        scope: Vec<String>,
+        /// What an admin credential is for, shown by `token list`.
+        #[arg(long, default_value = "", requires = "scope")]
+        name: String,
         /// Lifetime, e.g. 30m, 24h, 7d.
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
-    /// Tokens by id, identity and expiry (the secrets are not stored).
+    /// Bootstrap tokens (by identity) and admin credentials (by scopes), with id and expiry
+    /// (the secrets are not stored).
     List,
-    /// Revoke a token by its id (or the token itself): it can no longer obtain a certificate.
+    /// Revoke a token or admin credential by its id (or the secret itself): a bootstrap token
+    /// can no longer obtain a certificate, an admin credential is refused at once.
     Revoke { id: String },
 }
 
@@ -621,23 +631,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             t.print();
         }
         AdminCmd::Token {
-            cmd: TokenCmd::Create { identity, ttl },
+            cmd:
+                TokenCmd::Create {
+                    identity,
+                    scope,
+                    name,
+                    ttl,
+                },
         } => {
             let ttl_seconds = parse_duration_secs(&ttl).map_err(|e| anyhow::anyhow!(e))?;
             let r = c
                 .create_token(pb::CreateTokenRequest {
-                    identity,
+                    identity: identity.unwrap_or_default(),
                     ttl_seconds,
+                    scopes: scope,
+                    name,
                 })
                 .await?
                 .into_inner();
             if json {
                 return print_json(&r);
             }
+            let grants = if r.scopes.is_empty() {
+                format!("for {}", r.identity)
+            } else {
+                format!("(admin credential: {})", r.scopes.join(","))
+            };
             eprintln!(
-                "token {} for {} (expires {}):",
+                "token {} {grants} (expires {}):",
                 r.id,
-                r.identity,
                 fmt_time(r.expires_at_unix)
             );
             println!("{}", r.token);
@@ -650,14 +672,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let rows: Vec<_> = r
                     .tokens
                     .iter()
-                    .map(|t| serde_json::json!({"id": t.id, "identity": t.identity, "expires_at_unix": t.expires_at_unix, "created_at_unix": t.created_at_unix}))
+                    .map(|t| serde_json::json!({"id": t.id, "identity": t.identity, "scopes": t.scopes, "name": t.name, "expires_at_unix": t.expires_at_unix, "created_at_unix": t.created_at_unix}))
                     .collect();
                 println!("{}", serde_json::json!({ "tokens": rows }));
                 return Ok(());
             }
-            let mut t = Table::new(&["ID", "IDENTITY", "EXPIRES"]);
+            let mut t = Table::new(&["ID", "KIND", "GRANTS", "NAME", "EXPIRES"]);
             for k in r.tokens {
-                t.row(vec![k.id, k.identity, fmt_time(k.expires_at_unix)]);
+                let (kind, grants) = if k.scopes.is_empty() {
+                    ("bootstrap", k.identity)
+                } else {
+                    ("admin", k.scopes.join(","))
+                };
+                t.row(vec![
+                    k.id,
+                    kind.to_string(),
+                    grants,
+                    k.name,
+                    fmt_time(k.expires_at_unix),
+                ]);
             }
             t.print();
         }
@@ -668,7 +701,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .revoke_token(pb::RevokeTokenRequest { id })
                 .await?
                 .into_inner();
-            println!("token {} for {} revoked", r.id, r.identity);
+            if r.identity.is_empty() {
+                println!("admin credential {} revoked", r.id);
+            } else {
+                println!("token {} for {} revoked", r.id, r.identity);
+            }
         }
         AdminCmd::Identity {
             cmd: IdentityCmd::Revoke { identity },

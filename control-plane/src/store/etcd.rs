@@ -22,19 +22,77 @@ pub struct EtcdStore {
     url: String,
 }
 
-/// Where an `etcd://host:port[,host:port…][/prefix]` URL points.
+/// Where an `etcd://host:port[,host:port…][/prefix]` (or `etcd+https://…`) URL points.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EtcdUrl {
     pub endpoints: Vec<String>,
     pub prefix: String,
+    /// `etcd+https://`: TLS to every member.
+    pub tls: bool,
+}
+
+/// TLS to etcd: the CA that signed its serving certificates, and this replica's client
+/// certificate and key (PEM files) for etcd's `--client-cert-auth`.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    fn options(&self, url: &str) -> Result<etcd_client::TlsOptions, StoreError> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                StoreError::Unavailable(format!("--store {url}: {flag} {}: {e}", p.display()))
+            })
+        };
+        // etcd's certificates come from its own CA, never a public one: no system roots.
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "--store {url}: give --etcd-ca, the CA that signed etcd's certificates"
+            ))
+        })?;
+        let mut o = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-ca", ca)?));
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                o = o.identity(etcd_client::Identity::from_pem(
+                    read("--etcd-cert", c)?,
+                    read("--etcd-key", k)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StoreError::Unavailable(format!(
+                    "--store {url}: --etcd-cert and --etcd-key go together"
+                )));
+            }
+        }
+        Ok(o)
+    }
+
+    fn given(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
 }
 
 impl EtcdUrl {
     pub fn parse(url: &str) -> Result<Self, StoreError> {
         let bad = |why: &str| StoreError::Unavailable(format!("--store {url:?}: {why}"));
-        let rest = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| bad("expected etcd://host:port[,host:port...][/prefix]"))?;
+        let (rest, tls) = match (
+            url.strip_prefix("etcd://"),
+            url.strip_prefix("etcd+https://"),
+        ) {
+            (Some(r), _) => (r, false),
+            (_, Some(r)) => (r, true),
+            _ => {
+                return Err(bad(
+                    "expected etcd://host:port[,host:port...][/prefix] or etcd+https://…",
+                ));
+            }
+        };
+        let scheme = if tls { "https" } else { "http" };
         let (hosts, prefix) = match rest.split_once('/') {
             Some((h, p)) if !p.trim_matches('/').is_empty() => {
                 (h, format!("/{}/", p.trim_matches('/')))
@@ -45,7 +103,7 @@ impl EtcdUrl {
         let endpoints: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
+            .map(|h| format!("{scheme}://{h}"))
             .collect();
         if endpoints.is_empty() {
             return Err(bad("no etcd address"));
@@ -54,20 +112,34 @@ impl EtcdUrl {
             e.parse::<http::Uri>()
                 .map_err(|err| bad(&format!("{e}: {err}")))?;
         }
-        Ok(Self { endpoints, prefix })
+        Ok(Self {
+            endpoints,
+            prefix,
+            tls,
+        })
     }
 }
 
 impl EtcdStore {
     /// Connects to etcd (failing over between the endpoints). Each call is bounded in time,
     /// so an unreachable etcd gives a clear error rather than a hang.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// `tls` applies to `etcd+https://` only; given with `etcd://` it is refused, so a
+    /// replica never talks plain HTTP while its operator believes it uses TLS.
+    pub async fn connect(url: &str, tls: &EtcdTls) -> Result<Self, StoreError> {
         let u = EtcdUrl::parse(url)?;
-        let opts = ConnectOptions::new()
+        if tls.given() && !u.tls {
+            return Err(StoreError::Unavailable(format!(
+                "--store {url}: --etcd-ca/--etcd-cert/--etcd-key need an etcd+https:// URL"
+            )));
+        }
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
+        if u.tls {
+            opts = opts.with_tls(tls.options(url)?);
+        }
         let client = Client::connect(&u.endpoints, Some(opts))
             .await
             .map_err(|e| StoreError::Unavailable(format!("etcd {url}: {e}")))?;
@@ -264,7 +336,16 @@ mod tests {
             u,
             EtcdUrl {
                 endpoints: vec!["http://10.0.0.1:2379".into(), "http://10.0.0.2:2379".into()],
-                prefix: "/mesh/".into()
+                prefix: "/mesh/".into(),
+                tls: false,
+            }
+        );
+        assert_eq!(
+            EtcdUrl::parse("etcd+https://10.0.0.1:2379/p").unwrap(),
+            EtcdUrl {
+                endpoints: vec!["https://10.0.0.1:2379".into()],
+                prefix: "/p/".into(),
+                tls: true,
             }
         );
         assert_eq!(
