@@ -87,7 +87,7 @@ impl Kind for Policies {
         service: &str,
         spec: pb::Policy,
     ) -> Result<(), RegistryError> {
-        registry.set_policy(service, spec).await.map(|_| ())
+        registry.set_policy(service, spec, true).await.map(|_| ())
     }
 }
 

@@ -269,49 +269,12 @@ pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(),
             "unknown service {service:?}"
         )));
     }
-    let known = state.versions_of(service);
-    crate::routing::validate_rules(route, &known).map_err(RegistryError::Invalid)?;
-    if route.backends.is_empty() {
-        return Ok(());
-    }
-    let mut seen = Vec::new();
-    for b in &route.backends {
-        if b.version.is_empty() {
-            return Err(RegistryError::Invalid(
-                "a backend has an empty version".into(),
-            ));
-        }
-        if seen.contains(&b.version.as_str()) {
-            return Err(RegistryError::Invalid(format!(
-                "version {:?} listed twice",
-                b.version
-            )));
-        }
-        seen.push(b.version.as_str());
-        if !known.contains(&b.version) {
-            return Err(RegistryError::Invalid(format!(
-                "unknown version {:?} of service {service:?} (known: {})",
-                b.version,
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )));
-        }
-    }
-    if route
-        .backends
-        .iter()
-        .map(|b| u64::from(b.weight))
-        .sum::<u64>()
-        == 0
-    {
-        return Err(RegistryError::Invalid(
-            "weights sum to 0: at least one must be positive".into(),
-        ));
-    }
-    Ok(())
+    // The same model the proxies convert with (`mesh-model`), plus the versions only the
+    // control plane knows.
+    let checked = mesh_model::Route::try_from(route).map_err(|e| RegistryError::Invalid(e.0))?;
+    checked
+        .check_versions(service, &state.versions_of(service))
+        .map_err(|e| RegistryError::Invalid(e.0))
 }
 
 /// In-memory registry written through a [`Store`].
@@ -752,8 +715,12 @@ impl Registry {
         &self,
         service: &str,
         policy: mesh_proto::v1::Policy,
+        validate: bool,
     ) -> Result<u64, RegistryError> {
-        crate::policy::validate(&policy).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if validate {
+            mesh_model::Policy::try_from(&policy)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        }
         let updated_at_unix = now_unix();
         let record =
             (policy != mesh_proto::v1::Policy::default()).then_some(|revision| PolicyRecord {

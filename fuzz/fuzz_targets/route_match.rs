@@ -1,4 +1,5 @@
-//! Route rules from config plus a request from a client: the first two bytes give the length
+//! Route rules from config (built by `mesh-model`, as the control plane admits and the proxy
+//! converts them) plus a request from a client: the first two bytes give the length
 //! of an encoded `Route`; the rest is `METHOD URI` then `name: value` header lines.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -13,10 +14,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(route) = mesh_proto::v1::Route::decode(route) else {
         return;
     };
-    let Ok(rules) = mesh_proxy::discovery::convert_route::rules(&route) else {
+    let Ok(route) = mesh_model::Route::try_from(&route) else {
         return;
     };
-    let router = mesh_proxy::http::router::Router::new(rules);
+    let router = mesh_model::route::Router::new(route.rules);
     let text = String::from_utf8_lossy(request);
     let mut lines = text.lines();
     let first = lines.next().unwrap_or("");

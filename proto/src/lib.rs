@@ -11,6 +11,14 @@ pub mod example {
     tonic::include_proto!("mesh.example.v1");
 }
 
+/// Discovery resource names, part of the API: `service/<name>` for a service, `service/*` to
+/// subscribe to every service, and the trust bundle.
+pub mod resources {
+    pub const SERVICE_PREFIX: &str = "service/";
+    pub const ALL_SERVICES: &str = "service/*";
+    pub const TRUST_RESOURCE: &str = "trust/bundle";
+}
+
 /// Upper bounds (ms) of the latency buckets in `BackendStats.latency_buckets`; one more bucket
 /// holds everything slower. Part of the API: proxies and the control plane must agree.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];

@@ -280,6 +280,23 @@ impl Mesh {
         bootstrap_token(&mut self.admin, &format!("default/{sa}"), 0).await
     }
 
+    /// A scoped admin credential made with `meshctl token create --scope <scopes> --name
+    /// <name>`: (the secret, its id).
+    pub async fn admin_credential(
+        &self,
+        scopes: &str,
+        name: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let out = self
+            .meshctl(&[
+                "-o", "json", "token", "create", "--scope", scopes, "--name", name, "--ttl", "1h",
+            ])
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let field = |k: &str| v[k].as_str().map(String::from).context(out.clone());
+        Ok((field("token")?, field("id")?))
+    }
+
     pub fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
         let p = self
             .dir

@@ -145,7 +145,8 @@ async fn invalid_weights_are_refused_and_change_nothing() -> anyhow::Result<()> 
         .await?;
     for (weights, msg) in [
         ("v1=-5", "negative"),
-        ("v1=0", "all weights are 0"),
+        ("v1=0", "weights sum to 0"),
+        ("v1=1,v1=2", "listed twice"),
         ("v1=50,v9=50", "unknown version \"v9\""),
         ("v1=abc", "not a whole number"),
     ] {

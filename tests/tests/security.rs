@@ -1060,25 +1060,9 @@ async fn admin_credentials_have_scopes_enforced_rpc_by_rpc() -> anyhow::Result<(
         "admin.proto's RPCs and this test's lists differ"
     );
 
-    let create = |scope: &'static str, name: &'static str| {
-        let mesh = &mesh;
-        async move {
-            let out = mesh
-                .meshctl(&[
-                    "-o", "json", "token", "create", "--scope", scope, "--name", name, "--ttl",
-                    "1h",
-                ])
-                .await?;
-            let v: serde_json::Value = serde_json::from_str(&out)?;
-            anyhow::Ok((
-                v["token"].as_str().unwrap_or_default().to_string(),
-                v["id"].as_str().unwrap_or_default().to_string(),
-            ))
-        }
-    };
-    let (read, read_id) = create("read", "dashboards").await?;
-    let (write, _) = create("write", "ci-routes").await?;
-    let (ident, _) = create("identity", "vm-bootstrap").await?;
+    let (read, read_id) = mesh.admin_credential("read", "dashboards").await?;
+    let (write, _) = mesh.admin_credential("write", "ci-routes").await?;
+    let (ident, _) = mesh.admin_credential("identity", "vm-bootstrap").await?;
     assert!(read.starts_with("meshadm1."), "{read}");
 
     let list = mesh.meshctl(&["token", "list"]).await?;
@@ -1206,13 +1190,7 @@ async fn dashboard_off_loopback_needs_a_read_credential() -> anyhow::Result<()> 
     use base64::Engine;
     let mut mesh = Mesh::start_with(&["--http-addr", "0.0.0.0:0"]).await?;
     let web = std::net::SocketAddr::from(([127, 0, 0, 1], mesh.http.port()));
-    let out = mesh
-        .meshctl(&["-o", "json", "token", "create", "--scope", "read"])
-        .await?;
-    let read = serde_json::from_str::<serde_json::Value>(&out)?["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (read, _) = mesh.admin_credential("read", "dashboard").await?;
     // A workload's bootstrap token is no admin credential.
     let bootstrap = mesh.token("web").await?;
     let client = h1_client(web);

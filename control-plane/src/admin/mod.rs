@@ -306,8 +306,11 @@ impl pb::admin_server::Admin for AdminService {
         let m = req.into_inner();
         check_name("service", &m.service)?;
         let policy = m.policy.unwrap_or_default();
-        let rev = self.registry.set_policy(&m.service, policy.clone()).await?;
-        tracing::info!(service = %m.service, revision = rev, "policy set");
+        let rev = self
+            .registry
+            .set_policy(&m.service, policy.clone(), !m.skip_validation)
+            .await?;
+        tracing::info!(service = %m.service, revision = rev, raw = m.skip_validation, "policy set");
         Ok(Response::new(pb::PolicyInfo {
             service: m.service,
             policy: Some(policy),

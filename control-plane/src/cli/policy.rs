@@ -293,7 +293,9 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
         })
         .map_err(err("fault-abort"))?;
     }
-    crate::policy::validate(p).map_err(|e| e.to_string())
+    mesh_model::Policy::try_from(&*p)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -404,6 +406,7 @@ pub async fn run(c: &mut super::client::Admin, cmd: PolicyCmd, json: bool) -> an
             c.set_policy(pb::SetPolicyRequest {
                 service,
                 policy: Some(next),
+                skip_validation: false,
             })
             .await?
             .into_inner()

@@ -19,12 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Resource name prefix for services.
-pub const SERVICE_PREFIX: &str = "service/";
-/// Subscribes to every service.
-pub const ALL_SERVICES: &str = "service/*";
-/// The trust bundle's resource name.
-pub const TRUST_RESOURCE: &str = "trust/bundle";
+pub use mesh_proto::resources::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE};
 
 /// What the control plane knows of one connected proxy.
 #[derive(Clone, Debug, Default)]

@@ -27,22 +27,7 @@ pub struct Endpoint {
     pub app_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Algorithm {
-    #[default]
-    P2cEwma,
-    RoundRobin,
-    ConsistentHash,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LbConfig {
-    pub algorithm: Algorithm,
-    /// consistent-hash: header whose value picks the endpoint (absent header: P2C).
-    pub hash_header: Option<http::HeaderName>,
-    /// New endpoints ramp from 10% to 100% of their share over this long.
-    pub warmup: Duration,
-}
+pub use mesh_model::policy::{Algorithm, LbConfig};
 
 /// One endpoint an attempt went to.
 #[derive(Debug, Clone)]

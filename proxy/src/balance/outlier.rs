@@ -10,37 +10,9 @@ use super::state::{EndpointState, Now};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
-pub const DEFAULT_MIN_REQUESTS: u32 = 20;
-pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_EJECTION_PERCENT: f64 = 50.0;
+pub use mesh_model::policy::OutlierConfig;
 /// Ejections grow up to this many times the base.
 const MAX_EJECTION_FACTOR: u32 = 10;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OutlierConfig {
-    /// 0: off.
-    pub consecutive_failures: u32,
-    /// 0: off.
-    pub failure_rate_percent: f64,
-    pub window: Duration,
-    pub min_requests: u32,
-    pub base_ejection: Duration,
-    pub max_ejection_percent: f64,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        Self {
-            consecutive_failures: 0,
-            failure_rate_percent: 0.0,
-            window: DEFAULT_WINDOW,
-            min_requests: DEFAULT_MIN_REQUESTS,
-            base_ejection: DEFAULT_BASE_EJECTION,
-            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
-        }
-    }
-}
 
 /// Counts one outcome in the endpoint's window (a new window starts when the old one is over).
 fn count(s: &EndpointState, failed: bool, now: Now, window: Duration) -> (u32, u32) {

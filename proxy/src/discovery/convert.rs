@@ -1,20 +1,14 @@
 //! proto → domain. The only place the proxy sees prost types; everything is validated here, and
 //! anything the proxy cannot apply becomes an error that NACKs the whole response.
 
-use crate::balance::outlier::{self, OutlierConfig};
-use crate::balance::{Algorithm, Balancer, Endpoint, LbConfig};
+use crate::balance::{Balancer, Endpoint};
 use crate::http::router::Router;
-use crate::policy::circuit_breaker::LimitsConfig;
-use crate::policy::fault::FaultConfig;
-use crate::policy::rate_limit::Rate;
-use crate::policy::retry::{self, RetryConfig, RetryOn};
-use crate::policy::{self as pol, Policy, PolicyState};
+use crate::policy::{Policy, PolicyState};
 use crate::snapshot::Service;
 use mesh_proto::v1 as pb;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
@@ -57,25 +51,15 @@ impl TryFrom<pb::ServiceConfig> for Service {
                 app_port: u16::try_from(e.app_port).ok().filter(|p| *p != 0),
             });
         }
-        let route = c.route.clone().unwrap_or_default();
-        let mut backends: Vec<(Arc<str>, u32)> = Vec::with_capacity(route.backends.len());
-        for b in &route.backends {
-            if b.version.is_empty() {
-                return Err(bad("route backend with an empty version".into()));
-            }
-            if backends.iter().any(|(v, _)| **v == *b.version) {
-                return Err(bad(format!("route lists version {:?} twice", b.version)));
-            }
-            backends.push((b.version.as_str().into(), b.weight));
-        }
-        if !backends.is_empty() && backends.iter().all(|(_, w)| *w == 0) {
-            return Err(bad("route weights sum to 0".into()));
-        }
+        // Checked by the same model the control plane admits with (`mesh-model`).
+        let route = match &c.route {
+            Some(r) => mesh_model::Route::try_from(r).map_err(|e| bad(e.to_string()))?,
+            None => mesh_model::Route::default(),
+        };
         let policy = match &c.policy {
-            Some(p) => policy(p).map_err(bad)?,
+            Some(p) => Policy::try_from(p).map_err(|e| bad(e.to_string()))?,
             None => Policy::default(),
         };
-        let rules = super::convert_route::rules(&route).map_err(bad)?;
         let mtls_permissive = match c.mtls_mode.as_str() {
             "" | "strict" => false,
             "permissive" => true,
@@ -110,9 +94,9 @@ impl TryFrom<pb::ServiceConfig> for Service {
             authz,
             mtls_permissive,
             stack: OnceLock::new(),
-            router: Router::new(rules),
+            router: Router::new(route.rules),
             targets: Vec::new(),
-            mirror: super::convert_route::mirror("default backends", &route.mirror).map_err(bad)?,
+            mirror: route.mirror,
             mirror_balancer: None,
             metrics: Arc::default(),
             endpoint_states: HashMap::new(),
@@ -122,180 +106,11 @@ impl TryFrom<pb::ServiceConfig> for Service {
             identity: c.identity.as_str().into(),
             version: 0,
             endpoints,
-            backends,
+            backends: route.backends,
         };
         svc.build_balancers(&HashMap::new());
         Ok(svc)
     }
-}
-
-fn ms(v: u32) -> Option<Duration> {
-    (v > 0).then(|| Duration::from_millis(u64::from(v)))
-}
-
-fn or(v: u32, default: Duration) -> Duration {
-    ms(v).unwrap_or(default)
-}
-
-fn percent(v: f64, what: &str) -> Result<f64, String> {
-    if (0.0..=100.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{what}: {v} is not a percentage"))
-    }
-}
-
-fn rate(r: &Option<pb::Rate>) -> Option<Rate> {
-    r.filter(|r| r.per_second > 0)
-        .map(|r| Rate::new(r.per_second, r.burst))
-}
-
-/// gRPC code names a retry policy may use.
-const GRPC_CODES: &[(&str, u8)] = mesh_proto::RETRY_GRPC_CODES;
-
-fn retry_on(conds: &[String]) -> Result<RetryOn, String> {
-    let mut on = RetryOn::default();
-    if conds.is_empty() {
-        on.connect_failure = true;
-        on.refused_stream = true;
-    }
-    for c in conds {
-        match c.as_str() {
-            "5xx" => on.any_5xx = true,
-            "gateway-error" => on.gateway_error = true,
-            "connect-failure" => on.connect_failure = true,
-            "refused-stream" => on.refused_stream = true,
-            "reset" => on.reset = true,
-            "timeout" => on.timeout = true,
-            other => {
-                if let Some((_, code)) = GRPC_CODES.iter().find(|(n, _)| *n == other) {
-                    on.grpc_codes.push(*code);
-                } else if let Some(s) = other
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|s| (100..=599).contains(s))
-                {
-                    on.statuses.push(s);
-                } else {
-                    return Err(format!("unknown retry condition {other:?}"));
-                }
-            }
-        }
-    }
-    Ok(on)
-}
-
-/// The pushed policy as the proxy applies it; anything it cannot apply is an error (NACK).
-pub fn policy(p: &pb::Policy) -> Result<Policy, String> {
-    let mut out = Policy::default();
-    if let Some(t) = &p.timeouts {
-        out.request_timeout = ms(t.request_ms);
-        out.per_try_timeout = ms(t.per_try_ms);
-        out.connect_timeout = or(t.connect_ms, pol::DEFAULT_CONNECT_TIMEOUT);
-        out.idle_timeout = or(t.idle_ms, pol::DEFAULT_IDLE_TIMEOUT);
-        out.stream_idle_timeout = ms(t.stream_idle_ms);
-    }
-    if let Some(r) = p.retry.as_ref().filter(|r| r.max_retries > 0) {
-        out.retry = Some(RetryConfig {
-            max_retries: r.max_retries.min(10),
-            on: retry_on(&r.retry_on)?,
-            backoff_base: or(r.backoff_base_ms, retry::DEFAULT_BACKOFF_BASE),
-            backoff_max: or(r.backoff_max_ms, retry::DEFAULT_BACKOFF_MAX),
-            budget_percent: if r.budget_percent > 0.0 {
-                r.budget_percent
-            } else {
-                retry::DEFAULT_BUDGET_PERCENT
-            },
-            budget_min_per_second: if r.budget_min_per_second > 0 {
-                r.budget_min_per_second
-            } else {
-                retry::DEFAULT_BUDGET_MIN_PER_SECOND
-            },
-            non_idempotent: r.non_idempotent,
-        });
-    }
-    if let Some(c) = &p.circuit_breaker {
-        if c.consecutive_failures > 0 || c.failure_rate_percent > 0.0 {
-            out.outlier = Some(OutlierConfig {
-                consecutive_failures: c.consecutive_failures,
-                failure_rate_percent: percent(c.failure_rate_percent, "failure_rate_percent")?,
-                window: or(c.window_ms, outlier::DEFAULT_WINDOW),
-                min_requests: if c.min_requests > 0 {
-                    c.min_requests
-                } else {
-                    outlier::DEFAULT_MIN_REQUESTS
-                },
-                base_ejection: or(c.base_ejection_ms, outlier::DEFAULT_BASE_EJECTION),
-                max_ejection_percent: if c.max_ejection_percent > 0.0 {
-                    percent(c.max_ejection_percent, "max_ejection_percent")?
-                } else {
-                    outlier::DEFAULT_MAX_EJECTION_PERCENT
-                },
-            });
-        }
-        if c.max_concurrent > 0 {
-            out.limits = Some(LimitsConfig {
-                max_concurrent: c.max_concurrent,
-                max_pending: c.max_pending,
-            });
-        }
-    }
-    if let Some(r) = &p.rate_limit {
-        out.rate_outbound = rate(&r.outbound);
-        out.rate_inbound = rate(&r.inbound);
-        out.rate_inbound_per_caller = rate(&r.inbound_per_caller);
-    }
-    if let Some(lb) = &p.load_balancer {
-        let algorithm = match lb.algorithm.as_str() {
-            "" | "p2c-ewma" => Algorithm::P2cEwma,
-            "round-robin" => Algorithm::RoundRobin,
-            "consistent-hash" => Algorithm::ConsistentHash,
-            other => return Err(format!("unknown load-balancing algorithm {other:?}")),
-        };
-        let hash_header = match (algorithm, lb.hash_header.as_str()) {
-            (Algorithm::ConsistentHash, h) => Some(
-                http::HeaderName::from_bytes(h.as_bytes())
-                    .map_err(|_| format!("hash header {h:?} is not a header name"))?,
-            ),
-            _ => None,
-        };
-        out.lb = LbConfig {
-            algorithm,
-            hash_header,
-            warmup: or(lb.warmup_ms, Duration::ZERO),
-        };
-    }
-    if !p.grpc_failures.is_empty() {
-        let codes = p
-            .grpc_failures
-            .iter()
-            .map(|c| {
-                mesh_proto::grpc_code(c)
-                    .ok_or_else(|| format!("grpc_failures: {c:?} is not a gRPC status"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        out.grpc_failures = crate::policy::GrpcFailures::of(&codes);
-    }
-    if let Some(f) = &p.fault
-        && (f.delay_percent > 0.0 || f.abort_percent > 0.0)
-    {
-        let abort_status = u16::try_from(f.abort_status)
-            .ok()
-            .filter(|s| (200..=599).contains(s) || f.abort_percent == 0.0)
-            .ok_or_else(|| {
-                format!(
-                    "fault abort status {} is not an HTTP status",
-                    f.abort_status
-                )
-            })?;
-        out.fault = Some(FaultConfig {
-            delay: or(f.delay_ms, Duration::ZERO),
-            delay_percent: percent(f.delay_percent, "fault delay_percent")?,
-            abort_status,
-            abort_percent: percent(f.abort_percent, "fault abort_percent")?,
-        });
-    }
-    Ok(out)
 }
 
 /// Converts one resource into its name and service.
@@ -313,6 +128,7 @@ pub fn resource(r: pb::Resource) -> Result<(String, Service), ConvertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::LbConfig;
 
     fn cfg() -> pb::ServiceConfig {
         pb::ServiceConfig {

@@ -13,12 +13,7 @@ use std::task::{Context, Poll};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimitsConfig {
-    /// 0: unlimited.
-    pub max_concurrent: u32,
-    pub max_pending: u32,
-}
+pub use mesh_model::policy::LimitsConfig;
 
 #[derive(Debug)]
 pub struct Limits {

@@ -5,18 +5,9 @@ use crate::http::errors::ProxyError;
 use futures_util::future::{BoxFuture, Either};
 use http::Request;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tower::{Layer, Service};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FaultConfig {
-    pub delay: Duration,
-    /// 0..=100
-    pub delay_percent: f64,
-    pub abort_status: u16,
-    /// 0..=100
-    pub abort_percent: f64,
-}
+pub use mesh_model::policy::FaultConfig;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FaultLayer(pub Option<FaultConfig>);
@@ -78,6 +69,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tower::ServiceExt;
 
     fn ok() -> impl Service<Request<()>, Response = &'static str, Error = ProxyError, Future: Send>

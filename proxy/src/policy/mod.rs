@@ -1,5 +1,6 @@
-//! Resilience policies, one tower layer per module, each with its `Config` (built from the
-//! pushed `Policy` in `discovery::convert`) and the state it keeps across config updates.
+//! Resilience policies, one tower layer per module, each applying its part of the pushed
+//! `Policy` (the typed config of `mesh-model`) and keeping the state that outlives config
+//! updates.
 //! The layers are put together, in order, by `http::stack`.
 
 pub mod circuit_breaker;
@@ -8,83 +9,9 @@ pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
 
-use crate::balance::LbConfig;
-use crate::balance::outlier::OutlierConfig;
 use std::sync::Arc;
-use std::time::Duration;
 
-/// Default TCP + TLS connect timeout to a peer sidecar.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default idle time after which a pooled peer connection is closed.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Everything a service's policy says, as the proxy applies it. `Default` is "no policy".
-#[derive(Debug, Clone, PartialEq)]
-pub struct Policy {
-    pub request_timeout: Option<Duration>,
-    pub per_try_timeout: Option<Duration>,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// A request or answer body that moves nothing this long is ended (None: never).
-    pub stream_idle_timeout: Option<Duration>,
-    pub retry: Option<retry::RetryConfig>,
-    pub outlier: Option<OutlierConfig>,
-    pub limits: Option<circuit_breaker::LimitsConfig>,
-    pub rate_outbound: Option<rate_limit::Rate>,
-    pub rate_inbound: Option<rate_limit::Rate>,
-    pub rate_inbound_per_caller: Option<rate_limit::Rate>,
-    pub lb: LbConfig,
-    pub fault: Option<fault::FaultConfig>,
-    /// gRPC statuses that count as the server's failure, one bit per code.
-    pub grpc_failures: GrpcFailures,
-}
-
-/// A set of gRPC status codes (0 to 16), one bit each: which count as the server's failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrpcFailures(pub u32);
-
-impl Default for GrpcFailures {
-    fn default() -> Self {
-        Self::of(&mesh_proto::DEFAULT_GRPC_FAILURES)
-    }
-}
-
-impl GrpcFailures {
-    pub fn of(codes: &[u16]) -> Self {
-        Self(
-            codes
-                .iter()
-                .filter(|c| **c < 32)
-                .fold(0, |m, c| m | (1 << c)),
-        )
-    }
-
-    /// True when a call that ended with `status` (None: with none at all) failed.
-    pub fn failed(self, status: Option<u16>) -> bool {
-        status.is_none_or(|c| c < 32 && self.0 & (1 << c) != 0)
-    }
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            request_timeout: None,
-            per_try_timeout: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            stream_idle_timeout: None,
-            retry: None,
-            outlier: None,
-            limits: None,
-            rate_outbound: None,
-            rate_inbound: None,
-            rate_inbound_per_caller: None,
-            lb: LbConfig::default(),
-            fault: None,
-            grpc_failures: GrpcFailures::default(),
-        }
-    }
-}
+pub use mesh_model::policy::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, GrpcFailures, Policy};
 
 /// Per-service state that outlives config updates: counters and buckets keep counting when a
 /// new snapshot replaces the service (see `Service::inherit`).

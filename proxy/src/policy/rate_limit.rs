@@ -17,27 +17,7 @@ use tower::{Layer, Service};
 /// Most distinct callers tracked per service; callers past it share one bucket.
 pub const MAX_CALLERS: usize = 10_000;
 
-/// `per_second` sustained, `burst` at once after a quiet period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub per_second: u32,
-    pub burst: u32,
-}
-
-impl Rate {
-    /// `burst` 0 means a tenth of a second of traffic (at least 1).
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let burst = if burst == 0 {
-            (per_second / 10).max(1)
-        } else {
-            burst
-        };
-        Self { per_second, burst }
-    }
-    fn interval_ns(&self) -> u64 {
-        1_000_000_000 / u64::from(self.per_second.max(1))
-    }
-}
+pub use mesh_model::policy::Rate;
 
 /// One bucket. Times are nanoseconds since `origin`.
 #[derive(Debug)]

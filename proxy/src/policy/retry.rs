@@ -26,36 +26,9 @@ use tower::{Layer, Service, ServiceExt};
 /// A request that carries one may be sent again whatever its method (IETF httpapi draft).
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
-pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
-pub const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
-pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+pub use mesh_model::policy::{RetryConfig, RetryOn};
 /// The budget looks at this many one-second slots.
 const BUDGET_WINDOW_SECS: u64 = 10;
-
-/// Which failures a retry policy retries.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetryOn {
-    pub any_5xx: bool,
-    pub gateway_error: bool,
-    pub connect_failure: bool,
-    pub refused_stream: bool,
-    pub reset: bool,
-    pub timeout: bool,
-    pub statuses: Vec<u16>,
-    pub grpc_codes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetryConfig {
-    pub max_retries: u32,
-    pub on: RetryOn,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub budget_percent: f64,
-    pub budget_min_per_second: u32,
-    pub non_idempotent: bool,
-}
 
 /// Why a result may be retried, and whether the request may have reached the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,50 +40,47 @@ enum Verdict {
     GrpcCode,
 }
 
-impl RetryConfig {
-    fn verdict<B>(&self, r: &Result<Response<B>, ProxyError>) -> Verdict {
-        let on = &self.on;
-        match r {
-            Err(ProxyError::Connect { .. } | ProxyError::Tls { .. }) if on.connect_failure => {
-                Verdict::NeverSent
+/// How the policy judges one attempt's result.
+fn verdict<B>(cfg: &RetryConfig, r: &Result<Response<B>, ProxyError>) -> Verdict {
+    let on = &cfg.on;
+    match r {
+        Err(ProxyError::Connect { .. } | ProxyError::Tls { .. }) if on.connect_failure => {
+            Verdict::NeverSent
+        }
+        Err(ProxyError::Refused(_)) if on.refused_stream || on.connect_failure => {
+            Verdict::NeverSent
+        }
+        Err(ProxyError::Upstream(_)) if on.reset => Verdict::Sent,
+        Err(ProxyError::Timeout { per_try: true, .. }) if on.timeout || on.any_5xx => Verdict::Sent,
+        Err(_) => Verdict::Done,
+        Ok(resp) => {
+            let s = resp.status().as_u16();
+            if (on.any_5xx && s >= 500)
+                || (on.gateway_error && matches!(s, 502..=504))
+                || on.statuses.contains(&s)
+            {
+                return Verdict::Sent;
             }
-            Err(ProxyError::Refused(_)) if on.refused_stream || on.connect_failure => {
-                Verdict::NeverSent
-            }
-            Err(ProxyError::Upstream(_)) if on.reset => Verdict::Sent,
-            Err(ProxyError::Timeout { per_try: true, .. }) if on.timeout || on.any_5xx => {
-                Verdict::Sent
-            }
-            Err(_) => Verdict::Done,
-            Ok(resp) => {
-                let s = resp.status().as_u16();
-                if (on.any_5xx && s >= 500)
-                    || (on.gateway_error && matches!(s, 502..=504))
-                    || on.statuses.contains(&s)
-                {
-                    return Verdict::Sent;
-                }
-                let grpc = resp
-                    .headers()
-                    .get(GRPC_STATUS)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u8>().ok());
-                match grpc {
-                    Some(c) if on.grpc_codes.contains(&c) => Verdict::GrpcCode,
-                    _ => Verdict::Done,
-                }
+            let grpc = resp
+                .headers()
+                .get(GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u8>().ok());
+            match grpc {
+                Some(c) if on.grpc_codes.contains(&c) => Verdict::GrpcCode,
+                _ => Verdict::Done,
             }
         }
     }
+}
 
-    /// Full jitter: uniform in [0, min(max, base · 2^(n-1))].
-    fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
-        let cap = exp.min(self.backoff_max);
-        cap.mul_f64(fastrand::f64())
-    }
+/// Full jitter: uniform in [0, min(max, base · 2^(n-1))].
+fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
+    let exp = cfg
+        .backoff_base
+        .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+    let cap = exp.min(cfg.backoff_max);
+    cap.mul_f64(fastrand::f64())
 }
 
 /// RFC 9110 §9.2.2.
@@ -299,7 +269,7 @@ where
             let mut retries = 0;
             loop {
                 let res = inner.clone().oneshot(attempt(&head, body, &tried)).await;
-                let ok = match cfg.verdict(&res) {
+                let ok = match verdict(&cfg, &res) {
                     Verdict::Done => false,
                     Verdict::NeverSent => true,
                     Verdict::Sent => may_resend,
@@ -316,7 +286,7 @@ where
                 drop(res);
                 retries += 1;
                 body = b;
-                tokio::time::sleep(cfg.backoff(retries)).await;
+                tokio::time::sleep(backoff(&cfg, retries)).await;
             }
         }))
     }

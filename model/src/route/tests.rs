@@ -143,8 +143,94 @@ fn list_order_breaks_ties_and_regexes_match_whole_values() {
     assert!(re.is_match("v1"));
     assert!(!re.is_match("xv1"));
     assert!(
-        Router::default()
+        Router::<Rule>::default()
             .route(&Method::GET, &uri, &HeaderMap::new())
             .is_none()
+    );
+}
+
+fn pb_rule(name: &str) -> pb::RouteRule {
+    pb::RouteRule {
+        name: name.into(),
+        matches: vec![pb::RouteMatch {
+            path: Some(pb::route_match::Path::Prefix("/api".into())),
+            ..Default::default()
+        }],
+        backends: vec![pb::WeightedBackend {
+            version: "v2".into(),
+            weight: 1,
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_route_is_checked_once_whoever_builds_it() {
+    let ok = pb::Route {
+        backends: vec![pb::WeightedBackend {
+            version: "v1".into(),
+            weight: 1,
+        }],
+        rules: vec![pb_rule("api")],
+        mirror: None,
+    };
+    let r = Route::try_from(&ok).unwrap();
+    assert_eq!(r.rules.len(), 1);
+    assert!(r.check_versions("svc", &["v1".into(), "v2".into()]).is_ok());
+    let e = r.check_versions("svc", &["v1".into()]).unwrap_err();
+    assert!(e.0.contains("unknown version \"v2\""), "{e}");
+
+    let refused = |f: &dyn Fn(&mut pb::Route), want: &str| {
+        let mut r = ok.clone();
+        f(&mut r);
+        let e = Route::try_from(&r).unwrap_err();
+        assert!(e.0.contains(want), "{want}: {e}");
+    };
+    refused(
+        &|r| r.rules[0].name = "bad_name".into(),
+        "letters, digits and '-'",
+    );
+    refused(&|r| r.rules.push(pb_rule("api")), "name used twice");
+    refused(&|r| r.rules[0].matches.clear(), "needs at least one match");
+    refused(
+        &|r| r.rules[0].matches = vec![pb::RouteMatch::default()],
+        "a match with no condition",
+    );
+    refused(
+        &|r| {
+            let b = r.rules[0].backends[0].clone();
+            r.rules[0].backends.push(b)
+        },
+        "listed twice",
+    );
+    refused(&|r| r.backends[0].weight = 0, "weights sum to 0");
+    refused(
+        &|r| r.rules[0].matches[0].method = "get".into(),
+        "must be upper case",
+    );
+    refused(
+        &|r| {
+            r.rules[0].matches[0].headers = vec![pb::KeyMatch {
+                name: "bad header".into(),
+                value: None,
+            }]
+        },
+        "is not a header name",
+    );
+    refused(
+        &|r| r.rules[0].matches[0].path = Some(pb::route_match::Path::Regex("(".into())),
+        "invalid regex",
+    );
+    refused(
+        &|r| {
+            r.rules[0].policy = Some(pb::Policy {
+                retry: Some(pb::Retry {
+                    max_retries: 11,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        },
+        "policy retry.max_retries",
     );
 }
