@@ -173,7 +173,9 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
                 service.clone(),
                 identity,
                 EndpointRecord {
-                    id: format!("{ns}.{pod_name}"),
+                    // The id the pod's own proxy registers with (its node id,
+                    // `$(POD_NAME).$(NAMESPACE)`), so the two are one endpoint.
+                    id: format!("{pod_name}.{ns}"),
                     address: std::net::SocketAddr::new(ip, INBOUND_PORT).to_string(),
                     labels,
                     ready,
@@ -263,13 +265,22 @@ async fn reconcile(registry: &Registry, want: Vec<Desired>) {
         .iter()
         .map(|(s, _, e)| (s.clone(), e.id.clone()))
         .collect();
-    for (service, identity, record) in want {
-        if state
+    for (service, identity, mut record) in want {
+        let existing = state
             .endpoints
             .get(&service)
-            .and_then(|m| m.get(&record.id))
-            == Some(&record)
-        {
+            .and_then(|m| m.get(&record.id));
+        // The pod's proxy registered this endpoint itself: its record (address, readiness from
+        // its own health checks, labels) stands; the slice only marks it as the pod's.
+        if let Some(e) = existing.filter(|e| e.leased) {
+            if e.kubernetes {
+                continue;
+            }
+            record = EndpointRecord {
+                kubernetes: true,
+                ..e.clone()
+            };
+        } else if existing == Some(&record) {
             continue;
         }
         let id = record.id.clone();

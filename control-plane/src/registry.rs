@@ -507,6 +507,11 @@ impl Registry {
                 )?),
             }
             let existing = st.endpoints.get(service).and_then(|m| m.get(&endpoint.id));
+            // A pod's proxy and its EndpointSlice name the same endpoint (one id per pod):
+            // a registration keeps the record's place in the Kubernetes view, so it is still
+            // removed when the pod leaves the slice.
+            let mut endpoint = endpoint.clone();
+            endpoint.kubernetes |= existing.is_some_and(|e| e.kubernetes);
             if existing != Some(&endpoint) {
                 ops.push(put(
                     format!("endpoints/{service}/{}", endpoint.id),

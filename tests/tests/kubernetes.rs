@@ -3,6 +3,7 @@
 //! server verifies it (the mesh CA bundle as `caBundle`, the Service's DNS name), and
 //! `meshctl inject -f` rewrites a manifest offline.
 
+use anyhow::Context;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use mesh_tests::*;
@@ -361,14 +362,14 @@ async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
     let _ = get(&h1_client(c.outbound), "http://catalog/").await;
     let a = |ready| {
         (
-            "shop.catalog-a".to_string(),
+            "catalog-a.shop".to_string(),
             "10.1.0.11:15006".to_string(),
             "v1".to_string(),
             ready,
         )
     };
     let b = (
-        "shop.catalog-b".to_string(),
+        "catalog-b.shop".to_string(),
         "10.1.0.12:15006".to_string(),
         "v2".to_string(),
         true,
@@ -1076,6 +1077,129 @@ async fn a_deleted_serviceaccount_is_no_longer_renewed() -> anyhow::Result<()> {
             "web refused: {refused}, api renewed: {api_renewed}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The ids of catalog's endpoints, sorted, as meshctl lists them.
+async fn catalog_endpoint_ids(mesh: &Mesh) -> anyhow::Result<Vec<String>> {
+    let out = match mesh
+        .meshctl(&["-o", "json", "endpoints", "--service", "catalog"])
+        .await
+    {
+        Err(e) if e.to_string().contains("unknown service") => return Ok(Vec::new()),
+        r => r?,
+    };
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut ids: Vec<String> = v["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// One endpoint per pod: an injected pod's proxy registers itself (node id
+/// `$(POD_NAME).$(NAMESPACE)`) while the EndpointSlice reconciler lists the same pod; the
+/// service has one endpoint, under that id, through slice changes and re-registrations, and it
+/// goes when the pod leaves the slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() -> anyhow::Result<()>
+{
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "127.0.0.1", "v1", true)),
+        (
+            Kind::EndpointSlice,
+            slice(&[("catalog-a", "127.0.0.1", true)]),
+        ),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while catalog_endpoint_ids(&mesh).await? != ["catalog-a.shop"] {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the slice's endpoint never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The pod's proxy, as injected: node id POD.NS, identity shop/catalog, its app behind it.
+    let app = mesh.app("catalog", "v1").await?;
+    let token = mesh
+        .meshctl(&["token", "create", "--identity", "shop/catalog"])
+        .await?;
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+    cmd.args(["--control-plane", &format!("https://{}", mesh.grpc)])
+        .args(["--namespace", "shop", "--service-account", "catalog"])
+        .args(["--service", "catalog", "--service-version", "v1"])
+        .args([
+            "--node-id",
+            "catalog-a.shop",
+            "--app-port",
+            &app.port().to_string(),
+        ])
+        .args([
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .arg("--ca-file")
+        .arg(mesh.data_dir().join("ca/bundle.pem"))
+        .env("MESH_TOKEN", token.trim())
+        .stderr(mesh.log("catalog-a-proxy")?);
+    let (p, ready) = process::Process::spawn_ready("catalog-a", cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    let inbound = ready["inbound"].as_str().context("inbound")?.to_string();
+
+    // Registered by its proxy: still one endpoint, at the proxy's address, and it stays one
+    // through slice updates (not ready, ready again).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = mesh
+            .meshctl(&["-o", "json", "endpoints", "--service", "catalog"])
+            .await?;
+        if out.contains(&inbound) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy never registered: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A negative claim needs a window: each update is watched for 300 ms (the reconciler
+    // acts on a watch event within milliseconds).
+    for ready in [false, true, true] {
+        api.apply(
+            Kind::EndpointSlice,
+            "MODIFIED",
+            slice(&[("catalog-a", "127.0.0.1", ready)]),
+        );
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < until {
+            assert_eq!(
+                catalog_endpoint_ids(&mesh).await?,
+                ["catalog-a.shop"],
+                "ready={ready}"
+            );
+        }
+    }
+
+    // The pod leaves the slice: its endpoint goes, although its proxy had registered it.
+    api.apply(Kind::EndpointSlice, "MODIFIED", slice(&[]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !catalog_endpoint_ids(&mesh).await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the endpoint outlived its pod"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }
