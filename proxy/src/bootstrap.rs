@@ -123,6 +123,12 @@ pub struct Args {
     /// healthy) or `none`. An unhealthy app's endpoint is registered as not ready.
     #[arg(long, env = "MESH_APP_HEALTH_CHECK", default_value = "none")]
     pub app_health_check: String,
+    /// The kubelet's probes of the app, rewritten by the injector to
+    /// `/app-health/<container>/<kind>` on the admin port: JSON by path, each the original
+    /// probe (httpGet, tcpSocket or grpc, with timeoutSeconds), run against the app on
+    /// localhost.
+    #[arg(long, env = "MESH_APP_PROBES", default_value = "")]
+    pub app_probes: String,
     #[arg(long, env = "MESH_APP_HEALTH_INTERVAL_MS", default_value_t = 2000)]
     pub app_health_interval_ms: u64,
     #[arg(long, env = "MESH_APP_HEALTH_TIMEOUT_MS", default_value_t = 1000)]
@@ -170,6 +176,7 @@ pub struct Bootstrap {
     pub trace_sampling: f64,
     /// The app's health check (None: the endpoint is always ready).
     pub app_health: Option<crate::health::HealthConfig>,
+    pub app_probes: crate::app_probe::AppProbes,
     /// Connections are redirected to the listeners (see `outbound::transparent`).
     pub transparent: bool,
 }
@@ -309,6 +316,7 @@ impl TryFrom<Args> for Bootstrap {
                 "--otlp-endpoint must be an http:// or https:// URL, got {e:?}"
             )));
         }
+        let app_probes = crate::app_probe::AppProbes::parse(&a.app_probes).map_err(bad)?;
         let app_health = match crate::health::Check::parse(&a.app_health_check).map_err(bad)? {
             Some(_) if a.app_port.is_none() => {
                 return Err(bad("--app-health-check needs --app-port".into()));
@@ -356,6 +364,7 @@ impl TryFrom<Args> for Bootstrap {
             otlp_endpoint: a.otlp_endpoint,
             trace_sampling: a.trace_sampling,
             app_health,
+            app_probes,
             transparent: a.transparent,
         })
     }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod app_probe;
 pub mod balance;
 pub mod bootstrap;
 pub mod config_file;

@@ -3,12 +3,24 @@
 // receives. Routes: /hello answers 200 with what the request looked like, as JSON; /count
 // answers how many requests arrived; /sink reads the whole body and answers its size in bytes;
 // /bytes/<n> streams n bytes in 64 KiB chunks as the socket drains; /stall/<ms> sends the head
-// and one chunk, then nothing for that long before ending; anything else 404. Prints one JSON
-// readiness line.
+// and one chunk, then nothing for that long before ending; /healthz answers 200 while healthy
+// and the request carries `x-probe: 1` (401 without it), 500 once /sick was called; anything
+// else 404. Prints one JSON readiness line.
 const http = require('http');
 let count = 0;
+let healthy = true;
 const server = http.createServer((req, res) => {
   count += 1;
+  if (req.url === '/healthz') {
+    res.statusCode = req.headers['x-probe'] !== '1' ? 401 : healthy ? 200 : 500;
+    res.end(healthy ? 'ok\n' : 'sick\n');
+    return;
+  }
+  if (req.url === '/sick') {
+    healthy = false;
+    res.end('now sick\n');
+    return;
+  }
   if (req.url === '/count') {
     res.end(String(count - 1));
     return;

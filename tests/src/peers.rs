@@ -73,6 +73,13 @@ pub async fn banner_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     start(mesh, "banner-app", cmd).await
 }
 
+/// A grpcio server with the standard gRPC health service (tests/peers/health_server.py).
+pub async fn grpc_health_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
+    let mut cmd = Command::new(venv_python()?);
+    cmd.arg(scripts().join("health_server.py"));
+    start(mesh, "grpc-health-app", cmd).await
+}
+
 /// The `websockets` echo app (tests/peers/ws_echo.py).
 pub async fn websocket_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     let mut cmd = Command::new(venv_python()?);

@@ -1203,3 +1203,150 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
     }
     Ok(())
 }
+
+/// Probes keep working in STRICT mode. `meshctl inject` (the webhook's function) rewrites a
+/// pod's httpGet (named port, header), tcpSocket and grpc probes to paths on the proxy's admin
+/// port and hands the originals to the proxy; the proxy, beside a Node.js app and a grpcio
+/// health server, answers each rewritten probe as the original would have: 200 while the app
+/// passes, 503 when it does not. The kubelet's original probe of the app port meets the STRICT
+/// inbound listener and gets no HTTP answer. `--uninject` gives back the original manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_probes_reach_the_app_through_the_sidecar() -> anyhow::Result<()> {
+    use mesh_tests::peers;
+    let mut mesh = Mesh::start().await?;
+    let app = peers::node_app(&mut mesh).await?;
+    let grpc = peers::grpc_health_app(&mut mesh).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("pod.yaml");
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: shop-0, namespace: default, labels: {{app: shop, version: v1}}}}
+spec:
+  containers:
+    - name: app
+      image: "shop:1"
+      ports: [{{name: http, containerPort: {http}}}, {{name: grpc, containerPort: {grpc}}}]
+      readinessProbe:
+        httpGet: {{path: /healthz, port: http, httpHeaders: [{{name: x-probe, value: "1"}}]}}
+        periodSeconds: 2
+      livenessProbe: {{tcpSocket: {{port: {http}}}, failureThreshold: 5}}
+      startupProbe: {{grpc: {{port: {grpc}, service: echo}}}}
+    - name: other
+      image: "other:1"
+      readinessProbe: {{grpc: {{port: {grpc}, service: other}}}}
+      livenessProbe: {{exec: {{command: ["true"]}}}}
+"#,
+        http = app.port(),
+        grpc = grpc.port()
+    );
+    std::fs::write(&path, &manifest)?;
+    let out = meshctl_inject(&path).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected = String::from_utf8(out.stdout)?;
+    let pod: serde_json::Value = serde_saphyr::from_str(&injected)?;
+    let containers = pod["spec"]["containers"].as_array().context("containers")?;
+    let probe_path = |c: usize, field: &str| {
+        let h = &containers[c][field]["httpGet"];
+        assert_eq!(h["port"], 15000, "{field} of container {c}: {h}");
+        h["path"].as_str().unwrap_or_default().to_string()
+    };
+    let probes = [
+        (probe_path(0, "readinessProbe"), "/app-health/app/readyz"),
+        (probe_path(0, "livenessProbe"), "/app-health/app/livez"),
+        (probe_path(0, "startupProbe"), "/app-health/app/startupz"),
+        (probe_path(1, "readinessProbe"), "/app-health/other/readyz"),
+    ];
+    for (got, want) in &probes {
+        assert_eq!(got, want);
+    }
+    assert_eq!(containers[0]["readinessProbe"]["periodSeconds"], 2);
+    assert_eq!(containers[0]["livenessProbe"]["failureThreshold"], 5);
+    assert!(
+        containers[1]["livenessProbe"]["exec"].is_object(),
+        "exec probes stay"
+    );
+    let env = pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "mesh-proxy")
+        .and_then(|c| c["env"].as_array())
+        .and_then(|e| e.iter().find(|v| v["name"] == "MESH_APP_PROBES"))
+        .and_then(|v| v["value"].as_str())
+        .context("MESH_APP_PROBES on the sidecar")?
+        .to_string();
+
+    // The sidecar, configured as injected (STRICT inbound in front of the app).
+    let web = mesh
+        .sidecar(SidecarOpts {
+            service: Some("shop"),
+            version: Some("v1"),
+            service_account: "shop",
+            app: Some(app),
+            node_id: None,
+            workers: 0,
+            extra: &["--app-probes", &env],
+        })
+        .await?;
+    // The kubelet's way: GET on the admin port.
+    for (path, want) in [
+        (&probes[0].0, 200),
+        (&probes[1].0, 200),
+        (&probes[2].0, 200),
+        (&probes[3].0, 503),
+    ] {
+        let r = admin_get(web.admin, path).await?;
+        assert_eq!(r.status, want, "{path}: {}", r.text);
+    }
+    assert_eq!(
+        admin_get(web.admin, "/app-health/nope/readyz")
+            .await?
+            .status,
+        404
+    );
+
+    // Without the rewrite the kubelet's plaintext probe meets the STRICT inbound port.
+    let inbound = web.inbound.context("inbound")?;
+    let plain = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(inbound).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nx-probe: 1\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
+    })
+    .await??;
+    assert!(!plain.starts_with("HTTP/1.1 200"), "{plain}");
+
+    // The app turns sick: readiness fails with the app's answer, the TCP liveness holds.
+    let sick = get(&h1_client(app), &format!("http://{app}/sick")).await?;
+    assert_eq!(sick.status, 200);
+    let r = admin_get(web.admin, &probes[0].0).await?;
+    assert_eq!(r.status, 503);
+    assert!(r.text.contains("500"), "{}", r.text);
+    assert_eq!(admin_get(web.admin, &probes[1].0).await?.status, 200);
+
+    // Reversible: un-injecting gives back the original pod.
+    let injected_path = dir.path().join("injected.yaml");
+    std::fs::write(&injected_path, &injected)?;
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["inject", "--uninject", "-f"])
+        .arg(&injected_path)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back: serde_json::Value = serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?;
+    let original: serde_json::Value = serde_saphyr::from_str(&manifest)?;
+    assert_eq!(back, original);
+    Ok(())
+}

@@ -75,6 +75,10 @@ pub struct InjectCmd {
     /// Trust domain of the mesh.
     #[arg(long, default_value = "mesh.local")]
     pub trust_domain: String,
+    /// Undo an injection: remove the sidecar, its volumes and annotations, and put the app's
+    /// original probes back.
+    #[arg(long)]
+    pub uninject: bool,
 }
 
 /// Commands that are one admin API call.
@@ -239,7 +243,11 @@ fn inject(args: &InjectCmd) -> anyhow::Result<()> {
     }
     let mut cfg = args.inject.config();
     cfg.trust_domain = args.trust_domain.clone();
-    let (out, report) = crate::inject::manifest::inject_manifest(&text, &cfg)?;
+    let (out, report) = if args.uninject {
+        crate::inject::manifest::uninject_manifest(&text)?
+    } else {
+        crate::inject::manifest::inject_manifest(&text, &cfg)?
+    };
     print!("{out}");
     for l in report.lines {
         eprintln!("{l}");

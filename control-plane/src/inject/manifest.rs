@@ -1,8 +1,8 @@
-//! `meshctl inject -f`: injects every pod template of a multi-document YAML manifest (Pods,
+//! `meshctl inject -f` (and `--uninject`): injects (or un-injects) every pod template of a multi-document YAML manifest (Pods,
 //! Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs, and `List`s of them);
 //! other documents pass through unchanged.
 
-use super::{InjectConfig, InjectError, Outcome, inject_pod};
+use super::{InjectConfig, InjectError, Outcome, inject_pod, uninject_pod};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,21 @@ fn template_path(kind: &str) -> Option<&'static str> {
 
 /// Injects into the manifest text; returns the new YAML and a report.
 pub fn inject_manifest(yaml: &str, cfg: &InjectConfig) -> Result<(String, Report), ManifestError> {
+    rewrite_manifest(yaml, &|pod| inject_pod(pod, cfg), "injected")
+}
+
+/// Undoes `inject_manifest` (`meshctl inject --uninject`).
+pub fn uninject_manifest(yaml: &str) -> Result<(String, Report), ManifestError> {
+    rewrite_manifest(yaml, &uninject_pod, "uninjected")
+}
+
+type PodEdit<'a> = dyn Fn(&Value) -> Result<Outcome, InjectError> + 'a;
+
+fn rewrite_manifest(
+    yaml: &str,
+    edit: &PodEdit<'_>,
+    done: &str,
+) -> Result<(String, Report), ManifestError> {
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(yaml).map_err(|e| ManifestError::Yaml(e.to_string()))?;
     let mut report = Report::default();
@@ -50,23 +65,24 @@ pub fn inject_manifest(yaml: &str, cfg: &InjectConfig) -> Result<(String, Report
         if doc.is_null() {
             continue;
         }
-        inject_object(&mut doc, i + 1, cfg, &mut report)?;
+        edit_object(&mut doc, i + 1, edit, done, &mut report)?;
         out.push(serde_saphyr::to_string(&doc).map_err(|e| ManifestError::Yaml(e.to_string()))?);
     }
     Ok((out.join("---\n"), report))
 }
 
-fn inject_object(
+fn edit_object(
     obj: &mut Value,
     doc: usize,
-    cfg: &InjectConfig,
+    edit: &PodEdit<'_>,
+    done: &str,
     report: &mut Report,
 ) -> Result<(), ManifestError> {
     let kind = obj["kind"].as_str().unwrap_or("").to_string();
     if kind == "List" {
         if let Some(items) = obj["items"].as_array_mut() {
             for item in items {
-                inject_object(item, doc, cfg, report)?;
+                edit_object(item, doc, edit, done, report)?;
             }
         }
         return Ok(());
@@ -78,10 +94,10 @@ fn inject_object(
     let Some(template) = obj.pointer_mut(path) else {
         return Ok(());
     };
-    match inject_pod(template, cfg) {
+    match edit(template) {
         Ok(Outcome::Injected(new)) => {
             *template = new;
-            report.lines.push(format!("{kind}/{name}: injected"));
+            report.lines.push(format!("{kind}/{name}: {done}"));
         }
         Ok(Outcome::Skipped(why)) => report.lines.push(format!("{kind}/{name}: skipped ({why})")),
         Err(err) => {

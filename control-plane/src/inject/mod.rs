@@ -8,6 +8,7 @@
 //! its certificate and first config). Idempotent: a pod that has `mesh-proxy` is left alone.
 
 pub mod manifest;
+pub mod probes;
 pub mod webhook;
 
 use k8s_openapi::api::core::v1::{
@@ -139,8 +140,18 @@ pub fn inject_pod(pod: &Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
             "hostNetwork pods share the node's network; not injected",
         ));
     }
-    let opts = PodOptions::read(pod)?;
+    let mut opts = PodOptions::read(pod)?;
     let mut out = pod.clone();
+    let rewritten = match (
+        annotations(probes::REWRITE_PROBES),
+        out["spec"]["containers"].as_array_mut(),
+    ) {
+        (Some("false"), _) | (_, None) => probes::Rewritten::default(),
+        (_, Some(containers)) => probes::rewrite(containers)?,
+    };
+    if !rewritten.proxy_env.is_empty() {
+        opts.app_probes = Some(Value::Object(rewritten.proxy_env).to_string());
+    }
     let spec = out["spec"]
         .as_object_mut()
         .ok_or_else(|| bad("spec", "not an object"))?;
@@ -174,6 +185,62 @@ pub fn inject_pod(pod: &Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
         return Err(bad("metadata.annotations", "not an object"));
     };
     annotations.insert(INJECTED.into(), json!(env!("CARGO_PKG_VERSION")));
+    if !rewritten.originals.is_empty() {
+        annotations.insert(
+            probes::ORIGINAL_PROBES.into(),
+            json!(Value::Object(rewritten.originals).to_string()),
+        );
+    }
+    Ok(Outcome::Injected(out))
+}
+
+/// Undoes [`inject_pod`]: the mesh's init containers, volumes and annotations go, and the app
+/// containers get their original probes back (from `mesh.io/original-probes`).
+pub fn uninject_pod(pod: &Value) -> Result<Outcome, InjectError> {
+    let is_mesh = |c: &Value| c["name"] == PROXY_CONTAINER || c["name"] == INIT_CONTAINER;
+    let injected = pod["spec"]["initContainers"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(is_mesh));
+    if !injected {
+        return Ok(Outcome::Skipped("not injected"));
+    }
+    let mut out = pod.clone();
+    let originals: Option<Map<String, Value>> = pod["metadata"]["annotations"]
+        [probes::ORIGINAL_PROBES]
+        .as_str()
+        .map(|s| {
+            serde_json::from_str(s)
+                .map_err(|e| bad(probes::ORIGINAL_PROBES, format!("not a JSON object: {e}")))
+        })
+        .transpose()?;
+    if let Some(cs) = out["spec"]["initContainers"].as_array_mut() {
+        cs.retain(|c| !is_mesh(c));
+        if cs.is_empty()
+            && let Some(spec) = out["spec"].as_object_mut()
+        {
+            spec.remove("initContainers");
+        }
+    }
+    if let Some(vs) = out["spec"]["volumes"].as_array_mut() {
+        vs.retain(|v| v["name"] != "mesh-ca" && v["name"] != "mesh-token");
+        if vs.is_empty()
+            && let Some(spec) = out["spec"].as_object_mut()
+        {
+            spec.remove("volumes");
+        }
+    }
+    if let (Some(o), Some(cs)) = (&originals, out["spec"]["containers"].as_array_mut()) {
+        probes::restore(cs, o);
+    }
+    if let Some(a) = out["metadata"]["annotations"].as_object_mut() {
+        a.remove(INJECTED);
+        a.remove(probes::ORIGINAL_PROBES);
+        if a.is_empty()
+            && let Some(m) = out["metadata"].as_object_mut()
+        {
+            m.remove("annotations");
+        }
+    }
     Ok(Outcome::Injected(out))
 }
 
@@ -199,6 +266,8 @@ struct PodOptions {
     app_protocol: Option<&'static str>,
     /// Destination ports served opaque without detection (`MESH_OPAQUE_PORTS`).
     opaque_ports: Vec<i32>,
+    /// The app containers' rewritten probes, for the proxy (`MESH_APP_PROBES`, `probes`).
+    app_probes: Option<String>,
 }
 
 /// The app protocol an annotation value or port name names.
@@ -321,6 +390,7 @@ impl PodOptions {
                 limits: (!limits.is_empty()).then_some(limits),
                 ..Default::default()
             },
+            app_probes: None,
         })
     }
 }
@@ -424,6 +494,9 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
     }
     if !o.opaque_ports.is_empty() {
         vars.push(env("MESH_OPAQUE_PORTS", join(&o.opaque_ports)));
+    }
+    if let Some(p) = &o.app_probes {
+        vars.push(env("MESH_APP_PROBES", p));
     }
     if let Some(s) = &o.service {
         vars.push(env("MESH_SERVICE", s));
