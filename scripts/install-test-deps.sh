@@ -35,3 +35,35 @@ if ! "$venv/bin/python" -c 'import websockets, grpc_health' 2>/dev/null || [ ! -
     'protobuf==5.29.6'
   echo "install-test-deps: installed websockets, grpcurl, grpcio and its health service in target/test-venv"
 fi
+# Pods in a real container runtime (tests/tests/pods.rs): podman with runc, and tcpdump to look
+# at the wire. Configured as ../shared/notes/containers.md found necessary on these machines:
+# runc with cgroupfs (crun refuses hybrid cgroups), explicit ulimits (setrlimit is refused
+# otherwise), the vfs storage driver (no overlayfs). Written only where no configuration
+# exists, or where this script wrote it, so an operator's own is never replaced.
+missing=()
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+command -v tcpdump >/dev/null || missing+=(tcpdump)
+command -v nsenter >/dev/null || missing+=(util-linux)
+apt_install install-test-deps "${missing[@]}"
+marker="# written by the mesh's scripts/install-test-deps.sh"
+write_conf() {
+  local path="$1" body="$2"
+  if [ ! -e "$path" ] || head -1 "$path" | grep -qF "$marker"; then
+    if [ "$(id -u)" = 0 ]; then
+      mkdir -p "$(dirname "$path")"
+      printf '%s\n%s\n' "$marker" "$body" > "$path.tmp" && mv "$path.tmp" "$path"
+    else
+      echo "install-test-deps: not root, cannot write $path" >&2
+    fi
+  fi
+}
+write_conf /etc/containers/containers.conf '[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"'
+write_conf /etc/containers/storage.conf '[storage]
+driver = "vfs"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"'

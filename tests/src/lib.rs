@@ -10,6 +10,7 @@ pub mod kube_api;
 pub mod netns;
 pub mod otlp;
 pub mod peers;
+pub mod pods;
 
 use anyhow::Context;
 use bytes::Bytes;
