@@ -684,9 +684,33 @@ async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result
         .collect::<anyhow::Result<_>>()?;
     took.sort();
     let load_p99 = took[took.len() * 99 / 100 - 1].as_secs_f64();
+    // The buckets the sidecar exports. The proxy times less than the client does (not the
+    // client's own overhead), so its p99 lies in the load's p99 bucket or the one below; never
+    // below the app's 30 ms. On a busy machine the load's p99 can pass 50 ms: the bucket is
+    // taken from the measurement, not assumed.
+    let metrics = admin_get(c.admin, "/metrics").await?.text;
+    let mut bounds: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_response_latency_seconds_bucket{"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())
+        .filter(|b: &f64| b.is_finite())
+        .collect();
+    bounds.sort_by(f64::total_cmp);
+    bounds.dedup();
+    anyhow::ensure!(bounds.len() > 3, "no latency buckets in /metrics");
+    let upper = |x: f64| {
+        bounds
+            .iter()
+            .copied()
+            .find(|b| x <= *b)
+            .unwrap_or(f64::INFINITY)
+    };
+    let lower = |x: f64| bounds.iter().copied().rev().find(|b| x > *b).unwrap_or(0.0);
+    let hi = upper(load_p99);
+    let lo = lower(lower(load_p99)).max(lower(0.030));
     assert!(
-        (0.025..=0.05).contains(&load_p99),
-        "the load's p99 {load_p99} s is in (25 ms, 50 ms]"
+        load_p99 >= 0.030,
+        "the load's p99 {load_p99} s is below the app's delay"
     );
     let series =
         "mesh_response_latency_seconds_bucket{direction=\"outbound\",dst_service=\"backend\"}";
@@ -706,11 +730,11 @@ async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result
     )
     .await?
     .ok_or_else(|| anyhow::anyhow!("no quantile"))?;
-    // The app's 30 ms dominate: 199 of the 201 requests are in (25 ms, 50 ms] (the first
-    // request, before the delay, is faster).
+    // The app's 30 ms dominate: 199 of the 201 requests take at least that (the first request,
+    // before the delay, is faster).
     assert!(
-        (0.025..=0.05).contains(&p99),
-        "prometheus p99 {p99} s, load p99 {load_p99} s"
+        p99 > lo && p99 <= hi,
+        "prometheus p99 {p99} s outside ({lo}, {hi}], load p99 {load_p99} s"
     );
     let out = mesh
         .meshctl(&["-o", "json", "top", "--window", "60s"])
@@ -724,8 +748,8 @@ async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result
         .and_then(|r| r["p99_ms"].as_f64())
         .ok_or_else(|| anyhow::anyhow!("no backend row: {v}"))?;
     assert!(
-        (25.0..=50.0).contains(&top_p99),
-        "top p99 {top_p99} ms, load p99 {load_p99} s"
+        top_p99 > lo * 1000.0 && top_p99 <= hi * 1000.0,
+        "top p99 {top_p99} ms outside ({lo}, {hi}] s, load p99 {load_p99} s"
     );
     Ok(())
 }
