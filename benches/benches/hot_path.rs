@@ -7,7 +7,6 @@ use mesh_proxy::balance::{Algorithm, LbConfig};
 use mesh_proxy::http::body::ReqBody;
 use mesh_proxy::http::errors::ProxyError;
 use mesh_proxy::http::stack::policies;
-use mesh_proxy::outbound::service_key;
 use mesh_proxy::snapshot::{Snapshot, Snapshots};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -109,7 +108,12 @@ fn route_match(c: &mut Criterion) {
 
 fn host(c: &mut Criterion) {
     c.bench_function("service_key_fqdn", |b| {
-        b.iter(|| black_box(service_key(black_box("backend.default.svc.cluster.local"))))
+        b.iter(|| {
+            black_box(mesh_model::service::host_key(
+                black_box("backend.default.svc.cluster.local"),
+                black_box("default"),
+            ))
+        })
     });
 }
 

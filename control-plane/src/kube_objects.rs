@@ -129,12 +129,17 @@ fn spec_of<S: DeserializeOwned>(obj: &DynamicObject) -> Result<S, String> {
     serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))
 }
 
-/// The service an object is for: `spec.service`, else its name.
+/// The service an object is for (its key, `name.namespace`): `spec.service`, else its name,
+/// in the object's namespace.
 fn service_of(obj: &DynamicObject) -> String {
-    obj.data["spec"]["service"]
+    let name = obj.data["spec"]["service"]
         .as_str()
         .map(String::from)
-        .unwrap_or_else(|| obj.name_any())
+        .unwrap_or_else(|| obj.name_any());
+    let ns = obj
+        .namespace()
+        .unwrap_or_else(|| mesh_model::service::DEFAULT_NAMESPACE.to_string());
+    mesh_model::service::absolute(&name, &ns)
 }
 
 /// What one sync loop remembers, per service.
@@ -283,17 +288,19 @@ async fn write_object<S: Serialize>(
     service: &str,
     spec: &S,
 ) -> Result<(), kube::Error> {
+    // The object lives in the service's namespace, named as the service is there.
+    let (name, _) = mesh_model::service::split(service);
     let mut spec = serde_json::to_value(spec).map_err(kube::Error::SerdeError)?;
-    spec["service"] = service.into();
+    spec["service"] = name.into();
     let obj = serde_json::json!({
         "apiVersion": ar.api_version,
         "kind": ar.kind,
-        "metadata": {"name": service, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     });
     Api::<DynamicObject>::namespaced_with(client.clone(), namespace, ar)
         .patch(
-            service,
+            name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(obj),
         )

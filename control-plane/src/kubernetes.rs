@@ -170,7 +170,7 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
             }
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             out.push((
-                service.clone(),
+                format!("{service}.{ns}"),
                 identity,
                 EndpointRecord {
                     // The id the pod's own proxy registers with (its node id,
@@ -189,7 +189,7 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
     out
 }
 
-/// The virtual IPs and ports of each Service (by name, as mesh services are named).
+/// The virtual IPs and ports of each Service, by its mesh key (`name.namespace`).
 fn desired_vips(
     services: &Store<Service>,
     slices: &Store<EndpointSlice>,
@@ -235,7 +235,7 @@ fn desired_vips(
                 Some((u16::try_from(p.port).ok()?, u16::try_from(target).ok()?))
             })
             .collect();
-        out.insert(name, VipRecord { ips, ports });
+        out.insert(format!("{name}.{ns}"), VipRecord { ips, ports });
     }
     out
 }

@@ -116,13 +116,27 @@ pub async fn proxy_command(
     admin: &mut crate::cli::client::Admin,
     service_account: &str,
 ) -> anyhow::Result<Command> {
+    proxy_command_in(bin, grpc, ca_file, admin, "default", service_account).await
+}
+
+/// As [`proxy_command`], for a proxy of namespace `namespace`.
+pub async fn proxy_command_in(
+    bin: &Path,
+    grpc: &str,
+    ca_file: &Path,
+    admin: &mut crate::cli::client::Admin,
+    namespace: &str,
+    service_account: &str,
+) -> anyhow::Result<Command> {
     let token =
-        crate::cli::client::bootstrap_token(admin, &format!("default/{service_account}"), 0)
+        crate::cli::client::bootstrap_token(admin, &format!("{namespace}/{service_account}"), 0)
             .await?;
     let mut c = Command::new(bin);
     c.args([
         "--control-plane",
         &format!("https://{grpc}"),
+        "--namespace",
+        namespace,
         "--service-account",
         service_account,
     ])

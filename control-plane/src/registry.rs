@@ -184,9 +184,9 @@ impl State {
                 // Every service of the namespace changes.
                 let names: Vec<String> = self
                     .services
-                    .values()
-                    .filter(|s| s.namespace == ns)
-                    .map(|s| s.name.clone())
+                    .iter()
+                    .filter(|(_, s)| s.namespace == ns)
+                    .map(|(k, _)| k.clone())
                     .collect();
                 for n in names {
                     self.service_versions.insert(n, rev);
@@ -277,6 +277,62 @@ pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(),
         .map_err(|e| RegistryError::Invalid(e.0))
 }
 
+/// Kinds of store keys whose second part is a service.
+const SERVICE_KEYED: &[&str] = &[
+    "services",
+    "endpoints",
+    "routes",
+    "policies",
+    "canaries",
+    "authz",
+    "mtls",
+    "vips",
+];
+
+/// The ops that rename every service-keyed entry of a store written before namespaces
+/// (`routes/catalog`) to its service's key (`routes/catalog.shop`): the namespace its record
+/// names, else `default`. Records keep their content; a canary's `service` is rewritten.
+fn namespace_upgrade(contents: &crate::store::Contents) -> Vec<Op> {
+    let ns_of: HashMap<&str, String> = contents
+        .entries
+        .iter()
+        .filter_map(|(k, v, _)| {
+            let name = k.strip_prefix("services/")?;
+            let rec: ServiceRecord = serde_json::from_slice(v).ok()?;
+            Some((name, rec.namespace))
+        })
+        .collect();
+    let mut ops = Vec::new();
+    for (key, value, _) in &contents.entries {
+        let mut parts = key.splitn(3, '/');
+        let (Some(kind), Some(svc)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !SERVICE_KEYED.contains(&kind) || svc.contains('.') {
+            continue;
+        }
+        let ns = ns_of
+            .get(svc)
+            .filter(|n| !n.is_empty())
+            .map_or(mesh_model::service::DEFAULT_NAMESPACE, String::as_str);
+        let abs = format!("{svc}.{ns}");
+        let new_key = match parts.next() {
+            Some(rest) => format!("{kind}/{abs}/{rest}"),
+            None => format!("{kind}/{abs}"),
+        };
+        let mut value = value.clone();
+        if kind == "canaries"
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&value)
+        {
+            v["service"] = serde_json::Value::String(abs.clone());
+            value = serde_json::to_vec(&v).unwrap_or(value);
+        }
+        ops.push(Op::Put(new_key, value));
+        ops.push(Op::Delete(key.clone()));
+    }
+    ops
+}
+
 /// In-memory registry written through a [`Store`].
 pub struct Registry {
     store: Arc<dyn Store>,
@@ -297,7 +353,21 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 impl Registry {
     /// Loads the store. An entry that does not decode is a corrupt store: reported, not dropped.
     pub async fn open(store: Arc<dyn Store>, trust_domain: String) -> Result<Self, RegistryError> {
-        let contents = store.load().await?;
+        let mut contents = store.load().await?;
+        // Stores written before services had namespaces keep bare names: renamed in place.
+        let upgrade = namespace_upgrade(&contents);
+        if !upgrade.is_empty() {
+            let n = upgrade.len() / 2;
+            // Another replica may upgrade the same store first: then its result is loaded.
+            let committed = store.commit(contents.revision, upgrade).await;
+            contents = store.load().await?;
+            if let Err(e) = committed
+                && !namespace_upgrade(&contents).is_empty()
+            {
+                return Err(e.into());
+            }
+            tracing::info!(keys = n, "store upgraded: services are now name.namespace");
+        }
         let state = State::from_contents(&contents, &trust_domain, &store.describe())?;
         let (changes, _) = watch::channel(contents.revision);
         Ok(Self {
@@ -487,6 +557,12 @@ impl Registry {
                 ))
             })?;
         let identity_s = identity.to_string();
+        let (name, namespace) = mesh_model::service::split(service);
+        if namespace != identity.namespace {
+            return Err(RegistryError::PermissionDenied(format!(
+                "service {service:?} is in namespace {namespace:?}; identity {identity_s} is not"
+            )));
+        }
         self.write(|st| {
             let mut ops = Vec::new();
             match st.services.get(service) {
@@ -500,8 +576,8 @@ impl Registry {
                 None => ops.push(put(
                     format!("services/{service}"),
                     &ServiceRecord {
-                        name: service.into(),
-                        namespace: identity.namespace.clone(),
+                        name: name.into(),
+                        namespace: namespace.into(),
                         identity: identity_s.clone(),
                     },
                 )?),

@@ -201,9 +201,14 @@ impl pb::telemetry_server::Telemetry for TelemetryService {
         let (store, tap) = (self.store.clone(), self.tap.clone());
         let mut taps = tap.watch();
         tokio::spawn(async move {
+            // Proxies name services relative to their namespace; the store keys them absolute.
+            let ns = who.namespace.clone();
             let directive =
                 |t: &std::collections::BTreeMap<String, usize>| pb::TelemetryDirective {
-                    tap_services: t.keys().cloned().collect(),
+                    tap_services: t
+                        .keys()
+                        .map(|k| mesh_model::service::relative(k, &ns).to_string())
+                        .collect(),
                 };
             let first = directive(&taps.borrow_and_update());
             if tx.send(Ok(first)).await.is_err() {
@@ -218,11 +223,18 @@ impl pb::telemetry_server::Telemetry for TelemetryService {
                         if r.cert_expires_unix > 0 {
                             store.set_cert_expiry(&r.node_id, r.cert_expires_unix);
                         }
-                        let source = Arc::new((r.source_service.clone(), r.source_version.clone()));
+                        let abs = |s: &str| if s.is_empty() {
+                            String::new()
+                        } else {
+                            mesh_model::service::absolute(s, &ns)
+                        };
+                        let source = Arc::new((abs(&r.source_service), r.source_version.clone()));
                         for b in &r.backends {
-                            store.record(b, at, &source);
+                            let b = pb::BackendStats { service: abs(&b.service), ..b.clone() };
+                            store.record(&b, at, &source);
                         }
-                        for e in r.tap {
+                        for mut e in r.tap {
+                            e.dst_service = abs(&e.dst_service);
                             tap.publish(e);
                         }
                         tracing::trace!(proxy = %who, node = %r.node_id, backends = r.backends.len(), "telemetry");

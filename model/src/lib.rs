@@ -6,6 +6,7 @@
 
 pub mod policy;
 pub mod route;
+pub mod service;
 
 pub use policy::{Policy, PolicyError};
 pub use route::{Route, RouteError};

@@ -173,6 +173,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             crate::outbound::MAX_MIRRORS_IN_FLIGHT,
         )),
         ports: crate::outbound::transparent::PortKinds::new(&b.opaque_ports),
+        namespace: b.namespace.as_str().into(),
     });
     tokio::spawn(prune_pool(outbound.clone()));
     let o = outbound.clone();

@@ -154,6 +154,8 @@ pub struct Bootstrap {
     /// replaced by the kubelet before it expires).
     pub token_file: Option<PathBuf>,
     /// `spiffe://<td>/ns/<ns>/sa/<sa>`
+    /// The proxy's namespace: bare service names are its namespace's.
+    pub namespace: String,
     pub identity: String,
     pub service: Option<String>,
     pub version_label: Option<String>,
@@ -336,6 +338,7 @@ impl TryFrom<Args> for Bootstrap {
             token,
             token_file,
             identity: format!("spiffe://{}/ns/{}/sa/{sa}", a.trust_domain, a.namespace),
+            namespace: a.namespace.clone(),
             service: a.service,
             version_label: a.version_label,
             app_port: a.app_port,

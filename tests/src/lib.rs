@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use mesh_control_plane::cli::client::{Admin, bootstrap_token, connect_with};
-use mesh_control_plane::process::{Process, proxy_command};
+use mesh_control_plane::process::{Process, proxy_command_in};
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -89,6 +89,8 @@ pub struct Sidecar {
 /// Options for a sidecar.
 #[derive(Debug, Clone, Default)]
 pub struct SidecarOpts<'a> {
+    /// The proxy's namespace (None: default); its token is for `<namespace>/<account>`.
+    pub namespace: Option<&'a str>,
     pub service: Option<&'a str>,
     pub version: Option<&'a str>,
     pub service_account: &'a str,
@@ -330,11 +332,12 @@ impl Mesh {
     /// Starts a sidecar with a fresh token for its service account.
     pub async fn sidecar(&mut self, o: SidecarOpts<'_>) -> anyhow::Result<Sidecar> {
         let ca_file = self.data_dir().join("ca/bundle.pem");
-        let mut cmd = proxy_command(
+        let mut cmd = proxy_command_in(
             &bin_dir().join("mesh-proxy"),
             &self.grpc.to_string(),
             &ca_file,
             &mut self.admin,
+            o.namespace.unwrap_or("default"),
             o.service_account,
         )
         .await?;
@@ -396,6 +399,7 @@ impl Mesh {
         let node = format!("{service}-{version}-{}", self.procs.len());
         let sidecar = self
             .sidecar(SidecarOpts {
+                namespace: None,
                 service: Some(service),
                 version: Some(version),
                 service_account: service,
@@ -457,6 +461,7 @@ impl Mesh {
     ) -> anyhow::Result<Sidecar> {
         let node = format!("{service}-{}", self.procs.len());
         self.sidecar(SidecarOpts {
+            namespace: None,
             service: Some(service),
             version: Some("v1"),
             service_account: service,
@@ -490,6 +495,7 @@ impl Mesh {
 
     /// Waits until `service` has `n` ready endpoints in the registry (bounded).
     pub async fn wait_endpoints(&mut self, service: &str, n: usize) -> anyhow::Result<()> {
+        let key = mesh_model::service::absolute(service, "default");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let eps = self
@@ -502,7 +508,7 @@ impl Mesh {
             let count = eps
                 .endpoints
                 .iter()
-                .filter(|e| e.service == service && e.endpoint.as_ref().is_some_and(|x| x.ready))
+                .filter(|e| e.service == key && e.endpoint.as_ref().is_some_and(|x| x.ready))
                 .count();
             if count == n {
                 return Ok(());

@@ -321,7 +321,7 @@ fn catalog_in_dump(d: &serde_json::Value) -> Vec<(String, String, String, bool)>
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|s| s["name"] == "catalog")
+        .filter(|s| s["name"] == "catalog.shop")
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
         .map(|e| {
             (
@@ -359,7 +359,7 @@ async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
     let c = mesh.client("web").await?;
     // The first request subscribes the proxy to catalog (its answer does not matter: the
     // addresses are not reachable from here).
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
     let a = |ready| {
         (
             "catalog-a.shop".to_string(),
@@ -378,7 +378,9 @@ async fn endpoints_follow_kubernetes_endpointslices() -> anyhow::Result<()> {
         catalog_in_dump(d) == vec![a(true)]
     })
     .await?;
-    let identity = mesh.meshctl(&["-o", "json", "services"]).await?;
+    let identity = mesh
+        .meshctl(&["-n", "shop", "-o", "json", "services"])
+        .await?;
     assert!(
         identity.contains("spiffe://mesh.local/ns/shop/sa/catalog"),
         "{identity}"
@@ -696,7 +698,7 @@ fn catalog_vips(d: &serde_json::Value) -> (Vec<String>, Vec<(u64, u64)>) {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|s| s["name"] == "catalog")
+        .find(|s| s["name"] == "catalog.shop")
         .cloned()
         .unwrap_or_default();
     let ips = s["vips"]
@@ -736,7 +738,7 @@ async fn service_cluster_ips_reach_the_proxies() -> anyhow::Result<()> {
     .await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
     let c = mesh.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
     let vip = vec!["10.96.0.20".to_string()];
     wait_config(c.admin, Duration::from_secs(5), |d| {
         catalog_vips(d) == (vip.clone(), vec![(80, 8080), (9090, 9091)])
@@ -785,7 +787,7 @@ async fn catalog_on_kubernetes(
     let api = FakeKubeApi::start(objects).await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
     let c = mesh.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
     wait_config(c.admin, Duration::from_secs(5), |d| {
         catalog_in_dump(d).len() == eps.len()
     })
@@ -838,8 +840,16 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
     };
 
     // meshctl → the object.
-    mesh.meshctl(&["route", "set", "catalog", "--weights", "v1=80,v2=20"])
-        .await?;
+    mesh.meshctl(&[
+        "-n",
+        "shop",
+        "route",
+        "set",
+        "catalog",
+        "--weights",
+        "v1=80,v2=20",
+    ])
+    .await?;
     object_within(want(&[("v1", 80), ("v2", 20)])).await?;
 
     // kubectl apply → the route, in the registry and at the proxy.
@@ -849,11 +859,11 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
         mesh_route(&[("v1", 10), ("v2", 90)]),
     );
     wait_config(c.admin, Duration::from_secs(5), |d| {
-        route_in_dump(d, "catalog") == want(&[("v1", 10), ("v2", 90)])
+        route_in_dump(d, "catalog.shop") == want(&[("v1", 10), ("v2", 90)])
     })
     .await?;
     let got = mesh
-        .meshctl(&["-o", "json", "route", "get", "catalog"])
+        .meshctl(&["-n", "shop", "-o", "json", "route", "get", "catalog"])
         .await?;
     assert!(got.contains("90"), "{got}");
 
@@ -867,14 +877,22 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
     }
     let dump = admin_get(c.admin, "/config_dump").await?;
     assert_eq!(
-        route_in_dump(&dump.json, "catalog"),
+        route_in_dump(&dump.json, "catalog.shop"),
         want(&[("v1", 10), ("v2", 90)])
     );
     object_within(want(&[("v1", 10), ("v2", 90)])).await?;
 
     // meshctl again: the object follows.
-    mesh.meshctl(&["route", "set", "catalog", "--weights", "v1=50,v2=50"])
-        .await?;
+    mesh.meshctl(&[
+        "-n",
+        "shop",
+        "route",
+        "set",
+        "catalog",
+        "--weights",
+        "v1=50,v2=50",
+    ])
+    .await?;
     object_within(want(&[("v1", 50), ("v2", 50)])).await?;
 
     // kubectl delete → the default route (no weights).
@@ -884,7 +902,7 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
         mesh_route(&[("v1", 50), ("v2", 50)]),
     );
     wait_config(c.admin, Duration::from_secs(5), |d| {
-        route_in_dump(d, "catalog").is_empty()
+        route_in_dump(d, "catalog.shop").is_empty()
     })
     .await?;
     Ok(())
@@ -909,13 +927,22 @@ async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
     );
     wait_config(c.admin, Duration::from_secs(5), |d| {
         d["services"].as_array().into_iter().flatten().any(|s| {
-            s["name"] == "catalog" && s["policy"].as_str().is_some_and(|p| p.contains("1.234s"))
+            s["name"] == "catalog.shop"
+                && s["policy"].as_str().is_some_and(|p| p.contains("1.234s"))
         })
     })
     .await?;
 
-    mesh.meshctl(&["authz", "set", "catalog", "--rule", "allow from=ns/shop/*"])
-        .await?;
+    mesh.meshctl(&[
+        "-n",
+        "shop",
+        "authz",
+        "set",
+        "catalog",
+        "--rule",
+        "allow from=ns/shop/*",
+    ])
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let spec = api
@@ -960,7 +987,7 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
     let a = replica("cp-a").await?;
     let mut b = replica("cp-b").await?;
     let c = b.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog/").await;
+    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
     wait_config(c.admin, Duration::from_secs(5), |d| {
         catalog_in_dump(d).len() == 2
     })
@@ -968,7 +995,11 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
     // Replica A learns the service through its own watch of the shared state: B's proxy
     // having it says nothing of A yet.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while a.meshctl(&["route", "get", "catalog"]).await.is_err() {
+    while a
+        .meshctl(&["-n", "shop", "route", "get", "catalog"])
+        .await
+        .is_err()
+    {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "replica A never learned the catalog service"
@@ -978,6 +1009,8 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
 
     for (v1, v2) in [(100u64, 0u64), (30, 70)] {
         a.meshctl(&[
+            "-n",
+            "shop",
             "route",
             "set",
             "catalog",
@@ -987,7 +1020,7 @@ async fn replicas_share_state_through_the_kubernetes_api() -> anyhow::Result<()>
         .await?;
         let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
         let took = wait_config(c.admin, Duration::from_secs(1), |d| {
-            route_in_dump(d, "catalog") == want
+            route_in_dump(d, "catalog.shop") == want
         })
         .await?;
         assert!(took < Duration::from_secs(1), "{took:?}");
@@ -1084,7 +1117,15 @@ async fn a_deleted_serviceaccount_is_no_longer_renewed() -> anyhow::Result<()> {
 /// The ids of catalog's endpoints, sorted, as meshctl lists them.
 async fn catalog_endpoint_ids(mesh: &Mesh) -> anyhow::Result<Vec<String>> {
     let out = match mesh
-        .meshctl(&["-o", "json", "endpoints", "--service", "catalog"])
+        .meshctl(&[
+            "-n",
+            "shop",
+            "-o",
+            "json",
+            "endpoints",
+            "--service",
+            "catalog",
+        ])
         .await
     {
         Err(e) if e.to_string().contains("unknown service") => return Ok(Vec::new()),
@@ -1162,7 +1203,15 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let out = mesh
-            .meshctl(&["-o", "json", "endpoints", "--service", "catalog"])
+            .meshctl(&[
+                "-n",
+                "shop",
+                "-o",
+                "json",
+                "endpoints",
+                "--service",
+                "catalog",
+            ])
             .await?;
         if out.contains(&inbound) {
             break;
@@ -1284,6 +1333,7 @@ spec:
     // The sidecar, configured as injected (STRICT inbound in front of the app).
     let web = mesh
         .sidecar(SidecarOpts {
+            namespace: None,
             service: Some("shop"),
             version: Some("v1"),
             service_account: "shop",

@@ -27,7 +27,7 @@ async fn meshctl_top_shows_the_traffic_per_version() -> anyhow::Result<()> {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|r| r["service"] == "backend")
+            .filter(|r| r["service"] == "backend.default")
             .cloned()
             .collect();
         let total: u64 = rows.iter().filter_map(|r| r["requests"].as_u64()).sum();
@@ -379,7 +379,7 @@ async fn meshctl_tap_and_access_log_show_each_request() -> anyhow::Result<()> {
             e["dst_identity"], "spiffe://mesh.local/ns/default/sa/backend",
             "{e}"
         );
-        assert_eq!(e["dst_service"], "backend", "{e}");
+        assert_eq!(e["dst_service"], "backend.default", "{e}");
         assert_eq!(e["method"], "GET", "{e}");
         assert_eq!(e["backend_version"], "v1", "{e}");
         assert!(e["latency_ms"].as_f64().is_some_and(|l| l > 0.0), "{e}");
@@ -594,15 +594,18 @@ async fn dashboard_shows_the_live_topology_in_a_browser() -> anyhow::Result<()> 
             .is_some_and(|l| l.iter().any(|x| x == e))
     };
     b.wait_for(edges_js, Duration::from_secs(15), |v| {
-        has(v, "web -> backend v1")
+        has(v, "web.default -> backend.default v1")
     })
     .await?;
     let nodes = b
         .eval("JSON.stringify([...document.querySelectorAll('#nodes .node')].map(n => n.dataset.id).sort())")
         .await?;
-    assert_eq!(nodes, r#"["backend v1","catalog v1","web"]"#);
+    assert_eq!(
+        nodes,
+        r#"["backend.default v1","catalog.default v1","web.default"]"#
+    );
     let label = b
-        .eval("document.querySelector('#edges .edge[data-to=\"backend v1\"] text').textContent")
+        .eval("document.querySelector('#edges .edge[data-to=\"backend.default v1\"] text').textContent")
         .await?;
     let label = label.as_str().unwrap_or("");
     assert!(
@@ -642,7 +645,7 @@ async fn dashboard_shows_the_live_topology_in_a_browser() -> anyhow::Result<()> 
     let rs = load(&http, 20, 2, |_| get_req("http://catalog/")).await;
     assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))));
     b.wait_for(edges_js, Duration::from_secs(15), |v| {
-        has(v, "web -> catalog v1") && has(v, "web -> backend v1")
+        has(v, "web.default -> catalog.default v1") && has(v, "web.default -> backend.default v1")
     })
     .await?;
     let later = b.eval("Number(document.body.dataset.updates)").await?;
@@ -744,7 +747,7 @@ async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result
         .as_array()
         .into_iter()
         .flatten()
-        .find(|r| r["service"] == "backend")
+        .find(|r| r["service"] == "backend.default")
         .and_then(|r| r["p99_ms"].as_f64())
         .ok_or_else(|| anyhow::anyhow!("no backend row: {v}"))?;
     assert!(

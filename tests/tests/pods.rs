@@ -289,7 +289,15 @@ async fn injected_pods_talk_mtls_become_ready_and_drain_in_podman() -> anyhow::R
     let eps = meshctl(
         &data,
         cp,
-        &["-o", "json", "endpoints", "--service", "server"],
+        &[
+            "-n",
+            "team-b",
+            "-o",
+            "json",
+            "endpoints",
+            "--service",
+            "server",
+        ],
     )
     .await?;
     assert!(!eps.contains(&server_pods[1].ip.to_string()), "{eps}");

@@ -719,6 +719,7 @@ async fn app_closing_a_reused_connection_is_replayed_for_idempotent_requests() -
     let mut mesh = Mesh::start().await?;
     let (app, conns) = app_closing_reused_connections().await?;
     mesh.sidecar(SidecarOpts {
+        namespace: None,
         service: Some("legacy"),
         version: Some("v1"),
         service_account: "legacy",
@@ -871,7 +872,7 @@ async fn grpc_failures_in_trailers_eject_and_count() -> anyhow::Result<()> {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|r| r["service"] == "backend")
+            .filter(|r| r["service"] == "backend.default")
             .collect();
         let total: f64 = rows.iter().filter_map(|r| r["requests"].as_f64()).sum();
         let failures: f64 = rows

@@ -11,6 +11,65 @@ use mesh_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// gRPC metadata meshctl sends with `-n`: the namespace of service names given without one
+/// (absent: `default`).
+pub const NAMESPACE_HEADER: &str = "x-mesh-namespace";
+
+/// A request naming a service.
+trait NamesService {
+    fn service_mut(&mut self) -> &mut String;
+}
+
+macro_rules! names_service {
+    ($($t:ty),*) => {
+        $(impl NamesService for $t {
+            fn service_mut(&mut self) -> &mut String {
+                &mut self.service
+            }
+        })*
+    };
+}
+
+names_service!(
+    pb::ListEndpointsRequest,
+    pb::AddEndpointRequest,
+    pb::RemoveEndpointRequest,
+    pb::GetRouteRequest,
+    pb::SetRouteRequest,
+    pb::TapRequest,
+    pb::StartCanaryRequest,
+    pb::GetCanaryRequest,
+    pb::CanaryActionRequest,
+    pb::GetPolicyRequest,
+    pb::SetPolicyRequest,
+    pb::GetAuthzRequest,
+    pb::SetAuthzRequest,
+    pb::SetMtlsModeRequest,
+    pb::CheckAuthzRequest
+);
+
+/// The namespace a caller's bare service names are in.
+fn caller_namespace<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(NAMESPACE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(mesh_model::service::DEFAULT_NAMESPACE)
+        .to_string()
+}
+
+/// The request with its service name made absolute (`name.namespace`), as the registry keys
+/// services: a bare name is in the caller's namespace.
+fn qualified<T: NamesService>(req: Request<T>) -> T {
+    let ns = caller_namespace(&req);
+    let mut m = req.into_inner();
+    let s = m.service_mut();
+    if !s.is_empty() {
+        *s = mesh_model::service::absolute(s, &ns);
+    }
+    m
+}
+
 pub struct AdminService {
     pub registry: Arc<Registry>,
     pub proxies: Arc<ProxyTable>,
@@ -55,9 +114,9 @@ impl pb::admin_server::Admin for AdminService {
         let st = self.registry.state();
         let services = st
             .services
-            .values()
-            .map(|s| {
-                let eps = st.endpoints.get(&s.name);
+            .iter()
+            .map(|(key, s)| {
+                let eps = st.endpoints.get(key);
                 pb::ServiceInfo {
                     name: s.name.clone(),
                     namespace: s.namespace.clone(),
@@ -65,8 +124,8 @@ impl pb::admin_server::Admin for AdminService {
                     endpoints: eps.map_or(0, |m| m.len() as u32),
                     ready_endpoints: eps
                         .map_or(0, |m| m.values().filter(|e| e.ready).count() as u32),
-                    versions: st.versions_of(&s.name),
-                    mtls_mode: Registry::mtls_mode(&st, &s.name).to_string(),
+                    versions: st.versions_of(key),
+                    mtls_mode: Registry::mtls_mode(&st, key).to_string(),
                 }
             })
             .collect();
@@ -77,7 +136,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
-        let filter = req.into_inner().service;
+        let filter = qualified(req).service;
         let st = self.registry.state();
         if !filter.is_empty() && !st.services.contains_key(&filter) {
             return Err(Status::not_found(format!("unknown service {filter:?}")));
@@ -100,17 +159,20 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::AddEndpointRequest>,
     ) -> Result<Response<pb::AddEndpointResponse>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         let ep = m
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+        // The identity's namespace is the service's unless given; its account the service's
+        // name unless given.
+        let (name, service_ns) = mesh_model::service::split(&m.service);
         let ns = if m.namespace.is_empty() {
-            "default"
+            service_ns
         } else {
             &m.namespace
         };
         let sa = if m.service_account.is_empty() {
-            &m.service
+            name
         } else {
             &m.service_account
         };
@@ -126,7 +188,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RemoveEndpointRequest>,
     ) -> Result<Response<pb::RemoveEndpointResponse>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         self.registry
             .remove_endpoint(&m.service, &m.endpoint_id, None)
             .await?;
@@ -137,7 +199,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetRouteRequest>,
     ) -> Result<Response<pb::RouteInfo>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let st = self.registry.state();
         if !st.services.contains_key(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));
@@ -149,7 +211,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::SetRouteRequest>,
     ) -> Result<Response<pb::RouteInfo>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         check_name("service", &m.service)?;
         let route = m.route.unwrap_or_default();
         let v = self
@@ -190,7 +252,7 @@ impl pb::admin_server::Admin for AdminService {
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TapEvent, Status>> + Send>>;
 
     async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
-        let r = req.into_inner();
+        let r = qualified(req);
         if !self.registry.state().services.contains_key(&r.service) {
             return Err(Status::not_found(format!(
                 "unknown service {:?}",
@@ -246,7 +308,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::StartCanaryRequest>,
     ) -> Result<Response<pb::CanaryInfo>, Status> {
-        let rec = crate::rollout::start(&self.registry, &req.into_inner()).await?;
+        let rec = crate::rollout::start(&self.registry, &qualified(req)).await?;
         Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
     }
 
@@ -254,7 +316,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetCanaryRequest>,
     ) -> Result<Response<pb::CanaryInfo>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let st = self.registry.state();
         let rec = st
             .canaries
@@ -267,7 +329,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CanaryActionRequest>,
     ) -> Result<Response<pb::CanaryInfo>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         let rec = crate::rollout::act(&self.registry, &m.service, &m.action).await?;
         Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
     }
@@ -276,7 +338,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetRouteRequest>,
     ) -> Result<Response<pb::RouteInfo>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let v = self.registry.rollback_route(&service).await?;
         tracing::info!(%service, revision = v.revision, "route rolled back");
         Ok(Response::new(route_info(&service, v)))
@@ -286,7 +348,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::PolicyInfo>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let st = self.registry.state();
         if !st.services.contains_key(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));
@@ -303,7 +365,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::PolicyInfo>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         check_name("service", &m.service)?;
         let policy = m.policy.unwrap_or_default();
         let rev = self
@@ -322,7 +384,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetAuthzRequest>,
     ) -> Result<Response<pb::AuthzInfo>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let st = self.registry.state();
         let revision = st.authz.get(&service).map_or(0, |r| r.revision);
         authz_info(&st, service, revision)
@@ -332,7 +394,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::SetAuthzRequest>,
     ) -> Result<Response<pb::AuthzInfo>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         check_name("service", &m.service)?;
         let rev = self
             .registry
@@ -359,7 +421,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::SetMtlsModeRequest>,
     ) -> Result<Response<pb::SetMtlsModeResponse>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         check_name("service", &m.service)?;
         let revision = self.registry.set_mtls_mode(&m.service, &m.mode).await?;
         tracing::info!(service = %m.service, mode = %m.mode, revision, "mTLS mode set");
@@ -371,7 +433,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CheckAuthzRequest>,
     ) -> Result<Response<pb::CheckAuthzResponse>, Status> {
-        let m = req.into_inner();
+        let m = qualified(req);
         let st = self.registry.state();
         let a = crate::discovery::effective_authz(&st, &m.service)
             .ok_or_else(|| Status::not_found(format!("unknown service {:?}", m.service)))?;
@@ -424,7 +486,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetRouteRequest>,
     ) -> Result<Response<pb::RouteHistoryResponse>, Status> {
-        let service = req.into_inner().service;
+        let service = qualified(req).service;
         let st = self.registry.state();
         if !st.services.contains_key(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));

@@ -139,6 +139,8 @@ pub async fn top(
     refresh: &str,
     count: Option<u32>,
     json: bool,
+    in_scope: &dyn Fn(&str) -> bool,
+    shown: &dyn Fn(&str) -> String,
 ) -> anyhow::Result<()> {
     let window_seconds = policy::parse_ms(window)
         .map_err(|e| anyhow::anyhow!("--window: {e}"))?
@@ -151,7 +153,8 @@ pub async fn top(
         if i > 0 {
             tokio::time::sleep(refresh).await;
         }
-        let r = c.top(pb::TopRequest { window_seconds }).await?.into_inner();
+        let mut r = c.top(pb::TopRequest { window_seconds }).await?.into_inner();
+        r.rows.retain(|row| in_scope(&row.service));
         if json {
             print_json(&r)?;
             continue;
@@ -167,7 +170,7 @@ pub async fn top(
         ]);
         for row in &r.rows {
             t.row(vec![
-                row.service.clone(),
+                shown(&row.service),
                 row.version.clone(),
                 format!("{:.1}", row.rps),
                 format!("{:.2}%", row.success_percent),

@@ -8,13 +8,20 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
 
-/// Adds `authorization: Bearer <token>` to every call.
+type Ascii = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
+/// Adds `authorization: Bearer <token>` to every call, and the namespace of bare service
+/// names (`-n`) when one is given.
 #[derive(Clone)]
-pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct BearerToken(Ascii, Option<Ascii>);
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(ns) = &self.1 {
+            req.metadata_mut()
+                .insert(crate::admin::NAMESPACE_HEADER, ns.clone());
+        }
         Ok(req)
     }
 }
@@ -35,8 +42,18 @@ pub async fn bootstrap_token(
     Ok(r.into_inner().token)
 }
 
-/// Connects to an admin API.
+/// Connects to an admin API (bare service names are in namespace `default`).
 pub async fn connect_with(server: &str, token: &str, ca_pem: &str) -> anyhow::Result<Admin> {
+    connect_in(server, token, ca_pem, None).await
+}
+
+/// Connects to an admin API; bare service names are in `namespace` when given.
+pub async fn connect_in(
+    server: &str,
+    token: &str,
+    ca_pem: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<Admin> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(crate::server::SERVER_NAME);
@@ -50,9 +67,12 @@ pub async fn connect_with(server: &str, token: &str, ca_pem: &str) -> anyhow::Re
     let value = format!("Bearer {token}")
         .parse()
         .context("admin token has invalid characters")?;
+    let ns = namespace
+        .map(|n| n.parse().context("namespace has invalid characters"))
+        .transpose()?;
     Ok(AdminClient::new(InterceptedService::new(
         channel,
-        BearerToken(value),
+        BearerToken(value, ns),
     )))
 }
 
@@ -78,5 +98,5 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
             ca_path.display()
         )
     })?;
-    connect_with(&cli.server, &token, &ca).await
+    connect_in(&cli.server, &token, &ca, Some(&cli.namespace)).await
 }

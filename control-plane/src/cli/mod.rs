@@ -35,6 +35,13 @@ pub struct Cli {
     /// a scoped one from `meshctl token create --scope …`.
     #[arg(long, env = "MESH_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// Namespace of service names given without one (`api` means `api.<namespace>`), and of
+    /// what lists show.
+    #[arg(short = 'n', long, global = true, default_value = "default")]
+    pub namespace: String,
+    /// Lists show every namespace.
+    #[arg(short = 'A', long = "all-namespaces", global = true)]
+    pub all_namespaces: bool,
     /// CA certificate to verify the control plane (default: <data-dir>/ca/bundle.pem).
     #[arg(long, env = "MESH_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
@@ -167,9 +174,7 @@ pub enum EndpointsCmd {
         /// `version` label.
         #[arg(long)]
         version: Option<String>,
-        #[arg(long, default_value = "default")]
-        namespace: String,
-        /// Service account (default: the service name).
+        /// Service account, in the service's namespace (default: the service name).
         #[arg(long)]
         service_account: Option<String>,
     },
@@ -347,11 +352,12 @@ fn fmt_time(unix: i64) -> String {
     )
 }
 
-fn route_table(routes: &[pb::RouteInfo]) -> Table {
+/// Routes as a table; services of namespace `ns` by their bare name.
+fn route_table(routes: &[pb::RouteInfo], ns: &str) -> Table {
     let mut t = Table::new(&["SERVICE", "WEIGHTS", "REVISION", "UPDATED"]);
     for r in routes {
         t.row(vec![
-            r.service.clone(),
+            mesh_model::service::relative(&r.service, ns).to_string(),
             fmt_weights(&r.route),
             r.revision.to_string(),
             fmt_time(r.updated_at_unix),
@@ -369,12 +375,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(cmd) => cmd.clone(),
     };
     let mut c = client::connect(&cli).await?;
+    // Lists show the -n namespace, or every namespace with -A.
+    let (all, ns) = (cli.all_namespaces, cli.namespace.clone());
+    let in_scope = move |key: &str| all || mesh_model::service::split(key).1 == ns;
     match cmd {
         AdminCmd::Services => {
-            let r = c
+            let mut r = c
                 .list_services(pb::ListServicesRequest {})
                 .await?
                 .into_inner();
+            r.services
+                .retain(|s| cli.all_namespaces || s.namespace == cli.namespace);
             if json {
                 return print_json(&r);
             }
@@ -401,12 +412,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             t.print();
         }
         AdminCmd::Endpoints { cmd: None, service } => {
-            let r = c
+            let mut r = c
                 .list_endpoints(pb::ListEndpointsRequest {
                     service: service.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
+            r.endpoints.retain(|e| in_scope(&e.service));
             if json {
                 return print_json(&r);
             }
@@ -414,7 +426,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             for e in r.endpoints {
                 let ep = e.endpoint.unwrap_or_default();
                 let v = ep.labels.get("version").cloned().unwrap_or_default();
-                t.row(vec![e.service, ep.id, ep.address, v, ep.ready.to_string()]);
+                let svc = mesh_model::service::relative(&e.service, &cli.namespace).to_string();
+                t.row(vec![svc, ep.id, ep.address, v, ep.ready.to_string()]);
             }
             t.print();
         }
@@ -425,7 +438,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     id,
                     address,
                     version,
-                    namespace,
                     service_account,
                 }),
             ..
@@ -436,7 +448,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             c.add_endpoint(pb::AddEndpointRequest {
                 service: service.clone(),
-                namespace,
+                namespace: String::new(),
                 service_account: service_account.unwrap_or_default(),
                 endpoint: Some(pb::Endpoint {
                     id: id.clone(),
@@ -504,7 +516,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 println!(
                     "route of {} set to {} (revision {})",
-                    r.service,
+                    mesh_model::service::relative(&r.service, &cli.namespace),
                     fmt_weights(&r.route),
                     r.revision
                 );
@@ -517,7 +529,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     return print_json(&r);
                 }
-                route_table(std::slice::from_ref(&r)).print();
+                route_table(std::slice::from_ref(&r), &cli.namespace).print();
                 for l in route::lines(&r.route.unwrap_or_default()).iter().skip(1) {
                     println!("{l}");
                 }
@@ -532,7 +544,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 println!(
                     "route of {} rolled back to {} (revision {})",
-                    r.service,
+                    mesh_model::service::relative(&r.service, &cli.namespace),
                     fmt_weights(&r.route),
                     r.revision
                 );
@@ -561,11 +573,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             RouteCmd::List => {
-                let r = c.list_routes(pb::ListRoutesRequest {}).await?.into_inner();
+                let mut r = c.list_routes(pb::ListRoutesRequest {}).await?.into_inner();
+                r.routes.retain(|x| in_scope(&x.service));
                 if json {
                     return print_json(&r);
                 }
-                route_table(&r.routes).print();
+                route_table(&r.routes, &cli.namespace).print();
             }
             RouteCmd::History { service } => {
                 let r = c
@@ -575,7 +588,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     return print_json(&r);
                 }
-                route_table(&r.history).print();
+                route_table(&r.history, &cli.namespace).print();
             }
         },
         AdminCmd::Policy { cmd } => policy::run(&mut c, cmd, json).await?,
@@ -597,7 +610,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             window,
             refresh,
             count,
-        } => canary::top(&mut c, &window, &refresh, count, json).await?,
+        } => {
+            let ns = cli.namespace.clone();
+            let shown = move |k: &str| mesh_model::service::relative(k, &ns).to_string();
+            canary::top(&mut c, &window, &refresh, count, json, &in_scope, &shown).await?
+        }
         AdminCmd::Canary { cmd } => canary::run(&mut c, cmd, json).await?,
         AdminCmd::Tap(a) => tap::run(&mut c, a, json).await?,
         AdminCmd::Ca { cmd } => ca::run(&mut c, cmd, json).await?,

@@ -198,8 +198,10 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
         let mut ep = endpoint_from_proto(ep);
         ep.leased = true;
+        // A proxy names its service as its app does: a bare name is in its own namespace.
+        let service = mesh_model::service::absolute(&msg.service, &identity.namespace);
         self.registry
-            .upsert_endpoint(&msg.service, &identity, ep)
+            .upsert_endpoint(&service, &identity, ep)
             .await?;
         Ok(Response::new(pb::RegisterResponse {}))
     }
@@ -210,8 +212,9 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let identity = peer_identity(&req)?;
         let msg = req.into_inner();
+        let service = mesh_model::service::absolute(&msg.service, &identity.namespace);
         self.registry
-            .remove_endpoint(&msg.service, &msg.endpoint_id, Some(&identity))
+            .remove_endpoint(&service, &msg.endpoint_id, Some(&identity))
             .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }

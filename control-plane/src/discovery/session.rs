@@ -20,6 +20,9 @@ pub(super) struct Session {
     /// The proxy's verified identity: only the services it serves (those with this identity)
     /// come with their authorization rules.
     identity: String,
+    /// The proxy's namespace: the names it subscribes to are relative to it (a bare name is
+    /// a service of its own namespace, as in a pod's DNS search path).
+    namespace: String,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     subscriptions: BTreeSet<String>,
     /// What the proxy was last sent per name: Some(version), or None when sent as removed.
@@ -38,11 +41,15 @@ impl Session {
         identity: String,
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> Self {
+        let namespace = crate::spiffe::SpiffeId::parse(&identity)
+            .map(|i| i.namespace)
+            .unwrap_or_else(|_| mesh_model::service::DEFAULT_NAMESPACE.to_string());
         Self {
             registry,
             table,
             id,
             identity,
+            namespace,
             tx,
             subscriptions: BTreeSet::new(),
             sent: HashMap::new(),
@@ -147,12 +154,12 @@ impl Session {
                 .filter(|n| *n != ALL_SERVICES)
                 .cloned()
                 .collect();
-            all.extend(
-                state
-                    .services
-                    .keys()
-                    .map(|s| format!("{SERVICE_PREFIX}{s}")),
-            );
+            all.extend(state.services.keys().map(|s| {
+                format!(
+                    "{SERVICE_PREFIX}{}",
+                    mesh_model::service::relative(s, &self.namespace)
+                )
+            }));
             all.extend(
                 self.sent
                     .keys()
@@ -166,7 +173,7 @@ impl Session {
         };
         for name in names {
             let last = self.sent.get(name);
-            match current(&state, name, last, &self.identity) {
+            match current(&state, name, last, &self.identity, &self.namespace) {
                 Some((version, kind)) if last != Some(&Some(version)) => {
                     self.sent.insert(name.clone(), Some(version));
                     resources.push(pb::Resource {
@@ -224,24 +231,31 @@ fn current(
     name: &str,
     sent: Option<&Option<u64>>,
     identity: &str,
+    namespace: &str,
 ) -> Option<(u64, Option<pb::resource::Kind>)> {
-    let version = if name == TRUST_RESOURCE {
-        state.trust.as_ref().map(|_| state.trust_version)?
-    } else {
-        let svc = name.strip_prefix(SERVICE_PREFIX)?;
-        state.services.get(svc)?;
-        state
-            .service_versions
-            .get(svc)
-            .copied()
-            .unwrap_or(state.revision)
+    let key = name
+        .strip_prefix(SERVICE_PREFIX)
+        .map(|svc| mesh_model::service::absolute(svc, namespace));
+    let version = match &key {
+        None if name == TRUST_RESOURCE => state.trust.as_ref().map(|_| state.trust_version)?,
+        None => return None,
+        Some(key) => {
+            state.services.get(key)?;
+            state
+                .service_versions
+                .get(key)
+                .copied()
+                .unwrap_or(state.revision)
+        }
     };
     if sent == Some(&Some(version)) {
         return Some((version, None));
     }
-    let kind = match name.strip_prefix(SERVICE_PREFIX) {
-        Some(svc) => {
-            let mut c = service_config(state, svc)?;
+    let kind = match (name.strip_prefix(SERVICE_PREFIX), &key) {
+        (Some(svc), Some(key)) => {
+            let mut c = service_config(state, key)?;
+            // Named as the proxy asked: relative to its namespace.
+            c.name = svc.to_string();
             // Who may call a service is its own proxies' business: another proxy learning
             // the rules would learn which identities to impersonate. (A service with no
             // identity yet has no proxy of its own: its rules go to whoever asks.)
@@ -250,7 +264,7 @@ fn current(
             }
             pb::resource::Kind::Service(c)
         }
-        None => {
+        _ => {
             let t = state.trust.as_ref()?;
             pb::resource::Kind::Trust(pb::TrustBundle {
                 bundle_pem: t.bundle_pem.clone(),

@@ -73,18 +73,9 @@ pub struct Outbound {
     pub mirrors: Arc<tokio::sync::Semaphore>,
     /// Destination ports known opaque or HTTP (transparent interception).
     pub ports: transparent::PortKinds,
-}
-
-/// Service name from a host: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
-pub fn service_key(host: &str) -> &str {
-    let h = host
-        .strip_suffix(".svc.cluster.local")
-        .or_else(|| host.strip_suffix(".svc"))
-        .unwrap_or(host);
-    match h.split_once('.') {
-        Some((name, ns)) if !ns.contains('.') => name,
-        _ => h,
-    }
+    /// The proxy's namespace: a bare service name is one of its services
+    /// (`mesh_model::service`).
+    pub namespace: Arc<str>,
 }
 
 /// The host part of an authority (port stripped; bracketed IPv6 hosts keep their brackets).
@@ -142,7 +133,7 @@ impl Outbound {
         // Borrowed: an owned copy is made only for an error message.
         let name: &str = match &fixed {
             Some(f) => f,
-            None => service_key(host_of(&authority)),
+            None => mesh_model::service::host_key(host_of(&authority), &self.namespace),
         };
         let svc = self.snapshots.resolve(name).await.map_err(|e| match e {
             ResolveError::Unknown => ProxyError::UnknownService(name.to_string()),
@@ -410,16 +401,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_names_from_hosts() {
-        for (h, want) in [
-            ("catalog", "catalog"),
-            ("catalog.default", "catalog"),
-            ("catalog.default.svc", "catalog"),
-            ("catalog.default.svc.cluster.local", "catalog"),
-            ("example.com.org", "example.com.org"),
-        ] {
-            assert_eq!(service_key(h), want, "{h}");
-        }
+    fn hosts() {
         assert_eq!(host_of("catalog:8080"), "catalog");
         assert_eq!(host_of("catalog"), "catalog");
         assert_eq!(host_of("[::1]:80"), "[::1]");
