@@ -73,6 +73,7 @@ fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
             .into(),
             ready: true,
             app_port: 0,
+            identity: String::new(),
         })
         .collect();
     pb::ServiceConfig {

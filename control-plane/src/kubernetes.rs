@@ -182,6 +182,7 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
                     leased: false,
                     app_port,
                     kubernetes: true,
+                    identity: String::new(),
                 },
             ));
         }

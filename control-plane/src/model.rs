@@ -45,6 +45,10 @@ pub struct EndpointRecord {
     /// Comes from a Kubernetes EndpointSlice (kept in step with it by `kubernetes`).
     #[serde(default)]
     pub kubernetes: bool,
+    /// The endpoint's SPIFFE id when it differs from its service's (a Service whose pods run
+    /// under several service accounts).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 impl EndpointRecord {

@@ -565,14 +565,27 @@ impl Registry {
         }
         self.write(|st| {
             let mut ops = Vec::new();
+            let existing = st.endpoints.get(service).and_then(|m| m.get(&endpoint.id));
+            // Another account of the service's namespace is taken for an endpoint the
+            // Kubernetes view vouches for: a Service whose pods run under several accounts
+            // (the slice names the pod, the pod its account). Anyone else is refused.
+            let vouched = endpoint.kubernetes
+                || existing.is_some_and(|e| e.kubernetes && e.identity == identity_s);
+            let mut endpoint = endpoint.clone();
             match st.services.get(service) {
-                Some(s) if s.identity != identity_s => {
+                Some(s) if s.identity != identity_s && !vouched => {
                     return Err(RegistryError::PermissionDenied(format!(
                         "service {service:?} has identity {}, not {identity_s}",
                         s.identity
                     )));
                 }
-                Some(_) => {}
+                Some(s) => {
+                    endpoint.identity = if s.identity == identity_s {
+                        String::new()
+                    } else {
+                        identity_s.clone()
+                    };
+                }
                 None => ops.push(put(
                     format!("services/{service}"),
                     &ServiceRecord {
@@ -582,11 +595,9 @@ impl Registry {
                     },
                 )?),
             }
-            let existing = st.endpoints.get(service).and_then(|m| m.get(&endpoint.id));
             // A pod's proxy and its EndpointSlice name the same endpoint (one id per pod):
             // a registration keeps the record's place in the Kubernetes view, so it is still
             // removed when the pod leaves the slice.
-            let mut endpoint = endpoint.clone();
             endpoint.kubernetes |= existing.is_some_and(|e| e.kubernetes);
             if existing != Some(&endpoint) {
                 ops.push(put(

@@ -330,6 +330,7 @@ fn own_endpoint(b: &Bootstrap, inbound: Option<SocketAddr>) -> Option<(String, p
             labels,
             ready: true,
             app_port: app_port.into(),
+            identity: String::new(),
         },
     ))
 }

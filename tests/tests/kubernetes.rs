@@ -1400,3 +1400,113 @@ spec:
     assert_eq!(back, original);
     Ok(())
 }
+
+/// A Service whose pods run under several service accounts: each pod's proxy registers with
+/// its own account, its endpoint carries that identity, and callers verify each endpoint
+/// against its own; an account the Kubernetes view does not vouch for is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_may_run_under_several_service_accounts() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let mut canary = pod("catalog-b", "127.0.0.1", "v2", true);
+    canary["spec"]["serviceAccountName"] = "catalog-canary".into();
+    let api = FakeKubeApi::start(vec![
+        (Kind::Pod, pod("catalog-a", "127.0.0.1", "v1", true)),
+        (Kind::Pod, canary),
+        (
+            Kind::EndpointSlice,
+            slice(&[
+                ("catalog-a", "127.0.0.1", true),
+                ("catalog-b", "127.0.0.1", true),
+            ]),
+        ),
+    ])
+    .await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while catalog_endpoint_ids(&mesh).await?.len() < 2 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the slice's endpoints never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each pod's proxy, under its own account.
+    for (node, sa, version) in [
+        ("catalog-a.shop", "catalog", "v1"),
+        ("catalog-b.shop", "catalog-canary", "v2"),
+    ] {
+        let app = mesh.app("catalog", version).await?;
+        mesh.sidecar(SidecarOpts {
+            namespace: Some("shop"),
+            service: Some("catalog"),
+            version: Some(version),
+            service_account: sa,
+            app: Some(app),
+            node_id: Some(node),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let c = mesh.client("web").await?;
+    let http = h1_client(c.outbound);
+    // Both answer, each verified against its own identity.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "answers only from {seen:?}"
+        );
+        let r = get(&http, "http://catalog.shop/").await?;
+        if r.status == 200 {
+            seen.insert(r.json["version"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let (_, failed) = split(&http, "http://catalog.shop/", 40).await?;
+    assert_eq!(failed, 0);
+    let eps = mesh
+        .meshctl(&[
+            "-n",
+            "shop",
+            "-o",
+            "json",
+            "endpoints",
+            "--service",
+            "catalog",
+        ])
+        .await?;
+    assert!(
+        eps.contains("spiffe://mesh.local/ns/shop/sa/catalog-canary"),
+        "{eps}"
+    );
+
+    // An account no pod of the Service runs under is refused.
+    let app = mesh.app("catalog", "v9").await?;
+    mesh.sidecar(SidecarOpts {
+        namespace: Some("shop"),
+        service: Some("catalog"),
+        version: Some("v9"),
+        service_account: "intruder",
+        app: Some(app),
+        node_id: Some("intruder.shop"),
+        ..Default::default()
+    })
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !mesh
+        .cp_log()
+        .contains("not spiffe://mesh.local/ns/shop/sa/intruder")
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the intruder's registration was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !catalog_endpoint_ids(&mesh)
+            .await?
+            .contains(&"intruder.shop".to_string())
+    );
+    Ok(())
+}

@@ -456,6 +456,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     labels,
                     ready: true,
                     app_port: 0,
+                    identity: String::new(),
                 }),
             })
             .await?;

@@ -89,7 +89,12 @@ impl ToJson for pb::ListEndpointsResponse {
     fn to_json(&self) -> serde_json::Value {
         json!({"endpoints": self.endpoints.iter().map(|e| {
             let ep = e.endpoint.clone().unwrap_or_default();
-            json!({"service": e.service, "id": ep.id, "address": ep.address, "labels": ep.labels, "ready": ep.ready})
+            let mut v = json!({"service": e.service, "id": ep.id, "address": ep.address, "labels": ep.labels, "ready": ep.ready});
+            // An endpoint under another account than its service's names it.
+            if !ep.identity.is_empty() {
+                v["identity"] = ep.identity.clone().into();
+            }
+            v
         }).collect::<Vec<_>>()})
     }
 }

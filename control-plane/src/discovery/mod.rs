@@ -129,6 +129,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord) -> pb::Endpoint {
             .collect(),
         ready: e.ready,
         app_port: e.app_port.into(),
+        identity: e.identity.clone(),
     }
 }
 
@@ -141,6 +142,7 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
         leased: false,
         app_port: u16::try_from(e.app_port).unwrap_or(0),
         kubernetes: false,
+        identity: String::new(),
     }
 }
 

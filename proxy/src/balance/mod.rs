@@ -25,6 +25,8 @@ pub struct Endpoint {
     pub ready: bool,
     /// The app's own port on `addr`'s IP, when known (transparent interception).
     pub app_port: Option<u16>,
+    /// The endpoint's SPIFFE id when not the service's (several service accounts).
+    pub identity: Option<Arc<str>>,
 }
 
 pub use mesh_model::policy::{Algorithm, LbConfig};
@@ -69,6 +71,8 @@ impl Tried {
 pub struct Answered {
     pub version: Option<Arc<str>>,
     pub addr: SocketAddr,
+    /// The identity its certificate must name, when not the service's.
+    pub identity: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -323,6 +327,7 @@ impl Balancer {
             answered: Arc::new(Answered {
                 version: e.version.clone(),
                 addr: e.addr,
+                identity: e.identity.clone(),
             }),
             ep: e.clone(),
         };

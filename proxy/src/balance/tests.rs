@@ -8,6 +8,7 @@ fn ep(id: &str, port: u16, v: &str) -> Endpoint {
         version: Some(v.into()),
         ready: true,
         app_port: None,
+        identity: None,
     }
 }
 

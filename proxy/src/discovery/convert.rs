@@ -43,12 +43,19 @@ impl TryFrom<pb::ServiceConfig> for Service {
             if addr.port() == 0 {
                 return Err(bad(format!("endpoint {}: port 0", e.id)));
             }
+            if !e.identity.is_empty() && !e.identity.starts_with("spiffe://") {
+                return Err(bad(format!(
+                    "endpoint {}: identity {:?} is not a SPIFFE id",
+                    e.id, e.identity
+                )));
+            }
             endpoints.push(Endpoint {
                 id: e.id.as_str().into(),
                 addr,
                 version: e.labels.get("version").map(|v| Arc::from(v.as_str())),
                 ready: e.ready,
                 app_port: u16::try_from(e.app_port).ok().filter(|p| *p != 0),
+                identity: (!e.identity.is_empty()).then(|| Arc::from(e.identity.as_str())),
             });
         }
         // Checked by the same model the control plane admits with (`mesh-model`).
@@ -141,6 +148,7 @@ mod tests {
                 labels: [("version".to_string(), "v1".to_string())].into(),
                 ready: true,
                 app_port: 0,
+                identity: String::new(),
             }],
             route: Some(pb::Route {
                 backends: vec![pb::WeightedBackend {

@@ -100,15 +100,10 @@ impl Endpoint {
         }
     }
 
-    /// The pooled connection to `addr`, or a new one.
-    async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
+    /// The pooled connection to `addr` (whose certificate names `identity`), or a new one.
+    async fn connect(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {
         self.pool
-            .get(
-                addr,
-                &self.identity,
-                self.connect_timeout,
-                self.idle_timeout,
-            )
+            .get(addr, identity, self.connect_timeout, self.idle_timeout)
             .await
     }
 
@@ -131,7 +126,8 @@ impl Endpoint {
                 t.push(&picked);
             }
             let (addr, id) = (picked.addr, picked.id.clone());
-            let sender = match self.connect(addr).await {
+            let identity = picked.answered.identity.as_ref().unwrap_or(&self.identity);
+            let sender = match self.connect(addr, identity).await {
                 Ok(s) => s,
                 Err(e) => {
                     self.finish(picked, false);
@@ -158,8 +154,10 @@ impl Endpoint {
                 }
                 Err(SendError::Unsent(r, e)) => {
                     // The connection is closed or going away: the next request opens another.
+                    let identity = picked.answered.identity.clone();
                     self.finish(picked, false);
-                    self.pool.evict(addr, &self.identity);
+                    self.pool
+                        .evict(addr, identity.as_ref().unwrap_or(&self.identity));
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -170,9 +168,11 @@ impl Endpoint {
                     return Err(ProxyError::Refused(format!("{id} ({addr}): {e}")));
                 }
                 Err(SendError::Failed(e)) => {
+                    let identity = picked.answered.identity.clone();
                     self.finish(picked, false);
                     if e.is_go_away() || e.is_io() {
-                        self.pool.evict(addr, &self.identity);
+                        self.pool
+                            .evict(addr, identity.as_ref().unwrap_or(&self.identity));
                     }
                     let what = format!("{id} ({addr}): {e}");
                     return Err(if never_processed(&e) {

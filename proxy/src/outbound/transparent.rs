@@ -144,14 +144,12 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         let pick = {
             let snap = out.snapshots.load();
             snap.services.get(&service).and_then(|svc| {
-                let ready: Vec<SocketAddr> = svc
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| e.addr)
-                    .collect();
+                let ready: Vec<_> = svc.endpoints.iter().filter(|e| e.ready).collect();
                 let i = fastrand::usize(..ready.len().max(1));
-                ready.get(i).map(|a| (svc.identity.clone(), *a))
+                ready.get(i).map(|e| {
+                    let id = e.identity.clone().unwrap_or_else(|| svc.identity.clone());
+                    (id, e.addr)
+                })
             })
         };
         match pick {
