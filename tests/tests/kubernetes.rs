@@ -1492,11 +1492,26 @@ async fn a_service_may_run_under_several_service_accounts() -> anyhow::Result<()
         ..Default::default()
     })
     .await?;
+    // Its proxy is told why, and retries (logged).
+    let refused = || {
+        std::fs::read_dir(mesh.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|f| {
+                f.file_name()
+                    .to_string_lossy()
+                    .starts_with("catalog-v9-proxy")
+            })
+            .any(|f| {
+                std::fs::read_to_string(f.path()).is_ok_and(|t| {
+                    t.contains("PermissionDenied")
+                        && t.contains("not spiffe://mesh.local/ns/shop/sa/intruder")
+                })
+            })
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !mesh
-        .cp_log()
-        .contains("not spiffe://mesh.local/ns/shop/sa/intruder")
-    {
+    while !refused() {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "the intruder's registration was never refused"
