@@ -90,9 +90,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| cfg.data_dir.display().to_string())?;
-    if let Some(e) = &cfg.otlp_endpoint {
-        crate::trace::start(e).with_context(|| format!("--otlp-endpoint {e}"))?;
-    }
+    crate::trace::start(cfg.otlp_endpoint.as_deref()).context("OTLP exporter")?;
     let kube = match &cfg.kubernetes {
         Some(src) => Some(
             crate::kubernetes::client(src)

@@ -1,4 +1,4 @@
-//! The control plane's own spans (with `--otlp-endpoint`): one per admin API call (joining a
+//! The control plane's own spans (with `--otlp-endpoint` or the standard `OTEL_*` variables): one per admin API call (joining a
 //! caller's `traceparent`) and one per config push to a proxy. Exported like the proxies'
 //! (`mesh_otel`: queued, never awaited).
 
@@ -9,9 +9,16 @@ use std::task::{Context, Poll};
 
 static EXPORTER: OnceLock<Exporter> = OnceLock::new();
 
-/// Starts exporting (once per process).
-pub fn start(endpoint: &str) -> Result<(), mesh_otel::OtelError> {
-    let e = Exporter::start(endpoint, "mesh-control-plane", Vec::new())?;
+/// Starts exporting (once per process), to `flag_endpoint` or where the standard `OTEL_*`
+/// variables say (nothing when neither does).
+pub fn start(flag_endpoint: Option<&str>) -> Result<(), mesh_otel::OtelError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let Some(settings) =
+        mesh_otel::ExportSettings::resolve(flag_endpoint, "mesh-control-plane", env)?
+    else {
+        return Ok(());
+    };
+    let e = Exporter::start(&settings, Vec::new())?;
     let _ = EXPORTER.set(e);
     Ok(())
 }

@@ -262,6 +262,8 @@ impl App {
             "peer": peer_of(&req.headers),
             // The W3C trace context the app was called with (its sidecar's span is the parent).
             "traceparent": req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            "tracestate": req.headers.get("tracestate").and_then(|v| v.to_str().ok()),
+            "baggage": req.headers.get("baggage").and_then(|v| v.to_str().ok()),
             // The request's x- headers (route header edits are checked with these).
             "x_headers": req.headers.iter()
                 .filter(|(n, _)| n.as_str().starts_with("x-") && n.as_str() != "x-forwarded-client-cert")

@@ -28,6 +28,176 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum OtelError {
     #[error("OTLP exporter: {0}")]
     Exporter(String),
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// How spans travel to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (`grpc`; port 4317 by convention), plain or TLS.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`; port 4318), plain HTTP.
+    HttpProtobuf,
+}
+
+/// Where spans go and what they say about who sent them: the flags first, then the standard
+/// OpenTelemetry environment (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `…_PROTOCOL`,
+/// `…_CERTIFICATE`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`); the exporter itself also
+/// reads `OTEL_EXPORTER_OTLP_HEADERS`, `…_TIMEOUT` and `…_COMPRESSION`.
+#[derive(Debug, Clone)]
+pub struct ExportSettings {
+    pub endpoint: String,
+    pub protocol: Protocol,
+    /// CA certificates (PEM) an `https://` collector is verified against.
+    pub ca_pem: Option<Vec<u8>>,
+    pub service_name: String,
+    pub resource: Vec<KeyValue>,
+}
+
+/// Percent-decodes a W3C Baggage-style value (`OTEL_RESOURCE_ATTRIBUTES`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl ExportSettings {
+    /// The settings from `flag_endpoint` (else the environment); None when nothing says where
+    /// spans go. `default_service` names the process unless the environment does.
+    pub fn resolve(
+        flag_endpoint: Option<&str>,
+        default_service: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, OtelError> {
+        let var = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("grpc") => Protocol::Grpc,
+            Some("http/protobuf") => Protocol::HttpProtobuf,
+            Some(other) => {
+                return Err(OtelError::Settings(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL {other:?}: use grpc or http/protobuf"
+                )));
+            }
+        };
+        // The generic endpoint is a base: OTLP/HTTP adds the signal's path to it.
+        let endpoint = match (flag_endpoint, var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(e)) => e,
+            (None, None) => match var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                Some(base) if protocol == Protocol::HttpProtobuf => {
+                    format!("{}/v1/traces", base.trim_end_matches('/'))
+                }
+                Some(base) => base,
+                None => return Ok(None),
+            },
+        };
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(OtelError::Settings(format!(
+                "OTLP endpoint {endpoint:?}: an http:// or https:// URL"
+            )));
+        }
+        if protocol == Protocol::HttpProtobuf && endpoint.starts_with("https://") {
+            return Err(OtelError::Settings(format!(
+                "OTLP endpoint {endpoint:?}: http/protobuf is sent in plain HTTP only; use grpc \
+                 for a TLS collector"
+            )));
+        }
+        let ca_pem = match var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+        {
+            Some(path) => Some(std::fs::read(&path).map_err(|e| {
+                OtelError::Settings(format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path}: {e}"))
+            })?),
+            None => None,
+        };
+        let mut resource = Vec::new();
+        let mut named = None;
+        for pair in var("OTEL_RESOURCE_ATTRIBUTES")
+            .unwrap_or_default()
+            .split(',')
+        {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let (k, v) = (percent_decode(k.trim()), percent_decode(v.trim()));
+            if k == "service.name" {
+                named = Some(v);
+            } else if !k.is_empty() {
+                resource.push(KeyValue::new(k, v));
+            }
+        }
+        let service_name = var("OTEL_SERVICE_NAME")
+            .or(named)
+            .unwrap_or_else(|| default_service.to_string());
+        Ok(Some(Self {
+            endpoint,
+            protocol,
+            ca_pem,
+            service_name,
+            resource,
+        }))
+    }
+}
+
+/// The share of new traces `OTEL_TRACES_SAMPLER` (with `OTEL_TRACES_SAMPLER_ARG`) asks for;
+/// None when unset. A caller's sampled flag is always followed (every sampler is
+/// parent-based here).
+pub fn sampler_from_env(env: impl Fn(&str) -> Option<String>) -> Result<Option<f64>, OtelError> {
+    let Some(sampler) = env("OTEL_TRACES_SAMPLER").map(|s| s.trim().to_string()) else {
+        return Ok(None);
+    };
+    let ratio = || -> Result<f64, OtelError> {
+        match env("OTEL_TRACES_SAMPLER_ARG") {
+            None => Ok(1.0),
+            Some(a) => a
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    OtelError::Settings(format!(
+                        "OTEL_TRACES_SAMPLER_ARG {a:?}: a ratio from 0 to 1"
+                    ))
+                }),
+        }
+    };
+    Ok(Some(match sampler.as_str() {
+        "always_on" | "parentbased_always_on" => 1.0,
+        "always_off" | "parentbased_always_off" => 0.0,
+        "traceidratio" | "parentbased_traceidratio" => ratio()?,
+        other => {
+            return Err(OtelError::Settings(format!(
+                "OTEL_TRACES_SAMPLER {other:?}: use always_on, always_off, traceidratio or \
+                 their parentbased_ forms"
+            )));
+        }
+    }))
 }
 
 /// A W3C trace context: which trace, which span, sampled or not.
@@ -124,25 +294,42 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Starts the export task to the OTLP/gRPC collector at `endpoint` (e.g.
-    /// `http://127.0.0.1:4317`), naming the process `service_name` with `resource` attributes.
-    /// Needs a tokio runtime. The collector may be down: export is retried with the next batch.
-    pub fn start(
-        endpoint: &str,
-        service_name: &'static str,
-        resource: Vec<KeyValue>,
-    ) -> Result<Self, OtelError> {
-        use opentelemetry_otlp::WithExportConfig;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| OtelError::Exporter(e.to_string()))?;
+    /// Starts the export task to the collector `settings` name (e.g. OTLP/gRPC at
+    /// `http://127.0.0.1:4317`), adding `resource` attributes to the settings' own. Needs a
+    /// tokio runtime. The collector may be down: export is retried with the next batch.
+    pub fn start(settings: &ExportSettings, resource: Vec<KeyValue>) -> Result<Self, OtelError> {
+        use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+        let fail = |e: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter(e.to_string());
+        let mut exporter = match settings.protocol {
+            Protocol::Grpc => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(settings.endpoint.as_str())
+                    .with_timeout(EXPORT_TIMEOUT);
+                if settings.endpoint.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+                    if let Some(ca) = &settings.ca_pem {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                    }
+                    b = b.with_tls_config(tls);
+                }
+                b.build().map_err(fail)?
+            }
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(settings.endpoint.as_str())
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()
+                .map_err(fail)?,
+        };
+        let service_name = settings.service_name.clone();
+        let mut attrs = settings.resource.clone();
+        attrs.extend(resource);
         exporter.set_resource(
             &Resource::builder_empty()
-                .with_service_name(service_name)
-                .with_attributes(resource)
+                .with_service_name(service_name.clone())
+                .with_attributes(attrs)
                 .build(),
         );
         let (tx, mut rx) = mpsc::channel::<SpanData>(QUEUE_SPANS);
@@ -175,7 +362,7 @@ impl Exporter {
         Ok(Self {
             tx,
             dropped: AtomicU64::new(0),
-            scope: InstrumentationScope::builder(service_name)
+            scope: InstrumentationScope::builder("mesh")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
         })
@@ -274,5 +461,76 @@ mod tests {
             .filter(|_| Span::begin(None, 0.25).context.sampled)
             .count();
         assert!((150..350).contains(&sampled), "{sampled}");
+    }
+
+    #[test]
+    fn settings_follow_the_flag_then_the_otel_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = ExportSettings::resolve(None, "svc", env(&[])).unwrap();
+        assert!(none.is_none());
+        let s = ExportSettings::resolve(
+            Some("http://flag:4317"),
+            "svc",
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (s.endpoint.as_str(), s.protocol),
+            ("http://flag:4317", Protocol::Grpc)
+        );
+        assert_eq!(s.service_name, "svc");
+        let s = ExportSettings::resolve(
+            None,
+            "svc",
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318/"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "service.name=shop,k=a%2Cb"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.endpoint, "http://env:4318/v1/traces");
+        assert_eq!(s.service_name, "shop");
+        assert_eq!(s.resource, vec![KeyValue::new("k", "a,b")]);
+        for bad in [
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")][..],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ],
+        ] {
+            let vars: &'static [(&'static str, &'static str)] =
+                Box::leak(bad.to_vec().into_boxed_slice());
+            assert!(
+                ExportSettings::resolve(None, "svc", env(vars)).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(sampler_from_env(env(&[])).unwrap(), None);
+        assert_eq!(
+            sampler_from_env(env(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ]))
+            .unwrap(),
+            Some(0.25)
+        );
+        assert_eq!(
+            sampler_from_env(env(&[("OTEL_TRACES_SAMPLER", "always_off")])).unwrap(),
+            Some(0.0)
+        );
+        assert!(sampler_from_env(env(&[("OTEL_TRACES_SAMPLER", "sometimes")])).is_err());
     }
 }

@@ -54,9 +54,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         crate::telemetry::access_log::start(t).with_context(|| format!("--access-log {t:?}"))?;
     }
     let tls = Arc::new(TlsContext::new(&b.ca_pem).context("--ca-file")?);
-    if let Some(e) = &b.otlp_endpoint {
-        crate::telemetry::trace::start(e, b.trace_sampling, &b.node_id, &b.identity)
-            .with_context(|| format!("--otlp-endpoint {e}"))?;
+    if let Some(o) = &b.otlp {
+        crate::telemetry::trace::start(o, b.trace_sampling, &b.node_id, &b.identity, &b.namespace)
+            .with_context(|| format!("OTLP exporter to {}", o.endpoint))?;
     }
     let (snapshots, subscribe_rx) = Snapshots::new();
     let identity: Arc<str> = b.identity.as_str().into();

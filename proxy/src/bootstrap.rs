@@ -112,13 +112,15 @@ pub struct Args {
     /// Write one JSON line per request: `stderr`, or a file path (appended). Off by default.
     #[arg(long, env = "MESH_ACCESS_LOG")]
     pub access_log: Option<String>,
-    /// OTLP/gRPC collector to export request spans to, e.g. `http://127.0.0.1:4317`. Off by
-    /// default.
+    /// OTLP collector to export request spans to, e.g. `http://127.0.0.1:4317` (OTLP/gRPC;
+    /// `https://` for TLS). Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` and the other
+    /// standard `OTEL_*` variables decide (`mesh_otel::ExportSettings`). Off by default.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0.0 to 1.0 (a caller's sampling decision is followed).
-    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0)]
-    pub trace_sampling: f64,
+    /// Without it `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` decide; default 1.0.
+    #[arg(long, env = "MESH_TRACE_SAMPLING")]
+    pub trace_sampling: Option<f64>,
     /// Health check of the app the proxy runs itself (VMs): `tcp`, `http:/path` (200-399 is
     /// healthy) or `none`. An unhealthy app's endpoint is registered as not ready.
     #[arg(long, env = "MESH_APP_HEALTH_CHECK", default_value = "none")]
@@ -174,7 +176,8 @@ pub struct Bootstrap {
     pub worker_threads: usize,
     pub access_log: Option<crate::telemetry::access_log::Target>,
     pub limits: crate::http::server::ServerLimits,
-    pub otlp_endpoint: Option<String>,
+    /// Where spans go (flags, then the standard `OTEL_*` environment); None: nowhere.
+    pub otlp: Option<mesh_otel::ExportSettings>,
     pub trace_sampling: f64,
     /// The app's health check (None: the endpoint is always ready).
     pub app_health: Option<crate::health::HealthConfig>,
@@ -305,19 +308,25 @@ impl TryFrom<Args> for Bootstrap {
                     .into(),
             ));
         }
-        if !(0.0..=1.0).contains(&a.trace_sampling) {
+        let env = |k: &str| std::env::var(k).ok();
+        let trace_sampling = match a.trace_sampling {
+            Some(s) => s,
+            None => mesh_otel::sampler_from_env(env)
+                .map_err(|e| bad(e.to_string()))?
+                .unwrap_or(1.0),
+        };
+        if !(0.0..=1.0).contains(&trace_sampling) {
             return Err(bad(format!(
-                "--trace-sampling must be between 0.0 and 1.0, got {}",
-                a.trace_sampling
+                "--trace-sampling must be between 0.0 and 1.0, got {trace_sampling}"
             )));
         }
-        if let Some(e) = &a.otlp_endpoint
-            && !(e.starts_with("http://") || e.starts_with("https://"))
-        {
-            return Err(bad(format!(
-                "--otlp-endpoint must be an http:// or https:// URL, got {e:?}"
-            )));
-        }
+        // Spans name the workload: its service, else its account.
+        let otlp = mesh_otel::ExportSettings::resolve(
+            a.otlp_endpoint.as_deref(),
+            a.service.as_deref().unwrap_or(&sa),
+            env,
+        )
+        .map_err(|e| bad(format!("--otlp-endpoint: {e}")))?;
         let app_probes = crate::app_probe::AppProbes::parse(&a.app_probes).map_err(bad)?;
         let app_health = match crate::health::Check::parse(&a.app_health_check).map_err(bad)? {
             Some(_) if a.app_port.is_none() => {
@@ -364,8 +373,8 @@ impl TryFrom<Args> for Bootstrap {
                 max_streams: a.max_concurrent_streams,
                 max_connections: a.max_connections,
             },
-            otlp_endpoint: a.otlp_endpoint,
-            trace_sampling: a.trace_sampling,
+            otlp,
+            trace_sampling,
             app_health,
             app_probes,
             transparent: a.transparent,

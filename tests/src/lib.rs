@@ -100,6 +100,8 @@ pub struct SidecarOpts<'a> {
     pub workers: usize,
     /// More flags.
     pub extra: &'a [&'a str],
+    /// Environment variables of the proxy (e.g. the standard `OTEL_*` ones).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// One mesh: a control plane and whatever workloads a test adds.
@@ -368,6 +370,7 @@ impl Mesh {
             cmd.args(["--workers", &o.workers.to_string()]);
         }
         cmd.args(o.extra);
+        cmd.envs(o.env.iter().copied());
         let name = format!(
             "{}-{}-proxy",
             o.service.unwrap_or(o.service_account),
@@ -399,6 +402,7 @@ impl Mesh {
         let node = format!("{service}-{version}-{}", self.procs.len());
         let sidecar = self
             .sidecar(SidecarOpts {
+                env: &[],
                 namespace: None,
                 service: Some(service),
                 version: Some(version),
@@ -461,6 +465,7 @@ impl Mesh {
     ) -> anyhow::Result<Sidecar> {
         let node = format!("{service}-{}", self.procs.len());
         self.sidecar(SidecarOpts {
+            env: &[],
             namespace: None,
             service: Some(service),
             version: Some("v1"),

@@ -1,5 +1,6 @@
-//! A test OTLP/gRPC trace receiver: a tonic server implementing the collector's TraceService
-//! (from `opentelemetry-proto`) that keeps every span it is sent.
+//! A test OTLP trace receiver that keeps every span it is sent: OTLP/gRPC (a tonic server
+//! implementing the collector's TraceService from `opentelemetry-proto`), in plain text or TLS
+//! with a certificate of its own CA, and OTLP/HTTP (`POST /v1/traces`, protobuf bodies).
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -23,6 +24,8 @@ pub struct ReceivedSpan {
     pub span_id: String,
     pub parent_span_id: String,
     pub attributes: BTreeMap<String, String>,
+    /// The sender's resource attributes.
+    pub resource: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Default)]
@@ -42,21 +45,18 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+impl Collector {
+    /// Keeps the spans of one export.
+    fn keep(&self, req: ExportTraceServiceRequest) {
         let mut got = Vec::new();
-        for rs in req.into_inner().resource_spans {
-            let service = rs
+        for rs in req.resource_spans {
+            let resource: BTreeMap<String, String> = rs
                 .resource
                 .iter()
                 .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| text(&kv.value))
-                .unwrap_or_default();
+                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                .collect();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
             for s in rs.scope_spans.into_iter().flat_map(|ss| ss.spans) {
                 got.push(ReceivedSpan {
                     service: service.clone(),
@@ -70,12 +70,23 @@ impl TraceService for Collector {
                         .iter()
                         .map(|kv| (kv.key.clone(), text(&kv.value)))
                         .collect(),
+                    resource: resource.clone(),
                 });
             }
         }
         if let Ok(mut v) = self.0.lock() {
             v.extend(got);
         }
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.keep(req.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -90,13 +101,41 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// OTLP/gRPC over TLS with a certificate for 127.0.0.1 from a fresh CA, whose PEM file
+    /// is written to `ca_file` (for `OTEL_EXPORTER_OTLP_CERTIFICATE`).
+    pub async fn start_tls(ca_file: &std::path::Path) -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key)?;
+        std::fs::write(ca_file, ca.pem())?;
+        let issuer = Issuer::new(p, ca_key);
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem()),
+        );
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<Self> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
         let spans = Collector::default();
         let (stop, rx) = tokio::sync::oneshot::channel();
         let svc = TraceServiceServer::new(spans.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            builder = builder.tls_config(t)?;
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(l),
@@ -105,6 +144,60 @@ impl OtlpReceiver {
                     },
                 )
                 .await;
+        });
+        Ok(Self {
+            addr,
+            spans,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// OTLP/HTTP: `POST /v1/traces` with a protobuf `ExportTraceServiceRequest`.
+    pub async fn start_http() -> anyhow::Result<Self> {
+        use prost::Message;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let spans = Collector::default();
+        let (stop, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let kept = spans.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    a = l.accept() => match a { Ok(c) => c, Err(_) => continue },
+                    _ = &mut rx => return,
+                };
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let kept = kept.clone();
+                            async move {
+                                let ok = req.uri().path() == "/v1/traces";
+                                let body = http_body_util::BodyExt::collect(req.into_body())
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let status = match ExportTraceServiceRequest::decode(body) {
+                                    Ok(r) if ok => {
+                                        kept.keep(r);
+                                        200
+                                    }
+                                    _ => 400,
+                                };
+                                let reply = ExportTraceServiceResponse::default().encode_to_vec();
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/x-protobuf")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(reply)))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
         });
         Ok(Self {
             addr,

@@ -1333,6 +1333,7 @@ spec:
     // The sidecar, configured as injected (STRICT inbound in front of the app).
     let web = mesh
         .sidecar(SidecarOpts {
+            env: &[],
             namespace: None,
             service: Some("shop"),
             version: Some("v1"),

@@ -337,6 +337,7 @@ async fn sigterm_drains_in_flight_and_deregisters() -> anyhow::Result<()> {
     let app = mesh.app("backend", "v1").await?;
     let b = mesh
         .sidecar(SidecarOpts {
+            env: &[],
             namespace: None,
             service: Some("backend"),
             version: Some("v1"),

@@ -522,9 +522,14 @@ async fn traces_cross_two_sidecars_in_one_trace() -> anyhow::Result<()> {
     );
     let web = "spiffe://mesh.local/ns/default/sa/web";
     let backend = "spiffe://mesh.local/ns/default/sa/backend";
-    for (s, dir, peer) in [(out, "outbound", backend), (inb, "inbound", web)] {
+    // Each span names its workload: the client by its account, the server by its service.
+    for (s, dir, peer, workload) in [
+        (out, "outbound", backend, "web"),
+        (inb, "inbound", web, "backend"),
+    ] {
         let a = &s.attributes;
-        assert_eq!(s.service, "mesh-proxy");
+        assert_eq!(s.service, workload);
+        assert_eq!(s.resource["service.namespace"], "default");
         assert_eq!(a["mesh.direction"], dir);
         assert_eq!(a["mesh.peer_identity"], peer);
         assert_eq!(a["http.response.status_code"], "200");
@@ -753,6 +758,145 @@ async fn a_real_prometheus_reads_the_latency_histogram_right() -> anyhow::Result
     assert!(
         top_p99 > lo * 1000.0 && top_p99 <= hi * 1000.0,
         "top p99 {top_p99} ms outside ({lo}, {hi}] s, load p99 {load_p99} s"
+    );
+    Ok(())
+}
+
+/// The standard OpenTelemetry settings: a proxy configured only by `OTEL_*` variables exports
+/// to an OTLP/gRPC collector over TLS (its CA from `OTEL_EXPORTER_OTLP_CERTIFICATE`) with the
+/// resource attributes given, another over OTLP/HTTP under the service name given, sampling
+/// no new trace (`OTEL_TRACES_SAMPLER=traceidratio`, ratio 0) yet following a caller's sampled
+/// one; `tracestate` and `baggage` reach the app unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_environment_configures_the_exporters() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("collector-ca.pem");
+    let grpc = mesh_tests::otlp::OtlpReceiver::start_tls(&ca).await?;
+    let httpr = mesh_tests::otlp::OtlpReceiver::start_http().await?;
+    let mut mesh = Mesh::start().await?;
+    let app = mesh.app("backend", "v1").await?;
+    let grpc_url = format!("https://{}", grpc.addr);
+    let ca_path = ca.display().to_string();
+    mesh.sidecar(SidecarOpts {
+        service: Some("backend"),
+        version: Some("v1"),
+        service_account: "backend",
+        app: Some(app),
+        node_id: Some("backend-1"),
+        env: &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &grpc_url),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_path),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=test,team=pay%20ments",
+            ),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let http_url = httpr.url();
+    let c = mesh
+        .sidecar(SidecarOpts {
+            service_account: "web",
+            workers: 1,
+            env: &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &http_url),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_SERVICE_NAME", "storefront"),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0"),
+            ],
+            ..Default::default()
+        })
+        .await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+
+    // A new trace: ratio 0, nothing sampled; a caller's sampled trace: followed.
+    assert_eq!(get(&http, "http://backend/untraced").await?.status, 200);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = get_req("http://backend/traced");
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace}-b7ad6b7169203331-01").parse()?,
+    );
+    req.headers_mut().insert(
+        "tracestate",
+        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".parse()?,
+    );
+    req.headers_mut()
+        .insert("baggage", "userId=alice,isProduction=false".parse()?);
+    let r = http.request(req).await?;
+    assert_eq!(r.status(), 200);
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await?
+        .to_bytes();
+    let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(
+        echoed["tracestate"],
+        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    );
+    assert_eq!(echoed["baggage"], "userId=alice,isProduction=false");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (client, server) = loop {
+        let c: Vec<_> = httpr
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        let s: Vec<_> = grpc
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        if !c.is_empty() && !s.is_empty() {
+            break (c, s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans missing: over HTTP {c:?}, over TLS {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(client[0].service, "storefront");
+    assert_eq!(client[0].attributes["url.path"], "/traced");
+    assert_eq!(server[0].service, "backend");
+    assert_eq!(server[0].resource["deployment.environment"], "test");
+    assert_eq!(server[0].resource["team"], "pay ments");
+    assert_eq!(server[0].parent_span_id, client[0].span_id);
+    // The unsampled request made no span anywhere.
+    let untraced = |v: Vec<mesh_tests::otlp::ReceivedSpan>| {
+        v.iter()
+            .filter(|s| {
+                s.attributes
+                    .get("url.path")
+                    .is_some_and(|p| p == "/untraced")
+            })
+            .count()
+    };
+    assert_eq!(untraced(httpr.spans()) + untraced(grpc.spans()), 0);
+
+    // A malformed setting is refused at start, naming it.
+    let err = mesh
+        .sidecar(SidecarOpts {
+            service_account: "bad",
+            env: &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &http_url),
+                ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect_err("a bad sampler must refuse the start");
+    let said: String = std::fs::read_dir(mesh.dir.path())?
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with("bad-"))
+        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+        .collect();
+    assert!(
+        said.contains("OTEL_TRACES_SAMPLER \"sometimes\""),
+        "{err:#}: {said}"
     );
     Ok(())
 }

@@ -719,6 +719,7 @@ async fn app_closing_a_reused_connection_is_replayed_for_idempotent_requests() -
     let mut mesh = Mesh::start().await?;
     let (app, conns) = app_closing_reused_connections().await?;
     mesh.sidecar(SidecarOpts {
+        env: &[],
         namespace: None,
         service: Some("legacy"),
         version: Some("v1"),

@@ -37,7 +37,8 @@ struct Args {
     /// The key of --ca-cert (PEM; keep it mode 0600). Read from this file only, never stored.
     #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
-    /// OTLP/gRPC collector for the control plane's spans, e.g. http://127.0.0.1:4317.
+    /// OTLP collector for the control plane's spans, e.g. http://127.0.0.1:4317 (OTLP/gRPC;
+    /// https:// for TLS). Without it the standard `OTEL_*` variables decide.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// Seconds an endpoint registered by a proxy outlives that proxy's disconnection before

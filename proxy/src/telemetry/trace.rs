@@ -1,4 +1,5 @@
-//! Request spans (OpenTelemetry, exported over OTLP/gRPC with `--otlp-endpoint`): each proxy a
+//! Request spans (OpenTelemetry, exported over OTLP with `--otlp-endpoint` or the standard
+//! `OTEL_*` variables): each proxy a
 //! request crosses makes one span, a client span outbound and a server span inbound, joining the
 //! caller's W3C `traceparent` trace (or starting one, sampled at `--trace-sampling`) and passing
 //! its own span on as the next hop's parent. Spans are queued, never awaited (`mesh_otel`).
@@ -16,17 +17,20 @@ struct Tracer {
 
 static TRACER: OnceLock<Tracer> = OnceLock::new();
 
-/// Starts exporting (once per process).
+/// Starts exporting (once per process). The resource is the workload: `service.name` its
+/// service (or what `OTEL_SERVICE_NAME` says), `service.namespace`, the node as
+/// `service.instance.id`, and its identity.
 pub fn start(
-    endpoint: &str,
+    settings: &mesh_otel::ExportSettings,
     sampling: f64,
     node_id: &str,
     identity: &str,
+    namespace: &str,
 ) -> Result<(), mesh_otel::OtelError> {
     let exporter = Exporter::start(
-        endpoint,
-        "mesh-proxy",
+        settings,
         vec![
+            Attribute::new("service.namespace", namespace.to_string()),
             Attribute::new("service.instance.id", node_id.to_string()),
             Attribute::new("mesh.identity", identity.to_string()),
         ],
