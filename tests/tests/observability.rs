@@ -1,5 +1,6 @@
 //! End-to-end tests of what the mesh lets operators see.
 
+use anyhow::Context;
 use mesh_tests::peers::{self, promql};
 use mesh_tests::*;
 use std::time::Duration;
@@ -898,5 +899,75 @@ async fn otel_environment_configures_the_exporters() -> anyhow::Result<()> {
         said.contains("OTEL_TRACES_SAMPLER \"sometimes\""),
         "{err:#}: {said}"
     );
+    Ok(())
+}
+
+/// Istio's standard metrics, read by a real Prometheus with the queries the tools run:
+/// Flagger's built-in `request-success-rate` and `request-duration` checks (its Istio
+/// provider's PromQL, verbatim but for the names), and Kiali's per-code edge traffic. With the
+/// app failing a quarter of its requests, the success rate is 75% from the destination's
+/// reports, and the source's reports split 200 from 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_standard_metrics_answer_flagger_and_kiali_queries() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (app, b) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let prom = peers::prometheus(&mut mesh, &[c.admin, b.admin]).await?;
+    let http = h1_client(c.outbound);
+    // Both series (200 and 500) exist before the load: a rate needs two samples of each.
+    admin_get(app, "/admin/sick/25").await?;
+    let warm = load(&http, 4, 1, |_| get_req("http://backend/")).await;
+    let both =
+        "count(istio_requests_total{reporter=\"destination\",destination_workload=\"backend\"})";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while promql(prom, both).await? < Some(2.0) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped both codes: {warm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rs = load(&http, 200, 4, |_| get_req("http://backend/")).await;
+    let failed = rs.iter().filter(|r| !matches!(r, Ok((200, _, _)))).count();
+    assert_eq!(failed, 50, "the app fails a quarter");
+
+    let dest = r#"reporter="destination",destination_workload_namespace="default",destination_workload=~"backend""#;
+    let success = format!(
+        r#"sum(rate(istio_requests_total{{{dest},response_code!~"5.*"}}[1m])) / sum(rate(istio_requests_total{{{dest}}}[1m])) * 100"#
+    );
+    let duration = format!(
+        r#"histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{{{dest}}}[1m])) by (le))"#
+    );
+    let by_code = |code: &str| {
+        format!(
+            r#"sum(increase(istio_requests_total{{reporter="source",source_workload="web",source_workload_namespace="default",destination_service="backend.default.svc.cluster.local",response_code="{code}"}}[1m]))"#
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rate = loop {
+        let total = promql(
+            prom,
+            "sum(istio_requests_total{reporter=\"destination\",destination_workload=\"backend\"})",
+        )
+        .await?;
+        if total >= Some(204.0)
+            && let Some(r) = promql(prom, &success).await?.filter(|r| r.is_finite())
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never had the requests"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!((70.0..=80.0).contains(&rate), "success rate {rate}%");
+    let p99 = promql(prom, &duration).await?.context("request-duration")?;
+    assert!(p99 > 0.0 && p99 < 1000.0, "p99 {p99} ms");
+    let ok = promql(prom, &by_code("200")).await?.unwrap_or(0.0);
+    let bad = promql(prom, &by_code("500")).await?.unwrap_or(0.0);
+    assert!(ok > 0.0 && bad > 0.0, "by code: 200 {ok}, 500 {bad}");
+    assert!((bad / (ok + bad) - 0.25).abs() < 0.1, "200 {ok}, 500 {bad}");
     Ok(())
 }

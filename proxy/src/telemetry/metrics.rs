@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
@@ -94,7 +94,14 @@ pub struct RequestMetrics {
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
     response_bytes: AtomicU64,
+    /// Exact status codes (code + 1; 0: free), a few per label set, first come first served;
+    /// a code past them is counted by its class only (`standard`).
+    codes: [AtomicU32; CODE_SLOTS],
+    code_counts: [AtomicU64; CODE_SLOTS],
 }
+
+/// Distinct exact status codes kept per label set (a service answers few).
+const CODE_SLOTS: usize = 8;
 
 const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
@@ -105,6 +112,7 @@ impl RequestMetrics {
             _ => 5,
         };
         self.status[class].fetch_add(1, Relaxed);
+        self.count_code(o.status);
         if let Some(g) = o.grpc {
             self.grpc[usize::from(g).min(GRPC_SLOTS - 1)].fetch_add(1, Relaxed);
         }
@@ -121,6 +129,65 @@ impl RequestMetrics {
         self.latency_sum_us
             .fetch_add(o.latency.as_micros() as u64, Relaxed);
         self.response_bytes.fetch_add(o.response_bytes, Relaxed);
+    }
+
+    /// Counts `code` in its slot, taking a free one the first time (no lock: a lost race for a
+    /// free slot moves on to the next).
+    fn count_code(&self, code: u16) {
+        let want = u32::from(code) + 1;
+        for (slot, n) in self.codes.iter().zip(&self.code_counts) {
+            let mut c = slot.load(Relaxed);
+            if c == 0 {
+                // Take the free slot, or learn which code did.
+                c = match slot.compare_exchange(0, want, Relaxed, Relaxed) {
+                    Ok(_) => want,
+                    Err(now) => now,
+                };
+            }
+            if c == want {
+                n.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// (status code, count) of the exact codes kept, and the count of each class's other
+    /// answers (by `STATUS_CLASSES` index).
+    pub(super) fn codes(&self) -> (Vec<(u16, u64)>, [u64; 6]) {
+        let mut exact = Vec::new();
+        let mut rest = [0u64; 6];
+        for (i, c) in self.status.iter().enumerate() {
+            rest[i] = c.load(Relaxed);
+        }
+        for (slot, n) in self.codes.iter().zip(&self.code_counts) {
+            let (c, n) = (slot.load(Relaxed), n.load(Relaxed));
+            if c == 0 || n == 0 {
+                continue;
+            }
+            let code = (c - 1) as u16;
+            let class = match code {
+                100..=599 => usize::from(code / 100) - 1,
+                _ => 5,
+            };
+            rest[class] = rest[class].saturating_sub(n);
+            exact.push((code, n));
+        }
+        exact.sort_unstable();
+        (exact, rest)
+    }
+
+    /// Per-bucket latency counts (bucket i: ≤ `LATENCY_BUCKETS_MS[i]`; last: above) and the
+    /// sum in microseconds.
+    pub(super) fn latency(&self) -> (Vec<u64>, u64) {
+        (
+            self.latency.iter().map(|b| b.load(Relaxed)).collect(),
+            self.latency_sum_us.load(Relaxed),
+        )
+    }
+
+    /// Whether any answer was a gRPC one.
+    pub(super) fn saw_grpc(&self) -> bool {
+        self.grpc.iter().any(|c| c.load(Relaxed) > 0)
     }
 }
 
@@ -575,7 +642,7 @@ impl Collector for ProxyCollector {
             ]
             .map(|(k, v)| ([("kind", k)], v)),
         )?;
-        Ok(())
+        super::standard::encode(&mut enc, &sets, m.local())
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod metrics;
 pub mod report;
+pub mod standard;
 pub mod tap;
 pub mod trace;
 
