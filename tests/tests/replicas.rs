@@ -455,3 +455,93 @@ async fn replicas_reach_etcd_over_tls_with_client_certificates() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// etcd contents written before services had namespaces (bare service names in the keys, as
+/// the previous release wrote them) are upgraded in place when a replica starts: the service,
+/// its endpoint and its route are under `name.namespace` and serve as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_contents_without_namespaces_upgrade_in_place() -> anyhow::Result<()> {
+    use mesh_control_plane::store::etcd::{EtcdStore, EtcdTls};
+    use mesh_control_plane::store::{Op, Store};
+    if let Some(why) = mesh_tests::etcd::missing() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(None, "127.0.0.1", dir.path()).await?;
+    let old = EtcdStore::connect(&etcd.url(), &EtcdTls::default()).await?;
+    let route = serde_json::to_vec(&mesh_control_plane::model::RouteRecord {
+        current: mesh_control_plane::model::RouteVersion {
+            route: mesh_proto::v1::Route {
+                backends: [("v1", 30), ("v2", 70)]
+                    .map(|(v, w)| mesh_proto::v1::WeightedBackend {
+                        version: v.into(),
+                        weight: w,
+                    })
+                    .to_vec(),
+                ..Default::default()
+            },
+            revision: 1,
+            updated_at_unix: 1,
+        },
+        history: Vec::new(),
+    })?;
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    old.commit(
+        0,
+        vec![
+            Op::Put(
+                "services/backend".into(),
+                json(serde_json::json!({"name": "backend", "namespace": "shop",
+                    "identity": "spiffe://mesh.local/ns/shop/sa/backend"})),
+            ),
+            Op::Put(
+                "endpoints/backend/b1".into(),
+                json(serde_json::json!({"id": "b1", "address": "127.0.0.1:1",
+                    "labels": {"version": "v1"}, "ready": true})),
+            ),
+            Op::Put(
+                "endpoints/backend/b2".into(),
+                json(serde_json::json!({"id": "b2", "address": "127.0.0.1:2",
+                    "labels": {"version": "v2"}, "ready": true})),
+            ),
+            Op::Put("routes/backend".into(), route),
+        ],
+    )
+    .await?;
+    let ca = shared_ca(dir.path())?;
+    let a = Mesh::replica(&etcd.url(), &ca, "a", &[]).await?;
+    let got = a
+        .meshctl(&["-n", "shop", "-o", "json", "route", "get", "backend"])
+        .await?;
+    assert!(got.contains("backend.shop") && got.contains("70"), "{got}");
+    let eps = a
+        .meshctl(&[
+            "-n",
+            "shop",
+            "-o",
+            "json",
+            "endpoints",
+            "--service",
+            "backend",
+        ])
+        .await?;
+    assert!(eps.contains("\"b1\"") && eps.contains("\"b2\""), "{eps}");
+    let keys: Vec<String> = old
+        .load()
+        .await?
+        .entries
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .filter(|k| !k.starts_with("meta") && !k.starts_with("trust") && !k.starts_with("presence"))
+        .collect();
+    for want in [
+        "services/backend.shop",
+        "routes/backend.shop",
+        "endpoints/backend.shop/b1",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} not in {keys:?}");
+    }
+    assert!(!keys.iter().any(|k| k == "routes/backend"), "{keys:?}");
+    Ok(())
+}
