@@ -257,6 +257,7 @@ impl App {
             "protocol": format!("{:?}", req.version),
             "method": req.method.as_str(),
             "path": path,
+            "query": req.uri.query(),
             "body_bytes": body_bytes,
             "host": req.headers.get("host").and_then(|h| h.to_str().ok()).or(req.uri.authority().map(|a| a.as_str())),
             "peer": peer_of(&req.headers),

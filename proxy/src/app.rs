@@ -51,7 +51,8 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let b = Arc::new(b);
     crate::http::server::set_limits(b.limits);
     if let Some(t) = &b.access_log {
-        crate::telemetry::access_log::start(t).with_context(|| format!("--access-log {t:?}"))?;
+        crate::telemetry::access_log::start(t, b.access_log_redact_query)
+            .with_context(|| format!("--access-log {t:?}"))?;
     }
     let tls = Arc::new(TlsContext::new(&b.ca_pem).context("--ca-file")?);
     if let Some(o) = &b.otlp {

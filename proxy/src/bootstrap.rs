@@ -112,6 +112,9 @@ pub struct Args {
     /// Write one JSON line per request: `stderr`, or a file path (appended). Off by default.
     #[arg(long, env = "MESH_ACCESS_LOG")]
     pub access_log: Option<String>,
+    /// Write `?redacted` for each query string in the access log.
+    #[arg(long, env = "MESH_ACCESS_LOG_REDACT_QUERY")]
+    pub access_log_redact_query: bool,
     /// OTLP collector to export request spans to, e.g. `http://127.0.0.1:4317` (OTLP/gRPC;
     /// `https://` for TLS). Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` and the other
     /// standard `OTEL_*` variables decide (`mesh_otel::ExportSettings`). Off by default.
@@ -175,6 +178,7 @@ pub struct Bootstrap {
     pub telemetry_interval: Duration,
     pub worker_threads: usize,
     pub access_log: Option<crate::telemetry::access_log::Target>,
+    pub access_log_redact_query: bool,
     pub limits: crate::http::server::ServerLimits,
     /// Where spans go (flags, then the standard `OTEL_*` environment); None: nowhere.
     pub otlp: Option<mesh_otel::ExportSettings>,
@@ -366,6 +370,7 @@ impl TryFrom<Args> for Bootstrap {
             access_log: a
                 .access_log
                 .map(|t| crate::telemetry::access_log::Target::parse(&t)),
+            access_log_redact_query: a.access_log_redact_query,
             limits: crate::http::server::ServerLimits {
                 header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
                 max_header_bytes: a.max_header_bytes,

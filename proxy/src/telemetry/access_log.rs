@@ -32,6 +32,17 @@ impl Target {
 type Entry = (Box<Detail>, Outcome);
 
 static QUEUE: OnceLock<mpsc::Sender<Entry>> = OnceLock::new();
+/// Query strings are replaced by `?redacted` in lines (`--access-log-redact-query`): they
+/// carry tokens and personal data as often as paths do not.
+static REDACT_QUERY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `path` as a line shows it.
+fn shown_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.split_once('?') {
+        Some((p, _)) if REDACT_QUERY.load(Ordering::Relaxed) => format!("{p}?redacted").into(),
+        _ => path.into(),
+    }
+}
 
 /// True once `start` ran: requests then carry the detail a line needs.
 pub fn enabled() -> bool {
@@ -39,7 +50,8 @@ pub fn enabled() -> bool {
 }
 
 /// Opens the target and starts the writer (once per process).
-pub fn start(target: &Target) -> std::io::Result<()> {
+pub fn start(target: &Target, redact_query: bool) -> std::io::Result<()> {
+    REDACT_QUERY.store(redact_query, Ordering::Relaxed);
     let mut out: Box<dyn Write + Send> = match target {
         Target::Stderr => Box::new(std::io::stderr()),
         Target::File(p) => Box::new(
@@ -81,7 +93,7 @@ pub fn line(d: &Detail, o: &Outcome) -> String {
         "direction": d.direction.as_str(),
         "method": d.method.as_str(),
         "authority": d.authority,
-        "path": d.path,
+        "path": shown_path(&d.path),
         "status": o.status,
         "grpc_status": o.grpc.filter(|g| *g != u16::MAX),
         "duration_ms": o.latency.as_secs_f64() * 1000.0,
