@@ -1041,3 +1041,6 @@ pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;
