@@ -55,6 +55,17 @@ pub struct EndpointState {
 /// Latency buckets of the telemetry (the API's bounds plus one unbounded).
 pub const BUCKETS: usize = mesh_proto::LATENCY_BUCKETS_MS.len() + 1;
 
+/// The telemetry bucket of a latency: the first bound it does not exceed, at microsecond
+/// precision (bucket i holds ≤ `LATENCY_BUCKETS_MS[i]`, as `top` and the canary gate read it,
+/// and as Prometheus's `le` does), the last one anything slower.
+pub fn bucket_of(rtt: Duration) -> usize {
+    let us = rtt.as_micros() as u64;
+    mesh_proto::LATENCY_BUCKETS_MS
+        .iter()
+        .position(|b| us <= *b * 1000)
+        .unwrap_or(BUCKETS - 1)
+}
+
 /// Requests, failures and latency buckets taken from one endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -164,12 +175,7 @@ impl EndpointState {
         if !success {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let ms = rtt.as_millis() as u64;
-        let bucket = mesh_proto::LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| ms < *b)
-            .unwrap_or(BUCKETS - 1);
-        if let Some(b) = self.latency.get(bucket) {
+        if let Some(b) = self.latency.get(bucket_of(rtt)) {
             b.fetch_add(1, Ordering::Relaxed);
         }
         if trial {

@@ -222,3 +222,25 @@ async fn new_endpoints_warm_up() {
     tokio::time::advance(Duration::from_secs(6)).await;
     assert_eq!(s.warm(state::Now::get(), warm), 1.0);
 }
+
+#[test]
+fn telemetry_buckets_are_at_most_their_bound_at_microseconds() {
+    use super::state::{BUCKETS, bucket_of};
+    // Bounds 1, 2, 5, 10 … ms: a bucket holds what does not exceed its bound (µs here).
+    for (latency, bucket) in [
+        (300, 0),
+        (1_000, 0),
+        (1_001, 1),
+        (1_900, 1),
+        (2_000, 1),
+        (2_001, 2),
+        (5_000_000, BUCKETS - 2),
+        (5_000_001, BUCKETS - 1),
+    ] {
+        assert_eq!(
+            bucket_of(Duration::from_micros(latency)),
+            bucket,
+            "{latency} µs"
+        );
+    }
+}
