@@ -302,6 +302,22 @@ impl Mesh {
         Ok((field("token")?, field("id")?))
     }
 
+    /// Everything the processes whose log names start with `prefix` have logged so far.
+    pub fn logs_of(&self, prefix: &str) -> anyhow::Result<String> {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path())? {
+            let path = e?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if name.starts_with(prefix) && name.ends_with(".log") {
+                out.push_str(&std::fs::read_to_string(&path)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn log(&mut self, name: &str) -> anyhow::Result<std::fs::File> {
         let p = self
             .dir
@@ -1072,4 +1088,20 @@ pub fn shared_ca(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::write(&c, cert.pem())?;
     std::fs::write(&k, key.serialize_pem())?;
     Ok((c, k))
+}
+
+/// Polls `probe` until it answers true (bounded); returns how long it took.
+pub async fn until<F, Fut>(within: Duration, what: &str, mut probe: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if matches!(probe().await, Ok(true)) {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

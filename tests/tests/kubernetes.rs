@@ -1159,14 +1159,12 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
     ])
     .await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while catalog_endpoint_ids(&mesh).await? != ["catalog-a.shop"] {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the slice's endpoint never came"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        Duration::from_secs(5),
+        "the slice's endpoint never came",
+        || async { Ok(catalog_endpoint_ids(&mesh).await? == ["catalog-a.shop"]) },
+    )
+    .await?;
 
     // The pod's proxy, as injected: node id POD.NS, identity shop/catalog, its app behind it.
     let app = mesh.app("catalog", "v1").await?;
@@ -1200,28 +1198,25 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
 
     // Registered by its proxy: still one endpoint, at the proxy's address, and it stays one
     // through slice updates (not ready, ready again).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let out = mesh
-            .meshctl(&[
-                "-n",
-                "shop",
-                "-o",
-                "json",
-                "endpoints",
-                "--service",
-                "catalog",
-            ])
-            .await?;
-        if out.contains(&inbound) {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the proxy never registered: {out}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        Duration::from_secs(5),
+        "the proxy's registration",
+        || async {
+            let out = mesh
+                .meshctl(&[
+                    "-n",
+                    "shop",
+                    "-o",
+                    "json",
+                    "endpoints",
+                    "--service",
+                    "catalog",
+                ])
+                .await?;
+            Ok(out.contains(&inbound))
+        },
+    )
+    .await?;
     // A negative claim needs a window: each update is watched for 300 ms (the reconciler
     // acts on a watch event within milliseconds).
     for ready in [false, true, true] {
@@ -1230,8 +1225,8 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
             "MODIFIED",
             slice(&[("catalog-a", "127.0.0.1", ready)]),
         );
-        let until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while tokio::time::Instant::now() < until {
+        let window_end = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < window_end {
             assert_eq!(
                 catalog_endpoint_ids(&mesh).await?,
                 ["catalog-a.shop"],
@@ -1242,14 +1237,12 @@ async fn a_pod_is_one_endpoint_whether_its_proxy_or_its_endpointslice_says_so() 
 
     // The pod leaves the slice: its endpoint goes, although its proxy had registered it.
     api.apply(Kind::EndpointSlice, "MODIFIED", slice(&[]));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !catalog_endpoint_ids(&mesh).await?.is_empty() {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the endpoint outlived its pod"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        Duration::from_secs(5),
+        "the endpoint outlived its pod",
+        || async { Ok(catalog_endpoint_ids(&mesh).await?.is_empty()) },
+    )
+    .await?;
     Ok(())
 }
 
@@ -1423,14 +1416,12 @@ async fn a_service_may_run_under_several_service_accounts() -> anyhow::Result<()
     ])
     .await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while catalog_endpoint_ids(&mesh).await?.len() < 2 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the slice's endpoints never came"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        Duration::from_secs(5),
+        "the slice's endpoints never came",
+        || async { Ok(catalog_endpoint_ids(&mesh).await?.len() >= 2) },
+    )
+    .await?;
     // Each pod's proxy, under its own account.
     for (node, sa, version) in [
         ("catalog-a.shop", "catalog", "v1"),
@@ -1494,31 +1485,16 @@ async fn a_service_may_run_under_several_service_accounts() -> anyhow::Result<()
     })
     .await?;
     // Its proxy is told why, and retries (logged).
-    let refused = || {
-        std::fs::read_dir(mesh.dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|f| {
-                f.file_name()
-                    .to_string_lossy()
-                    .starts_with("catalog-v9-proxy")
-            })
-            .any(|f| {
-                std::fs::read_to_string(f.path()).is_ok_and(|t| {
-                    t.contains("PermissionDenied")
-                        && t.contains("not spiffe://mesh.local/ns/shop/sa/intruder")
-                })
-            })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !refused() {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the intruder's registration was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        Duration::from_secs(10),
+        "the intruder's registration refused",
+        || async {
+            let log = mesh.logs_of("catalog-v9-proxy")?;
+            Ok(log.contains("PermissionDenied")
+                && log.contains("not spiffe://mesh.local/ns/shop/sa/intruder"))
+        },
+    )
+    .await?;
     assert!(
         !catalog_endpoint_ids(&mesh)
             .await?

@@ -890,11 +890,7 @@ async fn otel_environment_configures_the_exporters() -> anyhow::Result<()> {
         })
         .await
         .expect_err("a bad sampler must refuse the start");
-    let said: String = std::fs::read_dir(mesh.dir.path())?
-        .flatten()
-        .filter(|f| f.file_name().to_string_lossy().starts_with("bad-"))
-        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
-        .collect();
+    let said = mesh.logs_of("bad-")?;
     assert!(
         said.contains("OTEL_TRACES_SAMPLER \"sometimes\""),
         "{err:#}: {said}"

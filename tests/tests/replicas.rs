@@ -104,22 +104,6 @@ async fn ns_gauge(ns: &str, addr: &str, name: &str) -> anyhow::Result<i64> {
         .ok_or_else(|| anyhow::anyhow!("no mesh_cp_{name}"))
 }
 
-/// Polls until `pred` holds on the result of `probe` (bounded); returns how long it took.
-async fn until<F, Fut>(within: Duration, what: &str, mut probe: F) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if matches!(probe().await, Ok(true)) {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Tests 1, 2 and 3 of the VM/etcd issue, with hosts as network namespaces on a bridge (needs
 /// root; skipped with a message otherwise). etcd runs on the bridge host, replicas A and B on
 /// hosts of their own, and three hosts each run an app and its `mesh-proxy`: backend v1 and v2

@@ -280,23 +280,6 @@ async fn outbound_verifies_the_service_identity() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The text of every process log (`*.log` in the mesh's directory) whose name starts with
-/// `prefix`.
-fn logs_of(mesh: &Mesh, prefix: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    for e in std::fs::read_dir(mesh.dir.path())? {
-        let path = e?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if name.starts_with(prefix) && name.ends_with(".log") {
-            out.push_str(&std::fs::read_to_string(&path)?);
-        }
-    }
-    Ok(out)
-}
-
 /// Authorization by caller identity, method and path: an allowed identity is served, a denied
 /// one gets 403 (gRPC: PERMISSION_DENIED) naming the policy that decided, `meshctl authz check`
 /// explains the same decisions offline, audit mode lets a denial through and logs it, and a bad
@@ -422,7 +405,7 @@ async fn authorization_allows_denies_and_audits_by_identity() -> anyhow::Result<
     assert_eq!(get(&hb, "http://backend/audited").await?.status, 200);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let log = logs_of(&mesh, "backend-v1-proxy")?;
+        let log = mesh.logs_of("backend-v1-proxy")?;
         if log.lines().any(|l| {
             l.contains("authz audit: would deny")
                 && l.contains("sa/batch")
@@ -594,7 +577,7 @@ async fn tokens_are_revocable_and_no_secret_is_logged() -> anyhow::Result<()> {
     assert!(e.message().contains("unknown or revoked"), "{e:?}");
 
     let admin_token = std::fs::read_to_string(mesh.data_dir().join("admin-token"))?;
-    let logs = logs_of(&mesh, "")?;
+    let logs = mesh.logs_of("")?;
     assert!(
         logs.contains("bootstrap token revoked"),
         "the logs were read"

@@ -75,6 +75,13 @@ pub struct Answered {
     pub identity: Option<Arc<str>>,
 }
 
+impl Answered {
+    /// The identity the endpoint's certificate must name: its own, else its service's.
+    pub fn identity_or<'a>(&'a self, service: &'a Arc<str>) -> &'a Arc<str> {
+        self.identity.as_ref().unwrap_or(service)
+    }
+}
+
 #[derive(Debug)]
 struct Member {
     ep: Endpoint,

@@ -126,8 +126,10 @@ impl Endpoint {
                 t.push(&picked);
             }
             let (addr, id) = (picked.addr, picked.id.clone());
-            let identity = picked.answered.identity.as_ref().unwrap_or(&self.identity);
-            let sender = match self.connect(addr, identity).await {
+            let sender = match self
+                .connect(addr, picked.answered.identity_or(&self.identity))
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     self.finish(picked, false);
@@ -154,10 +156,9 @@ impl Endpoint {
                 }
                 Err(SendError::Unsent(r, e)) => {
                     // The connection is closed or going away: the next request opens another.
-                    let identity = picked.answered.identity.clone();
-                    self.finish(picked, false);
                     self.pool
-                        .evict(addr, identity.as_ref().unwrap_or(&self.identity));
+                        .evict(addr, picked.answered.identity_or(&self.identity));
+                    self.finish(picked, false);
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -168,12 +169,11 @@ impl Endpoint {
                     return Err(ProxyError::Refused(format!("{id} ({addr}): {e}")));
                 }
                 Err(SendError::Failed(e)) => {
-                    let identity = picked.answered.identity.clone();
-                    self.finish(picked, false);
                     if e.is_go_away() || e.is_io() {
                         self.pool
-                            .evict(addr, identity.as_ref().unwrap_or(&self.identity));
+                            .evict(addr, picked.answered.identity_or(&self.identity));
                     }
+                    self.finish(picked, false);
                     let what = format!("{id} ({addr}): {e}");
                     return Err(if never_processed(&e) {
                         ProxyError::Refused(what)

@@ -325,7 +325,7 @@ impl Outbound {
                 .pool
                 .dedicated(
                     addr,
-                    picked.answered.identity.as_ref().unwrap_or(&svc.identity),
+                    picked.answered.identity_or(&svc.identity),
                     Dedicated::Http1,
                     policy.connect_timeout,
                 )
@@ -370,7 +370,7 @@ impl Outbound {
             .pool
             .dedicated(
                 picked.addr,
-                picked.answered.identity.as_ref().unwrap_or(&svc.identity),
+                picked.answered.identity_or(&svc.identity),
                 Dedicated::Opaque { app_port: port },
                 svc.policy.connect_timeout,
             )
