@@ -100,6 +100,7 @@ fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
         mtls_mode: String::new(),
         vips: Vec::new(),
         ports: Vec::new(),
+        app_protocols: Vec::new(),
     }
 }
 

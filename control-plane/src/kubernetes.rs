@@ -222,6 +222,7 @@ fn desired_vips(
                 .find(|p| p.name.as_deref() == Some(port_name))
                 .and_then(|p| p.port)
         };
+        let mut protocols = BTreeMap::new();
         let ports = spec
             .ports
             .iter()
@@ -233,10 +234,25 @@ fn desired_vips(
                     Some(IntOrString::Int(n)) => Some(*n),
                     Some(IntOrString::String(n)) => named(n),
                 }?;
-                Some((u16::try_from(p.port).ok()?, u16::try_from(target).ok()?))
+                let target = u16::try_from(target).ok()?;
+                // What the app speaks on the target port, as Istio and Linkerd read it.
+                if let Some(a) = mesh_model::AppProtocol::of_kubernetes_port(
+                    p.app_protocol.as_deref(),
+                    p.name.as_deref(),
+                ) {
+                    protocols.insert(target, a.as_str().to_string());
+                }
+                Some((u16::try_from(p.port).ok()?, target))
             })
             .collect();
-        out.insert(format!("{name}.{ns}"), VipRecord { ips, ports });
+        out.insert(
+            format!("{name}.{ns}"),
+            VipRecord {
+                ips,
+                ports,
+                protocols,
+            },
+        );
     }
     out
 }

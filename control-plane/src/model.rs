@@ -1,7 +1,7 @@
 //! Stored domain records: what the store holds under each key, as JSON.
 //!
 //! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `policies/<service>`,
-//! `canaries/<service>`, `tokens/<sha256>`.
+//! `canaries/<service>`, `protocols/<service>`, `tokens/<sha256>`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -24,6 +24,9 @@ pub struct VipRecord {
     pub ips: Vec<String>,
     /// (service port, target app port)
     pub ports: Vec<(u16, u16)>,
+    /// Target app port → protocol (`http1`, `http2`, `opaque`) the Service declares.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub protocols: BTreeMap<u16, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -63,6 +63,8 @@ pub struct State {
     pub authz_defaults: BTreeMap<String, String>,
     /// mTLS mode per service when not strict (absent: strict).
     pub mtls_modes: BTreeMap<String, String>,
+    /// App protocols per service declared with meshctl (app port → protocol).
+    pub protocols: BTreeMap<String, BTreeMap<u16, String>>,
     /// The mesh's trust domain (for allow-mesh-only).
     pub trust_domain: String,
     /// The trust bundle, and the revision that last changed it.
@@ -176,6 +178,13 @@ impl State {
                 self.mtls_modes.remove(n);
                 Some(n)
             }
+            (Some("protocols"), Some(n), None, value) => {
+                match value {
+                    Some(v) => self.protocols.insert(n.into(), de(key, v)?),
+                    None => self.protocols.remove(n),
+                };
+                Some(n)
+            }
             (Some("authz-defaults"), Some(ns), None, value) => {
                 match value {
                     Some(v) => self.authz_defaults.insert(ns.into(), de(key, v)?),
@@ -287,6 +296,7 @@ const SERVICE_KEYED: &[&str] = &[
     "authz",
     "mtls",
     "vips",
+    "protocols",
 ];
 
 /// The ops that rename every service-keyed entry of a store written before namespaces
@@ -868,6 +878,47 @@ impl Registry {
             record,
         )
         .await
+    }
+
+    /// Declares the protocols of a service's app ports (empty: clears them). Checked by the
+    /// model the proxies convert with.
+    pub async fn set_app_protocols(
+        &self,
+        service: &str,
+        ports: &[mesh_proto::v1::AppPort],
+    ) -> Result<u64, RegistryError> {
+        let checked = mesh_model::AppProtocols::try_from(ports)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let map: BTreeMap<u16, String> = checked
+            .iter()
+            .map(|(p, a)| (p, a.as_str().to_string()))
+            .collect();
+        let record = (!map.is_empty()).then_some(|_: u64| map.clone());
+        self.set_service_record(
+            "protocols",
+            service,
+            |st, s| st.protocols.contains_key(s),
+            record,
+        )
+        .await
+    }
+
+    /// A service's declared app protocols as proxies get them: the Kubernetes Service's
+    /// (`appProtocol` or port name), overridden port by port by what meshctl declared.
+    pub fn app_protocols(st: &State, service: &str) -> Vec<mesh_proto::v1::AppPort> {
+        let mut all: BTreeMap<u16, &str> = BTreeMap::new();
+        if let Some(v) = st.vips.get(service) {
+            all.extend(v.protocols.iter().map(|(p, a)| (*p, a.as_str())));
+        }
+        if let Some(m) = st.protocols.get(service) {
+            all.extend(m.iter().map(|(p, a)| (*p, a.as_str())));
+        }
+        all.into_iter()
+            .map(|(port, protocol)| mesh_proto::v1::AppPort {
+                port: u32::from(port),
+                protocol: protocol.to_string(),
+            })
+            .collect()
     }
 
     /// A service's mTLS mode.

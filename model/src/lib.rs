@@ -5,8 +5,10 @@
 //! idea for authorization rules.
 
 pub mod policy;
+pub mod protocol;
 pub mod route;
 pub mod service;
 
 pub use policy::{Policy, PolicyError};
+pub use protocol::{AppProtocol, AppProtocols};
 pub use route::{Route, RouteError};

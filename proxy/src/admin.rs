@@ -134,6 +134,7 @@ impl Admin {
                     "mirror": s.mirror.as_ref().map(|m| &*m.version),
                     "vips": s.vips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                     "vip_ports": s.vip_ports.iter().map(|(p, t)| json!({"port": p, "target_port": t})).collect::<Vec<_>>(),
+                    "app_protocols": s.app_protocols.iter().map(|(p, a)| json!({"port": p, "protocol": a.as_str()})).collect::<Vec<_>>(),
                     "rules": s.router.rules.iter().map(|r| json!({
                         "name": &*r.name,
                         "backends": r.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),

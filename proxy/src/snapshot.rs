@@ -57,6 +57,8 @@ pub struct Service {
     /// Virtual IPs (Kubernetes ClusterIPs) and their (port, target app port) pairs.
     pub vips: Vec<std::net::IpAddr>,
     pub vip_ports: Vec<(u16, u16)>,
+    /// What the app speaks on its declared ports (undeclared: detected).
+    pub app_protocols: mesh_model::AppProtocols,
 }
 
 pub type EndpointKey = (Arc<str>, SocketAddr);

@@ -199,6 +199,63 @@ fn exchange(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
     })
 }
 
+/// A server-first app on `port` in namespace `ns`: greets each of `n` connections, then echoes
+/// one read. Bound before it returns; gives up after 30 s without a connection.
+fn banner_server(
+    ns: &str,
+    port: u16,
+    n: usize,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    use std::io::{Read, Write};
+    let l = in_netns(ns, move || Ok(TcpListener::bind(("0.0.0.0", port))?))?;
+    l.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for _ in 0..n {
+            let mut c = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        anyhow::ensure!(
+                            std::time::Instant::now() < deadline,
+                            "no connection to :{port}"
+                        );
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            c.set_nonblocking(false)?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"HELLO from b\n")?;
+            let mut buf = [0u8; 64];
+            let got = c.read(&mut buf)?;
+            c.write_all(&buf[..got])?;
+        }
+        Ok(())
+    }))
+}
+
+/// Connects to a [`banner_server`] from inside `ns` without sending anything: checks the
+/// greeting and the echo; returns how long the greeting took.
+fn banner_via(ns: &str, dst: &str) -> anyhow::Result<Duration> {
+    use std::io::{Read, Write};
+    let dst: SocketAddr = dst.parse()?;
+    in_netns(ns, move || {
+        let start = std::time::Instant::now();
+        let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf)?;
+        let took = start.elapsed();
+        anyhow::ensure!(&buf[..n] == b"HELLO from b\n", "{dst}: {:?}", &buf[..n]);
+        c.write_all(b"ping\n")?;
+        let n = c.read(&mut buf)?;
+        anyhow::ensure!(&buf[..n] == b"ping\n", "{dst} echo: {:?}", &buf[..n]);
+        Ok(took)
+    })
+}
+
 /// Test 2 of the Kubernetes issue: two "pods" on a bridge, each with its app, `mesh-proxy`
 /// running as the proxy user and the redirect of `mesh-proxy init`. The apps use each other's
 /// plain IP:port: HTTP is served through both sidecars over mTLS (the server app sees the
@@ -208,7 +265,7 @@ fn exchange(ns: &str, dst: &str, req: &'static [u8]) -> anyhow::Result<String> {
 /// cannot reach the server app in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     if let Some(why) = cannot_run(TOOLS) {
         eprintln!("SKIPPED pods_talk_by_plain_ip_with_mtls_on_the_wire: {why}");
         return Ok(());
@@ -229,7 +286,8 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
     // The API server (in the control plane's namespace) knows one Service, backend, with
-    // ClusterIP 10.96.0.50: port 80 reaches the app's 8080.
+    // ClusterIP 10.96.0.50: port 80 reaches the app's 8080; 5000 and 5001 reach two
+    // server-first apps, on 9000 (undeclared) and 9001 (declared opaque by `appProtocol`).
     let l = in_netns(&pods.sw.0, || {
         let l = TcpListener::bind("127.0.0.1:0")?;
         l.set_nonblocking(true)?;
@@ -243,7 +301,11 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": "backend", "namespace": "default", "uid": "svc-b"},
                 "spec": {"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"],
-                         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+                         "ports": [
+                             {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                             {"name": "banner", "port": 5000, "targetPort": 9000, "protocol": "TCP"},
+                             {"name": "db", "port": 5001, "targetPort": 9001, "protocol": "TCP",
+                              "appProtocol": "linkerd.io/opaque"}]}
             }),
         )],
     )
@@ -316,16 +378,10 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         dir.path().join("app-b.log"),
     )
     .await?;
-    // Bound in b's namespace before anyone connects; served on a plain thread.
-    let l = in_netns(&pods.b.0, || Ok(TcpListener::bind("0.0.0.0:9000")?))?;
-    let banner = std::thread::spawn(move || -> anyhow::Result<()> {
-        let (mut c, _) = l.accept()?;
-        c.write_all(b"HELLO from b\n")?;
-        let mut buf = [0u8; 64];
-        let n = c.read(&mut buf)?;
-        c.write_all(&buf[..n])?;
-        Ok(())
-    });
+    // Server-first apps: 9000 is called three times (by plain IP, then twice by ClusterIP),
+    // 9001 once.
+    let banner = banner_server(&pods.b.0, 9000, 3)?;
+    let declared = banner_server(&pods.b.0, 9001, 1)?;
     let proxy_args = |sa: &str, extra: &[&str]| {
         let mut v = s(&[
             "--control-plane",
@@ -430,22 +486,24 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         "the app saw the caller's identity: {reply}"
     );
 
-    // Server-first opaque TCP on another port: the banner arrives though the client sent nothing.
-    let got = in_netns(&pods.a.0, || {
-        let mut c =
-            TcpStream::connect_timeout(&"10.201.0.3:9000".parse()?, Duration::from_secs(3))?;
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut buf = [0u8; 64];
-        let n = c.read(&mut buf)?;
-        let banner = String::from_utf8_lossy(&buf[..n]).to_string();
-        c.write_all(b"ping\n")?;
-        let n = c.read(&mut buf)?;
-        Ok((banner, String::from_utf8_lossy(&buf[..n]).to_string()))
-    })?;
-    assert_eq!(got, ("HELLO from b\n".to_string(), "ping\n".to_string()));
-    banner
-        .join()
-        .map_err(|_| anyhow::anyhow!("banner thread"))??;
+    // Server-first opaque TCP on another port than the app's: opaque without detection, the
+    // banner arrives though the client sent nothing.
+    banner_via(&pods.a.0, "10.201.0.3:9000")?;
+    // By ClusterIP, where HTTP could be expected (issue 24 item 5): the undeclared port pays
+    // the detection window once, then is known to be server-first; the port the Service
+    // declares opaque (`appProtocol: linkerd.io/opaque`) never waits.
+    let window = Duration::from_millis(300);
+    let first = banner_via(&pods.a.0, "10.96.0.50:5000")?;
+    let second = banner_via(&pods.a.0, "10.96.0.50:5000")?;
+    let opaque = banner_via(&pods.a.0, "10.96.0.50:5001")?;
+    assert!(first >= window, "first connection waited {first:?}");
+    assert!(
+        second < window && opaque < window,
+        "learned: {second:?}, declared: {opaque:?}"
+    );
+    for t in [banner, declared] {
+        t.join().map_err(|_| anyhow::anyhow!("banner thread"))??;
+    }
 
     // Outside the mesh (the bridge's own address): passed through.
     let l = in_netns(&pods.sw.0, || Ok(TcpListener::bind("10.201.0.1:7000")?))?;

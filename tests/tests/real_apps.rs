@@ -264,3 +264,70 @@ async fn permissive_plaintext_that_is_not_http_passes_through() -> anyhow::Resul
     assert!(got.starts_with("220 banner\r\n"), "{got:?}");
     Ok(())
 }
+
+/// Issue 24 item 2, the service's own setting: nginx speaks only h2c and its sidecar is told
+/// nothing (`--app-protocol` left at detect), so an HTTP/1.1 caller's request reaches it as
+/// HTTP/1.1 and fails. `meshctl protocol h2web <port>=http2` declares the app port in the
+/// service's config: once pushed, the same request reaches nginx as HTTP/2 and succeeds, and
+/// clearing the declaration brings detection back. A bad declaration is refused by meshctl with
+/// the model's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_declared_app_protocol_decides_how_the_app_is_called() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let nginx = peers::nginx_h2c(&mut mesh, 1000).await?;
+    mesh.front("h2web", nginx, &[]).await?;
+    let (_c, fixed) = mesh.client_with_upstream("h2web").await?;
+    mesh.wait_endpoints("h2web", 1).await?;
+    let url = format!("http://{fixed}/");
+    let h1_status = || async { Ok::<_, anyhow::Error>(curl(&["--http1.1", &url]).await?.0) };
+
+    assert_eq!(
+        h1_status().await?,
+        502,
+        "undeclared: HTTP/1.1 to an h2c-only app"
+    );
+
+    let bad = mesh
+        .meshctl(&["protocol", "h2web", &format!("{}=h3", nginx.port())])
+        .await
+        .expect_err("h3 is not an app protocol");
+    assert!(
+        bad.to_string()
+            .contains("unknown app protocol \"h3\": use http1, http2 or opaque"),
+        "{bad}"
+    );
+
+    let declared = format!("{}=http2", nginx.port());
+    mesh.meshctl(&["protocol", "h2web", &declared]).await?;
+    until(
+        Duration::from_secs(10),
+        "the declaration reaches the app's sidecar",
+        || async { Ok(h1_status().await? == 200) },
+    )
+    .await?;
+    let (status, body) = curl(&["--http1.1", &url]).await?;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = curl(&["--http2-prior-knowledge", &url]).await?;
+    assert_eq!((status, body.as_str()), (200, "ok\n"), "h2c caller");
+
+    let v = json(&mesh.meshctl(&["-o", "json", "services"]).await?);
+    let svc = v["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "h2web"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        svc["app_protocols"],
+        serde_json::json!([{"port": nginx.port(), "protocol": "http2"}]),
+        "{v}"
+    );
+
+    mesh.meshctl(&["protocol", "h2web"]).await?;
+    until(
+        Duration::from_secs(10),
+        "the cleared declaration reaches the sidecar",
+        || async { Ok(h1_status().await? == 502) },
+    )
+    .await?;
+    Ok(())
+}

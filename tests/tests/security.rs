@@ -979,6 +979,7 @@ const WRITE_RPCS: &[&str] = &[
     "SetAuthz",
     "SetAuthzDefault",
     "SetMtlsMode",
+    "SetAppProtocols",
     "StartCanary",
     "CanaryAction",
 ];

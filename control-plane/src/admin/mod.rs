@@ -45,6 +45,7 @@ names_service!(
     pb::GetAuthzRequest,
     pb::SetAuthzRequest,
     pb::SetMtlsModeRequest,
+    pb::SetAppProtocolsRequest,
     pb::CheckAuthzRequest
 );
 
@@ -126,6 +127,7 @@ impl pb::admin_server::Admin for AdminService {
                         .map_or(0, |m| m.values().filter(|e| e.ready).count() as u32),
                     versions: st.versions_of(key),
                     mtls_mode: Registry::mtls_mode(&st, key).to_string(),
+                    app_protocols: Registry::app_protocols(&st, key),
                 }
             })
             .collect();
@@ -426,6 +428,20 @@ impl pb::admin_server::Admin for AdminService {
         let revision = self.registry.set_mtls_mode(&m.service, &m.mode).await?;
         tracing::info!(service = %m.service, mode = %m.mode, revision, "mTLS mode set");
         Ok(Response::new(pb::SetMtlsModeResponse { revision }))
+    }
+
+    async fn set_app_protocols(
+        &self,
+        req: Request<pb::SetAppProtocolsRequest>,
+    ) -> Result<Response<pb::SetAppProtocolsResponse>, Status> {
+        let m = qualified(req);
+        check_name("service", &m.service)?;
+        let revision = self
+            .registry
+            .set_app_protocols(&m.service, &m.ports)
+            .await?;
+        tracing::info!(service = %m.service, ports = m.ports.len(), revision, "app protocols set");
+        Ok(Response::new(pb::SetAppProtocolsResponse { revision }))
     }
 
     /// Decides one request offline with the same code the proxies run.

@@ -85,9 +85,8 @@ pub fn required(method: &str) -> Option<Scope> {
         | "GetPolicy" | "GetAuthz" | "CheckAuthz" | "GetCanary" | "Top" | "Tap" | "ListProxies"
         | "ListTokens" | "GetCa" => Scope::Read,
         "AddEndpoint" | "RemoveEndpoint" | "SetRoute" | "RollbackRoute" | "SetPolicy"
-        | "SetAuthz" | "SetAuthzDefault" | "SetMtlsMode" | "StartCanary" | "CanaryAction" => {
-            Scope::Write
-        }
+        | "SetAuthz" | "SetAuthzDefault" | "SetMtlsMode" | "SetAppProtocols" | "StartCanary"
+        | "CanaryAction" => Scope::Write,
         "CreateToken" | "RevokeToken" | "RevokeIdentity" | "RotateCa" => Scope::Identity,
         _ => return None,
     })

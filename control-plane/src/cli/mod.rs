@@ -115,6 +115,14 @@ pub enum AdminCmd {
     /// mTLS mode of a service: strict (only mTLS from mesh peers; the default) or permissive
     /// (plaintext accepted too, for migration).
     Mtls { service: String, mode: String },
+    /// Declare what a service's app speaks on its ports, replacing earlier declarations
+    /// (`8080=http2 5432=opaque`; none: clears them). http1 or http2 reach the app as that
+    /// protocol whatever the caller spoke; opaque ports are tunnelled as TCP without detection.
+    Protocol {
+        service: String,
+        /// PORT=PROTOCOL, protocol http1, http2 or opaque.
+        ports: Vec<String>,
+    },
     /// Authorization: who may call a service (rules by caller identity, method, path).
     Authz {
         #[command(subcommand)]
@@ -397,6 +405,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "READY",
                 "VERSIONS",
                 "MTLS",
+                "PROTOCOLS",
             ]);
             for s in r.services {
                 t.row(vec![
@@ -407,6 +416,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.ready_endpoints.to_string(),
                     s.versions.join(","),
                     s.mtls_mode.to_uppercase(),
+                    s.app_protocols
+                        .iter()
+                        .map(|p| format!("{}={}", p.port, p.protocol))
+                        .collect::<Vec<_>>()
+                        .join(","),
                 ]);
             }
             t.print();
@@ -607,6 +621,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.revision
             );
         }
+        AdminCmd::Protocol { service, ports } => {
+            let ports = app_ports(&ports)?;
+            let r = c
+                .set_app_protocols(pb::SetAppProtocolsRequest {
+                    service: service.clone(),
+                    ports,
+                })
+                .await?
+                .into_inner();
+            println!("app protocols of {service} set (revision {})", r.revision);
+        }
         AdminCmd::Top {
             window,
             refresh,
@@ -752,6 +777,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `PORT=PROTOCOL` arguments, checked by the model the control plane and proxies use.
+fn app_ports(args: &[String]) -> anyhow::Result<Vec<pb::AppPort>> {
+    let ports = args
+        .iter()
+        .map(|a| {
+            let (port, protocol) = a
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("{a:?}: expected PORT=PROTOCOL"))?;
+            let port: u32 = port
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{a:?}: {port:?} is not a port"))?;
+            Ok(pb::AppPort {
+                port,
+                protocol: protocol.to_string(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    mesh_model::AppProtocols::try_from(&ports[..]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(ports)
 }
 
 #[cfg(test)]

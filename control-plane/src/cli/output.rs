@@ -82,6 +82,9 @@ impl ToJson for pb::ListServicesResponse {
             "name": s.name, "namespace": s.namespace, "identity": s.identity,
             "endpoints": s.endpoints, "ready_endpoints": s.ready_endpoints, "versions": s.versions,
             "mtls_mode": s.mtls_mode,
+            "app_protocols": s.app_protocols.iter()
+                .map(|p| json!({"port": p.port, "protocol": p.protocol}))
+                .collect::<Vec<_>>(),
         })).collect::<Vec<_>>()})
     }
 }

@@ -97,6 +97,7 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
                 target_port: u32::from(target),
             })
             .collect(),
+        app_protocols: crate::registry::Registry::app_protocols(state, name),
     })
 }
 

@@ -270,16 +270,13 @@ struct PodOptions {
     app_probes: Option<String>,
 }
 
-/// The app protocol an annotation value or port name names.
+/// The HTTP protocol a port name names by Istio's convention (the model's reading of
+/// Kubernetes ports); an opaque or unknown one is left to the proxy's detection.
 fn app_protocol_of(name: &str) -> Option<&'static str> {
-    let n = name.trim().to_ascii_lowercase();
-    let n = n.strip_prefix("kubernetes.io/").unwrap_or(&n);
-    if ["grpc", "h2c", "http2"].iter().any(|p| n.starts_with(p)) {
-        Some("http2")
-    } else if n.starts_with("http") {
-        Some("http1")
-    } else {
-        None
+    use mesh_model::AppProtocol as A;
+    match A::of_kubernetes_port(None, Some(name))? {
+        a @ (A::Http1 | A::Http2) => Some(a.as_str()),
+        A::Opaque => None,
     }
 }
 

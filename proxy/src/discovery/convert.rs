@@ -93,9 +93,12 @@ impl TryFrom<pb::ServiceConfig> for Service {
                 _ => return Err(bad(format!("service port {} → {}", p.port, p.target_port))),
             }
         }
+        let app_protocols = mesh_model::AppProtocols::try_from(&c.app_protocols[..])
+            .map_err(|e| bad(e.to_string()))?;
         let mut svc = Service {
             vips,
             vip_ports,
+            app_protocols,
             state: PolicyState::new(&policy),
             policy,
             authz,
@@ -163,6 +166,7 @@ mod tests {
             mtls_mode: String::new(),
             vips: Vec::new(),
             ports: Vec::new(),
+            app_protocols: Vec::new(),
         }
     }
 

@@ -174,10 +174,14 @@ impl Inbound {
 
     /// The path normalised (`mesh_authz::path`: what the app receives is what was
     /// authorized), authorization, then the service-wide and per-caller inbound rate limits
-    /// of this proxy's service.
-    async fn admit<B>(&self, caller: &Arc<str>, req: &mut Request<B>) -> Result<(), ProxyError> {
+    /// of this proxy's service. Ok: what the service declares its app speaks on this port.
+    async fn admit<B>(
+        &self,
+        caller: &Arc<str>,
+        req: &mut Request<B>,
+    ) -> Result<Option<mesh_model::AppProtocol>, ProxyError> {
         let Some(name) = &self.service else {
-            return Ok(());
+            return Ok(None);
         };
         let guard = self.snapshots.load();
         let owned;
@@ -205,7 +209,7 @@ impl Inbound {
                 .check(rate)
                 .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
         }
-        Ok(())
+        Ok(svc.app_protocols.of(self.app.port()))
     }
 
     /// True when this proxy's service accepts plaintext too (PERMISSIVE mTLS).
@@ -410,7 +414,10 @@ impl Inbound {
         }
         let resp = match self.admit(&caller, &mut req).await {
             Err(e) => e.to_response(grpc),
-            Ok(()) => match self.forward(xfcc, traceparent(&obs), req, grpc).await {
+            Ok(declared) => match self
+                .forward(xfcc, traceparent(&obs), req, grpc, declared)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => e.to_response(grpc),
             },
@@ -418,13 +425,20 @@ impl Inbound {
         Ok(obs.finish(resp))
     }
 
-    /// Whether a request goes to the app as HTTP/1.1: what the app is declared to speak, or
-    /// else what the caller spoke (unless the app was found to speak only HTTP/1.1).
-    async fn app_h1(&self, caller_h1: bool, grpc: bool) -> bool {
-        match self.app_protocol {
-            AppProtocol::Http1 => true,
-            AppProtocol::Http2 => false,
-            AppProtocol::Detect => caller_h1 || (!grpc && !self.h2.speaks_h2().await),
+    /// Whether a request goes to the app as HTTP/1.1: what the proxy's own setting declares
+    /// (`--app-protocol`, the pod's annotation), else what the service declares for the app
+    /// port, else what the caller spoke (unless the app was found to speak only HTTP/1.1).
+    async fn app_h1(
+        &self,
+        caller_h1: bool,
+        grpc: bool,
+        declared: Option<mesh_model::AppProtocol>,
+    ) -> bool {
+        use mesh_model::AppProtocol as Declared;
+        match (self.app_protocol, declared) {
+            (AppProtocol::Http1, _) | (AppProtocol::Detect, Some(Declared::Http1)) => true,
+            (AppProtocol::Http2, _) | (AppProtocol::Detect, Some(Declared::Http2)) => false,
+            (AppProtocol::Detect, _) => caller_h1 || (!grpc && !self.h2.speaks_h2().await),
         }
     }
 
@@ -450,6 +464,7 @@ impl Inbound {
         traceparent: Option<HeaderValue>,
         req: Request<Incoming>,
         grpc: bool,
+        declared: Option<mesh_model::AppProtocol>,
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if let Some(tp) = traceparent {
@@ -476,7 +491,7 @@ impl Inbound {
             // Boxed: rare, and its handshake inline would enlarge every request's future.
             return Box::pin(self.upgrade(parts, body, up)).await;
         }
-        let h1 = self.app_h1(caller_h1, grpc).await;
+        let h1 = self.app_h1(caller_h1, grpc, declared).await;
         framing::for_origin(&mut parts, h1).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         // An app may close a connection as a request goes out on it: an HTTP/1.1 app a pooled
         // keep-alive connection (RFC 9110 §9.2.2), an HTTP/2 app with GOAWAY (RFC 9113 §6.8).

@@ -124,12 +124,27 @@ async fn detect_bytes(s: &TcpStream, window: Duration, silent: &mut bool) -> Det
 
 /// Serves one redirected connection.
 pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher: Watcher) {
-    let (app, endpoint, vip) = {
+    let (app, endpoint, vip, declared) = {
         let snap = out.snapshots.load();
+        let app = snap.app_addrs.by_addr.get(&orig).cloned();
+        let vip = snap.app_addrs.by_vip.get(&orig).cloned();
+        // What the service declares its app speaks on the app port this reaches.
+        let declared = match (&app, &vip) {
+            (Some(t), _) => snap
+                .services
+                .get(&t.service)
+                .and_then(|svc| svc.app_protocols.of(orig.port())),
+            (None, Some((service, target))) => snap
+                .services
+                .get(service)
+                .and_then(|svc| svc.app_protocols.of(*target)),
+            (None, None) => None,
+        };
         (
-            snap.app_addrs.by_addr.get(&orig).cloned(),
+            app,
             snap.app_addrs.by_ip.get(&orig.ip()).cloned(),
-            snap.app_addrs.by_vip.get(&orig).cloned(),
+            vip,
+            declared,
         )
     };
     // A service's virtual IP (ClusterIP): HTTP goes through the service's routes; anything
@@ -137,7 +152,7 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
     if app.is_none()
         && let Some((service, target)) = vip
     {
-        if detect(&s).await == Detected::Http {
+        if detect_http(&out.ports, &s, orig.port(), declared).await {
             serve_http(out, service, s, watcher).await;
             return;
         }
@@ -167,20 +182,38 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         return;
     };
     // Only an app address can be served as HTTP for its service; any other port is opaque.
-    // A port declared opaque, or learned to be server-first, skips detection.
-    if app.is_some()
-        && let Some(window) = out.ports.window(orig.port())
-    {
-        let (d, silent) = detect_within(&s, window).await;
-        out.ports.learn(orig.port(), d == Detected::Http, silent);
-        if d == Detected::Http {
-            serve_http(out, t.service.clone(), s, watcher).await;
-            return;
-        }
+    if app.is_some() && detect_http(&out.ports, &s, orig.port(), declared).await {
+        serve_http(out, t.service.clone(), s, watcher).await;
+        return;
     }
     if let Err(e) = opaque(&out.pool, s, &t.identity, t.inbound, orig.port()).await {
         tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
     }
+}
+
+/// Whether the client speaks HTTP. A port its service declares opaque, or that is opaque by
+/// default, `--opaque-ports` or learned to be server-first, skips detection; a port declared
+/// HTTP waits for a slow client's first bytes as long as a request head may take.
+async fn detect_http(
+    ports: &PortKinds,
+    s: &TcpStream,
+    port: u16,
+    declared: Option<mesh_model::AppProtocol>,
+) -> bool {
+    use mesh_model::AppProtocol as A;
+    let window = match declared {
+        Some(A::Opaque) => return false,
+        Some(A::Http1 | A::Http2) => crate::http::server::HEADER_READ_TIMEOUT,
+        None => match ports.window(port) {
+            Some(w) => w,
+            None => return false,
+        },
+    };
+    let (d, silent) = detect_within(s, window).await;
+    if declared.is_none() {
+        ports.learn(port, d == Detected::Http, silent);
+    }
+    d == Detected::Http
 }
 
 /// Ports whose connections are opaque without detection: server-first or binary protocols
