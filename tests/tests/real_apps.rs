@@ -331,3 +331,165 @@ async fn the_services_declared_app_protocol_decides_how_the_app_is_called() -> a
     .await?;
     Ok(())
 }
+
+/// An Envoy HTTP/2 cluster of `name` to `addr`: h2c, or mTLS with the mesh certificate of
+/// `cert` (files `<cert>.crt`/`.key` in `dir`) expecting the peer's SPIFFE id `peer_id`.
+fn envoy_h2_cluster(
+    name: &str,
+    addr: SocketAddr,
+    tls: Option<(&std::path::Path, &str, &str)>,
+) -> String {
+    let transport = match tls {
+        None => String::new(),
+        Some((dir, cert, peer_id)) => format!(
+            r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: [h2]
+          # The mesh speaks TLS 1.3 only (as Linkerd); Envoy's upstream default stops at 1.2.
+          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+          tls_certificates: [{{certificate_chain: {{filename: "{d}/{cert}.crt"}}, private_key: {{filename: "{d}/{cert}.key"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{d}/ca.pem"}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{peer_id}"}}}}]"#,
+            d = dir.display()
+        ),
+    };
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}{transport}
+    load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]}}"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// An Envoy listener on `addr` sending every request to `cluster` (WebSocket upgrades too).
+fn envoy_listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          codec_type: AUTO
+          upgrade_configs: [{{upgrade_type: websocket}}]
+          route_config: {{virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// Issue 24 "how it is shown", Envoy as a peer and as a caller:
+/// - as a peer sidecar, Envoy calls our inbound over mTLS with its own mesh certificate and
+///   HTTP/2, sending no hint of its caller's protocol; the HTTP/1.1-only Node app behind our
+///   inbound answers GETs and a 100 kB POST, in origin-form with one Host, and learns Envoy's
+///   SPIFFE identity;
+/// - as a caller, Envoy speaks h2c to our outbound (an `--upstream` port), through the pair to
+///   the same Node app; and it carries a WebSocket (HTTP/1.1 upstream) through the pair to
+///   Python's `websockets` server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let node = peers::node_app(&mut mesh).await?;
+    let nodeapp = mesh.front("nodeapp", node, &[]).await?;
+    let ws = peers::websocket_app(&mut mesh).await?;
+    mesh.front("chat", ws, &[]).await?;
+    let (_c, fixed) = mesh.client_with_upstream("nodeapp").await?;
+    let (_w, ws_fixed) = mesh.client_with_upstream("chat").await?;
+    mesh.wait_endpoints("nodeapp", 1).await?;
+    mesh.wait_endpoints("chat", 1).await?;
+
+    // Envoy's mesh certificate, as any workload gets one: a CSR and a bootstrap token.
+    let dir = mesh.dir.path().to_path_buf();
+    let token = mesh.token("envoy").await?;
+    let (key, csr_pem) = csr("spiffe://mesh.local/ns/default/sa/envoy")?;
+    let cert = identity_client(&mesh)
+        .await?
+        .certify(mesh_proto::v1::CertifyRequest { csr_pem, token })
+        .await?
+        .into_inner();
+    std::fs::write(dir.join("envoy.crt"), &cert.cert_chain_pem)?;
+    std::fs::write(dir.join("envoy.key"), key.serialize_pem())?;
+    std::fs::write(dir.join("ca.pem"), mesh.ca_pem()?)?;
+
+    let loopback = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let (peer, front, ws_front) = (
+        loopback(free_port()),
+        loopback(free_port()),
+        loopback(free_port()),
+    );
+    let inbound = nodeapp.inbound.expect("the app's inbound");
+    let config = format!(
+        "static_resources:\n  listeners:{}{}{}\n  clusters:{}{}{}\n",
+        envoy_listener("peer", peer, "mesh_inbound"),
+        envoy_listener("front", front, "mesh_outbound"),
+        envoy_listener("ws_front", ws_front, "mesh_outbound_h1"),
+        envoy_h2_cluster(
+            "mesh_inbound",
+            inbound,
+            Some((&dir, "envoy", "spiffe://mesh.local/ns/default/sa/nodeapp"))
+        ),
+        envoy_h2_cluster("mesh_outbound", fixed, None),
+        format!(
+            r#"
+  - name: mesh_outbound_h1
+    type: STATIC
+    load_assignment: {{cluster_name: mesh_outbound_h1, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]}}"#,
+            ws_fixed.port()
+        ),
+    );
+    peers::envoy(&mut mesh, &config, &[peer, front, ws_front]).await?;
+
+    for (via, caller) in [(peer, "envoy"), (front, "caller")] {
+        for flags in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
+            let url = format!("http://{via}/hello?x=1");
+            let mut args = flags.to_vec();
+            args.push(&url);
+            let (status, body) = curl(&args).await?;
+            assert_eq!(status, 200, "via {via} {flags:?}: {body}");
+            let j = json(&body);
+            assert_eq!(j["app"], "node");
+            assert_eq!(j["version"], "1.1", "the HTTP/1.1-only app got HTTP/1.1");
+            assert_eq!(j["url"], "/hello?x=1", "origin-form");
+            assert_eq!(
+                j["hosts"].as_array().map(Vec::len),
+                Some(1),
+                "one Host: {j}"
+            );
+            let xfcc = j["xfcc"].as_str().unwrap_or_default();
+            assert!(
+                xfcc.contains(&format!("URI=spiffe://mesh.local/ns/default/sa/{caller}")),
+                "the app learns the mesh caller: {xfcc:?}"
+            );
+        }
+        let data = dir.join("post.bin");
+        std::fs::write(&data, vec![b'p'; 100_000])?;
+        let (status, body) = curl(&[
+            "--http2-prior-knowledge",
+            "--data-binary",
+            &format!("@{}", data.display()),
+            &format!("http://{via}/sink"),
+        ])
+        .await?;
+        assert_eq!((status, body.as_str()), (200, "100000"), "POST via {via}");
+    }
+
+    let answers =
+        peers::websocket_client(&format!("ws://{ws_front}/room"), &["through", "envoy"]).await?;
+    assert_eq!(answers, ["echo:through", "echo:envoy"]);
+    Ok(())
+}
