@@ -372,6 +372,18 @@ fn envoy_h2_cluster(
     )
 }
 
+/// An Envoy HTTP/1.1 cluster of `name` to `addr` (plaintext).
+fn envoy_h1_cluster(name: &str, addr: SocketAddr) -> String {
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]}}"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
 /// An Envoy listener on `addr` sending every request to `cluster` (WebSocket upgrades too).
 fn envoy_listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
     format!(
@@ -444,13 +456,7 @@ async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::
             Some((&dir, "envoy", "spiffe://mesh.local/ns/default/sa/nodeapp"))
         ),
         envoy_h2_cluster("mesh_outbound", fixed, None),
-        format!(
-            r#"
-  - name: mesh_outbound_h1
-    type: STATIC
-    load_assignment: {{cluster_name: mesh_outbound_h1, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]}}"#,
-            ws_fixed.port()
-        ),
+        envoy_h1_cluster("mesh_outbound_h1", ws_fixed),
     );
     peers::envoy(&mut mesh, &config, &[peer, front, ws_front]).await?;
 
