@@ -162,7 +162,26 @@ pub async fn envoy(mesh: &mut Mesh, config: &str, listeners: &[SocketAddr]) -> a
 /// port, answering `ok` to every request, and closing each connection (GOAWAY) after
 /// `keepalive_requests` requests.
 pub async fn nginx_h2c(mesh: &mut Mesh, keepalive_requests: u32) -> anyhow::Result<SocketAddr> {
+    nginx_h2(mesh, keepalive_requests, None).await
+}
+
+/// nginx speaking only HTTP/2 as [`nginx_h2c`], over TLS 1.3 with the certificate and key
+/// files `tls` when given (ALPN h2), so it can stand where a peer sidecar would.
+pub async fn nginx_h2(
+    mesh: &mut Mesh,
+    keepalive_requests: u32,
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<SocketAddr> {
     require("nginx")?;
+    let tls = match tls {
+        None => String::new(),
+        Some((crt, key)) => format!(
+            "ssl_certificate {};\n ssl_certificate_key {};\n ssl_protocols TLSv1.3;\n",
+            crt.display(),
+            key.display()
+        ),
+    };
+    let ssl = if tls.is_empty() { "" } else { " ssl" };
     let dir = mesh.dir.path().join(format!("nginx-{}", mesh.procs.len()));
     std::fs::create_dir_all(dir.join("logs"))?;
     let port = crate::free_port();
@@ -180,7 +199,8 @@ pub async fn nginx_h2c(mesh: &mut Mesh, keepalive_requests: u32) -> anyhow::Resu
            scgi_temp_path {d}/scgi;\n\
            keepalive_requests {keepalive_requests};\n\
            server {{\n\
-             listen 127.0.0.1:{port} http2;\n\
+             listen 127.0.0.1:{port}{ssl} http2;\n\
+             {tls}\
              location / {{ return 200 \"ok\\n\"; }}\n\
            }}\n\
          }}\n",

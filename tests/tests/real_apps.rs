@@ -499,3 +499,65 @@ async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::
     assert_eq!(answers, ["echo:through", "echo:envoy"]);
     Ok(())
 }
+
+/// Issue 24 item 7, a peer's GOAWAY: nginx, holding a mesh certificate for `backend`'s
+/// identity, stands where backend's sidecar would (mTLS 1.3, HTTP/2) and ends each connection
+/// with a GOAWAY after 100 requests without announcing it first (a hyper-based sidecar sends a
+/// two-step GOAWAY; nginx, like many servers, one). The streams above its last stream id were
+/// never processed, so the caller's sidecar sends them again on a new connection, with no
+/// retry policy, bodies included: h2load loses none of 20,000 GETs and 10,000 POSTs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sidecars_goaway_loses_no_request() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let dir = mesh.dir.path().to_path_buf();
+    let token = mesh.token("backend").await?;
+    let (key, csr_pem) = csr("spiffe://mesh.local/ns/default/sa/backend")?;
+    let cert = identity_client(&mesh)
+        .await?
+        .certify(mesh_proto::v1::CertifyRequest { csr_pem, token })
+        .await?
+        .into_inner();
+    let (crt_file, key_file) = (dir.join("backend.crt"), dir.join("backend.key"));
+    std::fs::write(&crt_file, &cert.cert_chain_pem)?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    let nginx = peers::nginx_h2(&mut mesh, 100, Some((&crt_file, &key_file))).await?;
+    mesh.meshctl(&[
+        "endpoints",
+        "add",
+        "backend",
+        "--id",
+        "nginx-peer",
+        "--address",
+        &nginx.to_string(),
+        "--version",
+        "v1",
+    ])
+    .await?;
+    let (_c, fixed) = mesh.client_with_upstream("backend").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let url = format!("http://{fixed}/");
+    until(
+        Duration::from_secs(10),
+        "the caller's sidecar knows the endpoint",
+        || async { Ok(curl(&[&url]).await?.0 == 200) },
+    )
+    .await?;
+
+    let n = 20_000;
+    let (s, text) = peers::h2load(&url, n, 4, 10, None).await?;
+    assert_eq!(
+        (s.done, s.succeeded, s.failed, s.errored, s.status_2xx),
+        (n, n, 0, 0, n),
+        "h2load GETs through the caller's sidecar to the nginx peer (GOAWAY every 100):\n{text}"
+    );
+    let data = dir.join("post.bin");
+    std::fs::write(&data, vec![b'p'; 4096])?;
+    let n = 10_000;
+    let (s, text) = peers::h2load(&url, n, 4, 10, Some(&data)).await?;
+    assert_eq!(
+        (s.done, s.succeeded, s.failed, s.errored, s.status_2xx),
+        (n, n, 0, 0, n),
+        "h2load POSTs through the caller's sidecar to the nginx peer (GOAWAY every 100):\n{text}"
+    );
+    Ok(())
+}

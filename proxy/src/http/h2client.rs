@@ -7,6 +7,7 @@
 //! streaming when the answer comes (a streaming upload).
 
 use crate::balance::{Answered, GrpcPending};
+use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::coalesce::Coalesce;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -43,6 +44,11 @@ pub struct H2Sender {
     tx: h2::client::SendRequest<Bytes>,
     /// Set when the task driving the connection ended.
     closed: Arc<AtomicBool>,
+    /// The peer may leave streams it accepted unprocessed (a GOAWAY below them, sent without
+    /// the two-step warning, or REFUSED_STREAM): a server that is not a mesh sidecar. Requests
+    /// on such a connection keep a [`Resend`] copy; a mesh sidecar's graceful close gives them
+    /// back unsent instead, so they need none.
+    pub may_leave_unprocessed: bool,
 }
 
 impl std::fmt::Debug for H2Sender {
@@ -65,9 +71,68 @@ pub enum SendError<B> {
 }
 
 /// True when the peer provably did not process the stream: it refused it (REFUSED_STREAM), or
-/// sent a GOAWAY whose last stream id is below it.
+/// its GOAWAY's last stream id is below it (h2 fails only those streams with the GOAWAY's
+/// error).
 pub fn never_processed(e: &h2::Error) -> bool {
-    e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away()
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+}
+
+/// A request's head and a replayable copy of its body, kept to send the request again when
+/// the peer provably did not process its stream ([`never_processed`]): RFC 9113 §8.7 makes
+/// any method safe to send again then, which is what a graceful close (GOAWAY) by an app or a
+/// peer sidecar leaves in flight. A body that outgrows the replay buffer (64 KiB,
+/// `http::body`) cannot go again.
+pub struct Resend {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+    /// None: the request has no body.
+    body: Option<ReplayBody>,
+}
+
+impl Resend {
+    /// `req` with its body made replayable, and what is kept to send it again.
+    pub fn keep(req: Request<ReqBody>) -> (Request<ReqBody>, Resend) {
+        let (parts, body) = req.into_parts();
+        let (body, kept) = match body {
+            ReqBody::Empty => (ReqBody::Empty, None),
+            ReqBody::Incoming(b) if b.is_end_stream() => (ReqBody::Empty, None),
+            ReqBody::Incoming(b) => {
+                let kept = ReplayBody::new(b);
+                (
+                    kept.replay().map_or(ReqBody::Empty, ReqBody::Replay),
+                    Some(kept),
+                )
+            }
+            ReqBody::Replay(b) => {
+                let kept = b.replay();
+                (ReqBody::Replay(b), kept)
+            }
+        };
+        let resend = Resend {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: kept,
+        };
+        (Request::from_parts(parts, body), resend)
+    }
+
+    /// The request again, or None when its body outgrew the replay buffer.
+    pub fn again(&self) -> Option<Request<ReqBody>> {
+        let body = match &self.body {
+            None => ReqBody::Empty,
+            Some(kept) => ReqBody::Replay(kept.replay()?),
+        };
+        let mut again = Request::new(body);
+        *again.method_mut() = self.method.clone();
+        *again.uri_mut() = self.uri.clone();
+        *again.version_mut() = self.version;
+        *again.headers_mut() = self.headers.clone();
+        Some(again)
+    }
 }
 
 impl H2Sender {
@@ -144,7 +209,11 @@ impl H2Sender {
                 Err(_) => return Err(h2::Error::from(h2::Reason::SETTINGS_TIMEOUT)),
             }
         }
-        Ok(Self { tx, closed })
+        Ok(Self {
+            tx,
+            closed,
+            may_leave_unprocessed: true,
+        })
     }
 
     /// True once the connection is gone; a sender that says false may still find it going

@@ -4,10 +4,10 @@
 //! origin-form and Host for HTTP/1.1, `:authority` for HTTP/2); the address is always the app's.
 
 use crate::balance::state::Now;
-use crate::http::body::{ReplayBody, ReqBody, RespBody};
+use crate::http::body::{ReqBody, RespBody};
 use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
-use crate::http::h2client::{H2Sender, SendError};
+use crate::http::h2client::{H2Sender, Resend, SendError, never_processed};
 use arc_swap::ArcSwapOption;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -55,13 +55,6 @@ struct H1Conn {
 
 /// A bodyless idempotent request kept to send again (method, URI, headers).
 pub(super) type Replay = (http::Method, Uri, http::HeaderMap);
-
-/// What an HTTP/2 request keeps to go again after the app's GOAWAY: its head, and its body's
-/// replay buffer (None: it had no body).
-pub(super) struct AppReplay {
-    pub head: Replay,
-    pub body: Option<ReplayBody>,
-}
 
 impl AppH1 {
     pub(super) fn new(addr: SocketAddr, idle_timeout: Duration) -> Self {
@@ -287,7 +280,7 @@ impl AppH2 {
     pub(super) async fn request(
         &self,
         mut req: Request<ReqBody>,
-        mut replay: Option<AppReplay>,
+        replay: Option<Resend>,
     ) -> Result<Response<RespBody>, ProxyError> {
         for _ in 0..2 {
             let sender = self.sender().await?;
@@ -300,8 +293,8 @@ impl AppH2 {
                     self.ready.compare_and_swap(&Some(sender), None);
                     req = *back;
                 }
-                Err(SendError::Failed(e)) => match replay.take().and_then(AppReplay::again) {
-                    Some(again) if unprocessed(&e) => {
+                Err(SendError::Failed(e)) => match replay.as_ref().and_then(Resend::again) {
+                    Some(again) if never_processed(&e) => {
                         tracing::debug!(addr = %self.addr, error = %e, "the app did not process the stream; sent again");
                         self.ready.compare_and_swap(&Some(sender), None);
                         req = again;
@@ -317,17 +310,6 @@ impl AppH2 {
     }
 }
 
-impl AppReplay {
-    /// The request again, or None when its body outgrew the replay buffer.
-    fn again(self) -> Option<Request<ReqBody>> {
-        let body = match &self.body {
-            None => ReqBody::Empty,
-            Some(kept) => ReqBody::Replay(kept.replay()?),
-        };
-        Some(rebuild(self.head, Version::HTTP_2, body))
-    }
-}
-
 /// A kept request head as a request again, with `body`.
 fn rebuild<B>((method, uri, headers): Replay, version: Version, body: B) -> Request<B> {
     let mut again = Request::new(body);
@@ -336,12 +318,6 @@ fn rebuild<B>((method, uri, headers): Replay, version: Version, body: B) -> Requ
     *again.version_mut() = version;
     *again.headers_mut() = headers;
     again
-}
-
-/// True when the app provably left the stream unprocessed: it refused it, or its GOAWAY's
-/// last stream id is below it (h2 fails only those streams with the GOAWAY's error).
-fn unprocessed(e: &h2::Error) -> bool {
-    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 fn app_error(e: &dyn std::error::Error) -> ProxyError {

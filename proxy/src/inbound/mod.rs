@@ -24,8 +24,9 @@ use tokio::net::TcpStream;
 
 mod app;
 
-use crate::http::body::{ReplayBody, ReqBody, Upload};
-use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2, AppReplay};
+use crate::http::body::{ReqBody, Upload};
+use crate::http::h2client::Resend;
+use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -505,22 +506,9 @@ impl Inbound {
             let req = Request::from_parts(parts, AppBody::Left(body));
             self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {
-            let (body, kept) = if body.is_end_stream() {
-                (ReqBody::Empty, None)
-            } else {
-                let kept = ReplayBody::new(Upload::new(body, None));
-                (
-                    kept.replay().map_or(ReqBody::Empty, ReqBody::Replay),
-                    Some(kept),
-                )
-            };
-            let replay = AppReplay {
-                head: head(&parts),
-                body: kept,
-            };
-            self.h2
-                .request(Request::from_parts(parts, body), Some(replay))
-                .await?
+            let req = Request::from_parts(parts, ReqBody::Incoming(Upload::new(body, None)));
+            let (req, replay) = Resend::keep(req);
+            self.h2.request(req, Some(replay)).await?
         };
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp.map(Body::Left))

@@ -9,7 +9,7 @@ use crate::balance::{
 };
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
-use crate::http::h2client::{SendError, never_processed};
+use crate::http::h2client::{Resend, SendError, never_processed};
 use crate::policy::GrpcFailures;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
@@ -49,8 +49,9 @@ impl std::fmt::Debug for Endpoint {
 }
 
 /// Extra attempts, on other endpoints, for a request that was never handed to a connection
-/// (the endpoint refused the connection, or its connection gave the request back unsent).
-/// Always safe, policy or not: this is what keeps a rolling update free of errors.
+/// (the endpoint refused the connection, or its connection gave the request back unsent) or
+/// that the peer provably never processed (REFUSED_STREAM, a GOAWAY below its stream). Always
+/// safe, policy or not: this is what keeps a rolling update free of errors.
 const TRANSPARENT_RETRIES: usize = 2;
 
 impl Endpoint {
@@ -111,6 +112,10 @@ impl Endpoint {
         self: Arc<Self>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<RespBody>, ProxyError> {
+        // Kept to go again, on another endpoint, if a peer that may leave streams unprocessed
+        // (not a mesh sidecar) says with its GOAWAY or REFUSED_STREAM that it never processed
+        // the stream.
+        let mut resend: Option<Resend> = None;
         let hash = self
             .lb
             .hash_header
@@ -142,6 +147,10 @@ impl Endpoint {
                     return Err(e);
                 }
             };
+            if sender.may_leave_unprocessed && resend.is_none() {
+                let (kept, copy) = Resend::keep(req);
+                (req, resend) = (kept, Some(copy));
+            }
             match sender.send(req).await {
                 Ok(resp) => {
                     let answered = picked.answered.clone();
@@ -175,11 +184,19 @@ impl Endpoint {
                     }
                     self.finish(picked, false);
                     let what = format!("{id} ({addr}): {e}");
-                    return Err(if never_processed(&e) {
-                        ProxyError::Refused(what)
-                    } else {
-                        ProxyError::Upstream(what)
-                    });
+                    if !never_processed(&e) {
+                        return Err(ProxyError::Upstream(what));
+                    }
+                    if attempt < TRANSPARENT_RETRIES
+                        && let Some(again) = resend.as_ref().and_then(Resend::again)
+                    {
+                        attempt += 1;
+                        avoid.push(addr);
+                        tracing::debug!(%addr, error = %e, "the peer did not process the stream; sent again");
+                        req = again;
+                        continue;
+                    }
+                    return Err(ProxyError::Refused(what));
                 }
             }
         }

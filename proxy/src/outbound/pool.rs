@@ -233,13 +233,15 @@ impl Pool {
                 reason: e.to_string(),
             })?;
         let tls = self.dial(addr, cfg).await?;
-        let sender = H2Sender::handshake(Coalesce::new(tls), Some(PEER_KEEP_ALIVE), addr)
+        let mesh_peer = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MESH_H2);
+        let mut sender = H2Sender::handshake(Coalesce::new(tls), Some(PEER_KEEP_ALIVE), addr)
             .await
             .map_err(|e| ProxyError::Connect {
                 addr,
                 reason: e.to_string(),
             })?;
-        tracing::debug!(%addr, %identity, "peer connection open");
+        sender.may_leave_unprocessed = !mesh_peer;
+        tracing::debug!(%addr, %identity, mesh_peer, "peer connection open");
         Ok(sender)
     }
 }

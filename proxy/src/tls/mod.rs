@@ -18,6 +18,11 @@ use std::sync::Arc;
 
 /// ALPN ids: h2 between sidecars; http/1.1 accepted for peers that only speak it.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of HTTP/2 between two mesh sidecars: the caller learns that the server is one, which
+/// closes connections with a two-step GOAWAY (RFC 9113 §6.8) and so never leaves a stream
+/// unprocessed; requests to it keep no copy to send again. Any other HTTP/2 server (Envoy,
+/// nginx, an older mesh-proxy) negotiates `h2`.
+pub const ALPN_MESH_H2: &[u8] = b"mesh.h2/1";
 /// ALPN of an opaque TCP stream between sidecars (transparent interception of a protocol that
 /// is not HTTP): a 2-byte big-endian app port, then the app's bytes either way.
 pub const ALPN_OPAQUE: &[u8] = b"mesh.opaque/1";
@@ -202,7 +207,13 @@ impl TlsContext {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.resolver.clone());
-        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec(), ALPN_OPAQUE.to_vec()];
+        // Most preferred first: rustls picks the first of these the client offers.
+        cfg.alpn_protocols = vec![
+            ALPN_MESH_H2.to_vec(),
+            ALPN_H2.to_vec(),
+            b"http/1.1".to_vec(),
+            ALPN_OPAQUE.to_vec(),
+        ];
         // No session resumption: a resumed session carries the client certificate of the
         // handshake it resumes, which would outlive its expiry (and a revocation that stopped
         // its renewal). Peer connections are long-lived, so full handshakes are rare anyway.
@@ -244,7 +255,7 @@ impl TlsContext {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.resolver.clone());
-        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        cfg.alpn_protocols = vec![ALPN_MESH_H2.to_vec(), ALPN_H2.to_vec()];
         // Every connection presents the current certificate (see `server_config`).
         cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
@@ -288,4 +299,59 @@ pub fn spiffe_id_and_expiry(der: &[u8]) -> Option<(String, i64)> {
     });
     let first = ids.next()?;
     ids.next().is_none().then_some((first, expires))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    /// A context holding a certificate for `sa` from `ca`.
+    fn context(ca: &Issuer<'_, KeyPair>, ca_pem: &str, sa: &str) -> TlsContext {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::default();
+        let id = format!("spiffe://mesh.local/ns/default/sa/{sa}");
+        p.subject_alt_names = vec![SanType::URI(id.try_into().expect("uri"))];
+        let cert = p.signed_by(&key, ca).expect("signed");
+        let t = TlsContext::new(ca_pem).expect("bundle");
+        t.install(&cert.pem(), &key.serialize_pem(), i64::MAX, ca_pem, "")
+            .expect("install");
+        t
+    }
+
+    /// The ALPN a client with `alpn` and the inbound's server config agree on.
+    async fn negotiated(server: &TlsContext, client: &TlsContext, alpn: &[&[u8]]) -> Vec<u8> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().expect("server"));
+        let mut cfg = (*client
+            .client_config(&Arc::from("spiffe://mesh.local/ns/default/sa/backend"))
+            .expect("client"))
+        .clone();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let name = rustls_pki_types::ServerName::try_from("backend").expect("name");
+        let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
+        let (_s, c) = (s.expect("accepted"), c.expect("connected"));
+        c.get_ref().1.alpn_protocol().expect("an ALPN").to_vec()
+    }
+
+    #[tokio::test]
+    async fn sidecars_recognise_each_other_and_other_peers_get_h2() {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let server = context(&issuer, &ca_pem, "backend");
+        let client = context(&issuer, &ca_pem, "web");
+        let ours = client
+            .client_config(&Arc::from("spiffe://mesh.local/ns/default/sa/backend"))
+            .expect("client")
+            .alpn_protocols
+            .clone();
+        let ours: Vec<&[u8]> = ours.iter().map(Vec::as_slice).collect();
+        assert_eq!(negotiated(&server, &client, &ours).await, ALPN_MESH_H2);
+        // Envoy, nginx or an older mesh-proxy as the caller offer h2 alone.
+        assert_eq!(negotiated(&server, &client, &[ALPN_H2]).await, ALPN_H2);
+    }
 }
