@@ -332,7 +332,8 @@ async fn the_services_declared_app_protocol_decides_how_the_app_is_called() -> a
     Ok(())
 }
 
-/// An Envoy HTTP/2 cluster of `name` to `addr`: h2c, or mTLS with the mesh certificate of
+/// An Envoy HTTP/2 cluster of `name` to `addr` (WebSockets to it go as extended CONNECT,
+/// RFC 8441): h2c, or mTLS with the mesh certificate of
 /// `cert` (files `<cert>.crt`/`.key` in `dir`) expecting the peer's SPIFFE id `peer_id`.
 fn envoy_h2_cluster(
     name: &str,
@@ -365,7 +366,7 @@ fn envoy_h2_cluster(
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}{transport}
+        explicit_http_config: {{http2_protocol_options: {{allow_connect: true}}}}{transport}
     load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]}}"#,
         ip = addr.ip(),
         port = addr.port()
@@ -411,8 +412,9 @@ fn envoy_listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
 ///   inbound answers GETs and a 100 kB POST, in origin-form with one Host, and learns Envoy's
 ///   SPIFFE identity;
 /// - as a caller, Envoy speaks h2c to our outbound (an `--upstream` port), through the pair to
-///   the same Node app; and it carries a WebSocket (HTTP/1.1 upstream) through the pair to
-///   Python's `websockets` server.
+///   the same Node app; and it carries a WebSocket through the pair to Python's `websockets`
+///   server, once as an HTTP/1.1 upgrade and once as an HTTP/2 extended CONNECT (RFC 8441),
+///   which the outbound turns into the upgrade the app expects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
@@ -439,17 +441,19 @@ async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::
     std::fs::write(dir.join("ca.pem"), mesh.ca_pem()?)?;
 
     let loopback = |p| SocketAddr::from(([127, 0, 0, 1], p));
-    let (peer, front, ws_front) = (
+    let (peer, front, ws_front, ws_h2_front) = (
+        loopback(free_port()),
         loopback(free_port()),
         loopback(free_port()),
         loopback(free_port()),
     );
     let inbound = nodeapp.inbound.expect("the app's inbound");
     let config = format!(
-        "static_resources:\n  listeners:{}{}{}\n  clusters:{}{}{}\n",
+        "static_resources:\n  listeners:{}{}{}{}\n  clusters:{}{}{}{}\n",
         envoy_listener("peer", peer, "mesh_inbound"),
         envoy_listener("front", front, "mesh_outbound"),
         envoy_listener("ws_front", ws_front, "mesh_outbound_h1"),
+        envoy_listener("ws_h2_front", ws_h2_front, "mesh_outbound_connect"),
         envoy_h2_cluster(
             "mesh_inbound",
             inbound,
@@ -457,8 +461,9 @@ async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::
         ),
         envoy_h2_cluster("mesh_outbound", fixed, None),
         envoy_h1_cluster("mesh_outbound_h1", ws_fixed),
+        envoy_h2_cluster("mesh_outbound_connect", ws_fixed, None),
     );
-    peers::envoy(&mut mesh, &config, &[peer, front, ws_front]).await?;
+    peers::envoy(&mut mesh, &config, &[peer, front, ws_front, ws_h2_front]).await?;
 
     for (via, caller) in [(peer, "envoy"), (front, "caller")] {
         for flags in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
@@ -494,9 +499,11 @@ async fn envoy_as_a_peer_sidecar_and_as_a_caller_reaches_real_apps() -> anyhow::
         assert_eq!((status, body.as_str()), (200, "100000"), "POST via {via}");
     }
 
-    let answers =
-        peers::websocket_client(&format!("ws://{ws_front}/room"), &["through", "envoy"]).await?;
-    assert_eq!(answers, ["echo:through", "echo:envoy"]);
+    for via in [ws_front, ws_h2_front] {
+        let answers =
+            peers::websocket_client(&format!("ws://{via}/room"), &["through", "envoy"]).await?;
+        assert_eq!(answers, ["echo:through", "echo:envoy"], "via {via}");
+    }
     Ok(())
 }
 

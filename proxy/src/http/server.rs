@@ -93,6 +93,10 @@ pub fn builder(client: Client) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(l.max_header_bytes as u32)
         .max_pending_accept_reset_streams(Some(resets))
         .keep_alive_interval(Some(Duration::from_secs(30)));
+    if client == Client::App {
+        // RFC 8441: an app's HTTP/2 client may open a WebSocket with extended CONNECT.
+        b.http2().enable_connect_protocol();
+    }
     b
 }
 

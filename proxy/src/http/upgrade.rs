@@ -7,6 +7,12 @@
 //! Protocols`, the proxy copies bytes both ways until either side closes. Authorization,
 //! routing and the caller's identity apply to the request that asked for the upgrade, as to
 //! any other request.
+//!
+//! An HTTP/2 caller asks with extended CONNECT instead (RFC 8441: `:method CONNECT`,
+//! `:protocol websocket`, `:path`): the outbound proxy turns it into the HTTP/1.1 upgrade
+//! request the rest of the way expects (`GET`, `Upgrade`, and for WebSocket a
+//! `Sec-WebSocket-Key` of its own, which RFC 8441 §5 drops), and the app's `101` into the `200`
+//! that opens the caller's stream.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
@@ -49,6 +55,38 @@ pub fn switching<B>(next: &Response<B>) -> Response<()> {
     r
 }
 
+/// How the caller asked to switch protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// HTTP/1.1 `Upgrade`: the next hop's `101` is passed back.
+    Upgrade,
+    /// Extended CONNECT (RFC 8441): a `101` reaches the caller as `200`. `own_key`: the proxy
+    /// made up the `Sec-WebSocket-Key`, so the app's `Sec-WebSocket-Accept` is not passed back
+    /// (a caller that sent a key of its own, as Envoy does, gets the accept value for it).
+    ExtendedConnect { own_key: bool },
+}
+
+/// An extended CONNECT (RFC 8441) as the HTTP/1.1 upgrade request it stands for: the method
+/// becomes GET and the `:protocol` the `Upgrade` token (returned); a WebSocket without a
+/// `Sec-WebSocket-Key` (RFC 8441 §5 drops it) gets one, as RFC 6455 requires of the app's
+/// side. None: not an extended CONNECT.
+pub fn from_extended_connect(parts: &mut http::request::Parts) -> Option<(HeaderValue, Asked)> {
+    let protocol = parts.extensions.remove::<hyper::ext::Protocol>()?;
+    let up = HeaderValue::from_str(protocol.as_str()).ok()?;
+    parts.method = http::Method::GET;
+    let own_key = protocol.as_str().eq_ignore_ascii_case("websocket")
+        && !parts.headers.contains_key(header::SEC_WEBSOCKET_KEY);
+    if own_key {
+        use base64::Engine as _;
+        let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            parts.headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+    Some((up, Asked::ExtendedConnect { own_key }))
+}
+
 /// The caller's side of an upgrade (or CONNECT), taken out of its request.
 pub fn take(parts: &mut http::request::Parts) -> Result<OnUpgrade, super::errors::ProxyError> {
     parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
@@ -71,9 +109,12 @@ pub fn prepare(
 
 /// The next hop's answer to an upgrade request, for the caller: a 101 splices the caller's
 /// connection with the next hop's (on a task of its own); any other answer passes as it is.
+/// A caller that asked with extended CONNECT gets a `101` as `200` without the upgrade fields
+/// (RFC 8441 §5).
 pub fn answer(
     mut resp: Response<hyper::body::Incoming>,
     caller: OnUpgrade,
+    asked: Asked,
 ) -> Response<super::Body> {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         super::strip_hop_by_hop(resp.headers_mut());
@@ -81,7 +122,17 @@ pub fn answer(
     }
     let next = hyper::upgrade::on(&mut resp);
     tokio::spawn(splice_upgrades(caller, next));
-    switching(&resp).map(|()| super::full(""))
+    let mut r = switching(&resp);
+    if let Asked::ExtendedConnect { own_key } = asked {
+        *r.status_mut() = StatusCode::OK;
+        let h = r.headers_mut();
+        h.remove(header::UPGRADE);
+        h.remove(header::CONNECTION);
+        if own_key {
+            h.remove(header::SEC_WEBSOCKET_ACCEPT);
+        }
+    }
+    r.map(|()| super::full(""))
 }
 
 /// Copies bytes both ways between the caller's upgraded connection, once hyper hands it over
@@ -149,5 +200,43 @@ mod tests {
         assert_eq!(r.headers()["connection"], "upgrade");
         assert_eq!(r.headers()["sec-websocket-accept"], "abc");
         assert!(!r.headers().contains_key("x-hop"));
+    }
+
+    #[test]
+    fn an_extended_connect_becomes_the_upgrade_the_app_expects() {
+        let connect = |key: Option<&'static str>, protocol: Option<&'static str>| {
+            let mut b = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .version(http::Version::HTTP_2)
+                .uri("http://chat/room");
+            if let Some(k) = key {
+                b = b.header("sec-websocket-key", k);
+            }
+            if let Some(p) = protocol {
+                b = b.extension(hyper::ext::Protocol::from_static(p));
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let mut p = connect(None, Some("websocket"));
+        let (up, asked) = from_extended_connect(&mut p).unwrap();
+        assert_eq!(
+            (up.to_str().unwrap(), asked),
+            ("websocket", Asked::ExtendedConnect { own_key: true })
+        );
+        assert_eq!(p.method, http::Method::GET);
+        let key = p.headers["sec-websocket-key"].to_str().unwrap();
+        assert_eq!(key.len(), 24, "16 bytes, base64: {key}");
+
+        let mut p = connect(Some("dGhlIHNhbXBsZSBub25jZQ=="), Some("websocket"));
+        let (_, asked) = from_extended_connect(&mut p).unwrap();
+        assert_eq!(asked, Asked::ExtendedConnect { own_key: false });
+        assert_eq!(p.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+
+        let mut plain = connect(None, None);
+        assert!(
+            from_extended_connect(&mut plain).is_none(),
+            "a CONNECT tunnel"
+        );
+        assert_eq!(plain.method, http::Method::CONNECT);
     }
 }

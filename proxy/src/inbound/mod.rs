@@ -456,7 +456,7 @@ impl Inbound {
             .h1
             .upgrade(Request::from_parts(parts, AppBody::Left(body)))
             .await?;
-        Ok(upgrade::answer(resp, caller))
+        Ok(upgrade::answer(resp, caller, upgrade::Asked::Upgrade))
     }
 
     async fn forward(

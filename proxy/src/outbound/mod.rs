@@ -141,11 +141,18 @@ impl Outbound {
             ResolveError::TooMany => ProxyError::TooManyServices,
         })?;
         let (mut parts, body) = req.into_parts();
-        if parts.method == Method::CONNECT {
-            // Boxed, like the upgrade below: rare, and inline they would enlarge every
-            // request's future (a handshake's state), which is moved on each poll.
-            return Box::pin(self.tunnel(&svc, &authority, parts)).await;
-        }
+        // An HTTP/2 caller's WebSocket (RFC 8441) goes on as an HTTP/1.1 upgrade request.
+        let extended = if parts.method == Method::CONNECT {
+            let up = upgrade::from_extended_connect(&mut parts);
+            if up.is_none() {
+                // Boxed, like the upgrade below: rare, and inline they would enlarge every
+                // request's future (a handshake's state), which is moved on each poll.
+                return Box::pin(self.tunnel(&svc, &authority, parts)).await;
+            }
+            up
+        } else {
+            None
+        };
         let rule = svc
             .router
             .route(&parts.method, &parts.uri, &parts.headers)
@@ -166,9 +173,9 @@ impl Outbound {
         }
         let h1 = parts.version < Version::HTTP_2;
         let up = if h1 {
-            upgrade::requested(&parts.headers)
+            upgrade::requested(&parts.headers).map(|u| (u, upgrade::Asked::Upgrade))
         } else {
-            None
+            extended
         };
         parts.uri = absolute_uri(Some(&authority), std::mem::take(&mut parts.uri))
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
@@ -194,7 +201,8 @@ impl Outbound {
         }
         if let Some(up) = up {
             let to = rule.map_or(&svc.balancer, |(_, t)| &t.balancer);
-            return Box::pin(self.upgrade(&svc, to, svc.policy_for(rule).0, parts, body, up)).await;
+            let policy = svc.policy_for(rule).0;
+            return Box::pin(self.upgrade(&svc, to, policy, parts, body, up)).await;
         }
         let (mirror_cfg, mirror_to) = match rule {
             Some((r, t)) => (r.mirror.as_ref(), t.mirror_balancer.as_ref()),
@@ -315,7 +323,7 @@ impl Outbound {
         policy: &crate::policy::Policy,
         mut parts: http::request::Parts,
         body: Incoming,
-        up: HeaderValue,
+        (up, asked): (HeaderValue, upgrade::Asked),
     ) -> Result<Response<Body>, ProxyError> {
         let caller = upgrade::prepare(&mut parts, up)?;
         let picked = Self::pick_one(svc, balancer, &policy.lb)?;
@@ -347,7 +355,7 @@ impl Outbound {
         .await;
         let ok = sent.as_ref().is_ok_and(|r| !r.status().is_server_error());
         picked.finish(ok, balancer, policy.outlier.as_ref());
-        Ok(upgrade::answer(sent?, caller))
+        Ok(upgrade::answer(sent?, caller, asked))
     }
 
     /// `CONNECT service:port`: an opaque TCP stream to that port of one endpoint's app, over
