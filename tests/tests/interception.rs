@@ -265,7 +265,7 @@ fn banner_via(ns: &str, dst: &str) -> anyhow::Result<Duration> {
 /// cannot reach the server app in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     if let Some(why) = cannot_run(TOOLS) {
         eprintln!("SKIPPED pods_talk_by_plain_ip_with_mtls_on_the_wire: {why}");
         return Ok(());
@@ -452,6 +452,25 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     assert!(
         reply.contains("spiffe://mesh.local/ns/default/sa/web"),
         "the app saw the caller's identity: {reply}"
+    );
+
+    // A slow HTTP client on a port seen speaking HTTP: its first bytes come 500 ms after it
+    // connected, past the 300 ms detection window, and it is still served as HTTP through
+    // both sidecars (the app sees the caller's identity, which an opaque tunnel would not
+    // carry) rather than tunnelled.
+    let slow = in_netns(&pods.a.0, || {
+        let dst: SocketAddr = "10.201.0.3:8080".parse()?;
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        std::thread::sleep(Duration::from_millis(500));
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: 10.201.0.3:8080\r\nConnection: close\r\n\r\n")?;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        Ok(String::from_utf8_lossy(&out).to_string())
+    })?;
+    assert!(
+        slow.starts_with("HTTP/1.1 200") && slow.contains("spiffe://mesh.local/ns/default/sa/web"),
+        "slow client: {slow}"
     );
 
     // A WebSocket by plain IP (tungstenite as the client, the app's tokio-tungstenite echo):
