@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_control_plane::ca::CertificateAuthority;
-use mesh_control_plane::spiffe::SpiffeId;
+use mesh_control_plane::ca::spiffe::SpiffeId;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use std::hint::black_box;
 use std::time::Duration;

@@ -4,9 +4,9 @@
 //! takes plaintext as the one-proxy topology).
 
 use anyhow::Context;
-use mesh_control_plane::cli::client::{Admin, connect_with};
-use mesh_control_plane::process::{Process, proxy_command, sibling};
 use mesh_proto::v1 as pb;
+use meshctl::client::{Admin, connect_with};
+use meshctl::process::{Process, proxy_command, sibling};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,28 +1,20 @@
 //! The mesh control plane: stores services, endpoints and routes, pushes them to proxies over
 //! the discovery stream, signs workload certificates, and serves the admin API meshctl uses.
+//!
+//! Rooms by concern: `state` (the registry, its stored records and the stores behind it),
+//! `discovery` (the push to proxies), `ca` (certificates, tokens, the control plane's own TLS),
+//! `api` (the admin gRPC API, the HTTP port and dashboard), `k8s` (Kubernetes endpoints,
+//! Services and injection webhook), `replicas` (leadership and endpoint leases across
+//! replicas), `observe` (proxies' telemetry, tap, the control plane's metrics and traces),
+//! `rollout` (the canary controller), and `server`, which wires them together.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub mod api;
 pub mod ca;
-pub mod cli;
-pub mod dashboard;
 pub mod discovery;
-pub mod inject;
-pub mod kube_objects;
-pub mod kubernetes;
-pub mod leader;
-pub mod lease;
-pub mod metrics;
-pub mod model;
-pub mod process;
-pub mod registry;
+pub mod k8s;
+pub mod observe;
+pub mod replicas;
 pub mod rollout;
 pub mod server;
-pub mod spiffe;
-pub mod store;
-pub mod tap;
-pub mod telemetry;
-pub mod tls;
-pub mod tokens;
-pub mod trace;
-pub mod web;
+pub mod state;

@@ -5,9 +5,9 @@
 //! in the store, written in the same commit as the weights it sets, so a restarted control
 //! plane picks up where it was.
 
-use crate::model::{CanaryRecord, now_unix};
-use crate::registry::{Registry, RegistryError, State};
-use crate::telemetry::{TelemetryStore, now_ms};
+use crate::observe::telemetry::{TelemetryStore, now_ms};
+use crate::state::records::{CanaryRecord, now_unix};
+use crate::state::registry::{Registry, RegistryError, State};
 use mesh_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,7 +312,7 @@ pub async fn tick(registry: &Registry, store: &TelemetryStore) {
 pub async fn run(
     registry: Arc<Registry>,
     store: Arc<TelemetryStore>,
-    leader: crate::leader::Leadership,
+    leader: crate::replicas::leader::Leadership,
 ) {
     let mut t = tokio::time::interval(TICK);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,12 +1,12 @@
 //! Wiring of the control-plane process: store, registry, CA, and the two gRPC servers.
 
-use crate::admin::AdminService;
-use crate::admin::scope::AdminAuth;
+use crate::api::admin::AdminService;
+use crate::api::admin::scope::AdminAuth;
 use crate::ca::CertificateAuthority;
 use crate::ca::service::{CaStats, IdentityService};
 use crate::discovery::{DiscoveryService, ProxyTable};
-use crate::registry::Registry;
-use crate::store::file::{FileStore, write_atomic};
+use crate::state::registry::Registry;
+use crate::state::store::file::{FileStore, write_atomic};
 use anyhow::Context;
 use mesh_proto::v1 as pb;
 use std::net::{IpAddr, SocketAddr};
@@ -39,12 +39,12 @@ pub struct Config {
     /// How long an endpoint outlives its proxy's disconnection (see `lease`).
     pub endpoint_lease: Duration,
     /// Endpoints from Kubernetes Pods and EndpointSlices (None: proxies register them).
-    pub kubernetes: Option<crate::kubernetes::Source>,
+    pub kubernetes: Option<crate::k8s::Source>,
     /// The MutatingWebhookConfiguration whose caBundle follows the trust bundle (Kubernetes).
     pub webhook_configuration: String,
     /// HTTPS port of the sidecar-injection webhook (None: not served).
     pub webhook_addr: Option<SocketAddr>,
-    pub inject: crate::inject::InjectConfig,
+    pub inject: mesh_inject::InjectConfig,
     /// A shared store, `etcd://host:port[,…][/prefix]` (None: the embedded file store).
     pub store: Option<String>,
     /// This replica's name in the shared store (presence, leader election).
@@ -57,14 +57,13 @@ pub struct Config {
     /// `<data-dir>/admin-token`.
     pub admin_token_file: Option<PathBuf>,
     /// TLS to etcd (`--store etcd+https://…`).
-    pub etcd_tls: crate::store::etcd::EtcdTls,
+    pub etcd_tls: crate::state::store::etcd::EtcdTls,
 }
 
 /// The `coordination.k8s.io` Lease the replicas elect a leader with on Kubernetes.
 pub const LEASE_NAME: &str = "mesh-control-plane";
 
-/// The DNS name proxies and meshctl verify the control plane's certificate against by default.
-pub const SERVER_NAME: &str = "mesh-control-plane";
+use mesh_proto::CONTROL_PLANE_SERVER_NAME as SERVER_NAME;
 
 /// Reads the admin token from the data dir, creating it (mode 0600) on first start.
 fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
@@ -90,16 +89,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| cfg.data_dir.display().to_string())?;
-    crate::trace::start(cfg.otlp_endpoint.as_deref()).context("OTLP exporter")?;
+    crate::observe::trace::start(cfg.otlp_endpoint.as_deref()).context("OTLP exporter")?;
     let kube = match &cfg.kubernetes {
         Some(src) => Some(
-            crate::kubernetes::client(src)
+            crate::k8s::client(src)
                 .await
                 .context("Kubernetes API client")?,
         ),
         None => None,
     };
-    let (store, etcd_leader): (Arc<dyn crate::store::Store>, _) = match &cfg.store {
+    let (store, etcd_leader): (Arc<dyn crate::state::store::Store>, _) = match &cfg.store {
         None => (Arc::new(FileStore::open(&cfg.data_dir)?), None),
         Some(url) => {
             anyhow::ensure!(
@@ -107,20 +106,20 @@ pub async fn run(
                 "--store {url}: every replica must sign with the same CA; give each one \
                  --ca-cert and --ca-key (the key is never written to the store)"
             );
-            crate::registry::check_name("--replica-id", &cfg.replica_id)?;
+            crate::state::registry::check_name("--replica-id", &cfg.replica_id)?;
             if url == "kubernetes" {
                 let client = kube.clone().context(
                     "--store kubernetes needs the Kubernetes API: give --kubernetes or --kube-api",
                 )?;
-                let s = crate::store::kube::KubeStore::new(
+                let s = crate::state::store::kube::KubeStore::new(
                     client,
                     &cfg.namespace,
-                    crate::store::kube::DEFAULT_NAME,
+                    crate::state::store::kube::DEFAULT_NAME,
                 );
-                (Arc::new(s) as Arc<dyn crate::store::Store>, None)
+                (Arc::new(s) as Arc<dyn crate::state::store::Store>, None)
             } else {
-                let s = crate::store::etcd::EtcdStore::connect(url, &cfg.etcd_tls).await?;
-                let leader = crate::leader::Leadership::etcd(
+                let s = crate::state::store::etcd::EtcdStore::connect(url, &cfg.etcd_tls).await?;
+                let leader = crate::replicas::leader::Leadership::etcd(
                     s.client(),
                     s.prefix(),
                     cfg.replica_id.clone(),
@@ -173,9 +172,9 @@ pub async fn run(
             ips.push(a.ip());
         }
     }
-    let tls = Arc::new(crate::tls::ServerTls::new(
+    let tls = Arc::new(crate::ca::tls::ServerTls::new(
         &ca,
-        crate::tls::ServerNames { dns: names, ips },
+        crate::ca::tls::ServerNames { dns: names, ips },
     )?);
     let rotation = Arc::new(crate::ca::rotation::Rotation {
         ca: ca.clone(),
@@ -195,14 +194,14 @@ pub async fn run(
     // Singleton work: one replica at a time, by etcd election on etcd, by a Lease on Kubernetes.
     let leader = match (etcd_leader, &kube) {
         (Some(l), _) => l,
-        (None, Some(client)) => crate::leader::Leadership::kubernetes(
+        (None, Some(client)) => crate::replicas::leader::Leadership::kubernetes(
             client.clone(),
             &cfg.namespace,
             LEASE_NAME.to_string(),
             cfg.replica_id.clone(),
             cfg.leader_lease,
         ),
-        (None, None) => crate::leader::Leadership::always(),
+        (None, None) => crate::replicas::leader::Leadership::always(),
     };
     let identity_svc = pb::identity_server::IdentityServer::new(IdentityService {
         ca: ca.clone(),
@@ -211,10 +210,10 @@ pub async fn run(
         kube: kube.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let telemetry = Arc::new(crate::telemetry::TelemetryStore::default());
-    let tap = Arc::new(crate::tap::TapHub::default());
+    let telemetry = Arc::new(crate::observe::telemetry::TelemetryStore::default());
+    let tap = Arc::new(crate::observe::tap::TapHub::default());
     let telemetry_svc =
-        pb::telemetry_server::TelemetryServer::new(crate::telemetry::TelemetryService {
+        pb::telemetry_server::TelemetryServer::new(crate::observe::telemetry::TelemetryService {
             store: telemetry.clone(),
             tap: tap.clone(),
         })
@@ -225,8 +224,8 @@ pub async fn run(
         leader.clone(),
     ));
     if let Some(client) = &kube {
-        tokio::spawn(crate::kubernetes::run(client.clone(), registry.clone()));
-        use crate::kube_objects::{Authorizations, Policies, Routes, sync};
+        tokio::spawn(crate::k8s::run(client.clone(), registry.clone()));
+        use crate::k8s::objects::{Authorizations, Policies, Routes, sync};
         tokio::spawn(sync::<Routes>(
             client.clone(),
             registry.clone(),
@@ -242,20 +241,20 @@ pub async fn run(
             registry.clone(),
             leader.clone(),
         ));
-        tokio::spawn(crate::kubernetes::publish_bundle(
+        tokio::spawn(crate::k8s::publish_bundle(
             client.clone(),
             registry.clone(),
             cfg.inject.ca_config_map.clone(),
         ));
         if cfg.webhook_addr.is_some() {
-            tokio::spawn(crate::kubernetes::sync_webhook_ca(
+            tokio::spawn(crate::k8s::sync_webhook_ca(
                 client.clone(),
                 registry.clone(),
                 cfg.webhook_configuration.clone(),
             ));
         }
     }
-    tokio::spawn(crate::lease::run(
+    tokio::spawn(crate::replicas::lease::run(
         registry.clone(),
         proxies.clone(),
         cfg.endpoint_lease,
@@ -264,14 +263,14 @@ pub async fn run(
     ));
     // The dashboard is open on loopback only; elsewhere it asks for a read credential.
     let web_token: Arc<str> = token.as_str().into();
-    let web = Arc::new(crate::web::Web {
-        metrics: crate::metrics::registry(
+    let web = Arc::new(crate::api::web::Web {
+        metrics: crate::observe::metrics::registry(
             proxies.clone(),
             stats.clone(),
             registry.clone(),
             leader.clone(),
         ),
-        dashboard: crate::dashboard::Dashboard {
+        dashboard: crate::api::dashboard::Dashboard {
             registry: registry.clone(),
             proxies: proxies.clone(),
             telemetry: telemetry.clone(),
@@ -316,8 +315,8 @@ pub async fn run(
     if let Some(l) = webhook_listener {
         let mut inject = cfg.inject.clone();
         inject.trust_domain = cfg.trust_domain.clone();
-        tokio::spawn(crate::inject::webhook::serve(
-            crate::tls::incoming(l, rotation.tls.webhook.clone()),
+        tokio::spawn(crate::k8s::webhook::serve(
+            crate::ca::tls::incoming(l, rotation.tls.webhook.clone()),
             Arc::new(inject),
             stop_rx.clone(),
         ));
@@ -331,15 +330,15 @@ pub async fn run(
         .add_service(identity_svc)
         .add_service(telemetry_svc)
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(grpc_listener, rotation.tls.grpc.clone()),
+            crate::ca::tls::incoming(grpc_listener, rotation.tls.grpc.clone()),
             wait(stop_rx.clone()),
         );
     let admin = Server::builder()
-        .layer(tower::layer::layer_fn(crate::trace::Traced))
+        .layer(tower::layer::layer_fn(crate::observe::trace::Traced))
         .layer(auth)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(admin_listener, rotation.tls.admin.clone()),
+            crate::ca::tls::incoming(admin_listener, rotation.tls.admin.clone()),
             wait(stop_rx),
         );
 
@@ -357,4 +356,18 @@ pub async fn run(
     a?;
     b?;
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT: the control plane then stops serving and exits.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
 }

@@ -3,7 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use mesh_control_plane::ca::issuer::CertificateAuthority;
-use mesh_control_plane::spiffe::SpiffeId;
+use mesh_control_plane::ca::spiffe::SpiffeId;
 use std::sync::LazyLock;
 
 static CA: LazyLock<(CertificateAuthority, SpiffeId, tempfile::TempDir)> = LazyLock::new(|| {

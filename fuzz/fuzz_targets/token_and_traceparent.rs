@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
-    if let Ok(t) = mesh_control_plane::tokens::parse(&s) {
+    if let Ok(t) = mesh_control_plane::ca::tokens::parse(&s) {
         assert_eq!(t.len(), 70);
     }
     if let Some(c) = mesh_otel::TraceContext::parse(&s) {

@@ -3,7 +3,7 @@
 //! patch the webhook returns must apply to the pod it came with.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mesh_control_plane::inject::{InjectConfig, webhook::review};
+use mesh_inject::{InjectConfig, review::review};
 
 fuzz_target!(|data: &[u8]| {
     let cfg = InjectConfig::default();

@@ -19,6 +19,14 @@ pub mod resources {
     pub const TRUST_RESOURCE: &str = "trust/bundle";
 }
 
+/// The admin API's request metadata naming the namespace of bare service names (meshctl's
+/// `-n`); absent: `default`.
+pub const NAMESPACE_HEADER: &str = "x-mesh-namespace";
+
+/// The DNS name in the control plane's certificate that proxies and meshctl verify, whatever
+/// address they dial.
+pub const CONTROL_PLANE_SERVER_NAME: &str = "mesh-control-plane";
+
 /// Upper bounds (ms) of the latency buckets in `BackendStats.latency_buckets`; one more bucket
 /// holds everything slower. Part of the API: proxies and the control plane must agree.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];

@@ -17,16 +17,16 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mesh_control_plane::cli::client::{Admin, bootstrap_token, connect_with};
-use mesh_control_plane::process::{Process, proxy_command_in};
 use mesh_proto::v1 as pb;
+use meshctl::client::{Admin, bootstrap_token, connect_with};
+use meshctl::process::{Process, proxy_command_in};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::process::Command;
 
-pub use mesh_control_plane::process;
+pub use meshctl::process;
 
 /// How long any one process may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -159,7 +159,7 @@ fn manifests_agree_with_each_other_and_the_binaries() {
         .lines()
         .find_map(|l| l.trim_start_matches('#').trim().strip_prefix("--store="))
         .expect("the --store the etcd alternative needs");
-    let url = mesh_control_plane::store::etcd::EtcdUrl::parse(store).expect("store URL");
+    let url = mesh_control_plane::state::store::etcd::EtcdUrl::parse(store).expect("store URL");
     let etcd: StatefulSet =
         serde_json::from_value(find(&docs, "StatefulSet", "mesh-etcd").clone()).unwrap();
     let members = etcd.spec.unwrap().replicas.unwrap_or(1);
@@ -234,9 +234,9 @@ fn manifests_agree_with_each_other_and_the_binaries() {
             .is_some_and(|n| n.contains(&mesh_control_plane::server::LEASE_NAME.to_string()))
     }));
     assert!(lease_role.rules.iter().flatten().any(|r| {
-        r.resource_names
-            .as_ref()
-            .is_some_and(|n| n.contains(&mesh_control_plane::store::kube::DEFAULT_NAME.to_string()))
+        r.resource_names.as_ref().is_some_and(|n| {
+            n.contains(&mesh_control_plane::state::store::kube::DEFAULT_NAME.to_string())
+        })
     }));
     // Every resource the control plane watches may be listed and watched.
     for res in [

@@ -445,8 +445,8 @@ async fn replicas_reach_etcd_over_tls_with_client_certificates() -> anyhow::Resu
 /// its endpoint and its route are under `name.namespace` and serve as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_contents_without_namespaces_upgrade_in_place() -> anyhow::Result<()> {
-    use mesh_control_plane::store::etcd::{EtcdStore, EtcdTls};
-    use mesh_control_plane::store::{Op, Store};
+    use mesh_control_plane::state::store::etcd::{EtcdStore, EtcdTls};
+    use mesh_control_plane::state::store::{Op, Store};
     if let Some(why) = mesh_tests::etcd::missing() {
         eprintln!("skipped: {why}");
         return Ok(());
@@ -454,8 +454,8 @@ async fn etcd_contents_without_namespaces_upgrade_in_place() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start(None, "127.0.0.1", dir.path()).await?;
     let old = EtcdStore::connect(&etcd.url(), &EtcdTls::default()).await?;
-    let route = serde_json::to_vec(&mesh_control_plane::model::RouteRecord {
-        current: mesh_control_plane::model::RouteVersion {
+    let route = serde_json::to_vec(&mesh_control_plane::state::records::RouteRecord {
+        current: mesh_control_plane::state::records::RouteVersion {
             route: mesh_proto::v1::Route {
                 backends: [("v1", 30), ("v2", 70)]
                     .map(|(v, w)| mesh_proto::v1::WeightedBackend {

@@ -216,8 +216,7 @@ async fn ca_checks_credentials_and_csrs() -> anyhow::Result<()> {
     );
 
     // Expiry: a one-second token is refused once its second has passed (waiting out the clock).
-    let short =
-        mesh_control_plane::cli::client::bootstrap_token(&mut mesh.admin, "default/web", 1).await?;
+    let short = meshctl::client::bootstrap_token(&mut mesh.admin, "default/web", 1).await?;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let e = id
         .certify(pb::CertifyRequest {

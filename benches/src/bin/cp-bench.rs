@@ -10,9 +10,9 @@
 
 use anyhow::Context;
 use mesh_benches::{cpu_secs, rss_kib};
-use mesh_control_plane::cli::client::{bootstrap_token, connect_with};
-use mesh_control_plane::process::{Process, bin_dir, proxy_command, sibling};
 use mesh_proto::v1 as pb;
+use meshctl::client::{bootstrap_token, connect_with};
+use meshctl::process::{Process, bin_dir, proxy_command, sibling};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,7 +61,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 struct ControlPlane {
     proc: Process,
     grpc: SocketAddr,
-    admin: mesh_control_plane::cli::client::Admin,
+    admin: meshctl::client::Admin,
     ca_pem: String,
 }
 

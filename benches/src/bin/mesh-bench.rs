@@ -20,9 +20,9 @@ use mesh_benches::cpu_pin::CpuSplit;
 use mesh_benches::mesh::{
     Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
 };
-use mesh_control_plane::cli::client::bootstrap_token;
-use mesh_control_plane::process::bin_dir;
 use mesh_proto::v1 as pb;
+use meshctl::client::bootstrap_token;
+use meshctl::process::bin_dir;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -612,7 +612,7 @@ static_resources:
 
 /// A key and certificate from the mesh CA for `sa`, written as `<sa>.crt` / `<sa>.key`.
 async fn certify_files(
-    admin: &mut mesh_control_plane::cli::client::Admin,
+    admin: &mut meshctl::client::Admin,
     grpc: SocketAddr,
     ca_pem: &str,
     dir: &Path,

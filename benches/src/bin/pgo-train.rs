@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_benches::mesh::{Mesh, READY, echo_client, echo_request, get_request, grpc_check};
-use mesh_control_plane::process::bin_dir;
+use meshctl::process::bin_dir;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpStream;

@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, default_value = "mesh-sidecar-injector")]
     webhook_configuration: String,
     #[command(flatten)]
-    inject: mesh_control_plane::inject::InjectArgs,
+    inject: mesh_inject::InjectArgs,
     /// Where the mesh's state lives: `file` (the data directory; one replica),
     /// `etcd://host:2379[,host:2379...][/prefix]` (`etcd+https://…` for TLS, with --etcd-ca
     /// and, for etcd's --client-cert-auth, --etcd-cert/--etcd-key), or `kubernetes` (ConfigMap `mesh-state` in
@@ -142,8 +142,8 @@ async fn main() -> std::process::ExitCode {
         webhook_addr: a.webhook_addr,
         webhook_configuration: a.webhook_configuration,
         kubernetes: match (a.kubernetes, a.kube_api) {
-            (_, Some(url)) => Some(mesh_control_plane::kubernetes::Source::Url(url)),
-            (true, None) => Some(mesh_control_plane::kubernetes::Source::Infer),
+            (_, Some(url)) => Some(mesh_control_plane::k8s::Source::Url(url)),
+            (true, None) => Some(mesh_control_plane::k8s::Source::Infer),
             (false, None) => None,
         },
         endpoint_lease: std::time::Duration::from_secs(a.endpoint_lease_secs.max(1)),
@@ -153,13 +153,13 @@ async fn main() -> std::process::ExitCode {
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
         namespace: a.namespace,
         admin_token_file: a.admin_token_file,
-        etcd_tls: mesh_control_plane::store::etcd::EtcdTls {
+        etcd_tls: mesh_control_plane::state::store::etcd::EtcdTls {
             ca: a.etcd_ca,
             cert: a.etcd_cert,
             key: a.etcd_key,
         },
     };
-    match run(cfg, mesh_control_plane::cli::shutdown_signal()).await {
+    match run(cfg, mesh_control_plane::server::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

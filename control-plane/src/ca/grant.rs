@@ -9,9 +9,9 @@
 //! ServiceAccount is gone. The proxy then keeps its certificate until it expires: the leaf
 //! lifetime (`--cert-ttl-secs`) bounds how long a revoked workload can still talk.
 
-use crate::model::now_unix_ms;
-use crate::registry::State;
-use crate::spiffe::SpiffeId;
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::now_unix_ms;
+use crate::state::registry::State;
 
 /// Prefix of the subject's organizational unit that carries the grant.
 const OU_PREFIX: &str = "mesh-grant=";

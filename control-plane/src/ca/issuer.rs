@@ -1,7 +1,7 @@
 //! CSR signing with the current root, and the root rotation steps (see `roots`).
 
 use super::roots::{CLOCK_SKEW, Phase, RootDir, Roots};
-use crate::spiffe::{SpiffeId, uri_sans_of_cert};
+use crate::ca::spiffe::{SpiffeId, uri_sans_of_cert};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
     IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -97,7 +97,7 @@ impl CertificateAuthority {
         if let Some(d) = bundle_out.parent() {
             std::fs::create_dir_all(d).map_err(|e| CaError::Files(e.to_string()))?;
         }
-        crate::store::file::write_atomic(bundle_out, roots.bundle_pem.as_bytes(), 0o644)
+        crate::state::store::file::write_atomic(bundle_out, roots.bundle_pem.as_bytes(), 0o644)
             .map_err(|e| CaError::Files(format!("{}: {e}", bundle_out.display())))?;
         Ok(Self::with(roots, None, trust_domain, leaf_ttl))
     }

@@ -7,5 +7,8 @@ pub mod issuer;
 pub mod roots;
 pub mod rotation;
 pub mod service;
+pub mod spiffe;
+pub mod tls;
+pub mod tokens;
 
 pub use issuer::{CaError, CertificateAuthority};

@@ -7,7 +7,7 @@
 //! `<dir>/bundle.pem` is the bundle as one PEM file, for meshctl and for proxies' `--ca-file`.
 
 use super::issuer::CaError;
-use crate::store::file::write_atomic;
+use crate::state::store::file::write_atomic;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

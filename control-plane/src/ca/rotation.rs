@@ -5,13 +5,13 @@
 use super::CertificateAuthority;
 use super::roots::Phase;
 use crate::discovery::ProxyTable;
-use crate::registry::{Registry, RegistryError};
+use crate::state::registry::{Registry, RegistryError};
 use mesh_proto::v1 as pb;
 use std::sync::Arc;
 
 pub struct Rotation {
     pub ca: Arc<CertificateAuthority>,
-    pub tls: Arc<crate::tls::ServerTls>,
+    pub tls: Arc<crate::ca::tls::ServerTls>,
     pub registry: Arc<Registry>,
 }
 
@@ -20,7 +20,7 @@ impl Rotation {
     pub async fn publish(&self) -> Result<u64, RegistryError> {
         let roots = self.ca.roots();
         self.registry
-            .set_trust(crate::model::TrustRecord {
+            .set_trust(crate::state::records::TrustRecord {
                 bundle_pem: roots.bundle_pem.clone(),
                 signer: roots.signer.fingerprint.clone(),
             })

@@ -3,8 +3,8 @@
 
 use super::grant::{Grant, Source};
 use super::issuer::{CaError, CertificateAuthority, identity_of_chain};
-use crate::registry::Registry;
-use crate::tokens;
+use crate::ca::tokens;
+use crate::state::registry::Registry;
 use mesh_proto::v1::{CertifyRequest, CertifyResponse, identity_server::Identity};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,14 +80,17 @@ impl Identity for IdentityService {
 impl IdentityService {
     /// The identity a Kubernetes ServiceAccount token proves (None: not such a token, or no
     /// Kubernetes): the API server's TokenReview, for the mesh's audience.
-    async fn kube_identity(&self, token: &str) -> Result<Option<crate::spiffe::SpiffeId>, Status> {
+    async fn kube_identity(
+        &self,
+        token: &str,
+    ) -> Result<Option<crate::ca::spiffe::SpiffeId>, Status> {
         let Some(client) = &self.kube else {
             return Ok(None);
         };
         if token.is_empty() || token.starts_with(tokens::PREFIX) {
             return Ok(None);
         }
-        crate::kubernetes::review_token(client, token, &self.ca.trust_domain)
+        crate::k8s::review_token(client, token, &self.ca.trust_domain)
             .await
             .map(Some)
             .map_err(|e| Status::unauthenticated(e.to_string()))
@@ -98,7 +101,7 @@ impl IdentityService {
     async fn renewal_refused(
         &self,
         msg: &CertifyRequest,
-        peer: Option<&(crate::spiffe::SpiffeId, Grant)>,
+        peer: Option<&(crate::ca::spiffe::SpiffeId, Grant)>,
     ) -> Option<String> {
         let (id, grant) = peer.filter(|_| msg.token.is_empty())?;
         if let Some(why) = grant.revoked(&self.registry.state(), id) {
@@ -106,7 +109,7 @@ impl IdentityService {
         }
         if grant.source == Source::Kubernetes
             && let Some(client) = &self.kube
-            && crate::kubernetes::service_account_gone(client, id).await
+            && crate::k8s::service_account_gone(client, id).await
         {
             return Some(format!(
                 "renewal refused: ServiceAccount {}/{} no longer exists",
@@ -119,7 +122,7 @@ impl IdentityService {
     fn sign(
         &self,
         msg: &CertifyRequest,
-        allowed: crate::spiffe::SpiffeId,
+        allowed: crate::ca::spiffe::SpiffeId,
         grant: &Grant,
     ) -> Result<CertifyResponse, Status> {
         let signed = self.ca.sign_csr_with(&msg.csr_pem, &allowed, grant)?;
@@ -135,7 +138,7 @@ impl IdentityService {
     fn certify_inner(
         &self,
         msg: &CertifyRequest,
-        peer: Option<(crate::spiffe::SpiffeId, Grant)>,
+        peer: Option<(crate::ca::spiffe::SpiffeId, Grant)>,
     ) -> Result<CertifyResponse, Status> {
         let (allowed, grant) = if !msg.token.is_empty() {
             let id = tokens::check(&self.registry, &msg.token)

@@ -8,9 +8,9 @@
 mod session;
 
 use crate::ca::issuer::identity_of_chain;
-use crate::model::EndpointRecord;
-use crate::registry::Registry;
-use crate::spiffe::SpiffeId;
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::EndpointRecord;
+use crate::state::registry::Registry;
 use dashmap::DashMap;
 use mesh_proto::v1 as pb;
 use std::pin::Pin;
@@ -64,7 +64,10 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
 }
 
 /// Builds the proto of a service from the registry state.
-pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::ServiceConfig> {
+pub fn service_config(
+    state: &crate::state::registry::State,
+    name: &str,
+) -> Option<pb::ServiceConfig> {
     let svc = state.services.get(name)?;
     let route = state.route_of(name).route;
     Some(pb::ServiceConfig {
@@ -81,7 +84,7 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
         route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
         authz: effective_authz(state, name),
-        mtls_mode: crate::registry::Registry::mtls_mode(state, name).to_string(),
+        mtls_mode: crate::state::registry::Registry::mtls_mode(state, name).to_string(),
         vips: state
             .vips
             .get(name)
@@ -97,13 +100,13 @@ pub fn service_config(state: &crate::registry::State, name: &str) -> Option<pb::
                 target_port: u32::from(target),
             })
             .collect(),
-        app_protocols: crate::registry::Registry::app_protocols(state, name),
+        app_protocols: crate::state::registry::Registry::app_protocols(state, name),
     })
 }
 
 /// A service's authorization as proxies apply it: its rules plus its namespace's default
 /// (None: no such service).
-pub fn effective_authz(state: &crate::registry::State, name: &str) -> Option<pb::Authz> {
+pub fn effective_authz(state: &crate::state::registry::State, name: &str) -> Option<pb::Authz> {
     let namespace = &state.services.get(name)?.namespace;
     let mut a = state
         .authz
@@ -173,7 +176,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             identity: identity.to_string(),
             service: node.service.clone(),
             version_label: node.version_label.clone(),
-            connected_at_unix: crate::model::now_unix(),
+            connected_at_unix: crate::state::records::now_unix(),
             ..ProxyStatus::default()
         });
         tracing::info!(node = %node.id, %identity, "proxy connected");

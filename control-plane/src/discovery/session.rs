@@ -1,8 +1,8 @@
 //! One proxy's discovery stream.
 
 use super::{ALL_SERVICES, ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config};
-use crate::metrics::cp_metrics;
-use crate::registry::Registry;
+use crate::observe::metrics::cp_metrics;
+use crate::state::registry::Registry;
 use mesh_proto::v1 as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ impl Session {
         identity: String,
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> Self {
-        let namespace = crate::spiffe::SpiffeId::parse(&identity)
+        let namespace = crate::ca::spiffe::SpiffeId::parse(&identity)
             .map(|i| i.namespace)
             .unwrap_or_else(|_| mesh_model::service::DEFAULT_NAMESPACE.to_string());
         Self {
@@ -140,7 +140,7 @@ impl Session {
     /// Sends what changed since the last push; `timed`: a write caused it (its ACK is timed).
     /// Returns false when the stream is gone.
     async fn push(&mut self, always: bool, timed: bool) -> bool {
-        let span = crate::trace::begin();
+        let span = crate::observe::trace::begin();
         let state = self.registry.state();
         let mut resources = Vec::new();
         let mut removed = Vec::new();
@@ -218,7 +218,7 @@ impl Session {
         };
         let ok = self.tx.send(Ok(resp)).await.is_ok();
         if let Some(node) = self.table.proxies.get(&self.id).map(|p| p.node_id.clone()) {
-            crate::trace::push(span, &node, state.revision, n_resources, n_removed);
+            crate::observe::trace::push(span, &node, state.revision, n_resources, n_removed);
         }
         ok
     }
@@ -227,7 +227,7 @@ impl Session {
 /// The current version of a resource and, when the proxy does not have that version yet
 /// (`sent`), its content. None: no such resource.
 fn current(
-    state: &crate::registry::State,
+    state: &crate::state::registry::State,
     name: &str,
     sent: Option<&Option<u64>>,
     identity: &str,

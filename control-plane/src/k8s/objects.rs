@@ -11,8 +11,8 @@
 //! service (endpoint subsets by label), which HTTPRoute can only express as one Service per
 //! version.
 
-use crate::leader::Leadership;
-use crate::registry::{Registry, RegistryError, State};
+use crate::replicas::leader::Leadership;
+use crate::state::registry::{Registry, RegistryError, State};
 use futures_util::StreamExt;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -176,7 +176,7 @@ pub async fn sync<K: Kind>(client: Client, registry: Arc<Registry>, leader: Lead
             e = events.next() => if e.is_none() { return },
             r = changes.changed() => if r.is_err() { return },
         }
-        if !crate::kubernetes::settle(&mut events).await {
+        if !crate::k8s::settle(&mut events).await {
             return;
         }
         if leader.is_leader() {

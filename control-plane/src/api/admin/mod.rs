@@ -2,18 +2,16 @@
 
 pub mod scope;
 
+use crate::ca::spiffe::SpiffeId;
+use crate::ca::tokens;
 use crate::discovery::{ProxyTable, endpoint_from_proto, endpoint_to_proto};
-use crate::model::RouteVersion;
-use crate::registry::{Registry, check_name};
-use crate::spiffe::SpiffeId;
-use crate::tokens;
+use crate::state::records::RouteVersion;
+use crate::state::registry::{Registry, check_name};
 use mesh_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-/// gRPC metadata meshctl sends with `-n`: the namespace of service names given without one
-/// (absent: `default`).
-pub const NAMESPACE_HEADER: &str = "x-mesh-namespace";
+use mesh_proto::NAMESPACE_HEADER;
 
 /// A request naming a service.
 trait NamesService {
@@ -75,16 +73,16 @@ pub struct AdminService {
     pub registry: Arc<Registry>,
     pub proxies: Arc<ProxyTable>,
     /// The proxies' reported metrics (canary status shows the current step's).
-    pub telemetry: Arc<crate::telemetry::TelemetryStore>,
+    pub telemetry: Arc<crate::observe::telemetry::TelemetryStore>,
     /// Relays proxies' tap events to `Tap` callers.
-    pub tap: Arc<crate::tap::TapHub>,
+    pub tap: Arc<crate::observe::tap::TapHub>,
     /// The CA and what follows its root changes.
     pub rotation: Arc<crate::ca::rotation::Rotation>,
 }
 
 /// A service's authorization as its proxies apply it, for get/set answers.
 fn authz_info(
-    st: &crate::registry::State,
+    st: &crate::state::registry::State,
     service: String,
     revision: u64,
 ) -> Result<Response<pb::AuthzInfo>, Status> {
@@ -229,7 +227,7 @@ impl pb::admin_server::Admin for AdminService {
             0 => 10,
             s => s.min(300),
         };
-        let since = crate::telemetry::now_ms() - i64::from(secs) * 1000;
+        let since = crate::observe::telemetry::now_ms() - i64::from(secs) * 1000;
         let rows = self
             .telemetry
             .all(since)

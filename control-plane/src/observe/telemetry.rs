@@ -178,7 +178,7 @@ impl TelemetryStore {
 
 pub struct TelemetryService {
     pub store: Arc<TelemetryStore>,
-    pub tap: Arc<crate::tap::TapHub>,
+    pub tap: Arc<crate::observe::tap::TapHub>,
 }
 
 type DirectiveStream = std::pin::Pin<
@@ -218,7 +218,7 @@ impl pb::telemetry_server::Telemetry for TelemetryService {
                 tokio::select! {
                     r = stream.next() => {
                         let Some(Ok(r)) = r else { break };
-                        crate::metrics::cp_metrics().telemetry_reports.inc();
+                        crate::observe::metrics::cp_metrics().telemetry_reports.inc();
                         let at = now_ms();
                         if r.cert_expires_unix > 0 {
                             store.set_cert_expiry(&r.node_id, r.cert_expires_unix);

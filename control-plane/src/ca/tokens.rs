@@ -1,9 +1,9 @@
 //! Bootstrap tokens: random secrets bound to one SPIFFE identity, with an expiry. Only their
 //! SHA-256 is stored, so the store never holds a usable token.
 
-use crate::model::{TokenRecord, now_unix};
-use crate::registry::{Registry, RegistryError};
-use crate::spiffe::SpiffeId;
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::{TokenRecord, now_unix};
+use crate::state::registry::{Registry, RegistryError};
 use sha2::{Digest, Sha256};
 
 /// Default lifetime of a bootstrap token.
@@ -38,7 +38,7 @@ pub fn id_of(hash: &str) -> &str {
 /// Revokes the one token that `id` names (an id prefix, or the token itself); returns its
 /// hash and identity.
 pub async fn revoke(registry: &Registry, id: &str) -> Result<(String, String), RegistryError> {
-    let key = if id.starts_with(PREFIX) || id.starts_with(crate::admin::scope::PREFIX) {
+    let key = if id.starts_with(PREFIX) || id.starts_with(crate::api::admin::scope::PREFIX) {
         hash(id)
     } else {
         if id.len() < MIN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -8,9 +8,12 @@
 //! ClusterIP is a call of that service. After every change the endpoints and virtual IPs the
 //! registry holds from Kubernetes are reconciled with what the watches say.
 
-use crate::model::{EndpointRecord, VipRecord};
-use crate::registry::Registry;
-use crate::spiffe::SpiffeId;
+pub mod objects;
+pub mod webhook;
+
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::{EndpointRecord, VipRecord};
+use crate::state::registry::Registry;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The inbound port of an injected proxy.
-const INBOUND_PORT: u16 = crate::inject::INBOUND_PORT as u16;
+const INBOUND_PORT: u16 = mesh_inject::INBOUND_PORT as u16;
 /// Changes arriving within this window are applied together.
 const SETTLE: Duration = Duration::from_millis(20);
 
@@ -148,7 +151,7 @@ fn desired(pods: &Store<Pod>, slices: &Store<EndpointSlice>, trust_domain: &str)
             let Some(pod) = pods.get(&ObjectRef::new(&pod_name).within(&ns)) else {
                 continue;
             };
-            if !pod.annotations().contains_key(crate::inject::INJECTED) {
+            if !pod.annotations().contains_key(mesh_inject::INJECTED) {
                 continue;
             }
             let sa = pod
@@ -498,7 +501,7 @@ pub async fn run(client: Client, registry: Arc<Registry>) {
             }
         }
         // Let a burst of events land, then apply the result once.
-        if !crate::kubernetes::settle(&mut events).await {
+        if !crate::k8s::settle(&mut events).await {
             return;
         }
         reconcile(&registry, desired(&pods, &slices, &trust_domain)).await;

@@ -113,7 +113,7 @@ pub async fn proxy_command(
     bin: &Path,
     grpc: &str,
     ca_file: &Path,
-    admin: &mut crate::cli::client::Admin,
+    admin: &mut crate::client::Admin,
     service_account: &str,
 ) -> anyhow::Result<Command> {
     proxy_command_in(bin, grpc, ca_file, admin, "default", service_account).await
@@ -124,13 +124,12 @@ pub async fn proxy_command_in(
     bin: &Path,
     grpc: &str,
     ca_file: &Path,
-    admin: &mut crate::cli::client::Admin,
+    admin: &mut crate::client::Admin,
     namespace: &str,
     service_account: &str,
 ) -> anyhow::Result<Command> {
     let token =
-        crate::cli::client::bootstrap_token(admin, &format!("{namespace}/{service_account}"), 0)
-            .await?;
+        crate::client::bootstrap_token(admin, &format!("{namespace}/{service_account}"), 0).await?;
     let mut c = Command::new(bin);
     c.args([
         "--control-plane",

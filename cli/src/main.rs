@@ -10,8 +10,8 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = mesh_control_plane::cli::Cli::parse();
-    match mesh_control_plane::cli::run(cli).await {
+    let cli = meshctl::Cli::parse();
+    match meshctl::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {

@@ -1,6 +1,7 @@
 //! Sidecar injection: the same pure function serves the Kubernetes mutating webhook
-//! (`webhook.rs`, a JSONPatch from the difference) and `meshctl inject -f` (`manifest.rs`, any
-//! manifest with pod templates).
+//! (`review.rs`, a JSONPatch from the difference, served by the control plane) and
+//! `meshctl inject -f` (`manifest.rs`, any manifest with pod templates). A crate of its own so
+//! that meshctl gets it without the control plane's Kubernetes client and stores.
 //!
 //! A pod gets, ahead of its own init containers: `mesh-init` (installs the iptables redirect,
 //! then exits) and `mesh-proxy` as a native sidecar (an init container with `restartPolicy:
@@ -9,7 +10,7 @@
 
 pub mod manifest;
 pub mod probes;
-pub mod webhook;
+pub mod review;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,

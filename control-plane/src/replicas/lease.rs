@@ -8,9 +8,9 @@
 //! and the sweeper runs on the leader only, counting a proxy present on any live replica.
 
 use crate::discovery::ProxyTable;
-use crate::leader::Leadership;
-use crate::model::PresenceRecord;
-use crate::registry::Registry;
+use crate::replicas::leader::Leadership;
+use crate::state::records::PresenceRecord;
+use crate::state::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ pub async fn run(
             if stale {
                 let rec = PresenceRecord {
                     nodes: local.clone(),
-                    at_unix_ms: crate::telemetry::now_ms(),
+                    at_unix_ms: crate::observe::telemetry::now_ms(),
                 };
                 match registry.set_presence(&replica, Some(rec)).await {
                     Ok(_) => published = Some((local.clone(), now)),
@@ -61,7 +61,7 @@ pub async fn run(
             continue;
         }
         let state = registry.state();
-        let fresh_after = crate::telemetry::now_ms() - lease_ms;
+        let fresh_after = crate::observe::telemetry::now_ms() - lease_ms;
         let mut connected: HashSet<String> = local.into_iter().collect();
         for (r, p) in &state.presence {
             if p.at_unix_ms >= fresh_after {

@@ -20,7 +20,7 @@ impl tonic::service::Interceptor for BearerToken {
         req.metadata_mut().insert("authorization", self.0.clone());
         if let Some(ns) = &self.1 {
             req.metadata_mut()
-                .insert(crate::admin::NAMESPACE_HEADER, ns.clone());
+                .insert(mesh_proto::NAMESPACE_HEADER, ns.clone());
         }
         Ok(req)
     }
@@ -56,7 +56,7 @@ pub async fn connect_in(
 ) -> anyhow::Result<Admin> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(crate::server::SERVER_NAME);
+        .domain_name(mesh_proto::CONTROL_PLANE_SERVER_NAME);
     let channel = Endpoint::from_shared(server.to_string())
         .with_context(|| format!("invalid --server {server:?}"))?
         .tls_config(tls)?

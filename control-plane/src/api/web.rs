@@ -22,7 +22,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the HTTP port serves from.
 pub struct Web {
     pub metrics: prometheus_client::registry::Registry,
-    pub dashboard: crate::dashboard::Dashboard,
+    pub dashboard: crate::api::dashboard::Dashboard,
     /// The root admin token, when the dashboard needs a credential (not bound to loopback).
     pub dashboard_auth: Option<Arc<str>>,
 }
@@ -63,9 +63,9 @@ impl Web {
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         if let ("/" | "/api/dashboard", Some(root)) = (req.uri().path(), &self.dashboard_auth) {
             let held = presented(&req).and_then(|c| {
-                crate::admin::scope::lookup(&self.dashboard.registry, root.as_bytes(), &c)
+                crate::api::admin::scope::lookup(&self.dashboard.registry, root.as_bytes(), &c)
             });
-            if !held.is_some_and(|h| h.has(crate::admin::scope::Scope::Read)) {
+            if !held.is_some_and(|h| h.has(crate::api::admin::scope::Scope::Read)) {
                 let mut r = reply(
                     StatusCode::UNAUTHORIZED,
                     "text/plain",
@@ -82,7 +82,7 @@ impl Web {
             }
         }
         Ok(match req.uri().path() {
-            "/metrics" => match crate::metrics::encode(&self.metrics) {
+            "/metrics" => match crate::observe::metrics::encode(&self.metrics) {
                 Ok(text) => reply(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -109,7 +109,7 @@ impl Web {
             "/" => reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                crate::dashboard::INDEX_HTML,
+                crate::api::dashboard::INDEX_HTML,
             ),
             "/api/dashboard" => reply(
                 StatusCode::OK,

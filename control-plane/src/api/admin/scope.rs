@@ -2,9 +2,9 @@
 //! ([`required`]); a method missing from it is refused to everyone but the root token, so a
 //! new RPC is closed until it is placed.
 
-use crate::model::now_unix;
-use crate::registry::Registry;
-use crate::tokens;
+use crate::ca::tokens;
+use crate::state::records::now_unix;
+use crate::state::registry::Registry;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -101,9 +101,9 @@ pub async fn create(
     scopes: Scopes,
     name: &str,
     ttl_secs: u64,
-) -> Result<(String, i64, String), crate::registry::RegistryError> {
+) -> Result<(String, i64, String), crate::state::registry::RegistryError> {
     if name.len() > 128 || name.chars().any(char::is_control) {
-        return Err(crate::registry::RegistryError::Invalid(
+        return Err(crate::state::registry::RegistryError::Invalid(
             "credential name: at most 128 printable characters".into(),
         ));
     }
@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn every_admin_rpc_has_a_scope() {
-        let proto = include_str!("../../../proto/mesh/v1/admin.proto");
+        let proto = include_str!("../../../../proto/mesh/v1/admin.proto");
         let body = proto
             .split("service Admin {")
             .nth(1)

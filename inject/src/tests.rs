@@ -1,12 +1,12 @@
 use super::manifest::inject_manifest;
-use super::webhook::{MalformedReview, review};
+use super::review::{MalformedReview, review};
 use super::*;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 
-const DEPLOYMENT_POD: &str = include_str!("../../../tests/fixtures/admission/deployment-pod.json");
-const BARE_POD: &str = include_str!("../../../tests/fixtures/admission/bare-pod.json");
-const OPTED_OUT: &str = include_str!("../../../tests/fixtures/admission/opted-out-pod.json");
+const DEPLOYMENT_POD: &str = include_str!("../../tests/fixtures/admission/deployment-pod.json");
+const BARE_POD: &str = include_str!("../../tests/fixtures/admission/bare-pod.json");
+const OPTED_OUT: &str = include_str!("../../tests/fixtures/admission/opted-out-pod.json");
 
 fn cfg() -> InjectConfig {
     InjectConfig::default()

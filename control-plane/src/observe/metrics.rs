@@ -59,8 +59,8 @@ impl CpMetrics {
 struct TableCollector {
     proxies: Arc<ProxyTable>,
     ca: Arc<CaStats>,
-    registry: Arc<crate::registry::Registry>,
-    leader: crate::leader::Leadership,
+    registry: Arc<crate::state::registry::Registry>,
+    leader: crate::replicas::leader::Leadership,
 }
 
 impl fmt::Debug for TableCollector {
@@ -126,8 +126,8 @@ impl Collector for TableCollector {
 pub fn registry(
     proxies: Arc<ProxyTable>,
     ca: Arc<CaStats>,
-    state: Arc<crate::registry::Registry>,
-    leader: crate::leader::Leadership,
+    state: Arc<crate::state::registry::Registry>,
+    leader: crate::replicas::leader::Leadership,
 ) -> Registry {
     let m = cp_metrics();
     let mut r = Registry::default();

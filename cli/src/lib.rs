@@ -1,5 +1,6 @@
 //! meshctl: clap commands and output. No business logic: every command is one admin API call
-//! (plus `demo`, which starts local processes).
+//! (plus `demo`, which starts local processes, and `inject`, which runs `mesh-inject` offline).
+//! Its own crate, so the CLI links neither kube-rs nor etcd-client.
 
 pub mod authz;
 pub mod ca;
@@ -8,6 +9,7 @@ pub mod client;
 pub mod demo;
 pub mod output;
 pub mod policy;
+pub mod process;
 pub mod route;
 pub mod tap;
 
@@ -78,7 +80,7 @@ pub struct InjectCmd {
     #[arg(short = 'f', long = "filename")]
     pub file: PathBuf,
     #[command(flatten)]
-    pub inject: crate::inject::InjectArgs,
+    pub inject: mesh_inject::InjectArgs,
     /// Trust domain of the mesh.
     #[arg(long, default_value = "mesh.local")]
     pub trust_domain: String,
@@ -257,9 +259,9 @@ fn inject(args: &InjectCmd) -> anyhow::Result<()> {
     let mut cfg = args.inject.config();
     cfg.trust_domain = args.trust_domain.clone();
     let (out, report) = if args.uninject {
-        crate::inject::manifest::uninject_manifest(&text)?
+        mesh_inject::manifest::uninject_manifest(&text)?
     } else {
-        crate::inject::manifest::inject_manifest(&text, &cfg)?
+        mesh_inject::manifest::inject_manifest(&text, &cfg)?
     };
     print!("{out}");
     for l in report.lines {

@@ -4,8 +4,8 @@
 //! connected proxies and canaries.
 
 use crate::discovery::ProxyTable;
-use crate::registry::Registry;
-use crate::telemetry::{TelemetryStore, Window, now_ms};
+use crate::observe::telemetry::{TelemetryStore, Window, now_ms};
+use crate::state::registry::Registry;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::Arc;

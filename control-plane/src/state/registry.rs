@@ -2,9 +2,9 @@
 //! through the store. Every write bumps one revision and wakes the discovery streams through a
 //! `watch` channel, so a change reaches proxies without polling.
 
-use crate::model::*;
-use crate::spiffe::SpiffeId;
-use crate::store::{Change, Contents, Op, Store, StoreError};
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::*;
+use crate::state::store::{Change, Contents, Op, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -302,7 +302,7 @@ const SERVICE_KEYED: &[&str] = &[
 /// The ops that rename every service-keyed entry of a store written before namespaces
 /// (`routes/catalog`) to its service's key (`routes/catalog.shop`): the namespace its record
 /// names, else `default`. Records keep their content; a canary's `service` is rewritten.
-fn namespace_upgrade(contents: &crate::store::Contents) -> Vec<Op> {
+fn namespace_upgrade(contents: &crate::state::store::Contents) -> Vec<Op> {
     let ns_of: HashMap<&str, String> = contents
         .entries
         .iter()
@@ -986,7 +986,7 @@ impl Registry {
     /// certificate descending from it is renewed.
     pub async fn revoke_token(&self, hash: &str, id: &str) -> Result<u64, RegistryError> {
         let record = RevocationRecord {
-            revoked_at_ms: crate::model::now_unix_ms(),
+            revoked_at_ms: crate::state::records::now_unix_ms(),
         };
         let key = format!("revocations/{}", crate::ca::grant::token_key(id));
         self.write(|st| {
@@ -1003,10 +1003,10 @@ impl Registry {
     /// unused tokens are deleted (in the same commit). Returns when, and how many tokens.
     pub async fn revoke_identity(
         &self,
-        id: &crate::spiffe::SpiffeId,
+        id: &crate::ca::spiffe::SpiffeId,
     ) -> Result<(i64, usize), RegistryError> {
         let record = RevocationRecord {
-            revoked_at_ms: crate::model::now_unix_ms(),
+            revoked_at_ms: crate::state::records::now_unix_ms(),
         };
         let key = format!("revocations/{}", crate::ca::grant::identity_key(id));
         let spiffe = id.to_string();

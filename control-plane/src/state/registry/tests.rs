@@ -3,9 +3,9 @@
 //! runtimes: the file store writes in `block_in_place`.
 
 use super::*;
-use crate::model::EndpointRecord;
-use crate::spiffe::SpiffeId;
-use crate::store::file::FileStore;
+use crate::ca::spiffe::SpiffeId;
+use crate::state::records::EndpointRecord;
+use crate::state::store::file::FileStore;
 use mesh_proto::v1 as pb;
 
 async fn open(dir: &std::path::Path) -> Registry {
@@ -170,7 +170,7 @@ fn a_store_without_namespaces_gets_renamed_keys() {
         })
         .unwrap()
     };
-    let contents = crate::store::Contents {
+    let contents = crate::state::store::Contents {
         revision: 3,
         entries: vec![
             ("services/api".into(), rec("shop"), 1),
@@ -205,7 +205,7 @@ fn a_store_without_namespaces_gets_renamed_keys() {
     );
     assert_eq!(deletes, ["services/api", "endpoints/api/e1", "routes/api"]);
     // An upgraded store needs nothing more.
-    let done = crate::store::Contents {
+    let done = crate::state::store::Contents {
         revision: 4,
         entries: vec![("services/api.shop".into(), rec("shop"), 4)],
     };
