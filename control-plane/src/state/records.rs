@@ -1,7 +1,6 @@
 //! Stored domain records: what the store holds under each key, as JSON.
 //!
-//! Keys: `services/<name>`, `endpoints/<service>/<id>`, `routes/<service>`, `policies/<service>`,
-//! `canaries/<service>`, `protocols/<service>`, `tokens/<sha256>`.
+//! Under which key each is stored: `state::keys`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

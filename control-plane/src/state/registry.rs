@@ -3,6 +3,7 @@
 //! `watch` channel, so a change reaches proxies without polling.
 
 use crate::ca::spiffe::SpiffeId;
+use crate::state::keys::{Key, ServiceKind};
 use crate::state::records::*;
 use crate::state::store::{Change, Contents, Op, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
@@ -111,85 +112,52 @@ impl State {
         fn de<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, String> {
             serde_json::from_slice(v).map_err(|e| format!("key {key}: {e}"))
         }
-        let mut parts = key.splitn(3, '/');
-        let (kind, a, b) = (parts.next(), parts.next(), parts.next());
-        let touched = match (kind, a, b, value) {
-            (Some("services"), Some(n), None, Some(v)) => {
-                self.services.insert(n.into(), de(key, v)?);
-                Some(n)
+        fn set<T: serde::de::DeserializeOwned>(
+            map: &mut BTreeMap<String, T>,
+            name: &str,
+            key: &str,
+            value: Option<&[u8]>,
+        ) -> Result<(), String> {
+            match value {
+                Some(v) => {
+                    map.insert(name.into(), de(key, v)?);
+                }
+                None => {
+                    map.remove(name);
+                }
             }
-            (Some("services"), Some(n), None, None) => {
-                self.services.remove(n);
-                Some(n)
-            }
-            (Some("endpoints"), Some(s), Some(id), Some(v)) => {
-                self.endpoints
-                    .entry(s.into())
-                    .or_default()
-                    .insert(id.into(), de(key, v)?);
-                Some(s)
-            }
-            (Some("endpoints"), Some(s), Some(id), None) => {
-                if let Some(m) = self.endpoints.get_mut(s) {
-                    m.remove(id);
-                    if m.is_empty() {
-                        self.endpoints.remove(s);
+            Ok(())
+        }
+        let k = Key::parse(key).ok_or_else(|| format!("unknown key {key:?}"))?;
+        match k {
+            Key::Of(kind, n) => match kind {
+                ServiceKind::Service => set(&mut self.services, n, key, value)?,
+                ServiceKind::Route => set(&mut self.routes, n, key, value)?,
+                ServiceKind::Policy => set(&mut self.policies, n, key, value)?,
+                ServiceKind::Canary => set(&mut self.canaries, n, key, value)?,
+                ServiceKind::Authz => set(&mut self.authz, n, key, value)?,
+                ServiceKind::Mtls => set(&mut self.mtls_modes, n, key, value)?,
+                ServiceKind::Vips => set(&mut self.vips, n, key, value)?,
+                ServiceKind::Protocols => set(&mut self.protocols, n, key, value)?,
+            },
+            Key::Endpoint(s, id) => match value {
+                Some(v) => {
+                    self.endpoints
+                        .entry(s.into())
+                        .or_default()
+                        .insert(id.into(), de(key, v)?);
+                }
+                None => {
+                    if let Some(m) = self.endpoints.get_mut(s) {
+                        m.remove(id);
+                        if m.is_empty() {
+                            self.endpoints.remove(s);
+                        }
                     }
                 }
-                Some(s)
-            }
-            (Some("routes"), Some(n), None, Some(v)) => {
-                self.routes.insert(n.into(), de(key, v)?);
-                Some(n)
-            }
-            (Some("routes"), Some(n), None, None) => {
-                self.routes.remove(n);
-                Some(n)
-            }
-            (Some("policies"), Some(n), None, Some(v)) => {
-                self.policies.insert(n.into(), de(key, v)?);
-                Some(n)
-            }
-            (Some("policies"), Some(n), None, None) => {
-                self.policies.remove(n);
-                Some(n)
-            }
-            (Some("canaries"), Some(n), None, Some(v)) => {
-                self.canaries.insert(n.into(), de(key, v)?);
-                None
-            }
-            (Some("canaries"), Some(n), None, None) => {
-                self.canaries.remove(n);
-                None
-            }
-            (Some("authz"), Some(n), None, Some(v)) => {
-                self.authz.insert(n.into(), de(key, v)?);
-                Some(n)
-            }
-            (Some("authz"), Some(n), None, None) => {
-                self.authz.remove(n);
-                Some(n)
-            }
-            (Some("mtls"), Some(n), None, Some(v)) => {
-                self.mtls_modes.insert(n.into(), de(key, v)?);
-                Some(n)
-            }
-            (Some("mtls"), Some(n), None, None) => {
-                self.mtls_modes.remove(n);
-                Some(n)
-            }
-            (Some("protocols"), Some(n), None, value) => {
-                match value {
-                    Some(v) => self.protocols.insert(n.into(), de(key, v)?),
-                    None => self.protocols.remove(n),
-                };
-                Some(n)
-            }
-            (Some("authz-defaults"), Some(ns), None, value) => {
-                match value {
-                    Some(v) => self.authz_defaults.insert(ns.into(), de(key, v)?),
-                    None => self.authz_defaults.remove(ns),
-                };
+            },
+            Key::AuthzDefault(ns) => {
+                set(&mut self.authz_defaults, ns, key, value)?;
                 // Every service of the namespace changes.
                 let names: Vec<String> = self
                     .services
@@ -200,44 +168,19 @@ impl State {
                 for n in names {
                     self.service_versions.insert(n, rev);
                 }
-                None
             }
-            (Some("trust"), Some("bundle"), None, value) => {
+            Key::TrustBundle => {
                 self.trust = value.map(|v| de(key, v)).transpose()?;
                 self.trust_version = rev;
-                None
             }
-            (Some("vips"), Some(n), None, value) => {
-                match value {
-                    Some(v) => self.vips.insert(n.into(), de(key, v)?),
-                    None => self.vips.remove(n),
-                };
-                Some(n)
-            }
-            (Some("presence"), Some(r), None, value) => {
-                match value {
-                    Some(v) => self.presence.insert(r.into(), de(key, v)?),
-                    None => self.presence.remove(r),
-                };
-                None
-            }
-            (Some("tokens"), Some(h), None, Some(v)) => {
-                self.tokens.insert(h.into(), de(key, v)?);
-                None
-            }
-            (Some("tokens"), Some(h), None, None) => {
-                self.tokens.remove(h);
-                None
-            }
-            (Some("revocations"), Some(k), None, value) => {
-                match value {
-                    Some(v) => self.revocations.insert(k.into(), de(key, v)?),
-                    None => self.revocations.remove(k),
-                };
-                None
-            }
-            _ => return Err(format!("unknown key {key:?}")),
-        };
+            Key::Presence(r) => set(&mut self.presence, r, key, value)?,
+            Key::Token(h) => set(&mut self.tokens, h, key, value)?,
+            Key::Revocation(r) => set(&mut self.revocations, r, key, value)?,
+        }
+        // A canary's record is the controller's, not the service's config.
+        let touched = k
+            .service()
+            .filter(|_| !matches!(k, Key::Of(ServiceKind::Canary, _)));
         if let Some(s) = touched {
             self.service_versions.insert(s.to_string(), rev);
         }
@@ -286,19 +229,6 @@ pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(),
         .map_err(|e| RegistryError::Invalid(e.0))
 }
 
-/// Kinds of store keys whose second part is a service.
-const SERVICE_KEYED: &[&str] = &[
-    "services",
-    "endpoints",
-    "routes",
-    "policies",
-    "canaries",
-    "authz",
-    "mtls",
-    "vips",
-    "protocols",
-];
-
 /// The ops that rename every service-keyed entry of a store written before namespaces
 /// (`routes/catalog`) to its service's key (`routes/catalog.shop`): the namespace its record
 /// names, else `default`. Records keep their content; a canary's `service` is rewritten.
@@ -307,31 +237,29 @@ fn namespace_upgrade(contents: &crate::state::store::Contents) -> Vec<Op> {
         .entries
         .iter()
         .filter_map(|(k, v, _)| {
-            let name = k.strip_prefix("services/")?;
+            let Some(Key::Of(ServiceKind::Service, name)) = Key::parse(k) else {
+                return None;
+            };
             let rec: ServiceRecord = serde_json::from_slice(v).ok()?;
             Some((name, rec.namespace))
         })
         .collect();
     let mut ops = Vec::new();
     for (key, value, _) in &contents.entries {
-        let mut parts = key.splitn(3, '/');
-        let (Some(kind), Some(svc)) = (parts.next(), parts.next()) else {
+        let Some(k) = Key::parse(key) else {
             continue;
         };
-        if !SERVICE_KEYED.contains(&kind) || svc.contains('.') {
+        let Some(svc) = k.service().filter(|s| !s.contains('.')) else {
             continue;
-        }
+        };
         let ns = ns_of
             .get(svc)
             .filter(|n| !n.is_empty())
             .map_or(mesh_model::service::DEFAULT_NAMESPACE, String::as_str);
         let abs = format!("{svc}.{ns}");
-        let new_key = match parts.next() {
-            Some(rest) => format!("{kind}/{abs}/{rest}"),
-            None => format!("{kind}/{abs}"),
-        };
+        let new_key = k.with_service(&abs).to_string();
         let mut value = value.clone();
-        if kind == "canaries"
+        if let Key::Of(ServiceKind::Canary, _) = k
             && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&value)
         {
             v["service"] = serde_json::Value::String(abs.clone());
@@ -597,7 +525,7 @@ impl Registry {
                     };
                 }
                 None => ops.push(put(
-                    format!("services/{service}"),
+                    Key::Of(ServiceKind::Service, service).to_string(),
                     &ServiceRecord {
                         name: name.into(),
                         namespace: namespace.into(),
@@ -611,7 +539,7 @@ impl Registry {
             endpoint.kubernetes |= existing.is_some_and(|e| e.kubernetes);
             if existing != Some(&endpoint) {
                 ops.push(put(
-                    format!("endpoints/{service}/{}", endpoint.id),
+                    Key::Endpoint(service, &endpoint.id).to_string(),
                     &endpoint,
                 )?);
             }
@@ -636,7 +564,7 @@ impl Registry {
                 )));
             }
             match st.endpoints.get(service).and_then(|m| m.get(id)) {
-                Some(_) => Ok(vec![Op::Delete(format!("endpoints/{service}/{id}"))]),
+                Some(_) => Ok(vec![Op::Delete(Key::Endpoint(service, id).to_string())]),
                 None => Err(RegistryError::NotFound(format!(
                     "service {service:?} has no endpoint {id:?}"
                 ))),
@@ -688,7 +616,10 @@ impl Registry {
                         history: Vec::new(),
                     },
                 };
-                Ok(vec![put(format!("routes/{service}"), &record)?])
+                Ok(vec![put(
+                    Key::Of(ServiceKind::Route, service).to_string(),
+                    &record,
+                )?])
             })
             .await?;
         Ok(self
@@ -726,7 +657,10 @@ impl Registry {
                     .take(ROUTE_HISTORY_LEN)
                     .collect(),
             };
-            Ok(vec![put(format!("routes/{service}"), &record)?])
+            Ok(vec![put(
+                Key::Of(ServiceKind::Route, service).to_string(),
+                &record,
+            )?])
         })
         .await?;
         Ok(self.state().route_of(service))
@@ -746,7 +680,10 @@ impl Registry {
         let now = now_unix();
         self.write(|st| {
             check(st)?;
-            let mut ops = vec![put(format!("canaries/{}", rec.service), &rec)?];
+            let mut ops = vec![put(
+                Key::Of(ServiceKind::Canary, &rec.service).to_string(),
+                &rec,
+            )?];
             if let Some((from_w, to_w)) = weights {
                 let mut route = st.route_of(&rec.service).route;
                 route.backends = vec![
@@ -778,7 +715,10 @@ impl Registry {
                         history: Vec::new(),
                     },
                 };
-                ops.push(put(format!("routes/{}", rec.service), &record)?);
+                ops.push(put(
+                    Key::Of(ServiceKind::Route, &rec.service).to_string(),
+                    &record,
+                )?);
             }
             Ok(ops)
         })
@@ -790,7 +730,7 @@ impl Registry {
     /// None. The service must exist.
     async fn set_service_record<T: serde::Serialize>(
         &self,
-        prefix: &str,
+        kind: ServiceKind,
         service: &str,
         present: fn(&State, &str) -> bool,
         record: Option<impl Fn(u64) -> T>,
@@ -801,7 +741,7 @@ impl Registry {
                     "unknown service {service:?}"
                 )));
             }
-            let key = format!("{prefix}/{service}");
+            let key = Key::Of(kind, service).to_string();
             Ok(match &record {
                 // As for routes: the file store's single writer commits exactly this revision.
                 Some(make) => vec![put(key, &make(st.revision + 1))?],
@@ -831,7 +771,7 @@ impl Registry {
                 updated_at_unix,
             });
         self.set_service_record(
-            "policies",
+            ServiceKind::Policy,
             service,
             |st, s| st.policies.contains_key(s),
             record,
@@ -855,8 +795,13 @@ impl Registry {
             revision,
             updated_at_unix,
         });
-        self.set_service_record("authz", service, |st, s| st.authz.contains_key(s), record)
-            .await
+        self.set_service_record(
+            ServiceKind::Authz,
+            service,
+            |st, s| st.authz.contains_key(s),
+            record,
+        )
+        .await
     }
 
     /// Sets a service's mTLS mode: "strict" (stored as no record) or "permissive".
@@ -872,7 +817,7 @@ impl Registry {
         };
         let record = permissive.then_some(|_: u64| "permissive");
         self.set_service_record(
-            "mtls",
+            ServiceKind::Mtls,
             service,
             |st, s| st.mtls_modes.contains_key(s),
             record,
@@ -895,7 +840,7 @@ impl Registry {
             .collect();
         let record = (!map.is_empty()).then_some(|_: u64| map.clone());
         self.set_service_record(
-            "protocols",
+            ServiceKind::Protocols,
             service,
             |st, s| st.protocols.contains_key(s),
             record,
@@ -941,7 +886,7 @@ impl Registry {
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         self.write(|_| {
             Ok(vec![put(
-                format!("authz-defaults/{namespace}"),
+                Key::AuthzDefault(namespace).to_string(),
                 &action.as_str(),
             )?])
         })
@@ -959,7 +904,7 @@ impl Registry {
                 RegistryError::Invalid(format!("virtual IP {ip:?} of {service:?} is not an IP"))
             })?;
         }
-        let key = format!("vips/{service}");
+        let key = Key::Of(ServiceKind::Vips, service).to_string();
         self.write(|st| {
             if !st.services.contains_key(service) {
                 return Err(RegistryError::NotFound(format!(
@@ -977,7 +922,7 @@ impl Registry {
         replica: &str,
         record: Option<PresenceRecord>,
     ) -> Result<u64, RegistryError> {
-        let key = format!("presence/{replica}");
+        let key = Key::Presence(replica).to_string();
         self.write(|st| replace_record(&key, st.presence.get(replica), record.as_ref()))
             .await
     }
@@ -988,11 +933,11 @@ impl Registry {
         let record = RevocationRecord {
             revoked_at_ms: crate::state::records::now_unix_ms(),
         };
-        let key = format!("revocations/{}", crate::ca::grant::token_key(id));
+        let key = Key::Revocation(&crate::ca::grant::token_key(id)).to_string();
         self.write(|st| {
             let mut ops = vec![put(key.clone(), &record)?];
             if st.tokens.contains_key(hash) {
-                ops.push(Op::Delete(format!("tokens/{hash}")));
+                ops.push(Op::Delete(Key::Token(hash).to_string()));
             }
             Ok(ops)
         })
@@ -1008,7 +953,7 @@ impl Registry {
         let record = RevocationRecord {
             revoked_at_ms: crate::state::records::now_unix_ms(),
         };
-        let key = format!("revocations/{}", crate::ca::grant::identity_key(id));
+        let key = Key::Revocation(&crate::ca::grant::identity_key(id)).to_string();
         let spiffe = id.to_string();
         // The write may run its closure again (a conflicting commit): the last run counts.
         let deleted = std::sync::atomic::AtomicUsize::new(0);
@@ -1018,7 +963,7 @@ impl Registry {
                 .tokens
                 .iter()
                 .filter(|(_, t)| t.identity == spiffe)
-                .map(|(h, _)| Op::Delete(format!("tokens/{h}")))
+                .map(|(h, _)| Op::Delete(Key::Token(h).to_string()))
                 .collect();
             deleted.store(tokens.len(), std::sync::atomic::Ordering::Relaxed);
             ops.extend(tokens);
@@ -1032,7 +977,7 @@ impl Registry {
     pub async fn delete_token(&self, hash: &str) -> Result<u64, RegistryError> {
         self.write(|st| {
             Ok(if st.tokens.contains_key(hash) {
-                vec![Op::Delete(format!("tokens/{hash}"))]
+                vec![Op::Delete(Key::Token(hash).to_string())]
             } else {
                 Vec::new()
             })
@@ -1046,7 +991,7 @@ impl Registry {
             Ok(if st.trust.as_ref() == Some(&record) {
                 vec![]
             } else {
-                vec![put("trust/bundle".into(), &record)?]
+                vec![put(Key::TrustBundle.to_string(), &record)?]
             })
         })
         .await
@@ -1054,7 +999,7 @@ impl Registry {
 
     /// Stores a token's hash; returns nothing secret.
     pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<u64, RegistryError> {
-        self.write(|_| Ok(vec![put(format!("tokens/{hash}"), &record)?]))
+        self.write(|_| Ok(vec![put(Key::Token(&hash).to_string(), &record)?]))
             .await
     }
 }
