@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Admin {
     /// Encodes the proxy's counters at each scrape (`telemetry::metrics`).
@@ -21,10 +20,8 @@ pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub identity: Arc<str>,
     pub node_id: String,
-    /// The service this proxy serves inbound, if any: not ready until its settings are known.
-    pub service: Option<Arc<str>>,
-    /// False once draining: load balancers and probes stop sending.
-    pub serving: AtomicBool,
+    /// Readiness (`/ready`) and drain.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// The kubelet's rewritten probes of the app (`/app-health/…`).
     pub app_probes: crate::app_probe::AppProbes,
 }
@@ -36,25 +33,6 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 impl Admin {
-    /// Why the proxy is not ready, if it is not.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if !self.serving.load(Ordering::Relaxed) {
-            Some("draining")
-        } else if self.tls.leaf().is_none() {
-            Some("no certificate yet")
-        } else if !self.snapshots.load().synced {
-            Some("no config from the control plane yet")
-        } else if self
-            .service
-            .as_ref()
-            .is_some_and(|s| !self.snapshots.load().services.contains_key(s))
-        {
-            Some("the service's own authorization and mTLS settings are not known yet")
-        } else {
-            None
-        }
-    }
-
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -72,13 +50,19 @@ impl Admin {
         }
         Ok(match path {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => match self.not_ready_reason() {
-                None => text(StatusCode::OK, "ready\n"),
-                Some(why) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                ),
-            },
+            "/ready" => {
+                let pending = self.lifecycle.pending();
+                if pending.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    // Everything still pending, so one look says what the proxy waits for.
+                    let why: Vec<&str> = pending.iter().map(|p| p.reason()).collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", why.join("; ")),
+                    )
+                }
+            }
             "/metrics" => match crate::telemetry::metrics::encode(&self.metrics) {
                 Ok(body) => {
                     let mut r = Response::new(full(body));

@@ -7,16 +7,15 @@ use crate::http::server::{accept_loop, serve};
 use crate::identity::IdentityManager;
 use crate::identity::control_plane::ControlPlane;
 use crate::inbound::Inbound;
+use crate::lifecycle::Lifecycle;
 use crate::outbound::{Outbound, pool::Pool};
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind};
 use crate::tls::TlsContext;
 use anyhow::Context;
-use hyper_util::server::graceful::GracefulShutdown;
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -94,8 +93,13 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let outbound_addr = outbound_l.local_addr()?;
     let inbound_addr = inbound_l.as_ref().map(|l| l.local_addr()).transpose()?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
+    let (cert_tx, cert_rx) = watch::channel(None);
+    let lifecycle = Arc::new(Lifecycle::new(
+        tls.clone(),
+        snapshots.clone(),
+        b.app_port.and(b.service.as_deref()).map(Arc::from),
+        cert_rx.clone(),
+    ));
     let mut loops = Vec::new();
 
     let pool = Arc::new(Pool::new(tls.clone()));
@@ -106,16 +110,14 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         identity: identity.clone(),
         node_id: b.node_id.clone(),
-        service: b.app_port.and(b.service.as_deref()).map(Arc::from),
-        serving: true.into(),
+        lifecycle: lifecycle.clone(),
         app_probes: b.app_probes.clone(),
     });
     {
         let admin = admin.clone();
         loops.push(tokio::spawn(accept_loop(
             admin_l,
-            stop_rx.clone(),
-            graceful.clone(),
+            lifecycle.clone(),
             move |s, _, w| {
                 let admin = admin.clone();
                 async move {
@@ -132,7 +134,6 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     }
 
     let control_plane = Arc::new(ControlPlane::new(b.clone(), tls.clone()));
-    let (cert_tx, cert_rx) = watch::channel(None);
     let renew = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(
         IdentityManager {
@@ -182,7 +183,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
     let transparent = b.transparent;
     let serve_outbound = |l: TcpListener, fixed: Option<Arc<str>>| {
         let outbound = outbound.clone();
-        accept_loop(l, stop_rx.clone(), graceful.clone(), move |s, _, w| {
+        accept_loop(l, lifecycle.clone(), move |s, _, w| {
             let (outbound, fixed) = (outbound.clone(), fixed.clone());
             async move {
                 let _open = ConnGuard::new(ConnKind::OutboundApp);
@@ -220,27 +221,22 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
                 b.inbound_addr.port(),
             ],
             app_protocol: b.app_protocol,
-            stop: stop_rx.clone(),
+            stop: lifecycle.closing(),
         }));
         let i = inbound.clone();
         tokio::spawn(every(SWEEP_INTERVAL, move || i.sweep()));
         loops.push(tokio::spawn(accept_loop(
             l,
-            stop_rx.clone(),
-            graceful.clone(),
+            lifecycle.clone(),
             move |s, peer, w| inbound.clone().accept(s, peer, w),
         )));
     }
 
-    // Ready = certificate + first config. Listeners already accept: until then outbound requests
-    // wait (bounded) for discovery and inbound handshakes fail for want of a certificate.
-    let mut id_ready = cert_rx;
-    let mut cfg = snapshots.watch();
+    // Started = certificate + first config (`Lifecycle::started`). Listeners already accept:
+    // until then outbound requests wait (bounded) for discovery and inbound handshakes fail
+    // for want of a certificate.
     tokio::select! {
-        r = async {
-            let _ = id_ready.wait_for(|c| c.is_some()).await;
-            let _ = cfg.wait_for(|_| snapshots.load().synced).await;
-        } => r,
+        () = lifecycle.started() => {}
         _ = shutdown_signal() => return Ok(()),
     }
 
@@ -262,7 +258,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         "shutting down: deregistering, then draining for up to {:?}",
         b.drain_timeout
     );
-    admin.serving.store(false, Ordering::Relaxed);
+    lifecycle.start_drain();
     if let Some(task) = registration {
         task.abort();
         deregister(&b, inbound_addr, &control_plane).await;
@@ -270,17 +266,14 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         // their requests still arrive and are served.
         tokio::time::sleep(b.drain_grace).await;
     }
-    let _ = stop_tx.send(true);
+    lifecycle.stop_listening();
     for l in loops {
         let _ = l.await;
     }
-    // The accept loops held the other references; connections hold only watchers.
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        anyhow::bail!("drain: listener tasks still hold the shutdown handle");
-    };
-    match tokio::time::timeout(b.drain_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("drained"),
-        Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    if lifecycle.finish_drain(b.drain_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!("drain deadline passed; closing remaining connections");
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod lifecycle;
 pub mod outbound;
 pub mod policy;
 pub mod snapshot;

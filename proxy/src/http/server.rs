@@ -5,7 +5,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::Watcher;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -202,14 +202,13 @@ async fn stopped(mut shutdown: watch::Receiver<bool>) {
 /// with a `Watcher` so drain waits for it.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    shutdown: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
     on_conn: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let stop = stopped(shutdown);
+    let stop = stopped(lifecycle.closing());
     tokio::pin!(stop);
     let open = Arc::new(Semaphore::new(limits().max_connections));
     loop {
@@ -223,8 +222,12 @@ pub async fn accept_loop<F, Fut>(
                         tracing::debug!(%peer, "connection limit reached; closing new connection");
                         continue;
                     };
+                    // Past the drain's end: nothing new is served.
+                    let Some(watcher) = lifecycle.watcher() else {
+                        return;
+                    };
                     let _ = s.set_nodelay(true);
-                    let conn = on_conn(s, peer, graceful.watcher());
+                    let conn = on_conn(s, peer, watcher);
                     tokio::spawn(async move {
                         conn.await;
                         drop(permit);
