@@ -6,7 +6,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_proxy::balance::{Algorithm, LbConfig};
 use mesh_proxy::http::body::ReqBody;
 use mesh_proxy::http::errors::ProxyError;
-use mesh_proxy::http::stack::policies;
+use mesh_proxy::outbound::stack::policies;
 use mesh_proxy::snapshot::{Snapshot, Snapshots};
 use std::hint::black_box;
 use std::sync::Arc;

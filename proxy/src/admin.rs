@@ -63,7 +63,7 @@ impl Admin {
                     )
                 }
             }
-            "/metrics" => match crate::telemetry::metrics::encode(&self.metrics) {
+            "/metrics" => match crate::telemetry::scrape::encode(&self.metrics) {
                 Ok(body) => {
                     let mut r = Response::new(full(body));
                     r.headers_mut().insert(

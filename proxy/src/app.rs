@@ -104,7 +104,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
 
     let pool = Arc::new(Pool::new(tls.clone()));
     let admin = Arc::new(Admin {
-        metrics: crate::telemetry::metrics::registry(snapshots.clone(), pool.clone()),
+        metrics: crate::telemetry::scrape::registry(snapshots.clone(), pool.clone()),
         pool: pool.clone(),
         tls: tls.clone(),
         snapshots: snapshots.clone(),

@@ -6,7 +6,7 @@ use crate::FastMap;
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
 use crate::http::router::{MirrorConfig, Router, Rule};
-use crate::http::stack::Stack;
+use crate::outbound::stack::Stack;
 use crate::policy::{Policy, PolicyState};
 use crate::telemetry::metrics::TargetMetrics;
 use arc_swap::ArcSwap;
@@ -42,7 +42,7 @@ pub struct Service {
     pub authz: Option<Arc<mesh_authz::Authz>>,
     /// PERMISSIVE mTLS: its proxies also accept plaintext (callers without identity).
     pub mtls_permissive: bool,
-    /// The outbound request stack for the default backends, built on first use (`http::stack`).
+    /// The outbound request stack for the default backends, built on first use (`outbound::stack`).
     pub stack: OnceLock<Stack>,
     /// The route's rules, and per rule (same index) where it sends.
     pub router: Router,

@@ -34,15 +34,7 @@ pub struct Grant {
     pub since_ms: i64,
 }
 
-/// Store key of a revoked token's record.
-pub fn token_key(id: &str) -> String {
-    format!("token:{id}")
-}
-
-/// Store key of a revoked identity's record (`identity:<ns>:<sa>`).
-pub fn identity_key(id: &SpiffeId) -> String {
-    format!("identity:{}:{}", id.namespace, id.service_account)
-}
+pub use crate::state::keys::{identity_key, token_key};
 
 impl Grant {
     /// A grant starting now from `source`.

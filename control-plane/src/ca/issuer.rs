@@ -1,5 +1,6 @@
 //! CSR signing with the current root, and the root rotation steps (see `roots`).
 
+use super::CaError;
 use super::roots::{CLOCK_SKEW, Phase, RootDir, Roots};
 use crate::ca::spiffe::{SpiffeId, uri_sans_of_cert};
 use rcgen::{
@@ -15,22 +16,6 @@ use time::OffsetDateTime;
 pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest CSR accepted, PEM bytes.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum CaError {
-    #[error("malformed CSR: {0}")]
-    MalformedCsr(String),
-    #[error("CSR asks for {requested}, but the credential is for {allowed}")]
-    IdentityMismatch { requested: String, allowed: String },
-    #[error("CSR must name exactly one SPIFFE identity as a URI SAN, found {0}")]
-    BadSans(String),
-    #[error("CA files: {0}")]
-    Files(String),
-    #[error("signing failed: {0}")]
-    Signing(String),
-    #[error("root rotation: {0}")]
-    Rotation(String),
-}
 
 /// Signs workload certificates with the mesh root; rotates the root in three steps.
 pub struct CertificateAuthority {

@@ -6,7 +6,7 @@
 //! old or the new state; files it no longer names are deleted afterwards (keys first).
 //! `<dir>/bundle.pem` is the bundle as one PEM file, for meshctl and for proxies' `--ca-file`.
 
-use super::issuer::CaError;
+use super::CaError;
 use crate::state::store::file::write_atomic;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,

@@ -1,8 +1,9 @@
 //! The Identity gRPC service: authenticates the caller (bootstrap token, or a mesh client
 //! certificate for renewal) and signs its CSR only for the identity it proved.
 
+use super::CaError;
 use super::grant::{Grant, Source};
-use super::issuer::{CaError, CertificateAuthority, identity_of_chain};
+use super::issuer::{CertificateAuthority, identity_of_chain};
 use crate::ca::tokens;
 use crate::state::registry::Registry;
 use mesh_proto::v1::{CertifyRequest, CertifyResponse, identity_server::Identity};

@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 /// Default lifetime of a bootstrap token.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
 pub const PREFIX: &str = "mesh1.";
+/// Prefix of a scoped admin credential (`api::admin::scope`), told apart from bootstrap tokens.
+pub const ADMIN_PREFIX: &str = "meshadm1.";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -38,7 +40,7 @@ pub fn id_of(hash: &str) -> &str {
 /// Revokes the one token that `id` names (an id prefix, or the token itself); returns its
 /// hash and identity.
 pub async fn revoke(registry: &Registry, id: &str) -> Result<(String, String), RegistryError> {
-    let key = if id.starts_with(PREFIX) || id.starts_with(crate::api::admin::scope::PREFIX) {
+    let key = if id.starts_with(PREFIX) || id.starts_with(ADMIN_PREFIX) {
         hash(id)
     } else {
         if id.len() < MIN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -116,6 +116,16 @@ impl fmt::Display for Key<'_> {
     }
 }
 
+/// The name under which a revoked token's record is kept (`Key::Revocation`).
+pub fn token_key(id: &str) -> String {
+    format!("token:{id}")
+}
+
+/// The name under which a revoked identity's record is kept (`identity:<ns>:<sa>`).
+pub fn identity_key(id: &crate::ca::spiffe::SpiffeId) -> String {
+    format!("identity:{}:{}", id.namespace, id.service_account)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -933,7 +933,7 @@ impl Registry {
         let record = RevocationRecord {
             revoked_at_ms: crate::state::records::now_unix_ms(),
         };
-        let key = Key::Revocation(&crate::ca::grant::token_key(id)).to_string();
+        let key = Key::Revocation(&crate::state::keys::token_key(id)).to_string();
         self.write(|st| {
             let mut ops = vec![put(key.clone(), &record)?];
             if st.tokens.contains_key(hash) {
@@ -953,7 +953,7 @@ impl Registry {
         let record = RevocationRecord {
             revoked_at_ms: crate::state::records::now_unix_ms(),
         };
-        let key = Key::Revocation(&crate::ca::grant::identity_key(id)).to_string();
+        let key = Key::Revocation(&crate::state::keys::identity_key(id)).to_string();
         let spiffe = id.to_string();
         // The write may run its closure again (a conflicting commit): the last run counts.
         let deleted = std::sync::atomic::AtomicUsize::new(0);

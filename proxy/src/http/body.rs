@@ -8,7 +8,7 @@
 //! `poll_frame`, never across an await, and only by the attempts of one request.
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 /// Largest request body kept for replay, bytes.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::BoxError;
 
 /// The body of a request the outbound proxy sends to a peer sidecar.
 #[derive(Debug)]
@@ -298,6 +298,64 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
         }
+    }
+}
+
+/// A request's head and a replayable copy of its body, kept to send the request again when
+/// the peer provably did not process its stream (`h2client::never_processed`): RFC 9113 §8.7 makes
+/// any method safe to send again then, which is what a graceful close (GOAWAY) by an app or a
+/// peer sidecar leaves in flight. A body that outgrows the replay buffer (64 KiB,
+/// `http::body`) cannot go again.
+pub struct Resend {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+    /// None: the request has no body.
+    body: Option<ReplayBody>,
+}
+
+impl Resend {
+    /// `req` with its body made replayable, and what is kept to send it again.
+    pub fn keep(req: Request<ReqBody>) -> (Request<ReqBody>, Resend) {
+        let (parts, body) = req.into_parts();
+        let (body, kept) = match body {
+            ReqBody::Empty => (ReqBody::Empty, None),
+            ReqBody::Incoming(b) if b.is_end_stream() => (ReqBody::Empty, None),
+            ReqBody::Incoming(b) => {
+                let kept = ReplayBody::new(b);
+                (
+                    kept.replay().map_or(ReqBody::Empty, ReqBody::Replay),
+                    Some(kept),
+                )
+            }
+            ReqBody::Replay(b) => {
+                let kept = b.replay();
+                (ReqBody::Replay(b), kept)
+            }
+        };
+        let resend = Resend {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: kept,
+        };
+        (Request::from_parts(parts, body), resend)
+    }
+
+    /// The request again, or None when its body outgrew the replay buffer.
+    pub fn again(&self) -> Option<Request<ReqBody>> {
+        let body = match &self.body {
+            None => ReqBody::Empty,
+            Some(kept) => ReqBody::Replay(kept.replay()?),
+        };
+        let mut again = Request::new(body);
+        *again.method_mut() = self.method.clone();
+        *again.uri_mut() = self.uri.clone();
+        *again.version_mut() = self.version;
+        *again.headers_mut() = self.headers.clone();
+        Some(again)
     }
 }
 

@@ -7,7 +7,6 @@
 //! streaming when the answer comes (a streaming upload).
 
 use crate::balance::{Answered, GrpcPending};
-use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::coalesce::Coalesce;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -75,64 +74,6 @@ pub enum SendError<B> {
 /// error).
 pub fn never_processed(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
-}
-
-/// A request's head and a replayable copy of its body, kept to send the request again when
-/// the peer provably did not process its stream ([`never_processed`]): RFC 9113 §8.7 makes
-/// any method safe to send again then, which is what a graceful close (GOAWAY) by an app or a
-/// peer sidecar leaves in flight. A body that outgrows the replay buffer (64 KiB,
-/// `http::body`) cannot go again.
-pub struct Resend {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: HeaderMap,
-    /// None: the request has no body.
-    body: Option<ReplayBody>,
-}
-
-impl Resend {
-    /// `req` with its body made replayable, and what is kept to send it again.
-    pub fn keep(req: Request<ReqBody>) -> (Request<ReqBody>, Resend) {
-        let (parts, body) = req.into_parts();
-        let (body, kept) = match body {
-            ReqBody::Empty => (ReqBody::Empty, None),
-            ReqBody::Incoming(b) if b.is_end_stream() => (ReqBody::Empty, None),
-            ReqBody::Incoming(b) => {
-                let kept = ReplayBody::new(b);
-                (
-                    kept.replay().map_or(ReqBody::Empty, ReqBody::Replay),
-                    Some(kept),
-                )
-            }
-            ReqBody::Replay(b) => {
-                let kept = b.replay();
-                (ReqBody::Replay(b), kept)
-            }
-        };
-        let resend = Resend {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            body: kept,
-        };
-        (Request::from_parts(parts, body), resend)
-    }
-
-    /// The request again, or None when its body outgrew the replay buffer.
-    pub fn again(&self) -> Option<Request<ReqBody>> {
-        let body = match &self.body {
-            None => ReqBody::Empty,
-            Some(kept) => ReqBody::Replay(kept.replay()?),
-        };
-        let mut again = Request::new(body);
-        *again.method_mut() = self.method.clone();
-        *again.uri_mut() = self.uri.clone();
-        *again.version_mut() = self.version;
-        *again.headers_mut() = self.headers.clone();
-        Some(again)
-    }
 }
 
 impl H2Sender {
@@ -227,7 +168,7 @@ impl H2Sender {
     pub async fn send<B>(self, req: Request<B>) -> Result<Response<H2Body>, SendError<B>>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<crate::http::body::BoxError>,
+        B::Error: Into<crate::http::BoxError>,
     {
         let mut tx = match self.tx.ready().await {
             Ok(tx) => tx,
@@ -307,7 +248,7 @@ struct Pipe<B> {
 impl<B> Future for Pipe<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<crate::http::body::BoxError>,
+    B::Error: Into<crate::http::BoxError>,
 {
     type Output = ();
 
@@ -327,9 +268,9 @@ where
 impl<B> Pipe<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<crate::http::body::BoxError>,
+    B::Error: Into<crate::http::BoxError>,
 {
-    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), crate::http::body::BoxError>> {
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), crate::http::BoxError>> {
         loop {
             if self.held.is_some() {
                 // h2 takes a frame larger than the capacity and sends it as capacity comes;
@@ -398,7 +339,7 @@ where
     fn pending_unless_reset(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), crate::http::body::BoxError>> {
+    ) -> Poll<Result<(), crate::http::BoxError>> {
         match self.stream.poll_reset(cx) {
             Poll::Ready(reason) => {
                 Poll::Ready(Err(format!("stream reset by the peer: {reason:?}").into()))

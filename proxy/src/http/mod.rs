@@ -7,12 +7,17 @@ pub mod framing;
 pub mod h2client;
 pub mod router;
 pub mod server;
-pub mod stack;
 pub mod upgrade;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
+
+/// Errors of bodies and connections, boxed (what hyper and h2 accept).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// W3C trace context header.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Response body: a proxied body, or one the proxy made (errors, admin pages).
 pub type Body = Either<body::RespBody, Full<Bytes>>;
 

@@ -4,10 +4,11 @@
 //! origin-form and Host for HTTP/1.1, `:authority` for HTTP/2); the address is always the app's.
 
 use crate::balance::state::Now;
+use crate::http::body::Resend;
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
-use crate::http::h2client::{H2Sender, Resend, SendError, never_processed};
+use crate::http::h2client::{H2Sender, SendError, never_processed};
 use arc_swap::ArcSwapOption;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;

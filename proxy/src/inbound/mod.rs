@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 
 mod app;
 
+use crate::http::body::Resend;
 use crate::http::body::{ReqBody, Upload};
-use crate::http::h2client::Resend;
 use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
@@ -469,7 +469,7 @@ impl Inbound {
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if let Some(tp) = traceparent {
-            parts.headers.insert(crate::outbound::TRACEPARENT, tp);
+            parts.headers.insert(crate::http::TRACEPARENT, tp);
         }
         // The caller's own protocol: what a mesh peer says it was, or what a plaintext
         // (PERMISSIVE) caller speaks itself.

@@ -7,9 +7,10 @@ use crate::balance::outlier::OutlierConfig;
 use crate::balance::{
     Balancer, GrpcPending, Judge, LbConfig, PickError, Picked, Tried, Verdict, hash_bytes,
 };
+use crate::http::body::Resend;
 use crate::http::body::{ReqBody, RespBody};
 use crate::http::errors::ProxyError;
-use crate::http::h2client::{Resend, SendError, never_processed};
+use crate::http::h2client::{SendError, never_processed};
 use crate::policy::GrpcFailures;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};

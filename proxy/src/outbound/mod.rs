@@ -1,21 +1,21 @@
 //! Outbound: the app's plaintext HTTP/1.1, HTTP/2 (h2c) or gRPC, addressed to a mesh service by
 //! Host / :authority (the listener is an HTTP proxy: `http_proxy=http://127.0.0.1:15001`, or
 //! h2c prior knowledge straight to it), or to a fixed service on an `--upstream` port. The
-//! request goes through the service's policy stack (`http::stack`) to an endpoint picked by the
+//! request goes through the service's policy stack (`outbound::stack`) to an endpoint picked by the
 //! route's weights and the balancer, over mTLS HTTP/2 to its sidecar.
 
 pub mod endpoint;
 pub mod pool;
+pub mod stack;
 pub mod transparent;
 
 use crate::balance::{Balancer, PickError, Picked, Tried};
 use crate::http::body::{ReplayBody, ReqBody, Upload};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
-use crate::http::stack;
 use crate::http::{
-    Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, absolute_uri, framing, is_grpc, strip_hop_by_hop,
-    upgrade,
+    Body, ORIG_PROTO, ORIG_PROTO_H1, TRACEPARENT, XFCC, absolute_uri, framing, is_grpc,
+    strip_hop_by_hop, upgrade,
 };
 use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Service, Snapshots};
 use crate::telemetry::metrics::Direction;
@@ -31,8 +31,6 @@ use tower::ServiceExt;
 /// Most mirror copies in flight per proxy; past it copies are skipped (a slow shadow must not
 /// pile up work in the proxy).
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
-/// W3C trace context header.
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Marks a mirror copy.
 pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-mesh-mirror");
 
@@ -257,12 +255,12 @@ impl Outbound {
         let upstream = Request::from_parts(parts, body);
         let policy = svc.policy_for(rule);
         let stack = match rule {
-            Some((_, t)) => t
-                .stack
-                .get_or_init(|| stack::build(&svc, &t.balancer, policy, &self.pool)),
-            None => svc
-                .stack
-                .get_or_init(|| stack::build(&svc, &svc.balancer, policy, &self.pool)),
+            Some((_, t)) => t.stack.get_or_init(|| {
+                stack::build(&svc.name, &svc.identity, &t.balancer, policy, &self.pool)
+            }),
+            None => svc.stack.get_or_init(|| {
+                stack::build(&svc.name, &svc.identity, &svc.balancer, policy, &self.pool)
+            }),
         }
         .clone();
         let mut resp = stack.oneshot(upstream).await?;
@@ -277,7 +275,7 @@ impl Outbound {
                     .map(ReqBody::Replay),
             };
             if let Some(body) = body {
-                let shadow = stack::endpoint(&svc, &to, policy.0, &self.pool);
+                let shadow = stack::endpoint(&svc.name, &svc.identity, &to, policy.0, &self.pool);
                 let req = copy.map(|()| body);
                 tokio::spawn(async move {
                     let r = shadow.oneshot(req).await;

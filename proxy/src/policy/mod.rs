@@ -1,7 +1,7 @@
 //! Resilience policies, one tower layer per module, each applying its part of the pushed
 //! `Policy` (the typed config of `mesh-model`) and keeping the state that outlives config
 //! updates.
-//! The layers are put together, in order, by `http::stack`.
+//! The layers are put together, in order, by `outbound::stack`.
 
 pub mod circuit_breaker;
 pub mod fault;

@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod metrics;
 pub mod report;
+pub mod scrape;
 pub mod standard;
 pub mod tap;
 pub mod trace;
@@ -74,7 +75,7 @@ impl Detail {
             .unwrap_or("")
             .to_string();
         let empty: Arc<str> = Arc::from("");
-        let traceparent = req.headers().get(crate::outbound::TRACEPARENT);
+        let traceparent = req.headers().get(crate::http::TRACEPARENT);
         let span = trace::begin(traceparent);
         let trace_id = match &span {
             Some(s) => Some(s.context.trace_id_hex()),

@@ -93,7 +93,7 @@ pub fn required(method: &str) -> Option<Scope> {
 }
 
 /// Prefix of admin credentials, so one is never mistaken for a bootstrap token.
-pub const PREFIX: &str = "meshadm1.";
+pub use crate::ca::tokens::ADMIN_PREFIX as PREFIX;
 
 /// Creates an admin credential with `scopes`; returns it (once), its expiry and its id.
 pub async fn create(

@@ -2,16 +2,15 @@
 //! bottom. A layer whose policy is not set passes requests straight through (no allocation),
 //! so a service without a policy costs what the bare endpoint call costs.
 
+use super::endpoint::{Endpoint, EndpointService};
+use super::pool::Pool;
 use crate::balance::Balancer;
-use crate::outbound::endpoint::{Endpoint, EndpointService};
-use crate::outbound::pool::Pool;
 use crate::policy::circuit_breaker::{Limit, LimitsLayer};
 use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer};
 use crate::policy::retry::{Retry, RetryLayer};
 use crate::policy::timeout::{Timeout, TimeoutLayer};
 use crate::policy::{Policy, PolicyState};
-use crate::snapshot::Service;
 use std::sync::Arc;
 use tower::ServiceBuilder;
 
@@ -20,11 +19,13 @@ pub type Policies<S> = RateLimit<Fault<Timeout<Limit<Retry<Timeout<S>>>>>>;
 /// The stack's type (nameable, so services can keep it without boxing).
 pub type Stack = Policies<EndpointService>;
 
-/// Builds the stack for `svc`'s current config, sending to `balancer` (the default backends' or
-/// a rule's). Layer state (buckets, budget, limits, endpoint stats) lives in `svc.state` and the
+/// Builds the stack for a service's current config (`service`, whose endpoints present
+/// `identity`), sending to `balancer` (the default backends' or a rule's). Layer state
+/// (buckets, budget, limits, endpoint stats) lives in the service's policy state and the
 /// endpoint states, so rebuilding on a config change keeps it.
 pub fn build(
-    svc: &Service,
+    service: &Arc<str>,
+    identity: &Arc<str>,
     balancer: &Arc<Balancer>,
     (p, state): (&Policy, &PolicyState),
     pool: &Arc<Pool>,
@@ -37,8 +38,8 @@ pub fn build(
             outlier: p.outlier,
             ejections: p
                 .outlier
-                .map(|_| crate::telemetry::metrics::metrics().ejections(&svc.name)),
-            ..endpoint_config(svc, balancer, p, pool)
+                .map(|_| crate::telemetry::metrics::metrics().ejections(service)),
+            ..endpoint_config(service, identity, balancer, p, pool)
         })),
     )
 }
@@ -47,24 +48,28 @@ pub fn build(
 /// settings, without outlier recording (mirror copies use it as is: no policies, no retries,
 /// and no lookup of counters per copy).
 pub fn endpoint(
-    svc: &Service,
+    service: &Arc<str>,
+    identity: &Arc<str>,
     balancer: &Arc<Balancer>,
     p: &Policy,
     pool: &Arc<Pool>,
 ) -> EndpointService {
-    EndpointService(Arc::new(endpoint_config(svc, balancer, p, pool)))
+    EndpointService(Arc::new(endpoint_config(
+        service, identity, balancer, p, pool,
+    )))
 }
 
 /// What `endpoint` shares, without outlier recording.
 fn endpoint_config(
-    svc: &Service,
+    service: &Arc<str>,
+    identity: &Arc<str>,
     balancer: &Arc<Balancer>,
     p: &Policy,
     pool: &Arc<Pool>,
 ) -> Endpoint {
     Endpoint {
-        service: svc.name.clone(),
-        identity: svc.identity.clone(),
+        service: service.clone(),
+        identity: identity.clone(),
         balancer: balancer.clone(),
         lb: p.lb.clone(),
         outlier: None,
