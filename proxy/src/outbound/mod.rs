@@ -6,24 +6,24 @@
 
 pub mod endpoint;
 pub mod pool;
+pub mod route;
 pub mod stack;
 pub mod transparent;
 
 use crate::balance::{Balancer, PickError, Picked, Tried};
-use crate::http::body::{ReplayBody, ReqBody, Upload};
 use crate::http::errors::ProxyError;
 use crate::http::router::Redirect;
 use crate::http::{
     Body, ORIG_PROTO, ORIG_PROTO_H1, TRACEPARENT, XFCC, absolute_uri, framing, is_grpc,
     strip_hop_by_hop, upgrade,
 };
-use crate::snapshot::{DEFAULT_ROUTE, ResolveError, Service, Snapshots};
+use crate::snapshot::{ResolveError, Service, Snapshots};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Version};
-use http_body::Body as _;
 use hyper::body::Incoming;
 use pool::{Dedicated, Pool};
+use route::Routed;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -31,8 +31,7 @@ use tower::ServiceExt;
 /// Most mirror copies in flight per proxy; past it copies are skipped (a slow shadow must not
 /// pile up work in the proxy).
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
-/// Marks a mirror copy.
-pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-mesh-mirror");
+pub use route::MIRROR_HEADER;
 
 /// Request header asking the proxy to say how it handled the request (route, backend,
 /// endpoint, attempts) in `x-mesh-*` response headers.
@@ -151,147 +150,47 @@ impl Outbound {
         } else {
             None
         };
-        let rule = svc
-            .router
-            .route(&parts.method, &parts.uri, &parts.headers)
-            .and_then(|i| Some((svc.router.rules.get(i)?, svc.targets.get(i)?)));
-        obs.set_counters(Counters::Target(
-            rule.map_or(&svc.metrics, |(_, t)| &t.metrics).clone(),
-        ));
+        let routed = Routed::route(&svc, &parts);
+        obs.set_counters(Counters::Target(routed.metrics().clone()));
         if let Some(d) = obs.detail.as_mut() {
             d.service = svc.name.clone();
             d.peer = svc.identity.clone();
-            d.route = rule.map_or_else(|| DEFAULT_ROUTE.into(), |(r, _)| r.name.clone());
+            d.route = routed.name();
         }
         if let Some(d) = debug.as_mut() {
-            d.route = Some(rule.map_or_else(|| DEFAULT_ROUTE.into(), |(r, _)| r.name.clone()));
+            d.route = Some(routed.name());
         }
-        if let Some(rd) = rule.and_then(|(r, _)| r.redirect.as_ref()) {
+        if let Some(rd) = routed.rule.and_then(|(r, _)| r.redirect.as_ref()) {
             return Ok(redirect(rd, &authority, &parts.uri));
         }
-        let h1 = parts.version < Version::HTTP_2;
-        let up = if h1 {
+        let up = if parts.version < Version::HTTP_2 {
             upgrade::requested(&parts.headers).map(|u| (u, upgrade::Asked::Upgrade))
         } else {
             extended
         };
-        parts.uri = absolute_uri(Some(&authority), std::mem::take(&mut parts.uri))
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        parts.version = Version::HTTP_2;
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(http::header::HOST);
-        // Only the inbound proxy may say who the caller is.
-        parts.headers.remove(XFCC);
-        if h1 {
-            parts
-                .headers
-                .insert(ORIG_PROTO, HeaderValue::from_static(ORIG_PROTO_H1));
-        } else {
-            parts.headers.remove(ORIG_PROTO);
-        }
-        if let Some((r, _)) = rule {
-            for n in &r.remove_request {
-                parts.headers.remove(n);
-            }
-            for (n, v) in &r.set_request {
-                parts.headers.insert(n.clone(), v.clone());
-            }
-        }
+        for_peer(&mut parts, &authority)?;
+        routed.edit_request(&mut parts.headers);
         if let Some(up) = up {
-            let to = rule.map_or(&svc.balancer, |(_, t)| &t.balancer);
-            let policy = svc.policy_for(rule).0;
+            let (to, policy) = (routed.balancer(), routed.policy().0);
             return Box::pin(self.upgrade(&svc, to, policy, parts, body, up)).await;
         }
-        let (mirror_cfg, mirror_to) = match rule {
-            Some((r, t)) => (r.mirror.as_ref(), t.mirror_balancer.as_ref()),
-            None => (svc.mirror.as_ref(), svc.mirror_balancer.as_ref()),
-        };
-        let mirror = match (mirror_cfg, mirror_to) {
-            (Some(m), Some(to)) if m.percent > 0.0 && fastrand::f64() * 100.0 < m.percent => self
-                .mirrors
-                .clone()
-                .try_acquire_owned()
-                .ok()
-                .map(|p| (to.clone(), p)),
-            _ => None,
-        };
-        let idle = svc.policy_for(rule).0.stream_idle_timeout;
+        let mut mirror = routed.mirror(&self.mirrors);
+        let idle = routed.policy().0.stream_idle_timeout;
         obs.set_stream_idle(idle);
-        let (body, kept) = match (body.is_end_stream(), &mirror) {
-            (true, _) => (ReqBody::Empty, None),
-            (false, None) => (ReqBody::Incoming(Upload::new(body, idle)), None),
-            (false, Some(_)) => {
-                let kept = ReplayBody::new(Upload::new(body, idle));
-                let primary = kept.replay().map_or(ReqBody::Empty, ReqBody::Replay);
-                (primary, Some(kept))
-            }
-        };
-        // Boxed: few requests are mirrored, and a request head kept inline across the call
-        // would enlarge every request's future.
-        let mirror = mirror.map(|(to, permit)| {
-            let mut copy = Request::new(());
-            *copy.method_mut() = parts.method.clone();
-            *copy.uri_mut() = parts.uri.clone();
-            *copy.version_mut() = parts.version;
-            *copy.headers_mut() = parts.headers.clone();
-            copy.headers_mut()
-                .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
-            Box::new((copy, to, permit))
-        });
+        let body = route::request_body(body, idle, mirror.as_deref_mut());
+        if let Some(m) = mirror.as_mut() {
+            m.copy_head(&parts);
+        }
         if let Some(d) = debug.as_ref() {
             parts.extensions.insert(d.tried.clone());
         }
-        if let Some(d) = obs.detail.as_mut()
-            && let Some(span) = &d.span
-        {
-            // The next hop's parent is this span.
-            if let Ok(v) = HeaderValue::from_str(&span.context.header()) {
-                parts.headers.insert(TRACEPARENT, v);
-            }
-            let tried = parts.extensions.get::<Tried>().cloned().unwrap_or_default();
-            parts.extensions.insert(tried.clone());
-            d.tried = Some(tried);
-        }
-        let upstream = Request::from_parts(parts, body);
-        let policy = svc.policy_for(rule);
-        let stack = match rule {
-            Some((_, t)) => t.stack.get_or_init(|| {
-                stack::build(&svc.name, &svc.identity, &t.balancer, policy, &self.pool)
-            }),
-            None => svc.stack.get_or_init(|| {
-                stack::build(&svc.name, &svc.identity, &svc.balancer, policy, &self.pool)
-            }),
-        }
-        .clone();
-        let mut resp = stack.oneshot(upstream).await?;
+        propagate_trace(obs, &mut parts);
+        let stack = routed.stack(&self.pool);
+        let mut resp = stack.oneshot(Request::from_parts(parts, body)).await?;
         if let Some(m) = mirror {
-            let (copy, to, permit) = *m;
-            let body = match kept {
-                None => Some(ReqBody::Empty),
-                Some(k) => k
-                    .complete()
-                    .then(|| k.replay())
-                    .flatten()
-                    .map(ReqBody::Replay),
-            };
-            if let Some(body) = body {
-                let shadow = stack::endpoint(&svc.name, &svc.identity, &to, policy.0, &self.pool);
-                let req = copy.map(|()| body);
-                tokio::spawn(async move {
-                    let r = shadow.oneshot(req).await;
-                    tracing::debug!(ok = r.is_ok(), "mirror copy done");
-                    drop(permit);
-                });
-            }
+            m.send(&svc, routed.policy().0, &self.pool);
         }
-        if let Some((r, _)) = rule {
-            for n in &r.remove_response {
-                resp.headers_mut().remove(n);
-            }
-            for (n, v) in &r.set_response {
-                resp.headers_mut().insert(n.clone(), v.clone());
-            }
-        }
+        routed.edit_response(resp.headers_mut());
         Ok(resp.map(Body::Left))
     }
 }
@@ -386,6 +285,39 @@ impl Outbound {
         tokio::spawn(upgrade::splice(caller, io));
         Ok(Response::new(crate::http::full("")))
     }
+}
+
+/// Rewrites a request for the HTTP/2 hop to the peer sidecar: absolute URI, hop-by-hop and
+/// Host fields removed, no caller identity (only the inbound proxy may say who the caller is),
+/// and `x-mesh-orig-proto` telling the peer the app spoke HTTP/1.
+fn for_peer(parts: &mut http::request::Parts, authority: &str) -> Result<(), ProxyError> {
+    let h1 = parts.version < Version::HTTP_2;
+    parts.uri = absolute_uri(Some(authority), std::mem::take(&mut parts.uri))
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    parts.version = Version::HTTP_2;
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(http::header::HOST);
+    h.remove(XFCC);
+    if h1 {
+        h.insert(ORIG_PROTO, HeaderValue::from_static(ORIG_PROTO_H1));
+    } else {
+        h.remove(ORIG_PROTO);
+    }
+    Ok(())
+}
+
+/// With tracing on, this hop's span becomes the next hop's parent (`traceparent`), and the
+/// attempts the request makes are recorded on it.
+fn propagate_trace(obs: &mut Observation, parts: &mut http::request::Parts) {
+    let Some(d) = obs.detail.as_mut() else { return };
+    let Some(span) = &d.span else { return };
+    if let Ok(v) = HeaderValue::from_str(&span.context.header()) {
+        parts.headers.insert(TRACEPARENT, v);
+    }
+    let tried = parts.extensions.get::<Tried>().cloned().unwrap_or_default();
+    parts.extensions.insert(tried.clone());
+    d.tried = Some(tried);
 }
 
 /// The redirect a rule answers with: each part the rule leaves empty keeps the request's.
