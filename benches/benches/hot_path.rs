@@ -67,9 +67,8 @@ fn resolve(c: &mut Criterion) {
         ..Snapshot::default()
     };
     for i in 0..100 {
-        let mut s = mesh_benches::service(4);
-        s.name = format!("svc{i}").into();
-        snap.services.insert(s.name.clone(), Arc::new(s));
+        let s = mesh_benches::service(4);
+        snap.services.insert(format!("svc{i}").into(), Arc::new(s));
     }
     snapshots.store(snap);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -54,10 +54,25 @@ pub fn service_with(n: usize, policy: Option<pb::Policy>) -> Service {
 }
 
 fn build(cfg: pb::ServiceConfig) -> Service {
-    match Service::try_from(cfg) {
-        Ok(s) => s,
+    match mesh_proxy::snapshot::ServiceConfig::try_from(cfg) {
+        Ok(c) => Service::build(c, 1, None, &pool()),
         Err(e) => panic!("fixture is valid: {e}"),
     }
+}
+
+/// A peer connection pool under a throwaway CA (the benchmarks never connect with it).
+fn pool() -> std::sync::Arc<mesh_proxy::outbound::pool::Pool> {
+    let ca = match rcgen::generate_simple_self_signed(vec!["bench-ca".into()]) {
+        Ok(c) => c,
+        Err(e) => panic!("CA: {e}"),
+    };
+    let tls = match mesh_proxy::tls::TlsContext::new(&ca.cert.pem()) {
+        Ok(t) => t,
+        Err(e) => panic!("bundle: {e}"),
+    };
+    std::sync::Arc::new(mesh_proxy::outbound::pool::Pool::new(std::sync::Arc::new(
+        tls,
+    )))
 }
 
 /// The discovery config behind [`service_with`].

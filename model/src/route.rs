@@ -174,6 +174,17 @@ impl<R> Default for Router<R> {
     }
 }
 
+impl<R> Router<R> {
+    /// The same router over other rules, made from these one by one (the order, computed from
+    /// the matches, stays): how a proxy joins each rule to what it sends to.
+    pub fn map<T>(&self, f: impl FnMut(&R) -> T) -> Router<T> {
+        Router {
+            rules: self.rules.iter().map(f).collect(),
+            order: self.order.clone(),
+        }
+    }
+}
+
 impl<R: Matches> Router<R> {
     pub fn new(rules: Vec<R>) -> Self {
         let mut order: Vec<(usize, usize)> = rules

@@ -154,6 +154,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             cert: cert_rx.clone(),
             tls: tls.clone(),
             renew,
+            pool: pool.clone(),
         }
         .run(),
     );

@@ -6,14 +6,15 @@ use crate::FastMap;
 use crate::balance::state::EndpointState;
 use crate::balance::{Balancer, Endpoint};
 use crate::http::router::{MirrorConfig, Router, Rule};
-use crate::outbound::stack::Stack;
+use crate::outbound::pool::Pool;
+use crate::outbound::stack::{self, Stack};
 use crate::policy::{Policy, PolicyState};
 use crate::telemetry::metrics::TargetMetrics;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -24,36 +25,26 @@ pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 /// Most distinct service names a proxy subscribes to (bounds what a confused app can make it do).
 pub const MAX_SUBSCRIPTIONS: usize = 5_000;
 
-/// One service as the proxy uses it.
+/// A service's config as pushed: pure values, checked once by `discovery::convert` (with the
+/// model the control plane admits with). Nothing in it changes while it is in force.
 #[derive(Debug)]
-pub struct Service {
+pub struct ServiceConfig {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     /// SPIFFE identity its endpoints must present.
     pub identity: Arc<str>,
-    pub version: u64,
     pub endpoints: Vec<Endpoint>,
+    /// The default route's versions and weights.
     pub backends: Vec<(Arc<str>, u32)>,
-    /// The default backends' balancer.
-    pub balancer: Arc<Balancer>,
     pub policy: Policy,
-    pub state: PolicyState,
     /// Who may call this service (checked by its own proxies, inbound); None: everyone.
     pub authz: Option<Arc<mesh_authz::Authz>>,
     /// PERMISSIVE mTLS: its proxies also accept plaintext (callers without identity).
     pub mtls_permissive: bool,
-    /// The outbound request stack for the default backends, built on first use (`outbound::stack`).
-    pub stack: OnceLock<Stack>,
-    /// The route's rules, and per rule (same index) where it sends.
+    /// The route's rules, sorted by precedence.
     pub router: Router,
-    pub targets: Vec<Target>,
     /// Mirroring of the default backends' requests.
     pub mirror: Option<MirrorConfig>,
-    pub mirror_balancer: Option<Arc<Balancer>>,
-    /// Request counters of the default route, per answering version.
-    pub metrics: Arc<TargetMetrics>,
-    /// What the proxy knows of each endpoint, shared by every balancer of the service.
-    pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
     /// Virtual IPs (Kubernetes ClusterIPs) and their (port, target app port) pairs.
     pub vips: Vec<std::net::IpAddr>,
     pub vip_ports: Vec<(u16, u16)>,
@@ -61,13 +52,56 @@ pub struct Service {
     pub app_protocols: mesh_model::AppProtocols,
 }
 
+/// A service in force: its config, and the runtime built from it once, eagerly, when the push
+/// is applied (balancers, policy state, counters, the policy stacks), carrying over what the
+/// previous version of the service learned. Reads of config fields go through `Deref`.
+#[derive(Debug)]
+pub struct Service {
+    pub config: ServiceConfig,
+    /// Discovery version of the config.
+    pub version: u64,
+    /// The default backends' balancer, policy stack and mirror.
+    pub balancer: Arc<Balancer>,
+    pub stack: Stack,
+    pub mirror_balancer: Option<Arc<Balancer>>,
+    /// State of the service's policy (rate-limit buckets, retry budget, limits).
+    pub state: PolicyState,
+    /// Request counters of the default route, per answering version.
+    pub metrics: Arc<TargetMetrics>,
+    /// The route's rules, each with where it sends (same order as `config.router`).
+    pub routes: Router<RoutedRule>,
+    /// What the proxy knows of each endpoint, shared by every balancer of the service.
+    pub endpoint_states: HashMap<EndpointKey, Arc<EndpointState>>,
+}
+
+impl std::ops::Deref for Service {
+    type Target = ServiceConfig;
+
+    fn deref(&self) -> &ServiceConfig {
+        &self.config
+    }
+}
+
 pub type EndpointKey = (Arc<str>, SocketAddr);
+
+/// A rule of the route with the runtime it sends to.
+#[derive(Debug)]
+pub struct RoutedRule {
+    pub rule: Rule,
+    pub target: Target,
+}
+
+impl mesh_model::route::Matches for RoutedRule {
+    fn matches(&self) -> &[mesh_model::route::Match] {
+        mesh_model::route::Matches::matches(&self.rule)
+    }
+}
 
 /// Where one rule sends its requests.
 #[derive(Debug)]
 pub struct Target {
     pub balancer: Arc<Balancer>,
-    pub stack: OnceLock<Stack>,
+    pub stack: Stack,
     /// The shadow version's endpoints, when the rule mirrors.
     pub mirror_balancer: Option<Arc<Balancer>>,
     /// State of the rule's own policy (None: it uses the service's).
@@ -77,26 +111,33 @@ pub struct Target {
 }
 
 impl Service {
-    /// Builds the default and per-rule balancers over the current endpoints; an endpoint keeps
-    /// the state `known` has for it (fresh otherwise).
-    pub fn build_balancers(&mut self, known: &HashMap<EndpointKey, Arc<EndpointState>>) {
-        self.endpoint_states = self
+    /// The runtime of `config`: endpoints keep what `previous` (the same service in the
+    /// previous snapshot) learned of them (latencies, ejections), and policy states carry over
+    /// (retry budget, rate-limit buckets), per rule by the rule's name.
+    pub fn build(
+        config: ServiceConfig,
+        version: u64,
+        previous: Option<&Service>,
+        pool: &Arc<Pool>,
+    ) -> Service {
+        let endpoint_states: HashMap<EndpointKey, Arc<EndpointState>> = config
             .endpoints
             .iter()
             .map(|e| {
                 let k = (e.id.clone(), e.addr);
-                let s = known.get(&k).cloned().unwrap_or_default();
+                let s = previous
+                    .and_then(|o| o.endpoint_states.get(&k).cloned())
+                    .unwrap_or_default();
                 (k, s)
             })
             .collect();
-        let states = &self.endpoint_states;
         let state_of = |e: &Endpoint| {
-            states
+            endpoint_states
                 .get(&(e.id.clone(), e.addr))
                 .cloned()
                 .unwrap_or_default()
         };
-        let endpoints = &self.endpoints;
+        let endpoints = &config.endpoints;
         let mirror_of = |m: &Option<MirrorConfig>| {
             m.as_ref().map(|m| {
                 Arc::new(Balancer::new(
@@ -107,46 +148,63 @@ impl Service {
             })
         };
         let versions = || endpoints.iter().filter_map(|e| e.version.as_ref());
-        let (name, identity) = (&self.name, &self.identity);
+        let (name, identity) = (&config.name, &config.identity);
         let counters =
             |route: &Arc<str>| Arc::new(TargetMetrics::new(name, identity, route, versions()));
-        self.metrics = counters(&Arc::from(DEFAULT_ROUTE));
-        self.balancer = Arc::new(Balancer::new(endpoints, &self.backends, state_of));
-        self.mirror_balancer = mirror_of(&self.mirror);
-        self.targets = self
-            .router
-            .rules
-            .iter()
-            .map(|r| Target {
-                balancer: if r.backends.is_empty() {
-                    self.balancer.clone()
-                } else {
-                    Arc::new(Balancer::new(endpoints, &r.backends, state_of))
+        let mut state = PolicyState::new(&config.policy);
+        if let Some(o) = previous {
+            state.inherit(&o.state);
+        }
+        let balancer = Arc::new(Balancer::new(endpoints, &config.backends, state_of));
+        let stack = stack::build(name, identity, &balancer, (&config.policy, &state), pool);
+        let routes = config.router.map(|r| {
+            let balancer = if r.backends.is_empty() {
+                balancer.clone()
+            } else {
+                Arc::new(Balancer::new(endpoints, &r.backends, state_of))
+            };
+            let rule_state = r.policy.as_ref().map(|p| {
+                let mut st = PolicyState::new(p);
+                let old = previous.and_then(|o| {
+                    o.routes
+                        .rules
+                        .iter()
+                        .find(|x| x.rule.name == r.name)?
+                        .target
+                        .state
+                        .as_ref()
+                });
+                if let Some(old) = old {
+                    st.inherit(old);
+                }
+                st
+            });
+            let policy = match (&r.policy, &rule_state) {
+                (Some(p), Some(s)) => (p, s),
+                _ => (&config.policy, &state),
+            };
+            let stack = stack::build(name, identity, &balancer, policy, pool);
+            RoutedRule {
+                target: Target {
+                    stack,
+                    mirror_balancer: mirror_of(&r.mirror),
+                    state: rule_state,
+                    metrics: counters(&r.name),
+                    balancer,
                 },
-                stack: OnceLock::new(),
-                mirror_balancer: mirror_of(&r.mirror),
-                state: r.policy.as_ref().map(PolicyState::new),
-                metrics: counters(&r.name),
-            })
-            .collect();
-        self.stack = OnceLock::new();
-    }
-
-    /// Carries over what `old` (the same service in the previous snapshot) learned: endpoint
-    /// latencies and ejections, retry budget, rate-limit buckets.
-    pub fn inherit(&mut self, old: &Service) {
-        self.build_balancers(&old.endpoint_states);
-        self.state.inherit(&old.state);
-        for (rule, target) in self.router.rules.iter().zip(self.targets.iter_mut()) {
-            let old_state = old
-                .router
-                .rules
-                .iter()
-                .position(|r| r.name == rule.name)
-                .and_then(|i| old.targets.get(i)?.state.as_ref());
-            if let (Some(new), Some(old)) = (target.state.as_mut(), old_state) {
-                new.inherit(old);
+                rule: r.clone(),
             }
+        });
+        Service {
+            mirror_balancer: mirror_of(&config.mirror),
+            metrics: counters(&Arc::from(DEFAULT_ROUTE)),
+            balancer,
+            stack,
+            state,
+            routes,
+            endpoint_states,
+            version,
+            config,
         }
     }
 
@@ -343,4 +401,105 @@ fn lookup(snap: &Snapshot, name: &str) -> Option<Result<Arc<Service>, ResolveErr
     snap.missing
         .contains(name)
         .then_some(Err(ResolveError::Unknown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::v1 as pb;
+
+    fn pool() -> Arc<Pool> {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).expect("CA");
+        let tls = crate::tls::TlsContext::new(&ca.cert.pem()).expect("bundle");
+        Arc::new(Pool::new(Arc::new(tls)))
+    }
+
+    /// Two versions; rule "canary" (header x-canary) sends to v2 under a policy of its own.
+    fn config() -> ServiceConfig {
+        let ep = |id: &str, port: u32, v: &str| pb::Endpoint {
+            id: id.into(),
+            address: format!("127.0.0.1:{port}"),
+            labels: [("version".to_string(), v.to_string())].into(),
+            ready: true,
+            ..Default::default()
+        };
+        let backend = |v: &str| pb::WeightedBackend {
+            version: v.into(),
+            weight: 1,
+        };
+        ServiceConfig::try_from(pb::ServiceConfig {
+            name: "api".into(),
+            namespace: "default".into(),
+            identity: "spiffe://mesh.local/ns/default/sa/api".into(),
+            endpoints: vec![ep("a", 9001, "v1"), ep("b", 9002, "v2")],
+            route: Some(pb::Route {
+                backends: vec![backend("v1")],
+                rules: vec![pb::RouteRule {
+                    name: "canary".into(),
+                    matches: vec![pb::RouteMatch {
+                        headers: vec![pb::KeyMatch {
+                            name: "x-canary".into(),
+                            value: None,
+                        }],
+                        ..Default::default()
+                    }],
+                    backends: vec![backend("v2")],
+                    policy: Some(pb::Policy {
+                        retry: Some(pb::Retry {
+                            max_retries: 2,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                mirror: None,
+            }),
+            ..Default::default()
+        })
+        .expect("valid config")
+    }
+
+    #[test]
+    fn the_runtime_is_built_once_from_the_config_and_keeps_what_it_learned() {
+        let pool = pool();
+        let lb = crate::balance::LbConfig::default();
+        let first = Service::build(config(), 1, None, &pool);
+        // Each rule carries its own target: no joining by index.
+        let canary = &first.routes.rules[0];
+        assert_eq!(&*canary.rule.name, "canary");
+        assert!(canary.target.state.is_some(), "the rule's own policy state");
+        let port = |b: &Balancer| b.pick(&lb, None, &[]).map(|p| p.addr.port());
+        assert_eq!(port(&canary.target.balancer), Ok(9002));
+        assert_eq!(port(&first.balancer), Ok(9001));
+        let req = http::Request::get("/")
+            .header("x-canary", "1")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        assert_eq!(
+            first
+                .routes
+                .route(&parts.method, &parts.uri, &parts.headers),
+            Some(0)
+        );
+
+        // The next push: what the endpoints and the policies learned carries over.
+        let second = Service::build(config(), 2, Some(&first), &pool);
+        let key: EndpointKey = (Arc::from("a"), "127.0.0.1:9001".parse().expect("addr"));
+        assert!(Arc::ptr_eq(
+            &first.endpoint_states[&key],
+            &second.endpoint_states[&key]
+        ));
+        assert!(Arc::ptr_eq(&first.state.budget, &second.state.budget));
+        let budget = |s: &Service| {
+            s.routes.rules[0]
+                .target
+                .state
+                .as_ref()
+                .map(|st| st.budget.clone())
+                .expect("rule state")
+        };
+        assert!(Arc::ptr_eq(&budget(&first), &budget(&second)));
+    }
 }

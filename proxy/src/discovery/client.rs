@@ -4,7 +4,7 @@
 use super::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE, convert};
 use crate::bootstrap::Bootstrap;
 use crate::identity::control_plane::ControlPlane;
-use crate::snapshot::{Snapshot, Snapshots};
+use crate::snapshot::{Service, Snapshot, Snapshots};
 use crate::tls::{Bundle, TlsContext};
 use mesh_proto::v1 as pb;
 use std::collections::HashMap;
@@ -28,6 +28,8 @@ pub struct DiscoveryClient {
     pub tls: Arc<TlsContext>,
     /// Asks the identity manager to renew at once.
     pub renew: Arc<tokio::sync::Notify>,
+    /// Peer connections, which the policy stacks built for each applied service send on.
+    pub pool: Arc<crate::outbound::pool::Pool>,
 }
 
 fn resource_name(service: &str) -> String {
@@ -137,11 +139,11 @@ impl DiscoveryClient {
                 trust = Some((bundle, t.signer));
                 continue;
             }
-            let (name, svc) = convert::resource(r).map_err(|e| e.to_string())?;
+            let (name, cfg, version) = convert::resource(r).map_err(|e| e.to_string())?;
             let Some(svc_name) = name.strip_prefix(SERVICE_PREFIX) else {
                 return Err(format!("unknown resource kind {name:?}"));
             };
-            updates.insert(Arc::<str>::from(svc_name), svc);
+            updates.insert(Arc::<str>::from(svc_name), (cfg, version));
         }
         let cur = self.snapshots.load();
         let mut services = cur.services.clone();
@@ -152,11 +154,10 @@ impl DiscoveryClient {
                 missing.insert(n.into());
             }
         }
-        for (name, mut svc) in updates {
-            if let Some(old) = cur.services.get(&name) {
-                svc.inherit(old);
-            }
-            let svc = Arc::new(svc);
+        // The whole config converted and checked: now the runtime, once, from it.
+        for (name, (cfg, version)) in updates {
+            let old = cur.services.get(&name).map(Arc::as_ref);
+            let svc = Arc::new(Service::build(cfg, version, old, &self.pool));
             missing.remove(&name);
             tracing::info!(service = %name, version = svc.version, endpoints = svc.endpoints.len(), "service updated");
             services.insert(name, svc);

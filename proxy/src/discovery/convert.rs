@@ -1,14 +1,13 @@
 //! proto → domain. The only place the proxy sees prost types; everything is validated here, and
 //! anything the proxy cannot apply becomes an error that NACKs the whole response.
 
-use crate::balance::{Balancer, Endpoint};
+use crate::balance::Endpoint;
 use crate::http::router::Router;
-use crate::policy::{Policy, PolicyState};
-use crate::snapshot::Service;
+use crate::policy::Policy;
+use crate::snapshot::ServiceConfig;
 use mesh_proto::v1 as pb;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
@@ -18,7 +17,7 @@ pub enum ConvertError {
     Invalid { service: String, reason: String },
 }
 
-impl TryFrom<pb::ServiceConfig> for Service {
+impl TryFrom<pb::ServiceConfig> for ServiceConfig {
     type Error = ConvertError;
 
     fn try_from(c: pb::ServiceConfig) -> Result<Self, ConvertError> {
@@ -95,41 +94,30 @@ impl TryFrom<pb::ServiceConfig> for Service {
         }
         let app_protocols = mesh_model::AppProtocols::try_from(&c.app_protocols[..])
             .map_err(|e| bad(e.to_string()))?;
-        let mut svc = Service {
+        Ok(ServiceConfig {
             vips,
             vip_ports,
             app_protocols,
-            state: PolicyState::new(&policy),
             policy,
             authz,
             mtls_permissive,
-            stack: OnceLock::new(),
             router: Router::new(route.rules),
-            targets: Vec::new(),
             mirror: route.mirror,
-            mirror_balancer: None,
-            metrics: Arc::default(),
-            endpoint_states: HashMap::new(),
-            balancer: Arc::new(Balancer::new(&[], &[], |_| Arc::default())),
             name: c.name.as_str().into(),
             namespace: c.namespace.as_str().into(),
             identity: c.identity.as_str().into(),
-            version: 0,
             endpoints,
             backends: route.backends,
-        };
-        svc.build_balancers(&HashMap::new());
-        Ok(svc)
+        })
     }
 }
 
-/// Converts one resource into its name and service.
-pub fn resource(r: pb::Resource) -> Result<(String, Service), ConvertError> {
+/// Converts one resource into its name, its service's config and its version.
+pub fn resource(r: pb::Resource) -> Result<(String, ServiceConfig, u64), ConvertError> {
     match r.kind {
         Some(pb::resource::Kind::Service(cfg)) => {
-            let mut s = Service::try_from(cfg)?;
-            s.version = r.version;
-            Ok((r.name, s))
+            let s = ServiceConfig::try_from(cfg)?;
+            Ok((r.name, s, r.version))
         }
         Some(pb::resource::Kind::Trust(_)) | None => Err(ConvertError::Empty(r.name)),
     }
@@ -138,7 +126,6 @@ pub fn resource(r: pb::Resource) -> Result<(String, Service), ConvertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::LbConfig;
 
     fn cfg() -> pb::ServiceConfig {
         pb::ServiceConfig {
@@ -177,7 +164,7 @@ mod tests {
             default_action: "allow-all".into(),
             ..Default::default()
         });
-        assert!(Service::try_from(c.clone()).unwrap().authz.is_none());
+        assert!(ServiceConfig::try_from(c.clone()).unwrap().authz.is_none());
         c.authz = Some(pb::Authz {
             name: "web-authz".into(),
             rules: vec![pb::AuthzRule {
@@ -188,23 +175,20 @@ mod tests {
             }],
             ..Default::default()
         });
-        let a = Service::try_from(c.clone()).unwrap().authz.unwrap();
+        let a = ServiceConfig::try_from(c.clone()).unwrap().authz.unwrap();
         assert!(!a.decide(None, "GET", "/admin/x").allowed);
         if let Some(a) = c.authz.as_mut() {
             a.rules[0].action = "maybe".into();
         }
-        let e = Service::try_from(c).err().map(|e| e.to_string());
+        let e = ServiceConfig::try_from(c).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("authz")), "{e:?}");
     }
 
     #[test]
     fn accepts_valid() {
-        let s = Service::try_from(cfg()).unwrap();
-        let lb = LbConfig::default();
-        assert_eq!(
-            s.balancer.pick(&lb, None, &[]).map(|e| e.addr.port()),
-            Ok(9000)
-        );
+        let s = ServiceConfig::try_from(cfg()).unwrap();
+        assert_eq!(s.endpoints.len(), 1);
+        assert_eq!(s.endpoints[0].addr.port(), 9000);
         assert_eq!(s.policy, Policy::default());
     }
 
@@ -224,7 +208,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        let s = Service::try_from(c.clone()).unwrap();
+        let s = ServiceConfig::try_from(c.clone()).unwrap();
         let r = s.policy.retry.unwrap();
         assert!(r.on.any_5xx);
         assert_eq!((r.on.grpc_codes, r.on.statuses), (vec![14], vec![409]));
@@ -232,7 +216,7 @@ mod tests {
         assert_eq!(s.policy.limits.unwrap().max_concurrent, 10);
         c.policy.as_mut().unwrap().retry.as_mut().unwrap().retry_on = vec!["sometimes".into()];
         assert!(
-            Service::try_from(c)
+            ServiceConfig::try_from(c)
                 .unwrap_err()
                 .to_string()
                 .contains("sometimes")
@@ -251,24 +235,24 @@ mod tests {
             mirror: None,
         });
         assert!(
-            Service::try_from(c)
+            ServiceConfig::try_from(c)
                 .unwrap_err()
                 .to_string()
                 .contains("weights sum to 0")
         );
         let mut c = cfg();
         c.endpoints[0].address = "nowhere".into();
-        assert!(Service::try_from(c).is_err());
+        assert!(ServiceConfig::try_from(c).is_err());
         let mut c = cfg();
         c.endpoints[0].address = "127.0.0.1:0".into();
         assert!(
-            Service::try_from(c)
+            ServiceConfig::try_from(c)
                 .unwrap_err()
                 .to_string()
                 .contains("port 0")
         );
         let mut c = cfg();
         c.identity = "web".into();
-        assert!(Service::try_from(c).is_err());
+        assert!(ServiceConfig::try_from(c).is_err());
     }
 }

@@ -185,7 +185,7 @@ impl Outbound {
             parts.extensions.insert(d.tried.clone());
         }
         propagate_trace(obs, &mut parts);
-        let stack = routed.stack(&self.pool);
+        let stack = routed.stack();
         let mut resp = stack.oneshot(Request::from_parts(parts, body)).await?;
         if let Some(m) = mirror {
             m.send(&svc, routed.policy().0, &self.pool);

@@ -28,9 +28,10 @@ impl<'a> Routed<'a> {
     /// The first rule of `svc`'s route (sorted by precedence) that matches the request.
     pub fn route(svc: &'a Service, parts: &http::request::Parts) -> Self {
         let rule = svc
-            .router
+            .routes
             .route(&parts.method, &parts.uri, &parts.headers)
-            .and_then(|i| Some((svc.router.rules.get(i)?, svc.targets.get(i)?)));
+            .and_then(|i| svc.routes.rules.get(i))
+            .map(|r| (&r.rule, &r.target));
         Routed { svc, rule }
     }
 
@@ -55,20 +56,9 @@ impl<'a> Routed<'a> {
         self.svc.policy_for(self.rule)
     }
 
-    /// The policy stack to the rule's backends, built on the first request after a push.
-    pub fn stack(&self, pool: &Arc<Pool>) -> Stack {
-        let svc = self.svc;
-        let cell = self.rule.map_or(&svc.stack, |(_, t)| &t.stack);
-        cell.get_or_init(|| {
-            stack::build(
-                &svc.name,
-                &svc.identity,
-                self.balancer(),
-                self.policy(),
-                pool,
-            )
-        })
-        .clone()
+    /// The policy stack to the rule's backends (built when the push was applied).
+    pub fn stack(&self) -> Stack {
+        self.rule.map_or(&self.svc.stack, |(_, t)| &t.stack).clone()
     }
 
     /// The rule's request header edits.

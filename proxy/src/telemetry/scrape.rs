@@ -176,10 +176,13 @@ impl Collector for ProxyCollector {
                 [("dst_service", name.clone()), ("route", "".into())],
                 s.state.budget.retried(),
             ));
-            for (rule, t) in s.router.rules.iter().zip(&s.targets) {
-                if let Some(st) = &t.state {
+            for r in &s.routes.rules {
+                if let Some(st) = &r.target.state {
                     retries.push((
-                        [("dst_service", name.clone()), ("route", rule.name.clone())],
+                        [
+                            ("dst_service", name.clone()),
+                            ("route", r.rule.name.clone()),
+                        ],
                         st.budget.retried(),
                     ));
                 }
