@@ -30,6 +30,23 @@ pub const INJECTED: &str = "mesh.io/injected";
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
 pub const INIT_CONTAINER: &str = "mesh-init";
 
+/// The proxy's admin port's name in the pod (what a PodMonitor selects).
+pub const ADMIN_PORT_NAME: &str = "mesh-admin";
+
+/// Prometheus's pod annotations (the convention its Kubernetes example config and most
+/// charts relabel on): the injector points them at the proxy's `/metrics`.
+pub const SCRAPE: &str = "prometheus.io/scrape";
+pub const SCRAPE_PORT: &str = "prometheus.io/port";
+pub const SCRAPE_PATH: &str = "prometheus.io/path";
+
+fn scrape_annotations() -> [(&'static str, String); 3] {
+    [
+        (SCRAPE, "true".into()),
+        (SCRAPE_PORT, ADMIN_PORT.to_string()),
+        (SCRAPE_PATH, "/metrics".into()),
+    ]
+}
+
 /// Ports inside the pod; fixed so the iptables rules and the proxy agree.
 pub const INBOUND_PORT: i32 = 15006;
 pub const OUTBOUND_PORT: i32 = 15001;
@@ -186,6 +203,13 @@ pub fn inject_pod(pod: &Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
         return Err(bad("metadata.annotations", "not an object"));
     };
     annotations.insert(INJECTED.into(), json!(env!("CARGO_PKG_VERSION")));
+    // Prometheus's usual pod annotations, pointing at the proxy's /metrics, unless the pod
+    // already asks to be scraped itself (its own metrics keep the annotations).
+    if !annotations.contains_key(SCRAPE) {
+        for (k, v) in scrape_annotations() {
+            annotations.insert(k.into(), json!(v));
+        }
+    }
     if !rewritten.originals.is_empty() {
         annotations.insert(
             probes::ORIGINAL_PROBES.into(),
@@ -236,6 +260,12 @@ pub fn uninject_pod(pod: &Value) -> Result<Outcome, InjectError> {
     if let Some(a) = out["metadata"]["annotations"].as_object_mut() {
         a.remove(INJECTED);
         a.remove(probes::ORIGINAL_PROBES);
+        // Only the scrape annotations that point at the proxy are ours.
+        if a.get(SCRAPE_PORT).and_then(Value::as_str) == Some(&ADMIN_PORT.to_string()) {
+            for (k, _) in scrape_annotations() {
+                a.remove(k);
+            }
+        }
         if a.is_empty()
             && let Some(m) = out["metadata"].as_object_mut()
         {
@@ -503,7 +533,7 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
         vars.push(env("MESH_SERVICE_VERSION", v));
     }
     let mut ports = vec![ContainerPort {
-        name: Some("mesh-admin".into()),
+        name: Some(ADMIN_PORT_NAME.into()),
         container_port: ADMIN_PORT,
         ..Default::default()
     }];

@@ -350,3 +350,53 @@ fn app_protocol_and_opaque_ports_reach_the_proxy() {
     }
     assert_eq!(proxy_env(&base, "MESH_OPAQUE_PORTS"), None);
 }
+
+#[test]
+fn pods_get_prometheus_scrape_annotations_for_the_proxy_unless_they_have_their_own() {
+    let (_, pod) = patched(DEPLOYMENT_POD);
+    let a = &pod["metadata"]["annotations"];
+    assert_eq!(a[SCRAPE], "true");
+    assert_eq!(a[SCRAPE_PORT], ADMIN_PORT.to_string());
+    assert_eq!(a[SCRAPE_PATH], "/metrics");
+    // Undone with the rest of the injection.
+    let Ok(Outcome::Injected(back)) = uninject_pod(&pod) else {
+        panic!("uninjected");
+    };
+    assert!(
+        back["metadata"]["annotations"].get(SCRAPE).is_none(),
+        "{back}"
+    );
+
+    // An app that is scraped itself keeps its own annotations.
+    let mut own: Value = serde_json::from_str(DEPLOYMENT_POD).unwrap();
+    own["request"]["object"]["metadata"]["annotations"] =
+        serde_json::json!({SCRAPE: "true", SCRAPE_PORT: "9090"});
+    let (_, pod) = patched(&own.to_string());
+    let a = &pod["metadata"]["annotations"];
+    assert_eq!(
+        (a[SCRAPE_PORT].as_str(), a.get(SCRAPE_PATH)),
+        (Some("9090"), None)
+    );
+    let Ok(Outcome::Injected(back)) = uninject_pod(&pod) else {
+        panic!("uninjected");
+    };
+    assert_eq!(back["metadata"]["annotations"][SCRAPE_PORT], "9090");
+}
+
+#[test]
+fn the_shipped_scrape_configs_name_what_the_injector_sets() {
+    let monitor = include_str!("../../deploy/observability/podmonitor.yaml");
+    assert!(
+        monitor.contains(&format!("- port: {ADMIN_PORT_NAME}")),
+        "{monitor}"
+    );
+    let job = include_str!("../../deploy/observability/prometheus-kubernetes.yaml");
+    for a in [SCRAPE, SCRAPE_PORT, SCRAPE_PATH] {
+        // Prometheus's meta label for an annotation: non-alphanumerics become `_`.
+        let meta = a.replace(['.', '/'], "_");
+        assert!(
+            job.contains(&format!("__meta_kubernetes_pod_annotation_{meta}")),
+            "{a}"
+        );
+    }
+}

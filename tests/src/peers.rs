@@ -370,12 +370,6 @@ pub fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
 /// A real Prometheus (Debian's), scraping `targets` (host:port, path /metrics) every second;
 /// returns its address once it answers `/-/ready`.
 pub async fn prometheus(mesh: &mut Mesh, targets: &[SocketAddr]) -> anyhow::Result<SocketAddr> {
-    require("prometheus")?;
-    let dir = mesh
-        .dir
-        .path()
-        .join(format!("prometheus-{}", mesh.procs.len()));
-    std::fs::create_dir_all(&dir)?;
     let list = targets
         .iter()
         .map(|t| format!("'{t}'"))
@@ -384,6 +378,18 @@ pub async fn prometheus(mesh: &mut Mesh, targets: &[SocketAddr]) -> anyhow::Resu
     let conf = format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: mesh\n    static_configs:\n      - targets: [{list}]\n"
     );
+    prometheus_with(mesh, &conf).await
+}
+
+/// A real Prometheus with the configuration `conf` (YAML); returns its address once it
+/// answers `/-/ready`.
+pub async fn prometheus_with(mesh: &mut Mesh, conf: &str) -> anyhow::Result<SocketAddr> {
+    require("prometheus")?;
+    let dir = mesh
+        .dir
+        .path()
+        .join(format!("prometheus-{}", mesh.procs.len()));
+    std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("prometheus.yml"), conf)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
     let mut cmd = Command::new("prometheus");

@@ -1020,3 +1020,126 @@ async fn the_access_log_can_redact_query_strings() -> anyhow::Result<()> {
     assert!(!text.contains("s3cret"), "{text}");
     Ok(())
 }
+
+/// The observability files the project ships (`deploy/observability/`), read as a user gets them.
+fn shipped(file: &str) -> anyhow::Result<String> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/observability")
+        .join(file);
+    std::fs::read_to_string(&p).with_context(|| p.display().to_string())
+}
+
+/// Every PromQL query of the shipped Grafana dashboard (panels, and its variables as the
+/// series they list) with the variables set as a user picking `default`/`backend` would.
+fn dashboard_queries() -> anyhow::Result<Vec<String>> {
+    let d: serde_json::Value = serde_json::from_str(&shipped("grafana-dashboard.json")?)?;
+    let fill = |q: &str| {
+        q.replace("$namespace", "default")
+            .replace("$service", "backend")
+            .replace("$__rate_interval", "1m")
+    };
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().context("targets")? {
+            out.push(fill(t["expr"].as_str().context("expr")?));
+        }
+    }
+    // `label_values(<selector>, <label>)`: the series its values come from.
+    for v in d["templating"]["list"].as_array().context("templating")? {
+        if let Some(q) = v["query"]
+            .as_str()
+            .and_then(|q| q.strip_prefix("label_values("))
+        {
+            let (selector, label) = q.trim_end_matches(')').rsplit_once(", ").context("label")?;
+            out.push(fill(&format!("count by ({label}) ({selector})")));
+        }
+    }
+    Ok(out)
+}
+
+/// The query of each shipped Flagger MetricTemplate, templated as Flagger does for a canary of
+/// `backend` in `default`.
+fn flagger_queries() -> anyhow::Result<Vec<String>> {
+    let text = shipped("flagger-metric-templates.yaml")?;
+    let mut out = Vec::new();
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_saphyr::from_str(doc)?;
+        anyhow::ensure!(v["kind"] == "MetricTemplate", "{v}");
+        let q = v["spec"]["query"].as_str().context("spec.query")?;
+        out.push(
+            q.replace("{{ namespace }}", "default")
+                .replace("{{ target }}", "backend")
+                .replace("{{ interval }}", "1m"),
+        );
+    }
+    Ok(out)
+}
+
+/// Issue 28 item 2: a real Prometheus scrapes the proxies through the shipped VM scrape job
+/// (`prometheus-vm.yaml`, file_sd targets in the shape of `mesh-proxies.json`, only the file
+/// path and the interval changed for the test); then every query of the shipped Grafana
+/// dashboard and Flagger MetricTemplates returns a value. The traffic has 500s from the app and
+/// one answer the proxy makes itself (an unknown service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_scrape_config_dashboard_and_flagger_queries_return_data() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (app, b) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+
+    let sd = mesh.dir.path().join("file_sd");
+    std::fs::create_dir_all(&sd)?;
+    let example: serde_json::Value = serde_json::from_str(&shipped("mesh-proxies.json")?)?;
+    let mut groups = example.as_array().context("file_sd groups")?.clone();
+    anyhow::ensure!(groups.len() >= 2, "the example lists two services");
+    for (g, (admin, service)) in groups
+        .iter_mut()
+        .zip([(b.admin, "backend"), (c.admin, "web")])
+    {
+        g["targets"] = serde_json::json!([admin.to_string()]);
+        g["labels"]["service"] = service.into();
+        g["labels"]["namespace"] = "default".into();
+    }
+    std::fs::write(sd.join("mesh.json"), serde_json::to_string(&groups[..2])?)?;
+    let conf = shipped("prometheus-vm.yaml")?
+        .replace(
+            "/etc/prometheus/mesh-proxies/*.json",
+            &format!("{}/*.json", sd.display()),
+        )
+        .replace(
+            "scrape_interval: 15s",
+            "scrape_interval: 1s\n  scrape_timeout: 1s",
+        );
+    anyhow::ensure!(conf.contains(&sd.display().to_string()), "{conf}");
+    let prom = peers::prometheus_with(&mut mesh, &conf).await?;
+
+    let http = h1_client(c.outbound);
+    admin_get(app, "/admin/sick/25").await?;
+    let unknown = get(&http, "http://nosuch/").await?;
+    assert_eq!(unknown.status, 404, "the proxy's own answer");
+    let rs = load(&http, 200, 4, |_| get_req("http://backend/")).await;
+    assert!(rs.iter().any(|r| matches!(r, Ok((500, _, _)))));
+
+    let mut queries = dashboard_queries()?;
+    queries.extend(flagger_queries()?);
+    assert!(queries.len() >= 12, "{queries:#?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut left = queries.clone();
+    while !left.is_empty() {
+        let mut still = Vec::new();
+        for q in left {
+            if !promql(prom, &q).await?.is_some_and(f64::is_finite) {
+                still.push(q);
+            }
+        }
+        left = still;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no data for: {left:#?}");
+        // Keep traffic flowing while Prometheus gathers two samples of each series.
+        let _ = load(&http, 8, 2, |_| get_req("http://backend/")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
