@@ -523,6 +523,40 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     for t in [banner, declared] {
         t.join().map_err(|_| anyhow::anyhow!("banner thread"))??;
     }
+    // Those four opaque streams in Istio's TCP families, on both sidecars (issue 28 item 1):
+    // each carried "ping\n" from the caller, and "HELLO from b\n" plus the echo back to it.
+    for (admin, reporter) in [
+        ("10.201.0.2:15000", "source"),
+        ("10.201.0.3:15000", "destination"),
+    ] {
+        let read = || -> anyhow::Result<[f64; 3]> {
+            let m = exchange(
+                &pods.sw.0,
+                admin,
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )?;
+            let filter = [("reporter", reporter), ("destination_workload", "backend")];
+            let sum = |family: &str| -> anyhow::Result<f64> {
+                Ok(samples(&m, family, &[], &filter)?.values().sum())
+            };
+            Ok([
+                sum("istio_tcp_connections_closed_total")?,
+                sum("istio_tcp_received_bytes_total")?,
+                sum("istio_tcp_sent_bytes_total")?,
+            ])
+        };
+        // A stream is counted once both sides have closed it.
+        let mut last = read()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while last[0] < 4.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            last = read()?;
+        }
+        assert!(
+            last[0] >= 4.0 && last[1] >= 4.0 * 5.0 && last[2] >= 4.0 * 18.0,
+            "{reporter}: closed, received, sent = {last:?}"
+        );
+    }
 
     // Outside the mesh (the bridge's own address): passed through.
     let l = in_netns(&pods.sw.0, || Ok(TcpListener::bind("10.201.0.1:7000")?))?;

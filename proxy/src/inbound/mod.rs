@@ -350,8 +350,15 @@ impl Inbound {
         let _open = ConnGuard::new(ConnKind::InboundPeer);
         match TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await {
             Ok(mut app) => {
+                use crate::telemetry::metrics::{Direction, TcpStream as Counted, metrics};
                 let _ = app.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut s, &mut app).await;
+                let empty: Arc<str> = Arc::from("");
+                let counted =
+                    Counted::open(metrics().tcp(Direction::Inbound, &caller, &empty, &empty));
+                let (from_caller, to_caller) = tokio::io::copy_bidirectional(&mut s, &mut app)
+                    .await
+                    .unwrap_or_default();
+                counted.closed(from_caller, to_caller);
             }
             Err(e) => {
                 tracing::debug!(%caller, port, error = %e, "opaque stream: app port unreachable")

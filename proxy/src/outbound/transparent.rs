@@ -169,7 +169,7 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         };
         match pick {
             Some((identity, inbound)) => {
-                if let Err(e) = opaque(&out.pool, s, &identity, inbound, target).await {
+                if let Err(e) = opaque(&out.pool, s, (&service, &identity), inbound, target).await {
                     tracing::debug!(%orig, %service, error = %e, "opaque stream ended");
                 }
             }
@@ -186,7 +186,15 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         serve_http(out, t.service.clone(), s, watcher).await;
         return;
     }
-    if let Err(e) = opaque(&out.pool, s, &t.identity, t.inbound, orig.port()).await {
+    if let Err(e) = opaque(
+        &out.pool,
+        s,
+        (&t.service, &t.identity),
+        t.inbound,
+        orig.port(),
+    )
+    .await
+    {
         tracing::debug!(%orig, service = %t.service, error = %e, "opaque stream ended");
     }
 }
@@ -281,14 +289,16 @@ async fn serve_http(out: Arc<Outbound>, service: Arc<str>, s: TcpStream, watcher
     .await;
 }
 
-/// An opaque stream to the endpoint's sidecar over mTLS.
+/// An opaque stream over mTLS to the sidecar of an endpoint of `service` (whose endpoints
+/// present `identity`), counted in the `istio_tcp_*` families.
 async fn opaque(
     pool: &Pool,
     mut s: TcpStream,
-    identity: &Arc<str>,
+    (service, identity): (&Arc<str>, &Arc<str>),
     inbound: SocketAddr,
     app_port: u16,
 ) -> std::io::Result<()> {
+    use crate::telemetry::metrics::{Direction, TcpStream as Counted, metrics};
     let mut peer = pool
         .dedicated(
             inbound,
@@ -298,8 +308,12 @@ async fn opaque(
         )
         .await
         .map_err(std::io::Error::other)?;
-    tokio::io::copy_bidirectional(&mut s, &mut peer).await?;
-    Ok(())
+    let empty: Arc<str> = Arc::from("");
+    let counted = Counted::open(metrics().tcp(Direction::Outbound, &empty, service, identity));
+    let r = tokio::io::copy_bidirectional(&mut s, &mut peer).await;
+    let (from_caller, to_caller) = r.as_ref().copied().unwrap_or_default();
+    counted.closed(from_caller, to_caller);
+    r.map(|_| ())
 }
 
 /// Not a mesh destination: connect to it directly (the proxy's own traffic is not redirected)

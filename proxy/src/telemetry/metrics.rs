@@ -241,6 +241,37 @@ pub struct Metrics {
     /// This proxy: its identity, service and version (the inbound side of its labels).
     pub(super) local: OnceLock<Local>,
     pub(super) unresolved: OnceLock<Arc<RequestMetrics>>,
+    /// Opaque TCP streams, by the same label sets as requests (route and version empty).
+    pub(super) tcp: DashMap<RequestLabels, Arc<TcpMetrics>>,
+    pub(super) tcp_overflow: Arc<TcpMetrics>,
+}
+
+/// Opaque TCP streams of one label set (Istio's `istio_tcp_*`): streams opened and closed, and
+/// bytes from the caller (`received`) and to it (`sent`), added when a stream ends.
+#[derive(Debug, Default)]
+pub struct TcpMetrics {
+    pub(super) opened: AtomicU64,
+    pub(super) closed: AtomicU64,
+    pub(super) received: AtomicU64,
+    pub(super) sent: AtomicU64,
+}
+
+/// One opaque stream, counted as opened now; [`TcpStream::closed`] counts its end.
+#[derive(Debug)]
+pub struct TcpStream(Arc<TcpMetrics>);
+
+impl TcpStream {
+    pub fn open(m: Arc<TcpMetrics>) -> Self {
+        m.opened.fetch_add(1, Relaxed);
+        TcpStream(m)
+    }
+
+    /// The stream ended, `received` bytes having come from the caller and `sent` gone to it.
+    pub fn closed(self, received: u64, sent: u64) {
+        self.0.closed.fetch_add(1, Relaxed);
+        self.0.received.fetch_add(received, Relaxed);
+        self.0.sent.fetch_add(sent, Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +307,44 @@ impl Metrics {
             return self.overflow.clone();
         }
         self.requests.entry(labels).or_default().clone()
+    }
+
+    /// The counters of opaque streams: outbound to `service` (whose endpoints present
+    /// `identity`), or inbound from `caller` (`service` and `identity` empty).
+    pub fn tcp(
+        &self,
+        direction: Direction,
+        caller: &Arc<str>,
+        service: &Arc<str>,
+        identity: &Arc<str>,
+    ) -> Arc<TcpMetrics> {
+        let empty: Arc<str> = Arc::from("");
+        let l = self.local.get();
+        let labels = match direction {
+            Direction::Outbound => RequestLabels {
+                direction,
+                src_identity: l.map_or_else(|| empty.clone(), |l| l.identity.clone()),
+                dst_service: service.clone(),
+                dst_identity: identity.clone(),
+                route: empty.clone(),
+                backend_version: empty,
+            },
+            Direction::Inbound => RequestLabels {
+                direction,
+                src_identity: caller.clone(),
+                dst_service: l.map_or_else(|| empty.clone(), |l| l.service.clone()),
+                dst_identity: l.map_or_else(|| empty.clone(), |l| l.identity.clone()),
+                route: empty.clone(),
+                backend_version: l.map_or(empty, |l| l.version.clone()),
+            },
+        };
+        if let Some(m) = self.tcp.get(&labels) {
+            return m.clone();
+        }
+        if self.tcp.len() >= MAX_LABEL_SETS {
+            return self.tcp_overflow.clone();
+        }
+        self.tcp.entry(labels).or_default().clone()
     }
 
     /// The counters of an inbound connection from `caller` to this proxy's app.

@@ -273,7 +273,23 @@ impl Collector for ProxyCollector {
             ]
             .map(|(k, v)| ([("kind", k)], v)),
         )?;
-        super::standard::encode(&mut enc, &sets, m.local())
+        super::standard::encode(&mut enc, &sets, m.local())?;
+        let mut tcp: Vec<(RequestLabels, Arc<TcpMetrics>)> = m
+            .tcp
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        tcp.sort_by(|a, b| {
+            let k = |l: &RequestLabels| {
+                (
+                    l.direction as u8,
+                    l.src_identity.clone(),
+                    l.dst_service.clone(),
+                )
+            };
+            k(&a.0).cmp(&k(&b.0))
+        });
+        super::standard::encode_tcp(&mut enc, &tcp, m.local())
     }
 }
 

@@ -12,7 +12,7 @@
 //! (`name.ns.svc.cluster.local`); `response_code` is exact for up to 8 codes per label set,
 //! then the class (`5xx`).
 
-use super::metrics::{Direction, Local, RequestLabels, RequestMetrics};
+use super::metrics::{Direction, Local, RequestLabels, RequestMetrics, TcpMetrics};
 use mesh_proto::LATENCY_BUCKETS_MS;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -46,7 +46,11 @@ fn service_ns<'a>(key: &'a str, own_ns: &'a str) -> (&'a str, &'a str) {
 }
 
 /// The Istio label set of one of our label sets (all but `response_code`).
-fn labels(l: &RequestLabels, local: Option<&Local>, grpc: bool) -> Vec<(&'static str, String)> {
+fn labels(
+    l: &RequestLabels,
+    local: Option<&Local>,
+    protocol: &'static str,
+) -> Vec<(&'static str, String)> {
     let (own_id, own_service, own_version) =
         local.map_or(("", "", ""), |l| (&*l.identity, &*l.service, &*l.version));
     let (own_ns, own_sa) = ns_sa(own_id);
@@ -104,10 +108,7 @@ fn labels(l: &RequestLabels, local: Option<&Local>, grpc: bool) -> Vec<(&'static
         ("destination_service", fqdn),
         ("destination_service_name", or_unknown(dst.0)),
         ("destination_service_namespace", or_unknown(dst.1)),
-        (
-            "request_protocol",
-            if grpc { "grpc" } else { "http" }.to_string(),
-        ),
+        ("request_protocol", protocol.to_string()),
         ("connection_security_policy", security.to_string()),
     ]
 }
@@ -120,7 +121,10 @@ pub fn encode(
 ) -> fmt::Result {
     let rows: Vec<(Vec<(&'static str, String)>, &RequestMetrics)> = sets
         .iter()
-        .map(|(l, r)| (labels(l, local, r.saw_grpc()), &**r))
+        .map(|(l, r)| {
+            let protocol = if r.saw_grpc() { "grpc" } else { "http" };
+            (labels(l, local, protocol), &**r)
+        })
         .collect();
     {
         let mut e = enc.encode_descriptor(
@@ -175,6 +179,55 @@ pub fn encode(
             &buckets,
             None,
         )?;
+    }
+    Ok(())
+}
+
+/// Opaque TCP streams under Istio's names: `istio_tcp_connections_opened_total`,
+/// `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total` (from the caller) and
+/// `istio_tcp_sent_bytes_total` (to it), with the request families' labels
+/// (`request_protocol="tcp"`).
+pub fn encode_tcp(
+    enc: &mut DescriptorEncoder,
+    sets: &[(RequestLabels, Arc<TcpMetrics>)],
+    local: Option<&Local>,
+) -> fmt::Result {
+    use std::sync::atomic::Ordering::Relaxed;
+    let families: [(&str, &str, fn(&TcpMetrics) -> u64); 4] = [
+        (
+            "istio_tcp_connections_opened",
+            "Opaque TCP streams opened (Istio's standard metric)",
+            |m| m.opened.load(Relaxed),
+        ),
+        (
+            "istio_tcp_connections_closed",
+            "Opaque TCP streams closed (Istio's standard metric)",
+            |m| m.closed.load(Relaxed),
+        ),
+        (
+            "istio_tcp_received_bytes",
+            "Bytes from the caller on opaque TCP streams, counted when a stream ends",
+            |m| m.received.load(Relaxed),
+        ),
+        (
+            "istio_tcp_sent_bytes",
+            "Bytes to the caller on opaque TCP streams, counted when a stream ends",
+            |m| m.sent.load(Relaxed),
+        ),
+    ];
+    let rows: Vec<(Vec<(&'static str, String)>, &TcpMetrics)> = sets
+        .iter()
+        .map(|(l, m)| {
+            let mut set = labels(l, local, "tcp");
+            set.push(("response_flags", "-".to_string()));
+            (set, &**m)
+        })
+        .collect();
+    for (name, help, value) in families {
+        let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (l, m) in &rows {
+            ConstCounter::new(value(m)).encode(e.encode_family(l)?)?;
+        }
     }
     Ok(())
 }
