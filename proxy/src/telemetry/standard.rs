@@ -193,7 +193,9 @@ pub fn encode_tcp(
     local: Option<&Local>,
 ) -> fmt::Result {
     use std::sync::atomic::Ordering::Relaxed;
-    let families: [(&str, &str, fn(&TcpMetrics) -> u64); 4] = [
+    /// (name, help, the counter's value)
+    type Family = (&'static str, &'static str, fn(&TcpMetrics) -> u64);
+    let families: [Family; 4] = [
         (
             "istio_tcp_connections_opened",
             "Opaque TCP streams opened (Istio's standard metric)",
