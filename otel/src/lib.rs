@@ -283,6 +283,18 @@ impl Span {
             start: SystemTime::now(),
         }
     }
+
+    /// A child of this span (same trace and sampling) that started at `start`.
+    pub fn child(&self, start: SystemTime) -> Self {
+        Self {
+            context: TraceContext {
+                span_id: nonzero_u64(),
+                ..self.context
+            },
+            parent_span_id: Some(self.context.span_id),
+            start,
+        }
+    }
 }
 
 /// Queues finished spans for export.
@@ -377,6 +389,19 @@ impl Exporter {
         attributes: Vec<KeyValue>,
         error: Option<String>,
     ) {
+        self.end_at(span, name, kind, attributes, error, SystemTime::now());
+    }
+
+    /// As [`Exporter::end`], for a span that ended at `end` (one recorded after the fact).
+    pub fn end_at(
+        &self,
+        span: &Span,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+        error: Option<String>,
+        end: SystemTime,
+    ) {
         if !span.context.sampled {
             return;
         }
@@ -396,7 +421,7 @@ impl Exporter {
             span_kind: kind,
             name: name.into(),
             start_time: span.start,
-            end_time: SystemTime::now(),
+            end_time: end,
             attributes,
             dropped_attributes_count: 0,
             events: SpanEvents::default(),

@@ -1143,3 +1143,123 @@ async fn shipped_scrape_config_dashboard_and_flagger_queries_return_data() -> an
     }
     Ok(())
 }
+
+/// Issue 28 item 3, a span per retry attempt: with retries on 5xx and an app failing half its
+/// requests, a request that needed a retry has, under its client span (`mesh.attempts` = n),
+/// one span per attempt, numbered, each with the endpoint it went to and how it ended: the
+/// failed ones in error with status 500, the last one 200. A request that went through at
+/// once has no attempt spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attempt_of_a_retried_request_is_a_span() -> anyhow::Result<()> {
+    let otlp = mesh_tests::otlp::OtlpReceiver::start().await?;
+    let url = otlp.url();
+    let flags = ["--otlp-endpoint", url.as_str()];
+    let mut mesh = Mesh::start().await?;
+    let (app, _) = mesh.workload_app("backend", "v1").await?;
+    let c = mesh
+        .sidecar(SidecarOpts {
+            service_account: "web",
+            workers: 1,
+            extra: &flags,
+            ..Default::default()
+        })
+        .await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+    // The caller's sidecar learns of backend with its first request.
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+    let retry = [
+        "--retries",
+        "3",
+        "--retry-on",
+        "5xx",
+        "--retry-backoff",
+        "1ms,5ms",
+        "--retry-budget",
+        "100%",
+    ];
+    mesh.set_policy(c.admin, "backend", &retry, &["max_retries: 3"])
+        .await?;
+    admin_get(app, "/admin/sick/50").await?;
+
+    // A traced GET: its trace's spans once the client span (with `mesh.attempts`) is in.
+    let traced = |i: u32| {
+        let (http, otlp) = (&http, &otlp);
+        async move {
+            let trace = format!("{:032x}", 0x5ca1_ab1e_0000_u64 + u64::from(i));
+            let mut req = get_req("http://backend/");
+            req.headers_mut().insert(
+                "traceparent",
+                format!("00-{trace}-00f067aa0ba902b7-01").parse()?,
+            );
+            let resp = http.request(req).await?;
+            let status = resp.status();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let spans: Vec<_> = otlp
+                    .spans()
+                    .into_iter()
+                    .filter(|s| s.trace_id == trace)
+                    .collect();
+                if let Some(c) = spans
+                    .iter()
+                    .find(|s| s.attributes.contains_key("mesh.attempts"))
+                {
+                    let n: usize = c.attributes["mesh.attempts"].parse()?;
+                    return anyhow::Ok((status, trace, c.clone(), n));
+                }
+                anyhow::ensure!(Instant::now() < deadline, "no client span for {trace}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut retried = None;
+    for i in 0..40u32 {
+        let (status, trace, client, n) = traced(i).await?;
+        if status == 200 && n >= 2 {
+            retried = Some((trace, client, n));
+            break;
+        }
+    }
+    let (trace, client, n) = retried.context("no request needed a retry in 40")?;
+    // The attempt spans may come in the export batch after the client span's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempts = loop {
+        let a: Vec<_> = otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace && s.attributes.contains_key("mesh.attempt"))
+            .collect();
+        if a.len() >= n || Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(attempts.len(), n, "{attempts:#?}");
+    attempts.sort_by_key(|s| s.attributes["mesh.attempt"].parse::<usize>().unwrap_or(0));
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a.parent_span_id, client.span_id, "under the client span");
+        assert_eq!(a.attributes["mesh.attempt"], (i + 1).to_string());
+        assert!(a.attributes["network.peer.address"].starts_with("127.0.0.1:"));
+        let want = if i + 1 == n { "200" } else { "500" };
+        assert_eq!(a.attributes["http.response.status_code"], want, "{a:#?}");
+    }
+
+    // Healthy again: one attempt, no attempt spans.
+    admin_get(app, "/admin/sick/0").await?;
+    let (status, trace, _, n) = traced(100).await?;
+    assert_eq!((status.as_u16(), n), (200, 1));
+    let spans: Vec<_> = otlp
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == trace)
+        .collect();
+    assert!(
+        spans
+            .iter()
+            .all(|s| !s.attributes.contains_key("mesh.attempt")),
+        "{spans:#?}"
+    );
+    Ok(())
+}

@@ -37,6 +37,10 @@ pub struct Attempt {
     pub addr: SocketAddr,
     pub id: Arc<str>,
     pub version: Option<Arc<str>>,
+    /// When it went out, and when and how it ended (a status, or why it failed): each attempt
+    /// of a retried request is a span of its own.
+    pub start: std::time::SystemTime,
+    pub end: Option<(std::time::SystemTime, Result<u16, String>)>,
 }
 
 /// Endpoints a request already tried, in order. Set by the retry layer (so a retry goes
@@ -51,7 +55,18 @@ impl Tried {
                 addr: p.addr,
                 id: p.id.clone(),
                 version: p.answered.version.clone(),
+                start: std::time::SystemTime::now(),
+                end: None,
             });
+        }
+    }
+
+    /// Records how the last attempt ended: the answer's status, or why there was none.
+    pub fn ended(&self, outcome: Result<u16, String>) {
+        if let Ok(mut v) = self.0.lock()
+            && let Some(last) = v.last_mut()
+        {
+            last.end = Some((std::time::SystemTime::now(), outcome));
         }
     }
     pub fn list(&self) -> Vec<SocketAddr> {

@@ -139,6 +139,9 @@ impl Endpoint {
                 Ok(s) => s,
                 Err(e) => {
                     self.finish(picked, false);
+                    if let Some(t) = &tried {
+                        t.ended(Err(e.to_string()));
+                    }
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -154,6 +157,9 @@ impl Endpoint {
             }
             match sender.send(req).await {
                 Ok(resp) => {
+                    if let Some(t) = &tried {
+                        t.ended(Ok(resp.status().as_u16()));
+                    }
                     let answered = picked.answered.clone();
                     let pending = self.judge_head(&resp, picked);
                     return Ok(resp.map(|mut b| {
@@ -169,6 +175,9 @@ impl Endpoint {
                     self.pool
                         .evict(addr, picked.answered.identity_or(&self.identity));
                     self.finish(picked, false);
+                    if let Some(t) = &tried {
+                        t.ended(Err(format!("not sent: {e}")));
+                    }
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -185,6 +194,9 @@ impl Endpoint {
                     }
                     self.finish(picked, false);
                     let what = format!("{id} ({addr}): {e}");
+                    if let Some(t) = &tried {
+                        t.ended(Err(e.to_string()));
+                    }
                     if !never_processed(&e) {
                         return Err(ProxyError::Upstream(what));
                     }

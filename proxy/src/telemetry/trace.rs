@@ -101,4 +101,36 @@ pub fn end(span: &Span, d: &Detail, o: &Outcome) {
         .or_else(|| (o.status >= 500).then(|| format!("status {}", o.status)));
     let name = format!("{} {} {}", d.direction.as_str(), d.method, d.service);
     t.exporter.end(span, name, kind, attrs, error);
+    // A retried request: each attempt is a span of its own under this hop's, saying where it
+    // went and how it ended.
+    let attempts = d.tried.as_ref().map(|t| t.attempts()).unwrap_or_default();
+    if attempts.len() > 1 {
+        for (i, a) in attempts.iter().enumerate() {
+            let Some((end, outcome)) = &a.end else {
+                continue;
+            };
+            let mut attrs = vec![
+                Attribute::new("mesh.attempt", i as i64 + 1),
+                Attribute::new("network.peer.address", a.addr.to_string()),
+                Attribute::new("mesh.endpoint", a.id.to_string()),
+                Attribute::new("mesh.service", d.service.to_string()),
+            ];
+            if let Some(v) = &a.version {
+                attrs.push(Attribute::new("mesh.backend_version", v.to_string()));
+            }
+            let error = match outcome {
+                Ok(status) => {
+                    attrs.push(Attribute::new(
+                        "http.response.status_code",
+                        i64::from(*status),
+                    ));
+                    (*status >= 500).then(|| format!("status {status}"))
+                }
+                Err(why) => Some(why.clone()),
+            };
+            let name = format!("attempt {} {} {}", i + 1, d.method, d.service);
+            t.exporter
+                .end_at(&span.child(a.start), name, Kind::Client, attrs, error, *end);
+        }
+    }
 }
