@@ -37,7 +37,7 @@ pub enum OtelError {
 pub enum Protocol {
     /// OTLP/gRPC (`grpc`; port 4317 by convention), plain or TLS.
     Grpc,
-    /// OTLP/HTTP with protobuf bodies (`http/protobuf`; port 4318), plain HTTP.
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`; port 4318), plain or TLS.
     HttpProtobuf,
 }
 
@@ -120,12 +120,6 @@ impl ExportSettings {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(OtelError::Settings(format!(
                 "OTLP endpoint {endpoint:?}: an http:// or https:// URL"
-            )));
-        }
-        if protocol == Protocol::HttpProtobuf && endpoint.starts_with("https://") {
-            return Err(OtelError::Settings(format!(
-                "OTLP endpoint {endpoint:?}: http/protobuf is sent in plain HTTP only; use grpc \
-                 for a TLS collector"
             )));
         }
         let ca_pem = match var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
@@ -327,13 +321,18 @@ impl Exporter {
                 }
                 b.build().map_err(fail)?
             }
-            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(settings.endpoint.as_str())
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()
-                .map_err(fail)?,
+            Protocol::HttpProtobuf => {
+                use opentelemetry_otlp::WithHttpConfig;
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(settings.endpoint.as_str())
+                    .with_timeout(EXPORT_TIMEOUT);
+                if settings.endpoint.starts_with("https://") {
+                    b = b.with_http_client(HttpsClient::new(settings.ca_pem.as_deref())?);
+                }
+                b.build().map_err(fail)?
+            }
         };
         let service_name = settings.service_name.clone();
         let mut attrs = settings.resource.clone();
@@ -445,6 +444,76 @@ impl Exporter {
     }
 }
 
+/// OTLP/HTTP to an `https://` collector: hyper over rustls, the collector verified against the
+/// given CA certificates, else the web PKI's roots.
+#[derive(Debug)]
+struct HttpsClient(
+    hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+);
+
+/// Largest collector answer read (the built-in clients' bound).
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+impl HttpsClient {
+    fn new(ca_pem: Option<&[u8]>) -> Result<Self, OtelError> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let bad = |e: String| OtelError::Settings(format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_pem {
+            Some(pem) => {
+                for c in CertificateDer::pem_slice_iter(pem) {
+                    roots
+                        .add(c.map_err(|e| bad(e.to_string()))?)
+                        .map_err(|e| bad(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(bad("no certificate in the file".into()));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| OtelError::Exporter(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .build();
+        Ok(Self(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https),
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for HttpsClient {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        use http_body_util::BodyExt;
+        let (parts, body) = request.into_parts();
+        let req = http::Request::from_parts(parts, http_body_util::Full::new(body));
+        let resp = self.0.request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
+            .collect()
+            .await?
+            .to_bytes();
+        Ok(http::Response::from_parts(parts, body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,10 +596,6 @@ mod tests {
         assert_eq!(s.resource, vec![KeyValue::new("k", "a,b")]);
         for bad in [
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")][..],
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318"),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ],
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),

@@ -94,6 +94,8 @@ impl TraceService for Collector {
 /// The receiver, listening on loopback until dropped or stopped.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
+    /// `http`, or `https` for [`OtlpReceiver::start_https`].
+    scheme: &'static str,
     spans: Collector,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -147,6 +149,7 @@ impl OtlpReceiver {
         });
         Ok(Self {
             addr,
+            scheme: "http",
             spans,
             stop: Some(stop),
             task: Some(task),
@@ -155,6 +158,38 @@ impl OtlpReceiver {
 
     /// OTLP/HTTP: `POST /v1/traces` with a protobuf `ExportTraceServiceRequest`.
     pub async fn start_http() -> anyhow::Result<Self> {
+        Self::start_http_with(None).await
+    }
+
+    /// OTLP/HTTP over TLS, with a certificate for 127.0.0.1 from a CA of its own, written to
+    /// `ca_file` (PEM). [`OtlpReceiver::url`] is then `https://`.
+    pub async fn start_https(ca_file: &std::path::Path) -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key)?;
+        std::fs::write(ca_file, ca.pem())?;
+        let issuer = Issuer::new(p, ca_key);
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+        let mut r = Self::start_http_with(Some(Arc::new(cfg))).await?;
+        r.scheme = "https";
+        Ok(r)
+    }
+
+    async fn start_http_with(tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<Self> {
         use prost::Message;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
@@ -167,7 +202,7 @@ impl OtlpReceiver {
                     a = l.accept() => match a { Ok(c) => c, Err(_) => continue },
                     _ = &mut rx => return,
                 };
-                let kept = kept.clone();
+                let (kept, tls) = (kept.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
@@ -193,23 +228,36 @@ impl OtlpReceiver {
                             }
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(cfg) => {
+                            if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         Ok(Self {
             addr,
+            scheme: "http",
             spans,
             stop: Some(stop),
             task: Some(task),
         })
     }
 
-    /// `http://<addr>`, for `--otlp-endpoint`.
+    /// `http://<addr>` (`https://` over TLS), for `--otlp-endpoint`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {

@@ -1263,3 +1263,68 @@ async fn each_attempt_of_a_retried_request_is_a_span() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 28 item 3, OTLP/HTTP to an `https://` collector: a proxy configured only by
+/// `OTEL_EXPORTER_OTLP_ENDPOINT=https://…`, `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf` and
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (the collector's own CA) delivers its spans over TLS; a
+/// proxy given another CA fails its export (its log says so), delivers nothing, and still
+/// serves its requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_reaches_a_tls_collector_of_its_own_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, other_ca) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    let collector = mesh_tests::otlp::OtlpReceiver::start_https(&ca).await?;
+    let _other = mesh_tests::otlp::OtlpReceiver::start_https(&other_ca).await?;
+    let url = collector.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let mut mesh = Mesh::start().await?;
+    mesh.workload_app("backend", "v1").await?;
+    let mut callers = Vec::new();
+    for (sa, ca_file) in [("web", &ca), ("untrusting", &other_ca)] {
+        let ca_path = ca_file.display().to_string();
+        let c = mesh
+            .sidecar(SidecarOpts {
+                service_account: sa,
+                workers: 1,
+                env: &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                    ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_path),
+                ],
+                ..Default::default()
+            })
+            .await?;
+        callers.push((sa, h1_client(c.outbound)));
+    }
+    mesh.wait_endpoints("backend", 1).await?;
+    for (sa, http) in &callers {
+        let r = get(http, &format!("http://backend/from-{sa}")).await?;
+        assert_eq!(r.status, 200, "{sa}");
+    }
+    let path_of = |s: &mesh_tests::otlp::ReceivedSpan| s.attributes.get("url.path").cloned();
+    until(
+        Duration::from_secs(10),
+        "the span over OTLP/HTTPS",
+        || async {
+            Ok(collector
+                .spans()
+                .iter()
+                .any(|s| path_of(s).as_deref() == Some("/from-web") && s.service == "web"))
+        },
+    )
+    .await?;
+    // The other proxy refused the collector's certificate (its export failed), so nothing of
+    // its reached the collector.
+    until(Duration::from_secs(10), "the untrusting proxy's export to fail", || async {
+        Ok(mesh.logs_of("untrusting")?.contains("span export failed"))
+    })
+    .await?;
+    assert!(
+        collector
+            .spans()
+            .iter()
+            .all(|s| path_of(s).as_deref() != Some("/from-untrusting")),
+        "a collector whose certificate the proxy does not trust got its spans"
+    );
+    Ok(())
+}
