@@ -1141,6 +1141,51 @@ async fn shipped_scrape_config_dashboard_and_flagger_queries_return_data() -> an
         let _ = load(&http, 8, 2, |_| get_req("http://backend/")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The dashboard's first panels drawn from this data by Prometheus's own graph page in
+    // headless Chromium: the picture in README "Observability" (target/observability/).
+    let enc = |q: &str| {
+        q.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let mut url = format!("http://{prom}/classic/graph?");
+    // Requests per second, success rate, p99 latency.
+    let panels = [&queries[0], &queries[1], &queries[3]];
+    for (i, q) in panels.iter().enumerate() {
+        url.push_str(&format!(
+            "g{i}.expr={}&g{i}.tab=0&g{i}.range_input=15s&",
+            enc(q)
+        ));
+    }
+    let mut b = mesh_tests::browser::Browser::launch().await?;
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({"width": 1100, "height": 2250, "deviceScaleFactor": 1, "mobile": false}),
+    )
+    .await?;
+    b.navigate(&url).await?;
+    b.wait_for(
+        "document.querySelectorAll('.graph_area svg').length",
+        Duration::from_secs(20),
+        |v| v.as_u64() >= Some(panels.len() as u64),
+    )
+    .await?;
+    let errors = b
+        .eval(
+            "Array.from(document.querySelectorAll('.error')).filter(e => e.offsetParent && e.textContent.trim()).map(e => e.textContent.trim())",
+        )
+        .await?;
+    assert_eq!(errors, serde_json::json!([]), "the graph page's errors");
+    b.eval("window.scrollTo(0, 0)").await?;
+    let png = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/observability/mesh-dashboard.png");
+    b.screenshot(&png).await?;
     Ok(())
 }
 
@@ -1315,9 +1360,11 @@ async fn otlp_http_reaches_a_tls_collector_of_its_own_ca() -> anyhow::Result<()>
     .await?;
     // The other proxy refused the collector's certificate (its export failed), so nothing of
     // its reached the collector.
-    until(Duration::from_secs(10), "the untrusting proxy's export to fail", || async {
-        Ok(mesh.logs_of("untrusting")?.contains("span export failed"))
-    })
+    until(
+        Duration::from_secs(10),
+        "the untrusting proxy's export to fail",
+        || async { Ok(mesh.logs_of("untrusting")?.contains("span export failed")) },
+    )
     .await?;
     assert!(
         collector
