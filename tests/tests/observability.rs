@@ -1375,3 +1375,61 @@ async fn otlp_http_reaches_a_tls_collector_of_its_own_ca() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Issue 28 item 5, one latency definition: an app (Node) that sends its answer's head at once
+/// and ends the body 300 ms later. `meshctl top`'s p50 and p99 and the p50 a real Prometheus
+/// computes from `istio_request_duration_milliseconds` both count to the end of the answer
+/// (the 250–500 ms bucket), not to its head (which came within milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_and_prometheus_count_latency_to_the_end_of_the_answer() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let node = peers::node_app(&mut mesh).await?;
+    mesh.front("nodeapp", node, &[]).await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("nodeapp", 1).await?;
+    let prom = peers::prometheus(&mut mesh, &[c.admin]).await?;
+    let http = h1_client(c.outbound);
+    let rs = load(&http, 16, 4, |_| get_req("http://nodeapp/stall/300")).await;
+    for r in &rs {
+        let (status, _, took) = r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(*status, 200);
+        assert!(*took >= Duration::from_millis(290), "{took:?}");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let row = loop {
+        let out = mesh
+            .meshctl(&["-o", "json", "top", "--window", "60s"])
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let row = v["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["service"] == "nodeapp.default")
+            .cloned();
+        if let Some(r) = row.filter(|r| r["requests"].as_u64() >= Some(16)) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "top never counted them: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Bucket bounds: the answers took 300 ms, so both quantiles are the 500 ms bound.
+    assert_eq!(
+        (row["p50_ms"].as_u64(), row["p99_ms"].as_u64()),
+        (Some(500), Some(500)),
+        "{row}"
+    );
+
+    let q = r#"histogram_quantile(0.5, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter="source",destination_service_name="nodeapp"}[1m])))"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let p50 = loop {
+        if let Some(v) = promql(prom, q).await?.filter(|v| v.is_finite()) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no p50 from Prometheus");
+        let _ = load(&http, 4, 4, |_| get_req("http://nodeapp/stall/300")).await;
+    };
+    assert!((250.0..=500.0).contains(&p50), "Prometheus p50 {p50} ms");
+    Ok(())
+}

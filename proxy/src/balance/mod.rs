@@ -88,6 +88,8 @@ pub struct Answered {
     pub addr: SocketAddr,
     /// The identity its certificate must name, when not the service's.
     pub identity: Option<Arc<str>>,
+    /// The endpoint's counters: the answer's end adds its latency (`EndpointState::answered_in`).
+    pub state: Arc<EndpointState>,
 }
 
 impl Answered {
@@ -167,15 +169,7 @@ impl Picked {
         let now = state::Now::get();
         let rtt = Duration::from_nanos(now.0.saturating_sub(self.started.0));
         self.state.head(now, rtt, success);
-        record_outcome(
-            &self.state,
-            &self.id,
-            self.trial,
-            rtt,
-            success,
-            balancer,
-            cfg,
-        )
+        record_outcome(&self.state, &self.id, self.trial, success, balancer, cfg)
     }
 }
 
@@ -186,12 +180,11 @@ fn record_outcome(
     state: &Arc<EndpointState>,
     id: &Arc<str>,
     trial: bool,
-    rtt: Duration,
     success: bool,
     balancer: &Balancer,
     cfg: Option<&OutlierConfig>,
 ) -> bool {
-    state.outcome(rtt, success, trial);
+    state.outcome(success, trial);
     cfg.is_some_and(|cfg| outlier::record(balancer, state, success, trial, cfg, id))
 }
 
@@ -208,7 +201,6 @@ impl Picked {
             id: self.id.clone(),
             state: self.state.clone(),
             trial: self.trial,
-            rtt,
             done: false,
         }
     }
@@ -222,7 +214,6 @@ pub struct Verdict {
     pub id: Arc<str>,
     state: Arc<EndpointState>,
     trial: bool,
-    rtt: Duration,
     done: bool,
 }
 
@@ -235,22 +226,14 @@ impl Verdict {
         cfg: Option<&OutlierConfig>,
     ) -> bool {
         self.done = true;
-        record_outcome(
-            &self.state,
-            &self.id,
-            self.trial,
-            self.rtt,
-            success,
-            balancer,
-            cfg,
-        )
+        record_outcome(&self.state, &self.id, self.trial, success, balancer, cfg)
     }
 }
 
 impl Drop for Verdict {
     fn drop(&mut self) {
         if !self.done {
-            self.state.outcome(self.rtt, true, self.trial);
+            self.state.outcome(true, self.trial);
         }
     }
 }
@@ -343,15 +326,19 @@ impl Balancer {
         backends: &[(Arc<str>, u32)],
         state_of: impl Fn(&Endpoint) -> Arc<EndpointState>,
     ) -> Self {
-        let member = |e: &Endpoint| Member {
-            hash: hash_bytes(e.id.as_bytes()),
-            state: state_of(e),
-            answered: Arc::new(Answered {
-                version: e.version.clone(),
-                addr: e.addr,
-                identity: e.identity.clone(),
-            }),
-            ep: e.clone(),
+        let member = |e: &Endpoint| {
+            let state = state_of(e);
+            Member {
+                hash: hash_bytes(e.id.as_bytes()),
+                answered: Arc::new(Answered {
+                    version: e.version.clone(),
+                    addr: e.addr,
+                    identity: e.identity.clone(),
+                    state: state.clone(),
+                }),
+                state,
+                ep: e.clone(),
+            }
         };
         let ready = endpoints.iter().filter(|e| e.ready);
         let mut groups = Vec::new();

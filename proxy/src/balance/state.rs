@@ -169,17 +169,25 @@ impl EndpointState {
     }
 
     /// The outcome of an attempt whose head came earlier ([`EndpointState::head`]): counted
-    /// for telemetry, and a trial's end lets the next trial go.
-    pub(crate) fn outcome(&self, rtt: Duration, success: bool, trial: bool) {
+    /// for telemetry, and a trial's end lets the next trial go. Its latency is counted when
+    /// the answer ends ([`EndpointState::answered_in`]).
+    pub(crate) fn outcome(&self, success: bool, trial: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if !success {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(b) = self.latency.get(bucket_of(rtt)) {
-            b.fetch_add(1, Ordering::Relaxed);
-        }
         if trial {
             self.trial_out.store(false, Ordering::Release);
+        }
+    }
+
+    /// A request this endpoint answered took `latency` from its arrival at the proxy to the end
+    /// of the answer: the one latency `top`, the dashboard, the canary gate and Prometheus's
+    /// `istio_request_duration_milliseconds` all count (the balancer's EWMA alone uses time to
+    /// the head).
+    pub fn answered_in(&self, latency: Duration) {
+        if let Some(b) = self.latency.get(bucket_of(latency)) {
+            b.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -162,6 +162,7 @@ impl Observation {
         };
         let grpc = crate::http::is_grpc(h);
         let idle = self.stream_idle.map(IdleTimer::new);
+        let endpoint = answered.map(|a| a.state.clone());
         resp.map(|inner| ObservedBody {
             inner,
             idle,
@@ -170,6 +171,7 @@ impl Observation {
                 counters,
                 outcome,
                 grpc,
+                endpoint,
                 detail: self.detail,
             }),
         })
@@ -189,6 +191,8 @@ struct Pending {
     counters: Arc<RequestMetrics>,
     outcome: Outcome,
     grpc: bool,
+    /// The endpoint that answered (outbound), whose telemetry counts the same latency.
+    endpoint: Option<Arc<crate::balance::state::EndpointState>>,
     detail: Option<Box<Detail>>,
 }
 
@@ -200,6 +204,9 @@ impl Pending {
             self.outcome.grpc = Some(u16::MAX);
         }
         self.counters.record(&self.outcome);
+        if let Some(e) = &self.endpoint {
+            e.answered_in(self.outcome.latency);
+        }
         let Some(d) = self.detail else { return };
         if let Some(span) = &d.span {
             trace::end(span, &d, &self.outcome);
