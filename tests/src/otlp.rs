@@ -101,6 +101,24 @@ pub struct OtlpReceiver {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A certificate for 127.0.0.1 from a new CA, whose certificate is written to `ca_file` (PEM).
+fn loopback_certificate(
+    ca_file: &std::path::Path,
+) -> anyhow::Result<(rcgen::Certificate, rcgen::KeyPair)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key)?;
+    std::fs::write(ca_file, ca.pem())?;
+    let issuer = Issuer::new(p, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
+    let cert = leaf.signed_by(&key, &issuer)?;
+    Ok((cert, key))
+}
+
 impl OtlpReceiver {
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with(None).await
@@ -109,17 +127,7 @@ impl OtlpReceiver {
     /// OTLP/gRPC over TLS with a certificate for 127.0.0.1 from a fresh CA, whose PEM file
     /// is written to `ca_file` (for `OTEL_EXPORTER_OTLP_CERTIFICATE`).
     pub async fn start_tls(ca_file: &std::path::Path) -> anyhow::Result<Self> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-        let ca_key = KeyPair::generate()?;
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = p.self_signed(&ca_key)?;
-        std::fs::write(ca_file, ca.pem())?;
-        let issuer = Issuer::new(p, ca_key);
-        let key = KeyPair::generate()?;
-        let mut leaf = CertificateParams::default();
-        leaf.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
-        let cert = leaf.signed_by(&key, &issuer)?;
+        let (cert, key) = loopback_certificate(ca_file)?;
         let tls = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem()),
         );
@@ -164,17 +172,7 @@ impl OtlpReceiver {
     /// OTLP/HTTP over TLS, with a certificate for 127.0.0.1 from a CA of its own, written to
     /// `ca_file` (PEM). [`OtlpReceiver::url`] is then `https://`.
     pub async fn start_https(ca_file: &std::path::Path) -> anyhow::Result<Self> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-        let ca_key = KeyPair::generate()?;
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = p.self_signed(&ca_key)?;
-        std::fs::write(ca_file, ca.pem())?;
-        let issuer = Issuer::new(p, ca_key);
-        let key = KeyPair::generate()?;
-        let mut leaf = CertificateParams::default();
-        leaf.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse()?)];
-        let cert = leaf.signed_by(&key, &issuer)?;
+        let (cert, key) = loopback_certificate(ca_file)?;
         let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
