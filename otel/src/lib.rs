@@ -444,15 +444,19 @@ impl Exporter {
     }
 }
 
-/// OTLP/HTTP to an `https://` collector: hyper over rustls, the collector verified against the
-/// given CA certificates, else the web PKI's roots.
-#[derive(Debug)]
-struct HttpsClient(
-    hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-);
+/// OTLP/HTTP to an `https://` collector: one HTTP/1.1 request per export over a new rustls
+/// connection (tokio-rustls and hyper's own client connection, which the proxy already links;
+/// a pooling client library added about 1 MB of code to the sidecar). The collector is
+/// verified against the given CA certificates, else the web PKI's roots.
+struct HttpsClient {
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for HttpsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpsClient")
+    }
+}
 
 /// Largest collector answer read (the built-in clients' bound).
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
@@ -483,15 +487,9 @@ impl HttpsClient {
         .map_err(|e| OtelError::Exporter(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(cfg)
-            .https_only()
-            .enable_http1()
-            .build();
-        Ok(Self(
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https),
-        ))
+        Ok(Self {
+            tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
+        })
     }
 }
 
@@ -502,9 +500,39 @@ impl opentelemetry_http::HttpClient for HttpsClient {
         request: http::Request<bytes::Bytes>,
     ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
         use http_body_util::BodyExt;
-        let (parts, body) = request.into_parts();
+        let uri = request.uri();
+        let host = uri
+            .host()
+            .ok_or("no host in the collector's URL")?
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let name = rustls_pki_types::ServerName::try_from(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        )?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let tls = self.tls.connect(name, tcp).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let (mut parts, body) = request.into_parts();
+        // Origin-form and a Host, as an origin server expects (RFC 9112 §3.2).
+        let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+        if let Some(a) = authority
+            && !parts.headers.contains_key(http::header::HOST)
+        {
+            parts.headers.insert(http::header::HOST, a.parse()?);
+        }
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()?;
         let req = http::Request::from_parts(parts, http_body_util::Full::new(body));
-        let resp = self.0.request(req).await?;
+        let resp = sender.send_request(req).await?;
         let (parts, body) = resp.into_parts();
         let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
