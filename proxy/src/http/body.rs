@@ -335,13 +335,21 @@ impl Resend {
             }
         };
         let resend = Resend {
+            body: kept,
+            ..Resend::head(&parts)
+        };
+        (Request::from_parts(parts, body), resend)
+    }
+
+    /// A bodyless request's head, kept to send it again (see [`Resend::with_body`]).
+    pub fn head(parts: &http::request::Parts) -> Resend {
+        Resend {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
-            body: kept,
-        };
-        (Request::from_parts(parts, body), resend)
+            body: None,
+        }
     }
 
     /// The request again, or None when its body outgrew the replay buffer.
@@ -350,12 +358,17 @@ impl Resend {
             None => ReqBody::Empty,
             Some(kept) => ReqBody::Replay(kept.replay()?),
         };
+        Some(self.with_body(body))
+    }
+
+    /// The kept head again, with `body`.
+    pub fn with_body<B>(&self, body: B) -> Request<B> {
         let mut again = Request::new(body);
         *again.method_mut() = self.method.clone();
         *again.uri_mut() = self.uri.clone();
         *again.version_mut() = self.version;
         *again.headers_mut() = self.headers.clone();
-        Some(again)
+        again
     }
 }
 

@@ -10,7 +10,7 @@ use crate::http::coalesce::Coalesce;
 use crate::http::errors::ProxyError;
 use crate::http::h2client::{H2Sender, SendError, never_processed};
 use arc_swap::ArcSwapOption;
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest as Http1Sender;
 use hyper_util::rt::TokioIo;
@@ -53,9 +53,6 @@ struct H1Conn {
     /// `Now` in ms when a request last went out on it.
     used_ms: u64,
 }
-
-/// A bodyless idempotent request kept to send again (method, URI, headers).
-pub(super) type Replay = (http::Method, Uri, http::HeaderMap);
 
 impl AppH1 {
     pub(super) fn new(addr: SocketAddr, idle_timeout: Duration) -> Self {
@@ -124,7 +121,7 @@ impl AppH1 {
     pub(super) async fn request(
         &self,
         req: Request<AppBody>,
-        replay: Option<Replay>,
+        replay: Option<Resend>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.sender().await?;
         let again = match sender.try_send_request(req).await {
@@ -135,12 +132,8 @@ impl AppH1 {
             Err(mut e) => match (e.take_message(), replay) {
                 (Some(unsent), _) => unsent,
                 (None, Some(head)) if e.error().is_incomplete_message() => {
-                    tracing::debug!(method = %head.0, uri = %head.1, "app closed the connection before answering; sent again");
-                    rebuild(
-                        head,
-                        Version::HTTP_11,
-                        AppBody::Right(http_body_util::Empty::new()),
-                    )
+                    tracing::debug!("app closed the connection before answering; sent again");
+                    head.with_body(AppBody::Right(http_body_util::Empty::new()))
                 }
                 (None, _) => return Err(app_error(&e.into_error())),
             },
@@ -311,16 +304,6 @@ impl AppH2 {
     }
 }
 
-/// A kept request head as a request again, with `body`.
-fn rebuild<B>((method, uri, headers): Replay, version: Version, body: B) -> Request<B> {
-    let mut again = Request::new(body);
-    *again.method_mut() = method;
-    *again.uri_mut() = uri;
-    *again.version_mut() = version;
-    *again.headers_mut() = headers;
-    again
-}
-
 fn app_error(e: &dyn std::error::Error) -> ProxyError {
     let why = e
         .source()
@@ -332,6 +315,7 @@ fn app_error(e: &dyn std::error::Error) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Version;
     use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
     use tokio::net::TcpListener;
@@ -568,11 +552,9 @@ mod h1_tests {
         assert_eq!(&body(r).await[..], b"hi");
         // The second request goes out on the kept connection, which the app closes unanswered.
         let req = get("/b");
-        let replay = Some((
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().clone(),
-        ));
+        let (parts, b) = req.into_parts();
+        let replay = Some(Resend::head(&parts));
+        let req = Request::from_parts(parts, b);
         let r = pool
             .request(req, replay)
             .await

@@ -507,9 +507,9 @@ impl Inbound {
         // that race: over HTTP/1.1 a bodyless idempotent one; over HTTP/2 any one the app says
         // it never processed, with its body replayed if that fitted the replay buffer.
         use hyper::body::Body as _;
-        let head = |p: &http::request::Parts| (p.method.clone(), p.uri.clone(), p.headers.clone());
         let mut resp = if h1 {
-            let replay = (body.is_end_stream() && idempotent(&parts.method)).then(|| head(&parts));
+            let replay =
+                (body.is_end_stream() && idempotent(&parts.method)).then(|| Resend::head(&parts));
             let req = Request::from_parts(parts, AppBody::Left(body));
             self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {

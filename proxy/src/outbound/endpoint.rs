@@ -102,6 +102,15 @@ impl Endpoint {
         }
     }
 
+    /// An attempt that got no answer: the balancer and outlier detection are told, and so is
+    /// the request's record of attempts (`why` is made only when there is one).
+    fn failed(&self, picked: Picked, tried: Option<&Tried>, why: impl FnOnce() -> String) {
+        self.finish(picked, false);
+        if let Some(t) = tried {
+            t.ended(Err(why()));
+        }
+    }
+
     /// The pooled connection to `addr` (whose certificate names `identity`), or a new one.
     async fn connect(&self, addr: SocketAddr, identity: &Arc<str>) -> Result<Sender, ProxyError> {
         self.pool
@@ -138,10 +147,7 @@ impl Endpoint {
             {
                 Ok(s) => s,
                 Err(e) => {
-                    self.finish(picked, false);
-                    if let Some(t) = &tried {
-                        t.ended(Err(e.to_string()));
-                    }
+                    self.failed(picked, tried.as_ref(), || e.to_string());
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -174,10 +180,7 @@ impl Endpoint {
                     // The connection is closed or going away: the next request opens another.
                     self.pool
                         .evict(addr, picked.answered.identity_or(&self.identity));
-                    self.finish(picked, false);
-                    if let Some(t) = &tried {
-                        t.ended(Err(format!("not sent: {e}")));
-                    }
+                    self.failed(picked, tried.as_ref(), || format!("not sent: {e}"));
                     if attempt < TRANSPARENT_RETRIES {
                         attempt += 1;
                         avoid.push(addr);
@@ -192,11 +195,8 @@ impl Endpoint {
                         self.pool
                             .evict(addr, picked.answered.identity_or(&self.identity));
                     }
-                    self.finish(picked, false);
+                    self.failed(picked, tried.as_ref(), || e.to_string());
                     let what = format!("{id} ({addr}): {e}");
-                    if let Some(t) = &tried {
-                        t.ended(Err(e.to_string()));
-                    }
                     if !never_processed(&e) {
                         return Err(ProxyError::Upstream(what));
                     }
