@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mesh/v1/identity.proto",
         "mesh/v1/admin.proto",
         "mesh/v1/telemetry.proto",
+        "mesh/v1/replicas.proto",
         "mesh/example/v1/echo.proto",
     ];
     for f in &files {

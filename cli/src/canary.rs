@@ -181,6 +181,7 @@ pub async fn top(
         }
         println!("last {} s:", r.window_seconds);
         t.print();
+        crate::output::unreachable_replicas(&r.unreachable_replicas);
     }
     Ok(())
 }

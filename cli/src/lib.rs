@@ -659,6 +659,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "IDENTITY",
                 "SERVICE",
                 "VERSION",
+                "REPLICA",
                 "ACKED",
                 "NACKED",
                 "NACK REASON",
@@ -674,12 +675,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.identity,
                     p.service,
                     p.version_label,
+                    p.replica,
                     p.acked_version.to_string(),
                     nacked,
                     p.nack_reason,
                 ]);
             }
             t.print();
+            output::unreachable_replicas(&r.unreachable_replicas);
         }
         AdminCmd::Token {
             cmd:

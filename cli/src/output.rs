@@ -107,7 +107,8 @@ impl ToJson for pb::ListProxiesResponse {
             "id": p.id, "identity": p.identity, "service": p.service, "version_label": p.version_label,
             "connected_at_unix": p.connected_at_unix, "acked_version": p.acked_version,
             "nacked_version": p.nacked_version, "nack_reason": p.nack_reason, "subscriptions": p.subscriptions,
-        })).collect::<Vec<_>>()})
+            "replica": p.replica, "cert_expires_unix": p.cert_expires_unix,
+        })).collect::<Vec<_>>(), "unreachable_replicas": self.unreachable_replicas})
     }
 }
 impl ToJson for pb::CreateTokenResponse {
@@ -121,7 +122,7 @@ impl ToJson for pb::TopResponse {
         json!({"window_seconds": self.window_seconds, "rows": self.rows.iter().map(|r| json!({
             "service": r.service, "version": r.version, "requests": r.requests, "rps": r.rps,
             "success_percent": r.success_percent, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-        })).collect::<Vec<_>>()})
+        })).collect::<Vec<_>>(), "unreachable_replicas": self.unreachable_replicas})
     }
 }
 
@@ -174,6 +175,17 @@ pub fn policy_lines(p: &pb::Policy) -> Vec<(String, String)> {
     let mut out = Vec::new();
     walk("", &json!(p), &mut out);
     out
+}
+
+/// Says on stderr which control-plane replicas did not answer, so a partial view is never
+/// taken for the whole mesh.
+pub fn unreachable_replicas(replicas: &[String]) {
+    if !replicas.is_empty() {
+        eprintln!(
+            "warning: replica {} did not answer: the proxies connected to it are missing",
+            replicas.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]

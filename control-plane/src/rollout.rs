@@ -5,7 +5,8 @@
 //! in the store, written in the same commit as the weights it sets, so a restarted control
 //! plane picks up where it was.
 
-use crate::observe::telemetry::{TelemetryStore, now_ms};
+use crate::observe::telemetry::{Window, now_ms};
+use crate::replicas::view::MeshView;
 use crate::state::records::{CanaryRecord, now_unix};
 use crate::state::registry::{Registry, RegistryError, State};
 use mesh_proto::v1 as pb;
@@ -24,9 +25,9 @@ pub const PROMOTED: &str = "promoted";
 pub const ROLLED_BACK: &str = "rolled-back";
 pub const ABORTED: &str = "aborted";
 
-/// The info message for a record, with what its current step has seen.
-pub fn info(rec: &CanaryRecord, store: &TelemetryStore) -> pb::CanaryInfo {
-    let w = store.window(&rec.service, &rec.to, rec.step_started_ms);
+/// The info message for a record, with what its current step has seen (`w`: the new
+/// version's traffic since the step began).
+pub fn info(rec: &CanaryRecord, w: &Window) -> pb::CanaryInfo {
     pb::CanaryInfo {
         service: rec.service.clone(),
         from: rec.from.clone(),
@@ -213,8 +214,8 @@ enum Verdict {
     Advance,
 }
 
-fn judge(rec: &CanaryRecord, store: &TelemetryStore, now: i64) -> Verdict {
-    let w = store.window(&rec.service, &rec.to, rec.step_started_ms);
+/// Judges a step on `w`, what the new version received since the step began.
+fn judge(rec: &CanaryRecord, w: &Window, now: i64) -> Verdict {
     let weight = weight_of(rec);
     if w.requests >= u64::from(rec.min_requests) {
         let err = w.error_percent();
@@ -254,14 +255,26 @@ fn judge(rec: &CanaryRecord, store: &TelemetryStore, now: i64) -> Verdict {
     Verdict::Advance
 }
 
-/// One pass over the running canaries.
-pub async fn tick(registry: &Registry, store: &TelemetryStore) {
+/// One pass over the running canaries. A step is judged on every replica's telemetry; while
+/// a live replica does not answer, the canary holds rather than judge on part of the traffic.
+pub async fn tick(registry: &Registry, view: &MeshView) {
     let st = registry.state();
     for rec in st.canaries.values().filter(|c| c.state == RUNNING) {
+        let (edges, unreachable) = view
+            .edges(rec.step_started_ms, Some((&rec.service, Some(&rec.to))))
+            .await;
         let now = now_ms();
         let mut next = rec.clone();
         next.updated_at_unix = now_unix();
-        let weights = match judge(rec, store, now) {
+        let verdict = if unreachable.is_empty() {
+            judge(rec, &edges.window(&rec.service, &rec.to), now)
+        } else {
+            Verdict::Hold(Some(format!(
+                "waiting for the telemetry of replica {}",
+                unreachable.join(", ")
+            )))
+        };
+        let weights = match verdict {
             Verdict::Hold(reason) => {
                 match reason {
                     Some(r) if r != rec.reason => next.reason = r,
@@ -311,7 +324,7 @@ pub async fn tick(registry: &Registry, store: &TelemetryStore) {
 /// Only the leading replica moves canaries; the others wait.
 pub async fn run(
     registry: Arc<Registry>,
-    store: Arc<TelemetryStore>,
+    view: Arc<MeshView>,
     leader: crate::replicas::leader::Leadership,
 ) {
     let mut t = tokio::time::interval(TICK);
@@ -319,7 +332,7 @@ pub async fn run(
     loop {
         t.tick().await;
         if leader.is_leader() {
-            tick(&registry, &store).await;
+            tick(&registry, &view).await;
         } else {
             leader.acquired().await;
         }

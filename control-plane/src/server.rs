@@ -49,6 +49,9 @@ pub struct Config {
     pub store: Option<String>,
     /// This replica's name in the shared store (presence, leader election).
     pub replica_id: String,
+    /// Where the other replicas reach this one's proxies' port (None: `grpc_addr` when it
+    /// names one address).
+    pub advertise_addr: Option<String>,
     /// Leader lease on a shared store: how long the others wait after a leader vanishes.
     pub leader_lease: Duration,
     /// The control plane's namespace (Kubernetes): its Lease, its state ConfigMap.
@@ -218,9 +221,31 @@ pub async fn run(
             tap: tap.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let local = Arc::new(crate::replicas::view::Local {
+        replica: cfg.replica_id.clone(),
+        proxies: proxies.clone(),
+        telemetry: telemetry.clone(),
+        tap: tap.clone(),
+    });
+    let view = Arc::new(crate::replicas::view::MeshView {
+        local: local.clone(),
+        peers: registry.shared().then(|| {
+            Arc::new(crate::replicas::peers::Peers::new(
+                registry.clone(),
+                ca.clone(),
+                cfg.replica_id.clone(),
+                cfg.endpoint_lease,
+            ))
+        }),
+    });
+    let replicas_svc =
+        pb::replicas_server::ReplicasServer::new(crate::replicas::peers::ReplicaService {
+            local,
+            allowed: ca.control_plane_identity()?,
+        });
     tokio::spawn(crate::rollout::run(
         registry.clone(),
-        telemetry.clone(),
+        view.clone(),
         leader.clone(),
     ));
     if let Some(client) = &kube {
@@ -254,13 +279,6 @@ pub async fn run(
             ));
         }
     }
-    tokio::spawn(crate::replicas::lease::run(
-        registry.clone(),
-        proxies.clone(),
-        cfg.endpoint_lease,
-        cfg.replica_id.clone(),
-        leader.clone(),
-    ));
     // The dashboard is open on loopback only; elsewhere it asks for a read credential.
     let web_token: Arc<str> = token.as_str().into();
     let web = Arc::new(crate::api::web::Web {
@@ -272,16 +290,14 @@ pub async fn run(
         ),
         dashboard: crate::api::dashboard::Dashboard {
             registry: registry.clone(),
-            proxies: proxies.clone(),
-            telemetry: telemetry.clone(),
+            view: view.clone(),
         },
         dashboard_auth: (!cfg.http_addr.ip().is_loopback()).then_some(web_token),
     });
     let admin = pb::admin_server::AdminServer::new(AdminService {
         registry: registry.clone(),
-        proxies,
-        telemetry,
-        tap,
+        proxies: proxies.clone(),
+        view,
         rotation: rotation.clone(),
     });
     let auth = AdminAuth::layer(registry.clone(), &token);
@@ -297,6 +313,24 @@ pub async fn run(
         .await
         .with_context(|| format!("bind {}", cfg.http_addr))?;
     let http_local = http_listener.local_addr()?;
+    let advertise = match &cfg.advertise_addr {
+        Some(a) => a.clone(),
+        None if !grpc_local.ip().is_unspecified() => grpc_local.to_string(),
+        None => {
+            if registry.shared() {
+                tracing::warn!(grpc = %grpc_local, "no --advertise-addr: the other replicas cannot reach this one, so their top, tap, proxies and canary gates leave its proxies out");
+            }
+            String::new()
+        }
+    };
+    tokio::spawn(crate::replicas::lease::run(
+        registry.clone(),
+        proxies,
+        cfg.endpoint_lease,
+        cfg.replica_id.clone(),
+        advertise,
+        leader.clone(),
+    ));
     let webhook_listener = match cfg.webhook_addr {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -329,6 +363,7 @@ pub async fn run(
         .add_service(discovery)
         .add_service(identity_svc)
         .add_service(telemetry_svc)
+        .add_service(replicas_svc)
         .serve_with_incoming_shutdown(
             crate::ca::tls::incoming(grpc_listener, rotation.tls.grpc.clone()),
             wait(stop_rx.clone()),

@@ -635,7 +635,7 @@ async fn dashboard_shows_the_live_topology_in_a_browser() -> anyhow::Result<()> 
             |v| {
                 v.as_str()
                     .and_then(|s| serde_json::from_str::<Vec<Vec<String>>>(s).ok())
-                    .is_some_and(|rows| rows.len() == 3 && rows.iter().all(|r| r.len() == 6 && r[5].contains("(in ")))
+                    .is_some_and(|rows| rows.len() == 3 && rows.iter().all(|r| r.len() == 7 && r[5].contains("(in ")))
             },
         )
         .await?;

@@ -529,3 +529,284 @@ async fn etcd_contents_without_namespaces_upgrade_in_place() -> anyhow::Result<(
     assert!(!keys.iter().any(|k| k == "routes/backend"), "{keys:?}");
     Ok(())
 }
+
+/// `meshctl -o json <args>` against `replica`, parsed.
+async fn json_of(replica: &Mesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let out = replica.meshctl(&all).await?;
+    serde_json::from_str(&out).with_context(|| out.clone())
+}
+
+/// The `top` rows of `replica` over the last minute: (service, version) → requests.
+async fn top_rows(
+    replica: &Mesh,
+) -> anyhow::Result<(
+    std::collections::BTreeMap<(String, String), u64>,
+    serde_json::Value,
+)> {
+    let t = json_of(replica, &["top", "--window", "60s"]).await?;
+    let rows = t["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                (
+                    r["service"].as_str().unwrap_or("").to_string(),
+                    r["version"].as_str().unwrap_or("").to_string(),
+                ),
+                r["requests"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok((rows, t))
+}
+
+/// Issue 28 item 4: two replicas on one etcd, the proxies split between them (backend v1 and
+/// v2 and the caller `web` on A, the caller `batch` on B). Whichever replica is asked, `top`
+/// counts both callers' requests exactly, `proxies` lists all four with the replica each is
+/// connected to, `tap` through A shows the requests `batch` sends through B, the dashboard in
+/// headless Chromium draws both callers' edges and all four proxies, and the canary gate on
+/// the leader rolls back a failing v2 whose only traffic comes from a proxy connected to the
+/// other replica. With B killed, A's answers name B as unreachable instead of passing a part
+/// for the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_sees_the_whole_mesh() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    if let Some(why) = mesh_tests::etcd::missing() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(None, "127.0.0.1", dir.path()).await?;
+    let ca = shared_ca(dir.path())?;
+    let mut a = Mesh::replica(&etcd.url(), &ca, "a", &[]).await?;
+    let mut b = Mesh::replica(&etcd.url(), &ca, "b", &[]).await?;
+    a.workload_app("backend", "v1").await?;
+    let (v2_app, _) = a.workload_app("backend", "v2").await?;
+    let web = a.client("web").await?;
+    let batch = b.client("batch").await?;
+    a.wait_endpoints("backend", 2).await?;
+    b.wait_endpoints("backend", 2).await?;
+    let (web_http, batch_http) = (h1_client(web.outbound), h1_client(batch.outbound));
+    // Each caller subscribes to backend with its first request.
+    for http in [&web_http, &batch_http] {
+        assert_eq!(get(http, "http://backend/").await?.status, 200);
+    }
+    set_weights(&a, web.admin, 100, 0, Duration::from_secs(10)).await?;
+    let want = vec![("v1".to_string(), 100), ("v2".to_string(), 0)];
+    wait_config(batch.admin, Duration::from_secs(10), |d| {
+        route_in_dump(d, "backend") == want
+    })
+    .await?;
+
+    // top: 2 + 30 requests through A's proxy, 1 + 50 through B's (the first ones above, to
+    // either version), counted once each on both replicas.
+    for (http, n) in [(&web_http, 30), (&batch_http, 50)] {
+        let rs = load(http, n, 4, |_| get_req("http://backend/")).await;
+        assert!(rs.iter().all(|r| matches!(r, Ok((200, _, _)))), "{rs:?}");
+    }
+    let want = 82;
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (rows, raw) = top_rows(replica).await?;
+            let got: u64 = rows
+                .iter()
+                .filter(|((s, _), _)| s == "backend.default")
+                .map(|(_, n)| n)
+                .sum();
+            anyhow::ensure!(got <= want, "replica {name} counted {got} > {want}: {raw}");
+            if got == want {
+                assert_eq!(raw["unreachable_replicas"], serde_json::json!([]), "{raw}");
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "replica {name}'s top never counted both callers' {want} requests: {raw}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // proxies: all four from either replica, each with the replica it is connected to.
+    for replica in [&a, &b] {
+        let p = json_of(replica, &["proxies"]).await?;
+        let mut seen: Vec<(String, String)> = p["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["identity"]
+                        .as_str()
+                        .unwrap_or("")
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                        + " "
+                        + p["version_label"].as_str().unwrap_or(""),
+                    p["replica"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("backend v1".to_string(), "a".to_string()),
+                ("backend v2".into(), "a".into()),
+                ("batch ".into(), "b".into()),
+                ("web ".into(), "a".into()),
+            ],
+            "{p}"
+        );
+    }
+
+    // tap through A sees what batch (on B) sends, outbound at batch and inbound at backend.
+    let mut tap = a.meshctl_spawn(&[
+        "-o",
+        "json",
+        "tap",
+        "backend",
+        "--max",
+        "2",
+        "--duration",
+        "20s",
+    ])?;
+    if let Err(e) = wait_config(batch.admin, Duration::from_secs(10), |d| {
+        d["tapped_services"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s == "backend"))
+    })
+    .await
+    {
+        a.dump_logs();
+        b.dump_logs();
+        return Err(e);
+    }
+    assert_eq!(get(&batch_http, "http://backend/from-b").await?.status, 200);
+    let stdout = tap.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(l) = lines.next_line().await? {
+            events.push(serde_json::from_str::<serde_json::Value>(&l)?);
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    let mut seen: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["direction"].as_str().unwrap_or("").to_string(),
+                e["path"].as_str().unwrap_or("").to_string(),
+                e["src_identity"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let src = "spiffe://mesh.local/ns/default/sa/batch".to_string();
+    assert_eq!(
+        seen,
+        [
+            ("inbound".into(), "/from-b".into(), src.clone()),
+            ("outbound".into(), "/from-b".into(), src),
+        ],
+        "{events:?}"
+    );
+
+    // The dashboard of either replica: both callers' edges, four proxies on two replicas.
+    let mut browser = mesh_tests::browser::Browser::launch().await?;
+    browser.navigate(&format!("http://{}/", b.http)).await?;
+    let edges_js = "JSON.stringify([...document.querySelectorAll('#edges .edge')].map(e => e.dataset.from + ' -> ' + e.dataset.to).sort())";
+    browser
+        .wait_for(edges_js, Duration::from_secs(15), |v| {
+            v.as_str().is_some_and(|s| {
+                s.contains("web.default -> backend.default v1")
+                    && s.contains("batch.default -> backend.default v1")
+            })
+        })
+        .await?;
+    let rows = browser
+        .wait_for(
+            "JSON.stringify([...document.querySelectorAll('#proxies tbody tr')].map(r => r.cells[6] && r.cells[6].textContent).sort())",
+            Duration::from_secs(10),
+            |v| v.as_str() == Some(r#"["a","a","a","b"]"#),
+        )
+        .await?;
+    eprintln!("dashboard proxies by replica: {rows}");
+    assert_eq!(browser.errors(), [] as [String; 0], "console errors");
+
+    // The canary gate on the leader judges traffic reported to the other replica: v2 fails
+    // half its requests and only the caller on the follower sends any.
+    let leader = one_leader(&[&a, &b], Duration::from_secs(10)).await?;
+    let follower_http = if leader == 0 {
+        batch_http.clone()
+    } else {
+        web_http.clone()
+    };
+    admin_get(v2_app, "/admin/sick/50").await?;
+    let load = Load::start(follower_http, 100);
+    a.meshctl(&[
+        "canary",
+        "start",
+        "backend",
+        "--to",
+        "v2",
+        "--max-error-rate",
+        "5%",
+        "--steps",
+        "50,100",
+        "--interval",
+        "3s",
+        "--min-requests",
+        "10",
+    ])
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = json_of(&b, &["canary", "status", "backend"]).await?;
+        if s["state"] != "running" {
+            break s;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the leader ({}) never judged the follower's traffic: {s}",
+            ["a", "b"][leader]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    load.finish().await?;
+    assert_eq!(status["state"], "rolled-back", "{status}");
+    assert!(
+        status["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("error rate")),
+        "{status}"
+    );
+
+    // B gone: A says so rather than answer for the whole mesh with half of it.
+    b.kill_control_plane().await;
+    let (_, raw) = top_rows(&a).await?;
+    assert_eq!(
+        raw["unreachable_replicas"],
+        serde_json::json!(["b"]),
+        "{raw}"
+    );
+    let out = std::process::Command::new(bin_dir().join("meshctl"))
+        .args(["--server", &format!("https://{}", a.admin_addr)])
+        .arg("--data-dir")
+        .arg(a.data_dir())
+        .arg("proxies")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("replica b did not answer"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -241,6 +241,60 @@ async fn ca_checks_credentials_and_csrs() -> anyhow::Result<()> {
         .await
         .expect_err("no admin token");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    // Replicas trust each other by the control plane's identity: no workload is issued it,
+    // and the replicas' API on the proxies' port refuses workloads and anonymous callers.
+    let cp_id = "spiffe://mesh.local/ns/mesh-system/sa/mesh-control-plane";
+    let cp_token =
+        meshctl::client::bootstrap_token(&mut mesh.admin, "mesh-system/mesh-control-plane", 0)
+            .await?;
+    let e = id
+        .certify(pb::CertifyRequest {
+            csr_pem: csr(cp_id)?.1,
+            token: cp_token,
+        })
+        .await
+        .expect_err("the control plane's identity");
+    assert!(e.message().contains("reserved"), "{}", e.message());
+    let (key, pem) = csr("spiffe://mesh.local/ns/default/sa/web")?;
+    let web_token = mesh.token("web").await?;
+    let signed = id
+        .certify(pb::CertifyRequest {
+            csr_pem: pem,
+            token: web_token,
+        })
+        .await?
+        .into_inner();
+    let replicas = |identity: Option<tonic::transport::Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(mesh.ca_pem().unwrap_or_default()))
+            .domain_name("mesh-control-plane");
+        if let Some(i) = identity {
+            tls = tls.identity(i);
+        }
+        let grpc = mesh.grpc;
+        async move {
+            let ch = Endpoint::from_shared(format!("https://{grpc}"))?
+                .tls_config(tls)?
+                .connect()
+                .await?;
+            anyhow::Ok(pb::replicas_client::ReplicasClient::new(ch))
+        }
+    };
+    let web = tonic::transport::Identity::from_pem(signed.cert_chain_pem, key.serialize_pem());
+    let e = replicas(Some(web))
+        .await?
+        .windows(pb::WindowsRequest::default())
+        .await
+        .expect_err("a workload asking for the replicas' telemetry");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("not a control-plane replica"), "{e}");
+    let e = replicas(None)
+        .await?
+        .proxies(pb::ListProxiesRequest {})
+        .await
+        .expect_err("an anonymous caller");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
     Ok(())
 }
 

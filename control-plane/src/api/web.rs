@@ -114,7 +114,7 @@ impl Web {
             "/api/dashboard" => reply(
                 StatusCode::OK,
                 "application/json",
-                self.dashboard.snapshot().to_string(),
+                self.dashboard.snapshot().await.to_string(),
             ),
             _ => reply(
                 StatusCode::NOT_FOUND,

@@ -83,6 +83,11 @@ struct Args {
     /// This replica's name on a shared store (default: host name and process id).
     #[arg(long, env = "MESH_REPLICA_ID")]
     replica_id: Option<String>,
+    /// `host:port` where the other replicas on a shared store reach this one's --grpc-addr
+    /// (for top, tap, proxies, the dashboard and canary gates across replicas). Default:
+    /// --grpc-addr when it names one address; on Kubernetes, `$(POD_IP):15010`.
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Seconds a leader's lease lasts (etcd, or the Kubernetes Lease): how soon another
     /// replica takes over singleton work (the canary controller, the endpoint-lease sweeper)
     /// after the leader is lost.
@@ -150,6 +155,7 @@ async fn main() -> std::process::ExitCode {
         inject: a.inject.config(),
         store: (a.store != "file").then_some(a.store),
         replica_id: a.replica_id.unwrap_or_else(default_replica_id),
+        advertise_addr: a.advertise_addr,
         leader_lease: std::time::Duration::from_secs(a.leader_lease_secs.max(3)),
         namespace: a.namespace,
         admin_token_file: a.admin_token_file,

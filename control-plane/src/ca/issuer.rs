@@ -159,6 +159,12 @@ impl CertificateAuthority {
                 self.trust_domain
             )));
         }
+        if self.control_plane_identity().is_ok_and(|cp| cp == id) {
+            // Replicas trust each other by this identity (`replicas::peers`).
+            return Err(CaError::BadSans(format!(
+                "{id} is reserved for the control plane"
+            )));
+        }
         Ok((csr, id))
     }
 
@@ -202,6 +208,13 @@ impl CertificateAuthority {
         })
     }
 
+    /// The control plane's own identity: in its serving certificate and the one replicas
+    /// present to each other. No workload is issued it.
+    pub fn control_plane_identity(&self) -> Result<SpiffeId, CaError> {
+        SpiffeId::new(&self.trust_domain, "mesh-system", "mesh-control-plane")
+            .map_err(|e| CaError::BadSans(e.to_string()))
+    }
+
     /// A key and certificate for a server of the control plane itself (its gRPC ports), with the
     /// control plane's SPIFFE identity plus DNS names / IPs clients dial.
     pub fn issue_server_cert(
@@ -212,8 +225,7 @@ impl CertificateAuthority {
     ) -> Result<IssuedKeyPair, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CaError::Signing(e.to_string()))?;
-        let id = SpiffeId::new(&self.trust_domain, "mesh-system", "mesh-control-plane")
-            .map_err(|e| CaError::BadSans(e.to_string()))?;
+        let id = self.control_plane_identity()?;
         let mut sans =
             vec![SanType::URI(id.to_string().try_into().map_err(
                 |e: rcgen::Error| CaError::BadSans(e.to_string()),
@@ -311,6 +323,12 @@ mod tests {
         assert!(matches!(
             ca.sign_csr("garbage", &me),
             Err(CaError::MalformedCsr(_))
+        ));
+        // Not even for a caller allowed it: replicas trust each other by it.
+        let cp = ca.control_plane_identity().unwrap();
+        assert!(matches!(
+            ca.sign_csr(&csr_for(&cp.to_string()), &cp),
+            Err(CaError::BadSans(m)) if m.contains("reserved")
         ));
     }
 

@@ -60,6 +60,93 @@ impl Window {
 
 type Key = (String, String);
 
+impl Window {
+    /// Adds another window's counts (windows from several proxies or replicas merge exactly:
+    /// the buckets are counts, not quantiles).
+    pub fn merge(&mut self, w: &Window) {
+        self.requests += w.requests;
+        self.failures += w.failures;
+        for (a, b) in self.latency.iter_mut().zip(w.latency.iter()) {
+            *a += b;
+        }
+    }
+}
+
+/// Traffic per (caller, service, version) over a window, from one replica's store or merged
+/// from several.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Edges(BTreeMap<(Source, String, String), Window>);
+
+impl Edges {
+    pub fn add(&mut self, source: Source, service: &str, version: &str, w: &Window) {
+        self.0
+            .entry((source, service.to_string(), version.to_string()))
+            .or_default()
+            .merge(w);
+    }
+
+    /// Each edge: (caller, service, version, window), sorted.
+    pub fn iter(&self) -> impl Iterator<Item = (&Source, &str, &str, &Window)> {
+        self.0
+            .iter()
+            .map(|((src, s, v), w)| (src, s.as_str(), v.as_str(), w))
+    }
+
+    /// Every (service, version) with requests, whoever called, sorted.
+    pub fn by_version(&self) -> Vec<(String, String, Window)> {
+        let mut out: BTreeMap<(&str, &str), Window> = BTreeMap::new();
+        for (_, s, v, w) in self.iter() {
+            out.entry((s, v)).or_default().merge(w);
+        }
+        out.into_iter()
+            .filter(|(_, w)| w.requests > 0)
+            .map(|((s, v), w)| (s.to_string(), v.to_string(), w))
+            .collect()
+    }
+
+    /// Everything `service`/`version` received.
+    pub fn window(&self, service: &str, version: &str) -> Window {
+        let mut out = Window::default();
+        for (_, _, _, w) in self
+            .iter()
+            .filter(|(_, s, v, _)| *s == service && *v == version)
+        {
+            out.merge(w);
+        }
+        out
+    }
+
+    pub fn to_proto(&self) -> Vec<pb::EdgeWindow> {
+        self.iter()
+            .map(|((ss, sv), s, v, w)| pb::EdgeWindow {
+                source_service: ss.clone(),
+                source_version: sv.clone(),
+                service: s.to_string(),
+                version: v.to_string(),
+                requests: w.requests,
+                failures: w.failures,
+                latency_buckets: w.latency.to_vec(),
+            })
+            .collect()
+    }
+
+    /// Adds a peer replica's windows.
+    pub fn add_proto(&mut self, windows: &[pb::EdgeWindow]) {
+        for e in windows {
+            let mut w = Window {
+                requests: e.requests,
+                failures: e.failures.min(e.requests),
+                ..Window::default()
+            };
+            for (a, b) in w.latency.iter_mut().zip(&e.latency_buckets) {
+                *a = *b;
+            }
+            let src = (e.source_service.clone(), e.source_version.clone());
+            self.add(src, &e.service, &e.version, &w);
+        }
+    }
+}
+
 /// A calling workload: its service and version (the dashboard's edge source).
 pub type Source = (String, String);
 
@@ -101,45 +188,21 @@ impl TelemetryStore {
         }
     }
 
-    /// Every (service, version) with reports at or after `since_ms`, with its window.
-    pub fn all(&self, since_ms: i64) -> Vec<(String, String, Window)> {
-        let keys: Vec<Key> = match self.samples.lock() {
-            Ok(m) => m.keys().cloned().collect(),
-            Err(_) => return Vec::new(),
-        };
-        let mut out: Vec<(String, String, Window)> = keys
-            .into_iter()
-            .map(|(s, v)| {
-                let w = self.window(&s, &v, since_ms);
-                (s, v, w)
-            })
-            .filter(|(_, _, w)| w.requests > 0)
-            .collect();
-        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        out
-    }
-
     /// Traffic at or after `since_ms` per (caller, service, version): the topology's edges.
-    pub fn edges(&self, since_ms: i64) -> Vec<(Source, String, String, Window)> {
+    /// `only`: one service (absolute name), and one version of it if given.
+    pub fn edges(&self, since_ms: i64, only: Option<(&str, Option<&str>)>) -> Edges {
+        let mut out = Edges::default();
         let Ok(m) = self.samples.lock() else {
-            return Vec::new();
+            return out;
         };
-        let mut out: BTreeMap<(Source, String, String), Window> = BTreeMap::new();
-        for ((service, version), q) in m.iter() {
+        let wanted =
+            |(s, v): &Key| only.is_none_or(|(os, ov)| os == s && ov.is_none_or(|ov| ov == v));
+        for ((service, version), q) in m.iter().filter(|(k, _)| wanted(k)) {
             for (_, src, w) in q.iter().filter(|(t, _, _)| *t >= since_ms) {
-                let e = out
-                    .entry(((**src).clone(), service.clone(), version.clone()))
-                    .or_default();
-                e.requests += w.requests;
-                e.failures += w.failures;
-                for (a, b) in e.latency.iter_mut().zip(w.latency.iter()) {
-                    *a += b;
-                }
+                out.add((**src).clone(), service, version, w);
             }
         }
-        out.into_iter()
-            .map(|((s, v, ver), w)| (s, v, ver, w))
-            .collect()
+        out
     }
 
     pub fn set_cert_expiry(&self, node: &str, unix: i64) {
@@ -151,28 +214,6 @@ impl TelemetryStore {
     /// The certificate expiry `node` last reported, unix seconds.
     pub fn cert_expiry(&self, node: &str) -> Option<i64> {
         self.cert_expiry.lock().ok()?.get(node).copied()
-    }
-
-    /// Everything reported for `service`/`version` at or after `since_ms`.
-    pub fn window(&self, service: &str, version: &str, since_ms: i64) -> Window {
-        let mut out = Window::default();
-        let Ok(m) = self.samples.lock() else {
-            return out;
-        };
-        let key = (service.to_string(), version.to_string());
-        for (_, _, w) in m
-            .get(&key)
-            .into_iter()
-            .flatten()
-            .filter(|(t, _, _)| *t >= since_ms)
-        {
-            out.requests += w.requests;
-            out.failures += w.failures;
-            for (a, b) in out.latency.iter_mut().zip(w.latency.iter()) {
-                *a += b;
-            }
-        }
-        out
     }
 }
 
@@ -277,27 +318,41 @@ mod tests {
         );
         s.record(&b, 1_000, &front);
         s.record(&b, 2_000, &batch);
-        let w = s.window("web", "v2", 1_500);
+        let w = s.edges(1_500, None).window("web", "v2");
         assert_eq!((w.requests, w.failures), (100, 5));
         assert_eq!(w.error_percent(), 5.0);
         assert_eq!(w.p99_ms(), Some(250));
         assert_eq!(w.quantile_ms(50), Some(10));
-        assert_eq!(s.all(0).len(), 1);
-        assert_eq!(s.window("web", "v2", 0).requests, 200);
-        assert_eq!(s.window("web", "v1", 0), Window::default());
+        let all = s.edges(0, None);
+        assert_eq!(all.by_version().len(), 1);
+        assert_eq!(all.window("web", "v2").requests, 200);
+        assert_eq!(all.window("web", "v1"), Window::default());
+        assert_eq!(s.edges(0, Some(("web", Some("v1")))), Edges::default());
+        assert_eq!(s.edges(0, Some(("web", None))), all);
         // Edges keep the callers apart; the window drops the older one.
-        let edges: Vec<_> = s
-            .edges(0)
-            .into_iter()
-            .map(|(src, svc, v, w)| (src.0, svc, v, w.requests))
+        let edges: Vec<_> = all
+            .iter()
+            .map(|(src, svc, v, w)| (src.0.as_str(), svc, v, w.requests))
             .collect();
         assert_eq!(
             edges,
-            [
-                ("batch".into(), "web".into(), "v2".into(), 100),
-                ("front".into(), "web".into(), "v2".into(), 100)
-            ]
+            [("batch", "web", "v2", 100), ("front", "web", "v2", 100)]
         );
-        assert_eq!(s.edges(1_500).len(), 1);
+        assert_eq!(s.edges(1_500, None).iter().count(), 1);
+        // A peer's windows, through the wire form, merge exactly: counts add, the p99 is that
+        // of all the requests.
+        let mut merged = s.edges(1_500, None);
+        let mut slow = pb::BackendStats {
+            latency_buckets: vec![0; BUCKETS],
+            ..b.clone()
+        };
+        slow.latency_buckets[9] = 100; // < 1 s
+        let peer = TelemetryStore::default();
+        peer.record(&slow, 2_000, &front);
+        merged.add_proto(&peer.edges(0, None).to_proto());
+        let w = merged.window("web", "v2");
+        assert_eq!((w.requests, w.failures), (200, 10));
+        assert_eq!(w.p99_ms(), Some(1000));
+        assert_eq!(w.quantile_ms(50), Some(250));
     }
 }

@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Removes endpoints whose proxies stayed away longer than `lease`; runs until the process ends.
-/// `replica` names this control plane in the presence records of a shared store.
+/// `replica` names this control plane in the presence records of a shared store, `address`
+/// is where the other replicas reach it.
 pub async fn run(
     registry: Arc<Registry>,
     proxies: Arc<ProxyTable>,
     lease: Duration,
     replica: String,
+    address: String,
     leader: Leadership,
 ) {
     let mut tick = tokio::time::interval(
@@ -49,6 +51,7 @@ pub async fn run(
                 let rec = PresenceRecord {
                     nodes: local.clone(),
                     at_unix_ms: crate::observe::telemetry::now_ms(),
+                    address: address.clone(),
                 };
                 match registry.set_presence(&replica, Some(rec)).await {
                     Ok(_) => published = Some((local.clone(), now)),

@@ -1,4 +1,7 @@
-//! Several replicas on a shared store: leadership for singleton work and endpoint leases.
+//! Several replicas on a shared store: leadership for singleton work, endpoint leases, and
+//! one view of the mesh whichever replica is asked.
 
 pub mod leader;
 pub mod lease;
+pub mod peers;
+pub mod view;

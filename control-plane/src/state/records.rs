@@ -118,11 +118,16 @@ pub struct CanaryRecord {
 }
 
 /// Which proxies one control-plane replica has connected, refreshed while it lives (shared
-/// stores only): the endpoint-lease sweeper runs on one replica and must know them all.
+/// stores only): the endpoint-lease sweeper runs on one replica and must know them all, and
+/// the other replicas find it at `address` to ask for its proxies' telemetry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct PresenceRecord {
     pub nodes: Vec<String>,
     pub at_unix_ms: i64,
+    /// `host:port` of its proxies' port, where the other replicas reach it (empty: they
+    /// cannot).
+    #[serde(default)]
+    pub address: String,
 }
 
 /// A revoked grant (`ca::grant`): a bootstrap token (`token:<id>`) or an identity

@@ -72,12 +72,22 @@ fn qualified<T: NamesService>(req: Request<T>) -> T {
 pub struct AdminService {
     pub registry: Arc<Registry>,
     pub proxies: Arc<ProxyTable>,
-    /// The proxies' reported metrics (canary status shows the current step's).
-    pub telemetry: Arc<crate::observe::telemetry::TelemetryStore>,
-    /// Relays proxies' tap events to `Tap` callers.
-    pub tap: Arc<crate::observe::tap::TapHub>,
+    /// Every replica's proxies, their telemetry and tap events (canary status shows the
+    /// current step's).
+    pub view: Arc<crate::replicas::view::MeshView>,
     /// The CA and what follows its root changes.
     pub rotation: Arc<crate::ca::rotation::Rotation>,
+}
+
+impl AdminService {
+    /// A canary's info with what its current step has seen on every replica.
+    async fn canary_info(&self, rec: &crate::state::records::CanaryRecord) -> pb::CanaryInfo {
+        let (edges, _) = self
+            .view
+            .edges(rec.step_started_ms, Some((&rec.service, Some(&rec.to))))
+            .await;
+        crate::rollout::info(rec, &edges.window(&rec.service, &rec.to))
+    }
 }
 
 /// A service's authorization as its proxies apply it, for get/set answers.
@@ -228,9 +238,9 @@ impl pb::admin_server::Admin for AdminService {
             s => s.min(300),
         };
         let since = crate::observe::telemetry::now_ms() - i64::from(secs) * 1000;
-        let rows = self
-            .telemetry
-            .all(since)
+        let (edges, unreachable_replicas) = self.view.edges(since, None).await;
+        let rows = edges
+            .by_version()
             .into_iter()
             .map(|(service, version, w)| pb::TopRow {
                 service,
@@ -245,11 +255,11 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::TopResponse {
             window_seconds: secs,
             rows,
+            unreachable_replicas,
         }))
     }
 
-    type TapStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TapEvent, Status>> + Send>>;
+    type TapStream = crate::replicas::view::TapStream;
 
     async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
         let r = qualified(req);
@@ -259,49 +269,7 @@ impl pb::admin_server::Admin for AdminService {
                 r.service
             )));
         }
-        let (guard, mut events) = self.tap.open(&r.service);
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let max = if r.max_events == 0 {
-            u64::MAX
-        } else {
-            u64::from(r.max_events)
-        };
-        let until = (r.duration_ms > 0)
-            .then(|| tokio::time::Instant::now() + std::time::Duration::from_millis(r.duration_ms));
-        tokio::spawn(async move {
-            let _guard = guard;
-            let deadline = async {
-                match until {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(deadline);
-            let mut sent = 0u64;
-            while sent < max {
-                let e = tokio::select! {
-                    e = events.recv() => e,
-                    _ = &mut deadline => break,
-                    _ = tx.closed() => break,
-                };
-                match e {
-                    Ok(e) if e.dst_service == r.service => {
-                        if tx.send(Ok((*e).clone())).await.is_err() {
-                            break;
-                        }
-                        sent += 1;
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(missed = n, "tap client too slow; events skipped");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.view.tap(r).await))
     }
 
     async fn start_canary(
@@ -309,7 +277,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::StartCanaryRequest>,
     ) -> Result<Response<pb::CanaryInfo>, Status> {
         let rec = crate::rollout::start(&self.registry, &qualified(req)).await?;
-        Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
+        Ok(Response::new(self.canary_info(&rec).await))
     }
 
     async fn get_canary(
@@ -317,12 +285,14 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::GetCanaryRequest>,
     ) -> Result<Response<pb::CanaryInfo>, Status> {
         let service = qualified(req).service;
-        let st = self.registry.state();
-        let rec = st
+        let rec = self
+            .registry
+            .state()
             .canaries
             .get(&service)
+            .cloned()
             .ok_or_else(|| Status::not_found(format!("no canary for {service:?}")))?;
-        Ok(Response::new(crate::rollout::info(rec, &self.telemetry)))
+        Ok(Response::new(self.canary_info(&rec).await))
     }
 
     async fn canary_action(
@@ -331,7 +301,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CanaryInfo>, Status> {
         let m = qualified(req);
         let rec = crate::rollout::act(&self.registry, &m.service, &m.action).await?;
-        Ok(Response::new(crate::rollout::info(&rec, &self.telemetry)))
+        Ok(Response::new(self.canary_info(&rec).await))
     }
 
     async fn rollback_route(
@@ -522,24 +492,11 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _: Request<pb::ListProxiesRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
-        let mut proxies: Vec<pb::ProxyInfo> = self
-            .proxies
-            .proxies
-            .iter()
-            .map(|p| pb::ProxyInfo {
-                id: p.node_id.clone(),
-                identity: p.identity.clone(),
-                service: p.service.clone(),
-                version_label: p.version_label.clone(),
-                connected_at_unix: p.connected_at_unix,
-                acked_version: p.acked_version,
-                nacked_version: p.nacked_version,
-                nack_reason: p.nack_reason.clone(),
-                subscriptions: p.subscriptions.clone(),
-            })
-            .collect();
-        proxies.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+        let (proxies, unreachable_replicas) = self.view.proxies().await;
+        Ok(Response::new(pb::ListProxiesResponse {
+            proxies,
+            unreachable_replicas,
+        }))
     }
 
     async fn create_token(

@@ -3,8 +3,8 @@
 //! versions, edges = traffic from the proxies' telemetry), golden metrics per service version,
 //! connected proxies and canaries.
 
-use crate::discovery::ProxyTable;
-use crate::observe::telemetry::{TelemetryStore, Window, now_ms};
+use crate::observe::telemetry::{Window, now_ms};
+use crate::replicas::view::MeshView;
 use crate::state::registry::Registry;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -19,8 +19,8 @@ pub const WINDOW_SECS: u32 = 10;
 /// What the dashboard reads.
 pub struct Dashboard {
     pub registry: Arc<Registry>,
-    pub proxies: Arc<ProxyTable>,
-    pub telemetry: Arc<TelemetryStore>,
+    /// Every replica's proxies and telemetry.
+    pub view: Arc<MeshView>,
 }
 
 fn node_id(service: &str, version: &str) -> String {
@@ -42,9 +42,14 @@ fn figures(w: &Window) -> Value {
 }
 
 impl Dashboard {
-    /// Everything the page shows, now.
-    pub fn snapshot(&self) -> Value {
+    /// Everything the page shows, now, from every replica.
+    pub async fn snapshot(&self) -> Value {
         let since = now_ms() - i64::from(WINDOW_SECS) * 1000;
+        let (edges, mut unreachable) = self.view.edges(since, None).await;
+        let (proxies, missing) = self.view.proxies().await;
+        unreachable.extend(missing);
+        unreachable.sort();
+        unreachable.dedup();
         let state = self.registry.state();
         let mut nodes: BTreeSet<(String, String)> = BTreeSet::new();
         for (svc, eps) in &state.endpoints {
@@ -53,22 +58,8 @@ impl Dashboard {
                 nodes.insert((svc.clone(), v));
             }
         }
-        let edges: Vec<Value> = self
-            .telemetry
-            .edges(since)
-            .into_iter()
-            .map(|((src_svc, src_ver), svc, ver, w)| {
-                nodes.insert((src_svc.clone(), src_ver.clone()));
-                nodes.insert((svc.clone(), ver.clone()));
-                let mut e = figures(&w);
-                e["from"] = node_id(&src_svc, &src_ver).into();
-                e["to"] = node_id(&svc, &ver).into();
-                e
-            })
-            .collect();
-        let services: Vec<Value> = self
-            .telemetry
-            .all(since)
+        let services: Vec<Value> = edges
+            .by_version()
             .into_iter()
             .map(|(svc, ver, w)| {
                 let mut r = figures(&w);
@@ -77,29 +68,39 @@ impl Dashboard {
                 r
             })
             .collect();
-        let mut proxies: Vec<Value> = self
-            .proxies
-            .proxies
+        let edges: Vec<Value> = edges
+            .iter()
+            .map(|((src_svc, src_ver), svc, ver, w)| {
+                nodes.insert((src_svc.clone(), src_ver.clone()));
+                nodes.insert((svc.to_string(), ver.to_string()));
+                let mut e = figures(w);
+                e["from"] = node_id(src_svc, src_ver).into();
+                e["to"] = node_id(svc, ver).into();
+                e
+            })
+            .collect();
+        let proxies: Vec<Value> = proxies
             .iter()
             .map(|p| {
                 json!({
-                    "node_id": p.node_id,
+                    "node_id": p.id,
                     "identity": p.identity,
                     "service": p.service,
                     "version": p.version_label,
+                    "replica": p.replica,
                     "config_version": p.acked_version,
                     "nacked_version": p.nacked_version,
                     "nack_reason": p.nack_reason,
-                    "cert_expires_unix": self.telemetry.cert_expiry(&p.node_id),
+                    "cert_expires_unix": (p.cert_expires_unix > 0).then_some(p.cert_expires_unix),
                 })
             })
             .collect();
-        proxies.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
+        // The page shows no step figures, so no window is fetched for them.
         let canaries: Vec<Value> = state
             .canaries
             .values()
             .map(|c| {
-                let i = crate::rollout::info(c, &self.telemetry);
+                let i = crate::rollout::info(c, &Window::default());
                 json!({
                     "service": i.service, "from": i.from, "to": i.to, "state": i.state,
                     "weight": i.weight, "steps": i.steps, "reason": i.reason,
@@ -114,6 +115,7 @@ impl Dashboard {
             "services": services,
             "proxies": proxies,
             "canaries": canaries,
+            "unreachable_replicas": unreachable,
         })
     }
 }
