@@ -1433,3 +1433,105 @@ async fn top_and_prometheus_count_latency_to_the_end_of_the_answer() -> anyhow::
     assert!((250.0..=500.0).contains(&p50), "Prometheus p50 {p50} ms");
     Ok(())
 }
+
+/// Issue 28 item 1, body sizes: `istio_request_bytes` and `istio_response_bytes`, read by a
+/// real Prometheus, on both sides of the hop. curl sends bodies to a Node app with a
+/// Content-Length (size known from the head) and chunked (counted as it streams, and again
+/// by the app's sidecar, which receives it as an HTTP/2 stream without a length); the app
+/// answers each with its size in digits, and `/bytes/3000` with 3,000 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_byte_histograms_count_request_and_response_bodies() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let node = peers::node_app(&mut mesh).await?;
+    let app_side = mesh.front("nodeapp", node, &[]).await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("nodeapp", 1).await?;
+    let prom = peers::prometheus(&mut mesh, &[c.admin, app_side.admin]).await?;
+    let proxy = format!("http://{}", c.outbound);
+    let (small, big) = (
+        mesh.dir.path().join("5000.bin"),
+        mesh.dir.path().join("20000.bin"),
+    );
+    std::fs::write(&small, vec![b'x'; 5000])?;
+    std::fs::write(&big, vec![b'y'; 20_000])?;
+    let (small, big) = (
+        format!("@{}", small.display()),
+        format!("@{}", big.display()),
+    );
+    for _ in 0..3 {
+        let (status, body) =
+            peers::curl(&["-x", &proxy, "--data-binary", &small, "http://nodeapp/sink"]).await?;
+        assert_eq!((status, body.as_str()), (200, "5000"));
+    }
+    for _ in 0..2 {
+        let (status, body) = peers::curl(&[
+            "-x",
+            &proxy,
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &big,
+            "http://nodeapp/sink",
+        ])
+        .await?;
+        assert_eq!((status, body.as_str()), (200, "20000"));
+        let (status, body) = peers::curl(&["-x", &proxy, "http://nodeapp/bytes/3000"]).await?;
+        assert_eq!((status, body.len()), (200, 3000));
+    }
+    for reporter in ["source", "destination"] {
+        let sel = format!(r#"reporter="{reporter}",destination_service_name="nodeapp""#);
+        let q = |s: &str| format!("sum({s}{{{sel}}})");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while promql(prom, &q("istio_request_bytes_count")).await? != Some(7.0)
+            || promql(prom, &q("istio_response_bytes_count")).await? != Some(7.0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{reporter}: Prometheus never had the 7 requests"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // 3 × 5,000 + 2 × 20,000 request bytes; answers of 4 and 5 digits, and 2 × 3,000.
+        assert_eq!(
+            promql(prom, &q("istio_request_bytes_sum")).await?,
+            Some(55_000.0),
+            "{reporter}"
+        );
+        assert_eq!(
+            promql(prom, &q("istio_response_bytes_sum")).await?,
+            Some(3.0 * 4.0 + 2.0 * 5.0 + 2.0 * 3000.0),
+            "{reporter}"
+        );
+        // prometheus-client writes bounds as floats (`le="1000.0"`).
+        let le = |metric: &str, le: &str| format!(r#"sum({metric}_bucket{{{sel},le="{le}.0"}})"#);
+        // Cumulative: the two GETs have empty bodies (≤ 1 B), the 5,000-byte ones ≤ 10 kB,
+        // the chunked 20,000-byte ones ≤ 100 kB.
+        for (bound, want) in [("1", 2.0), ("1000", 2.0), ("10000", 5.0), ("100000", 7.0)] {
+            assert_eq!(
+                promql(prom, &le("istio_request_bytes", bound)).await?,
+                Some(want),
+                "{reporter}: request bodies ≤ {bound} B"
+            );
+        }
+        for (bound, want) in [("1", 0.0), ("10", 5.0), ("1000", 5.0), ("10000", 7.0)] {
+            assert_eq!(
+                promql(prom, &le("istio_response_bytes", bound)).await?,
+                Some(want),
+                "{reporter}: response bodies ≤ {bound} B"
+            );
+        }
+    }
+    // The mesh's own counter agrees.
+    let m = admin_get(c.admin, "/metrics").await?.text;
+    assert_eq!(
+        samples(
+            &m,
+            "mesh_request_bytes_total",
+            &[],
+            &[("dst_service", "nodeapp")]
+        )?,
+        expect(&[(&[], 55_000.0)]),
+        "{m}"
+    );
+    Ok(())
+}

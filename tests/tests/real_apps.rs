@@ -157,6 +157,40 @@ async fn websocket_and_connect_cross_the_pair() -> anyhow::Result<()> {
         j["xfcc"].is_null(),
         "an opaque stream carries no headers of the proxy"
     );
+    // The tunnel counts in Istio's TCP families at the caller's proxy, as an intercepted
+    // opaque stream does: one stream closed, the request in, the answer (its body and head)
+    // out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let tcp = |m: &str, name: &str| {
+        samples(
+            m,
+            name,
+            &[],
+            &[
+                ("reporter", "source"),
+                ("destination_service_name", "nodeapp"),
+            ],
+        )
+        .map(|s| s.values().sum::<f64>())
+    };
+    loop {
+        let m = admin_get(c.admin, "/metrics").await?.text;
+        if tcp(&m, "istio_tcp_connections_closed_total")? >= 1.0 {
+            assert_eq!(tcp(&m, "istio_tcp_connections_opened_total")?, 1.0, "{m}");
+            assert_eq!(tcp(&m, "istio_tcp_connections_closed_total")?, 1.0, "{m}");
+            assert!(tcp(&m, "istio_tcp_received_bytes_total")? >= 40.0, "{m}");
+            assert!(
+                tcp(&m, "istio_tcp_sent_bytes_total")? > body.len() as f64,
+                "{m}"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel never counted as closed: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A CONNECT to a service the mesh does not know is refused, not passed through.
     let (status, _) = curl(&[
         "-w",

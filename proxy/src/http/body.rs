@@ -100,11 +100,13 @@ impl IdleTimer {
 
 use std::future::Future as _;
 
-/// The app's request body as hyper gave it, ended by an [`IdleTimer`] when its route sets one.
+/// The app's request body as hyper gave it, ended by an [`IdleTimer`] when its route sets one,
+/// and counted when its size was not known from the head (see `Observation::count_request`).
 #[derive(Debug)]
 pub struct Upload {
     inner: Incoming,
     idle: Option<IdleTimer>,
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Upload {
@@ -112,7 +114,14 @@ impl Upload {
         Self {
             inner,
             idle: idle.map(IdleTimer::new),
+            counted: None,
         }
+    }
+
+    /// Adds the body's data bytes to `counter` as they pass.
+    pub fn counting(mut self, counter: Option<Arc<std::sync::atomic::AtomicU64>>) -> Self {
+        self.counted = counter;
+        self
     }
 }
 
@@ -129,6 +138,11 @@ impl Body for Upload {
             Poll::Ready(r) => {
                 if let Some(t) = this.idle.as_mut() {
                     t.touch();
+                }
+                if let (Some(c), Some(Ok(f))) = (&this.counted, &r)
+                    && let Some(d) = f.data_ref()
+                {
+                    c.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
             }

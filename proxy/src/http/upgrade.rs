@@ -136,27 +136,39 @@ pub fn answer(
 }
 
 /// Copies bytes both ways between the caller's upgraded connection, once hyper hands it over
-/// (after the `101` or `2xx` went out), and `other`, until either side closes.
-pub async fn splice<T>(caller: OnUpgrade, mut other: T)
-where
+/// (after the `101` or `2xx` went out), and `other`, until either side closes. An opaque
+/// stream (a CONNECT tunnel) is `counted` in the TCP metrics; an upgraded HTTP request (a
+/// WebSocket) counts as the request it was, as Istio counts it.
+pub async fn splice<T>(
+    caller: OnUpgrade,
+    mut other: T,
+    counted: Option<crate::telemetry::metrics::TcpStream>,
+) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let (mut from_caller, mut to_caller) = (0, 0);
     match caller.await {
         Ok(up) => {
             let mut up = TokioIo::new(up);
             match tokio::io::copy_bidirectional(&mut up, &mut other).await {
-                Ok((a, b)) => tracing::debug!(to_next = a, to_caller = b, "upgraded stream closed"),
+                Ok((a, b)) => {
+                    (from_caller, to_caller) = (a, b);
+                    tracing::debug!(to_next = a, to_caller = b, "upgraded stream closed");
+                }
                 Err(e) => tracing::debug!(error = %e, "upgraded stream ended"),
             }
         }
         Err(e) => tracing::debug!(error = %e, "caller's connection not upgraded"),
+    }
+    if let Some(c) = counted {
+        c.closed(from_caller, to_caller);
     }
 }
 
 /// As [`splice`], with the other side an upgrade still to come from a response.
 pub async fn splice_upgrades(caller: OnUpgrade, next: OnUpgrade) {
     match next.await {
-        Ok(up) => splice(caller, TokioIo::new(up)).await,
+        Ok(up) => splice(caller, TokioIo::new(up), None).await,
         Err(e) => tracing::debug!(error = %e, "next hop's connection not upgraded"),
     }
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// A request body to the app: the caller's, or empty when a bodyless request is replayed.
-pub(super) type AppBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+pub(super) type AppBody =
+    http_body_util::Either<crate::http::body::Upload, http_body_util::Empty<bytes::Bytes>>;
 
 /// A new connection to the app.
 async fn connect_app(addr: SocketAddr) -> Result<TcpStream, ProxyError> {

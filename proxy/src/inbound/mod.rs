@@ -414,16 +414,17 @@ impl Inbound {
         caller: Arc<str>,
         xfcc: Option<HeaderValue>,
         mut req: Request<Incoming>,
-        obs: Observation,
+        mut obs: Observation,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
         if let Some(why) = framing::malformed(&req) {
             return Ok(obs.finish(ProxyError::Malformed(why).to_response(grpc)));
         }
+        let counted = obs.count_request(req.body());
         let resp = match self.admit(&caller, &mut req).await {
             Err(e) => e.to_response(grpc),
             Ok(declared) => match self
-                .forward(xfcc, traceparent(&obs), req, grpc, declared)
+                .forward(xfcc, traceparent(&obs), req, grpc, declared, counted)
                 .await
             {
                 Ok(r) => r,
@@ -461,7 +462,10 @@ impl Inbound {
         let caller = upgrade::prepare(&mut parts, up)?;
         let resp = self
             .h1
-            .upgrade(Request::from_parts(parts, AppBody::Left(body)))
+            .upgrade(Request::from_parts(
+                parts,
+                AppBody::Left(Upload::new(body, None)),
+            ))
             .await?;
         Ok(upgrade::answer(resp, caller, upgrade::Asked::Upgrade))
     }
@@ -473,6 +477,7 @@ impl Inbound {
         req: Request<Incoming>,
         grpc: bool,
         declared: Option<mesh_model::AppProtocol>,
+        counted: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if let Some(tp) = traceparent {
@@ -510,10 +515,12 @@ impl Inbound {
         let mut resp = if h1 {
             let replay =
                 (body.is_end_stream() && idempotent(&parts.method)).then(|| Resend::head(&parts));
+            let body = Upload::new(body, None).counting(counted);
             let req = Request::from_parts(parts, AppBody::Left(body));
             self.h1.request(req, replay).await?.map(RespBody::Left)
         } else {
-            let req = Request::from_parts(parts, ReqBody::Incoming(Upload::new(body, None)));
+            let body = Upload::new(body, None).counting(counted);
+            let req = Request::from_parts(parts, ReqBody::Incoming(body));
             let (req, replay) = Resend::keep(req);
             self.h2.request(req, Some(replay)).await?
         };

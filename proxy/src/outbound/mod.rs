@@ -177,7 +177,8 @@ impl Outbound {
         let mut mirror = routed.mirror(&self.mirrors);
         let idle = routed.policy().0.stream_idle_timeout;
         obs.set_stream_idle(idle);
-        let body = route::request_body(body, idle, mirror.as_deref_mut());
+        let counted = obs.count_request(&body);
+        let body = route::request_body(body, idle, mirror.as_deref_mut(), counted);
         if let Some(m) = mirror.as_mut() {
             m.copy_head(&parts);
         }
@@ -271,18 +272,27 @@ impl Outbound {
             .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {authority:?}: no port")))?;
         let caller = upgrade::take(&mut parts)?;
         let picked = Self::pick_one(svc, &svc.balancer, &svc.policy.lb)?;
+        let identity = picked.answered.identity_or(&svc.identity).clone();
         let opened = self
             .pool
             .dedicated(
                 picked.addr,
-                picked.answered.identity_or(&svc.identity),
+                &identity,
                 Dedicated::Opaque { app_port: port },
                 svc.policy.connect_timeout,
             )
             .await;
         picked.finish(opened.is_ok(), &svc.balancer, svc.policy.outlier.as_ref());
         let io = opened?;
-        tokio::spawn(upgrade::splice(caller, io));
+        // Counted as transparent interception counts an opaque stream.
+        use crate::telemetry::metrics::{TcpStream, metrics};
+        let counted = TcpStream::open(metrics().tcp(
+            Direction::Outbound,
+            &Arc::from(""),
+            &svc.name,
+            &identity,
+        ));
+        tokio::spawn(upgrade::splice(caller, io, Some(counted)));
         Ok(Response::new(crate::http::full("")))
     }
 }

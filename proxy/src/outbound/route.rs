@@ -119,19 +119,22 @@ pub(super) struct Mirror {
 }
 
 /// The body to send, and (when mirrored) the copy a mirror replays once the body is complete.
+/// `counted`: where the request's size is counted when its head did not say.
 pub(super) fn request_body(
     body: hyper::body::Incoming,
     idle: Option<std::time::Duration>,
     mirror: Option<&mut Mirror>,
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) -> ReqBody {
     use http_body::Body as _;
     if body.is_end_stream() {
         return ReqBody::Empty;
     }
+    let upload = Upload::new(body, idle).counting(counted);
     match mirror {
-        None => ReqBody::Incoming(Upload::new(body, idle)),
+        None => ReqBody::Incoming(upload),
         Some(m) => {
-            let kept = ReplayBody::new(Upload::new(body, idle));
+            let kept = ReplayBody::new(upload);
             let primary = kept.replay().map_or(ReqBody::Empty, ReqBody::Replay);
             m.kept = Some(kept);
             primary

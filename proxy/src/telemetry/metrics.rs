@@ -71,7 +71,22 @@ pub struct Outcome {
     /// Index in `REASONS` of the `x-mesh-error` reason, when the proxy answered itself.
     pub error: Option<usize>,
     pub latency: Duration,
+    /// Body bytes of the request and of the answer.
+    pub request_bytes: u64,
     pub response_bytes: u64,
+}
+
+/// Upper bounds of the request and response body size buckets, bytes: powers of ten from 1 B
+/// to 10 MB (then unbounded), the buckets Istio's `istio_request_bytes` and
+/// `istio_response_bytes` distributions were defined with.
+pub const SIZE_BUCKETS: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
+
+/// The size bucket of `n` bytes.
+fn size_bucket(n: u64) -> usize {
+    SIZE_BUCKETS
+        .iter()
+        .position(|b| n <= *b)
+        .unwrap_or(SIZE_BUCKETS.len())
 }
 
 /// The counters of one label set: plain atomics, written by requests, read by scrapes.
@@ -85,7 +100,11 @@ pub struct RequestMetrics {
     /// Cumulative-free bucket counts (bucket i: latency ≤ LATENCY_BUCKETS_MS[i]; last: above).
     pub(super) latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     pub(super) latency_sum_us: AtomicU64,
+    pub(super) request_bytes: AtomicU64,
     pub(super) response_bytes: AtomicU64,
+    /// Requests and answers per body size bucket (`SIZE_BUCKETS`, then one above).
+    pub(super) request_sizes: [AtomicU64; SIZE_BUCKETS.len() + 1],
+    pub(super) response_sizes: [AtomicU64; SIZE_BUCKETS.len() + 1],
     /// Exact status codes (code + 1; 0: free), a few per label set, first come first served;
     /// a code past them is counted by its class only (`standard`).
     pub(super) codes: [AtomicU32; CODE_SLOTS],
@@ -120,7 +139,10 @@ impl RequestMetrics {
         self.latency[bucket].fetch_add(1, Relaxed);
         self.latency_sum_us
             .fetch_add(o.latency.as_micros() as u64, Relaxed);
+        self.request_bytes.fetch_add(o.request_bytes, Relaxed);
         self.response_bytes.fetch_add(o.response_bytes, Relaxed);
+        self.request_sizes[size_bucket(o.request_bytes)].fetch_add(1, Relaxed);
+        self.response_sizes[size_bucket(o.response_bytes)].fetch_add(1, Relaxed);
     }
 
     /// Counts `code` in its slot, taking a free one the first time (no lock: a lost race for a
@@ -175,6 +197,18 @@ impl RequestMetrics {
             self.latency.iter().map(|b| b.load(Relaxed)).collect(),
             self.latency_sum_us.load(Relaxed),
         )
+    }
+
+    /// Per-bucket request and answer size counts (`SIZE_BUCKETS`) with their sums.
+    pub(super) fn sizes(&self) -> [(Vec<u64>, u64); 2] {
+        let load = |b: &[AtomicU64]| b.iter().map(|n| n.load(Relaxed)).collect();
+        [
+            (load(&self.request_sizes), self.request_bytes.load(Relaxed)),
+            (
+                load(&self.response_sizes),
+                self.response_bytes.load(Relaxed),
+            ),
+        ]
     }
 
     /// Whether any answer was a gRPC one.
@@ -493,6 +527,18 @@ mod tests {
         assert_eq!(m.latency[1].load(Relaxed), 1);
         assert_eq!(m.latency[LATENCY_BUCKETS_MS.len()].load(Relaxed), 1);
         assert_eq!(m.response_bytes.load(Relaxed), 10);
+        // Sizes: 0 and 1 B in the 1 B bucket, 10 B in the 10 B one; 11 B is above it.
+        m.record(&Outcome {
+            status: 200,
+            request_bytes: 11,
+            response_bytes: 20_000_000,
+            ..Outcome::default()
+        });
+        let [(req, req_sum), (resp, resp_sum)] = m.sizes();
+        assert_eq!(req, [4, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(req_sum, 11);
+        assert_eq!(resp, [3, 1, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(resp_sum, 20_000_010);
     }
 
     #[test]

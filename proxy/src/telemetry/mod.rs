@@ -25,6 +25,7 @@ use metrics::{Direction, Outcome, RequestMetrics, TargetMetrics};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -113,6 +114,11 @@ pub struct Observation {
     counters: Option<Counters>,
     pub detail: Option<Box<Detail>>,
     stream_idle: Option<std::time::Duration>,
+    /// The request body's size, known from its head (no body; Content-Length, which hyper
+    /// holds the body to).
+    request_bytes: u64,
+    /// Or counted as the body streams (see [`Observation::count_request`]).
+    request_counted: Option<Arc<AtomicU64>>,
 }
 
 impl Observation {
@@ -124,7 +130,26 @@ impl Observation {
             counters,
             detail,
             stream_idle: None,
+            request_bytes: 0,
+            request_counted: None,
         }
+    }
+
+    /// Takes note of the request body's size. Known from the head for most requests (no body,
+    /// or a Content-Length), so nothing is counted per frame; otherwise (chunked, gRPC
+    /// streams) returns the counter its upload adds to.
+    pub fn count_request(&mut self, body: &hyper::body::Incoming) -> Option<Arc<AtomicU64>> {
+        use http_body::Body as _;
+        if body.is_end_stream() {
+            return None;
+        }
+        if let Some(n) = body.size_hint().exact() {
+            self.request_bytes = n;
+            return None;
+        }
+        let c = Arc::new(AtomicU64::new(0));
+        self.request_counted = Some(c.clone());
+        Some(c)
     }
 
     /// The answer's body is ended if it moves nothing for `d` (a route's stream idle timeout).
@@ -158,6 +183,7 @@ impl Observation {
             status: resp.status().as_u16(),
             grpc: grpc_status(h),
             error: h.get(MESH_ERROR).map(|v| reason_index(v.as_bytes())),
+            request_bytes: self.request_bytes,
             ..Outcome::default()
         };
         let grpc = crate::http::is_grpc(h);
@@ -172,6 +198,7 @@ impl Observation {
                 outcome,
                 grpc,
                 endpoint,
+                request_counted: self.request_counted,
                 detail: self.detail,
             }),
         })
@@ -193,12 +220,17 @@ struct Pending {
     grpc: bool,
     /// The endpoint that answered (outbound), whose telemetry counts the same latency.
     endpoint: Option<Arc<crate::balance::state::EndpointState>>,
+    /// The streaming request body's count so far (all of it, unless the answer ended first).
+    request_counted: Option<Arc<AtomicU64>>,
     detail: Option<Box<Detail>>,
 }
 
 impl Pending {
     fn record(mut self) {
         self.outcome.latency = self.start.elapsed();
+        if let Some(c) = &self.request_counted {
+            self.outcome.request_bytes = c.load(std::sync::atomic::Ordering::Relaxed);
+        }
         if self.grpc && self.outcome.grpc.is_none() {
             // The stream ended without a status: the client went away or the peer reset.
             self.outcome.grpc = Some(u16::MAX);

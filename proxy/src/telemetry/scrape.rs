@@ -162,6 +162,14 @@ impl Collector for ProxyCollector {
         }
         counter(
             &mut enc,
+            "mesh_request_bytes",
+            "Request body bytes received from the client",
+            sets.iter()
+                .filter(|(_, r)| r.status.iter().any(|c| load(c) > 0))
+                .map(|(l, r)| (l.clone(), load(&r.request_bytes))),
+        )?;
+        counter(
+            &mut enc,
             "mesh_response_bytes",
             "Response body bytes sent to the client",
             sets.iter()

@@ -12,7 +12,7 @@
 //! (`name.ns.svc.cluster.local`); `response_code` is exact for up to 8 codes per label set,
 //! then the class (`5xx`).
 
-use super::metrics::{Direction, Local, RequestLabels, RequestMetrics, TcpMetrics};
+use super::metrics::{Direction, Local, RequestLabels, RequestMetrics, SIZE_BUCKETS, TcpMetrics};
 use mesh_proto::LATENCY_BUCKETS_MS;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -113,7 +113,8 @@ fn labels(
     ]
 }
 
-/// Encodes `istio_requests_total` and `istio_request_duration_milliseconds` for `sets`.
+/// Encodes `istio_requests_total`, `istio_request_duration_milliseconds`,
+/// `istio_request_bytes` and `istio_response_bytes` for `sets`.
 pub fn encode(
     enc: &mut DescriptorEncoder,
     sets: &[(RequestLabels, Arc<RequestMetrics>)],
@@ -151,34 +152,70 @@ pub fn encode(
             }
         }
     }
-    let mut e = enc.encode_descriptor(
+    {
+        let mut e = enc.encode_descriptor(
         "istio_request_duration_milliseconds",
         "Time from the request to the end of the response, in milliseconds (Istio's standard metric)",
         None,
         MetricType::Histogram,
     )?;
-    for (l, r) in &rows {
-        let (counts, sum_us) = r.latency();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            continue;
+        for (l, r) in &rows {
+            let (counts, sum_us) = r.latency();
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let buckets: Vec<(f64, u64)> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let le = LATENCY_BUCKETS_MS
+                        .get(i)
+                        .map_or(f64::INFINITY, |ms| *ms as f64);
+                    (le, *n)
+                })
+                .collect();
+            e.encode_family(l)?.encode_histogram::<NoLabelSet>(
+                sum_us as f64 / 1000.0,
+                total,
+                &buckets,
+                None,
+            )?;
         }
-        let buckets: Vec<(f64, u64)> = counts
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let le = LATENCY_BUCKETS_MS
-                    .get(i)
-                    .map_or(f64::INFINITY, |ms| *ms as f64);
-                (le, *n)
-            })
-            .collect();
-        e.encode_family(l)?.encode_histogram::<NoLabelSet>(
-            sum_us as f64 / 1000.0,
-            total,
-            &buckets,
-            None,
-        )?;
+    }
+    let sizes: Vec<_> = rows.iter().map(|(l, r)| (l, r.sizes())).collect();
+    for (i, (name, help)) in [
+        (
+            "istio_request_bytes",
+            "Request body sizes, bytes (Istio's standard metric)",
+        ),
+        (
+            "istio_response_bytes",
+            "Response body sizes, bytes (Istio's standard metric)",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (l, per) in &sizes {
+            let (counts, sum) = &per[i];
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let buckets: Vec<(f64, u64)> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (SIZE_BUCKETS.get(i).map_or(f64::INFINITY, |b| *b as f64), *n))
+                .collect();
+            e.encode_family(*l)?.encode_histogram::<NoLabelSet>(
+                *sum as f64,
+                total,
+                &buckets,
+                None,
+            )?;
+        }
     }
     Ok(())
 }
