@@ -1535,3 +1535,152 @@ async fn istio_byte_histograms_count_request_and_response_bodies() -> anyhow::Re
     );
     Ok(())
 }
+
+/// Issue 28 item 2 on Kubernetes: the relabelling of the shipped annotation scrape job
+/// (`deploy/observability/prometheus-kubernetes.yaml`), verbatim, in a real Prometheus, keeps
+/// the pod `meshctl inject` made and scrapes its proxy, and drops a pod without the
+/// annotations. Debian's Prometheus is built without Kubernetes service discovery, so the
+/// job's `kubernetes_sd_configs` is swapped for a `file_sd` file holding what pod discovery
+/// hands the relabelling: one target per container port, init containers' too (`<pod
+/// IP>:<port>`), with the pod's
+/// `__meta_kubernetes_*` labels, made from the injected pod as the API server would serve it
+/// (with the status a kubelet adds, and the scrape port pointed at this test's proxy: in a pod
+/// the proxy's admin port is the injector's, here every process shares loopback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_pod_scrape_job_keeps_injected_proxies() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("backend", "v1").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+
+    let manifest = mesh.dir.path().join("pod.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-7d9f, namespace: shop}\nspec:\n  serviceAccountName: web\n  containers:\n    - {name: web, image: \"web:1\", ports: [{containerPort: 8080}]}\n",
+    )?;
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["inject", "-f"])
+        .arg(&manifest)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pod: serde_json::Value = serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?;
+    let notes = pod["metadata"]["annotations"].clone();
+    assert_eq!(notes["prometheus.io/scrape"], "true", "{notes}");
+    assert_eq!(notes["prometheus.io/path"], "/metrics", "{notes}");
+    anyhow::ensure!(notes["prometheus.io/port"].is_string(), "{notes}");
+    pod["metadata"]["annotations"]["prometheus.io/port"] = c.admin.port().to_string().into();
+    pod["status"] = serde_json::json!({"phase": "Running", "podIP": "127.0.0.1"});
+    let plain = serde_json::json!({
+        "metadata": {"name": "batch-1", "namespace": "shop"},
+        "spec": {"containers": [{"name": "batch", "ports": [{"containerPort": 9090}]}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.2"}});
+    // What Prometheus's pod discovery makes of a pod: a target per container port.
+    let discovered = |pod: &serde_json::Value| -> Vec<serde_json::Value> {
+        let meta = &pod["metadata"];
+        let mut labels = serde_json::Map::new();
+        labels.insert(
+            "__meta_kubernetes_namespace".into(),
+            meta["namespace"].clone(),
+        );
+        labels.insert("__meta_kubernetes_pod_name".into(), meta["name"].clone());
+        labels.insert(
+            "__meta_kubernetes_pod_ip".into(),
+            pod["status"]["podIP"].clone(),
+        );
+        for (k, v) in meta["annotations"].as_object().into_iter().flatten() {
+            let name: String = k
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            labels.insert(
+                format!("__meta_kubernetes_pod_annotation_{name}"),
+                v.clone(),
+            );
+            labels.insert(
+                format!("__meta_kubernetes_pod_annotationpresent_{name}"),
+                "true".into(),
+            );
+        }
+        let ip = pod["status"]["podIP"].as_str().unwrap_or("");
+        // Init containers too (the proxy is a native sidecar): pod discovery lists them,
+        // marked `__meta_kubernetes_pod_container_init`.
+        let containers: Vec<serde_json::Value> = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|k| pod["spec"][*k].as_array().cloned().unwrap_or_default())
+            .collect();
+        containers
+            .iter()
+            .flat_map(|ct| {
+                let ports = ct["ports"].as_array().cloned().unwrap_or_default();
+                let mut labels = labels.clone();
+                labels.insert(
+                    "__meta_kubernetes_pod_container_name".into(),
+                    ct["name"].clone(),
+                );
+                ports.into_iter().map(move |p| {
+                    let mut l = labels.clone();
+                    l.insert(
+                        "__meta_kubernetes_pod_container_port_number".into(),
+                        p["containerPort"].to_string().into(),
+                    );
+                    serde_json::json!({
+                        "targets": [format!("{ip}:{}", p["containerPort"])],
+                        "labels": l,
+                    })
+                })
+            })
+            .collect()
+    };
+    let mut groups = discovered(&pod);
+    assert!(
+        groups.len() >= 2,
+        "the app's port and the proxy's: {groups:?}"
+    );
+    groups.extend(discovered(&plain));
+    let sd = mesh.dir.path().join("pods_sd");
+    std::fs::create_dir_all(&sd)?;
+    std::fs::write(sd.join("pods.json"), serde_json::to_string(&groups)?)?;
+
+    let conf = shipped("prometheus-kubernetes.yaml")?
+        .replace(
+            "    kubernetes_sd_configs:\n      - role: pod\n",
+            &format!(
+                "    file_sd_configs:\n      - files: ['{}/*.json']\n",
+                sd.display()
+            ),
+        )
+        .replace(
+            "scrape_interval: 15s",
+            "scrape_interval: 1s\n    scrape_timeout: 1s",
+        );
+    anyhow::ensure!(conf.contains("file_sd_configs"), "{conf}");
+    let prom = peers::prometheus_with(&mut mesh, &conf).await?;
+    let up = r#"up{job="mesh-proxies",namespace="shop",pod="web-7d9f"}"#;
+    let requests = r#"sum(istio_requests_total{job="mesh-proxies",pod="web-7d9f",reporter="source",destination_service_name="backend"})"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if promql(prom, up).await? == Some(1.0) && promql(prom, requests).await? >= Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the injected pod through the shipped job: {}",
+            mesh.logs_of("prometheus")?
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // One target for the annotated pod (its ports collapse to the scrape port), none for the
+    // other.
+    assert_eq!(
+        promql(prom, r#"count(up{job="mesh-proxies"})"#).await?,
+        Some(1.0)
+    );
+    Ok(())
+}
