@@ -81,10 +81,9 @@ fn print_authz(i: &pb::AuthzInfo) {
 pub async fn run(c: &mut Admin, cmd: AuthzCmd, json: bool) -> anyhow::Result<()> {
     let show = |i: pb::AuthzInfo| {
         if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&authz_json(&i)).unwrap_or_default()
-            );
+            if let Err(e) = crate::output::print_value(&authz_json(&i)) {
+                eprintln!("error: {e}");
+            }
         } else {
             print_authz(&i);
         }
@@ -183,6 +182,9 @@ pub async fn run(c: &mut Admin, cmd: AuthzCmd, json: bool) -> anyhow::Result<()>
                         ""
                     }
                 );
+            }
+            if !r.allowed {
+                return Err(crate::output::Negative(format!("denied by {}", r.decided_by)).into());
             }
         }
     }

@@ -101,12 +101,33 @@ fn not_ready(info: &pb::CaInfo, step: &str) -> Vec<String> {
         .collect()
 }
 
-/// Polls until every connected proxy is ready for `step`, bounded by `timeout`.
+/// Polls until every connected proxy is ready for `step`, bounded by `timeout`. Progress
+/// goes to stderr as it changes (stdout stays the result, for `-o json`).
 async fn wait_ready(c: &mut Admin, step: &str, timeout: Duration) -> anyhow::Result<pb::CaInfo> {
     let deadline = Instant::now() + timeout;
+    let what = if step.is_empty() {
+        "the new bundle alone".to_string()
+    } else {
+        step.to_string()
+    };
+    let mut said = None;
     loop {
         let info = c.get_ca(pb::GetCaRequest {}).await?.into_inner();
         let waiting = not_ready(&info, step);
+        let now = (waiting.len(), info.proxies.len());
+        if said != Some(now) {
+            eprintln!(
+                "{what}: {} of {} proxies ready{}",
+                now.1 - now.0,
+                now.1,
+                if waiting.is_empty() {
+                    String::new()
+                } else {
+                    format!(", waiting for {}", waiting.join(", "))
+                }
+            );
+            said = Some(now);
+        }
         if waiting.is_empty() {
             return Ok(info);
         }
@@ -142,10 +163,10 @@ fn print_info(info: &pb::CaInfo, json: bool) {
             .iter()
             .map(|p| json!({"node_id": p.node_id, "identity": p.identity, "cert_signer": p.cert_signer, "bundle_applied": p.bundle_applied}))
             .collect();
-        println!(
-            "{}",
-            json!({"phase": info.phase, "external": info.external, "roots": roots, "proxies": proxies})
-        );
+        let v = json!({"phase": info.phase, "external": info.external, "roots": roots, "proxies": proxies});
+        if let Err(e) = crate::output::print_value(&v) {
+            eprintln!("error: {e}");
+        }
         return;
     }
     println!(

@@ -31,6 +31,10 @@ pub enum CanaryCmd {
         /// Requests the new version must serve in a step before it is judged.
         #[arg(long, default_value_t = 20)]
         min_requests: u32,
+        /// Follow the canary until it is promoted, rolled back or aborted, printing each step
+        /// as it happens; exits 3 unless it was promoted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Where a canary stands, and why.
     Status {
@@ -60,8 +64,65 @@ async fn canary_action(
     .await
 }
 
+/// A canary that ended badly, for the exit status.
+fn verdict(r: &pb::CanaryInfo) -> anyhow::Result<()> {
+    match r.state.as_str() {
+        "rolled-back" | "aborted" => Err(crate::output::Negative(format!(
+            "canary of {} to {} {}: {}",
+            r.service, r.to, r.state, r.reason
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// One line per change of a watched canary.
+fn progress(r: &pb::CanaryInfo) -> String {
+    let mut line = format!(
+        "{} step {}/{}: {}% to {}, {} requests, {:.1}% errors, p99 ≤ {} ms",
+        r.state,
+        r.step_index + 1,
+        r.steps.len(),
+        r.weight,
+        r.to,
+        r.step_requests,
+        r.step_error_percent,
+        r.step_p99_ms
+    );
+    if !r.reason.is_empty() {
+        line.push_str(&format!(" ({})", r.reason));
+    }
+    line
+}
+
+/// Follows a canary until it ends; prints each change of step, state or reason.
+async fn watch(c: &mut Admin, first: pb::CanaryInfo) -> anyhow::Result<pb::CanaryInfo> {
+    let key = |r: &pb::CanaryInfo| (r.step_index, r.state.clone(), r.reason.clone());
+    let mut r = first;
+    eprintln!("{}", progress(&r));
+    let mut last = key(&r);
+    while matches!(r.state.as_str(), "running" | "paused") {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        r = c
+            .get_canary(pb::GetCanaryRequest {
+                service: r.service.clone(),
+            })
+            .await?
+            .into_inner();
+        if key(&r) != last {
+            eprintln!("{}", progress(&r));
+            last = key(&r);
+        }
+    }
+    Ok(r)
+}
+
 /// `meshctl canary …`.
 pub async fn run(c: &mut Admin, cmd: CanaryCmd, json: bool) -> anyhow::Result<()> {
+    let mut follow = false;
+    // Only reads and watches answer with the canary's fate; `abort` succeeding is not a
+    // failure.
+    let judged = matches!(cmd, CanaryCmd::Start { .. } | CanaryCmd::Status { .. });
     let r = match cmd {
         CanaryCmd::Start {
             service,
@@ -72,7 +133,9 @@ pub async fn run(c: &mut Admin, cmd: CanaryCmd, json: bool) -> anyhow::Result<()
             max_error_rate,
             max_p99,
             min_requests,
+            watch,
         } => {
+            follow = watch;
             let steps = steps
                 .split(',')
                 .map(|s| s.trim().parse::<u32>())
@@ -100,8 +163,11 @@ pub async fn run(c: &mut Admin, cmd: CanaryCmd, json: bool) -> anyhow::Result<()
         CanaryCmd::Abort { service } => canary_action(c, service, "abort").await?,
     }
     .into_inner();
+    let r = if follow { watch(c, r).await? } else { r };
+    let verdict = |r: &pb::CanaryInfo| if judged { verdict(r) } else { Ok(()) };
     if json {
-        return print_json(&r);
+        print_json(&r)?;
+        return verdict(&r);
     }
     let mut t = Table::new(&[
         "SERVICE",
@@ -129,7 +195,7 @@ pub async fn run(c: &mut Admin, cmd: CanaryCmd, json: bool) -> anyhow::Result<()
     if !r.reason.is_empty() {
         println!("reason: {}", r.reason);
     }
-    Ok(())
+    verdict(&r)
 }
 
 /// `meshctl top`.

@@ -107,6 +107,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &logs,
     )
     .await;
+    // Start from every request on v1: the split the load generator prints stays put until
+    // `route set` moves it. With no route the balancer picks by latency across versions, and
+    // the split swings.
+    let result = match result {
+        Ok(()) => admin
+            .set_route(mesh_proto::v1::SetRouteRequest {
+                service: "backend".into(),
+                route: Some(mesh_proto::v1::Route {
+                    backends: crate::parse_weights("v1=100,v2=0").map_err(anyhow::Error::msg)?,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| println!("route           backend v1=100,v2=0 (every request to v1)"))
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         stop(procs).await;
         return Err(e);

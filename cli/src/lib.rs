@@ -15,6 +15,7 @@ pub mod tap;
 
 use clap::{Parser, Subcommand};
 use mesh_proto::v1 as pb;
+pub use output::Format;
 use output::{Table, print_json};
 use std::path::PathBuf;
 
@@ -57,12 +58,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
-}
-
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     #[command(flatten)]
@@ -72,6 +67,14 @@ pub enum Command {
     /// Add the sidecar to every pod template of a Kubernetes manifest (offline; what the
     /// webhook does at admission). Prints the manifest on stdout, a summary on stderr.
     Inject(InjectCmd),
+    /// This meshctl's version, the control plane's, and the versions its proxies run.
+    Version,
+    /// Shell completion script: `source <(meshctl completion bash)`, `meshctl completion zsh >
+    /// "${fpath[1]}/_meshctl"`, `meshctl completion fish | source`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -341,7 +344,7 @@ pub(crate) fn fmt_weights(r: &Option<pb::Route>) -> String {
             .map(|b| format!("{}={}", b.version, b.weight))
             .collect::<Vec<_>>()
             .join(","),
-        _ => "(all endpoints, equal)".into(),
+        _ => "(no split)".into(),
     }
 }
 
@@ -364,24 +367,76 @@ fn fmt_time(unix: i64) -> String {
 
 /// Routes as a table; services of namespace `ns` by their bare name.
 fn route_table(routes: &[pb::RouteInfo], ns: &str) -> Table {
-    let mut t = Table::new(&["SERVICE", "WEIGHTS", "REVISION", "UPDATED"]);
+    let mut t = Table::with_wide(&["SERVICE", "WEIGHTS", "REVISION", "UPDATED"], &["RULES"]);
     for r in routes {
+        let rules: Vec<&str> = r
+            .route
+            .iter()
+            .flat_map(|r| &r.rules)
+            .map(|x| x.name.as_str())
+            .collect();
         t.row(vec![
             mesh_model::service::relative(&r.service, ns).to_string(),
             fmt_weights(&r.route),
             r.revision.to_string(),
             fmt_time(r.updated_at_unix),
+            rules.join(","),
         ]);
     }
     t
 }
 
+/// `meshctl version`: the client's always; the server's and its proxies' when it answers.
+async fn version(cli: &Cli) -> anyhow::Result<()> {
+    let client = env!("CARGO_PKG_VERSION");
+    let server = match client::connect(cli).await {
+        Ok(mut c) => c
+            .get_version(pb::GetVersionRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    if cli.output.structured() {
+        let mut v = serde_json::json!({ "client": client });
+        if let Ok(s) = &server {
+            v["control_plane"] = s.control_plane.clone().into();
+            v["proxies"] = serde_json::json!(s.proxies);
+        }
+        output::print_value(&v)?;
+    } else {
+        println!("client:        {client}");
+        if let Ok(s) = &server {
+            println!("control plane: {}", s.control_plane);
+            let mut proxies: Vec<_> = s.proxies.iter().collect();
+            proxies.sort();
+            for (v, n) in proxies {
+                let note = if v == client {
+                    ""
+                } else {
+                    " (differs from the client)"
+                };
+                println!("proxies:       {v} ×{n}{note}");
+            }
+        }
+    }
+    server.map(|_| ())
+}
+
 /// Runs one meshctl command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let json = cli.output == Format::Json;
+    output::set_format(cli.output);
+    // JSON or YAML: every read verb prints its data instead of a table.
+    let json = cli.output.structured();
     let cmd = match &cli.command {
         Command::Demo(args) => return demo::run(args.clone()).await,
         Command::Inject(args) => return inject(args),
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "meshctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Version => return version(&cli).await,
         Command::Admin(cmd) => cmd.clone(),
     };
     let mut c = client::connect(&cli).await?;
@@ -438,12 +493,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 return print_json(&r);
             }
-            let mut t = Table::new(&["SERVICE", "ID", "ADDRESS", "VERSION", "READY"]);
+            let mut t = Table::with_wide(
+                &["SERVICE", "ID", "ADDRESS", "VERSION", "READY"],
+                &["IDENTITY", "LABELS"],
+            );
             for e in r.endpoints {
                 let ep = e.endpoint.unwrap_or_default();
                 let v = ep.labels.get("version").cloned().unwrap_or_default();
                 let svc = mesh_model::service::relative(&e.service, &cli.namespace).to_string();
-                t.row(vec![svc, ep.id, ep.address, v, ep.ready.to_string()]);
+                let labels: Vec<String> =
+                    ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let identity = if ep.identity.is_empty() {
+                    "(the service's)".to_string()
+                } else {
+                    ep.identity
+                };
+                t.row(vec![
+                    svc,
+                    ep.id,
+                    ep.address,
+                    v,
+                    ep.ready.to_string(),
+                    identity,
+                    labels.join(","),
+                ]);
             }
             t.print();
         }
@@ -547,7 +620,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     return print_json(&r);
                 }
                 route_table(std::slice::from_ref(&r), &cli.namespace).print();
-                for l in route::lines(&r.route.unwrap_or_default()).iter().skip(1) {
+                let route = r.route.unwrap_or_default();
+                if route.backends.is_empty() {
+                    // Say what "no split" does: it is not an even one.
+                    let lb = c
+                        .get_policy(pb::GetPolicyRequest {
+                            service: r.service.clone(),
+                        })
+                        .await
+                        .ok()
+                        .and_then(|p| p.into_inner().policy?.load_balancer)
+                        .map(|lb| lb.algorithm)
+                        .unwrap_or_default();
+                    println!("{}", route::no_split(&lb));
+                }
+                for l in route::lines(&route).iter().skip(1) {
                     println!("{l}");
                 }
             }
@@ -654,16 +741,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 return print_json(&r);
             }
-            let mut t = Table::new(&[
-                "PROXY",
-                "IDENTITY",
-                "SERVICE",
-                "VERSION",
-                "REPLICA",
-                "ACKED",
-                "NACKED",
-                "NACK REASON",
-            ]);
+            let mut t = Table::with_wide(
+                &[
+                    "PROXY",
+                    "IDENTITY",
+                    "SERVICE",
+                    "VERSION",
+                    "REPLICA",
+                    "ACKED",
+                    "NACKED",
+                    "NACK REASON",
+                ],
+                &["CONNECTED", "CERT EXPIRES", "SUBSCRIPTIONS"],
+            );
             for p in r.proxies {
                 let nacked = if p.nacked_version == 0 {
                     "-".to_string()
@@ -679,6 +769,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.acked_version.to_string(),
                     nacked,
                     p.nack_reason,
+                    fmt_time(p.connected_at_unix),
+                    fmt_time(p.cert_expires_unix),
+                    p.subscriptions.join(","),
                 ]);
             }
             t.print();
@@ -728,8 +821,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|t| serde_json::json!({"id": t.id, "identity": t.identity, "scopes": t.scopes, "name": t.name, "expires_at_unix": t.expires_at_unix, "created_at_unix": t.created_at_unix}))
                     .collect();
-                println!("{}", serde_json::json!({ "tokens": rows }));
-                return Ok(());
+                return output::print_value(&serde_json::json!({ "tokens": rows }));
             }
             let mut t = Table::new(&["ID", "KIND", "GRANTS", "NAME", "EXPIRES"]);
             for k in r.tokens {

@@ -14,6 +14,10 @@ async fn main() -> std::process::ExitCode {
     match meshctl::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(n) = e.downcast_ref::<meshctl::output::Negative>() {
+                eprintln!("{n}");
+                return std::process::ExitCode::from(meshctl::output::NEGATIVE_EXIT);
+            }
             match e.downcast_ref::<tonic::Status>() {
                 Some(s) => eprintln!("error: {} ({:?})", s.message(), s.code()),
                 None => eprintln!("error: {e:#}"),

@@ -1,25 +1,92 @@
-//! Tables for people, JSON for scripts.
+//! Tables for people (`-o table`, `-o wide` with more columns), JSON or YAML for scripts.
+//! The format is chosen once per run (`-o`), as kubectl's printers are.
 
-/// A left-aligned text table.
+use std::sync::OnceLock;
+
+/// How meshctl prints what it reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    /// The table with more columns.
+    Wide,
+    Json,
+    Yaml,
+}
+
+impl Format {
+    /// JSON or YAML: the data, not a table.
+    pub fn structured(self) -> bool {
+        matches!(self, Format::Json | Format::Yaml)
+    }
+}
+
+static FORMAT: OnceLock<Format> = OnceLock::new();
+
+/// Chooses the output format for this run (the first call wins).
+pub fn set_format(f: Format) {
+    let _ = FORMAT.set(f);
+}
+
+pub fn format() -> Format {
+    FORMAT.get().copied().unwrap_or_default()
+}
+
+/// A negative answer that scripts test by exit status (an authorization check that denies, a
+/// canary rolled back or aborted): what was asked is printed as usual, then meshctl exits with
+/// [`NEGATIVE_EXIT`], apart from failures (1) and usage errors (2).
+#[derive(Debug)]
+pub struct Negative(pub String);
+
+impl std::fmt::Display for Negative {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Negative {}
+
+/// meshctl's exit status for a [`Negative`] answer.
+pub const NEGATIVE_EXIT: u8 = 3;
+
+/// A left-aligned text table. Columns past `narrow` show with `-o wide` only.
 pub struct Table {
     rows: Vec<Vec<String>>,
+    narrow: usize,
 }
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
         Self {
             rows: vec![header.iter().map(|h| h.to_string()).collect()],
+            narrow: header.len(),
         }
     }
+
+    /// A table whose `wide` columns follow `header`'s, shown with `-o wide`; rows give all.
+    pub fn with_wide(header: &[&str], wide: &[&str]) -> Self {
+        let mut t = Self::new(header);
+        t.rows[0].extend(wide.iter().map(|h| h.to_string()));
+        t
+    }
+
     pub fn row(&mut self, r: Vec<String>) {
         self.rows.push(r);
     }
     pub fn render(&self) -> String {
-        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        self.render_as(format())
+    }
+    fn render_as(&self, f: Format) -> String {
+        let keep = if f == Format::Wide {
+            usize::MAX
+        } else {
+            self.narrow
+        };
+        let rows: Vec<&[String]> = self.rows.iter().map(|r| &r[..r.len().min(keep)]).collect();
+        let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let widths: Vec<usize> = (0..cols)
             .map(|c| {
-                self.rows
-                    .iter()
+                rows.iter()
                     .filter_map(|r| r.get(c))
                     .map(|s| s.chars().count())
                     .max()
@@ -27,7 +94,7 @@ impl Table {
             })
             .collect();
         let mut out = String::new();
-        for r in &self.rows {
+        for r in &rows {
             let line: Vec<String> = r
                 .iter()
                 .enumerate()
@@ -43,9 +110,17 @@ impl Table {
     }
 }
 
-/// Prints a prost message as JSON (field names as in the .proto).
+/// Prints a prost message as JSON or YAML, as `-o` asks (field names as in the .proto).
 pub fn print_json<T: std::fmt::Debug + ToJson>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(&v.to_json())?);
+    print_value(&v.to_json())
+}
+
+/// Prints data as JSON (pretty) or, with `-o yaml`, as one YAML document.
+pub fn print_value(v: &serde_json::Value) -> anyhow::Result<()> {
+    match format() {
+        Format::Yaml => print!("---\n{}", serde_saphyr::to_string(v)?),
+        _ => println!("{}", serde_json::to_string_pretty(v)?),
+    }
     Ok(())
 }
 
@@ -108,6 +183,7 @@ impl ToJson for pb::ListProxiesResponse {
             "connected_at_unix": p.connected_at_unix, "acked_version": p.acked_version,
             "nacked_version": p.nacked_version, "nack_reason": p.nack_reason, "subscriptions": p.subscriptions,
             "replica": p.replica, "cert_expires_unix": p.cert_expires_unix,
+            "proxy_version": p.proxy_version,
         })).collect::<Vec<_>>(), "unreachable_replicas": self.unreachable_replicas})
     }
 }
@@ -195,5 +271,14 @@ mod tests {
         let mut t = super::Table::new(&["A", "LONGER"]);
         t.row(vec!["xxxx".into(), "y".into()]);
         assert_eq!(t.render(), "A     LONGER\nxxxx  y\n");
+    }
+
+    #[test]
+    fn wide_columns_show_with_wide_only() {
+        use super::Format;
+        let mut t = super::Table::with_wide(&["A"], &["MORE"]);
+        t.row(vec!["x".into(), "extra".into()]);
+        assert_eq!(t.render_as(Format::Table), "A\nx\n");
+        assert_eq!(t.render_as(Format::Wide), "A  MORE\nx  extra\n");
     }
 }

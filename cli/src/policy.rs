@@ -369,8 +369,7 @@ pub async fn run(c: &mut super::client::Admin, cmd: PolicyCmd, json: bool) -> an
     let next = match cmd {
         PolicyCmd::Get { .. } => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&current)?);
-                return Ok(());
+                return output::print_value(&serde_json::to_value(&current)?);
             }
             let mut t = Table::new(&["SETTING", "VALUE"]);
             for (k, v) in output::policy_lines(&current) {

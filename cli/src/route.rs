@@ -239,6 +239,30 @@ pub fn lines(r: &pb::Route) -> Vec<String> {
     out
 }
 
+/// What a route without weights does, for the load-balancing algorithm `lb` ("": the
+/// default): versions are not split evenly, each request goes where the balancer sends it.
+pub fn no_split(lb: &str) -> String {
+    let how = match lb {
+        "round-robin" => {
+            "in turn over every ready endpoint, so each version gets a share \
+                          proportional to its endpoint count"
+        }
+        "consistent-hash" => {
+            "by the hash of the request's header, so a version's share \
+                              follows the hashes"
+        }
+        _ => {
+            "to the less loaded of two endpoints picked at random (p2c-ewma: latency and \
+              requests in flight), whatever their version, so the share of each version follows \
+              their latency and can swing between 0% and 100%"
+        }
+    };
+    format!(
+        "no split: each request goes {how}. For a fixed split: meshctl route set <service> \
+         --weights v1=50,v2=50"
+    )
+}
+
 /// A line diff of two routes: `-` lines only in `old`, `+` lines only in `new`.
 pub fn diff(old: &pb::Route, new: &pb::Route) -> Vec<String> {
     let (a, b) = (lines(old), lines(new));

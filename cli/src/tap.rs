@@ -82,7 +82,10 @@ pub async fn run(c: &mut Admin, a: TapArgs, json: bool) -> anyhow::Result<()> {
         .await?
         .into_inner();
     while let Some(e) = events.message().await? {
-        if json {
+        if crate::output::format() == crate::output::Format::Yaml {
+            crate::output::print_value(&event_json(&e))?;
+        } else if json {
+            // One object per line, for `jq` and line-by-line readers.
             println!("{}", event_json(&e));
         } else {
             println!("{}", event_line(&e));

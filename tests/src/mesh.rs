@@ -254,6 +254,23 @@ impl Mesh {
         }
     }
 
+    /// Runs meshctl against this mesh; returns (exit code, stdout, stderr) whatever the code
+    /// (meshctl exits 3 for a negative answer: an authorization DENY, a rolled-back canary).
+    pub async fn meshctl_exit(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let out = Command::new(bin_dir().join("meshctl"))
+            .args(["--server", &format!("https://{}", self.admin_addr)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .output()
+            .await?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ))
+    }
+
     /// `meshctl <args>` started in the background, its stdout piped (for streaming commands).
     pub fn meshctl_spawn(&self, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
         Ok(Command::new(bin_dir().join("meshctl"))

@@ -338,8 +338,8 @@ async fn authorization_by_path_cannot_be_bypassed_by_spelling() -> anyhow::Resul
         ("/hello/public", "ALLOW"),
         ("/hello%2Fsecret", "refused before authorization (400)"),
     ] {
-        let out = mesh
-            .meshctl(&[
+        let (_, out, _) = mesh
+            .meshctl_exit(&[
                 "authz",
                 "check",
                 "--from",

@@ -477,17 +477,26 @@ async fn demo_runs_and_stops_cleanly() -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    let mut said = Vec::new();
     let report = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(l) = lines.next_line().await? {
             if l.starts_with("last 2s:") {
                 return Ok::<_, std::io::Error>(l);
             }
+            said.push(l);
         }
         Ok(String::new())
     })
     .await??;
+    // It starts from a fixed split, every request on v1, which `route set` then moves.
     assert!(
-        report.contains(" ok, 0 failed") && report.contains("backend v1"),
+        said.iter().any(|l| l.contains("backend v1=100,v2=0")),
+        "{said:?}"
+    );
+    assert!(
+        report.contains(" ok, 0 failed")
+            && report.contains("backend v1")
+            && !report.contains("backend v2"),
         "{report}"
     );
     let ok: u32 = report
@@ -511,5 +520,122 @@ async fn demo_runs_and_stops_cleanly() -> anyhow::Result<()> {
             "port {port} still in use"
         );
     }
+    Ok(())
+}
+
+/// Issue 27 item 6, meshctl as scripts and shells use it: `-o yaml|json|wide` on read verbs,
+/// completions that bash loads, `version` with the control plane's and its proxies' versions,
+/// `route get` saying what "no split" does, and exit statuses: an authorization DENY and a
+/// canary rolled back under `canary start --watch` (which shows each step on stderr) exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_fits_scripts_and_shells() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload_app("backend", "v1").await?;
+    let (v2, _) = mesh.workload_app("backend", "v2").await?;
+    let c = mesh.client("web").await?;
+    mesh.wait_endpoints("backend", 2).await?;
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://backend/").await?.status, 200);
+
+    // Structured output: the same data as YAML and JSON.
+    let yaml: serde_json::Value =
+        serde_saphyr::from_str(&mesh.meshctl(&["-o", "yaml", "services"]).await?)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&mesh.meshctl(&["-o", "json", "services"]).await?)?;
+    assert_eq!(yaml, json);
+    assert_eq!(json["services"][0]["name"], "backend", "{json}");
+    // Wide tables: more columns, same rows.
+    let narrow = mesh.meshctl(&["proxies"]).await?;
+    let wide = mesh.meshctl(&["-o", "wide", "proxies"]).await?;
+    assert!(!narrow.contains("CERT EXPIRES"), "{narrow}");
+    assert!(
+        wide.contains("CERT EXPIRES") && wide.contains("SUBSCRIPTIONS"),
+        "{wide}"
+    );
+    assert_eq!(narrow.lines().count(), wide.lines().count());
+
+    // Completions: bash loads the script and registers meshctl; zsh and fish scripts too.
+    let script = mesh.meshctl(&["completion", "bash"]).await?;
+    let path = mesh.dir.path().join("meshctl.bash");
+    std::fs::write(&path, &script)?;
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p meshctl", path.display()))
+        .output()
+        .await?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("meshctl"), "{said}");
+    assert!(
+        mesh.meshctl(&["completion", "zsh"])
+            .await?
+            .starts_with("#compdef meshctl")
+    );
+    assert!(
+        mesh.meshctl(&["completion", "fish"])
+            .await?
+            .contains("complete -c meshctl")
+    );
+
+    // version: client, control plane and the three proxies.
+    let v: serde_json::Value =
+        serde_json::from_str(&mesh.meshctl(&["-o", "json", "version"]).await?)?;
+    let ours = env!("CARGO_PKG_VERSION");
+    assert_eq!(v["client"], ours, "{v}");
+    assert_eq!(v["control_plane"], ours, "{v}");
+    assert_eq!(v["proxies"], serde_json::json!({ ours: 3 }), "{v}");
+
+    // No split: not "equal", but the balancer's choice, said so.
+    let got = mesh.meshctl(&["route", "get", "backend"]).await?;
+    assert!(
+        got.contains("(no split)") && got.contains("p2c-ewma") && got.contains("--weights"),
+        "{got}"
+    );
+
+    // authz check: DENY exits 3, ALLOW 0.
+    mesh.meshctl(&["authz", "default", "default", "deny-all"])
+        .await?;
+    let (code, out, _) = mesh
+        .meshctl_exit(&["authz", "check", "--from", "default/web", "--to", "backend"])
+        .await?;
+    assert_eq!((code, out.starts_with("DENY")), (3, true), "{out}");
+    mesh.meshctl(&["authz", "default", "default", "allow-all"])
+        .await?;
+    let (code, out, _) = mesh
+        .meshctl_exit(&["authz", "check", "--from", "default/web", "--to", "backend"])
+        .await?;
+    assert_eq!((code, out.starts_with("ALLOW")), (0, true), "{out}");
+
+    // canary start --watch: follows a failing v2 to its rollback, step by step on stderr,
+    // and exits 3.
+    set_weights(&mesh, c.admin, 100, 0, Duration::from_secs(10)).await?;
+    admin_get(v2, "/admin/sick/50").await?;
+    let load = Load::start(http, 100);
+    let (code, out, progress) = mesh
+        .meshctl_exit(&[
+            "canary",
+            "start",
+            "backend",
+            "--to",
+            "v2",
+            "--steps",
+            "50,100",
+            "--interval",
+            "3s",
+            "--max-error-rate",
+            "5%",
+            "--min-requests",
+            "10",
+            "--watch",
+        ])
+        .await?;
+    load.finish().await?;
+    assert_eq!(code, 3, "{out}\n{progress}");
+    assert!(out.contains("rolled-back"), "{out}");
+    assert!(
+        progress.contains("running step 1/2: 50% to v2")
+            && progress.contains("rolled-back step 1/2")
+            && progress.contains("error rate"),
+        "{progress}"
+    );
     Ok(())
 }

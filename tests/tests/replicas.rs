@@ -769,7 +769,10 @@ async fn every_replica_sees_the_whole_mesh() -> anyhow::Result<()> {
     .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
-        let s = json_of(&b, &["canary", "status", "backend"]).await?;
+        let (_, out, _) = b
+            .meshctl_exit(&["-o", "json", "canary", "status", "backend"])
+            .await?;
+        let s: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
         if s["state"] != "running" {
             break s;
         }

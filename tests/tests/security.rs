@@ -436,12 +436,15 @@ async fn authorization_allows_denies_and_audits_by_identity() -> anyhow::Result<
             "DENY default/batch -> backend GET /items: decided by namespace default deny-all",
         ),
     ] {
-        let out = mesh
-            .meshctl(&[
+        let (code, out, _) = mesh
+            .meshctl_exit(&[
                 "authz", "check", "--from", from, "--to", "backend", "--path", path,
             ])
             .await?;
         assert_eq!(out.trim(), want);
+        // Scripts read the decision from the exit status: 0 allows, 3 denies.
+        let want_code = if want.starts_with("ALLOW") { 0 } else { 3 };
+        assert_eq!(code, want_code, "{want}");
     }
 
     // Audit mode: batch is let through, and the would-be denial is logged.
@@ -753,10 +756,20 @@ async fn root_rotation_with_overlap_fails_no_request() -> anyhow::Result<()> {
     let b2 = mesh.workload("backend", "v1").await?;
     mesh.wait_endpoints("backend", 2).await?;
     // The rest in one command: activate, wait for every proxy to renew, finish.
-    let out = mesh.meshctl(&["ca", "rotate", "--timeout", "60s"]).await?;
+    let (code, out, progress) = mesh
+        .meshctl_exit(&["ca", "rotate", "--timeout", "60s"])
+        .await?;
+    assert_eq!(code, 0, "{progress}");
     assert!(
         out.contains("activate: done") && out.contains("finish: done (phase steady)"),
         "{out}"
+    );
+    // Progress shows live on stderr: how many proxies are ready for each step.
+    assert!(
+        progress.contains("activate: ")
+            && progress.contains("finish: ")
+            && progress.contains("proxies ready"),
+        "{progress}"
     );
     // Joining after the rotation: a backend endpoint and a client, bootstrapped with the new
     // bundle file.
@@ -1020,6 +1033,7 @@ const READ_RPCS: &[&str] = &[
     "Top",
     "Tap",
     "ListProxies",
+    "GetVersion",
     "ListTokens",
     "GetCa",
 ];

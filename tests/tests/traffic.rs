@@ -348,12 +348,19 @@ async fn mirroring_to_a_slow_failing_shadow_changes_nothing_for_clients() -> any
     Ok(())
 }
 
-/// `meshctl canary status backend -o json`.
+/// `meshctl canary status backend -o json` (exit status 3 once rolled back or aborted).
 async fn canary(mesh: &Mesh) -> anyhow::Result<serde_json::Value> {
-    let out = mesh
-        .meshctl(&["-o", "json", "canary", "status", "backend"])
+    let (code, out, err) = mesh
+        .meshctl_exit(&["-o", "json", "canary", "status", "backend"])
         .await?;
-    Ok(serde_json::from_str(&out)?)
+    let s: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| anyhow::anyhow!("{e}: {err}"))?;
+    let ended_badly = s["state"] == "rolled-back" || s["state"] == "aborted";
+    anyhow::ensure!(
+        code == if ended_badly { 3 } else { 0 },
+        "exit {code} for {s}: {err}"
+    );
+    Ok(s)
 }
 
 /// Polls the canary until `pred` holds (bounded); returns the last status.
@@ -447,11 +454,12 @@ async fn a_failing_canary_is_rolled_back_with_the_reason() -> anyhow::Result<()>
         took < Duration::from_secs(3),
         "within one interval: {took:?}"
     );
-    let out = mesh.meshctl(&["canary", "status", "backend"]).await?;
+    let (code, out, _) = mesh.meshctl_exit(&["canary", "status", "backend"]).await?;
     assert!(
         out.contains("rolled-back") && out.contains("error rate"),
         "{out}"
     );
+    assert_eq!(code, 3, "a rolled-back canary exits 3");
     wait_weights(c.admin, 100, 0).await?;
     load.finish().await?;
     Ok(())

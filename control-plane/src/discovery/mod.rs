@@ -28,6 +28,8 @@ pub struct ProxyStatus {
     pub identity: String,
     pub service: String,
     pub version_label: String,
+    /// The proxy's own version, as it said.
+    pub proxy_version: String,
     pub connected_at_unix: i64,
     pub acked_version: u64,
     pub nacked_version: u64,
@@ -176,6 +178,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             identity: identity.to_string(),
             service: node.service.clone(),
             version_label: node.version_label.clone(),
+            proxy_version: node.proxy_version.clone(),
             connected_at_unix: crate::state::records::now_unix(),
             ..ProxyStatus::default()
         });

@@ -41,6 +41,7 @@ impl Local {
                 nack_reason: p.nack_reason.clone(),
                 subscriptions: p.subscriptions.clone(),
                 replica: self.replica.clone(),
+                proxy_version: p.proxy_version.clone(),
                 cert_expires_unix: self.telemetry.cert_expiry(&p.node_id).unwrap_or(0),
             })
             .collect();

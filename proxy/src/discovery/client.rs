@@ -70,6 +70,7 @@ impl DiscoveryClient {
                 id: self.bootstrap.node_id.clone(),
                 service: self.bootstrap.service.clone().unwrap_or_default(),
                 version_label: self.bootstrap.version_label.clone().unwrap_or_default(),
+                proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             }),
             subscribe: std::iter::once(TRUST_RESOURCE.to_string())
                 .chain(self.bootstrap.transparent.then(|| ALL_SERVICES.to_string()))

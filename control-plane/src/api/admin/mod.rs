@@ -488,6 +488,26 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RouteHistoryResponse { history }))
     }
 
+    async fn get_version(
+        &self,
+        _: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::VersionInfo>, Status> {
+        let (proxies, _) = self.view.proxies().await;
+        let mut by_version = std::collections::HashMap::new();
+        for p in proxies {
+            let v = if p.proxy_version.is_empty() {
+                "unknown".to_string()
+            } else {
+                p.proxy_version
+            };
+            *by_version.entry(v).or_insert(0u32) += 1;
+        }
+        Ok(Response::new(pb::VersionInfo {
+            control_plane: env!("CARGO_PKG_VERSION").to_string(),
+            proxies: by_version,
+        }))
+    }
+
     async fn list_proxies(
         &self,
         _: Request<pb::ListProxiesRequest>,

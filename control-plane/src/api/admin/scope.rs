@@ -83,7 +83,7 @@ pub fn required(method: &str) -> Option<Scope> {
     Some(match method {
         "ListServices" | "ListEndpoints" | "GetRoute" | "ListRoutes" | "RouteHistory"
         | "GetPolicy" | "GetAuthz" | "CheckAuthz" | "GetCanary" | "Top" | "Tap" | "ListProxies"
-        | "ListTokens" | "GetCa" => Scope::Read,
+        | "GetVersion" | "ListTokens" | "GetCa" => Scope::Read,
         "AddEndpoint" | "RemoveEndpoint" | "SetRoute" | "RollbackRoute" | "SetPolicy"
         | "SetAuthz" | "SetAuthzDefault" | "SetMtlsMode" | "SetAppProtocols" | "StartCanary"
         | "CanaryAction" => Scope::Write,
