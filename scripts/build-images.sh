@@ -5,7 +5,7 @@
 #
 #   scripts/build-images.sh [BIN_DIR]     # default: target/release
 #
-# Tags are the workspace version, the ones deploy/kubernetes and the injector reference:
+# Tags are the workspace version, the ones meshctl install and the injector reference:
 #   mesh-proxy:<version>          mesh-proxy (entrypoint); `init` installs the redirect (root,
 #                                 NET_ADMIN); the proxy runs as uid 2102
 #   mesh-control-plane:<version>  mesh-control-plane (entrypoint) and meshctl; uid 65532

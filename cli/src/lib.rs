@@ -7,6 +7,7 @@ pub mod ca;
 pub mod canary;
 pub mod client;
 pub mod demo;
+pub mod install;
 pub mod output;
 pub mod policy;
 pub mod process;
@@ -67,6 +68,12 @@ pub enum Command {
     /// Add the sidecar to every pod template of a Kubernetes manifest (offline; what the
     /// webhook does at admission). Prints the manifest on stdout, a summary on stderr.
     Inject(InjectCmd),
+    /// Print the Kubernetes install of this version (namespace, CRDs, RBAC, control plane,
+    /// webhook, and fresh CA and admin-token Secrets): `meshctl install | kubectl apply -f -`.
+    Install(install::InstallArgs),
+    /// Print what removes the install: `meshctl uninstall | kubectl delete -f -` (give the
+    /// same --set/-f as the install, for its namespace).
+    Uninstall(install::InstallArgs),
     /// This meshctl's version, the control plane's, and the versions its proxies run.
     Version,
     /// Shell completion script: `source <(meshctl completion bash)`, `meshctl completion zsh >
@@ -437,6 +444,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Version => return version(&cli).await,
+        Command::Install(args) => {
+            print!("{}", install::install(args)?);
+            return Ok(());
+        }
+        Command::Uninstall(args) => {
+            print!("{}", install::uninstall(args)?);
+            return Ok(());
+        }
         Command::Admin(cmd) => cmd.clone(),
     };
     let mut c = client::connect(&cli).await?;

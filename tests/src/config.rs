@@ -140,3 +140,24 @@ pub fn expect(rows: &[(&[&str], f64)]) -> std::collections::BTreeMap<Vec<String>
         .map(|(k, v)| (k.iter().map(|s| s.to_string()).collect(), *v))
         .collect()
 }
+
+/// `meshctl <args>` on a manifest file, offline (`inject -f`, `inject --uninject -f`): the one
+/// document it prints, parsed; `extra` flags after the file.
+pub async fn meshctl_manifest(
+    args: &[&str],
+    path: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::process::Command::new(crate::bin_dir().join("meshctl"))
+        .args(args)
+        .arg(path)
+        .args(extra)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "meshctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?)
+}

@@ -236,21 +236,9 @@ impl Mesh {
 
     /// Runs meshctl against this mesh; returns stdout, or an error with stderr.
     pub async fn meshctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(bin_dir().join("meshctl"))
-            .args(["--server", &format!("https://{}", self.admin_addr)])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(args)
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            anyhow::bail!(
-                "meshctl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
+        match self.meshctl_exit(args).await? {
+            (0, stdout, _) => Ok(stdout),
+            (_, _, stderr) => anyhow::bail!("meshctl {args:?} failed: {stderr}"),
         }
     }
 

@@ -1379,17 +1379,7 @@ spec:
     // Reversible: un-injecting gives back the original pod.
     let injected_path = dir.path().join("injected.yaml");
     std::fs::write(&injected_path, &injected)?;
-    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
-        .args(["inject", "--uninject", "-f"])
-        .arg(&injected_path)
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let back: serde_json::Value = serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?;
+    let back = meshctl_manifest(&["inject", "--uninject", "-f"], &injected_path, &[]).await?;
     let original: serde_json::Value = serde_saphyr::from_str(&manifest)?;
     assert_eq!(back, original);
     Ok(())

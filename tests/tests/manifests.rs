@@ -1,8 +1,10 @@
-//! The Kubernetes manifests under deploy/kubernetes/ are valid for the version they name
+//! The Kubernetes install `meshctl install` prints (from its templates in cli/manifests/), and
+//! the etcd alternative under deploy/kubernetes/etcd/, are valid for the version they name
 //! (1.33): every document deserializes into its k8s-openapi type and serializes back to the
-//! same thing, so no field is misspelled or misplaced; and they agree with each other and with
+//! same thing, so no field is misspelled or misplaced; they agree with each other and with
 //! the binaries (flags the control plane has, ports the Service names, the webhook's Service,
-//! the names RBAC grants, the etcd members the store URL lists).
+//! the names RBAC grants, the etcd members the store URL lists); and values and the operator's
+//! CA change the install as they say.
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -51,36 +53,46 @@ fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
     }
 }
 
-/// Every document of every manifest, with its file name.
+/// `meshctl install` (or `uninstall`) with `args`: (exit success, stdout, stderr).
+fn meshctl(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(mesh_tests::bin_dir().join("meshctl"))
+        .args(args)
+        .output()
+        .expect("meshctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The documents of `meshctl <args>`' YAML output.
+fn rendered(args: &[&str]) -> Vec<Value> {
+    let (ok, out, err) = meshctl(args);
+    assert!(ok, "meshctl {args:?}: {err}");
+    serde_saphyr::from_multiple::<Value>(&out)
+        .unwrap_or_else(|e| panic!("meshctl {args:?}: {e}"))
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// Every document of the default install and of the etcd alternative, with where it came
+/// from.
 fn documents() -> Vec<(String, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-    let mut files = Vec::new();
-    let mut dirs = vec![dir.clone()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d)
-            .expect("deploy/kubernetes")
-            .filter_map(Result::ok)
-        {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml") {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in {}", dir.display());
-    let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).expect("read manifest");
-        let docs: Vec<Value> =
-            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let name = f.strip_prefix(&dir).ok().map(|n| n.display().to_string());
-        for d in docs.into_iter().filter(|d| !d.is_null()) {
-            out.push((name.clone().unwrap_or_default(), d));
-        }
-    }
+    let mut out: Vec<(String, Value)> = rendered(&["install"])
+        .into_iter()
+        .map(|d| ("meshctl install".to_string(), d))
+        .collect();
+    let etcd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/etcd/etcd.yaml");
+    let text = std::fs::read_to_string(&etcd).expect("etcd.yaml");
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", etcd.display()));
+    out.extend(
+        docs.into_iter()
+            .filter(|d| !d.is_null())
+            .map(|d| ("etcd/etcd.yaml".to_string(), d)),
+    );
     out
 }
 
@@ -98,6 +110,7 @@ fn every_manifest_is_a_valid_object_of_its_kind() {
         let kind = d["kind"].as_str().unwrap_or_default();
         let r = match (d["apiVersion"].as_str().unwrap_or_default(), kind) {
             ("v1", "Namespace") => round_trip::<Namespace>(d),
+            ("v1", "Secret") => round_trip::<k8s_openapi::api::core::v1::Secret>(d),
             ("v1", "Service") => round_trip::<Service>(d),
             ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(d),
             ("apps/v1", "Deployment") => round_trip::<Deployment>(d),
@@ -327,11 +340,213 @@ fn dockerfile_targets_and_binaries_match_the_workspace() {
         }
     }
     // The images the manifests and injection use are this Dockerfile's.
-    let deploy = std::fs::read_to_string(root.join("deploy/kubernetes/30-control-plane.yaml"))
+    let deploy = std::fs::read_to_string(root.join("cli/manifests/30-control-plane.yaml"))
         .expect("control plane manifest");
     assert!(
         deploy.contains("image: mesh-control-plane:")
             && deploy.contains("--proxy-image=mesh-proxy:")
     );
     assert!(text.contains("-t mesh-control-plane:") && text.contains("-t mesh-proxy:"));
+}
+
+/// Issue 27 item 1: `meshctl install` values (`--set` over `-f`), its Secrets (a fresh CA
+/// that is a P-256 CA and a 256-bit token, or the operator's CA, checked), `--no-secrets` for
+/// upgrades, refusals naming the value, and `meshctl uninstall` naming every object the
+/// install makes, the namespace last. Every rendering round-trips as the default does.
+#[test]
+fn install_values_secrets_and_uninstall() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "namespace: mesh\ntrustDomain: corp.example\ncontrolPlane:\n  replicas: 5\n  image: reg.example/cp:1\nproxy:\n  image: reg.example/proxy:1\nstore: etcd://etcd-0.etcd:2379,etcd-1.etcd:2379\n",
+    )
+    .unwrap();
+    let docs = rendered(&[
+        "install",
+        "-f",
+        values.to_str().unwrap(),
+        "--set",
+        "controlPlane.replicas=3,webhook.failurePolicy=Ignore",
+    ]);
+    for d in &docs {
+        let ns = &d["metadata"]["namespace"];
+        assert!(ns.is_null() || ns == "mesh", "{d}");
+        assert!(!d.to_string().contains("mesh-system"), "{d}");
+    }
+    let deploy: Deployment =
+        serde_json::from_value(find_in(&docs, "Deployment", "mesh-control-plane").clone()).unwrap();
+    let spec = deploy.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3), "--set wins over -f");
+    let c = &spec.template.spec.unwrap().containers[0];
+    assert_eq!(c.image.as_deref(), Some("reg.example/cp:1"));
+    let args = c.args.clone().unwrap_or_default();
+    for want in [
+        "--store=etcd://etcd-0.etcd:2379,etcd-1.etcd:2379",
+        "--trust-domain=corp.example",
+        "--proxy-image=reg.example/proxy:1",
+        "--inject-control-plane=https://mesh-control-plane.mesh.svc:15010",
+        "--server-name=mesh-control-plane.mesh.svc",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want}: {args:?}");
+    }
+    assert_eq!(
+        args.iter().filter(|a| a.starts_with("--store=")).count(),
+        1,
+        "{args:?}"
+    );
+    let hpa = find_in(&docs, "HorizontalPodAutoscaler", "mesh-control-plane");
+    assert_eq!(hpa["spec"]["minReplicas"], 3);
+    let hook = find_in(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "mesh-sidecar-injector",
+    );
+    for w in hook["webhooks"].as_array().unwrap() {
+        assert_eq!(w["failurePolicy"], "Ignore");
+        assert_eq!(w["clientConfig"]["service"]["namespace"], "mesh");
+    }
+    let binding = find_in(&docs, "ClusterRoleBinding", "mesh-control-plane");
+    assert_eq!(binding["subjects"][0]["namespace"], "mesh");
+
+    // The fresh CA: a P-256 CA certificate for its key; the token: 64 hex digits.
+    let ca = find_in(&docs, "Secret", "mesh-ca");
+    assert_eq!(ca["type"], "kubernetes.io/tls");
+    let (cert, key) = (
+        ca["stringData"]["tls.crt"].as_str().unwrap().to_string(),
+        ca["stringData"]["tls.key"].as_str().unwrap().to_string(),
+    );
+    let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert_eq!(pair.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&cert, pair).unwrap();
+    // It signs: a leaf made with it is accepted by rustls' verifier of that root.
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["x.mesh".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    use rustls::client::danger::ServerCertVerifier;
+    verifier
+        .verify_server_cert(
+            leaf.der(),
+            &[],
+            &rustls_pki_types::ServerName::try_from("x.mesh").unwrap(),
+            &[],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .expect("a leaf the rendered CA signed verifies against it");
+    let token = find_in(&docs, "Secret", "mesh-admin-token")["stringData"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{token}"
+    );
+    // Each install makes its own.
+    let again = rendered(&["install"]);
+    assert_ne!(
+        find_in(&again, "Secret", "mesh-admin-token")["stringData"]["token"],
+        token.as_str()
+    );
+
+    // The operator's CA is used as given; a key of another certificate is refused.
+    let (c, k) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    std::fs::write(&c, &cert).unwrap();
+    std::fs::write(&k, &key).unwrap();
+    let own = rendered(&[
+        "install",
+        "--ca-cert",
+        c.to_str().unwrap(),
+        "--ca-key",
+        k.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        find_in(&own, "Secret", "mesh-ca")["stringData"]["tls.crt"],
+        cert.as_str()
+    );
+    let other = dir.path().join("other.key");
+    std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let (ok, _, err) = meshctl(&[
+        "install",
+        "--ca-cert",
+        c.to_str().unwrap(),
+        "--ca-key",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("not that of --ca-key"), "{err}");
+    // Upgrades keep the cluster's Secrets.
+    let upgrade = rendered(&["install", "--no-secrets"]);
+    assert!(!upgrade.iter().any(|d| d["kind"] == "Secret"));
+    assert_eq!(upgrade.len() + 2, again.len());
+
+    // Refusals name the value.
+    for (set, says) in [
+        ("nosuch=1", "unknown value \"nosuch\""),
+        ("controlPlane.replicas=0", "controlPlane.replicas=\"0\""),
+        ("store=file,controlPlane.replicas=2", "store=file"),
+        ("namespace=Mesh_System", "not a namespace name"),
+    ] {
+        let (ok, _, err) = meshctl(&["install", "--set", set]);
+        assert!(!ok && err.contains(says), "{set}: {err}");
+    }
+    // One replica on the file store: no autoscaler, no disruption budget.
+    let single = rendered(&["install", "--set", "store=file,controlPlane.replicas=1"]);
+    assert!(
+        !single
+            .iter()
+            .any(|d| d["kind"] == "HorizontalPodAutoscaler" || d["kind"] == "PodDisruptionBudget")
+    );
+
+    // Uninstall: every object of that install, by kind, name and namespace, namespace last.
+    let gone = rendered(&["uninstall", "-f", values.to_str().unwrap()]);
+    let key = |d: &Value| {
+        (
+            d["kind"].as_str().unwrap_or("").to_string(),
+            d["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            d["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let mut made: Vec<_> = docs.iter().map(key).collect();
+    let mut removed: Vec<_> = gone.iter().map(key).collect();
+    assert_eq!(
+        gone.last().map(key),
+        Some(("Namespace".into(), "mesh".into(), String::new()))
+    );
+    made.sort();
+    removed.sort();
+    assert_eq!(made, removed);
+
+    // Every rendering is valid, as the default one is.
+    for d in docs.iter().chain(&single) {
+        let r = match d["kind"].as_str().unwrap_or("") {
+            "Deployment" => round_trip::<Deployment>(d),
+            "Secret" => round_trip::<k8s_openapi::api::core::v1::Secret>(d),
+            "HorizontalPodAutoscaler" => round_trip::<HorizontalPodAutoscaler>(d),
+            "MutatingWebhookConfiguration" => round_trip::<MutatingWebhookConfiguration>(d),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(d),
+            _ => Ok(()),
+        };
+        r.unwrap_or_else(|e| panic!("{}: {e}", d["kind"]));
+    }
+}
+
+fn find_in<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
 }

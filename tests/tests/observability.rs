@@ -1560,17 +1560,7 @@ async fn the_shipped_pod_scrape_job_keeps_injected_proxies() -> anyhow::Result<(
         &manifest,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web-7d9f, namespace: shop}\nspec:\n  serviceAccountName: web\n  containers:\n    - {name: web, image: \"web:1\", ports: [{containerPort: 8080}]}\n",
     )?;
-    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
-        .args(["inject", "-f"])
-        .arg(&manifest)
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut pod: serde_json::Value = serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?;
+    let mut pod = meshctl_manifest(&["inject", "-f"], &manifest, &[]).await?;
     let notes = pod["metadata"]["annotations"].clone();
     assert_eq!(notes["prometheus.io/scrape"], "true", "{notes}");
     assert_eq!(notes["prometheus.io/path"], "/metrics", "{notes}");

@@ -37,18 +37,8 @@ spec:
 async fn inject(dir: &Path, yaml: &str, cp: Ipv4Addr) -> anyhow::Result<serde_json::Value> {
     let path = dir.join(format!("pod-{}.yaml", yaml.len()));
     std::fs::write(&path, yaml)?;
-    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
-        .args(["inject", "-f"])
-        .arg(&path)
-        .args(["--inject-control-plane", &format!("https://{cp}:15010")])
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?)
+    let cp = format!("https://{cp}:15010");
+    meshctl_manifest(&["inject", "-f"], &path, &["--inject-control-plane", &cp]).await
 }
 
 /// meshctl against the control plane's container (token and CA from its data dir).

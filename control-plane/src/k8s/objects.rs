@@ -1,5 +1,5 @@
 //! Routes and policies as Kubernetes objects (`mesh.io/v1alpha1`, CRDs in
-//! deploy/kubernetes/05-crds.yaml): a `MeshRoute`, `MeshPolicy` (resilience) or
+//! cli/manifests/05-crds.yaml): a `MeshRoute`, `MeshPolicy` (resilience) or
 //! `MeshAuthorization` named after its service, in the service's namespace, whose spec is what
 //! `meshctl route|policy|authz get -o json` shows, plus `service`. `kubectl apply` and meshctl
 //! edit the same thing: the leader copies an object that changed into the registry (validated

@@ -152,69 +152,58 @@ pub fn encode(
             }
         }
     }
-    {
-        let mut e = enc.encode_descriptor(
-        "istio_request_duration_milliseconds",
-        "Time from the request to the end of the response, in milliseconds (Istio's standard metric)",
-        None,
-        MetricType::Histogram,
-    )?;
-        for (l, r) in &rows {
-            let (counts, sum_us) = r.latency();
-            let total: u64 = counts.iter().sum();
-            if total == 0 {
-                continue;
-            }
-            let buckets: Vec<(f64, u64)> = counts
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let le = LATENCY_BUCKETS_MS
-                        .get(i)
-                        .map_or(f64::INFINITY, |ms| *ms as f64);
-                    (le, *n)
-                })
-                .collect();
-            e.encode_family(l)?.encode_histogram::<NoLabelSet>(
-                sum_us as f64 / 1000.0,
-                total,
-                &buckets,
-                None,
-            )?;
-        }
-    }
-    let sizes: Vec<_> = rows.iter().map(|(l, r)| (l, r.sizes())).collect();
-    for (i, (name, help)) in [
+    // Three histograms: (name, help, per label set: per-bucket counts, sum, bucket bounds).
+    type Histogram = (
+        &'static str,
+        &'static str,
+        fn(&RequestMetrics) -> (Vec<u64>, f64),
+        &'static [u64],
+    );
+    let histograms: [Histogram; 3] = [
+        (
+            "istio_request_duration_milliseconds",
+            "Time from the request to the end of the response, in milliseconds (Istio's standard metric)",
+            |r| {
+                let (counts, sum_us) = r.latency();
+                (counts, sum_us as f64 / 1000.0)
+            },
+            &LATENCY_BUCKETS_MS,
+        ),
         (
             "istio_request_bytes",
             "Request body sizes, bytes (Istio's standard metric)",
+            |r| {
+                let [(counts, sum), _] = r.sizes();
+                (counts, sum as f64)
+            },
+            &SIZE_BUCKETS,
         ),
         (
             "istio_response_bytes",
             "Response body sizes, bytes (Istio's standard metric)",
+            |r| {
+                let [_, (counts, sum)] = r.sizes();
+                (counts, sum as f64)
+            },
+            &SIZE_BUCKETS,
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    for (name, help, values, bounds) in histograms {
         let mut e = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
-        for (l, per) in &sizes {
-            let (counts, sum) = &per[i];
+        for (l, r) in &rows {
+            let (counts, sum) = values(r);
             let total: u64 = counts.iter().sum();
             if total == 0 {
                 continue;
             }
+            // Per-bucket counts: the encoder makes them cumulative itself.
             let buckets: Vec<(f64, u64)> = counts
                 .iter()
                 .enumerate()
-                .map(|(i, n)| (SIZE_BUCKETS.get(i).map_or(f64::INFINITY, |b| *b as f64), *n))
+                .map(|(i, n)| (bounds.get(i).map_or(f64::INFINITY, |b| *b as f64), *n))
                 .collect();
-            e.encode_family(*l)?.encode_histogram::<NoLabelSet>(
-                *sum as f64,
-                total,
-                &buckets,
-                None,
-            )?;
+            e.encode_family(l)?
+                .encode_histogram::<NoLabelSet>(sum, total, &buckets, None)?;
         }
     }
     Ok(())
