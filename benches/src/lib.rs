@@ -101,10 +101,12 @@ fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
                 pb::WeightedBackend {
                     version: "v1".into(),
                     weight: 90,
+                    ..Default::default()
                 },
                 pb::WeightedBackend {
                     version: "v2".into(),
                     weight: 10,
+                    ..Default::default()
                 },
             ],
             rules: Vec::new(),
@@ -161,6 +163,7 @@ pub fn service_with_rules(n: usize) -> Service {
         backends: vec![pb::WeightedBackend {
             version: "v2".into(),
             weight: 100,
+            ..Default::default()
         }],
         ..Default::default()
     });

@@ -294,7 +294,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Parses `v1=90,v2=10`. Refuses negative, non-numeric, duplicate and all-zero weights.
+/// Parses `v1=90,v2=10` (versions of the service) or `svc/primary=90,svc/canary=10` (other
+/// services). Refuses negative and non-numeric weights.
 pub fn parse_weights(s: &str) -> Result<Vec<pb::WeightedBackend>, String> {
     let mut out: Vec<pb::WeightedBackend> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -313,9 +314,16 @@ pub fn parse_weights(s: &str) -> Result<Vec<pb::WeightedBackend>, String> {
             return Err(format!("{part:?}: weights cannot be negative"));
         }
         let weight = u32::try_from(w).map_err(|_| format!("{part:?}: weight too large"))?;
+        // `svc/<name>`: another service as the backend (one Service per version).
+        let (service, version) = match v.strip_prefix("svc/") {
+            Some(s) if !s.is_empty() => (s.to_string(), String::new()),
+            Some(_) => return Err(format!("{part:?}: svc/ needs a service name")),
+            None => (String::new(), v.to_string()),
+        };
         out.push(pb::WeightedBackend {
-            version: v.to_string(),
+            version,
             weight,
+            service,
         });
     }
     if out.is_empty() {
@@ -348,7 +356,11 @@ pub(crate) fn fmt_weights(r: &Option<pb::Route>) -> String {
         Some(r) if !r.backends.is_empty() => r
             .backends
             .iter()
-            .map(|b| format!("{}={}", b.version, b.weight))
+            .map(|b| match (b.service.as_str(), b.version.as_str()) {
+                ("", v) => format!("{v}={}", b.weight),
+                (s, "") => format!("svc/{s}={}", b.weight),
+                (s, v) => format!("svc/{s}@{v}={}", b.weight),
+            })
             .collect::<Vec<_>>()
             .join(","),
         _ => "(no split)".into(),
@@ -605,8 +617,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     _ => unreachable!("matched above"),
                 }
-                // The control plane's own checks (`mesh-model`), before anything is sent.
-                mesh_model::Route::try_from(&route).map_err(|e| anyhow::anyhow!("{e}"))?;
+                // The control plane's own checks (`mesh-model`), before anything is sent, on
+                // the route as proxies get it (other services as versions).
+                let key = mesh_model::service::absolute(&service, &cli.namespace);
+                let (expanded, _) = mesh_model::backends::expand(&key, &route);
+                mesh_model::Route::try_from(&expanded).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let r = c
                     .set_route(pb::SetRouteRequest {
                         service,

@@ -54,6 +54,7 @@ fn parse_mirror(s: &str) -> Result<Option<pb::Mirror>, String> {
     Ok(Some(pb::Mirror {
         version: v.trim().to_string(),
         percent,
+        ..Default::default()
     }))
 }
 
@@ -175,6 +176,7 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
         Some(t) => vec![pb::WeightedBackend {
             version: t.trim().to_string(),
             weight: 100,
+            ..Default::default()
         }],
     };
     let redirect = a.redirect.as_ref().map(|r| {

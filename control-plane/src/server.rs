@@ -266,6 +266,11 @@ pub async fn run(
             registry.clone(),
             leader.clone(),
         ));
+        tokio::spawn(crate::k8s::gateway::sync(
+            client.clone(),
+            registry.clone(),
+            leader.clone(),
+        ));
         tokio::spawn(crate::k8s::publish_bundle(
             client.clone(),
             registry.clone(),

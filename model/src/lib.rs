@@ -4,6 +4,7 @@
 //! other cannot refuse, and each refusal reads the same everywhere. `mesh-authz` is the same
 //! idea for authorization rules.
 
+pub mod backends;
 pub mod policy;
 pub mod protocol;
 pub mod route;

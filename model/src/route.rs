@@ -276,6 +276,13 @@ fn header_pairs(
 fn backends(what: &str, v: &[pb::WeightedBackend]) -> Result<Vec<(Arc<str>, u32)>, String> {
     let mut out: Vec<(Arc<str>, u32)> = Vec::with_capacity(v.len());
     for b in v {
+        if !b.service.is_empty() {
+            // Proxies get service backends as versions (`crate::backends::expand`).
+            return Err(format!(
+                "{what}: backend service {:?} not expanded to a version",
+                b.service
+            ));
+        }
         if b.version.is_empty() {
             return Err(format!("{what}: a backend has an empty version"));
         }

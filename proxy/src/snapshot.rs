@@ -426,6 +426,7 @@ mod tests {
         let backend = |v: &str| pb::WeightedBackend {
             version: v.into(),
             weight: 1,
+            ..Default::default()
         };
         ServiceConfig::try_from(pb::ServiceConfig {
             name: "api".into(),

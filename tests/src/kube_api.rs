@@ -24,6 +24,8 @@ pub enum Kind {
     MeshPolicy,
     MeshAuthorization,
     ConfigMap,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -39,6 +41,8 @@ impl Kind {
             "/apis/mesh.io/v1alpha1/meshroutes" => Some(Kind::MeshRoute),
             "/apis/mesh.io/v1alpha1/meshpolicies" => Some(Kind::MeshPolicy),
             "/apis/mesh.io/v1alpha1/meshauthorizations" => Some(Kind::MeshAuthorization),
+            "/apis/gateway.networking.k8s.io/v1/httproutes" => Some(Kind::HttpRoute),
+            "/apis/gateway.networking.k8s.io/v1/grpcroutes" => Some(Kind::GrpcRoute),
             _ => None,
         }
     }
@@ -52,6 +56,8 @@ impl Kind {
             Kind::MeshPolicy => ("mesh.io/v1alpha1", "MeshPolicyList"),
             Kind::MeshAuthorization => ("mesh.io/v1alpha1", "MeshAuthorizationList"),
             Kind::ConfigMap => ("v1", "ConfigMapList"),
+            Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRouteList"),
+            Kind::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRouteList"),
         }
     }
 }
@@ -148,6 +154,13 @@ impl FakeKubeApi {
                             if req.uri().path().starts_with(WEBHOOK_CONFIGS) {
                                 return Ok::<_, Infallible>(
                                     webhook_configuration(req, &state).await,
+                                );
+                            }
+                            if req.method() == hyper::Method::PATCH
+                                && req.uri().path().starts_with(GATEWAY_ROUTES)
+                            {
+                                return Ok::<_, Infallible>(
+                                    patch_route_status(req, &state, &events).await,
                                 );
                             }
                             if req.method() == hyper::Method::PATCH
@@ -283,6 +296,42 @@ async fn apply_mesh_object(
     };
     let event = if exists { "MODIFIED" } else { "ADDED" };
     let stored = record(state, events, kind, event, obj);
+    json_response(hyper::StatusCode::OK, &stored)
+}
+
+const GATEWAY_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/";
+
+/// A merge patch of a Gateway API route's status
+/// (`PATCH /apis/gateway.networking.k8s.io/v1/namespaces/<ns>/<plural>/<name>/status`): the
+/// patch's `status` replaces the stored one, and watches see the object modified.
+async fn patch_route_status(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
+) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches(GATEWAY_ROUTES).split('/').collect();
+    let patch: Value = serde_json::from_slice(&body_of(req).await).unwrap_or_default();
+    let (kind, ns, name) = match parts.as_slice() {
+        [ns, "httproutes", name, "status"] => (Kind::HttpRoute, *ns, *name),
+        [ns, "grpcroutes", name, "status"] => (Kind::GrpcRoute, *ns, *name),
+        _ => {
+            let (code, v) = status(404, "NotFound", "no such route status");
+            return json_response(code, &v);
+        }
+    };
+    let current = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.objects
+            .get(&(kind as u8, ns.to_string(), name.to_string()))
+            .cloned()
+    };
+    let Some(mut obj) = current else {
+        let (code, v) = status(404, "NotFound", "route not found");
+        return json_response(code, &v);
+    };
+    obj["status"] = patch["status"].clone();
+    let stored = record(state, events, kind, "MODIFIED", obj);
     json_response(hyper::StatusCode::OK, &stored)
 }
 

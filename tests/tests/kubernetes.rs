@@ -1492,3 +1492,259 @@ async fn a_service_may_run_under_several_service_accounts() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// An injected pod of service `app` (its ServiceAccount too) in namespace `test`, and the
+/// EndpointSlice of that service holding it.
+fn test_app(app: &str, ip: &str) -> [(mesh_tests::kube_api::Kind, serde_json::Value); 2] {
+    use mesh_tests::kube_api::Kind;
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{app}-0"), "namespace": "test", "uid": format!("uid-{app}"),
+                     "labels": {"app": app}, "annotations": {"mesh.io/injected": "0.1.0"}},
+        "spec": {"serviceAccountName": app, "containers": [{"name": app, "image": "podinfo:6"}]},
+        "status": {"podIP": ip, "phase": "Running"}
+    });
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{app}-abcde"), "namespace": "test", "uid": format!("slice-{app}"),
+                     "labels": {"kubernetes.io/service-name": app}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 9898, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "namespace": "test", "name": format!("{app}-0"), "uid": format!("uid-{app}")}}]
+    });
+    [(Kind::Pod, pod), (Kind::EndpointSlice, slice)]
+}
+
+/// The HTTPRoute Flagger's Gateway API provider writes for a mesh (GAMMA) canary of
+/// `podinfo`, at `primary`/`canary` weights and metadata.generation `generation`.
+fn flagger_route(primary: u32, canary: u32, generation: u64) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "podinfo", "namespace": "test", "generation": generation,
+                     "creationTimestamp": "2026-12-06T10:00:00Z",
+                     "ownerReferences": [{"apiVersion": "flagger.app/v1beta1", "kind": "Canary", "name": "podinfo", "uid": "c-1", "controller": true}]},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "podinfo", "port": 9898}],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                "backendRefs": [
+                    {"group": "", "kind": "Service", "name": "podinfo-primary", "port": 9898, "weight": primary},
+                    {"group": "", "kind": "Service", "name": "podinfo-canary", "port": 9898, "weight": canary}
+                ]
+            }]
+        }
+    })
+}
+
+/// Issue 27 item 5: Gateway API for the mesh. HTTPRoutes exactly as Flagger's Gateway API
+/// provider writes them for a canary of `podinfo` (apex Service parent, `-primary` and
+/// `-canary` Services as backendRefs) set the weights at the proxies as Flagger moves them,
+/// with the canary's endpoints; each route's status says Accepted (with its
+/// observedGeneration) under this controller's name. A GRPCRoute on the same Service adds its
+/// rule; a backendRef to a Service the mesh does not know, and an unsupported filter, are
+/// refused in status (ResolvedRefs / Accepted false, saying why) and change nothing at the
+/// proxies; deleting the routes sends the Service's traffic back to its own endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_routes_drive_the_mesh_as_flagger_writes_them() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let mut objects = Vec::new();
+    for (app, ip) in [
+        ("podinfo", "10.2.0.10"),
+        ("podinfo-primary", "10.2.0.11"),
+        ("podinfo-canary", "10.2.0.12"),
+    ] {
+        objects.extend(test_app(app, ip));
+    }
+    let api = FakeKubeApi::start(objects).await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://podinfo.test/").await;
+    let endpoints_of = |d: &serde_json::Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = d["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "podinfo.test")
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap_or("").to_string(),
+                    e["version"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        endpoints_of(d).len() == 1
+    })
+    .await?;
+    let split = |p: u64, cn: u64| {
+        vec![
+            ("podinfo-primary.test".to_string(), p),
+            ("podinfo-canary.test".to_string(), cn),
+        ]
+    };
+    let ours = |o: &serde_json::Value| -> Vec<(String, String, String, u64)> {
+        o["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["controllerName"] == "mesh.io/mesh-controller")
+            .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap_or("").to_string(),
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                    c["observedGeneration"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let status_within =
+        |kind: Kind,
+         name: &'static str,
+         want: Vec<(&'static str, &'static str, &'static str, u64)>| {
+            let api = &api;
+            async move {
+                let want: Vec<(String, String, String, u64)> = want
+                    .into_iter()
+                    .map(|(a, b, c, d)| (a.into(), b.into(), c.into(), d))
+                    .collect();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let o = api.object(kind, "test", name).unwrap_or_default();
+                    if ours(&o) == want {
+                        return anyhow::Ok(o);
+                    }
+                    anyhow::ensure!(
+                        tokio::time::Instant::now() < deadline,
+                        "{name}'s status is {}",
+                        o["status"]
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+
+    // Flagger starts the canary at 0%, then shifts: each step reaches the proxy.
+    api.apply(Kind::HttpRoute, "ADDED", flagger_route(100, 0, 1));
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "podinfo.test") == split(100, 0)
+    })
+    .await?;
+    // The apex Service's callers now know the backends' endpoints, as their versions.
+    let eps = endpoints_of(&admin_get(c.admin, "/config_dump").await?.json);
+    assert!(
+        eps.contains(&("10.2.0.12:15006".into(), "podinfo-canary.test".into()))
+            || eps
+                .iter()
+                .any(|(a, v)| a.starts_with("10.2.0.12:") && v == "podinfo-canary.test"),
+        "{eps:?}"
+    );
+    let accepted = |g| {
+        vec![
+            ("Accepted", "True", "Accepted", g),
+            ("ResolvedRefs", "True", "ResolvedRefs", g),
+        ]
+    };
+    status_within(Kind::HttpRoute, "podinfo", accepted(1)).await?;
+    for (step, (p, cn)) in [(90, 10), (50, 50), (0, 100)].into_iter().enumerate() {
+        let generation = step as u64 + 2;
+        api.apply(
+            Kind::HttpRoute,
+            "MODIFIED",
+            flagger_route(p, cn, generation),
+        );
+        wait_config(c.admin, Duration::from_secs(5), |d| {
+            route_in_dump(d, "podinfo.test") == split(p as u64, cn as u64)
+        })
+        .await?;
+        status_within(Kind::HttpRoute, "podinfo", accepted(generation)).await?;
+    }
+    let shown = mesh
+        .meshctl(&["-n", "test", "route", "get", "podinfo"])
+        .await?;
+    assert!(
+        shown.contains("svc/podinfo-primary=0,svc/podinfo-canary=100"),
+        "{shown}"
+    );
+
+    // A GRPCRoute on the same Service adds its rule.
+    api.apply(
+        Kind::GrpcRoute,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "podinfo-grpc", "namespace": "test", "generation": 1,
+                         "creationTimestamp": "2026-12-06T11:00:00Z"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "podinfo"}],
+                "rules": [{
+                    "matches": [{"method": {"service": "grpc.health.v1.Health"}}],
+                    "backendRefs": [{"name": "podinfo-primary"}]
+                }]
+            }
+        }),
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        rules_in_dump(d, "podinfo.test") == ["podinfo-grpc-1"]
+            && route_in_dump(d, "podinfo.test") == split(0, 100)
+    })
+    .await?;
+    status_within(Kind::GrpcRoute, "podinfo-grpc", accepted(1)).await?;
+
+    // Refused in status, nothing changed at the proxy: a backend the mesh does not know...
+    let mut unknown = flagger_route(50, 50, 6);
+    unknown["spec"]["rules"][0]["backendRefs"][1]["name"] = "podinfo-nosuch".into();
+    api.apply(Kind::HttpRoute, "MODIFIED", unknown);
+    let o = status_within(
+        Kind::HttpRoute,
+        "podinfo",
+        vec![
+            ("Accepted", "False", "BackendNotFound", 6),
+            ("ResolvedRefs", "False", "BackendNotFound", 6),
+        ],
+    )
+    .await?;
+    assert!(
+        o["status"].to_string().contains("podinfo-nosuch.test"),
+        "{}",
+        o["status"]
+    );
+    // ...and a filter the mesh does not implement.
+    let mut rewrite = flagger_route(50, 50, 7);
+    rewrite["spec"]["rules"][0]["filters"] =
+        serde_json::json!([{"type": "URLRewrite", "urlRewrite": {"hostname": "x"}}]);
+    api.apply(Kind::HttpRoute, "MODIFIED", rewrite);
+    status_within(
+        Kind::HttpRoute,
+        "podinfo",
+        vec![
+            ("Accepted", "False", "UnsupportedValue", 7),
+            ("ResolvedRefs", "True", "ResolvedRefs", 7),
+        ],
+    )
+    .await?;
+    let dump = admin_get(c.admin, "/config_dump").await?.json;
+    assert_eq!(route_in_dump(&dump, "podinfo.test"), split(0, 100));
+
+    // Both routes deleted: the Service's own endpoints again, no split.
+    api.apply(Kind::HttpRoute, "DELETED", flagger_route(50, 50, 7));
+    api.apply(
+        Kind::GrpcRoute,
+        "DELETED",
+        serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+                           "metadata": {"name": "podinfo-grpc", "namespace": "test"}}),
+    );
+    wait_config(c.admin, Duration::from_secs(5), |d| {
+        route_in_dump(d, "podinfo.test").is_empty()
+            && rules_in_dump(d, "podinfo.test").is_empty()
+            && endpoints_of(d).len() == 1
+    })
+    .await?;
+    Ok(())
+}

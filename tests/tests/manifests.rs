@@ -260,6 +260,8 @@ fn manifests_agree_with_each_other_and_the_binaries() {
         "meshroutes",
         "meshpolicies",
         "meshauthorizations",
+        "httproutes",
+        "grpcroutes",
     ] {
         assert!(
             role.rules.iter().flatten().any(|r| {

@@ -251,10 +251,12 @@ async fn unappliable_config_is_nacked_and_last_good_kept() -> anyhow::Result<()>
             pb::WeightedBackend {
                 version: "v1".into(),
                 weight: 0,
+                ..Default::default()
             },
             pb::WeightedBackend {
                 version: "v2".into(),
                 weight: 0,
+                ..Default::default()
             },
         ],
         rules: Vec::new(),

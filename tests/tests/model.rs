@@ -34,6 +34,7 @@ fn rule(name: &str, f: impl FnOnce(&mut pb::RouteRule)) -> pb::Route {
         backends: vec![pb::WeightedBackend {
             version: "v2".into(),
             weight: 1,
+            ..Default::default()
         }],
         ..Default::default()
     };
@@ -50,6 +51,7 @@ fn good_backends() -> Vec<pb::WeightedBackend> {
         .map(|v| pb::WeightedBackend {
             version: v.into(),
             weight: 50,
+            ..Default::default()
         })
         .to_vec()
 }
@@ -106,6 +108,7 @@ fn rows() -> Vec<Row> {
                     .map(|v| pb::WeightedBackend {
                         version: v.into(),
                         weight: 50,
+                        ..Default::default()
                     })
                     .to_vec()
             })),

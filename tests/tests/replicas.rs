@@ -461,6 +461,7 @@ async fn etcd_contents_without_namespaces_upgrade_in_place() -> anyhow::Result<(
                     .map(|(v, w)| mesh_proto::v1::WeightedBackend {
                         version: v.into(),
                         weight: w,
+                        ..Default::default()
                     })
                     .to_vec(),
                 ..Default::default()

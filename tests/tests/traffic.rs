@@ -538,3 +538,90 @@ async fn a_canary_can_be_paused_resumed_and_aborted() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 27 item 5, service backends on the wire: a route of `podinfo` that splits between
+/// two other services (`meshctl route set podinfo --weights svc/podinfo-primary=…`, what a
+/// Gateway API backendRef becomes) sends requests to those services' workloads, each verified
+/// by its own identity, at the weights set, and follows a shift to the canary with no failed
+/// request; the services' own endpoints changing reaches the routed service's callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_split_between_services_as_gateway_backend_refs_do() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.workload("podinfo", "v1").await?;
+    mesh.workload("podinfo-primary", "v1").await?;
+    mesh.workload("podinfo-canary", "v1").await?;
+    let c = mesh.client("web").await?;
+    for s in ["podinfo", "podinfo-primary", "podinfo-canary"] {
+        mesh.wait_endpoints(s, 1).await?;
+    }
+    let http = h1_client(c.outbound);
+    assert_eq!(get(&http, "http://podinfo/").await?.status, 200);
+    let split = |primary: u64, canary: u64| {
+        vec![
+            ("podinfo-primary.default".to_string(), primary),
+            ("podinfo-canary.default".to_string(), canary),
+        ]
+    };
+    let served_by = |http: HttpClient, n: usize| async move {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let r = get(&http, "http://podinfo/").await?;
+            anyhow::ensure!(r.status == 200, "{} {}", r.status, r.text);
+            *counts
+                .entry(r.json["service"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+        anyhow::Ok(counts)
+    };
+
+    for (p, cn) in [(100, 0), (50, 50), (0, 100)] {
+        let out = mesh
+            .meshctl(&[
+                "route",
+                "set",
+                "podinfo",
+                "--weights",
+                &format!("svc/podinfo-primary={p},svc/podinfo-canary={cn}"),
+            ])
+            .await?;
+        assert!(out.contains("svc/podinfo-primary"), "{out}");
+        wait_config(c.admin, Duration::from_secs(10), |d| {
+            route_in_dump(d, "podinfo") == split(p, cn)
+        })
+        .await?;
+        let counts = served_by(http.clone(), 60).await?;
+        let primary = counts.get("podinfo-primary").copied().unwrap_or(0);
+        let canary = counts.get("podinfo-canary").copied().unwrap_or(0);
+        assert_eq!(
+            primary + canary,
+            60,
+            "only the two backend services: {counts:?}"
+        );
+        match (p, cn) {
+            (100, 0) => assert_eq!(canary, 0, "{counts:?}"),
+            (0, 100) => assert_eq!(primary, 0, "{counts:?}"),
+            _ => assert!((15..=45).contains(&primary), "{counts:?}"),
+        }
+    }
+    // A second canary endpoint joins: podinfo's callers get it without a route change.
+    mesh.workload("podinfo-canary", "v1").await?;
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        d["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "podinfo")
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["version"] == "podinfo-canary.default")
+            .count()
+            == 2
+    })
+    .await?;
+    // A backend service that does not exist is refused, naming it.
+    let err = mesh
+        .meshctl(&["route", "set", "podinfo", "--weights", "svc/nosuch=100"])
+        .await
+        .expect_err("an unknown backend service");
+    assert!(err.to_string().contains("nosuch.default"), "{err}");
+    Ok(())
+}

@@ -244,10 +244,12 @@ async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushRes
                         pb::WeightedBackend {
                             version: "v1".into(),
                             weight: 100 - w,
+                            ..Default::default()
                         },
                         pb::WeightedBackend {
                             version: "v2".into(),
                             weight: w,
+                            ..Default::default()
                         },
                     ],
                     ..Default::default()

@@ -71,18 +71,21 @@ pub fn service_config(
     name: &str,
 ) -> Option<pb::ServiceConfig> {
     let svc = state.services.get(name)?;
-    let route = state.route_of(name).route;
+    // Other services as backends reach proxies as versions of this one.
+    let (route, backends) = crate::state::backends::expand(name, &state.route_of(name).route);
+    let mut endpoints: Vec<pb::Endpoint> = state
+        .endpoints
+        .get(name)
+        .into_iter()
+        .flat_map(|m| m.values())
+        .map(endpoint_to_proto)
+        .collect();
+    endpoints.extend(crate::state::backends::endpoints(state, &backends));
     Some(pb::ServiceConfig {
         name: svc.name.clone(),
         namespace: svc.namespace.clone(),
         identity: svc.identity.clone(),
-        endpoints: state
-            .endpoints
-            .get(name)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .map(endpoint_to_proto)
-            .collect(),
+        endpoints,
         route: Some(route),
         policy: state.policies.get(name).map(|p| p.policy.clone()),
         authz: effective_authz(state, name),

@@ -7,9 +7,9 @@
 //! is in force), and a registry change (meshctl, the canary controller) into its object.
 //! Deleting the object resets the service to the default.
 //!
-//! Why mesh resources rather than Gateway API's HTTPRoute: the mesh routes to versions of one
-//! service (endpoint subsets by label), which HTTPRoute can only express as one Service per
-//! version.
+//! Mesh resources beside Gateway API's routes (`k8s::gateway`): a MeshRoute splits between
+//! versions of one service (endpoint subsets by label), which HTTPRoute can only express as
+//! one Service per version.
 
 use crate::replicas::leader::Leadership;
 use crate::state::registry::{Registry, RegistryError, State};

@@ -183,6 +183,18 @@ impl State {
             .filter(|_| !matches!(k, Key::Of(ServiceKind::Canary, _)));
         if let Some(s) = touched {
             self.service_versions.insert(s.to_string(), rev);
+            // Routes that send to it carry its endpoints: they change too.
+            let dependents: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|(k, r)| {
+                    k.as_str() != s && crate::state::backends::references(k, &r.current.route, s)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for d in dependents {
+                self.service_versions.insert(d, rev);
+            }
         }
         Ok(())
     }
@@ -221,11 +233,29 @@ pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(),
             "unknown service {service:?}"
         )));
     }
-    // The same model the proxies convert with (`mesh-model`), plus the versions only the
-    // control plane knows.
-    let checked = mesh_model::Route::try_from(route).map_err(|e| RegistryError::Invalid(e.0))?;
+    // The same model the proxies convert with (`mesh-model`), on the route as they get it
+    // (other services as versions), plus the versions only the control plane knows.
+    let (expanded, backends) = crate::state::backends::expand(service, route);
+    let mut versions = state.versions_of(service);
+    for b in &backends {
+        if !state.services.contains_key(&b.service) {
+            return Err(RegistryError::Invalid(format!(
+                "backend service {:?} is not a service of the mesh",
+                b.service
+            )));
+        }
+        if !b.subset.is_empty() && !state.versions_of(&b.service).contains(&b.subset) {
+            return Err(RegistryError::Invalid(format!(
+                "backend service {:?} has no version {:?}",
+                b.service, b.subset
+            )));
+        }
+        versions.push(b.version.clone());
+    }
+    let checked =
+        mesh_model::Route::try_from(&expanded).map_err(|e| RegistryError::Invalid(e.0))?;
     checked
-        .check_versions(service, &state.versions_of(service))
+        .check_versions(service, &versions)
         .map_err(|e| RegistryError::Invalid(e.0))
 }
 
@@ -690,10 +720,12 @@ impl Registry {
                     mesh_proto::v1::WeightedBackend {
                         version: rec.from.clone(),
                         weight: from_w,
+                        ..Default::default()
                     },
                     mesh_proto::v1::WeightedBackend {
                         version: rec.to.clone(),
                         weight: to_w,
+                        ..Default::default()
                     },
                 ];
                 validate_route(st, &rec.service, &route)?;

@@ -159,6 +159,7 @@ fn pb_rule(name: &str) -> pb::RouteRule {
         backends: vec![pb::WeightedBackend {
             version: "v2".into(),
             weight: 1,
+            ..Default::default()
         }],
         ..Default::default()
     }
@@ -170,6 +171,7 @@ fn a_route_is_checked_once_whoever_builds_it() {
         backends: vec![pb::WeightedBackend {
             version: "v1".into(),
             weight: 1,
+            ..Default::default()
         }],
         rules: vec![pb_rule("api")],
         mirror: None,

@@ -144,6 +144,7 @@ mod tests {
                 backends: vec![pb::WeightedBackend {
                     version: "v1".into(),
                     weight: 1,
+                    ..Default::default()
                 }],
                 rules: Vec::new(),
                 mirror: None,
@@ -230,6 +231,7 @@ mod tests {
             backends: vec![pb::WeightedBackend {
                 version: "v1".into(),
                 weight: 0,
+                ..Default::default()
             }],
             rules: Vec::new(),
             mirror: None,

@@ -99,6 +99,7 @@ async fn routes_are_checked_against_the_model_and_the_versions() {
         backends: vec![pb::WeightedBackend {
             version: v.into(),
             weight: w,
+            ..Default::default()
         }],
         ..Default::default()
     };
