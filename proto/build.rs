@@ -47,6 +47,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "#[serde(rename_all = \"snake_case\")]",
             );
     }
+    // Added fields whose empty value the stored JSON and `-o json` leave out, as before.
+    for f in [".mesh.v1.WeightedBackend.service", ".mesh.v1.Mirror.service"] {
+        b = b.field_attribute(f, "#[serde(skip_serializing_if = \"String::is_empty\")]");
+    }
     b.compile_fds(fds)?;
     Ok(())
 }
