@@ -41,6 +41,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 format!(".mesh.v1.{m}"),
                 "#[derive(serde::Serialize, serde::Deserialize)]",
             )
+            .type_attribute(
+                format!(".mesh.v1.{m}"),
+                "#[cfg_attr(feature = \"schema\", derive(schemars::JsonSchema))]",
+            )
             .message_attribute(format!(".mesh.v1.{m}"), "#[serde(default)]")
             .enum_attribute(
                 format!(".mesh.v1.{m}"),
@@ -48,7 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
     }
     // Added fields whose empty value the stored JSON and `-o json` leave out, as before.
-    for f in [".mesh.v1.WeightedBackend.service", ".mesh.v1.Mirror.service"] {
+    for f in [
+        ".mesh.v1.WeightedBackend.service",
+        ".mesh.v1.Mirror.service",
+    ] {
         b = b.field_attribute(f, "#[serde(skip_serializing_if = \"String::is_empty\")]");
     }
     b.compile_fds(fds)?;

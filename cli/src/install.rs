@@ -10,10 +10,11 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 
 /// The templates, in the order they apply: the namespace first, the webhook last (it must not
-/// call a control plane that does not exist yet for longer than need be).
-const TEMPLATES: [&str; 5] = [
+/// call a control plane that does not exist yet for longer than need be). The CRDs are not
+/// templates: they are generated from their Rust types (`mesh-crds`) and go after the
+/// namespace.
+const TEMPLATES: [&str; 4] = [
     include_str!("../manifests/00-namespace.yaml"),
-    include_str!("../manifests/05-crds.yaml"),
     include_str!("../manifests/20-control-plane-rbac.yaml"),
     include_str!("../manifests/30-control-plane.yaml"),
     include_str!("../manifests/40-webhook.yaml"),
@@ -254,10 +255,15 @@ pub fn render(values: &Values, secrets: Option<&Secrets>) -> anyhow::Result<Vec<
     values.check()?;
     let ns = values.namespace.as_str();
     let mut docs = Vec::new();
-    for t in TEMPLATES {
+    for (i, t) in TEMPLATES.iter().enumerate() {
         let text = t.replace(TEMPLATE_NAMESPACE, ns);
         let parsed: Vec<Value> = serde_saphyr::from_multiple(&text)?;
         docs.extend(parsed.into_iter().filter(|d| !d.is_null()));
+        if i == 0 {
+            for crd in mesh_crds::all() {
+                docs.push(serde_json::to_value(crd)?);
+            }
+        }
     }
     let single = values.replicas == 1;
     // One replica: no autoscaler, and no disruption budget that would block every drain.

@@ -255,16 +255,19 @@ pub async fn run(
             client.clone(),
             registry.clone(),
             leader.clone(),
+            proxies.clone(),
         ));
         tokio::spawn(sync::<Policies>(
             client.clone(),
             registry.clone(),
             leader.clone(),
+            proxies.clone(),
         ));
         tokio::spawn(sync::<Authorizations>(
             client.clone(),
             registry.clone(),
             leader.clone(),
+            proxies.clone(),
         ));
         tokio::spawn(crate::k8s::gateway::sync(
             client.clone(),

@@ -277,8 +277,42 @@ async fn apply_mesh_object(
     state: &Mutex<State>,
     events: &broadcast::Sender<(Kind, String)>,
 ) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
     let body = body_of(req).await;
     let obj: Value = serde_json::from_slice(&body).unwrap_or_default();
+    // A merge patch of the status subresource:
+    // /apis/mesh.io/v1alpha1/namespaces/<ns>/<plural>/<name>/status.
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let [
+        "apis",
+        "mesh.io",
+        "v1alpha1",
+        "namespaces",
+        ns,
+        plural,
+        name,
+        "status",
+    ] = parts.as_slice()
+    {
+        let kind = match *plural {
+            "meshroutes" => Kind::MeshRoute,
+            "meshpolicies" => Kind::MeshPolicy,
+            _ => Kind::MeshAuthorization,
+        };
+        let current = {
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.objects
+                .get(&(kind as u8, ns.to_string(), name.to_string()))
+                .cloned()
+        };
+        let Some(mut stored) = current else {
+            let (code, v) = status(404, "NotFound", "no such object");
+            return json_response(code, &v);
+        };
+        stored["status"] = obj["status"].clone();
+        let stored = record(state, events, kind, "MODIFIED", stored);
+        return json_response(hyper::StatusCode::OK, &stored);
+    }
     let kind = match obj["kind"].as_str() {
         Some("MeshRoute") => Kind::MeshRoute,
         Some("MeshPolicy") => Kind::MeshPolicy,

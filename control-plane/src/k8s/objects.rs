@@ -1,10 +1,12 @@
-//! Routes and policies as Kubernetes objects (`mesh.io/v1alpha1`, CRDs in
-//! cli/manifests/05-crds.yaml): a `MeshRoute`, `MeshPolicy` (resilience) or
-//! `MeshAuthorization` named after its service, in the service's namespace, whose spec is what
-//! `meshctl route|policy|authz get -o json` shows, plus `service`. `kubectl apply` and meshctl
-//! edit the same thing: the leader copies an object that changed into the registry (validated
-//! as any write; a refused one is logged, changes nothing, and the object is set back to what
-//! is in force), and a registry change (meshctl, the canary controller) into its object.
+//! Routes and policies as Kubernetes objects (`mesh.io/v1alpha1`, CRDs generated from the
+//! types in `mesh-crds`): a `MeshRoute`, `MeshPolicy` (resilience) or `MeshAuthorization`
+//! named after its service, in the service's namespace, whose spec is what `meshctl
+//! route|policy|authz get -o json` shows, plus `service`. `kubectl apply` and meshctl edit the
+//! same thing: the leader copies an object that changed into the registry (validated as any
+//! write), and a registry change (meshctl, the canary controller) into its object. A refused
+//! object is left as the user wrote it: its status says why (`Accepted` False), and the
+//! previous spec stays in force until the object is fixed or the registry changes. The status
+//! also gives the revision that put the spec in force and how many proxies applied it.
 //! Deleting the object resets the service to the default.
 //!
 //! Mesh resources beside Gateway API's routes (`k8s::gateway`): a MeshRoute splits between
@@ -38,6 +40,8 @@ pub trait Kind: Send + Sync + 'static {
     fn current(state: &State, service: &str) -> Self::Spec;
     /// The services that have something set.
     fn services(state: &State) -> Vec<String>;
+    /// The store revision that put the current spec of `service` in force (None: default).
+    fn revision(state: &State, service: &str) -> Option<u64>;
     /// Writes `spec` for `service` (the default removes it), validated as any write.
     fn set(
         registry: &Registry,
@@ -63,6 +67,9 @@ impl Kind for Routes {
     fn services(state: &State) -> Vec<String> {
         state.routes.keys().cloned().collect()
     }
+    fn revision(state: &State, service: &str) -> Option<u64> {
+        state.routes.get(service).map(|r| r.current.revision)
+    }
     async fn set(registry: &Registry, service: &str, spec: pb::Route) -> Result<(), RegistryError> {
         registry.set_route(service, spec, true, 0).await.map(|_| ())
     }
@@ -81,6 +88,9 @@ impl Kind for Policies {
     }
     fn services(state: &State) -> Vec<String> {
         state.policies.keys().cloned().collect()
+    }
+    fn revision(state: &State, service: &str) -> Option<u64> {
+        state.policies.get(service).map(|p| p.revision)
     }
     async fn set(
         registry: &Registry,
@@ -104,6 +114,9 @@ impl Kind for Authorizations {
     }
     fn services(state: &State) -> Vec<String> {
         state.authz.keys().cloned().collect()
+    }
+    fn revision(state: &State, service: &str) -> Option<u64> {
+        state.authz.get(service).map(|a| a.revision)
     }
     async fn set(registry: &Registry, service: &str, spec: pb::Authz) -> Result<(), RegistryError> {
         registry.set_authz(service, spec).await.map(|_| ())
@@ -146,13 +159,25 @@ fn service_of(obj: &DynamicObject) -> String {
 struct Memory<S> {
     /// The spec as last made equal on both sides: a side that differs is the side that changed.
     synced: BTreeMap<String, S>,
-    /// The object's last refused spec, which the registry's then replaces.
-    refused: BTreeMap<String, S>,
+    /// The object's last refused spec, the reason, and the registry's spec then: the object
+    /// stays as written until it changes or the registry does.
+    refused: BTreeMap<String, (S, String, S)>,
+}
+
+/// How an object stands, for its status.
+enum Standing {
+    Accepted,
+    Refused(String),
 }
 
 /// Keeps the objects of kind `K` and the registry equal; runs until the process ends. Only the
 /// leader writes, so replicas never fight over an object.
-pub async fn sync<K: Kind>(client: Client, registry: Arc<Registry>, leader: Leadership) {
+pub async fn sync<K: Kind>(
+    client: Client,
+    registry: Arc<Registry>,
+    leader: Leadership,
+    proxies: Arc<crate::discovery::ProxyTable>,
+) {
     let ar = api_resource::<K>();
     let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
     let objects = writer.as_reader();
@@ -171,19 +196,26 @@ pub async fn sync<K: Kind>(client: Client, registry: Arc<Registry>, leader: Lead
         synced: BTreeMap::new(),
         refused: BTreeMap::new(),
     };
+    // The status's count of proxies that applied a spec moves as they ACK: refreshed.
+    let mut tick = tokio::time::interval(STATUS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             e = events.next() => if e.is_none() { return },
             r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
         }
         if !crate::k8s::settle(&mut events).await {
             return;
         }
         if leader.is_leader() {
-            sync_once::<K>(&client, &ar, &registry, &objects, &mut memory).await;
+            sync_once::<K>(&client, &ar, &registry, &objects, &mut memory, &proxies).await;
         }
     }
 }
+
+/// How often objects' status is brought up to date with the proxies' ACKs.
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn sync_once<K: Kind>(
     client: &Client,
@@ -191,6 +223,7 @@ async fn sync_once<K: Kind>(
     registry: &Registry,
     objects: &Store<DynamicObject>,
     memory: &mut Memory<K::Spec>,
+    proxies: &crate::discovery::ProxyTable,
 ) {
     let state = registry.state();
     let mut seen = HashSet::new();
@@ -199,6 +232,15 @@ async fn sync_once<K: Kind>(
         seen.insert(service.clone());
         let Some(svc) = state.services.get(&service) else {
             tracing::debug!(%service, kind = K::KIND, "object for a service the mesh does not know yet");
+            write_status(
+                client,
+                ar,
+                &obj,
+                &Standing::Refused(format!("{service} is not a service of the mesh (yet)")),
+                None,
+                None,
+            )
+            .await;
             continue;
         };
         let current = K::current(&state, &service);
@@ -206,33 +248,54 @@ async fn sync_once<K: Kind>(
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%service, kind = K::KIND, error = %e, "object refused: its spec does not parse");
+                write_status(client, ar, &obj, &Standing::Refused(e), None, None).await;
                 continue;
             }
         };
-        if wanted == current {
-            memory.synced.insert(service, current);
+        let standing = if wanted == current {
+            memory.synced.insert(service.clone(), current);
+            memory.refused.remove(&service);
+            Standing::Accepted
+        } else if let Some((_, why, _)) = memory
+            .refused
+            .get(&service)
+            .filter(|(spec, _, then)| *spec == wanted && *then == current)
+        {
+            // Refused before, and neither side changed since: it stays as the user wrote it.
+            Standing::Refused(why.clone())
+        } else if memory.synced.get(&service) == Some(&wanted)
+            || memory
+                .refused
+                .get(&service)
+                .is_some_and(|(spec, _, _)| *spec == wanted)
+        {
+            // The registry changed (meshctl, the canary controller) while the object did not:
+            // the object follows.
+            memory.refused.remove(&service);
+            write_or_warn::<K>(client, ar, &svc.namespace, &service, current, memory).await;
             continue;
-        }
-        // The registry changed (meshctl, the canary controller) while the object did not, or
-        // the object holds a refused spec: the object follows. Otherwise the object is newer
-        // and the registry follows it.
-        let object_stale = memory.synced.get(&service) == Some(&wanted)
-            || memory.refused.get(&service) == Some(&wanted);
-        if !object_stale {
+        } else {
+            // The object is newer: the registry follows it, if it passes.
             match K::set(registry, &service, wanted.clone()).await {
                 Ok(()) => {
                     tracing::info!(%service, kind = K::KIND, "set from its object");
-                    memory.synced.insert(service, wanted);
-                    continue;
+                    memory.synced.insert(service.clone(), wanted);
+                    memory.refused.remove(&service);
+                    Standing::Accepted
                 }
                 Err(e) => {
                     tracing::warn!(%service, kind = K::KIND, error = %e, "object refused; nothing changed");
-                    memory.refused.insert(service.clone(), wanted);
+                    memory
+                        .refused
+                        .insert(service.clone(), (wanted, e.to_string(), current));
+                    Standing::Refused(e.to_string())
                 }
             }
-        }
-        // Set the object to what is in force (after a refusal: as a refused write would be).
-        write_or_warn::<K>(client, ar, &svc.namespace, &service, current, memory).await;
+        };
+        let state = registry.state();
+        let revision = K::revision(&state, &service);
+        let applied = revision.map(|r| proxies_applied(proxies, &service, r));
+        write_status(client, ar, &obj, &standing, revision, applied).await;
     }
     let default = K::Spec::default();
     for service in K::services(&state) {
@@ -260,6 +323,99 @@ async fn sync_once<K: Kind>(
                 tracing::warn!(%service, kind = K::KIND, error = %e, "cannot reset to the default")
             }
         }
+    }
+}
+
+/// Connected proxies of this replica subscribed to `service` that applied `revision` or a
+/// later one, of those subscribed: `3/3`.
+fn proxies_applied(proxies: &crate::discovery::ProxyTable, service: &str, revision: u64) -> String {
+    let (mut subscribed, mut applied) = (0, 0);
+    for p in proxies.proxies.iter() {
+        // A proxy names services relative to its namespace (that of its identity).
+        let ns = p
+            .identity
+            .split("/ns/")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or(mesh_model::service::DEFAULT_NAMESPACE);
+        let wants = p.subscriptions.iter().any(|s| {
+            s.strip_prefix(crate::discovery::SERVICE_PREFIX)
+                .is_some_and(|n| n == "*" || mesh_model::service::absolute(n, ns) == service)
+        });
+        if wants {
+            subscribed += 1;
+            if p.acked_version >= revision {
+                applied += 1;
+            }
+        }
+    }
+    format!("{applied}/{subscribed}")
+}
+
+/// Writes an object's status when it differs from what it says (the transition time aside).
+async fn write_status(
+    client: &Client,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+    standing: &Standing,
+    revision: Option<u64>,
+    applied: Option<String>,
+) {
+    let generation = obj.metadata.generation;
+    let (status, reason, message) = match standing {
+        Standing::Accepted => ("True", "Accepted", "in force".to_string()),
+        Standing::Refused(why) => ("False", "Invalid", why.clone()),
+    };
+    let before = obj.data.get("status").cloned().unwrap_or_default();
+    let old = before["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+        .unwrap_or_default();
+    let since = if old["status"] == status {
+        old["lastTransitionTime"].clone()
+    } else {
+        serde_json::Value::Null
+    };
+    let since = if since.is_null() {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+    } else {
+        match serde_json::from_value(since) {
+            Ok(t) => t,
+            Err(_) => k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+        }
+    };
+    let wanted = mesh_crds::MeshStatus {
+        observed_generation: generation,
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Accepted".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }],
+        applied_revision: revision,
+        proxies_applied: applied,
+    };
+    let Ok(wanted) = serde_json::to_value(&wanted) else {
+        return;
+    };
+    if wanted == before {
+        return;
+    }
+    let ns = obj.metadata.namespace.clone().unwrap_or_default();
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::json!({ "status": wanted });
+    if let Err(e) = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, ar)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(object = %name, namespace = %ns, error = %e, "cannot write the object's status");
     }
 }
 
