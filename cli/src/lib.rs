@@ -1,10 +1,12 @@
 //! meshctl: clap commands and output. No business logic: every command is one admin API call
-//! (plus `demo`, which starts local processes, and `inject`, which runs `mesh-inject` offline).
-//! Its own crate, so the CLI links neither kube-rs nor etcd-client.
+//! (plus `demo`, which starts local processes, `inject`, which runs `mesh-inject` offline,
+//! `install`, which prints the Kubernetes install, and `check`, which also reads the
+//! Kubernetes API through the kubeconfig). Its own crate, so the CLI does not link etcd-client.
 
 pub mod authz;
 pub mod ca;
 pub mod canary;
+pub mod check;
 pub mod client;
 pub mod demo;
 pub mod install;
@@ -74,6 +76,10 @@ pub enum Command {
     /// Print what removes the install: `meshctl uninstall | kubectl delete -f -` (give the
     /// same --set/-f as the install, for its namespace).
     Uninstall(install::InstallArgs),
+    /// Checks a cluster before an install (`--pre`: API version, permissions, namespace) or a
+    /// running mesh (CRDs, control plane, webhook CA, proxies' configs, certificates and
+    /// versions, clock skew), each with what to do; exits 1 if any fails.
+    Check(check::CheckArgs),
     /// This meshctl's version, the control plane's, and the versions its proxies run.
     Version,
     /// Shell completion script: `source <(meshctl completion bash)`, `meshctl completion zsh >
@@ -456,6 +462,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Version => return version(&cli).await,
+        Command::Check(args) => return check::run(&cli, args).await,
         Command::Install(args) => {
             print!("{}", install::install(args)?);
             return Ok(());

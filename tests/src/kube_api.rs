@@ -78,6 +78,11 @@ struct State {
     leases: BTreeMap<(String, String), Value>,
     rv: u64,
     objects: BTreeMap<(u8, String, String), Value>,
+    /// Other objects served as they are for GET at their path (CRDs, Deployments, single
+    /// Namespaces: what `meshctl check` reads).
+    by_path: BTreeMap<String, Value>,
+    /// Resources a SelfSubjectAccessReview is refused for (all others are allowed).
+    denied: std::collections::BTreeSet<String>,
     /// (resourceVersion, kind, watch event line)
     log: Vec<(u64, Kind, String)>,
 }
@@ -145,6 +150,15 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if let Some(r) = cluster_info(&req, &state) {
+                                return Ok::<_, Infallible>(r);
+                            }
+                            if req.method() == hyper::Method::POST
+                                && req.uri().path()
+                                    == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+                            {
+                                return Ok::<_, Infallible>(access_review(req, &state).await);
+                            }
                             if let Some(r) = service_account(&req, &state) {
                                 return Ok::<_, Infallible>(r);
                             }
@@ -189,6 +203,21 @@ impl FakeKubeApi {
         });
         api.stop = Some(stop_tx);
         Ok(api)
+    }
+
+    /// Serves `obj` for GET at `path` (replacing what was there; None removes it).
+    pub fn put_at(&self, path: &str, obj: Option<Value>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match obj {
+            Some(o) => st.by_path.insert(path.to_string(), o),
+            None => st.by_path.remove(path),
+        };
+    }
+
+    /// SelfSubjectAccessReviews for `resource` (e.g. `customresourcedefinitions`) are refused.
+    pub fn deny(&self, resource: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.denied.insert(resource.to_string());
     }
 
     /// A Lease as the API server holds it now.
@@ -331,6 +360,55 @@ async fn apply_mesh_object(
     let event = if exists { "MODIFIED" } else { "ADDED" };
     let stored = record(state, events, kind, event, obj);
     json_response(hyper::StatusCode::OK, &stored)
+}
+
+/// `GET /version` (Kubernetes 1.33) and GETs of objects put with `put_at`. None: not such a
+/// request.
+fn cluster_info(
+    req: &hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> Option<hyper::Response<Body>> {
+    if req.method() != hyper::Method::GET {
+        return None;
+    }
+    let path = req.uri().path();
+    if path == "/version" {
+        return Some(json_response(
+            hyper::StatusCode::OK,
+            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.2", "platform": "linux/amd64"}),
+        ));
+    }
+    let st = state.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(o) = st.by_path.get(path) {
+        return Some(json_response(hyper::StatusCode::OK, o));
+    }
+    // A single Namespace, CRD or Deployment nobody put: not found.
+    let known = path.starts_with("/api/v1/namespaces/") && path.matches('/').count() == 4
+        || path.starts_with("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/")
+        || path.starts_with("/apis/apps/v1/namespaces/");
+    known.then(|| {
+        let (code, v) = status(404, "NotFound", "not found");
+        json_response(code, &v)
+    })
+}
+
+/// A SelfSubjectAccessReview: allowed unless its resource was denied.
+async fn access_review(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let review: Value = serde_json::from_slice(&body_of(req).await).unwrap_or_default();
+    let resource = review["spec"]["resourceAttributes"]["resource"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let allowed = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        !st.denied.contains(&resource)
+    };
+    let mut out = review.clone();
+    out["status"] = json!({"allowed": allowed});
+    json_response(hyper::StatusCode::CREATED, &out)
 }
 
 const GATEWAY_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/";

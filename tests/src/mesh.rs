@@ -245,11 +245,21 @@ impl Mesh {
     /// Runs meshctl against this mesh; returns (exit code, stdout, stderr) whatever the code
     /// (meshctl exits 3 for a negative answer: an authorization DENY, a rolled-back canary).
     pub async fn meshctl_exit(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        self.meshctl_env(args, &[]).await
+    }
+
+    /// As [`Mesh::meshctl_exit`], with environment variables set (e.g. `KUBECONFIG`).
+    pub async fn meshctl_env(
+        &self,
+        args: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> anyhow::Result<(i32, String, String)> {
         let out = Command::new(bin_dir().join("meshctl"))
             .args(["--server", &format!("https://{}", self.admin_addr)])
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .await?;
         Ok((

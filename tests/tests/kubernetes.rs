@@ -1788,3 +1788,149 @@ async fn gateway_api_routes_drive_the_mesh_as_flagger_writes_them() -> anyhow::R
     .await?;
     Ok(())
 }
+
+/// A kubeconfig for the stand-in API server (plain HTTP, a bearer token).
+fn kubeconfig(dir: &std::path::Path, url: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\nusers:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: admin\ncurrent-context: stand-in\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Issue 27 item 2: `meshctl check --pre` against an empty cluster passes (API version,
+/// namespace free, every permission install needs); with a permission missing and the
+/// namespace taken it fails, saying what to do, exit 1. After the install (the CRDs and
+/// Deployment `meshctl install` prints, as the API server shows them once established and
+/// ready; a control plane keeping the webhook's caBundle; a proxy), `meshctl check` passes
+/// every check, and fails naming the control plane when its replicas are not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(Vec::new()).await?;
+    let dir = tempfile::tempdir()?;
+    let kcfg = kubeconfig(dir.path(), &api.url)?;
+    let check = |args: &'static [&'static str]| {
+        let kcfg = kcfg.clone();
+        async move {
+            let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+                .args(args)
+                .env("KUBECONFIG", &kcfg)
+                .output()
+                .await?;
+            anyhow::Ok((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+            ))
+        }
+    };
+    let (code, out) = check(&["check", "--pre"]).await?;
+    assert_eq!(code, 0, "{out}");
+    for line in [
+        "✔ Kubernetes API reachable, version 1.33",
+        "✔ namespace mesh-system is free",
+        "✔ may create customresourcedefinitions",
+        "✔ may create deployments",
+        "✔ clock within 5 s of the API server's",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    api.deny("customresourcedefinitions");
+    api.put_at(
+        "/api/v1/namespaces/mesh-system",
+        Some(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh-system"}})),
+    );
+    let (code, out) = check(&["check", "--pre"]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✖ may create customresourcedefinitions\n    → ask a cluster admin"),
+        "{out}"
+    );
+    assert!(out.contains("✖ namespace mesh-system exists"), "{out}");
+
+    // The install, as the API server holds it once applied: CRDs established, the
+    // control plane's Deployment ready, the webhook configuration.
+    let install = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .arg("install")
+        .output()
+        .await?;
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(install.stdout)?)?;
+    for d in docs.iter().filter(|d| !d.is_null()) {
+        let name = d["metadata"]["name"].as_str().unwrap_or("");
+        match d["kind"].as_str() {
+            Some("CustomResourceDefinition") => {
+                let mut d = d.clone();
+                d["status"] =
+                    serde_json::json!({"conditions": [{"type": "Established", "status": "True"}]});
+                api.put_at(
+                    &format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
+                    Some(d),
+                );
+            }
+            Some("Deployment") => {
+                let mut d = d.clone();
+                d["status"] = serde_json::json!({"replicas": 2, "readyReplicas": 2});
+                api.put_at(
+                    &format!("/apis/apps/v1/namespaces/mesh-system/deployments/{name}"),
+                    Some(d),
+                );
+            }
+            Some("MutatingWebhookConfiguration") => api.put_webhook_configuration(d.clone()),
+            _ => {}
+        }
+    }
+    let mut mesh =
+        Mesh::start_with(&["--kube-api", &api.url, "--webhook-addr", "127.0.0.1:0"]).await?;
+    let c = mesh.client("web").await?;
+    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
+    let env = [("KUBECONFIG", kcfg.as_path())];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let (code, out, err) = mesh.meshctl_env(&["check"], &env).await?;
+        if code == 0 {
+            break out;
+        }
+        // The control plane fills the webhook's caBundle, the proxy ACKs: soon.
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "check never passed:\n{out}{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for line in [
+        "✔ CRD meshroutes.mesh.io established",
+        "✔ control plane ready (2/2 replicas)",
+        "✔ control plane version 0.1.0 (meshctl 0.1.0)",
+        "✔ webhook caBundle holds the mesh's roots",
+        "✔ 1 of 1 proxies run an ACKed config",
+        "✔ no proxy certificate expires within 1h",
+        "✔ proxies run the control plane's version 0.1.0",
+        "all checks passed",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    // Replicas not ready: named, with where to look.
+    let mut d = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .cloned()
+        .unwrap_or_default();
+    d["status"] = serde_json::json!({"replicas": 2, "readyReplicas": 0});
+    api.put_at(
+        "/apis/apps/v1/namespaces/mesh-system/deployments/mesh-control-plane",
+        Some(d),
+    );
+    let (code, out, _) = mesh.meshctl_env(&["check"], &env).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "✖ control plane ready (0/2 replicas)\n    → kubectl -n mesh-system describe deployment"
+        ),
+        "{out}"
+    );
+    Ok(())
+}
