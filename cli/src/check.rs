@@ -23,9 +23,6 @@ pub struct CheckArgs {
     /// The namespace the mesh is (or will be) installed in.
     #[arg(long, default_value = "mesh-system")]
     pub mesh_namespace: String,
-    /// The kubeconfig context (default: the current one).
-    #[arg(long)]
-    pub context: Option<String>,
     /// A certificate expiring sooner than this fails (e.g. 1h).
     #[arg(long, default_value = "1h")]
     pub cert_margin: String,
@@ -66,7 +63,7 @@ impl Report {
 /// Runs the checks; an error when any failed.
 pub async fn run(cli: &crate::Cli, args: &CheckArgs) -> anyhow::Result<()> {
     let mut r = Report::default();
-    let kube = kube_client(args.context.as_deref()).await;
+    let kube = kube_client(cli.context.as_deref()).await;
     match &kube {
         Ok(k) => kubernetes(&mut r, k, args).await,
         Err(e) if args.pre => r.fail(
@@ -87,7 +84,7 @@ pub async fn run(cli: &crate::Cli, args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kube_client(context: Option<&str>) -> anyhow::Result<kube::Client> {
+pub async fn kube_client(context: Option<&str>) -> anyhow::Result<kube::Client> {
     let opts = kube::config::KubeConfigOptions {
         context: context.map(str::to_string),
         ..Default::default()

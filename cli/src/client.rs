@@ -82,10 +82,15 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
         Some(t) => t.clone(),
         None => {
             let p = cli.data_dir.join("admin-token");
-            std::fs::read_to_string(&p)
-                .with_context(|| format!("no --token given and cannot read {}", p.display()))?
-                .trim()
-                .to_string()
+            match std::fs::read_to_string(&p) {
+                Ok(t) => t.trim().to_string(),
+                Err(e) => kube_token(cli.context.as_deref()).await.with_context(|| {
+                    format!(
+                        "no --token given, cannot read {} ({e}), and no token in a kubeconfig",
+                        p.display()
+                    )
+                })?,
+            }
         }
     };
     let ca_path = cli
@@ -99,4 +104,26 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
         )
     })?;
     connect_in(&cli.server, &token, &ca, Some(&cli.namespace)).await
+}
+
+/// The bearer token of the kubeconfig's user (of `context`, or the current one): on Kubernetes
+/// the control plane maps it to mesh scopes through RBAC. Users that authenticate otherwise
+/// (client certificates, exec plugins) give a mesh credential with --token instead.
+async fn kube_token(context: Option<&str>) -> anyhow::Result<String> {
+    use secrecy::ExposeSecret;
+    let opts = kube::config::KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..Default::default()
+    };
+    let config = kube::Config::from_kubeconfig(&opts).await?;
+    if let Some(t) = &config.auth_info.token {
+        return Ok(t.expose_secret().trim().to_string());
+    }
+    if let Some(f) = &config.auth_info.token_file {
+        return Ok(std::fs::read_to_string(f)
+            .with_context(|| format!("the kubeconfig's token file {f}"))?
+            .trim()
+            .to_string());
+    }
+    anyhow::bail!("the kubeconfig's user has no bearer token")
 }

@@ -48,6 +48,11 @@ pub struct Cli {
     /// Lists show every namespace.
     #[arg(short = 'A', long = "all-namespaces", global = true)]
     pub all_namespaces: bool,
+    /// The kubeconfig context, for `check` and for the admin credential: without --token and
+    /// a local data dir's token, meshctl presents the kubeconfig's own bearer token, which
+    /// the control plane maps to mesh scopes through Kubernetes RBAC.
+    #[arg(long, env = "MESH_KUBE_CONTEXT", global = true)]
+    pub context: Option<String>,
     /// CA certificate to verify the control plane (default: <data-dir>/ca/bundle.pem).
     #[arg(long, env = "MESH_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,

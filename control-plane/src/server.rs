@@ -308,7 +308,11 @@ pub async fn run(
         view,
         rotation: rotation.clone(),
     });
-    let auth = AdminAuth::layer(registry.clone(), &token);
+    // On Kubernetes, callers may also present their own Kubernetes token (`kube_auth`).
+    let kube_auth = kube
+        .clone()
+        .map(|c| Arc::new(crate::api::admin::kube_auth::KubeAuth::new(c)));
+    let auth = AdminAuth::layer(registry.clone(), &token, kube_auth);
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await

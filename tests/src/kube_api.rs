@@ -83,6 +83,8 @@ struct State {
     by_path: BTreeMap<String, Value>,
     /// Resources a SelfSubjectAccessReview is refused for (all others are allowed).
     denied: std::collections::BTreeSet<String>,
+    /// What SubjectAccessReviews allow: (user, verb) on the mesh's `admin` resource.
+    grants: std::collections::BTreeSet<(String, String)>,
     /// (resourceVersion, kind, watch event line)
     log: Vec<(u64, Kind, String)>,
 }
@@ -159,6 +161,12 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(access_review(req, &state).await);
                             }
+                            if req.method() == hyper::Method::POST
+                                && req.uri().path()
+                                    == "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+                            {
+                                return Ok::<_, Infallible>(subject_review(req, &state).await);
+                            }
                             if let Some(r) = service_account(&req, &state) {
                                 return Ok::<_, Infallible>(r);
                             }
@@ -212,6 +220,15 @@ impl FakeKubeApi {
             Some(o) => st.by_path.insert(path.to_string(), o),
             None => st.by_path.remove(path),
         };
+    }
+
+    /// SubjectAccessReviews of `user` for `verbs` on `mesh.io/admin` are allowed (as a
+    /// ClusterRoleBinding to mesh-viewer, -editor or -admin would).
+    pub fn grant(&self, user: &str, verbs: &[&str]) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for v in verbs {
+            st.grants.insert((user.to_string(), v.to_string()));
+        }
     }
 
     /// SelfSubjectAccessReviews for `resource` (e.g. `customresourcedefinitions`) are refused.
@@ -390,6 +407,26 @@ fn cluster_info(
         let (code, v) = status(404, "NotFound", "not found");
         json_response(code, &v)
     })
+}
+
+/// A SubjectAccessReview: allowed for a (user, verb) granted on `mesh.io/admin`.
+async fn subject_review(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    let review: Value = serde_json::from_slice(&body_of(req).await).unwrap_or_default();
+    let spec = &review["spec"];
+    let attrs = &spec["resourceAttributes"];
+    let on_admin = attrs["group"] == "mesh.io" && attrs["resource"] == "admin";
+    let user = spec["user"].as_str().unwrap_or("").to_string();
+    let verb = attrs["verb"].as_str().unwrap_or("").to_string();
+    let allowed = on_admin && {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.grants.contains(&(user, verb))
+    };
+    let mut out = review.clone();
+    out["status"] = json!({"allowed": allowed});
+    json_response(hyper::StatusCode::CREATED, &out)
 }
 
 /// A SelfSubjectAccessReview: allowed unless its resource was denied.
@@ -717,9 +754,13 @@ async fn token_review(
     let body = body_of(req).await;
     let review: Value = serde_json::from_slice(&body).unwrap_or_default();
     let token = review["spec"]["token"].as_str().unwrap_or_default();
+    // No audiences: the API server's own (a kubeconfig's token), accepted as well.
     let wants_mesh = review["spec"]["audiences"]
         .as_array()
-        .is_some_and(|a| a.iter().any(|x| x == "mesh"));
+        .is_none_or(|a| a.is_empty())
+        || review["spec"]["audiences"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "mesh"));
     let known = {
         let st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.tokens

@@ -1791,11 +1791,20 @@ async fn gateway_api_routes_drive_the_mesh_as_flagger_writes_them() -> anyhow::R
 
 /// A kubeconfig for the stand-in API server (plain HTTP, a bearer token).
 fn kubeconfig(dir: &std::path::Path, url: &str) -> anyhow::Result<std::path::PathBuf> {
-    let path = dir.join("kubeconfig");
+    kubeconfig_as(dir, url, "admin-token")
+}
+
+/// A kubeconfig for the stand-in API server whose user presents `token`.
+fn kubeconfig_as(
+    dir: &std::path::Path,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join(format!("kubeconfig-{token}"));
     std::fs::write(
         &path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\nusers:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: admin\ncurrent-context: stand-in\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: admin\ncurrent-context: stand-in\n"
         ),
     )?;
     Ok(path)
@@ -1932,5 +1941,59 @@ async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
         ),
         "{out}"
     );
+    Ok(())
+}
+
+/// Issue 27 item 3: on Kubernetes meshctl needs no shared token. Without --token or a local
+/// data dir it presents its kubeconfig's token; the control plane asks the API server who that
+/// is (TokenReview) and what RBAC grants it on `mesh.io/admin` (SubjectAccessReview, as the
+/// install's mesh-viewer and mesh-editor ClusterRoles grant): a viewer lists but may not
+/// change a route, an editor changes it, and an unknown token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_users_reach_the_admin_api_with_their_own_tokens() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::FakeKubeApi;
+    let api = FakeKubeApi::start(Vec::new()).await?;
+    api.add_token("alice-token", "team", "alice");
+    api.add_token("bob-token", "team", "bob");
+    api.grant("system:serviceaccount:team:alice", &["read"]);
+    api.grant("system:serviceaccount:team:bob", &["read", "write"]);
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    mesh.workload("backend", "v1").await?;
+    mesh.wait_endpoints("backend", 1).await?;
+    let dir = tempfile::tempdir()?;
+    let ca = mesh.data_dir().join("ca/bundle.pem");
+    let as_user = |token: &str, args: &[&str]| {
+        let kcfg = kubeconfig_as(dir.path(), &api.url, token);
+        let mut cmd = tokio::process::Command::new(bin_dir().join("meshctl"));
+        cmd.args(["--server", &format!("https://{}", mesh.admin_addr)])
+            .arg("--ca-file")
+            .arg(&ca)
+            // No admin token there: the kubeconfig's is the credential.
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args);
+        async move {
+            cmd.env("KUBECONFIG", kcfg?);
+            let out = cmd.output().await?;
+            anyhow::Ok((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            ))
+        }
+    };
+    let set = ["route", "set", "backend", "--weights", "v1=100"];
+    let (code, out, err) = as_user("alice-token", &["services"]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend"), "{out}");
+    let (code, _, err) = as_user("alice-token", &set).await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("needs the \"write\" scope"), "{err}");
+    let (code, out, err) = as_user("bob-token", &set).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("route of backend set to v1=100"), "{out}");
+    let (code, _, err) = as_user("mallory-token", &["services"]).await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("Unauthenticated"), "{err}");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The admin API meshctl calls, behind a bearer credential with scopes (`scope`).
 
+pub mod kube_auth;
 pub mod scope;
 
 use crate::ca::spiffe::SpiffeId;

@@ -139,80 +139,126 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The admin API's gate: resolves the bearer credential to its scopes, refuses the call unless
-/// they hold the method's scope, and hands the scopes to the handler (request extension).
+/// The admin API's gate: resolves the bearer credential to its scopes (a mesh credential, or
+/// on Kubernetes the caller's own Kubernetes token: `kube_auth`), refuses the call unless they
+/// hold the method's scope, and hands the scopes to the handler (request extension).
 #[derive(Clone)]
 pub struct AdminAuth<S> {
     inner: S,
     registry: Arc<Registry>,
     root: Arc<str>,
+    kube: Option<Arc<super::kube_auth::KubeAuth>>,
 }
 
 impl<S> AdminAuth<S> {
     pub fn layer(
         registry: Arc<Registry>,
         root: &str,
+        kube: Option<Arc<super::kube_auth::KubeAuth>>,
     ) -> impl tower::Layer<S, Service = AdminAuth<S>> + Clone {
         let root: Arc<str> = root.into();
         tower::layer::layer_fn(move |inner| AdminAuth {
             inner,
             registry: registry.clone(),
             root: root.clone(),
+            kube: kube.clone(),
         })
     }
+}
 
-    fn decide<B>(&self, req: &http::Request<B>) -> Result<Scopes, tonic::Status> {
-        let given = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let held = lookup(&self.registry, self.root.as_bytes(), given).ok_or_else(|| {
-            tonic::Status::unauthenticated("missing, wrong or expired admin credential")
-        })?;
-        let method = req.uri().path().rsplit('/').next().unwrap_or("");
-        match required(method) {
-            Some(s) if held.has(s) => Ok(held),
-            None if held == Scopes::ALL => Ok(held),
-            Some(s) => Err(tonic::Status::permission_denied(format!(
-                "{method} needs the {:?} scope; this credential has {:?}",
-                s.name(),
-                held.names()
-            ))),
-            None => Err(tonic::Status::permission_denied(format!(
-                "{method} is open to the root admin token only"
-            ))),
-        }
+/// The bearer credential of a request ("" if none).
+fn bearer<B>(req: &http::Request<B>) -> &str {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Whether scopes `held` may call `method`.
+fn authorize(held: Scopes, method: &str) -> Result<Scopes, tonic::Status> {
+    match required(method) {
+        Some(s) if held.has(s) => Ok(held),
+        None if held == Scopes::ALL => Ok(held),
+        Some(s) => Err(tonic::Status::permission_denied(format!(
+            "{method} needs the {:?} scope; this credential has {:?}",
+            s.name(),
+            held.names()
+        ))),
+        None => Err(tonic::Status::permission_denied(format!(
+            "{method} is open to the root admin token only"
+        ))),
     }
+}
+
+fn unauthenticated() -> tonic::Status {
+    tonic::Status::unauthenticated("missing, wrong or expired admin credential")
 }
 
 impl<S, B> tower::Service<http::Request<B>> for AdminAuth<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<http::Response<tonic::body::Body>, S::Error>>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match self.decide(&req) {
-            Ok(held) => {
-                req.extensions_mut().insert(held);
-                futures_util::future::Either::Left(self.inner.call(req))
-            }
-            Err(status) => {
-                futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
-            }
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let given = bearer(&req);
+        let refused =
+            |s: tonic::Status| -> Self::Future { Box::pin(std::future::ready(Ok(s.into_http()))) };
+        if let Some(held) = lookup(&self.registry, self.root.as_bytes(), given) {
+            return match authorize(held, &method) {
+                Ok(held) => {
+                    req.extensions_mut().insert(held);
+                    Box::pin(self.inner.call(req))
+                }
+                Err(s) => refused(s),
+            };
         }
+        // Not a mesh credential: perhaps the caller's Kubernetes token.
+        let Some(kube) = self
+            .kube
+            .clone()
+            .filter(|_| !given.is_empty() && !given.starts_with(PREFIX))
+        else {
+            return refused(unauthenticated());
+        };
+        let token = given.to_string();
+        // The ready service goes with the call; a clone stays for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let held = match kube.scopes(&token).await {
+                Some(h) => h,
+                None => return Ok(unauthenticated().into_http()),
+            };
+            match authorize(held, &method) {
+                Ok(held) => {
+                    req.extensions_mut().insert(held);
+                    inner.call(req).await
+                }
+                Err(s) => Ok(s.into_http()),
+            }
+        })
     }
 }
 
