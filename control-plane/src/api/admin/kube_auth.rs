@@ -33,13 +33,20 @@ pub struct KubeAuth {
     client: kube::Client,
     /// Answers by the SHA-256 of the token.
     cache: Mutex<HashMap<[u8; 32], Answer>>,
+    /// Reviews in flight at most: a flood of made-up tokens cannot turn into a flood of
+    /// requests to the API server.
+    in_flight: tokio::sync::Semaphore,
 }
+
+/// Reviews of uncached tokens at once, at most; callers past it are refused for now.
+const MAX_IN_FLIGHT: usize = 8;
 
 impl KubeAuth {
     pub fn new(client: kube::Client) -> Self {
         Self {
             client,
             cache: Mutex::new(HashMap::new()),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }
     }
 
@@ -52,6 +59,10 @@ impl KubeAuth {
         {
             return *s;
         }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            tracing::warn!("too many Kubernetes credentials under review at once; one refused");
+            return None;
+        };
         let scopes = self.ask(token).await;
         if let Ok(mut c) = self.cache.lock() {
             if c.len() >= CACHE_MAX {
