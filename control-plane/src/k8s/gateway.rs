@@ -22,8 +22,7 @@ use crate::replicas::leader::Leadership;
 use crate::state::registry::{Registry, RegistryError};
 use futures_util::StreamExt;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use mesh_proto::v1 as pb;
 use serde_json::{Value, json};
@@ -477,23 +476,8 @@ struct Object {
 /// Keeps the registry's routes equal to the Gateway API routes attached to Services, and their
 /// status current; runs until the process ends.
 pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
-    let watch = |kind: RouteKind| {
-        let ar = kind.resource();
-        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-        let reader = writer.as_reader();
-        let events = reflector::reflector(
-            writer,
-            watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &ar),
-                watcher::Config::default(),
-            )
-            .default_backoff(),
-        )
-        .map(|_| ());
-        (reader, events)
-    };
-    let (http, http_events) = watch(RouteKind::Http);
-    let (grpc, grpc_events) = watch(RouteKind::Grpc);
+    let (http, http_events) = super::objects::reflect(&client, &RouteKind::Http.resource());
+    let (grpc, grpc_events) = super::objects::reflect(&client, &RouteKind::Grpc.resource());
     let events = futures_util::stream::select(http_events, grpc_events);
     let mut events = std::pin::pin!(events);
     let mut changes = registry.watch();
@@ -720,18 +704,14 @@ async fn write_status(client: &Client, o: &Object, outcomes: &[(Value, &Result<(
     }
 }
 
-/// Now as RFC 3339 (UTC, seconds), as Kubernetes writes times.
+/// Now, as Kubernetes writes times (RFC 3339, UTC).
 fn chrono_now() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        t.month() as u8,
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    serde_json::to_value(now)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -170,6 +170,29 @@ enum Standing {
     Refused(String),
 }
 
+/// A cache of every object of `ar` in the cluster, and the stream that keeps it current (one
+/// item per change; watches retry with backoff).
+pub(crate) fn reflect(
+    client: &Client,
+    ar: &ApiResource,
+) -> (
+    Store<DynamicObject>,
+    impl futures_util::Stream<Item = ()> + Send + use<>,
+) {
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let reader = writer.as_reader();
+    let events = reflector::reflector(
+        writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), ar),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    )
+    .map(|_| ());
+    (reader, events)
+}
+
 /// Keeps the objects of kind `K` and the registry equal; runs until the process ends. Only the
 /// leader writes, so replicas never fight over an object.
 pub async fn sync<K: Kind>(
@@ -179,17 +202,7 @@ pub async fn sync<K: Kind>(
     proxies: Arc<crate::discovery::ProxyTable>,
 ) {
     let ar = api_resource::<K>();
-    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-    let objects = writer.as_reader();
-    let events = reflector::reflector(
-        writer,
-        watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &ar),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    )
-    .map(|_| ());
+    let (objects, events) = reflect(&client, &ar);
     let mut events = std::pin::pin!(events);
     let mut changes = registry.watch();
     let mut memory = Memory {
