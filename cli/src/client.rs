@@ -78,6 +78,9 @@ pub async fn connect_in(
 
 /// Connects using the CLI's flags, falling back to the local data dir for token and CA.
 pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
+    if let Some(ns) = cli.server.strip_prefix("kube://") {
+        return connect_through_kube(cli, ns).await;
+    }
     let token = match &cli.token {
         Some(t) => t.clone(),
         None => {
@@ -126,4 +129,88 @@ async fn kube_token(context: Option<&str>) -> anyhow::Result<String> {
             .to_string());
     }
     anyhow::bail!("the kubeconfig's user has no bearer token")
+}
+
+/// The admin port of a control-plane pod.
+const ADMIN_PORT: u16 = 15011;
+
+/// `--server kube://<namespace>`: the admin API of a ready control-plane pod of that
+/// namespace, through the API server's port-forward (as `kubectl port-forward` does), with the
+/// kubeconfig's credentials, verified against the trust bundle the control plane publishes
+/// there (ConfigMap `mesh-ca-bundle`) unless --ca-file names one.
+async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+    use kube::api::{Api, ListParams};
+    let kube = crate::check::kube_client(cli.context.as_deref()).await?;
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=mesh-control-plane"))
+        .await
+        .with_context(|| format!("control-plane pods in namespace {ns}"))?;
+    let running = |p: &Pod| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.phase.as_deref() == Some("Running"))
+    };
+    let pod = list
+        .items
+        .iter()
+        .find(|p| running(p))
+        .and_then(|p| p.metadata.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("no running control-plane pod in namespace {ns}"))?;
+    let ca = match &cli.ca_file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+        None => Api::<ConfigMap>::namespaced(kube.clone(), ns)
+            .get("mesh-ca-bundle")
+            .await
+            .ok()
+            .and_then(|c| c.data?.get("bundle.pem").cloned())
+            .ok_or_else(|| {
+                anyhow::anyhow!("no trust bundle in ConfigMap {ns}/mesh-ca-bundle: give --ca-file")
+            })?,
+    };
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => kube_token(cli.context.as_deref()).await?,
+    };
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (pods, pod) = (pods.clone(), pod.clone());
+        async move {
+            let mut forward = pods
+                .portforward(&pod, &[ADMIN_PORT])
+                .await
+                .map_err(std::io::Error::other)?;
+            let stream = forward
+                .take_stream(ADMIN_PORT)
+                .ok_or_else(|| std::io::Error::other("port-forward gave no stream"))?;
+            tokio::spawn(async move {
+                if let Err(e) = forward.join().await {
+                    tracing::debug!(error = %e, "port-forward ended");
+                }
+            });
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name(mesh_proto::CONTROL_PLANE_SERVER_NAME);
+    let channel = Endpoint::from_static("https://mesh-control-plane:15011")
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| {
+            format!("cannot reach the control plane through a port-forward to {ns}")
+        })?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("admin token has invalid characters")?;
+    let ns_header = cli
+        .namespace
+        .parse()
+        .context("namespace has invalid characters")?;
+    Ok(AdminClient::new(InterceptedService::new(
+        channel,
+        BearerToken(value, Some(ns_header)),
+    )))
 }

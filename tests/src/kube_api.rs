@@ -85,6 +85,8 @@ struct State {
     denied: std::collections::BTreeSet<String>,
     /// What SubjectAccessReviews allow: (user, verb) on the mesh's `admin` resource.
     grants: std::collections::BTreeSet<(String, String)>,
+    /// Port-forwards: (namespace, pod, port) → where the bytes go.
+    forwards: BTreeMap<(String, String, u16), std::net::SocketAddr>,
     /// (resourceVersion, kind, watch event line)
     log: Vec<(u64, Kind, String)>,
 }
@@ -152,6 +154,9 @@ impl FakeKubeApi {
                             {
                                 return Ok::<_, Infallible>(token_review(req, &state).await);
                             }
+                            if req.uri().path().ends_with("/portforward") {
+                                return Ok::<_, Infallible>(port_forward(req, &state));
+                            }
                             if let Some(r) = cluster_info(&req, &state) {
                                 return Ok::<_, Infallible>(r);
                             }
@@ -205,6 +210,7 @@ impl FakeKubeApi {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -220,6 +226,13 @@ impl FakeKubeApi {
             Some(o) => st.by_path.insert(path.to_string(), o),
             None => st.by_path.remove(path),
         };
+    }
+
+    /// A port-forward to `port` of pod `ns/pod` reaches `to` (what the kubelet would dial).
+    pub fn forward(&self, ns: &str, pod: &str, port: u16, to: std::net::SocketAddr) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.forwards
+            .insert((ns.to_string(), pod.to_string(), port), to);
     }
 
     /// SubjectAccessReviews of `user` for `verbs` on `mesh.io/admin` are allowed (as a
@@ -407,6 +420,123 @@ fn cluster_info(
         let (code, v) = status(404, "NotFound", "not found");
         json_response(code, &v)
     })
+}
+
+/// `GET /api/v1/namespaces/<ns>/pods/<pod>/portforward?ports=<port>` as a WebSocket with
+/// the `v4.channel.k8s.io` protocol, as kubectl and kube-rs use it: after the upgrade, the
+/// data (channel 0) and error (channel 1) channels each open with the port number, then
+/// binary messages carry the channel byte and the bytes of a TCP connection to where
+/// `forward` said the pod's port is.
+fn port_forward(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+) -> hyper::Response<Body> {
+    use futures_util::SinkExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let port: Option<u16> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ports="))
+        .and_then(|p| p.parse().ok());
+    let target = match (parts.as_slice(), port) {
+        (["api", "v1", "namespaces", ns, "pods", pod, "portforward"], Some(port)) => {
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.forwards
+                .get(&(ns.to_string(), pod.to_string(), port))
+                .copied()
+                .map(|t| (t, port))
+        }
+        _ => None,
+    };
+    let Some((target, port)) = target else {
+        let (code, v) = status(404, "NotFound", "no such pod port");
+        return json_response(code, &v);
+    };
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let (code, v) = status(400, "BadRequest", "not a WebSocket upgrade");
+        return json_response(code, &v);
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let (mut sink, mut from_client) = ws.split();
+        let [lo, hi] = port.to_le_bytes();
+        for ch in [0u8, 1] {
+            if sink
+                .send(Message::Binary(vec![ch, lo, hi].into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let Ok(tcp) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        let (mut rd, mut wr) = tcp.into_split();
+        let up = async move {
+            while let Some(Ok(m)) = from_client.next().await {
+                let data = match &m {
+                    Message::Binary(b) if b.first() == Some(&0) => &b[1..],
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if wr.write_all(data).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut m = Vec::with_capacity(n + 1);
+                        m.push(0);
+                        m.extend_from_slice(&buf[..n]);
+                        if sink.send(Message::Binary(m.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = sink.close().await;
+        };
+        tokio::join!(up, down);
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    h.insert(
+        "sec-websocket-protocol",
+        hyper::header::HeaderValue::from_static("v4.channel.k8s.io"),
+    );
+    r
 }
 
 /// A SubjectAccessReview: allowed for a (user, verb) granted on `mesh.io/admin`.
@@ -663,8 +793,16 @@ async fn stored_config_map(
             .get(&(Kind::ConfigMap as u8, ns.clone(), name.clone()))
             .cloned()
     };
+    // One the control plane wrote by server-side apply (the trust bundle) reads back too.
+    let applied = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.config_maps.get(&(ns.clone(), name.clone())).cloned()
+    };
     let (code, out) = match (method, current) {
         (hyper::Method::GET, Some(c)) => (hyper::StatusCode::OK, c),
+        (hyper::Method::GET, None) if applied.is_some() => {
+            (hyper::StatusCode::OK, applied.unwrap_or_default())
+        }
         (hyper::Method::POST, Some(_)) => status(409, "AlreadyExists", "configmap exists"),
         (hyper::Method::POST, None) => {
             obj["apiVersion"] = "v1".into();
@@ -788,7 +926,14 @@ fn serve(
     state: &Mutex<State>,
     events: &broadcast::Sender<(Kind, String)>,
 ) -> hyper::Response<Body> {
-    let Some(kind) = Kind::of_path(req.uri().path()) else {
+    // Pods of one namespace (`/api/v1/namespaces/<ns>/pods`), for lists only.
+    let path = req.uri().path();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (kind, only_ns) = match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "pods"] => (Some(Kind::Pod), Some(ns.to_string())),
+        _ => (Kind::of_path(path), None),
+    };
+    let Some(kind) = kind else {
         return json_response(
             hyper::StatusCode::NOT_FOUND,
             &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
@@ -808,7 +953,7 @@ fn serve(
         let items: Vec<&Value> = st
             .objects
             .iter()
-            .filter(|((k, _, _), _)| *k == kind as u8)
+            .filter(|((k, ns, _), _)| *k == kind as u8 && only_ns.as_ref().is_none_or(|o| o == ns))
             .map(|(_, v)| v)
             .collect();
         return json_response(

@@ -1948,11 +1948,28 @@ async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
 /// data dir it presents its kubeconfig's token; the control plane asks the API server who that
 /// is (TokenReview) and what RBAC grants it on `mesh.io/admin` (SubjectAccessReview, as the
 /// install's mesh-viewer and mesh-editor ClusterRoles grant): a viewer lists but may not
-/// change a route, an editor changes it, and an unknown token is refused.
+/// change a route, an editor changes it, and an unknown token is refused. With `--server
+/// kube://mesh-system` meshctl needs nothing but the kubeconfig: it port-forwards through the
+/// API server (WebSocket, `v4.channel.k8s.io`) to a running control-plane pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_users_reach_the_admin_api_with_their_own_tokens() -> anyhow::Result<()> {
-    use mesh_tests::kube_api::FakeKubeApi;
-    let api = FakeKubeApi::start(Vec::new()).await?;
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    // The control plane's namespace and its pod, for the port-forward.
+    let api = FakeKubeApi::start(vec![
+        (
+            Kind::Namespace,
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh-system"}}),
+        ),
+        (
+            Kind::Pod,
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "mesh-control-plane-7f9c-x2k4", "namespace": "mesh-system", "uid": "cp-1",
+                             "labels": {"app.kubernetes.io/name": "mesh-control-plane"}},
+                "spec": {"containers": [{"name": "control-plane", "image": "mesh-control-plane:0.1.0"}]},
+                "status": {"phase": "Running", "podIP": "10.0.0.5"}}),
+        ),
+    ])
+    .await?;
     api.add_token("alice-token", "team", "alice");
     api.add_token("bob-token", "team", "bob");
     api.grant("system:serviceaccount:team:alice", &["read"]);
@@ -1995,5 +2012,29 @@ async fn kubernetes_users_reach_the_admin_api_with_their_own_tokens() -> anyhow:
     let (code, _, err) = as_user("mallory-token", &["services"]).await?;
     assert_ne!(code, 0);
     assert!(err.contains("Unauthenticated"), "{err}");
+
+    // Through the API server alone: `--server kube://mesh-system` port-forwards to a running
+    // control-plane pod and verifies it against the bundle the control plane publishes in its
+    // namespace; no address, CA file or mesh token is given.
+    api.forward(
+        "mesh-system",
+        "mesh-control-plane-7f9c-x2k4",
+        15011,
+        mesh.admin_addr,
+    );
+    let kcfg = kubeconfig_as(dir.path(), &api.url, "alice-token")?;
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["--server", "kube://mesh-system", "--data-dir"])
+        .arg(dir.path())
+        .arg("services")
+        .env("KUBECONFIG", &kcfg)
+        .output()
+        .await?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("backend"), "{stdout}");
     Ok(())
 }
