@@ -353,7 +353,7 @@ async fn webhook(r: &mut Report, client: &kube::Client, ca: &pb::CaInfo) {
         );
     };
     let roots: Vec<&str> = ca.roots.iter().map(|r| r.fingerprint.as_str()).collect();
-    let ok = h.webhooks.unwrap_or_default().iter().all(|w| {
+    let ok = h.webhooks.iter().flatten().all(|w| {
         let pem = w
             .client_config
             .ca_bundle
@@ -374,6 +374,69 @@ async fn webhook(r: &mut Report, client: &kube::Client, ca: &pb::CaInfo) {
         "webhook caBundle holds the mesh's roots",
         "the control plane keeps it in step: is it running with --kubernetes? (kubectl get mutatingwebhookconfiguration mesh-sidecar-injector -o yaml)",
     );
+    // What the API server does at each admission: reach the webhook's Service and verify its
+    // certificate against the caBundle. Here through a port-forward to a control-plane pod.
+    let Some(hook) = h.webhooks.as_ref().and_then(|w| w.first()) else {
+        return;
+    };
+    let Some(svc) = hook.client_config.service.as_ref() else {
+        return r.note("the webhook calls a URL, not a Service: not probed");
+    };
+    let pem = hook
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .map(|b| b.0.clone())
+        .unwrap_or_default();
+    let name = format!("{}.{}.svc", svc.name, svc.namespace);
+    let reached = match webhook_handshake(client, &svc.namespace, &pem, &name).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    r.check(
+        reached.is_ok(),
+        format!(
+            "webhook {name} answers TLS with a certificate the caBundle verifies{}",
+            reached.as_ref().err().map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+        "the webhook's serving certificate must name the Service (--server-name); see the control plane's log",
+    );
+}
+
+/// The port the control plane serves the injection webhook on, in its pod.
+const WEBHOOK_PORT: u16 = 15017;
+
+/// A TLS handshake with the webhook port of a control-plane pod, verifying its certificate
+/// as `name` against `ca_pem`.
+async fn webhook_handshake(
+    client: &kube::Client,
+    ns: &str,
+    ca_pem: &[u8],
+    name: &str,
+) -> anyhow::Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
+    let pod = crate::client::control_plane_pod(&pods, ns).await?;
+    let io = crate::client::port_forward(&pods, &pod, WEBHOOK_PORT).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        connector.connect(server, io),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no handshake within 10 s"))??;
+    Ok(())
 }
 
 fn now_unix() -> i64 {

@@ -139,25 +139,12 @@ const ADMIN_PORT: u16 = 15011;
 /// kubeconfig's credentials, verified against the trust bundle the control plane publishes
 /// there (ConfigMap `mesh-ca-bundle`) unless --ca-file names one.
 async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-    use kube::api::{Api, ListParams};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::Api;
     let kube = crate::check::kube_client(cli.context.as_deref()).await?;
     let pods: Api<Pod> = Api::namespaced(kube.clone(), ns);
-    let list = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=mesh-control-plane"))
-        .await
-        .with_context(|| format!("control-plane pods in namespace {ns}"))?;
-    let running = |p: &Pod| {
-        p.status
-            .as_ref()
-            .is_some_and(|s| s.phase.as_deref() == Some("Running"))
-    };
-    let pod = list
-        .items
-        .iter()
-        .find(|p| running(p))
-        .and_then(|p| p.metadata.name.clone())
-        .ok_or_else(|| anyhow::anyhow!("no running control-plane pod in namespace {ns}"))?;
+    let pod = control_plane_pod(&pods, ns).await?;
     let ca = match &cli.ca_file {
         Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
         None => Api::<ConfigMap>::namespaced(kube.clone(), ns)
@@ -176,18 +163,7 @@ async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
     let connector = tower::service_fn(move |_: http::Uri| {
         let (pods, pod) = (pods.clone(), pod.clone());
         async move {
-            let mut forward = pods
-                .portforward(&pod, &[ADMIN_PORT])
-                .await
-                .map_err(std::io::Error::other)?;
-            let stream = forward
-                .take_stream(ADMIN_PORT)
-                .ok_or_else(|| std::io::Error::other("port-forward gave no stream"))?;
-            tokio::spawn(async move {
-                if let Err(e) = forward.join().await {
-                    tracing::debug!(error = %e, "port-forward ended");
-                }
-            });
+            let stream = port_forward(&pods, &pod, ADMIN_PORT).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
@@ -213,4 +189,45 @@ async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
         channel,
         BearerToken(value, Some(ns_header)),
     )))
+}
+
+/// A running control-plane pod of namespace `ns`.
+pub(crate) async fn control_plane_pod(
+    pods: &kube::api::Api<k8s_openapi::api::core::v1::Pod>,
+    ns: &str,
+) -> anyhow::Result<String> {
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=mesh-control-plane"))
+        .await
+        .with_context(|| format!("control-plane pods in namespace {ns}"))?;
+    list.items
+        .iter()
+        .find(|p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.phase.as_deref() == Some("Running"))
+        })
+        .and_then(|p| p.metadata.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("no running control-plane pod in namespace {ns}"))
+}
+
+/// A connection to `port` of `pod` through the API server's port-forward.
+pub(crate) async fn port_forward(
+    pods: &kube::api::Api<k8s_openapi::api::core::v1::Pod>,
+    pod: &str,
+    port: u16,
+) -> std::io::Result<tokio::io::DuplexStream> {
+    let mut forward = pods
+        .portforward(pod, &[port])
+        .await
+        .map_err(std::io::Error::other)?;
+    let stream = forward
+        .take_stream(port)
+        .ok_or_else(|| std::io::Error::other("port-forward gave no stream"))?;
+    tokio::spawn(async move {
+        if let Err(e) = forward.join().await {
+            tracing::debug!(error = %e, "port-forward ended");
+        }
+    });
+    Ok(stream)
 }

@@ -1810,12 +1810,15 @@ fn kubeconfig_as(
     Ok(path)
 }
 
-/// Issue 27 item 2: `meshctl check --pre` against an empty cluster passes (API version,
-/// namespace free, every permission install needs); with a permission missing and the
-/// namespace taken it fails, saying what to do, exit 1. After the install (the CRDs and
-/// Deployment `meshctl install` prints, as the API server shows them once established and
-/// ready; a control plane keeping the webhook's caBundle; a proxy), `meshctl check` passes
-/// every check, and fails naming the control plane when its replicas are not ready.
+/// Issue 27, the whole flow on the stand-in API server: `meshctl check --pre` against an
+/// empty cluster passes (API version, namespace free, every permission install needs); with a
+/// permission missing and the namespace taken it fails, saying what to do, exit 1. After the
+/// install (the CRDs and Deployment `meshctl install` prints, as the API server shows them once
+/// established and ready; a control plane keeping the webhook's caBundle; a proxy), `meshctl
+/// check` passes every check, the webhook's TLS included (reached through a port-forward, as
+/// the API server would verify it); an HTTPRoute as Flagger writes it sets the weights at the
+/// proxy; `meshctl uninstall` names every object the install made; and check fails naming the
+/// control plane when its replicas are not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
     use mesh_tests::kube_api::FakeKubeApi;
@@ -1892,10 +1895,38 @@ async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let mut mesh =
-        Mesh::start_with(&["--kube-api", &api.url, "--webhook-addr", "127.0.0.1:0"]).await?;
+    let mut mesh = Mesh::start_with(&[
+        "--kube-api",
+        &api.url,
+        "--webhook-addr",
+        "127.0.0.1:0",
+        "--server-name",
+        "mesh-control-plane.mesh-system.svc",
+    ])
+    .await?;
+    // Its pod, which check reaches the webhook of through a port-forward.
+    api.apply(
+        mesh_tests::kube_api::Kind::Pod,
+        "ADDED",
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "mesh-control-plane-0", "namespace": "mesh-system", "uid": "cp-0",
+                         "labels": {"app.kubernetes.io/name": "mesh-control-plane"}},
+            "spec": {"containers": [{"name": "control-plane", "image": "mesh-control-plane:0.1.0"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"}}),
+    );
+    let webhook = mesh.webhook.context("the webhook's address")?;
+    api.forward("mesh-system", "mesh-control-plane-0", 15017, webhook);
+    for (app, ip) in [
+        ("podinfo", "10.2.0.10"),
+        ("podinfo-primary", "10.2.0.11"),
+        ("podinfo-canary", "10.2.0.12"),
+    ] {
+        for (kind, obj) in test_app(app, ip) {
+            api.apply(kind, "ADDED", obj);
+        }
+    }
     let c = mesh.client("web").await?;
-    let _ = get(&h1_client(c.outbound), "http://catalog.shop/").await;
+    let _ = get(&h1_client(c.outbound), "http://podinfo.test/").await;
     let env = [("KUBECONFIG", kcfg.as_path())];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let out = loop {
@@ -1915,6 +1946,7 @@ async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
         "✔ control plane ready (2/2 replicas)",
         "✔ control plane version 0.1.0 (meshctl 0.1.0)",
         "✔ webhook caBundle holds the mesh's roots",
+        "✔ webhook mesh-control-plane.mesh-system.svc answers TLS with a certificate the caBundle verifies",
         "✔ 1 of 1 proxies run an ACKed config",
         "✔ no proxy certificate expires within 1h",
         "✔ proxies run the control plane's version 0.1.0",
@@ -1922,6 +1954,39 @@ async fn meshctl_check_before_and_after_an_install() -> anyhow::Result<()> {
     ] {
         assert!(out.contains(line), "{line}: {out}");
     }
+    // A canary as Flagger drives it reaches the proxy (the GAMMA route of the install).
+    api.apply(
+        mesh_tests::kube_api::Kind::HttpRoute,
+        "ADDED",
+        flagger_route(90, 10, 1),
+    );
+    wait_config(c.admin, Duration::from_secs(10), |d| {
+        route_in_dump(d, "podinfo.test")
+            == [
+                ("podinfo-primary.test".to_string(), 90),
+                ("podinfo-canary.test".to_string(), 10),
+            ]
+    })
+    .await?;
+    // Uninstall names every object the install made.
+    let gone = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .arg("uninstall")
+        .output()
+        .await?;
+    let gone: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(gone.stdout)?)?;
+    let names = |d: &serde_json::Value| {
+        (
+            d["kind"].as_str().unwrap_or("").to_string(),
+            d["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut made: Vec<_> = docs.iter().filter(|d| !d.is_null()).map(names).collect();
+    let mut removed: Vec<_> = gone.iter().filter(|d| !d.is_null()).map(names).collect();
+    made.sort();
+    removed.sort();
+    assert_eq!(made, removed);
+
     // Replicas not ready: named, with where to look.
     let mut d = docs
         .iter()
