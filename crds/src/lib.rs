@@ -153,4 +153,70 @@ mod tests {
         );
         assert!(spec["backends"]["items"]["properties"]["service"]["description"].is_string());
     }
+
+    /// The API server publishes a CRD's schema (for `kubectl explain`, and prunes and
+    /// validates with it) only if it is structural: every node has a type (or says it keeps
+    /// unknown fields, or is an int-or-string), no `$ref`, and junctors (`oneOf`, `anyOf`,
+    /// `allOf`, `not`) only restate what the node's own properties declare, with no type,
+    /// description, default or nullable of their own. Checked node by node here, since no
+    /// kube-apiserver runs in these tests.
+    fn structural(v: &serde_json::Value, at: &str, in_junctor: bool, errors: &mut Vec<String>) {
+        let Some(o) = v.as_object() else { return };
+        if o.contains_key("$ref") || o.contains_key("definitions") || o.contains_key("$defs") {
+            errors.push(format!("{at}: $ref or definitions"));
+        }
+        if in_junctor {
+            for k in [
+                "type",
+                "description",
+                "default",
+                "nullable",
+                "additionalProperties",
+            ] {
+                if o.contains_key(k) {
+                    errors.push(format!("{at}: {k} inside a junctor"));
+                }
+            }
+        } else if !o.contains_key("type")
+            && o.get("x-kubernetes-preserve-unknown-fields") != Some(&serde_json::json!(true))
+            && o.get("x-kubernetes-int-or-string") != Some(&serde_json::json!(true))
+        {
+            errors.push(format!("{at}: no type"));
+        }
+        for (k, child) in o
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .into_iter()
+            .flatten()
+        {
+            structural(child, &format!("{at}.{k}"), in_junctor, errors);
+        }
+        for k in ["items", "additionalProperties"] {
+            if let Some(child) = o.get(k).filter(|c| c.is_object()) {
+                structural(child, &format!("{at}.{k}"), in_junctor, errors);
+            }
+        }
+        for k in ["oneOf", "anyOf", "allOf"] {
+            for (i, child) in o
+                .get(k)
+                .and_then(|j| j.as_array())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                structural(child, &format!("{at}.{k}[{i}]"), true, errors);
+            }
+        }
+    }
+
+    #[test]
+    fn schemas_are_structural() {
+        for crd in all() {
+            let v = serde_json::to_value(&crd).unwrap();
+            let schema = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            let mut errors = Vec::new();
+            structural(schema, "", false, &mut errors);
+            assert!(errors.is_empty(), "{}: {errors:#?}", v["metadata"]["name"]);
+        }
+    }
 }
