@@ -84,19 +84,10 @@ pub async fn run(cli: &crate::Cli, args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn kube_client(context: Option<&str>) -> anyhow::Result<kube::Client> {
-    let opts = kube::config::KubeConfigOptions {
-        context: context.map(str::to_string),
-        ..Default::default()
-    };
-    let config = match kube::Config::from_kubeconfig(&opts).await {
-        Ok(c) => c,
-        Err(e) if context.is_none() => {
-            kube::Config::incluster().map_err(|_| anyhow::anyhow!("{e}"))?
-        }
-        Err(e) => return Err(e.into()),
-    };
-    Ok(kube::Client::try_from(config)?)
+async fn kube_client(context: Option<&str>) -> anyhow::Result<kube::Client> {
+    Ok(kube::Client::try_from(
+        crate::client::kube_config(context).await?,
+    )?)
 }
 
 /// The API server's version and clock, then `--pre`'s or the install's checks.
@@ -342,7 +333,6 @@ async fn control_plane(
 /// The injection webhook's caBundle holds the mesh's roots, so the API server trusts the
 /// control plane's webhook certificate.
 async fn webhook(r: &mut Report, client: &kube::Client, ca: &pb::CaInfo) {
-    use base64::Engine as _;
     use rustls_pki_types::pem::PemObject;
     use sha2::Digest as _;
     let hooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
@@ -354,16 +344,13 @@ async fn webhook(r: &mut Report, client: &kube::Client, ca: &pb::CaInfo) {
     };
     let roots: Vec<&str> = ca.roots.iter().map(|r| r.fingerprint.as_str()).collect();
     let ok = h.webhooks.iter().flatten().all(|w| {
+        // k8s-openapi has decoded the base64 already: these are the PEM bytes.
         let pem = w
             .client_config
             .ca_bundle
             .as_ref()
-            .map(|b| b.0.clone())
-            .unwrap_or_default();
-        let pem = base64::engine::general_purpose::STANDARD
-            .decode(&pem)
-            .unwrap_or(pem);
-        let found: Vec<String> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .map_or(&[][..], |b| &b.0[..]);
+        let found: Vec<String> = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
             .filter_map(Result::ok)
             .map(|d| hex::encode(sha2::Sha256::digest(d.as_ref())))
             .collect();
@@ -447,28 +434,9 @@ fn now_unix() -> i64 {
 
 /// An HTTP date (`Sun, 06 Dec 2026 22:01:05 GMT`) as Unix seconds.
 fn http_date_unix(s: &str) -> Option<i64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m == month)? as u8 + 1;
-    let mut hms = time.split(':').map(|x| x.parse::<u8>().ok());
-    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    let date = time::Date::from_calendar_date(
-        year.parse().ok()?,
-        time::Month::try_from(month).ok()?,
-        day.parse().ok()?,
-    )
-    .ok()?;
-    let t = time::Time::from_hms(h, m, sec).ok()?;
-    Some(
-        time::PrimitiveDateTime::new(date, t)
-            .assume_utc()
-            .unix_timestamp(),
-    )
+    let t = httpdate::parse_http_date(s).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
 }
 
 #[cfg(test)]

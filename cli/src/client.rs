@@ -54,16 +54,25 @@ pub async fn connect_in(
     ca_pem: &str,
     namespace: Option<&str>,
 ) -> anyhow::Result<Admin> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(mesh_proto::CONTROL_PLANE_SERVER_NAME);
     let channel = Endpoint::from_shared(server.to_string())
         .with_context(|| format!("invalid --server {server:?}"))?
-        .tls_config(tls)?
+        .tls_config(tls(ca_pem))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
         .with_context(|| format!("cannot reach the control plane at {server}"))?;
+    admin_over(channel, token, namespace)
+}
+
+/// TLS to the control plane, verified as its server name against `ca_pem`.
+fn tls(ca_pem: &str) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(mesh_proto::CONTROL_PLANE_SERVER_NAME)
+}
+
+/// The admin client on `channel`, presenting `token` (and `namespace` for bare names).
+fn admin_over(channel: Channel, token: &str, namespace: Option<&str>) -> anyhow::Result<Admin> {
     let value = format!("Bearer {token}")
         .parse()
         .context("admin token has invalid characters")?;
@@ -87,12 +96,14 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
             let p = cli.data_dir.join("admin-token");
             match std::fs::read_to_string(&p) {
                 Ok(t) => t.trim().to_string(),
-                Err(e) => kube_token(cli.context.as_deref()).await.with_context(|| {
-                    format!(
-                        "no --token given, cannot read {} ({e}), and no token in a kubeconfig",
-                        p.display()
-                    )
-                })?,
+                Err(e) => async { kube_token(&kube_config(cli.context.as_deref()).await?) }
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "no --token given, cannot read {} ({e}), and no token in a kubeconfig",
+                            p.display()
+                        )
+                    })?,
             }
         }
     };
@@ -109,16 +120,27 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
     connect_in(&cli.server, &token, &ca, Some(&cli.namespace)).await
 }
 
-/// The bearer token of the kubeconfig's user (of `context`, or the current one): on Kubernetes
-/// the control plane maps it to mesh scopes through RBAC. Users that authenticate otherwise
-/// (client certificates, exec plugins) give a mesh credential with --token instead.
-async fn kube_token(context: Option<&str>) -> anyhow::Result<String> {
-    use secrecy::ExposeSecret;
+/// The kubeconfig's configuration (of `context`, or the current one), or in a pod the
+/// in-cluster one when no kubeconfig and no context are given.
+pub async fn kube_config(context: Option<&str>) -> anyhow::Result<kube::Config> {
     let opts = kube::config::KubeConfigOptions {
         context: context.map(str::to_string),
         ..Default::default()
     };
-    let config = kube::Config::from_kubeconfig(&opts).await?;
+    match kube::Config::from_kubeconfig(&opts).await {
+        Ok(c) => Ok(c),
+        Err(e) if context.is_none() => {
+            kube::Config::incluster().map_err(|_| anyhow::anyhow!("{e}"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The bearer token of a kubeconfig's user: on Kubernetes the control plane maps it to mesh
+/// scopes through RBAC. Users that authenticate otherwise (client certificates, exec plugins)
+/// give a mesh credential with --token instead.
+fn kube_token(config: &kube::Config) -> anyhow::Result<String> {
+    use secrecy::ExposeSecret;
     if let Some(t) = &config.auth_info.token {
         return Ok(t.expose_secret().trim().to_string());
     }
@@ -142,7 +164,13 @@ async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
     use k8s_openapi::api::core::v1::ConfigMap;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::Api;
-    let kube = crate::check::kube_client(cli.context.as_deref()).await?;
+    // One kubeconfig read: the API client and the token both come from it.
+    let config = kube_config(cli.context.as_deref()).await?;
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => kube_token(&config)?,
+    };
+    let kube = kube::Client::try_from(config)?;
     let pods: Api<Pod> = Api::namespaced(kube.clone(), ns);
     let pod = control_plane_pod(&pods, ns).await?;
     let ca = match &cli.ca_file {
@@ -156,10 +184,6 @@ async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
                 anyhow::anyhow!("no trust bundle in ConfigMap {ns}/mesh-ca-bundle: give --ca-file")
             })?,
     };
-    let token = match &cli.token {
-        Some(t) => t.clone(),
-        None => kube_token(cli.context.as_deref()).await?,
-    };
     let connector = tower::service_fn(move |_: http::Uri| {
         let (pods, pod) = (pods.clone(), pod.clone());
         async move {
@@ -167,28 +191,15 @@ async fn connect_through_kube(cli: &Cli, ns: &str) -> anyhow::Result<Admin> {
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca))
-        .domain_name(mesh_proto::CONTROL_PLANE_SERVER_NAME);
     let channel = Endpoint::from_static("https://mesh-control-plane:15011")
-        .tls_config(tls)?
+        .tls_config(tls(&ca))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect_with_connector(connector)
         .await
         .with_context(|| {
             format!("cannot reach the control plane through a port-forward to {ns}")
         })?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .context("admin token has invalid characters")?;
-    let ns_header = cli
-        .namespace
-        .parse()
-        .context("namespace has invalid characters")?;
-    Ok(AdminClient::new(InterceptedService::new(
-        channel,
-        BearerToken(value, Some(ns_header)),
-    )))
+    admin_over(channel, &token, Some(&cli.namespace))
 }
 
 /// A running control-plane pod of namespace `ns`.

@@ -71,8 +71,11 @@ pub fn service_config(
     name: &str,
 ) -> Option<pb::ServiceConfig> {
     let svc = state.services.get(name)?;
-    // Other services as backends reach proxies as versions of this one.
-    let (route, backends) = crate::state::backends::expand(name, &state.route_of(name).route);
+    // Other services as backends reach proxies as versions of this one (`expand` makes the
+    // one copy of the stored route).
+    let none = pb::Route::default();
+    let stored = state.routes.get(name).map_or(&none, |r| &r.current.route);
+    let (route, backends) = crate::state::backends::expand(name, stored);
     let mut endpoints: Vec<pb::Endpoint> = state
         .endpoints
         .get(name)

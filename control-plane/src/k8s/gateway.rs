@@ -91,37 +91,14 @@ pub fn parents(obj: &Value, ns: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// A Gateway API duration (`1h`, `10s`, `500ms`, `1h30m`) in milliseconds.
+/// A Gateway API duration (`1h`, `10s`, `500ms`, `1h30m`: Go's format, which kube parses) in
+/// milliseconds; empty and negative ones are not durations here.
 fn duration_ms(s: &str) -> Option<u32> {
-    if s.is_empty() {
+    let d: kube::core::Duration = s.parse().ok().filter(|_| !s.is_empty())?;
+    if d.is_negative() {
         return None;
     }
-    let mut total: u64 = 0;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().ok()?;
-        num.clear();
-        let unit = match c {
-            'h' => 3_600_000,
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                1
-            }
-            'm' => 60_000,
-            's' => 1000,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(unit)?)?;
-    }
-    if !num.is_empty() {
-        return None;
-    }
-    u32::try_from(total).ok()
+    u32::try_from(std::time::Duration::from(d).as_millis()).ok()
 }
 
 /// A rule name the mesh accepts: letters, digits and '-'.
@@ -192,7 +169,7 @@ fn grpc_match(m: &Value) -> Result<pb::RouteMatch, Refusal> {
         (Some(s), None) if regex => pb::route_match::Path::Regex(format!("/{s}/.+")),
         (Some(s), None) => pb::route_match::Path::Prefix(format!("/{s}/")),
         (None, Some(n)) if regex => pb::route_match::Path::Regex(format!("/.+/{n}")),
-        (None, Some(n)) => pb::route_match::Path::Regex(format!("/[^/]+/{}", regex_escape(n))),
+        (None, Some(n)) => pb::route_match::Path::Regex(format!("/[^/]+/{}", regex::escape(n))),
         (None, None) => pb::route_match::Path::Prefix("/".into()),
     };
     Ok(pb::RouteMatch {
@@ -203,18 +180,6 @@ fn grpc_match(m: &Value) -> Result<pb::RouteMatch, Refusal> {
             .collect::<Result<_, _>>()?,
         query: Vec::new(),
     })
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 fn list(v: &Value) -> impl Iterator<Item = &Value> {
@@ -663,7 +628,6 @@ fn conditions(result: &Result<(), Refusal>, generation: &Value) -> Vec<Value> {
 /// they differ from what is there (timestamps aside).
 async fn write_status(client: &Client, o: &Object, outcomes: &[(Value, &Result<(), Refusal>)]) {
     let generation = o.obj["metadata"]["generation"].clone();
-    let now = chrono_now();
     let current: Vec<Value> = list(&o.obj["status"]["parents"]).cloned().collect();
     let mut parents: Vec<Value> = current
         .iter()
@@ -676,14 +640,14 @@ async fn write_status(client: &Client, o: &Object, outcomes: &[(Value, &Result<(
         let before = current
             .iter()
             .find(|p| p["controllerName"] == CONTROLLER && p["parentRef"] == *parent);
+        let old = before.map_or(Value::Null, |b| b["conditions"].clone());
         for c in &mut conds {
-            let old = before.and_then(|b| {
-                list(&b["conditions"])
-                    .find(|x| x["type"] == c["type"] && x["status"] == c["status"])
-            });
-            c["lastTransitionTime"] = old
-                .map(|x| x["lastTransitionTime"].clone())
-                .unwrap_or_else(|| now.clone().into());
+            let since = super::transition_time(
+                &old,
+                c["type"].as_str().unwrap_or(""),
+                c["status"].as_str().unwrap_or(""),
+            );
+            c["lastTransitionTime"] = serde_json::to_value(since).unwrap_or_default();
         }
         parents
             .push(json!({"parentRef": parent, "controllerName": CONTROLLER, "conditions": conds}));
@@ -702,16 +666,6 @@ async fn write_status(client: &Client, o: &Object, outcomes: &[(Value, &Result<(
     {
         tracing::warn!(route = %name, namespace = %ns, error = %e, "cannot write a route's status");
     }
-}
-
-/// Now, as Kubernetes writes times (RFC 3339, UTC).
-fn chrono_now() -> String {
-    let now =
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
-    serde_json::to_value(now)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -446,6 +446,24 @@ pub async fn publish_bundle(client: Client, registry: Arc<Registry>, config_map:
 
 /// Lets a burst of watch events land (drained for [`SETTLE`]), so their result is applied
 /// once; false when the watches ended.
+/// When a status condition of `type_` last changed: what `conditions` (a status's list, as
+/// stored) says if its status there is `status` already, else now. Kubernetes moves
+/// `lastTransitionTime` only when the status changes.
+pub(crate) fn transition_time(
+    conditions: &serde_json::Value,
+    type_: &str,
+    status: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    conditions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_ && c["status"] == status)
+        .and_then(|c| serde_json::from_value(c["lastTransitionTime"].clone()).ok())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()))
+}
+
 pub(crate) async fn settle<S: futures_util::Stream + Unpin>(events: &mut S) -> bool {
     let until = tokio::time::sleep(SETTLE);
     tokio::pin!(until);

@@ -239,6 +239,8 @@ async fn sync_once<K: Kind>(
     proxies: &crate::discovery::ProxyTable,
 ) {
     let state = registry.state();
+    // One pass over the connected proxies for every object's status.
+    let acked = Acked::of(proxies);
     let mut seen = HashSet::new();
     for obj in objects.state() {
         let service = service_of(&obj);
@@ -307,7 +309,7 @@ async fn sync_once<K: Kind>(
         };
         let state = registry.state();
         let revision = K::revision(&state, &service);
-        let applied = revision.map(|r| proxies_applied(proxies, &service, r));
+        let applied = revision.map(|r| acked.applied(&service, r));
         write_status(client, ar, &obj, &standing, revision, applied).await;
     }
     let default = K::Spec::default();
@@ -339,30 +341,63 @@ async fn sync_once<K: Kind>(
     }
 }
 
-/// Connected proxies of this replica subscribed to `service` that applied `revision` or a
-/// later one, of those subscribed: `3/3`.
-fn proxies_applied(proxies: &crate::discovery::ProxyTable, service: &str, revision: u64) -> String {
-    let (mut subscribed, mut applied) = (0, 0);
-    for p in proxies.proxies.iter() {
-        // A proxy names services relative to its namespace (that of its identity).
-        let ns = p
-            .identity
-            .split("/ns/")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .unwrap_or(mesh_model::service::DEFAULT_NAMESPACE);
-        let wants = p.subscriptions.iter().any(|s| {
-            s.strip_prefix(crate::discovery::SERVICE_PREFIX)
-                .is_some_and(|n| n == "*" || mesh_model::service::absolute(n, ns) == service)
-        });
-        if wants {
-            subscribed += 1;
-            if p.acked_version >= revision {
-                applied += 1;
+/// The config versions the connected proxies of this replica ACKed: by the service each is
+/// subscribed to, and those of proxies subscribed to every service. A status's
+/// `proxiesApplied` is how many of a service's reached its revision.
+#[derive(Default)]
+struct Acked {
+    by_service: BTreeMap<String, Vec<u64>>,
+    everything: Vec<u64>,
+}
+
+impl Acked {
+    fn of(proxies: &crate::discovery::ProxyTable) -> Self {
+        let mut out = Acked::default();
+        for p in proxies.proxies.iter() {
+            let names: Vec<&str> = p
+                .subscriptions
+                .iter()
+                .filter_map(|s| s.strip_prefix(crate::discovery::SERVICE_PREFIX))
+                .collect();
+            if names.contains(&"*") {
+                out.everything.push(p.acked_version);
+                continue;
+            }
+            // A proxy names services relative to its namespace (that of its identity).
+            let ns = p
+                .identity
+                .split("/ns/")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .unwrap_or(mesh_model::service::DEFAULT_NAMESPACE);
+            let mut keys: Vec<String> = names
+                .iter()
+                .map(|n| mesh_model::service::absolute(n, ns))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                out.by_service.entry(k).or_default().push(p.acked_version);
             }
         }
+        out
     }
-    format!("{applied}/{subscribed}")
+
+    /// `applied/subscribed` for `service` at `revision`.
+    fn applied(&self, service: &str, revision: u64) -> String {
+        let versions = self
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .chain(&self.everything);
+        let (mut done, mut all) = (0, 0);
+        for v in versions {
+            all += 1;
+            done += usize::from(*v >= revision);
+        }
+        format!("{done}/{all}")
+    }
 }
 
 /// Writes an object's status when it differs from what it says (the transition time aside).
@@ -380,28 +415,7 @@ async fn write_status(
         Standing::Refused(why) => ("False", "Invalid", why.clone()),
     };
     let before = obj.data.get("status").cloned().unwrap_or_default();
-    let old = before["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == "Accepted")
-        .cloned()
-        .unwrap_or_default();
-    let since = if old["status"] == status {
-        old["lastTransitionTime"].clone()
-    } else {
-        serde_json::Value::Null
-    };
-    let since = if since.is_null() {
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
-    } else {
-        match serde_json::from_value(since) {
-            Ok(t) => t,
-            Err(_) => k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-        }
-    };
+    let since = super::transition_time(&before["conditions"], "Accepted", status);
     let wanted = mesh_crds::MeshStatus {
         observed_generation: generation,
         conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
