@@ -1438,14 +1438,17 @@ async fn top_and_prometheus_count_latency_to_the_end_of_the_answer() -> anyhow::
 /// real Prometheus, on both sides of the hop. curl sends bodies to a Node app with a
 /// Content-Length (size known from the head) and chunked (counted as it streams, and again
 /// by the app's sidecar, which receives it as an HTTP/2 stream without a length); the app
-/// answers each with its size in digits, and `/bytes/3000` with 3,000 bytes.
+/// answers each with its size in digits, and `/bytes/3000` with 3,000 bytes. grpcurl's unary
+/// calls, which carry no Content-Length, are counted as they stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_byte_histograms_count_request_and_response_bodies() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let node = peers::node_app(&mut mesh).await?;
     let app_side = mesh.front("nodeapp", node, &[]).await?;
+    mesh.workload("backend", "v1").await?;
     let c = mesh.client("web").await?;
     mesh.wait_endpoints("nodeapp", 1).await?;
+    mesh.wait_endpoints("backend", 1).await?;
     let prom = peers::prometheus(&mut mesh, &[c.admin, app_side.admin]).await?;
     let proxy = format!("http://{}", c.outbound);
     let (small, big) = (
@@ -1521,6 +1524,30 @@ async fn istio_byte_histograms_count_request_and_response_bodies() -> anyhow::Re
             );
         }
     }
+    // gRPC (grpcurl): no Content-Length, so the body is counted as it streams. Each unary
+    // request is one frame: 5 bytes of gRPC header and 4 of protobuf (`message: "hi"`).
+    for _ in 0..3 {
+        let (ok, _, err) =
+            peers::grpcurl(c.outbound, "backend", "Unary", r#"{"message":"hi"}"#).await?;
+        assert!(ok, "{err}");
+    }
+    let grpc = |s: &str| {
+        format!(
+            r#"sum({s}{{reporter="source",destination_service_name="backend",request_protocol="grpc"}})"#
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while promql(prom, &grpc("istio_request_bytes_count")).await? != Some(3.0) {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never had the 3 gRPC calls"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        promql(prom, &grpc("istio_request_bytes_sum")).await?,
+        Some(27.0)
+    );
     // The mesh's own counter agrees.
     let m = admin_get(c.admin, "/metrics").await?.text;
     assert_eq!(
