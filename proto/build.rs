@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "RateLimit",
         "LoadBalancer",
         "Fault",
+        "Hedge",
+        "AdaptiveConcurrency",
         "Route",
         "WeightedBackend",
         "RouteRule",
@@ -58,6 +60,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         b = b.field_attribute(f, "#[serde(skip_serializing_if = \"String::is_empty\")]");
     }
+    for f in [
+        ".mesh.v1.Policy.hedge",
+        ".mesh.v1.Policy.adaptive_concurrency",
+        ".mesh.v1.RateLimit.global",
+    ] {
+        b = b.field_attribute(f, "#[serde(skip_serializing_if = \"Option::is_none\")]");
+    }
+    b = b.field_attribute(
+        ".mesh.v1.RateLimit.global_per_caller",
+        "#[serde(skip_serializing_if = \"std::ops::Not::not\")]",
+    );
     b.compile_fds(fds)?;
     Ok(())
 }

@@ -45,6 +45,8 @@ pub fn full_policy() -> pb::Policy {
             abort_status: 503,
             ..Default::default()
         }),
+        hedge: None,
+        adaptive_concurrency: None,
     }
 }
 

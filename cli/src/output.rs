@@ -221,8 +221,25 @@ impl ToJson for pb::PolicyInfo {
 
 /// `section.field = value` lines for every field of a policy that is set (non-default).
 pub fn policy_lines(p: &pb::Policy) -> Vec<(String, String)> {
+    fn is_default(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Null => true,
+            serde_json::Value::Bool(b) => !b,
+            serde_json::Value::Number(n) => n.as_f64() == Some(0.0),
+            serde_json::Value::String(s) => s.is_empty(),
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::Object(m) => m.values().all(is_default),
+        }
+    }
     fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
         match v {
+            // A switch set with every field at its default (hedging at the p95): shown as set.
+            serde_json::Value::Object(m)
+                if m.values().all(is_default)
+                    && matches!(prefix, "hedge" | "adaptive_concurrency") =>
+            {
+                out.push((prefix.to_string(), "on (defaults)".into()));
+            }
             serde_json::Value::Object(m) => {
                 for (k, v) in m {
                     let key = if prefix.is_empty() {

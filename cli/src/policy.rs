@@ -64,6 +64,22 @@ pub struct PolicyArgs {
     /// Each caller identity, enforced by the service's own proxy.
     #[arg(long)]
     pub inbound_rate_limit_per_caller: Option<String>,
+    /// All replicas of the service together, e.g. 1000/s (quota leases from the control
+    /// plane; each proxy decides locally within its share). "off" removes it.
+    #[arg(long)]
+    pub global_rate_limit: Option<String>,
+    /// With --global-rate-limit: the budget is each caller identity's, across all replicas.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub per_caller: Option<bool>,
+    /// Hedge idempotent requests (best set on a rule with --route): "p95" sends a second
+    /// copy to another endpoint after the p95 of recent answers, a duration after that long,
+    /// "off" stops hedging. Hedges draw on the retry budget.
+    #[arg(long)]
+    pub hedge: Option<String>,
+    /// Adaptive concurrency limit at the service's own proxies: "on", "off", or settings,
+    /// e.g. min=3,max=1000,interval=30s,tolerance=10%.
+    #[arg(long)]
+    pub adaptive_concurrency: Option<String>,
     /// p2c-ewma (default), round-robin, or consistent-hash.
     #[arg(long)]
     pub lb: Option<String>,
@@ -176,6 +192,33 @@ fn parse_circuit_breaker(s: &str, cb: &mut pb::CircuitBreaker) -> Result<(), Str
     Ok(())
 }
 
+fn parse_adaptive(
+    s: &str,
+    mut a: pb::AdaptiveConcurrency,
+) -> Result<pb::AdaptiveConcurrency, String> {
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected on, off, or key=value"))?;
+        let n = || {
+            v.parse::<u32>()
+                .map_err(|_| format!("{k}: {v:?} is not a whole number"))
+        };
+        match k {
+            "min" => a.min_limit = n()?,
+            "max" => a.max_limit = n()?,
+            "interval" => a.min_rtt_interval_ms = parse_ms(v)?,
+            "tolerance" => a.tolerance_percent = parse_percent(v)?,
+            _ => {
+                return Err(format!(
+                    "unknown key {k:?} (use min, max, interval, tolerance)"
+                ));
+            }
+        }
+    }
+    Ok(a)
+}
+
 /// Applies the flags given in `a` on top of `p`.
 pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
     fn err(flag: &'static str) -> impl Fn(String) -> String {
@@ -267,6 +310,43 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
             None
         } else {
             Some(parse_rate(v).map_err(err(flag))?)
+        };
+    }
+    if let Some(v) = &a.global_rate_limit {
+        let rl = p.rate_limit.get_or_insert_with(Default::default);
+        rl.global = if v == "off" {
+            None
+        } else {
+            Some(parse_rate(v).map_err(err("global-rate-limit"))?)
+        };
+    }
+    if let Some(v) = a.per_caller {
+        p.rate_limit
+            .get_or_insert_with(Default::default)
+            .global_per_caller = v;
+    }
+    if let Some(rl) = &mut p.rate_limit
+        && rl.global.is_none()
+    {
+        rl.global_per_caller = false;
+    }
+    if let Some(h) = &a.hedge {
+        p.hedge = match h.trim() {
+            "off" => None,
+            "p95" => Some(pb::Hedge { delay_ms: 0 }),
+            d => Some(pb::Hedge {
+                delay_ms: parse_ms(d).map_err(err("hedge"))?,
+            }),
+        };
+    }
+    if let Some(v) = &a.adaptive_concurrency {
+        p.adaptive_concurrency = match v.trim() {
+            "off" => None,
+            "on" => Some(p.adaptive_concurrency.unwrap_or_default()),
+            settings => Some(
+                parse_adaptive(settings, p.adaptive_concurrency.unwrap_or_default())
+                    .map_err(err("adaptive-concurrency"))?,
+            ),
         };
     }
     if a.lb.is_some() || a.hash_header.is_some() || a.warmup.is_some() {
@@ -454,6 +534,46 @@ mod tests {
         apply(&b, &mut p).unwrap();
         assert_eq!(p.timeouts.as_ref().unwrap().request_ms, 500);
         assert_eq!(p.retry.as_ref().unwrap().max_retries, 3);
+    }
+
+    #[test]
+    fn hedging_adaptive_concurrency_and_global_limits_from_flags() {
+        let mut p = pb::Policy::default();
+        let mut a = args("api");
+        a.hedge = Some("p95".into());
+        a.adaptive_concurrency = Some("min=2,max=200,interval=10s".into());
+        a.global_rate_limit = Some("1000/s".into());
+        a.per_caller = Some(true);
+        apply(&a, &mut p).unwrap();
+        assert_eq!(p.hedge, Some(pb::Hedge { delay_ms: 0 }));
+        let ac = p.adaptive_concurrency.unwrap();
+        assert_eq!(
+            (ac.min_limit, ac.max_limit, ac.min_rtt_interval_ms),
+            (2, 200, 10_000)
+        );
+        let rl = p.rate_limit.unwrap();
+        assert_eq!(rl.global.unwrap().per_second, 1000);
+        assert!(rl.global_per_caller);
+        let mut b = args("api");
+        b.hedge = Some("40ms".into());
+        b.global_rate_limit = Some("off".into());
+        apply(&b, &mut p).unwrap();
+        assert_eq!(p.hedge, Some(pb::Hedge { delay_ms: 40 }));
+        let rl = p.rate_limit.unwrap();
+        assert!(
+            rl.global.is_none() && !rl.global_per_caller,
+            "per-caller goes with it"
+        );
+        let mut c = args("api");
+        c.adaptive_concurrency = Some("min=5,max=2".into());
+        assert!(apply(&c, &mut p).unwrap_err().contains("min_limit"));
+        let mut c = args("api");
+        c.adaptive_concurrency = Some("fast".into());
+        assert!(
+            apply(&c, &mut p)
+                .unwrap_err()
+                .starts_with("--adaptive-concurrency")
+        );
     }
 
     #[test]

@@ -189,9 +189,11 @@ pub async fn run(
     let proxies = Arc::new(ProxyTable::default());
     let stats = Arc::new(CaStats::default());
 
+    let quotas = Arc::new(crate::discovery::quota::Quotas::new(registry.clone()));
     let discovery = pb::discovery_server::DiscoveryServer::new(DiscoveryService {
         registry: registry.clone(),
         proxies: proxies.clone(),
+        quotas: quotas.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     // Singleton work: one replica at a time, by etcd election on etcd, by a Lease on Kubernetes.
@@ -226,6 +228,7 @@ pub async fn run(
         proxies: proxies.clone(),
         telemetry: telemetry.clone(),
         tap: tap.clone(),
+        quotas: quotas.clone(),
     });
     let view = Arc::new(crate::replicas::view::MeshView {
         local: local.clone(),
@@ -238,6 +241,9 @@ pub async fn run(
             ))
         }),
     });
+    if let Some(peers) = &view.peers {
+        tokio::spawn(quotas.clone().follow_peers(peers.clone()));
+    }
     let replicas_svc =
         pb::replicas_server::ReplicasServer::new(crate::replicas::peers::ReplicaService {
             local,

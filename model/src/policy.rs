@@ -57,10 +57,14 @@ pub struct Policy {
     pub rate_outbound: Option<Rate>,
     pub rate_inbound: Option<Rate>,
     pub rate_inbound_per_caller: Option<Rate>,
+    /// All replicas of the service together, by quota leases.
+    pub rate_global: Option<GlobalRate>,
     pub lb: LbConfig,
     pub fault: Option<FaultConfig>,
     /// gRPC statuses that count as the server's failure, one bit per code.
     pub grpc_failures: GrpcFailures,
+    pub hedge: Option<HedgeConfig>,
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 impl Default for Policy {
@@ -77,9 +81,12 @@ impl Default for Policy {
             rate_outbound: None,
             rate_inbound: None,
             rate_inbound_per_caller: None,
+            rate_global: None,
             lb: LbConfig::default(),
             fault: None,
             grpc_failures: GrpcFailures::default(),
+            hedge: None,
+            adaptive: None,
         }
     }
 }
@@ -132,6 +139,21 @@ pub struct RetryConfig {
     pub budget_percent: f64,
     pub budget_min_per_second: u32,
     pub non_idempotent: bool,
+}
+
+impl RetryConfig {
+    /// No retries, the budget's defaults (what hedging alone draws on).
+    pub fn budget_only() -> Self {
+        Self {
+            max_retries: 0,
+            on: RetryOn::default(),
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            budget_percent: DEFAULT_BUDGET_PERCENT,
+            budget_min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+            non_idempotent: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -188,6 +210,36 @@ impl Rate {
     pub fn interval_ns(&self) -> u64 {
         1_000_000_000 / u64::from(self.per_second.max(1))
     }
+}
+
+/// A limit held by all replicas of a service together: the whole budget, and whether each
+/// caller identity has one of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalRate {
+    pub rate: Rate,
+    pub per_caller: bool,
+}
+
+/// When an idempotent request goes a second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgeConfig {
+    /// None: after the p95 of the recent answers.
+    pub delay: Option<Duration>,
+}
+
+pub const DEFAULT_ADAPTIVE_MIN: u32 = 3;
+pub const DEFAULT_ADAPTIVE_MAX: u32 = 1000;
+pub const DEFAULT_MIN_RTT_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_ADAPTIVE_TOLERANCE: f64 = 10.0;
+
+/// The bounds and pace of an adaptive concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveConfig {
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub min_rtt_interval: Duration,
+    /// 0..=100: latency this much above min_rtt still counts as unloaded.
+    pub tolerance_percent: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -460,6 +512,38 @@ fn fault(f: &pb::Fault) -> Result<Option<FaultConfig>, PolicyError> {
     )
 }
 
+fn adaptive(a: &pb::AdaptiveConcurrency) -> Result<AdaptiveConfig, PolicyError> {
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let (min_limit, max_limit) = (
+        or(a.min_limit, DEFAULT_ADAPTIVE_MIN),
+        or(a.max_limit, DEFAULT_ADAPTIVE_MAX),
+    );
+    if min_limit > max_limit {
+        return Err(bad(
+            "adaptive_concurrency.min_limit",
+            format!("{min_limit} is above max_limit {max_limit}"),
+        ));
+    }
+    let tolerance = percent(
+        "adaptive_concurrency.tolerance_percent",
+        a.tolerance_percent,
+    )?;
+    Ok(AdaptiveConfig {
+        min_limit,
+        max_limit,
+        min_rtt_interval: ms_or(
+            "adaptive_concurrency.min_rtt_interval",
+            a.min_rtt_interval_ms,
+            DEFAULT_MIN_RTT_INTERVAL,
+        )?,
+        tolerance_percent: if tolerance > 0.0 {
+            tolerance
+        } else {
+            DEFAULT_ADAPTIVE_TOLERANCE
+        },
+    })
+}
+
 impl TryFrom<&pb::Policy> for Policy {
     type Error = PolicyError;
 
@@ -491,6 +575,16 @@ impl TryFrom<&pb::Policy> for Policy {
             out.rate_inbound = rate("rate_limit.inbound", &r.inbound)?;
             out.rate_inbound_per_caller =
                 rate("rate_limit.inbound_per_caller", &r.inbound_per_caller)?;
+            out.rate_global = rate("rate_limit.global", &r.global)?.map(|rate| GlobalRate {
+                rate,
+                per_caller: r.global_per_caller,
+            });
+            if r.global_per_caller && out.rate_global.is_none() {
+                return Err(bad(
+                    "rate_limit.global_per_caller",
+                    "set without a global rate",
+                ));
+            }
         }
         if let Some(lb) = &p.load_balancer {
             out.lb = load_balancer(lb)?;
@@ -514,6 +608,14 @@ impl TryFrom<&pb::Policy> for Policy {
         }
         if let Some(f) = &p.fault {
             out.fault = fault(f)?;
+        }
+        if let Some(h) = &p.hedge {
+            out.hedge = Some(HedgeConfig {
+                delay: ms("hedge.delay", h.delay_ms)?,
+            });
+        }
+        if let Some(a) = &p.adaptive_concurrency {
+            out.adaptive = Some(adaptive(a)?);
         }
         Ok(out)
     }

@@ -5,6 +5,7 @@
 //! latest state of what changed, so a slow proxy skips intermediate versions instead of
 //! queueing stale ones.
 
+pub mod quota;
 mod session;
 
 use crate::ca::issuer::identity_of_chain;
@@ -57,6 +58,7 @@ impl ProxyTable {
 pub struct DiscoveryService {
     pub registry: Arc<Registry>,
     pub proxies: Arc<ProxyTable>,
+    pub quotas: Arc<quota::Quotas>,
 }
 
 pub fn peer_identity<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
@@ -159,6 +161,7 @@ pub fn endpoint_from_proto(e: pb::Endpoint) -> EndpointRecord {
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+type QuotaGrantStream = Pin<Box<dyn Stream<Item = Result<pb::QuotaGrants, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::discovery_server::Discovery for DiscoveryService {
@@ -197,6 +200,33 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             tx,
         );
         tokio::spawn(session.run(first, inbound));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type QuotaStream = QuotaGrantStream;
+
+    /// Each report is answered with the reporting proxy's shares; when the stream ends, its
+    /// shares go back to the others.
+    async fn quota(
+        &self,
+        req: Request<Streaming<pb::QuotaReport>>,
+    ) -> Result<Response<Self::QuotaStream>, Status> {
+        let identity = peer_identity(&req)?;
+        let mut reports = req.into_inner();
+        let quotas = self.quotas.clone();
+        let stream = quotas.stream();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = reports.message().await {
+                let grants = quotas.report(stream, &identity.namespace, &r);
+                if tx.send(Ok(grants)).await.is_err() {
+                    break;
+                }
+            }
+            quotas.gone(stream);
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -205,6 +205,16 @@ impl pb::replicas_server::Replicas for ReplicaService {
         }))
     }
 
+    async fn quota_demands(
+        &self,
+        req: Request<pb::QuotaDemandsRequest>,
+    ) -> Result<Response<pb::QuotaDemandsResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(pb::QuotaDemandsResponse {
+            demands: self.local.quotas.local_demand(),
+        }))
+    }
+
     type TapStream = crate::replicas::view::TapStream;
 
     async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {

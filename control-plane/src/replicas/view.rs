@@ -21,6 +21,8 @@ pub struct Local {
     pub proxies: Arc<ProxyTable>,
     pub telemetry: Arc<TelemetryStore>,
     pub tap: Arc<TapHub>,
+    /// Demand on the global rate limits this replica's proxies enforce.
+    pub quotas: Arc<crate::discovery::quota::Quotas>,
 }
 
 impl Local {
