@@ -122,6 +122,7 @@ impl Admin {
                     "rules": s.router.rules.iter().map(|r| json!({
                         "name": &*r.name,
                         "backends": r.backends.iter().map(|(v, w)| json!({"version": &**v, "weight": w})).collect::<Vec<_>>(),
+                        "policy": r.policy.as_ref().map(|p| format!("{p:?}")),
                     })).collect::<Vec<_>>(),
                     "schedule": s.balancer.shares().iter().map(|(v, n)| json!({"version": v.as_deref(), "slots": n})).collect::<Vec<_>>(),
                     "balancer": s.balancer.states().map(|(e, st)| json!({
@@ -140,6 +141,8 @@ impl Admin {
                         "default": a.default.as_str(),
                     })),
                     "retry_budget": budget(s),
+                    "global_shares": s.policy.rate_global.map(|_| s.state.global.granted().into_iter().map(|(caller, rate)| json!({"caller": caller, "per_second": rate})).collect::<Vec<_>>()),
+                    "adaptive_limit": s.state.adaptive.as_ref().map(|a| json!({"limit": a.limit(), "min_rtt_ms": a.min_rtt().map(|d| d.as_secs_f64() * 1e3), "shed": a.shed()})),
                 })
             })
             .collect();

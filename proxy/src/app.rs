@@ -159,6 +159,18 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         .run(),
     );
 
+    if let Some(service) = &b.service {
+        // Demand and shares of the service's global rate limits (idle without one).
+        tokio::spawn(
+            crate::policy::global::QuotaReporter {
+                snapshots: snapshots.clone(),
+                control_plane: control_plane.clone(),
+                node_id: b.node_id.clone(),
+                service: service.as_str().into(),
+            }
+            .run(),
+        );
+    }
     tokio::spawn(
         crate::telemetry::TelemetryReporter {
             snapshots: snapshots.clone(),

@@ -157,8 +157,17 @@ impl Drop for Picked {
 }
 
 impl Picked {
-    /// Records the attempt's latency (for EWMA) and outcome (for outlier ejection).
-    /// Records the attempt's outcome; true when it got the endpoint ejected.
+    /// The endpoint refused the request at once (429: its share of a rate limit is spent).
+    /// Not a failure, and its latency is not recorded: a fast refusal would make the endpoint
+    /// look fastest to P2C, which would send it more of what it refuses.
+    pub fn refused(mut self) {
+        self.done = true;
+        self.state.refused();
+        self.state.outcome(true, self.trial);
+    }
+
+    /// Records the attempt's latency (for EWMA) and outcome (for outlier ejection); true
+    /// when it got the endpoint ejected.
     pub fn finish(
         mut self,
         success: bool,

@@ -194,6 +194,12 @@ impl EndpointState {
     /// The head of an attempt's answer came after `rtt`: it is no longer in flight, and the
     /// latency feeds the estimate. Peak EWMA: a slower observation is taken at once, faster
     /// ones blend in over time.
+    /// An answer whose latency says nothing of the endpoint's (a refusal): only its place
+    /// in flight is given back.
+    pub(crate) fn refused(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn head(&self, now: Now, rtt: Duration, success: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut rtt = rtt.as_nanos() as f64;

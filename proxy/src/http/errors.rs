@@ -49,6 +49,10 @@ pub enum ProxyError {
     RateLimited { retry_after: std::time::Duration },
     #[error("circuit open: {0}")]
     CircuitOpen(String),
+    /// The adaptive concurrency limit of the service's own proxy is reached: shed at once
+    /// rather than queued behind an app that is already slowing down.
+    #[error("overloaded: {0} requests in flight to the app, its current limit")]
+    Overloaded(u32),
     #[error("fault injected by policy: status {0}")]
     FaultAbort(u16),
     #[error("local app unavailable: {0}")]
@@ -66,7 +70,7 @@ pub enum ProxyError {
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 19] = [
+pub const REASONS: [&str; 20] = [
     "no-authority",
     "bad-request",
     "malformed-request",
@@ -82,6 +86,7 @@ pub const REASONS: [&str; 19] = [
     "timeout",
     "rate-limited",
     "circuit-open",
+    "overloaded",
     "fault-abort",
     "app-unavailable",
     "denied",
@@ -128,6 +133,7 @@ impl ProxyError {
             Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout", 4, U),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", 8, D),
             CircuitOpen(_) => (StatusCode::SERVICE_UNAVAILABLE, "circuit-open", 14, U),
+            Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", 14, U),
             FaultAbort(s) => {
                 let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 (status, "fault-abort", grpc_code_of(status), I)
@@ -264,6 +270,7 @@ mod tests {
                 retry_after: Duration::ZERO,
             },
             ProxyError::CircuitOpen(String::new()),
+            ProxyError::Overloaded(0),
             ProxyError::FaultAbort(503),
             ProxyError::App(String::new()),
             ProxyError::Denied(String::new()),

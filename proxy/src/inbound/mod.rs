@@ -9,6 +9,7 @@ use crate::http::{
     Body, ORIG_PROTO, ORIG_PROTO_H1, XFCC, framing, is_grpc, strip_hop_by_hop, upgrade,
 };
 use crate::outbound::transparent::{DETECT_TIMEOUT, Detected, detect};
+use crate::policy::adaptive::Permit;
 use crate::snapshot::Snapshots;
 use crate::telemetry::metrics::{ConnGuard, ConnKind, Direction, Handshake, metrics};
 use crate::telemetry::{Counters, Detail, Observation, ObservedBody};
@@ -174,15 +175,17 @@ impl Inbound {
     }
 
     /// The path normalised (`mesh_authz::path`: what the app receives is what was
-    /// authorized), authorization, then the service-wide and per-caller inbound rate limits
-    /// of this proxy's service. Ok: what the service declares its app speaks on this port.
+    /// authorized), authorization, the service-wide and per-caller inbound rate limits of
+    /// this proxy's service, its share of the global limit, then its adaptive concurrency
+    /// limit. Ok: what the service
+    /// declares its app speaks on this port, and the request's place under the limit.
     async fn admit<B>(
         &self,
         caller: &Arc<str>,
         req: &mut Request<B>,
-    ) -> Result<Option<mesh_model::AppProtocol>, ProxyError> {
+    ) -> Result<(Option<mesh_model::AppProtocol>, Option<Permit>), ProxyError> {
         let Some(name) = &self.service else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let guard = self.snapshots.load();
         let owned;
@@ -210,7 +213,17 @@ impl Inbound {
                 .check(rate)
                 .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
         }
-        Ok(svc.app_protocols.of(self.app.port()))
+        if let Some(g) = p.rate_global {
+            svc.state
+                .global
+                .check(g, caller)
+                .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
+        }
+        let permit = match &svc.state.adaptive {
+            Some(a) => Some(a.acquire().map_err(ProxyError::Overloaded)?),
+            None => None,
+        };
+        Ok((svc.app_protocols.of(self.app.port()), permit))
     }
 
     /// True when this proxy's service accepts plaintext too (PERMISSIVE mTLS).
@@ -423,11 +436,16 @@ impl Inbound {
         let counted = obs.count_request(req.body());
         let resp = match self.admit(&caller, &mut req).await {
             Err(e) => e.to_response(grpc),
-            Ok(declared) => match self
+            Ok((declared, permit)) => match self
                 .forward(xfcc, traceparent(&obs), req, grpc, declared, counted)
                 .await
             {
-                Ok(r) => r,
+                Ok(r) => {
+                    if let Some(p) = permit {
+                        p.answered();
+                    }
+                    r
+                }
                 Err(e) => e.to_response(grpc),
             },
         };

@@ -81,6 +81,10 @@ impl Endpoint {
     /// in the head of a trailers-only answer, or else in the trailers (the verdict is then
     /// left to the body, returned here).
     fn judge_head<B>(self: &Arc<Self>, resp: &Response<B>, picked: Picked) -> Option<GrpcPending> {
+        if resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            picked.refused();
+            return None;
+        }
         if resp.status().is_server_error() || !crate::http::is_grpc(resp.headers()) {
             self.finish(picked, !resp.status().is_server_error());
             return None;

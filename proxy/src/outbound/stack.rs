@@ -8,7 +8,7 @@ use crate::balance::Balancer;
 use crate::policy::circuit_breaker::{Limit, LimitsLayer};
 use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer};
-use crate::policy::retry::{Retry, RetryLayer};
+use crate::policy::retry::{Hedging, Retry, RetryLayer};
 use crate::policy::timeout::{Timeout, TimeoutLayer};
 use crate::policy::{Policy, PolicyState};
 use std::sync::Arc;
@@ -93,7 +93,15 @@ pub fn policies<S>(p: &Policy, state: &PolicyState, inner: S) -> Policies<S> {
         // Circuit breaker limits: in-flight and queued requests; past them a fast 503.
         .layer(LimitsLayer(state.limits.clone()))
         // Retries within the budget, idempotency-aware, body replayed from a bounded copy.
-        .layer(RetryLayer::new(p.retry.clone(), state.budget.clone()))
+        // Hedges of idempotent requests slower than the rule's p95 (or set delay), same budget.
+        .layer(RetryLayer::new(
+            p.retry.clone(),
+            p.hedge.map(|cfg| Hedging {
+                cfg,
+                recent: state.recent.clone(),
+            }),
+            state.budget.clone(),
+        ))
         // Deadline of each attempt.
         .layer(TimeoutLayer::per_try(p.per_try_timeout))
         .service(inner)

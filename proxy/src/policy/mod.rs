@@ -3,8 +3,11 @@
 //! updates.
 //! The layers are put together, in order, by `outbound::stack`.
 
+pub mod adaptive;
 pub mod circuit_breaker;
 pub mod fault;
+pub mod global;
+pub mod hedge;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
@@ -21,14 +24,22 @@ pub struct PolicyState {
     pub outbound: Arc<rate_limit::Gcra>,
     pub inbound: Arc<rate_limit::Gcra>,
     pub per_caller: Arc<rate_limit::PerKey>,
+    /// The rule's recent answer times (the hedge delay) and hedges sent.
+    pub recent: Arc<hedge::Recent>,
+    /// This proxy's shares of the service's global limits (its own service).
+    pub global: Arc<global::GlobalLimits>,
     /// Rebuilt when the limits change (a semaphore's size is fixed).
     pub limits: Option<Arc<circuit_breaker::Limits>>,
+    /// The app's adaptive concurrency limit (the service's own proxy); kept while its config
+    /// is unchanged.
+    pub adaptive: Option<Arc<adaptive::Adaptive>>,
 }
 
 impl PolicyState {
     pub fn new(p: &Policy) -> Self {
         Self {
             limits: p.limits.map(|c| Arc::new(circuit_breaker::Limits::new(c))),
+            adaptive: p.adaptive.map(|c| Arc::new(adaptive::Adaptive::new(c))),
             ..Self::default()
         }
     }
@@ -39,10 +50,17 @@ impl PolicyState {
         self.outbound = old.outbound.clone();
         self.inbound = old.inbound.clone();
         self.per_caller = old.per_caller.clone();
+        self.recent = old.recent.clone();
+        self.global = old.global.clone();
         if let (Some(new), Some(old)) = (&self.limits, &old.limits)
             && new.config() == old.config()
         {
             self.limits = Some(old.clone());
+        }
+        if let (Some(new), Some(old)) = (&self.adaptive, &old.adaptive)
+            && new.config() == old.config()
+        {
+            self.adaptive = Some(old.clone());
         }
     }
 }

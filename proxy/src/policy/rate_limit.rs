@@ -38,11 +38,16 @@ impl Default for Gcra {
 impl Gcra {
     /// Takes one token, or says how long until one is free.
     pub fn check(&self, rate: Rate) -> Result<(), Duration> {
+        let interval = rate.interval_ns();
+        self.check_ns(interval, interval * u64::from(rate.burst.saturating_sub(1)))
+    }
+
+    /// As `check`, for a rate given as the nanoseconds between two tokens and a burst as the
+    /// time it may run ahead (a share of a global limit is rarely a whole number per second).
+    pub fn check_ns(&self, interval: u64, tolerance: u64) -> Result<(), Duration> {
         let now = Instant::now()
             .saturating_duration_since(self.origin)
             .as_nanos() as u64;
-        let interval = rate.interval_ns();
-        let tolerance = interval * u64::from(rate.burst.saturating_sub(1));
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let start = tat.max(now);
@@ -56,6 +61,29 @@ impl Gcra {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+}
+
+impl Gcra {
+    /// Carries the bucket over to a new rate: the time it runs ahead of now (the tokens owed)
+    /// is scaled by `factor` (new interval / old) and capped at `cap` nanoseconds, so a bucket
+    /// that ran far ahead at a tiny rate does not refuse everything at a larger one.
+    pub fn rescale(&self, factor: f64, cap: u64) {
+        let now = Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_nanos() as u64;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let ahead = ((tat.saturating_sub(now)) as f64 * factor) as u64;
+            let next = now + ahead.min(cap);
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return,
                 Err(actual) => tat = actual,
             }
         }

@@ -9,6 +9,7 @@
 //! retry design leaves that judgement to the service owner). Bodies are replayed from a copy
 //! of at most 64 KiB (`http::body`); a larger body that was already sent is not retried.
 
+use super::hedge::{HedgeConfig, Recent};
 use crate::balance::Tried;
 use crate::http::body::{ReplayBody, ReqBody};
 use crate::http::errors::ProxyError;
@@ -180,18 +181,29 @@ impl Budget {
     }
 }
 
+/// Hedging of a rule: when, and the rule's recent answer times and hedge count.
+#[derive(Debug, Clone)]
+pub struct Hedging {
+    pub cfg: HedgeConfig,
+    pub recent: Arc<Recent>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RetryLayer {
     cfg: Option<Arc<RetryConfig>>,
+    hedge: Option<Hedging>,
     budget: Arc<Budget>,
 }
 
 impl RetryLayer {
-    pub fn new(cfg: Option<RetryConfig>, budget: Arc<Budget>) -> Self {
-        Self {
-            cfg: cfg.filter(|c| c.max_retries > 0).map(Arc::new),
-            budget,
-        }
+    /// Retries as `cfg` says, hedges as `hedge` says; with hedging alone, no retries but the
+    /// budget's defaults (hedges are drawn from it).
+    pub fn new(cfg: Option<RetryConfig>, hedge: Option<Hedging>, budget: Arc<Budget>) -> Self {
+        let cfg = cfg
+            .filter(|c| c.max_retries > 0)
+            .or_else(|| hedge.as_ref().map(|_| RetryConfig::budget_only()))
+            .map(Arc::new);
+        Self { cfg, hedge, budget }
     }
 }
 
@@ -201,6 +213,7 @@ impl<S> Layer<S> for RetryLayer {
         Retry {
             inner,
             cfg: self.cfg.clone(),
+            hedge: self.hedge.clone(),
             budget: self.budget.clone(),
         }
     }
@@ -210,7 +223,60 @@ impl<S> Layer<S> for RetryLayer {
 pub struct Retry<S> {
     inner: S,
     cfg: Option<Arc<RetryConfig>>,
+    hedge: Option<Hedging>,
     budget: Arc<Budget>,
+}
+
+/// One attempt, hedged: if it has not answered after the delay, a copy goes (to another
+/// endpoint: both share `tried`) when `copy` can give its body and the budget has room; the
+/// first answer wins, and an attempt that failed without an answer waits for the other. The
+/// first attempt's time (to the winning answer) teaches the rule's p95.
+#[allow(clippy::too_many_arguments)]
+async fn hedged<S, RB>(
+    inner: S,
+    head: &http::request::Parts,
+    body: ReqBody,
+    copy: impl FnOnce() -> Option<ReqBody>,
+    tried: &Tried,
+    h: &Hedging,
+    budget: &Budget,
+    cfg: &RetryConfig,
+) -> Result<Response<RB>, ProxyError>
+where
+    S: Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError> + Clone,
+{
+    let start = Instant::now();
+    let first = inner.clone().oneshot(attempt(head, body, tried));
+    tokio::pin!(first);
+    let res = 'race: {
+        let Some(delay) = h.recent.delay(&h.cfg) else {
+            break 'race first.await;
+        };
+        tokio::select! {
+            r = &mut first => break 'race r,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let Some(body) =
+            copy().filter(|_| budget.withdraw(cfg.budget_percent, cfg.budget_min_per_second))
+        else {
+            break 'race first.await;
+        };
+        h.recent.hedged();
+        let second = inner.oneshot(attempt(head, body, tried));
+        tokio::pin!(second);
+        tokio::select! {
+            r = &mut first => match r {
+                Err(_) => second.await,
+                ok => ok,
+            },
+            r = &mut second => match r {
+                Err(_) => first.await,
+                ok => ok,
+            },
+        }
+    };
+    h.recent.record(start.elapsed());
+    res
 }
 
 /// A copy of the request head for one attempt (extensions are not copied: only `Tried`).
@@ -248,6 +314,7 @@ where
         self.budget.deposit();
         let budget = self.budget.clone();
         let inner = self.inner.clone();
+        let hedge = self.hedge.clone();
         Either::Right(Box::pin(async move {
             let grpc = is_grpc(req.headers());
             let may_resend = idempotent(req.method())
@@ -268,7 +335,17 @@ where
             let mut body = next_body().unwrap_or(ReqBody::Empty);
             let mut retries = 0;
             loop {
-                let res = inner.clone().oneshot(attempt(&head, body, &tried)).await;
+                let res = match &hedge {
+                    Some(h) if may_resend => {
+                        // A copy needs the whole body in hand.
+                        let copy = || match &replay {
+                            Some(r) if !r.complete() => None,
+                            _ => next_body(),
+                        };
+                        hedged(inner.clone(), &head, body, copy, &tried, h, &budget, &cfg).await
+                    }
+                    _ => inner.clone().oneshot(attempt(&head, body, &tried)).await,
+                };
                 let ok = match verdict(&cfg, &res) {
                     Verdict::Done => false,
                     Verdict::NeverSent => true,

@@ -177,33 +177,73 @@ impl Collector for ProxyCollector {
                 .map(|(l, r)| (l.clone(), load(&r.response_bytes))),
         )?;
         let snap = self.snapshots.load();
-        let mut retries = Vec::new();
+        // (labels, retries, hedges) of each service's policy and each rule with its own.
+        let mut sent = Vec::new();
         for s in snap.services.values() {
             let name = s.name.clone();
-            retries.push((
+            sent.push((
                 [("dst_service", name.clone()), ("route", "".into())],
                 s.state.budget.retried(),
+                s.state.recent.total(),
             ));
             for r in &s.routes.rules {
                 if let Some(st) = &r.target.state {
-                    retries.push((
+                    sent.push((
                         [
                             ("dst_service", name.clone()),
                             ("route", r.rule.name.clone()),
                         ],
                         st.budget.retried(),
+                        st.recent.total(),
                     ));
                 }
             }
         }
-        retries.sort_by(|a, b| a.0.cmp(&b.0));
+        sent.sort_by(|a, b| a.0.cmp(&b.0));
+        let labels = |l: &[(&'static str, Arc<str>); 2]| l.clone().map(|(k, v)| (k, v.to_string()));
         counter(
             &mut enc,
             "mesh_retries",
             "Retries sent, by destination and the route whose own policy retried (empty: the service's policy)",
-            retries
+            sent.iter().map(|(l, v, _)| (labels(l), *v)),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_hedged_requests",
+            "Second copies sent of requests slower than their rule's hedge delay, by destination and route",
+            sent.iter().map(|(l, _, v)| (labels(l), *v)),
+        )?;
+        // The app's adaptive concurrency limit: this proxy's own service only.
+        let own = m
+            .local()
+            .and_then(|l| snap.services.get(&*l.service))
+            .and_then(|s| s.state.adaptive.as_ref().map(|a| (s.name.to_string(), a)));
+        let own_global = m
+            .local()
+            .and_then(|l| snap.services.get(&*l.service))
+            .filter(|s| s.policy.rate_global.is_some())
+            .map(|s| (s.name.to_string(), s.state.global.throttled()));
+        counter(
+            &mut enc,
+            "mesh_throttled_requests",
+            "Requests refused (429) by this proxy's share of the service's global rate limit",
+            own_global
                 .into_iter()
-                .map(|(l, v)| (l.map(|(k, v)| (k, v.to_string())), v)),
+                .map(|(n, v)| ([("dst_service", n), ("limit", "global".to_string())], v)),
+        )?;
+        counter(
+            &mut enc,
+            "mesh_shed_requests",
+            "Requests shed by the adaptive concurrency limit (503, x-mesh-error: overloaded)",
+            own.iter()
+                .map(|(n, a)| ([("dst_service", n.clone())], a.shed())),
+        )?;
+        gauge(
+            &mut enc,
+            "mesh_adaptive_concurrency_limit",
+            "Requests allowed in flight to the app now, as the adaptive limit found",
+            own.iter()
+                .map(|(n, a)| ([("dst_service", n.clone())], i64::from(a.limit()))),
         )?;
         let mut ej: Vec<(Arc<str>, u64)> = m
             .ejections

@@ -81,7 +81,7 @@ async fn run(
     up: &Scripted,
     r: Request<ReqBody>,
 ) -> Result<Response<()>, ProxyError> {
-    RetryLayer::new(Some(c), Arc::default())
+    RetryLayer::new(Some(c), None, Arc::default())
         .layer(up.clone())
         .oneshot(r)
         .await
@@ -161,7 +161,7 @@ async fn grpc_codes_the_policy_lists_are_retried() {
     let mut r = req(Method::POST);
     r.headers_mut()
         .insert("content-type", "application/grpc".parse().unwrap());
-    let resp = RetryLayer::new(Some(cfg(&["unavailable"])), Arc::default())
+    let resp = RetryLayer::new(Some(cfg(&["unavailable"])), None, Arc::default())
         .layer(Grpc(calls.clone()))
         .oneshot(r)
         .await
@@ -179,7 +179,7 @@ async fn the_budget_caps_retries_during_an_outage() {
         ..cfg(&["5xx"])
     };
     let up = Scripted::new(vec![Ok(503)]);
-    let svc = RetryLayer::new(Some(c), budget.clone()).layer(up.clone());
+    let svc = RetryLayer::new(Some(c), None, budget.clone()).layer(up.clone());
     for _ in 0..500 {
         let _ = svc.clone().oneshot(req(Method::GET)).await;
     }
@@ -201,4 +201,80 @@ async fn backoff_grows_and_is_capped() {
     let start = tokio::time::Instant::now();
     let _ = run(c, &up, req(Method::GET)).await;
     assert!(start.elapsed() <= Duration::from_millis(25 + 50 + 100));
+}
+
+/// An upstream whose first call stalls `stall`, later ones answer at once.
+#[derive(Clone, Default)]
+struct Stalls {
+    calls: Arc<AtomicU32>,
+}
+
+impl Service<Request<ReqBody>> for Stalls {
+    type Response = Response<()>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<()>, ProxyError>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<ReqBody>) -> Self::Future {
+        let first = self.calls.fetch_add(1, Ordering::Relaxed) == 0;
+        Box::pin(async move {
+            if first {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let mut r = Response::new(());
+            *r.status_mut() = if first {
+                http::StatusCode::ACCEPTED
+            } else {
+                http::StatusCode::OK
+            };
+            Ok(r)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_idempotent_request_is_hedged_and_the_first_answer_wins() {
+    let recent = Arc::new(Recent::default());
+    let hedging = Hedging {
+        cfg: HedgeConfig {
+            delay: Some(Duration::from_millis(30)),
+        },
+        recent: recent.clone(),
+    };
+    let up = Stalls::default();
+    let start = Instant::now();
+    let r = RetryLayer::new(None, Some(hedging.clone()), Arc::default())
+        .layer(up.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the hedge's answer");
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+    assert_eq!((up.calls.load(Ordering::Relaxed), recent.total()), (2, 1));
+
+    // A POST is not hedged: it waits for its one attempt.
+    let up = Stalls::default();
+    let r = RetryLayer::new(None, Some(hedging.clone()), Arc::default())
+        .layer(up.clone())
+        .oneshot(req(Method::POST))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(up.calls.load(Ordering::Relaxed), 1);
+
+    // An empty budget (no floor, no share) sends no hedge.
+    let mut none = RetryConfig::budget_only();
+    none.budget_percent = 0.0;
+    none.budget_min_per_second = 0;
+    let up = Stalls::default();
+    let mut layer = RetryLayer::new(None, Some(hedging), Arc::default());
+    layer.cfg = Some(Arc::new(none));
+    let r = layer
+        .layer(up.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "waited for the stalled one");
+    assert_eq!(up.calls.load(Ordering::Relaxed), 1);
 }
