@@ -209,19 +209,43 @@ pub async fn paced<F>(client: &HttpClient, rps: u32, n: usize, req: F) -> Vec<u1
 where
     F: Fn(usize) -> http::Request<Full<Bytes>>,
 {
+    paced_timed(client, rps, n, req)
+        .await
+        .into_iter()
+        .map(|r| r.map_or(0, |r| r.0))
+        .collect()
+}
+
+/// As [`paced`], with each result as [`load`] gives it (status, `x-mesh-error`, latency).
+pub async fn paced_timed<F>(
+    client: &HttpClient,
+    rps: u32,
+    n: usize,
+    req: F,
+) -> Vec<Result<(u16, String, Duration), String>>
+where
+    F: Fn(usize) -> http::Request<Full<Bytes>>,
+{
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rps.max(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         tick.tick().await;
         let (client, r) = (client.clone(), req(i));
-        tasks.spawn(async move { one(&client, r).await.map_or(0, |r| r.0) });
+        tasks.spawn(async move { one(&client, r).await });
     }
     let mut out = Vec::with_capacity(n);
     while let Some(r) = tasks.join_next().await {
-        out.push(r.unwrap_or(0));
+        out.push(r.map_err(|e| e.to_string()).and_then(|r| r));
     }
     out
+}
+
+/// The `q` quantile (0..=1) of `d`, nearest rank (None when empty).
+pub fn quantile(d: &mut [Duration], q: f64) -> Option<Duration> {
+    d.sort();
+    let i = ((d.len() as f64 * q).ceil() as usize).clamp(1, d.len().max(1)) - 1;
+    d.get(i).copied()
 }
 
 /// A GET of `url` with an empty body.

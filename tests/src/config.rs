@@ -15,6 +15,17 @@ pub fn policy_in_dump(dump: &serde_json::Value, service: &str) -> Option<String>
         .map(str::to_string)
 }
 
+/// How many endpoints a service has in a /config_dump.
+pub fn endpoints_in_dump(dump: &serde_json::Value, service: &str) -> usize {
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .map(|s| s["endpoints"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
 /// The names of a service's route rules in a /config_dump.
 pub fn rules_in_dump(dump: &serde_json::Value, service: &str) -> Vec<String> {
     dump["services"]

@@ -57,6 +57,25 @@ pub async fn node_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     start(mesh, "node-app", cmd).await
 }
 
+/// The Node.js app whose latency climbs with concurrency (tests/peers/capacity-app.js):
+/// `workers` requests at a time take `service_ms` each, the rest queue; `stall_percent` of
+/// them take a second instead.
+pub async fn capacity_app(
+    mesh: &mut Mesh,
+    workers: u32,
+    service_ms: u32,
+    stall_percent: f64,
+) -> anyhow::Result<SocketAddr> {
+    require("node")?;
+    let mut cmd = Command::new("node");
+    cmd.arg(scripts().join("capacity-app.js"))
+        .env("WORKERS", workers.to_string())
+        .env("SERVICE_MS", service_ms.to_string())
+        .env("STALL_PERCENT", stall_percent.to_string())
+        .env("STALL_MS", "1000");
+    start(mesh, "capacity-app", cmd).await
+}
+
 /// The Python `http.server` app (tests/peers/echo_app.py).
 pub async fn python_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     require("python3")?;

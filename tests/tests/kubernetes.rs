@@ -949,7 +949,7 @@ async fn routes_are_meshroute_objects_both_ways() -> anyhow::Result<()> {
 }
 
 /// Policies are objects too: a MeshPolicy applied with kubectl becomes the service's
-/// resilience policy at the proxies, and `meshctl authz set` writes the service's
+/// resilience policy at the proxies (hedging, adaptive concurrency and global limits included), and `meshctl authz set` writes the service's
 /// MeshAuthorization.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
@@ -962,13 +962,25 @@ async fn policies_and_authorizations_are_objects_too() -> anyhow::Result<()> {
         serde_json::json!({
             "apiVersion": "mesh.io/v1alpha1", "kind": "MeshPolicy",
             "metadata": {"name": "catalog", "namespace": "shop"},
-            "spec": {"service": "catalog", "timeouts": {"request_ms": 1234}}
+            "spec": {
+                "service": "catalog",
+                "timeouts": {"request_ms": 1234},
+                "hedge": {"delay_ms": 40},
+                "adaptive_concurrency": {"max_limit": 64},
+                "rate_limit": {"global": {"per_second": 500}, "global_per_caller": true}
+            }
         }),
     );
+    // Hedging, adaptive concurrency and the global limit are fields of the same object.
     wait_config(c.admin, Duration::from_secs(5), |d| {
         d["services"].as_array().into_iter().flatten().any(|s| {
             s["name"] == "catalog.shop"
-                && s["policy"].as_str().is_some_and(|p| p.contains("1.234s"))
+                && s["policy"].as_str().is_some_and(|p| {
+                    p.contains("1.234s")
+                        && p.contains("hedge: Some(HedgeConfig { delay: Some(40ms)")
+                        && p.contains("max_limit: 64")
+                        && p.contains("per_second: 500, burst: 50 }, per_caller: true")
+                })
         })
     })
     .await?;

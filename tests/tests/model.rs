@@ -12,7 +12,7 @@ const WEB: &str = "spiffe://mesh.local/ns/default/sa/web";
 
 enum Bad {
     Route(pb::Route),
-    Policy(pb::Policy),
+    Policy(Box<pb::Policy>),
 }
 
 struct Row {
@@ -56,8 +56,8 @@ fn good_backends() -> Vec<pb::WeightedBackend> {
         .to_vec()
 }
 
-fn policy(f: impl FnOnce(&mut pb::Policy)) -> pb::Policy {
-    let mut p = pb::Policy::default();
+fn policy(f: impl FnOnce(&mut pb::Policy)) -> Box<pb::Policy> {
+    let mut p = Box::<pb::Policy>::default();
     f(&mut p);
     p
 }
@@ -230,7 +230,7 @@ fn model_says(bad: &Bad) -> String {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default(),
-        Bad::Policy(p) => mesh_model::Policy::try_from(p)
+        Bad::Policy(p) => mesh_model::Policy::try_from(&**p)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default(),
@@ -297,7 +297,7 @@ async fn every_side_refuses_a_malformed_route_or_policy_with_the_same_message() 
                 .admin
                 .set_policy(pb::SetPolicyRequest {
                     service: "backend".into(),
-                    policy: Some(p.clone()),
+                    policy: Some(pb::Policy::clone(p)),
                     skip_validation: false,
                 })
                 .await
@@ -339,7 +339,7 @@ async fn every_side_refuses_a_malformed_route_or_policy_with_the_same_message() 
                 mesh.admin
                     .set_policy(pb::SetPolicyRequest {
                         service: "backend".into(),
-                        policy: Some(p.clone()),
+                        policy: Some(pb::Policy::clone(p)),
                         skip_validation: true,
                     })
                     .await?
