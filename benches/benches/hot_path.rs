@@ -32,15 +32,25 @@ fn pick(c: &mut Criterion) {
     }
 }
 
-/// The added cost of the policy layers: the same request through no policy and through all.
-fn policy_stack(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime for one request at a time.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    let upstream = tower::service_fn(|_: http::Request<ReqBody>| {
-        std::future::ready(Ok::<_, ProxyError>(http::Response::new(())))
-    });
+        .expect("runtime")
+}
+
+/// An upstream that answers at once.
+fn upstream(
+    _: http::Request<ReqBody>,
+) -> std::future::Ready<Result<http::Response<()>, ProxyError>> {
+    std::future::ready(Ok(http::Response::new(())))
+}
+
+/// The added cost of the policy layers: the same request through no policy and through all.
+fn policy_stack(c: &mut Criterion) {
+    let rt = runtime();
+    let upstream = tower::service_fn(upstream);
     for (name, policy) in [
         ("policy_stack_none", None),
         ("policy_stack_all", Some(mesh_benches::full_policy())),
@@ -116,5 +126,66 @@ fn host(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, resolve, route_match, host, policy_stack);
+/// The request-path cost of hedging, a global limit's share and the adaptive limit, when on.
+fn beyond(c: &mut Criterion) {
+    let rt = runtime();
+    let upstream = tower::service_fn(upstream);
+    // Hedging on at a fixed delay, over an upstream that answers first: the race and the p95
+    // bookkeeping, never a second copy.
+    let hedged = mesh_benches::service_with(
+        4,
+        Some(mesh_proto::v1::Policy {
+            hedge: Some(mesh_proto::v1::Hedge { delay_ms: 50 }),
+            ..Default::default()
+        }),
+    );
+    let stack = policies(&hedged.policy, &hedged.state, upstream);
+    c.bench_function("policy_stack_hedge_on", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                black_box(
+                    stack
+                        .clone()
+                        .oneshot(http::Request::new(ReqBody::Empty))
+                        .await
+                        .is_ok(),
+                )
+            })
+        })
+    });
+    let limits = mesh_proxy::policy::global::GlobalLimits::default();
+    let rate = mesh_model::policy::GlobalRate {
+        rate: mesh_model::policy::Rate::new(1_000_000_000, 1_000_000),
+        per_caller: false,
+    };
+    let caller: Arc<str> = "spiffe://mesh.local/ns/default/sa/web".into();
+    c.bench_function("global_limit_share_check", |b| {
+        b.iter(|| black_box(limits.check(rate, &caller).is_ok()))
+    });
+    let adaptive = Arc::new(mesh_proxy::policy::adaptive::Adaptive::new(
+        mesh_model::policy::AdaptiveConfig {
+            min_limit: 1_000,
+            max_limit: 10_000,
+            min_rtt_interval: std::time::Duration::from_secs(30),
+            tolerance_percent: 10.0,
+        },
+    ));
+    c.bench_function("adaptive_limit_acquire_and_answer", |b| {
+        b.iter(|| {
+            if let Ok(p) = adaptive.acquire() {
+                p.answered();
+            }
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    pick,
+    resolve,
+    route_match,
+    host,
+    policy_stack,
+    beyond
+);
 criterion_main!(benches);

@@ -41,6 +41,13 @@ struct Args {
     /// Sidecar starts timed.
     #[arg(long, default_value_t = 10)]
     starts: usize,
+    /// Proxies on quota streams (replicas of one service with a global rate limit), one
+    /// control plane each.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    quota_proxies: Vec<usize>,
+    /// Seconds the quota streams are measured.
+    #[arg(long, default_value_t = 10)]
+    quota_secs: u64,
     #[arg(long, default_value = "target/cp-bench-results.md")]
     out: PathBuf,
 }
@@ -169,6 +176,138 @@ async fn simulated_proxy(
         }
     }
     Ok(())
+}
+
+/// One simulated replica on its quota stream: a report every 100 ms (as the proxy sends), with
+/// a demand of 0..100 requests; each grant's share is sent to `shares` (by replica id).
+async fn quota_proxy(
+    ch: Channel,
+    id: usize,
+    shares: mpsc::UnboundedSender<(usize, f64)>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut grants = pb::discovery_client::DiscoveryClient::new(ch)
+        .quota(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let report = pb::QuotaReport {
+                node: format!("quota-{id}"),
+                demands: vec![pb::QuotaDemand {
+                    service: "api".into(),
+                    caller: String::new(),
+                    asked: (id as u64 * 7919) % 100,
+                    admitted: 0,
+                    window_ms: 100,
+                }],
+            };
+            if tx.send(report).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(g) = grants.message().await? {
+        if let Some(s) = g.grants.first() {
+            let _ = shares.send((id, s.per_second));
+        }
+    }
+    Ok(())
+}
+
+struct QuotaResult {
+    proxies: usize,
+    reports_per_sec: f64,
+    cpu_percent: f64,
+    us_per_report: f64,
+    kib_per_stream: f64,
+    shares_sum: f64,
+}
+
+/// Quota leases at scale: `n` replicas of one service with a global limit of 10,000/s, each
+/// on its own quota stream; the control plane's CPU and RSS for them, and whether the shares
+/// it hands out add up to the limit.
+async fn quota_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<QuotaResult> {
+    let mut cp = control_plane(&dir.join(format!("quota-{n}"))).await?;
+    let pid = cp.proc.pid().context("pid")?;
+    cp.admin
+        .add_endpoint(pb::AddEndpointRequest {
+            service: "api".into(),
+            namespace: "default".into(),
+            service_account: "bench".into(),
+            endpoint: Some(pb::Endpoint {
+                id: "api-0".into(),
+                address: "127.0.0.1:20000".into(),
+                ready: true,
+                ..Default::default()
+            }),
+        })
+        .await?;
+    cp.admin
+        .set_policy(pb::SetPolicyRequest {
+            service: "api".into(),
+            policy: Some(pb::Policy {
+                rate_limit: Some(pb::RateLimit {
+                    global: Some(pb::Rate {
+                        per_second: 10_000,
+                        burst: 0,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            skip_validation: false,
+        })
+        .await?;
+    let (identity, _) = workload_identity(&mut cp).await?;
+    let rss_before = rss_kib(pid)?;
+    let (shares_tx, mut shares) = mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..n.div_ceil(args.streams_per_conn) {
+        let ch = channel(&cp, Some(&identity)).await?;
+        for id in (c * args.streams_per_conn)..((c + 1) * args.streams_per_conn).min(n) {
+            tasks.spawn(quota_proxy(ch.clone(), id, shares_tx.clone()));
+        }
+    }
+    // Warm-up: every replica holds a share.
+    let mut last = vec![0.0; n];
+    let mut have = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while have < n {
+        let (id, s) = tokio::time::timeout_at(deadline.into(), shares.recv())
+            .await
+            .context("not every replica got a share within 60 s")?
+            .context("all quota streams ended")?;
+        if last[id] == 0.0 {
+            have += 1;
+        }
+        last[id] = s;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Ok((id, s)) = shares.try_recv() {
+        last[id] = s;
+    }
+    let (cpu0, t0) = (cpu_secs(pid)?, Instant::now());
+    let mut grants = 0u64;
+    let end = t0 + Duration::from_secs(args.quota_secs);
+    while let Ok(Some((id, s))) = tokio::time::timeout_at(end.into(), shares.recv()).await {
+        last[id] = s;
+        grants += 1;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs(pid)? - cpu0;
+    let kib_per_stream = (rss_kib(pid)? - rss_before) / n as f64;
+    tasks.abort_all();
+    Ok(QuotaResult {
+        proxies: n,
+        reports_per_sec: grants as f64 / wall,
+        cpu_percent: cpu / wall * 100.0,
+        us_per_report: cpu / grants.max(1) as f64 * 1e6,
+        kib_per_stream,
+        shares_sum: last.iter().sum(),
+    })
 }
 
 struct PushResult {
@@ -366,6 +505,10 @@ async fn main() -> anyhow::Result<()> {
     for &n in &args.proxies {
         pushes.push(push_bench(&args, dir.path(), n).await?);
     }
+    let mut quotas = Vec::new();
+    for &n in &args.quota_proxies {
+        quotas.push(quota_bench(&args, dir.path(), n).await?);
+    }
     let (per_cpu_sec, per_wall_sec) = signing_rate(&args, dir.path()).await?;
     let (start_p50, start_max) = start_to_ready(&args, dir.path()).await?;
 
@@ -385,6 +528,23 @@ async fn main() -> anyhow::Result<()> {
             p.p99.as_secs_f64() * 1e3,
             p.last.as_secs_f64() * 1e3,
             p.kib_per_proxy
+        )?;
+    }
+    writeln!(
+        out,
+        "\n| replicas on quota streams (global limit 10,000/s) | reports/s | control-plane CPU, % of a core | CPU per report, µs | RSS per stream, KiB | shares handed out, /s |"
+    )?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
+    for q in &quotas {
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            q.proxies,
+            q.reports_per_sec,
+            q.cpu_percent,
+            q.us_per_report,
+            q.kib_per_stream,
+            q.shares_sum
         )?;
     }
     writeln!(
