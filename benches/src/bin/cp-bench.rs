@@ -41,6 +41,11 @@ struct Args {
     /// Sidecar starts timed.
     #[arg(long, default_value_t = 10)]
     starts: usize,
+    /// Give every simulated proxy its own mTLS connection (from source addresses 127.0.0.2 to
+    /// 127.0.0.201 in turn) and a telemetry stream reporting every second, as real sidecars
+    /// have, instead of sharing connections (`--streams-per-conn`) without telemetry.
+    #[arg(long)]
+    real_connections: bool,
     /// Proxies on quota streams (replicas of one service with a global rate limit), one
     /// control plane each.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -317,6 +322,56 @@ struct PushResult {
     p99: Duration,
     last: Duration,
     kib_per_proxy: f64,
+    /// With real connections: the control plane's CPU (% of a core) while every proxy
+    /// reports telemetry each second and nothing else happens.
+    telemetry_cpu_percent: Option<f64>,
+}
+
+/// A simulated proxy's own mTLS connection, from `127.0.0.(2 + id % 200)`: the connection is
+/// made when its first stream opens.
+fn own_channel(cp: &ControlPlane, identity: &Identity, id: usize) -> anyhow::Result<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&cp.ca_pem))
+        .domain_name("mesh-control-plane")
+        .identity(identity.clone());
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (id % 200) as u8);
+    Ok(Endpoint::from_shared(format!("https://{}", cp.grpc))?
+        .tls_config(tls)?
+        .local_address(Some(source.into()))
+        .connect_lazy())
+}
+
+/// A proxy's telemetry stream: a report every second, as a sidecar sends with traffic (one
+/// backend version's requests and latency buckets).
+async fn telemetry_proxy(ch: Channel, id: usize) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let report = pb::TelemetryReport {
+                node_id: format!("sim-{id}"),
+                backends: vec![pb::BackendStats {
+                    service: "backend".into(),
+                    version: "v1".into(),
+                    requests: 100,
+                    failures: 1,
+                    latency_buckets: vec![10, 60, 20, 8, 2],
+                }],
+                source_service: "bench".into(),
+                ..Default::default()
+            };
+            if tx.send(report).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut directives = pb::telemetry_client::TelemetryClient::new(ch)
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while directives.message().await?.is_some() {}
+    Ok(())
 }
 
 async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushResult> {
@@ -343,15 +398,28 @@ async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushRes
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..n.div_ceil(args.streams_per_conn) {
-        let ch = channel(&cp, Some(&identity)).await?;
-        for id in (c * args.streams_per_conn)..((c + 1) * args.streams_per_conn).min(n) {
+    if args.real_connections {
+        for id in 0..n {
+            let ch = own_channel(&cp, &identity, id)?;
             tasks.spawn(simulated_proxy(
                 ch.clone(),
                 id,
                 signer.clone(),
                 seen_tx.clone(),
             ));
+            tasks.spawn(telemetry_proxy(ch, id));
+        }
+    } else {
+        for c in 0..n.div_ceil(args.streams_per_conn) {
+            let ch = channel(&cp, Some(&identity)).await?;
+            for id in (c * args.streams_per_conn)..((c + 1) * args.streams_per_conn).min(n) {
+                tasks.spawn(simulated_proxy(
+                    ch.clone(),
+                    id,
+                    signer.clone(),
+                    seen_tx.clone(),
+                ));
+            }
         }
     }
     // Everyone has its first config.
@@ -367,7 +435,17 @@ async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushRes
         }
     }
     let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // With real connections, every proxy's telemetry stream is open and reporting: the
+    // control plane's steady cost of that, over 10 s with nothing else happening.
+    let telemetry_cpu_percent = if args.real_connections {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (cpu0, t0) = (cpu_secs(pid)?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Some((cpu_secs(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0)
+    } else {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        None
+    };
     let kib_per_proxy = (rss_kib(pid)? - rss_before) / n as f64;
 
     let mut all = Vec::new();
@@ -426,6 +504,7 @@ async fn push_bench(args: &Args, dir: &Path, n: usize) -> anyhow::Result<PushRes
         p99: percentile(&all, 0.99),
         last,
         kib_per_proxy,
+        telemetry_cpu_percent,
     })
 }
 
@@ -513,21 +592,32 @@ async fn main() -> anyhow::Result<()> {
     let (start_p50, start_max) = start_to_ready(&args, dir.path()).await?;
 
     let mut out = String::new();
+    let connections = if args.real_connections {
+        "one mTLS connection per proxy (sources 127.0.0.2–201), discovery + telemetry stream each, a report per second".to_string()
+    } else {
+        format!(
+            "{} discovery streams per mTLS connection, no telemetry",
+            args.streams_per_conn
+        )
+    };
+    writeln!(out, "Proxies: {connections}.\n")?;
     writeln!(
         out,
-        "| connected proxies | all connected in, s | route change to proxy, p50 ms | p99 ms | last proxy, ms | control-plane RSS per proxy, KiB |"
+        "| connected proxies | all connected in, s | route change to proxy, p50 ms | p99 ms | last proxy, ms | control-plane RSS per proxy, KiB | control-plane CPU with telemetry, % of a core |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for p in &pushes {
         writeln!(
             out,
-            "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             p.proxies,
             p.connect_secs,
             p.p50.as_secs_f64() * 1e3,
             p.p99.as_secs_f64() * 1e3,
             p.last.as_secs_f64() * 1e3,
-            p.kib_per_proxy
+            p.kib_per_proxy,
+            p.telemetry_cpu_percent
+                .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"))
         )?;
     }
     writeln!(
