@@ -1,7 +1,8 @@
 //! The mesh under load, as the load benchmarks and the profile-guided build's training run
-//! both start it: a control plane, the example app, and two sidecars (`web` outbound,
-//! `backend` inbound in front of the app, its service in PERMISSIVE mode so that it also
-//! takes plaintext as the one-proxy topology).
+//! both start it: a control plane, the example app, and three sidecars: `web` outbound and
+//! `backend` inbound in front of the app, the mTLS pair, its service in STRICT mode as users
+//! run it; and a second inbound sidecar in front of the same app, service `backend-plain` in
+//! PERMISSIVE mode, so that it takes plaintext as the one-proxy topology.
 
 use anyhow::Context;
 use mesh_proto::v1 as pb;
@@ -38,7 +39,7 @@ pub struct Mesh {
     pub single_port: u16,
     /// The pair's sidecars, outbound first.
     pub pair_pids: Vec<u32>,
-    /// The inbound sidecar's, which is also the one-proxy topology.
+    /// The one-proxy topology's sidecar (PERMISSIVE, plaintext from the load tool).
     pub single_pid: u32,
     /// Inbound (backend) first.
     sidecars: Vec<Process>,
@@ -49,12 +50,13 @@ pub struct Mesh {
 impl Mesh {
     /// Starts everything under `dir` (state, logs), with `proxy` as the sidecar binary and the
     /// control plane and app taken from `bins`, the app on `app_threads` runtime threads (or
-    /// its default, one per core).
+    /// its default, one per core), each sidecar on `workers` threads (0: its default).
     pub async fn start(
         dir: &Path,
         bins: &Path,
         proxy: &Path,
         app_threads: Option<std::num::NonZeroUsize>,
+        workers: usize,
     ) -> anyhow::Result<Self> {
         let log = |n: &str| std::fs::File::create(dir.join(format!("{n}.log")));
         let mut others = Vec::new();
@@ -110,6 +112,15 @@ impl Mesh {
                     app_port.to_string(),
                 ],
             ),
+            (
+                "backend",
+                vec![
+                    "--service".to_string(),
+                    "backend-plain".into(),
+                    "--app-port".into(),
+                    app_port.to_string(),
+                ],
+            ),
             ("web", vec![]),
         ] {
             let mut c = proxy_command(
@@ -120,20 +131,23 @@ impl Mesh {
                 sa,
             )
             .await?;
+            if workers > 0 {
+                c.args(["--workers", &workers.to_string()]);
+            }
             c.args([
-                "--workers",
-                "1",
                 "--outbound-addr",
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
                 "--inbound-addr",
                 "127.0.0.1:0",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stderr(log(&format!("proxy-{sa}"))?);
-            let (p, r) = Process::spawn_ready(&format!("mesh sidecar {sa}"), c, READY).await?;
+            ]);
+            // Named by its service (the two inbound sidecars share an account).
+            let name = extra.get(1).map_or(sa, String::as_str).to_string();
+            c.args(extra)
+                .env("RUST_LOG", "warn")
+                .stderr(log(&format!("proxy-{name}"))?);
+            let (p, r) = Process::spawn_ready(&format!("mesh sidecar {name}"), c, READY).await?;
             sidecars.push(p);
             ready.push(r);
         }
@@ -152,14 +166,14 @@ impl Mesh {
         let deadline = tokio::time::Instant::now() + READY;
         while let Err(e) = admin
             .set_mtls_mode(pb::SetMtlsModeRequest {
-                service: "backend".into(),
+                service: "backend-plain".into(),
                 mode: "permissive".into(),
             })
             .await
         {
             anyhow::ensure!(
                 e.code() == tonic::Code::NotFound && tokio::time::Instant::now() < deadline,
-                "PERMISSIVE mode for backend: {e}"
+                "PERMISSIVE mode for backend-plain: {e}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -169,10 +183,10 @@ impl Mesh {
             ca_pem,
             app_port,
             app_pid,
-            pair_port: port_of(&ready[1], "outbound")?,
-            single_port: port_of(&ready[0], "inbound")?,
-            single_pid: pids[0],
-            pair_pids: vec![pids[1], pids[0]],
+            pair_port: port_of(&ready[2], "outbound")?,
+            single_port: port_of(&ready[1], "inbound")?,
+            single_pid: pids[1],
+            pair_pids: vec![pids[2], pids[0]],
             sidecars,
             others,
         })

@@ -91,6 +91,10 @@ struct Args {
     /// saturation cells move with it, Envoy's and the mesh's differently (BENCHMARKS.md).
     #[arg(long)]
     app_threads: Option<std::num::NonZeroUsize>,
+    /// Worker threads of each proxy: `mesh-proxy --workers`, `envoy --concurrency`. 0 runs
+    /// each with its own default, as users run them (the mesh 2, Envoy one per core).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// The gRPC request body file (written at start).
     #[arg(skip)]
     grpc_body: PathBuf,
@@ -500,6 +504,7 @@ fn envoy_inbound(dir: &Path, port: u16, admin: u16, app: u16, mtls: bool) -> Str
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
           require_client_certificate: true
           common_tls_context:
+            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
             alpn_protocols: [h2]
             tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
             validation_context:
@@ -600,6 +605,7 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
+          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
           alpn_protocols: [h2]
           tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
           validation_context:
@@ -664,7 +670,7 @@ async fn run() -> anyhow::Result<()> {
     args.grpc_body = d.join("grpc-echo.bin");
     std::fs::write(&args.grpc_body, grpc_request(args.body))?;
     let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
-    let mut mesh = Mesh::start(d, &bins, &proxy, args.app_threads).await?;
+    let mut mesh = Mesh::start(d, &bins, &proxy, args.app_threads, args.workers).await?;
     eprintln!("mesh sidecars: {}", proxy.display());
     let (grpc, app_port) = (mesh.grpc, mesh.app_port);
     let ca_pem = mesh.ca_pem.clone();
@@ -692,17 +698,14 @@ async fn run() -> anyhow::Result<()> {
         ("envoy-out", e_out_port),
         ("envoy-1", e_single_port),
     ] {
-        let child = Command::new(&args.envoy)
+        let mut cmd = Command::new(&args.envoy);
+        if args.workers > 0 {
+            cmd.args(["--concurrency", &args.workers.to_string()]);
+        }
+        let child = cmd
             .arg("-c")
             .arg(d.join(format!("{name}.yaml")))
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--base-id",
-                &port.to_string(),
-            ])
+            .args(["-l", "warning", "--base-id", &port.to_string()])
             .stdout(log(name)?)
             .stderr(log(&format!("{name}.err"))?)
             .kill_on_drop(true)
@@ -757,8 +760,7 @@ async fn run() -> anyhow::Result<()> {
             proxies: envoy_pids[..2].to_vec(),
         },
     ];
-    // Each proxy's RSS as started, before any request.
-    let rss_start: Vec<f64> = topologies.iter().map(Topology::rss).collect();
+
     // Warm up connections and the mesh's on-demand discovery; check that gRPC is answered OK
     // end to end (the PERMISSIVE mode has reached the backend's sidecar once mesh-1 answers).
     let deadline = tokio::time::Instant::now() + READY;
@@ -792,6 +794,11 @@ async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("what the app sees through {}", t.name))?;
     }
+
+    // Each proxy's RSS idle after the warm-up traffic (what a sidecar holds between bursts;
+    // before any request it has not yet grown its buffers and pools).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_warm: Vec<f64> = topologies.iter().map(Topology::rss).collect();
 
     let loads = [
         Load::H1Saturation,
@@ -993,7 +1000,7 @@ async fn run() -> anyhow::Result<()> {
     let started = |name: &str| {
         topologies
             .iter()
-            .zip(&rss_start)
+            .zip(&rss_warm)
             .find(|(t, _)| t.name == name)
             .map_or(0.0, |(_, r)| *r)
     };
@@ -1003,7 +1010,7 @@ async fn run() -> anyhow::Result<()> {
     };
     writeln!(
         md,
-        "- RSS of one proxy, as started / after all runs (idle ≤ 10 MB, loaded ≤ 20 MB): mesh {:.1} / {} MiB, Envoy {:.1} / {} MiB",
+        "- RSS of one proxy, idle after warm-up traffic / after all runs (idle ≤ 10 MB, loaded ≤ 20 MB): mesh {:.1} / {} MiB, Envoy {:.1} / {} MiB",
         started("mesh-1"),
         loaded("mesh-1"),
         started("envoy-1"),

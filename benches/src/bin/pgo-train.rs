@@ -162,7 +162,7 @@ async fn warm_up(port: u16, body: usize) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args: Args = clap::Parser::parse();
     let dir = tempfile::tempdir()?;
-    let mut mesh = Mesh::start(dir.path(), &bin_dir()?, &args.proxy, None)
+    let mut mesh = Mesh::start(dir.path(), &bin_dir()?, &args.proxy, None, 1)
         .await
         .with_context(|| format!("starting the mesh; logs in {}", dir.path().display()))?;
     let topologies = [
