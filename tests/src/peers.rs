@@ -76,6 +76,26 @@ pub async fn capacity_app(
     start(mesh, "capacity-app", cmd).await
 }
 
+/// A quick capacity app (1,000 workers of 1 ms) and its sidecar, as a workload of `service`
+/// labelled `version` (service account = service).
+pub async fn capacity_workload(
+    mesh: &mut Mesh,
+    service: &str,
+    version: &str,
+) -> anyhow::Result<crate::Sidecar> {
+    let app = capacity_app(mesh, 1000, 1, 0.0).await?;
+    let node = format!("{service}-{version}-{}", mesh.procs.len());
+    mesh.sidecar(crate::SidecarOpts {
+        service: Some(service),
+        version: Some(version),
+        service_account: service,
+        app: Some(app),
+        node_id: Some(&node),
+        ..Default::default()
+    })
+    .await
+}
+
 /// The Python `http.server` app (tests/peers/echo_app.py).
 pub async fn python_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     require("python3")?;

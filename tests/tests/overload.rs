@@ -256,17 +256,7 @@ async fn adaptive_concurrency_sheds_overload_and_keeps_latency() -> anyhow::Resu
 
 /// An app and its sidecar as one replica of `api`, labelled `version`.
 async fn replica(mesh: &mut Mesh, version: &str) -> anyhow::Result<Sidecar> {
-    let app = peers::capacity_app(mesh, 1000, 1, 0.0).await?;
-    let node = format!("api-{version}-{}", mesh.procs.len());
-    mesh.sidecar(SidecarOpts {
-        service: Some("api"),
-        version: Some(version),
-        service_account: "api",
-        app: Some(app),
-        node_id: Some(&node),
-        ..Default::default()
-    })
-    .await
+    peers::capacity_workload(mesh, "api", version).await
 }
 
 /// An open-loop load at a fixed rate, in the background: when each request was sent (since

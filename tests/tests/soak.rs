@@ -27,17 +27,7 @@ fn rss_and_fds(pid: u32) -> anyhow::Result<(u64, usize)> {
 
 /// One workload of `backend`: the Node.js app and its sidecar, labelled `version`.
 async fn backend(mesh: &mut Mesh, version: &str) -> anyhow::Result<Sidecar> {
-    let app = peers::capacity_app(mesh, 1000, 1, 0.0).await?;
-    let node = format!("backend-{version}");
-    mesh.sidecar(SidecarOpts {
-        service: Some("backend"),
-        version: Some(version),
-        service_account: "backend",
-        app: Some(app),
-        node_id: Some(&node),
-        ..Default::default()
-    })
-    .await
+    peers::capacity_workload(mesh, "backend", version).await
 }
 
 /// Requests answered 200, and every other outcome (status or transport error), counted.
