@@ -141,7 +141,7 @@ impl Admin {
                         "default": a.default.as_str(),
                     })),
                     "retry_budget": budget(s),
-                    "global_shares": s.policy.rate_global.map(|_| s.state.global.granted().into_iter().map(|(caller, rate)| json!({"caller": caller, "per_second": rate})).collect::<Vec<_>>()),
+                    "global_shares": s.state.global.as_ref().map(|g| g.granted().into_iter().map(|(caller, rate)| json!({"caller": caller, "per_second": rate})).collect::<Vec<_>>()),
                     "adaptive_limit": s.state.adaptive.as_ref().map(|a| json!({"limit": a.limit(), "min_rtt_ms": a.min_rtt().map(|d| d.as_secs_f64() * 1e3), "shed": a.shed()})),
                 })
             })

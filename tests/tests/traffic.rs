@@ -202,16 +202,6 @@ async fn weight_steps_and_blue_green_under_load_lose_nothing() -> anyhow::Result
     Ok(())
 }
 
-fn endpoints_in_dump(d: &serde_json::Value) -> usize {
-    d["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == "backend")
-        .map(|s| s["endpoints"].as_array().map_or(0, Vec::len))
-        .sum()
-}
-
 /// Test 3: a rolling update of 3 endpoints under a constant 200 rps: each old endpoint is
 /// replaced by a new one (start new, register, SIGTERM old: deregister, keep serving briefly,
 /// drain), and no request fails.
@@ -227,7 +217,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
     let http = h1_client(c.outbound);
     assert_eq!(get(&http, "http://backend/").await?.status, 200);
     wait_config(c.admin, Duration::from_secs(10), |d| {
-        endpoints_in_dump(d) == 3
+        endpoints_in_dump(d, "backend") == 3
     })
     .await?;
 
@@ -237,7 +227,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
     for sidecar in old {
         mesh.workload_app("backend", "v1").await?;
         wait_config(c.admin, Duration::from_secs(10), |d| {
-            endpoints_in_dump(d) == 4
+            endpoints_in_dump(d, "backend") == 4
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -251,7 +241,7 @@ async fn rolling_update_of_three_endpoints_loses_nothing() -> anyhow::Result<()>
         // Its app goes after it (the process started just before the sidecar).
         mesh.procs[sidecar.proc_index - 1].kill();
         wait_config(c.admin, Duration::from_secs(10), |d| {
-            endpoints_in_dump(d) == 3
+            endpoints_in_dump(d, "backend") == 3
         })
         .await?;
     }

@@ -177,8 +177,8 @@ impl Inbound {
     /// The path normalised (`mesh_authz::path`: what the app receives is what was
     /// authorized), authorization, the service-wide and per-caller inbound rate limits of
     /// this proxy's service, its share of the global limit, then its adaptive concurrency
-    /// limit. Ok: what the service
-    /// declares its app speaks on this port, and the request's place under the limit.
+    /// limit. Ok: what the service declares its app speaks on this port, and the request's place
+    /// under the limit.
     async fn admit<B>(
         &self,
         caller: &Arc<str>,
@@ -213,9 +213,8 @@ impl Inbound {
                 .check(rate)
                 .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
         }
-        if let Some(g) = p.rate_global {
-            svc.state
-                .global
+        if let (Some(g), Some(shares)) = (p.rate_global, &svc.state.global) {
+            shares
                 .check(g, caller)
                 .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
         }

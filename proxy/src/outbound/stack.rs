@@ -96,10 +96,9 @@ pub fn policies<S>(p: &Policy, state: &PolicyState, inner: S) -> Policies<S> {
         // Hedges of idempotent requests slower than the rule's p95 (or set delay), same budget.
         .layer(RetryLayer::new(
             p.retry.clone(),
-            p.hedge.map(|cfg| Hedging {
-                cfg,
-                recent: state.recent.clone(),
-            }),
+            p.hedge
+                .zip(state.recent.clone())
+                .map(|(cfg, recent)| Hedging { cfg, recent }),
             state.budget.clone(),
         ))
         // Deadline of each attempt.

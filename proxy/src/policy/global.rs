@@ -217,8 +217,7 @@ impl QuotaReporter {
                 let snap = self.snapshots.load();
                 snap.services
                     .get(&*self.service)
-                    .filter(|s| s.policy.rate_global.is_some())
-                    .map(|s| s.state.global.clone())
+                    .and_then(|s| s.state.global.clone())
             };
             let Some(limits) = limits else {
                 stream = None;
@@ -271,8 +270,13 @@ impl QuotaReporter {
                 Ok(resp) => {
                     let mut grants = resp.into_inner();
                     while let Ok(Some(g)) = grants.message().await {
-                        if let Some(s) = snapshots.load().services.get(&*service) {
-                            s.state.global.apply(&g.grants);
+                        if let Some(shares) = snapshots
+                            .load()
+                            .services
+                            .get(&*service)
+                            .and_then(|s| s.state.global.as_ref())
+                        {
+                            shares.apply(&g.grants);
                         }
                     }
                 }

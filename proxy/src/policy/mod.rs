@@ -24,10 +24,11 @@ pub struct PolicyState {
     pub outbound: Arc<rate_limit::Gcra>,
     pub inbound: Arc<rate_limit::Gcra>,
     pub per_caller: Arc<rate_limit::PerKey>,
-    /// The rule's recent answer times (the hedge delay) and hedges sent.
-    pub recent: Arc<hedge::Recent>,
-    /// This proxy's shares of the service's global limits (its own service).
-    pub global: Arc<global::GlobalLimits>,
+    /// The rule's recent answer times (the hedge delay) and hedges sent: only where the
+    /// policy hedges, so that services without it carry nothing.
+    pub recent: Option<Arc<hedge::Recent>>,
+    /// This proxy's shares of the service's global limit: only where the policy sets one.
+    pub global: Option<Arc<global::GlobalLimits>>,
     /// Rebuilt when the limits change (a semaphore's size is fixed).
     pub limits: Option<Arc<circuit_breaker::Limits>>,
     /// The app's adaptive concurrency limit (the service's own proxy); kept while its config
@@ -40,6 +41,8 @@ impl PolicyState {
         Self {
             limits: p.limits.map(|c| Arc::new(circuit_breaker::Limits::new(c))),
             adaptive: p.adaptive.map(|c| Arc::new(adaptive::Adaptive::new(c))),
+            recent: p.hedge.map(|_| Arc::default()),
+            global: p.rate_global.map(|_| Arc::default()),
             ..Self::default()
         }
     }
@@ -50,8 +53,13 @@ impl PolicyState {
         self.outbound = old.outbound.clone();
         self.inbound = old.inbound.clone();
         self.per_caller = old.per_caller.clone();
-        self.recent = old.recent.clone();
-        self.global = old.global.clone();
+        // Learned latencies and held shares carry over while the feature stays on.
+        if self.recent.is_some() && old.recent.is_some() {
+            self.recent = old.recent.clone();
+        }
+        if self.global.is_some() && old.global.is_some() {
+            self.global = old.global.clone();
+        }
         if let (Some(new), Some(old)) = (&self.limits, &old.limits)
             && new.config() == old.config()
         {

@@ -184,7 +184,7 @@ impl Collector for ProxyCollector {
             sent.push((
                 [("dst_service", name.clone()), ("route", "".into())],
                 s.state.budget.retried(),
-                s.state.recent.total(),
+                s.state.recent.as_ref().map_or(0, |r| r.total()),
             ));
             for r in &s.routes.rules {
                 if let Some(st) = &r.target.state {
@@ -194,7 +194,7 @@ impl Collector for ProxyCollector {
                             ("route", r.rule.name.clone()),
                         ],
                         st.budget.retried(),
-                        st.recent.total(),
+                        st.recent.as_ref().map_or(0, |r| r.total()),
                     ));
                 }
             }
@@ -221,8 +221,7 @@ impl Collector for ProxyCollector {
         let own_global = m
             .local()
             .and_then(|l| snap.services.get(&*l.service))
-            .filter(|s| s.policy.rate_global.is_some())
-            .map(|s| (s.name.to_string(), s.state.global.throttled()));
+            .and_then(|s| Some((s.name.to_string(), s.state.global.as_ref()?.throttled())));
         counter(
             &mut enc,
             "mesh_throttled_requests",
