@@ -11,11 +11,12 @@ pub struct RouteSetArgs {
     pub weights: Option<String>,
     /// A rule condition (repeat: all must hold): header:NAME=VALUE, header:NAME~REGEX,
     /// header:NAME (present), path:/exact, prefix:/api, regex:^/v[0-9]+/, method:GET,
-    /// query:NAME=VALUE.
+    /// query:NAME=VALUE, host:shop.example.com or host:*.example.com (a gateway's route;
+    /// repeat host: for any of several).
     #[arg(long = "match", value_name = "CONDITION")]
     pub matches: Vec<String>,
-    /// Where the rule sends: a version (v2) or a split (v1=50,v2=50). Default: the route's
-    /// default backends.
+    /// Where the rule sends: a version (v2), another service (svc/api.shop), or a split
+    /// (v1=50,v2=50, svc/api=90,svc/api-canary=10). Default: the route's default backends.
     #[arg(long)]
     pub to: Option<String>,
     /// The rule's name (default: made from its conditions). Setting a rule with an existing
@@ -99,9 +100,10 @@ pub fn parse_condition(s: &str, m: &mut pb::RouteMatch) -> Result<(), String> {
         "prefix" => path(pb::route_match::Path::Prefix(rest.to_string()), m)?,
         "regex" => path(pb::route_match::Path::Regex(rest.to_string()), m)?,
         "method" => m.method = rest.to_ascii_uppercase(),
+        "host" => m.hosts.push(rest.to_ascii_lowercase()),
         _ => {
             return Err(format!(
-                "{s:?}: unknown kind {kind:?} (use header, query, path, prefix, regex, method)"
+                "{s:?}: unknown kind {kind:?} (use header, query, path, prefix, regex, method, host)"
             ));
         }
     }
@@ -173,6 +175,9 @@ pub fn apply(a: &RouteSetArgs, route: &mut pb::Route) -> Result<(), String> {
     let backends = match &a.to {
         None => Vec::new(),
         Some(t) if t.contains('=') => super::parse_weights(t).map_err(|e| format!("--to: {e}"))?,
+        Some(t) if t.starts_with("svc/") => {
+            super::parse_weights(&format!("{t}=100")).map_err(|e| format!("--to: {e}"))?
+        }
         Some(t) => vec![pb::WeightedBackend {
             version: t.trim().to_string(),
             weight: 100,

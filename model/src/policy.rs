@@ -57,6 +57,9 @@ pub struct Policy {
     pub rate_outbound: Option<Rate>,
     pub rate_inbound: Option<Rate>,
     pub rate_inbound_per_caller: Option<Rate>,
+    /// At a gateway: the request header naming the client for `rate_inbound_per_caller`
+    /// (None: the client's IP address).
+    pub client_header: Option<http::HeaderName>,
     /// All replicas of the service together, by quota leases.
     pub rate_global: Option<GlobalRate>,
     pub lb: LbConfig,
@@ -81,6 +84,7 @@ impl Default for Policy {
             rate_outbound: None,
             rate_inbound: None,
             rate_inbound_per_caller: None,
+            client_header: None,
             rate_global: None,
             lb: LbConfig::default(),
             fault: None,
@@ -575,6 +579,13 @@ impl TryFrom<&pb::Policy> for Policy {
             out.rate_inbound = rate("rate_limit.inbound", &r.inbound)?;
             out.rate_inbound_per_caller =
                 rate("rate_limit.inbound_per_caller", &r.inbound_per_caller)?;
+            out.client_header = match r.client_header.as_str() {
+                "" => None,
+                h => Some(
+                    header_name(h)
+                        .ok_or_else(|| bad("rate_limit.client_header", "is not a header name"))?,
+                ),
+            };
             out.rate_global = rate("rate_limit.global", &r.global)?.map(|rate| GlobalRate {
                 rate,
                 per_caller: r.global_per_caller,

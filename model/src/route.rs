@@ -37,9 +37,94 @@ pub struct KeyMatch {
     pub value: Option<ValueMatch>,
 }
 
+/// A request host condition (Gateway API's hostnames), lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com`, kept as `.example.com`: any name of one or more labels under it.
+    Wildcard(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(e) => host.eq_ignore_ascii_case(e),
+            HostMatch::Wildcard(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+
+    /// Parses `name` or `*.name` (RFC 1123 labels; no IP addresses, no port).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!(
+                "host {s:?}: expected a DNS name or *.<DNS name> (letters, digits, '-', '.')"
+            ));
+        }
+        if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!("host {s:?}: an IP address is not a host name"));
+        }
+        Ok(if wild {
+            HostMatch::Wildcard(format!(".{name}"))
+        } else {
+            HostMatch::Exact(name.to_string())
+        })
+    }
+
+    /// `2` exact, `1` wildcard; then the length of the name: Gateway API's precedence.
+    pub fn rank(&self) -> (u8, usize) {
+        match self {
+            HostMatch::Exact(e) => (2, e.len()),
+            HostMatch::Wildcard(w) => (1, w.len()),
+        }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(e) => f.write_str(e),
+            HostMatch::Wildcard(w) => write!(f, "*{w}"),
+        }
+    }
+}
+
+/// The host a request names: the URI's authority, else the Host header; port stripped.
+pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let authority = match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers.get(http::header::HOST)?.to_str().ok()?,
+    };
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if authority.starts_with('[') {
+        return authority.find(']').map(|i| &authority[..=i]);
+    }
+    Some(match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    })
+}
+
 /// All conditions must hold.
 #[derive(Debug, Clone, Default)]
 pub struct Match {
+    /// Any of them (empty: any host).
+    pub hosts: Vec<HostMatch>,
     pub path: Option<PathMatch>,
     pub method: Option<Method>,
     pub headers: Vec<KeyMatch>,
@@ -105,8 +190,16 @@ fn value_ok(m: &Option<ValueMatch>, v: Option<&str>) -> bool {
 }
 
 impl Match {
-    /// Sort key, most specific first (compared in reverse).
-    fn rank(&self) -> (bool, u8, usize, bool, usize, usize) {
+    /// Sort key, most specific first (compared in reverse): the most specific host first (as
+    /// Gateway API orders routes across hostnames), then the rest.
+    #[allow(clippy::type_complexity)]
+    fn rank(&self) -> ((u8, usize), bool, u8, usize, bool, usize, usize) {
+        let host = self
+            .hosts
+            .iter()
+            .map(HostMatch::rank)
+            .max()
+            .unwrap_or((0, 0));
         let (kind, len) = match &self.path {
             Some(PathMatch::Exact(p)) => (3, p.len()),
             Some(PathMatch::Prefix(p)) => (2, p.len()),
@@ -114,6 +207,7 @@ impl Match {
             None => (0, 0),
         };
         (
+            host,
             !self.headers.is_empty(),
             kind,
             len,
@@ -123,7 +217,17 @@ impl Match {
         )
     }
 
-    pub fn matches(&self, method: &Method, path: &str, query: Option<&str>, h: &HeaderMap) -> bool {
+    pub fn matches(
+        &self,
+        method: &Method,
+        (host, path, query): (Option<&str>, &str, Option<&str>),
+        h: &HeaderMap,
+    ) -> bool {
+        if !self.hosts.is_empty()
+            && !host.is_some_and(|host| self.hosts.iter().any(|m| m.matches(host)))
+        {
+            return false;
+        }
         let path_ok = match &self.path {
             None => true,
             Some(PathMatch::Exact(p)) => path == p,
@@ -163,6 +267,8 @@ pub struct Router<R = Rule> {
     pub rules: Vec<R>,
     /// (rule index, match index), most specific first.
     order: Vec<(usize, usize)>,
+    /// Some match names hosts (only then is the request's host looked up).
+    by_host: bool,
 }
 
 impl<R> Default for Router<R> {
@@ -170,6 +276,7 @@ impl<R> Default for Router<R> {
         Self {
             rules: Vec::new(),
             order: Vec::new(),
+            by_host: false,
         }
     }
 }
@@ -181,6 +288,7 @@ impl<R> Router<R> {
         Router {
             rules: self.rules.iter().map(f).collect(),
             order: self.order.clone(),
+            by_host: self.by_host,
         }
     }
 }
@@ -198,7 +306,19 @@ impl<R: Matches> Router<R> {
                 .rank()
                 .cmp(&rules[a.0].matches()[a.1].rank())
         });
-        Self { rules, order }
+        let by_host = rules
+            .iter()
+            .any(|r| r.matches().iter().any(|m| !m.hosts.is_empty()));
+        Self {
+            rules,
+            order,
+            by_host,
+        }
+    }
+
+    /// Whether some rule matches on the request's host (a gateway's route).
+    pub fn by_host(&self) -> bool {
+        self.by_host
     }
 
     /// The index of the rule this request takes, or None for the default backends.
@@ -206,10 +326,15 @@ impl<R: Matches> Router<R> {
         if self.order.is_empty() {
             return None;
         }
-        let (path, query) = (uri.path(), uri.query());
+        let host = if self.by_host {
+            request_host(uri, headers)
+        } else {
+            None
+        };
+        let target = (host, uri.path(), uri.query());
         self.order
             .iter()
-            .find(|(i, j)| self.rules[*i].matches()[*j].matches(method, path, query, headers))
+            .find(|(i, j)| self.rules[*i].matches()[*j].matches(method, target, headers))
             .map(|(i, _)| *i)
     }
 }
@@ -315,7 +440,12 @@ fn mirror(what: &str, m: &Option<pb::Mirror>) -> Result<Option<MirrorConfig>, St
 }
 
 fn one_match(what: &str, m: &pb::RouteMatch) -> Result<Match, String> {
-    if m.path.is_none() && m.method.is_empty() && m.headers.is_empty() && m.query.is_empty() {
+    if m.path.is_none()
+        && m.method.is_empty()
+        && m.headers.is_empty()
+        && m.query.is_empty()
+        && m.hosts.is_empty()
+    {
         return Err(format!("{what}: a match with no condition"));
     }
     let path = match &m.path {
@@ -337,7 +467,13 @@ fn one_match(what: &str, m: &pb::RouteMatch) -> Result<Match, String> {
         ),
         s => return Err(format!("{what}: method {s:?} must be upper case")),
     };
+    let hosts = m
+        .hosts
+        .iter()
+        .map(|h| HostMatch::parse(h).map_err(|e| format!("{what}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Match {
+        hosts,
         path,
         method,
         headers: m

@@ -236,3 +236,62 @@ fn a_route_is_checked_once_whoever_builds_it() {
         "policy retry.max_retries",
     );
 }
+
+#[test]
+fn hosts_match_exactly_or_by_wildcard_and_rank_before_paths() {
+    let host = |h: &[&str], p: Option<&str>| Match {
+        hosts: h.iter().map(|h| HostMatch::parse(h).unwrap()).collect(),
+        path: p.map(|p| PathMatch::Prefix(p.into())),
+        ..Default::default()
+    };
+    let r = Router::new(vec![
+        rule("any-api", prefix("/api")),
+        rule("wild", host(&["*.example.com"], None)),
+        rule("shop", host(&["shop.example.com"], None)),
+        rule("shop-api", host(&["shop.example.com"], Some("/api"))),
+    ]);
+    assert!(r.by_host());
+    type HostCase<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: &[HostCase] = &[
+        ("http://shop.example.com/api/x", &[], Some("shop-api")),
+        ("http://SHOP.example.com:8443/", &[], Some("shop")),
+        ("/", &[("host", "shop.example.com:443")], Some("shop")),
+        ("/api", &[("host", "a.b.example.com")], Some("wild")),
+        // A wildcard needs at least one label before the suffix.
+        ("http://example.com/api", &[], Some("any-api")),
+        ("http://other.org/", &[], None),
+        ("/", &[], None),
+    ];
+    for (uri, headers, want) in cases {
+        let mut h = HeaderMap::new();
+        for (n, v) in *headers {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        let uri: http::Uri = uri.parse().unwrap();
+        let got = r.route(&Method::GET, &uri, &h).map(|i| &*r.rules[i].name);
+        assert_eq!(got, *want, "{uri} {headers:?}");
+    }
+    for bad in ["", "*", "a..b", "-a.com", "10.0.0.1", "a.*.com", "host:80"] {
+        assert!(HostMatch::parse(bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(
+        HostMatch::parse("*.Example.com").unwrap().to_string(),
+        "*.example.com"
+    );
+    // A host alone is a condition.
+    let mut p = pb_rule("by-host");
+    p.matches = vec![pb::RouteMatch {
+        hosts: vec!["shop.example.com".into()],
+        ..Default::default()
+    }];
+    let route = |p: pb::RouteRule| {
+        Route::try_from(&pb::Route {
+            rules: vec![p],
+            ..Default::default()
+        })
+    };
+    assert!(route(p.clone()).is_ok());
+    p.matches[0].hosts = vec!["bad host".into()];
+    let e = route(p).unwrap_err();
+    assert!(e.0.contains("expected a DNS name"), "{e}");
+}
