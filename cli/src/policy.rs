@@ -64,6 +64,11 @@ pub struct PolicyArgs {
     /// Each caller identity, enforced by the service's own proxy.
     #[arg(long)]
     pub inbound_rate_limit_per_caller: Option<String>,
+    /// At a gateway: the request header that names the client for
+    /// --inbound-rate-limit-per-caller (e.g. x-api-key); "ip" (the default) keys by the
+    /// client's address.
+    #[arg(long)]
+    pub client_header: Option<String>,
     /// All replicas of the service together, e.g. 1000/s (quota leases from the control
     /// plane; each proxy decides locally within its share). "off" removes it.
     #[arg(long)]
@@ -312,6 +317,14 @@ pub fn apply(a: &PolicyArgs, p: &mut pb::Policy) -> Result<(), String> {
             Some(parse_rate(v).map_err(err(flag))?)
         };
     }
+    if let Some(v) = &a.client_header {
+        p.rate_limit
+            .get_or_insert_with(Default::default)
+            .client_header = match v.trim() {
+            "ip" | "" => String::new(),
+            h => h.to_ascii_lowercase(),
+        };
+    }
     if let Some(v) = &a.global_rate_limit {
         let rl = p.rate_limit.get_or_insert_with(Default::default);
         rl.global = if v == "off" {
@@ -551,7 +564,7 @@ mod tests {
             (ac.min_limit, ac.max_limit, ac.min_rtt_interval_ms),
             (2, 200, 10_000)
         );
-        let rl = p.rate_limit.unwrap();
+        let rl = p.rate_limit.clone().unwrap();
         assert_eq!(rl.global.unwrap().per_second, 1000);
         assert!(rl.global_per_caller);
         let mut b = args("api");
@@ -559,7 +572,7 @@ mod tests {
         b.global_rate_limit = Some("off".into());
         apply(&b, &mut p).unwrap();
         assert_eq!(p.hedge, Some(pb::Hedge { delay_ms: 40 }));
-        let rl = p.rate_limit.unwrap();
+        let rl = p.rate_limit.clone().unwrap();
         assert!(
             rl.global.is_none() && !rl.global_per_caller,
             "per-caller goes with it"

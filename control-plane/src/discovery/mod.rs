@@ -238,6 +238,11 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let identity = peer_identity(&req)?;
         let msg = req.into_inner();
+        if msg.gateway && msg.endpoint.is_none() {
+            let service = mesh_model::service::absolute(&msg.service, &identity.namespace);
+            self.registry.declare_service(&service, &identity).await?;
+            return Ok(Response::new(pb::RegisterResponse {}));
+        }
         let ep = msg
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;

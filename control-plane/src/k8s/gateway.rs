@@ -74,19 +74,31 @@ fn refuse(condition: &'static str, reason: &'static str, message: String) -> Ref
     }
 }
 
-/// The Services a route object attaches to, as service keys, with each parentRef.
-pub fn parents(obj: &Value, ns: &str) -> Vec<(String, Value)> {
+/// What a parentRef names: a Service (the mesh's east-west route, GAMMA) or a Gateway (an
+/// ingress gateway of the mesh, whose service is named after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Parent {
+    Service,
+    Gateway,
+}
+
+/// The Services and Gateways a route object attaches to, as service keys, with each
+/// parentRef. A parentRef's group and kind default to Gateway API's (a Gateway).
+pub fn parents(obj: &Value, ns: &str) -> Vec<(String, Value, Parent)> {
     obj["spec"]["parentRefs"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|p| {
-            p["kind"].as_str() == Some("Service") && p["group"].as_str().unwrap_or("").is_empty()
-        })
         .filter_map(|p| {
+            let group = p["group"].as_str().unwrap_or(GROUP);
+            let parent = match (group, p["kind"].as_str().unwrap_or("Gateway")) {
+                ("", "Service") => Parent::Service,
+                (GROUP, "Gateway") => Parent::Gateway,
+                _ => return None,
+            };
             let name = p["name"].as_str()?;
             let pns = p["namespace"].as_str().unwrap_or(ns);
-            Some((mesh_model::service::absolute(name, pns), p.clone()))
+            Some((mesh_model::service::absolute(name, pns), p.clone(), parent))
         })
         .collect()
 }
@@ -148,6 +160,7 @@ fn http_match(m: &Value) -> Result<pb::RouteMatch, Refusal> {
         }
     };
     Ok(pb::RouteMatch {
+        hosts: Vec::new(),
         path: Some(path),
         method: m["method"].as_str().unwrap_or("").to_string(),
         headers: list(&m["headers"])
@@ -173,6 +186,7 @@ fn grpc_match(m: &Value) -> Result<pb::RouteMatch, Refusal> {
         (None, None) => pb::route_match::Path::Prefix("/".into()),
     };
     Ok(pb::RouteMatch {
+        hosts: Vec::new(),
         path: Some(path),
         method: String::new(),
         headers: list(&m["headers"])
@@ -400,15 +414,34 @@ fn rule(
     Ok(out)
 }
 
-/// The mesh route of one Service from the route objects attached to it, in creation order.
-pub fn translate(routes: &[(RouteKind, &Value)]) -> Result<pb::Route, (usize, Refusal)> {
+/// The mesh route of one Service (or a Gateway's service) from the route objects attached to
+/// it, in creation order. Attached to a Gateway, a route's `hostnames` become a host condition
+/// of each of its matches (a Service's route has one host, and Gateway API ignores them there).
+pub fn translate(
+    routes: &[(RouteKind, &Value)],
+    parent: Parent,
+) -> Result<pb::Route, (usize, Refusal)> {
     let mut out = pb::Route::default();
     for (i, (kind, obj)) in routes.iter().enumerate() {
         let name = obj["metadata"]["name"].as_str().unwrap_or("route");
         let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
+        let hosts: Vec<String> = match parent {
+            Parent::Gateway => list(&obj["spec"]["hostnames"])
+                .filter_map(Value::as_str)
+                .map(str::to_ascii_lowercase)
+                .collect(),
+            Parent::Service => Vec::new(),
+        };
+        for h in &hosts {
+            mesh_model::route::HostMatch::parse(h)
+                .map_err(|m| (i, refuse("Accepted", "UnsupportedValue", m)))?;
+        }
         for (j, r) in list(&obj["spec"]["rules"]).enumerate() {
-            out.rules
-                .push(rule(*kind, name, ns, r, j).map_err(|e| (i, e))?);
+            let mut r = rule(*kind, name, ns, r, j).map_err(|e| (i, e))?;
+            for m in &mut r.matches {
+                m.hosts.clone_from(&hosts);
+            }
+            out.rules.push(r);
         }
     }
     // The first rule that takes every request as it is (a `/` prefix and nothing else, as
@@ -494,26 +527,28 @@ async fn sync_once(
         };
         key(&a.obj).cmp(&key(&b.obj))
     });
-    let mut by_service: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut by_service: BTreeMap<(String, Parent), Vec<usize>> = BTreeMap::new();
     for (i, o) in objects.iter().enumerate() {
         let ns = o.obj["metadata"]["namespace"].as_str().unwrap_or("default");
-        for (service, _) in parents(&o.obj, ns) {
-            by_service.entry(service).or_default().push(i);
+        for (service, _, parent) in parents(&o.obj, ns) {
+            by_service.entry((service, parent)).or_default().push(i);
         }
     }
     // Per object and parent service: the outcome for its status.
     let mut outcomes: BTreeMap<(usize, String), Result<(), Refusal>> = BTreeMap::new();
     let state = registry.state();
-    for (service, idx) in &by_service {
+    for ((service, parent), idx) in &by_service {
         if !state.services.contains_key(service) {
+            let message = match parent {
+                Parent::Service => format!("Service {service} is not a service of the mesh"),
+                Parent::Gateway => format!(
+                    "Gateway {service} has no gateway proxy yet (its proxies declare it when they start)"
+                ),
+            };
             for i in idx {
                 outcomes.insert(
                     (*i, service.clone()),
-                    Err(refuse(
-                        "Accepted",
-                        "BackendNotFound",
-                        format!("Service {service} is not a service of the mesh"),
-                    )),
+                    Err(refuse("Accepted", "BackendNotFound", message.clone())),
                 );
             }
             continue;
@@ -522,7 +557,7 @@ async fn sync_once(
             .iter()
             .map(|i| (objects[*i].kind, &objects[*i].obj))
             .collect();
-        let result = match translate(&routes) {
+        let result = match translate(&routes, *parent) {
             Err((bad, why)) => {
                 // The object that cannot be translated is refused; the others stand as they are.
                 for (k, i) in idx.iter().enumerate() {
@@ -551,7 +586,7 @@ async fn sync_once(
     // A Service this controller routed whose routes are gone: back to the default.
     let gone: Vec<String> = managed
         .iter()
-        .filter(|s| !by_service.contains_key(*s))
+        .filter(|s| !by_service.keys().any(|(k, _)| k == *s))
         .cloned()
         .collect();
     for service in gone {
@@ -567,7 +602,7 @@ async fn sync_once(
         let ns = o.obj["metadata"]["namespace"].as_str().unwrap_or("default");
         let ours: Vec<(Value, &Result<(), Refusal>)> = parents(&o.obj, ns)
             .into_iter()
-            .filter_map(|(service, p)| outcomes.get(&(i, service)).map(|r| (p, r)))
+            .filter_map(|(service, p, _)| outcomes.get(&(i, service)).map(|r| (p, r)))
             .collect();
         if !ours.is_empty() {
             write_status(client, o, &ours).await;
@@ -604,7 +639,7 @@ fn conditions(result: &Result<(), Refusal>, generation: &Value) -> Vec<Value> {
                 "Accepted",
                 true,
                 "Accepted",
-                "the mesh routes this Service by it",
+                "the mesh routes this parent's traffic by it",
             ),
             cond(
                 "ResolvedRefs",
@@ -695,7 +730,7 @@ mod tests {
     fn flaggers_httproute_becomes_weights_on_two_services() {
         let obj = flagger();
         assert_eq!(parents(&obj, "test")[0].0, "podinfo.test");
-        let route = translate(&[(RouteKind::Http, &obj)]).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
         assert!(
             route.rules.is_empty(),
             "a catch-all rule is the default split"
@@ -729,7 +764,7 @@ mod tests {
                 "retry": {"attempts": 3, "codes": [503], "backoff": "100ms"}
             }]}
         });
-        let route = translate(&[(RouteKind::Http, &obj)]).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
         let r = &route.rules[0];
         assert_eq!(r.name, "api-beta");
         assert_eq!(r.matches[0].method, "GET");
@@ -752,7 +787,7 @@ mod tests {
 
         let mut bad = obj.clone();
         bad["spec"]["rules"][0]["filters"] = json!([{"type": "URLRewrite"}]);
-        let (_, why) = translate(&[(RouteKind::Http, &bad)]).unwrap_err();
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service).unwrap_err();
         assert_eq!(
             (why.condition, why.reason),
             ("Accepted", "UnsupportedValue")
@@ -760,8 +795,54 @@ mod tests {
         assert!(why.message.contains("URLRewrite"), "{}", why.message);
         bad["spec"]["rules"][0]["filters"] = json!([]);
         bad["spec"]["rules"][0]["backendRefs"] = json!([{"kind": "ServiceImport", "name": "x"}]);
-        let (_, why) = translate(&[(RouteKind::Http, &bad)]).unwrap_err();
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service).unwrap_err();
         assert_eq!((why.condition, why.reason), ("ResolvedRefs", "InvalidKind"));
+    }
+
+    #[test]
+    fn a_route_on_a_gateway_matches_its_hostnames() {
+        let obj = json!({
+            "metadata": {"name": "shop", "namespace": "edge"},
+            "spec": {
+                "parentRefs": [{"name": "public"}, {"kind": "Service", "group": "", "name": "web"},
+                               {"kind": "Gateway", "group": "other.io", "name": "x"}],
+                "hostnames": ["shop.example.com", "*.Shop.example.com"],
+                "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                           "backendRefs": [{"name": "api", "namespace": "shop"}]},
+                          {"backendRefs": [{"name": "web"}]}]
+            }
+        });
+        let p: Vec<_> = parents(&obj, "edge")
+            .into_iter()
+            .map(|(k, _, p)| (k, p))
+            .collect();
+        assert_eq!(
+            p,
+            [
+                ("public.edge".to_string(), Parent::Gateway),
+                ("web.edge".to_string(), Parent::Service)
+            ]
+        );
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Gateway).unwrap();
+        assert!(
+            route.backends.is_empty(),
+            "a host-bound catch-all is a rule"
+        );
+        assert_eq!(route.rules.len(), 2);
+        for r in &route.rules {
+            assert_eq!(
+                r.matches[0].hosts,
+                ["shop.example.com", "*.shop.example.com"]
+            );
+        }
+        assert_eq!(route.rules[0].backends[0].service, "api.shop");
+        // The same object on a Service ignores hostnames (GAMMA).
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
+        assert!(route.rules[0].matches[0].hosts.is_empty());
+        let mut bad = obj.clone();
+        bad["spec"]["hostnames"] = json!(["10.0.0.1"]);
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Gateway).unwrap_err();
+        assert!(why.message.contains("IP address"), "{}", why.message);
     }
 
     #[test]
@@ -774,7 +855,7 @@ mod tests {
                 "backendRefs": [{"name": "echo-v2"}]
             }]}
         });
-        let route = translate(&[(RouteKind::Grpc, &obj)]).unwrap();
+        let route = translate(&[(RouteKind::Grpc, &obj)], Parent::Service).unwrap();
         let paths: Vec<_> = route.rules[0]
             .matches
             .iter()

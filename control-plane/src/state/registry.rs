@@ -505,6 +505,40 @@ impl Registry {
         self.store.shared()
     }
 
+    /// Declares a service without an endpoint (a gateway's: its route and policy are set under
+    /// it, and its identity is the one its proxies present). As with endpoints, the service is
+    /// in the caller's namespace and keeps the identity it was first declared with.
+    pub async fn declare_service(
+        &self,
+        service: &str,
+        identity: &SpiffeId,
+    ) -> Result<u64, RegistryError> {
+        check_name("service", service)?;
+        let identity_s = identity.to_string();
+        let (name, namespace) = mesh_model::service::split(service);
+        if namespace != identity.namespace {
+            return Err(RegistryError::PermissionDenied(format!(
+                "service {service:?} is in namespace {namespace:?}; identity {identity_s} is not"
+            )));
+        }
+        self.write(|st| match st.services.get(service) {
+            Some(s) if s.identity == identity_s => Ok(Vec::new()),
+            Some(s) => Err(RegistryError::PermissionDenied(format!(
+                "service {service:?} has identity {}, not {identity_s}",
+                s.identity
+            ))),
+            None => Ok(vec![put(
+                Key::Of(ServiceKind::Service, service).to_string(),
+                &ServiceRecord {
+                    name: name.into(),
+                    namespace: namespace.into(),
+                    identity: identity_s.clone(),
+                },
+            )?]),
+        })
+        .await
+    }
+
     /// Registers (or updates) an endpoint, creating its service on first use. The service's
     /// identity is fixed by its first endpoint; later endpoints must present the same one.
     pub async fn upsert_endpoint(
