@@ -73,6 +73,20 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         Some(_) => Some(bind(b.inbound_addr, "inbound").await?),
         None => None,
     };
+    let gateway_ls = match &b.gateway {
+        Some(g) => Some(crate::gateway::Listeners::bind(g).await?),
+        None => None,
+    };
+    let gateway_https = gateway_ls
+        .as_ref()
+        .and_then(|g| g.https.as_ref())
+        .map(|(l, _)| l.local_addr())
+        .transpose()?;
+    let gateway_http = gateway_ls
+        .as_ref()
+        .and_then(|g| g.http.as_ref())
+        .map(|l| l.local_addr())
+        .transpose()?;
     let mut upstream_ls = Vec::new();
     for (name, addr) in &b.upstreams {
         upstream_ls.push((
@@ -218,6 +232,9 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
         })
     };
     loops.push(tokio::spawn(serve_outbound(outbound_l, None)));
+    if let (Some(g), Some(service)) = (gateway_ls, &b.service) {
+        loops.extend(g.serve(outbound.clone(), service.as_str().into(), lifecycle.clone())?);
+    }
     for (name, l) in upstream_ls {
         loops.push(tokio::spawn(serve_outbound(l, Some(name))));
     }
@@ -263,6 +280,8 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             "outbound": outbound_addr.to_string(),
             "inbound": inbound_addr.map(|a| a.to_string()),
             "admin": admin_addr.to_string(),
+            "gateway_https": gateway_https.map(|a| a.to_string()),
+            "gateway_http": gateway_http.map(|a| a.to_string()),
         })
     );
 
@@ -349,14 +368,21 @@ fn register(
     b: &Bootstrap,
     inbound: Option<SocketAddr>,
     cp: &Arc<ControlPlane>,
-) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
+    if b.gateway.is_some() {
+        // A gateway declares its service; it has no endpoint.
+        let (cp, service) = (cp.clone(), b.service.clone()?);
+        return Some(Box::pin(
+            async move { register_once(&cp, &service, None).await },
+        ));
+    }
     let (service, mut endpoint) = own_endpoint(b, inbound)?;
     let app = SocketAddr::from(([127, 0, 0, 1], b.app_port?));
     let health = b.app_health.clone();
     let cp = cp.clone();
-    Some(async move {
+    Some(Box::pin(async move {
         let Some(h) = health else {
-            register_once(&cp, &service, &endpoint).await;
+            register_once(&cp, &service, Some(&endpoint)).await;
             return;
         };
         let first = crate::health::probe(&h.check, app, h.timeout).await;
@@ -365,7 +391,7 @@ fn register(
         }
         let mut status = crate::health::Status::new(first.is_ok(), h.failures);
         endpoint.ready = status.healthy();
-        register_once(&cp, &service, &endpoint).await;
+        register_once(&cp, &service, Some(&endpoint)).await;
         let mut tick = tokio::time::interval(h.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -380,21 +406,23 @@ fn register(
                     }
                 }
                 endpoint.ready = healthy;
-                register_once(&cp, &service, &endpoint).await;
+                register_once(&cp, &service, Some(&endpoint)).await;
             }
         }
-    })
+    }))
 }
 
 /// One registration, retried with backoff until the control plane takes it.
-async fn register_once(cp: &ControlPlane, service: &str, endpoint: &pb::Endpoint) {
+/// Without an endpoint: a gateway declaring its service.
+async fn register_once(cp: &ControlPlane, service: &str, endpoint: Option<&pb::Endpoint>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let res = match cp.discovery_client().await {
             Ok(mut c) => c
                 .register(pb::RegisterRequest {
                     service: service.to_string(),
-                    endpoint: Some(endpoint.clone()),
+                    endpoint: endpoint.cloned(),
+                    gateway: endpoint.is_none(),
                 })
                 .await
                 .map(|_| ())
@@ -403,7 +431,12 @@ async fn register_once(cp: &ControlPlane, service: &str, endpoint: &pb::Endpoint
         };
         match res {
             Ok(()) => {
-                tracing::info!(%service, address = %endpoint.address, ready = endpoint.ready, "endpoint registered");
+                match endpoint {
+                    Some(e) => {
+                        tracing::info!(%service, address = %e.address, ready = e.ready, "endpoint registered")
+                    }
+                    None => tracing::info!(%service, "gateway service declared"),
+                }
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "endpoint registration failed; retrying"),

@@ -146,6 +146,30 @@ pub struct Args {
     /// every service so it knows which destinations are in the mesh.
     #[arg(long, env = "MESH_TRANSPARENT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub transparent: bool,
+    /// Ingress gateway: HTTPS listener for outside clients (TLS with --gateway-cert, HTTP/1.1
+    /// and HTTP/2 by ALPN). Requests are routed by the route of --service (its rules match
+    /// hosts and send to other services) and sent over mesh mTLS with this proxy's identity.
+    #[arg(long, env = "MESH_GATEWAY_HTTPS_ADDR")]
+    pub gateway_https_addr: Option<SocketAddr>,
+    /// Ingress gateway: plaintext HTTP listener. With --gateway-https-addr it answers every
+    /// request with a redirect to HTTPS (301; 308 for methods other than GET and HEAD);
+    /// without it, it routes as the HTTPS listener does.
+    #[arg(long, env = "MESH_GATEWAY_HTTP_ADDR")]
+    pub gateway_http_addr: Option<SocketAddr>,
+    /// The HTTPS port named in redirects (default: --gateway-https-addr's port), for a
+    /// gateway behind a balancer that listens on 443.
+    #[arg(long, env = "MESH_GATEWAY_REDIRECT_PORT")]
+    pub gateway_redirect_port: Option<u16>,
+    /// A server certificate of the gateway: `CERT.pem:KEY.pem` (chain, then key). Repeat for
+    /// several hosts: each client gets the one whose DNS names (exact or `*.`) match its SNI,
+    /// the first without SNI. The files are read again when they change; connections already
+    /// open keep going.
+    #[arg(
+        long = "gateway-cert",
+        env = "MESH_GATEWAY_CERT",
+        value_delimiter = ','
+    )]
+    pub gateway_certs: Vec<String>,
 }
 
 /// Validated static configuration.
@@ -188,6 +212,8 @@ pub struct Bootstrap {
     pub app_probes: crate::app_probe::AppProbes,
     /// Connections are redirected to the listeners (see `outbound::transparent`).
     pub transparent: bool,
+    /// Ingress gateway listeners (None: not a gateway).
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +370,20 @@ impl TryFrom<Args> for Bootstrap {
             }),
             None => None,
         };
+        let gateway = crate::gateway::GatewayConfig::from_flags(
+            a.gateway_https_addr,
+            a.gateway_http_addr,
+            a.gateway_redirect_port,
+            &a.gateway_certs,
+        )
+        .map_err(bad)?;
+        if gateway.is_some() && (a.service.is_none() || a.app_port.is_some()) {
+            return Err(bad(
+                "a gateway needs --service (the gateway's name, whose route it serves) and no --app-port".into(),
+            ));
+        }
         Ok(Self {
+            gateway,
             control_planes: a.control_plane,
             control_plane_name: a.control_plane_name,
             ca_pem,

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod bootstrap;
 pub mod config_file;
 pub mod discovery;
+pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod identity;

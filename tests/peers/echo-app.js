@@ -70,6 +70,9 @@ const server = http.createServer((req, res) => {
     version: req.httpVersion,
     xfcc: req.headers['x-forwarded-client-cert'] || null,
     connection: req.headers['connection'] || null,
+    forwarded_for: req.headers['x-forwarded-for'] || null,
+    forwarded_proto: req.headers['x-forwarded-proto'] || null,
+    mesh_debug: req.headers['x-mesh-debug'] || null,
   }));
 });
 server.listen(0, '127.0.0.1', () => {

@@ -20,6 +20,7 @@ mod mesh;
 pub mod netns;
 pub mod otlp;
 pub mod peers;
+pub mod pki;
 pub mod pods;
 mod workloads;
 

@@ -280,14 +280,27 @@ pub async fn h2load(
     streams: u32,
     data: Option<&Path>,
 ) -> anyhow::Result<(H2loadSummary, String)> {
+    let mut extra = vec!["-n".to_string(), n.to_string()];
+    if let Some(d) = data {
+        extra.push("-d".into());
+        extra.push(d.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    h2load_with(&extra, url, clients, streams).await
+}
+
+/// As [`h2load`], with other flags (`-n N` or `-D SECS`, `--connect-to`, `--h1`, ...).
+pub async fn h2load_with(
+    extra: &[&str],
+    url: &str,
+    clients: u32,
+    streams: u32,
+) -> anyhow::Result<(H2loadSummary, String)> {
     require("h2load")?;
     let mut cmd = Command::new("h2load");
-    if let Some(d) = data {
-        cmd.arg("-d").arg(d);
-    }
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        cmd.args(["-n", &n.to_string()])
+        cmd.args(extra)
             .args(["-c", &clients.to_string()])
             .args(["-m", &streams.to_string()])
             .arg(url)
@@ -363,11 +376,28 @@ pub async fn grpcurl(
     method: &str,
     input: &str,
 ) -> anyhow::Result<(bool, String, String)> {
+    grpcurl_with(
+        &["-plaintext", "-authority", authority],
+        addr,
+        method,
+        input,
+    )
+    .await
+}
+
+/// As [`grpcurl`], with the connection flags given (e.g. `-cacert`, `-servername` for TLS).
+pub async fn grpcurl_with(
+    flags: &[&str],
+    addr: SocketAddr,
+    method: &str,
+    input: &str,
+) -> anyhow::Result<(bool, String, String)> {
     use tokio::io::AsyncWriteExt;
     let bin = venv_python()?.with_file_name("grpcurl");
     let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let mut child = Command::new(bin)
-        .args(["-plaintext", "-max-time", "20", "-authority", authority])
+        .args(flags)
+        .args(["-max-time", "20"])
         .arg("-import-path")
         .arg(&protos)
         .args(["-proto", "mesh/example/v1/echo.proto", "-d", "@"])

@@ -13,6 +13,9 @@ pub struct Sidecar {
     pub outbound: SocketAddr,
     pub inbound: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// A gateway's HTTPS and HTTP listeners.
+    pub gateway_https: Option<SocketAddr>,
+    pub gateway_http: Option<SocketAddr>,
     /// Index into `Mesh::procs`, to stop it.
     pub proc_index: usize,
 }
@@ -107,6 +110,8 @@ impl Mesh {
             outbound: json_addr(&ready, "outbound")?,
             inbound: json_addr(&ready, "inbound").ok(),
             admin: json_addr(&ready, "admin")?,
+            gateway_https: json_addr(&ready, "gateway_https").ok(),
+            gateway_http: json_addr(&ready, "gateway_http").ok(),
             proc_index: self.procs.len() - 1,
         })
     }

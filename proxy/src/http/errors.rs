@@ -22,6 +22,9 @@ pub enum ProxyError {
     DiscoveryUnavailable(String),
     #[error("too many distinct destinations")]
     TooManyServices,
+    /// A gateway's route has no rule for the request's host and path (and no default).
+    #[error("no route for {0:?}")]
+    NoRoute(String),
     #[error("no healthy endpoint for service {0:?}")]
     NoEndpoints(String),
     #[error("cannot connect to {addr}: {reason}")]
@@ -70,7 +73,7 @@ pub enum ProxyError {
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 20] = [
+pub const REASONS: [&str; 21] = [
     "no-authority",
     "bad-request",
     "malformed-request",
@@ -91,6 +94,7 @@ pub const REASONS: [&str; 20] = [
     "app-unavailable",
     "denied",
     "not-ready",
+    "no-route",
 ];
 
 /// Index of `reason` in `REASONS` (`REASONS.len()` for one not in it).
@@ -112,6 +116,7 @@ impl ProxyError {
             Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-request", 3, D),
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", 14, I),
             UnknownService(_) => (StatusCode::NOT_FOUND, "unknown-service", 12, D),
+            NoRoute(_) => (StatusCode::NOT_FOUND, "no-route", 12, D),
             TooManyServices => (StatusCode::SERVICE_UNAVAILABLE, "too-many-services", 8, D),
             DiscoveryUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -63,6 +63,15 @@ impl Debug {
     }
 }
 
+/// Where a request came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// The app's outbound listener.
+    App,
+    /// A gateway's listener (outside clients).
+    Gateway,
+}
+
 /// Shared by every outbound connection.
 pub struct Outbound {
     pub snapshots: Arc<Snapshots>,
@@ -93,6 +102,26 @@ impl Outbound {
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
     ) -> Result<Response<ObservedBody>, Infallible> {
+        self.respond(fixed, Entry::App, req).await
+    }
+
+    /// As [`Outbound::handle`], for a gateway's request: routed by the route of the gateway's
+    /// own `service` (its rules name hosts and other services); a request no rule takes, when
+    /// the route has no default backends, gets 404 `no-route`.
+    pub async fn gateway(
+        self: Arc<Self>,
+        service: Arc<str>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ObservedBody>, Infallible> {
+        self.respond(Some(service), Entry::Gateway, req).await
+    }
+
+    async fn respond(
+        self: Arc<Self>,
+        fixed: Option<Arc<str>>,
+        entry: Entry,
+        req: Request<Incoming>,
+    ) -> Result<Response<ObservedBody>, Infallible> {
         let grpc = is_grpc(req.headers());
         if let Some(why) = framing::malformed(&req) {
             let obs = Observation::start(None, None);
@@ -104,7 +133,7 @@ impl Outbound {
             .then(Debug::default);
         let detail = Detail::wanted().then(|| Detail::of(Direction::Outbound, &req));
         let mut obs = Observation::start(None, detail);
-        let mut resp = match self.proxy(fixed, req, &mut debug, &mut obs).await {
+        let mut resp = match self.proxy(fixed, entry, req, &mut debug, &mut obs).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed");
@@ -120,6 +149,7 @@ impl Outbound {
     async fn proxy(
         &self,
         fixed: Option<Arc<str>>,
+        entry: Entry,
         req: Request<Incoming>,
         debug: &mut Option<Debug>,
         obs: &mut Observation,
@@ -151,6 +181,15 @@ impl Outbound {
             None
         };
         let routed = Routed::route(&svc, &parts);
+        if entry == Entry::Gateway {
+            crate::gateway::admit(&svc, &parts)?;
+        }
+        if entry == Entry::Gateway && routed.rule.is_none() && svc.backends.is_empty() {
+            return Err(ProxyError::NoRoute(format!(
+                "{authority}{}",
+                parts.uri.path()
+            )));
+        }
         obs.set_counters(Counters::Target(routed.metrics().clone()));
         if let Some(d) = obs.detail.as_mut() {
             d.service = svc.name.clone();

@@ -1,0 +1,420 @@
+//! Issue 30, the ingress gateway, end to end with clients and apps the project did not write:
+//! curl (HTTP/1.1 and HTTP/2 over TLS, by ALPN), h2load, grpcurl with TLS; Node.js's `http`
+//! and Python's `http.server` as apps behind their sidecars. The gateway's certificates come
+//! from an operator CA the test makes (`pki::TestCa`), nothing to do with the mesh CA.
+
+use mesh_tests::peers::{self, curl};
+use mesh_tests::pki::TestCa;
+use mesh_tests::*;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+/// curl to the gateway as `https://<host>:<port><path>`, the name resolving to the gateway's
+/// loopback address (so SNI and Host are the host's), verifying with `ca`.
+async fn curl_https(
+    gw: SocketAddr,
+    ca: &Path,
+    host: &str,
+    path: &str,
+    extra: &[&str],
+) -> anyhow::Result<(u16, String)> {
+    let resolve = format!("{host}:{}:127.0.0.1", gw.port());
+    let url = format!("https://{host}:{}{path}", gw.port());
+    let ca = ca.display().to_string();
+    let mut args = vec!["--cacert", &ca, "--resolve", &resolve];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(&args).await
+}
+
+/// The response's head and body from `curl -i` output.
+fn head_and_body(out: &str) -> (&str, &str) {
+    out.split_once("\r\n\r\n").unwrap_or((out, ""))
+}
+
+/// A gateway `edge` (identity default/edge) with HTTPS and HTTP listeners, serving `certs`.
+async fn gateway(mesh: &mut Mesh, certs: &str, extra: &[&str]) -> anyhow::Result<Sidecar> {
+    let mut flags = vec![
+        "--gateway-https-addr",
+        "127.0.0.1:0",
+        "--gateway-http-addr",
+        "127.0.0.1:0",
+        "--gateway-cert",
+        certs,
+    ];
+    flags.extend_from_slice(extra);
+    mesh.sidecar(SidecarOpts {
+        service: Some("edge"),
+        service_account: "edge",
+        node_id: Some("edge-1"),
+        extra: &flags,
+        ..Default::default()
+    })
+    .await
+}
+
+/// `meshctl route set edge <args>`, then waits until the gateway runs a rule named `name`.
+async fn gateway_rule(mesh: &Mesh, gw: &Sidecar, name: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["route", "set", "edge", "--name", name];
+    all.extend_from_slice(args);
+    mesh.meshctl(&all).await?;
+    wait_config(gw.admin, Duration::from_secs(10), |d| {
+        rules_in_dump(d, "edge").iter().any(|r| r == name)
+    })
+    .await
+    .map(|_| ())
+}
+
+/// TLS by SNI over two certificates, HTTP/1.1 and HTTP/2 by ALPN, routing by host and path to
+/// other services with header edits, `x-forwarded-*`, 404 for a host no rule names, the
+/// plaintext listener's redirect, gRPC (grpcurl over TLS), h2load, and a certificate replaced
+/// on disk while h2load's connections stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_gateway_terminates_tls_and_routes_by_host_and_path() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (shop_crt, shop_key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let (api_crt, api_key) = ca.leaf(&dir, "api", &["*.example.org"])?;
+    let certs = format!(
+        "{}:{},{}:{}",
+        shop_crt.display(),
+        shop_key.display(),
+        api_crt.display(),
+        api_key.display()
+    );
+
+    let node = peers::node_app(&mut mesh).await?;
+    let py = peers::python_app(&mut mesh).await?;
+    mesh.front("web", node, &[]).await?;
+    mesh.front("api", py, &[]).await?;
+    mesh.workload("echo", "v1").await?;
+    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    let https = gw.gateway_https.expect("the gateway's HTTPS listener");
+    let http = gw.gateway_http.expect("the gateway's HTTP listener");
+    for s in ["web", "api", "echo"] {
+        mesh.wait_endpoints(s, 1).await?;
+    }
+
+    gateway_rule(
+        &mesh,
+        &gw,
+        "shop",
+        &["--match", "host:shop.example.com", "--to", "svc/web"],
+    )
+    .await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "shop-api",
+        &[
+            "--match",
+            "host:shop.example.com",
+            "--match",
+            "prefix:/hello/py",
+            "--to",
+            "svc/api",
+            "--set-response-header",
+            "x-served-by=gateway-rule",
+        ],
+    )
+    .await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "org",
+        &["--match", "host:*.example.org", "--to", "svc/api"],
+    )
+    .await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "grpc",
+        &["--match", "host:grpc.example.net", "--to", "svc/echo"],
+    )
+    .await?;
+
+    // HTTP/1.1 and HTTP/2 over TLS (ALPN), SNI shop.example.com: the Node app behind `web`
+    // sees origin-form, the client's Host, and where the request came from.
+    for (flag, proto) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2")] {
+        let (status, out) = curl_https(
+            https,
+            &ca_file,
+            "shop.example.com",
+            "/hello?q=1",
+            &[flag, "-i", "-H", "x-mesh-debug: 1"],
+        )
+        .await?;
+        assert_eq!(status, 200, "{flag}: {out}");
+        let (head, body) = head_and_body(&out);
+        assert!(head.starts_with(proto), "{flag}: ALPN chose {head:?}");
+        assert!(
+            !head.to_ascii_lowercase().contains("x-mesh-endpoint"),
+            "outside clients get no mesh internals: {head}"
+        );
+        let j = json(body);
+        assert_eq!(j["app"], "node");
+        assert_eq!(j["url"], "/hello?q=1");
+        assert_eq!(
+            j["hosts"],
+            serde_json::json!([format!("shop.example.com:{}", https.port())])
+        );
+        assert_eq!(j["forwarded_for"], "127.0.0.1");
+        assert_eq!(j["forwarded_proto"], "https");
+        assert_eq!(j["mesh_debug"], serde_json::Value::Null);
+        let xfcc = j["xfcc"].as_str().unwrap_or_default();
+        assert!(
+            xfcc.contains("URI=spiffe://mesh.local/ns/default/sa/edge"),
+            "the app sees the gateway's mesh identity: {xfcc:?}"
+        );
+    }
+    // A longer path on the same host goes to `api` (Python), with the rule's header edit.
+    let (status, out) = curl_https(
+        https,
+        &ca_file,
+        "shop.example.com",
+        "/hello/py/items",
+        &["-i"],
+    )
+    .await?;
+    assert_eq!(status, 200, "{out}");
+    let (head, body) = head_and_body(&out);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-served-by: gateway-rule"),
+        "{head}"
+    );
+    assert_eq!(json(body)["app"], "python");
+    // The second certificate (a wildcard), chosen by SNI.
+    let (status, body) = curl_https(https, &ca_file, "shop.example.org", "/hello", &[]).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["app"], "python");
+    // A name neither certificate holds: the first is served, which curl refuses.
+    let (status, _) = curl_https(https, &ca_file, "nope.example.net", "/", &[]).await?;
+    assert_eq!(
+        status, 0,
+        "a certificate for another name must fail verification"
+    );
+    // Accepted anyway (-k), a host no rule names is 404 `no-route`.
+    let (status, out) = curl_https(https, &ca_file, "nope.example.net", "/", &["-k", "-i"]).await?;
+    assert_eq!(status, 404, "{out}");
+    assert!(out.contains("x-mesh-error: no-route"), "{out}");
+
+    // The plaintext listener redirects to HTTPS, keeping host and target.
+    let url = format!("http://{http}/a/b?c=d");
+    let (status, out) = curl(&["-i", "-H", "Host: shop.example.com", &url]).await?;
+    assert_eq!(status, 301, "{out}");
+    let location = format!(
+        "location: https://shop.example.com:{}/a/b?c=d",
+        https.port()
+    );
+    assert!(out.to_ascii_lowercase().contains(&location), "{out}");
+    // ... and curl following it lands on the app.
+    let resolve = format!("shop.example.com:{}:127.0.0.1", http.port());
+    let resolve_tls = format!("shop.example.com:{}:127.0.0.1", https.port());
+    let plain = format!("http://shop.example.com:{}/hello", http.port());
+    let ca_s = ca_file.display().to_string();
+    let (status, body) = curl(&[
+        "-L",
+        "--cacert",
+        &ca_s,
+        "--resolve",
+        &resolve,
+        "--resolve",
+        &resolve_tls,
+        &plain,
+    ])
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["app"], "node");
+
+    // gRPC over TLS: grpcurl with the operator CA and SNI.
+    let (ok, out, err) = peers::grpcurl_with(
+        &[
+            "-cacert",
+            &ca_s,
+            "-servername",
+            "grpc.example.net",
+            "-authority",
+            "grpc.example.net",
+        ],
+        https,
+        "Unary",
+        r#"{"message":"through the edge"}"#,
+    )
+    .await?;
+    // grpc.example.net is in no certificate: grpcurl must refuse it...
+    assert!(
+        !ok,
+        "grpcurl accepted a certificate for another name: {out}"
+    );
+    let (ok, out, err2) = peers::grpcurl_with(
+        &[
+            "-insecure",
+            "-servername",
+            "grpc.example.net",
+            "-authority",
+            "grpc.example.net",
+        ],
+        https,
+        "Unary",
+        r#"{"message":"through the edge"}"#,
+    )
+    .await?;
+    assert!(ok, "grpcurl: {err} / {err2}");
+    assert!(out.contains("through the edge"), "{out}");
+
+    // h2load over TLS with SNI: every request answered.
+    let target = format!("127.0.0.1:{}", https.port());
+    let url = format!("https://shop.example.com:{}/hello", https.port());
+    let (sum, text) =
+        peers::h2load_with(&["-n", "400", "--connect-to", &target], &url, 4, 8).await?;
+    assert_eq!((sum.succeeded, sum.status_2xx), (400, 400), "{text}");
+
+    // The certificate replaced on disk (a new CA's): h2load's connections, open across the
+    // change, lose nothing; new handshakes get the new certificate.
+    let ca2 = TestCa::new("operator CA 2")?;
+    let ca2_file = ca2.write(&dir.join("ca2.pem"))?;
+    let run = tokio::spawn({
+        let (url, target) = (url.clone(), target.clone());
+        async move { peers::h2load_with(&["-D", "4", "--connect-to", &target], &url, 2, 4).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (new_crt, new_key) = ca2.leaf(&dir, "shop-new", &["shop.example.com"])?;
+    // Key first, then the certificate: a half-done pair is not taken.
+    std::fs::copy(&new_key, &shop_key)?;
+    std::fs::copy(&new_crt, &shop_crt)?;
+    until(
+        Duration::from_secs(10),
+        "the new certificate served",
+        || {
+            let ca2_file = ca2_file.clone();
+            async move {
+                let (s, _) =
+                    curl_https(https, &ca2_file, "shop.example.com", "/hello", &[]).await?;
+                Ok(s == 200)
+            }
+        },
+    )
+    .await?;
+    let (sum, text) = run.await??;
+    assert!(sum.done > 0, "{text}");
+    assert_eq!(
+        (sum.failed, sum.errored),
+        (0, 0),
+        "connections across the reload: {text}"
+    );
+    let (status, _) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
+    assert_eq!(status, 0, "the old certificate is gone");
+    Ok(())
+}
+
+/// The gateway is a mesh identity: authorization rules name it, and its policy limits clients
+/// by a header (or their address). Its requests are in its metrics as a sidecar's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let certs = format!("{}:{}", crt.display(), key.display());
+    let node = peers::node_app(&mut mesh).await?;
+    let web = mesh.front("web", node, &[]).await?;
+    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    let https = gw.gateway_https.expect("HTTPS listener");
+    let caller = mesh.client("batch").await?;
+    mesh.wait_endpoints("web", 1).await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "shop",
+        &["--match", "host:shop.example.com", "--to", "svc/web"],
+    )
+    .await?;
+
+    // Only the gateway may call `web`.
+    mesh.meshctl(&[
+        "authz",
+        "set",
+        "web",
+        "--rule",
+        "allow name=from-edge from=ns/default/sa/edge",
+    ])
+    .await?;
+    mesh.meshctl(&["authz", "default", "default", "deny-all"])
+        .await?;
+    let direct = h1_client(caller.outbound);
+    until(Duration::from_secs(10), "web's rules in force", || {
+        let direct = direct.clone();
+        async move {
+            let r = get(&direct, "http://web/hello").await?;
+            Ok(r.status == 403)
+        }
+    })
+    .await?;
+    let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
+    assert_eq!(status, 200, "the gateway is allowed: {body}");
+
+    // Each client (by x-api-key) gets 3 requests in a burst; another key is not affected.
+    mesh.set_policy(
+        gw.admin,
+        "edge",
+        &[
+            "--inbound-rate-limit-per-caller",
+            "1/s,burst=3",
+            "--client-header",
+            "x-api-key",
+        ],
+        &["client_header: Some"],
+    )
+    .await?;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (s, _) = curl_https(
+            https,
+            &ca_file,
+            "shop.example.com",
+            "/hello",
+            &["-H", "x-api-key: alice"],
+        )
+        .await?;
+        codes.push(s);
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == 429), "{codes:?}");
+    let (s, _) = curl_https(
+        https,
+        &ca_file,
+        "shop.example.com",
+        "/hello",
+        &["-H", "x-api-key: bob"],
+    )
+    .await?;
+    assert_eq!(s, 200, "another client's budget is its own");
+
+    // The gateway's own metrics count its requests to `web` (the route's backend
+    // `web.default`), as a sidecar's count a route's service backends.
+    let m = admin_get(gw.admin, "/metrics").await?;
+    let rows = samples(
+        &m.text,
+        "istio_requests_total",
+        &["destination_version", "response_code"],
+        &[("reporter", "source"), ("source_workload", "edge")],
+    )?;
+    let ok = rows
+        .get(&vec!["web.default".to_string(), "200".to_string()])
+        .copied()
+        .unwrap_or(0.0);
+    assert!(ok >= 5.0, "gateway metrics: {rows:?}");
+    let _ = web;
+    Ok(())
+}
