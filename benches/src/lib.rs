@@ -120,6 +120,7 @@ fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
         vips: Vec::new(),
         ports: Vec::new(),
         app_protocols: Vec::new(),
+        backend_services: Vec::new(),
     }
 }
 

@@ -50,6 +50,18 @@ pub struct ServiceConfig {
     pub vip_ports: Vec<(u16, u16)>,
     /// What the app speaks on its declared ports (undeclared: detected).
     pub app_protocols: mesh_model::AppProtocols,
+    /// The other services the route sends to, by the version name their endpoints carry.
+    pub backend_services: Vec<BackendService>,
+}
+
+/// A service a route sends to, seen by the routed service's proxies as one of its versions:
+/// its requests are counted under its own name and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendService {
+    pub version: Arc<str>,
+    pub service: Arc<str>,
+    pub identity: Arc<str>,
+    pub subset: Arc<str>,
 }
 
 /// A service in force: its config, and the runtime built from it once, eagerly, when the push
@@ -149,8 +161,14 @@ impl Service {
         };
         let versions = || endpoints.iter().filter_map(|e| e.version.as_ref());
         let (name, identity) = (&config.name, &config.identity);
-        let counters =
-            |route: &Arc<str>| Arc::new(TargetMetrics::new(name, identity, route, versions()));
+        let counters = |route: &Arc<str>| {
+            Arc::new(TargetMetrics::new(
+                (name, identity),
+                route,
+                versions(),
+                &config.backend_services,
+            ))
+        };
         let mut state = PolicyState::new(&config.policy);
         if let Some(o) = previous {
             state.inherit(&o.state);

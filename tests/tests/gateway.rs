@@ -401,20 +401,139 @@ async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow:
     .await?;
     assert_eq!(s, 200, "another client's budget is its own");
 
-    // The gateway's own metrics count its requests to `web` (the route's backend
-    // `web.default`), as a sidecar's count a route's service backends.
+    // The gateway's own metrics count its requests as `web`'s, as Istio's gateway does.
     let m = admin_get(gw.admin, "/metrics").await?;
     let rows = samples(
         &m.text,
         "istio_requests_total",
-        &["destination_version", "response_code"],
+        &[
+            "destination_service",
+            "destination_principal",
+            "response_code",
+        ],
         &[("reporter", "source"), ("source_workload", "edge")],
     )?;
     let ok = rows
-        .get(&vec!["web.default".to_string(), "200".to_string()])
+        .get(&vec![
+            "web.default.svc.cluster.local".to_string(),
+            "spiffe://mesh.local/ns/default/sa/web".to_string(),
+            "200".to_string(),
+        ])
         .copied()
         .unwrap_or(0.0);
     assert!(ok >= 5.0, "gateway metrics: {rows:?}");
     let _ = web;
+    Ok(())
+}
+
+/// On Kubernetes the gateway is configured by Gateway API: an HTTPRoute whose parentRef is the
+/// Gateway `edge` (group and kind defaulted, as kubectl users write it) routes the gateway's
+/// hosts and paths to Services, and its status says Accepted under this controller. Before the
+/// gateway's proxy has started, the route is refused in status, saying so; it is taken as soon
+/// as the gateway declares itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(Vec::new()).await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let certs = format!("{}:{}", crt.display(), key.display());
+    let node = peers::node_app(&mut mesh).await?;
+    let py = peers::python_app(&mut mesh).await?;
+    mesh.front("web", node, &[]).await?;
+    mesh.front("api", py, &[]).await?;
+    mesh.wait_endpoints("web", 1).await?;
+    mesh.wait_endpoints("api", 1).await?;
+
+    let route = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "shop", "namespace": "default", "generation": 1,
+                     "creationTimestamp": "2026-12-07T10:00:00Z"},
+        "spec": {
+            "parentRefs": [{"name": "edge"}],
+            "hostnames": ["shop.example.com"],
+            "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/hello/py"}}],
+                 "backendRefs": [{"name": "api", "port": 80}]},
+                {"filters": [{"type": "ResponseHeaderModifier",
+                              "responseHeaderModifier": {"set": [{"name": "x-route", "value": "shop"}]}}],
+                 "backendRefs": [{"name": "web", "port": 80}]}
+            ]
+        }
+    });
+    api.apply(Kind::HttpRoute, "ADDED", route);
+    let conditions = |api: &FakeKubeApi| -> Vec<(String, String, String)> {
+        let o = api
+            .object(Kind::HttpRoute, "default", "shop")
+            .unwrap_or_default();
+        o["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["controllerName"] == "mesh.io/mesh-controller")
+            .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["type"] == "Accepted")
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                    c["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    until(
+        Duration::from_secs(10),
+        "the route refused: no gateway yet",
+        || {
+            let c = conditions(&api);
+            async move {
+                Ok(c.iter()
+                    .any(|(s, _, m)| s == "False" && m.contains("no gateway proxy yet")))
+            }
+        },
+    )
+    .await?;
+
+    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    let https = gw.gateway_https.expect("HTTPS listener");
+    until(Duration::from_secs(10), "the route accepted", || {
+        let c = conditions(&api);
+        async move { Ok(c.iter().any(|(s, r, _)| s == "True" && r == "Accepted")) }
+    })
+    .await?;
+    wait_config(gw.admin, Duration::from_secs(10), |d| {
+        rules_in_dump(d, "edge").len() == 2
+    })
+    .await?;
+    let (status, out) = curl_https(
+        https,
+        &ca_file,
+        "shop.example.com",
+        "/hello",
+        &["--http2", "-i"],
+    )
+    .await?;
+    assert_eq!(status, 200, "{out}");
+    let (head, body) = head_and_body(&out);
+    assert!(head.contains("x-route: shop"), "{head}");
+    assert_eq!(json(body)["app"], "node");
+    let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/hello/py", &[]).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["app"], "python");
+    // A host the route does not name.
+    let (status, out) = curl_https(
+        https,
+        &ca_file,
+        "other.example.com",
+        "/hello",
+        &["-k", "-i"],
+    )
+    .await?;
+    assert_eq!(status, 404, "{out}");
     Ok(())
 }

@@ -111,6 +111,22 @@ pub fn service_config(
             })
             .collect(),
         app_protocols: crate::state::registry::Registry::app_protocols(state, name),
+        backend_services: backends
+            .iter()
+            .map(|b| pb::BackendService {
+                version: b.version.clone(),
+                service: match mesh_model::service::split(&b.service) {
+                    (n, ns) if ns == svc.namespace => n.to_string(),
+                    _ => b.service.clone(),
+                },
+                identity: state
+                    .services
+                    .get(&b.service)
+                    .map(|s| s.identity.clone())
+                    .unwrap_or_default(),
+                subset: b.subset.clone(),
+            })
+            .collect(),
     })
 }
 

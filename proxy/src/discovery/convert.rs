@@ -4,7 +4,7 @@
 use crate::balance::Endpoint;
 use crate::http::router::Router;
 use crate::policy::Policy;
-use crate::snapshot::ServiceConfig;
+use crate::snapshot::{BackendService, ServiceConfig};
 use mesh_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,7 +94,18 @@ impl TryFrom<pb::ServiceConfig> for ServiceConfig {
         }
         let app_protocols = mesh_model::AppProtocols::try_from(&c.app_protocols[..])
             .map_err(|e| bad(e.to_string()))?;
+        let backend_services = c
+            .backend_services
+            .iter()
+            .map(|b| BackendService {
+                version: b.version.as_str().into(),
+                service: b.service.as_str().into(),
+                identity: b.identity.as_str().into(),
+                subset: b.subset.as_str().into(),
+            })
+            .collect();
         Ok(ServiceConfig {
+            backend_services,
             vips,
             vip_ports,
             app_protocols,
@@ -155,6 +166,7 @@ mod tests {
             vips: Vec::new(),
             ports: Vec::new(),
             app_protocols: Vec::new(),
+            backend_services: Vec::new(),
         }
     }
 

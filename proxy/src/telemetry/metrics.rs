@@ -440,23 +440,35 @@ pub struct TargetMetrics {
 }
 
 impl TargetMetrics {
+    /// Counters of `service` (with its `identity`) for each of its `versions`; a version that
+    /// is another service (`backends`) is counted as that service's.
     pub fn new<'a>(
-        service: &Arc<str>,
-        identity: &Arc<str>,
+        (service, identity): (&Arc<str>, &Arc<str>),
         route: &Arc<str>,
         versions: impl Iterator<Item = &'a Arc<str>>,
+        backends: &[crate::snapshot::BackendService],
     ) -> Self {
         let m = metrics();
         let src = m
             .local()
             .map_or_else(|| Arc::from(""), |l| l.identity.clone());
-        let labels = |v: &Arc<str>| RequestLabels {
-            direction: Direction::Outbound,
-            src_identity: src.clone(),
-            dst_service: service.clone(),
-            dst_identity: identity.clone(),
-            route: route.clone(),
-            backend_version: v.clone(),
+        let labels = |v: &Arc<str>| match backends.iter().find(|b| b.version == *v) {
+            Some(b) => RequestLabels {
+                direction: Direction::Outbound,
+                src_identity: src.clone(),
+                dst_service: b.service.clone(),
+                dst_identity: b.identity.clone(),
+                route: route.clone(),
+                backend_version: b.subset.clone(),
+            },
+            None => RequestLabels {
+                direction: Direction::Outbound,
+                src_identity: src.clone(),
+                dst_service: service.clone(),
+                dst_identity: identity.clone(),
+                route: route.clone(),
+                backend_version: v.clone(),
+            },
         };
         let mut by_version: Vec<(Arc<str>, Arc<RequestMetrics>)> = Vec::new();
         for v in versions {
@@ -567,7 +579,7 @@ mod tests {
     fn target_metrics_find_versions_and_fall_back_to_none() {
         let (s, i, r) = ("svc".into(), "id".into(), "default".into());
         let v1: Arc<str> = "v1".into();
-        let t = TargetMetrics::new(&s, &i, &r, [&v1, &v1].into_iter());
+        let t = TargetMetrics::new((&s, &i), &r, [&v1, &v1].into_iter(), &[]);
         let a = t.get(Some(&v1)).map(Arc::as_ptr);
         let b = t.get(Some(&Arc::from("v1"))).map(Arc::as_ptr);
         assert!(a.is_some() && a == b);
