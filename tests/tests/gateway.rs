@@ -320,7 +320,11 @@ async fn an_ingress_gateway_terminates_tls_and_routes_by_host_and_path() -> anyh
 /// by a header (or their address). Its requests are in its metrics as a sidecar's are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow::Result<()> {
+    let otlp = mesh_tests::otlp::OtlpReceiver::start().await?;
+    let url = otlp.url();
     let mut mesh = Mesh::start().await?;
+    let access_log = mesh.data_dir().join("gateway-access.log");
+    let log_flag = access_log.display().to_string();
     let dir = mesh.data_dir().join("gateway-pki");
     std::fs::create_dir_all(&dir)?;
     let ca = TestCa::new("operator CA")?;
@@ -328,8 +332,13 @@ async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow:
     let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
     let certs = format!("{}:{}", crt.display(), key.display());
     let node = peers::node_app(&mut mesh).await?;
-    let web = mesh.front("web", node, &[]).await?;
-    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    mesh.front("web", node, &["--otlp-endpoint", &url]).await?;
+    let gw = gateway(
+        &mut mesh,
+        &certs,
+        &["--otlp-endpoint", &url, "--access-log", &log_flag],
+    )
+    .await?;
     let https = gw.gateway_https.expect("HTTPS listener");
     let caller = mesh.client("batch").await?;
     mesh.wait_endpoints("web", 1).await?;
@@ -361,8 +370,57 @@ async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow:
         }
     })
     .await?;
-    let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
-    assert_eq!(status, 200, "the gateway is allowed: {body}");
+    let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/traced", &[]).await?;
+    assert_eq!(
+        status, 404,
+        "the gateway is allowed (the app has no /traced): {body}"
+    );
+
+    // A trace starts at the gateway: its span has no parent, and web's inbound span is its
+    // child. The access log has the request, with the client's address.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (root, child) = loop {
+        let spans = otlp.spans();
+        let root = spans
+            .iter()
+            .find(|s| {
+                s.service == "edge" && s.attributes.get("url.path").is_some_and(|p| p == "/traced")
+            })
+            .cloned();
+        let child = root.as_ref().and_then(|r| {
+            spans
+                .iter()
+                .find(|s| s.service == "web" && s.trace_id == r.trace_id)
+                .cloned()
+        });
+        if let (Some(r), Some(c)) = (root, child) {
+            break (r, c);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no gateway trace: {:#?}",
+            otlp.spans()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        root.parent_span_id, "",
+        "the trace starts at the gateway: {root:#?}"
+    );
+    assert_eq!(child.parent_span_id, root.span_id, "{child:#?}");
+    // The access log is written in the background: waited for.
+    until(
+        Duration::from_secs(10),
+        "the gateway's access-log line",
+        || {
+            let log = std::fs::read_to_string(&access_log).unwrap_or_default();
+            async move { Ok(log.lines().any(|l| l.contains("/traced"))) }
+        },
+    )
+    .await?;
+    let log = std::fs::read_to_string(&access_log)?;
+    let line = log.lines().find(|l| l.contains("/traced")).unwrap_or("");
+    assert!(line.contains("\"status\":404"), "{line}");
 
     // Each client (by x-api-key) gets 3 requests in a burst; another key is not affected.
     mesh.set_policy(
@@ -421,8 +479,8 @@ async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow:
         ])
         .copied()
         .unwrap_or(0.0);
-    assert!(ok >= 5.0, "gateway metrics: {rows:?}");
-    let _ = web;
+    // alice's 3 and bob's 1 (the 429s never reached a service).
+    assert_eq!(ok, 4.0, "gateway metrics: {rows:?}");
     Ok(())
 }
 
