@@ -121,6 +121,7 @@ fn config(n: usize, policy: Option<pb::Policy>) -> pb::ServiceConfig {
         ports: Vec::new(),
         app_protocols: Vec::new(),
         backend_services: Vec::new(),
+        external: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod canary;
 pub mod check;
 pub mod client;
 pub mod demo;
+pub mod external;
 pub mod install;
 pub mod output;
 pub mod policy;
@@ -135,6 +136,14 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
     },
+    /// Services outside the mesh that apps call through their sidecars (TLS originated).
+    External {
+        #[command(subcommand)]
+        cmd: external::ExternalCmd,
+    },
+    /// A namespace's egress mode: allow-any (the default: destinations outside the mesh are
+    /// passed through) or registry-only (only mesh services and declared externals).
+    Egress { namespace: String, mode: String },
     /// mTLS mode of a service: strict (only mTLS from mesh peers; the default) or permissive
     /// (plaintext accepted too, for migration).
     Mtls { service: String, mode: String },
@@ -739,6 +748,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         AdminCmd::Policy { cmd } => policy::run(&mut c, cmd, json).await?,
         AdminCmd::Authz { cmd } => authz::run(&mut c, cmd, json).await?,
+        AdminCmd::External { cmd } => external::run(&mut c, cmd, json).await?,
+        AdminCmd::Egress { namespace, mode } => external::egress(&mut c, namespace, mode).await?,
         AdminCmd::Mtls { service, mode } => {
             let r = c
                 .set_mtls_mode(pb::SetMtlsModeRequest {

@@ -17,6 +17,8 @@ pub mod resources {
     pub const SERVICE_PREFIX: &str = "service/";
     pub const ALL_SERVICES: &str = "service/*";
     pub const TRUST_RESOURCE: &str = "trust/bundle";
+    /// The egress mode of the subscribing proxy's namespace.
+    pub const EGRESS_RESOURCE: &str = "egress/mode";
 }
 
 /// The admin API's request metadata naming the namespace of bare service names (meshctl's

@@ -52,6 +52,9 @@ pub struct ServiceConfig {
     pub app_protocols: mesh_model::AppProtocols,
     /// The other services the route sends to, by the version name their endpoints carry.
     pub backend_services: Vec<BackendService>,
+    /// A service outside the mesh: how its addresses are reached (TLS or plaintext) instead
+    /// of mesh mTLS.
+    pub external: Option<Arc<crate::outbound::external::External>>,
 }
 
 /// A service a route sends to, seen by the routed service's proxies as one of its versions:
@@ -174,7 +177,12 @@ impl Service {
             state.inherit(&o.state);
         }
         let balancer = Arc::new(Balancer::new(endpoints, &config.backends, state_of));
-        let stack = stack::build(name, identity, &balancer, (&config.policy, &state), pool);
+        let stack = stack::build(
+            (name, identity, &config.external),
+            &balancer,
+            (&config.policy, &state),
+            pool,
+        );
         let routes = config.router.map(|r| {
             let balancer = if r.backends.is_empty() {
                 balancer.clone()
@@ -201,7 +209,7 @@ impl Service {
                 (Some(p), Some(s)) => (p, s),
                 _ => (&config.policy, &state),
             };
-            let stack = stack::build(name, identity, &balancer, policy, pool);
+            let stack = stack::build((name, identity, &config.external), &balancer, policy, pool);
             RoutedRule {
                 target: Target {
                     stack,
@@ -255,6 +263,9 @@ pub struct Snapshot {
     /// Endpoints by their app's own address (IP and app port), and by IP alone, for
     /// connections redirected by transparent interception: where the app was calling.
     pub app_addrs: AppAddrs,
+    /// The namespace's egress mode is registry-only: destinations outside the registry are
+    /// refused rather than passed through.
+    pub registry_only: bool,
 }
 
 /// See [`Snapshot::app_addrs`].
@@ -264,6 +275,8 @@ pub struct AppAddrs {
     pub by_ip: HashMap<std::net::IpAddr, AppTarget>,
     /// Service virtual IP and port → the service, and the app port the port reaches.
     pub by_vip: HashMap<SocketAddr, (Arc<str>, u16)>,
+    /// An external service's addresses' IPs → the service.
+    pub by_external_ip: HashMap<std::net::IpAddr, Arc<str>>,
 }
 
 /// The service and endpoint an app address belongs to.
@@ -279,6 +292,12 @@ pub struct AppTarget {
 pub fn app_addrs(services: &FastMap<Arc<str>, Arc<Service>>) -> AppAddrs {
     let mut m = AppAddrs::default();
     for (name, s) in services {
+        if s.external.is_some() {
+            for e in &s.endpoints {
+                m.by_external_ip.insert(e.addr.ip(), name.clone());
+            }
+            continue;
+        }
         for e in &s.endpoints {
             let Some(port) = e.app_port else { continue };
             let t = AppTarget {

@@ -119,6 +119,23 @@ pub async fn grpc_health_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     start(mesh, "grpc-health-app", cmd).await
 }
 
+/// An API outside the mesh over TLS (tests/peers/tls_api.py) serving `cert`/`key`; with
+/// `client_ca`, it requires client certificates from that CA.
+pub async fn tls_api(
+    mesh: &mut Mesh,
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<SocketAddr> {
+    require("python3")?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(scripts().join("tls_api.py")).arg(cert).arg(key);
+    if let Some(ca) = client_ca {
+        cmd.arg(ca);
+    }
+    start(mesh, "tls-api", cmd).await
+}
+
 /// The `websockets` echo app (tests/peers/ws_echo.py).
 pub async fn websocket_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     let mut cmd = Command::new(venv_python()?);

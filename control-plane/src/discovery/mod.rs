@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use mesh_proto::resources::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE};
+pub use mesh_proto::resources::{ALL_SERVICES, EGRESS_RESOURCE, SERVICE_PREFIX, TRUST_RESOURCE};
 
 /// What the control plane knows of one connected proxy.
 #[derive(Clone, Debug, Default)]
@@ -73,6 +73,9 @@ pub fn service_config(
     name: &str,
 ) -> Option<pb::ServiceConfig> {
     let svc = state.services.get(name)?;
+    if let Some(x) = &svc.external {
+        return Some(external_config(state, name, x));
+    }
     // Other services as backends reach proxies as versions of this one (`expand` makes the
     // one copy of the stored route).
     let none = pb::Route::default();
@@ -111,6 +114,7 @@ pub fn service_config(
             })
             .collect(),
         app_protocols: crate::state::registry::Registry::app_protocols(state, name),
+        external: None,
         backend_services: backends
             .iter()
             .map(|b| pb::BackendService {
@@ -128,6 +132,41 @@ pub fn service_config(
             })
             .collect(),
     })
+}
+
+/// The proto of an external service: its addresses as endpoints (no identity, one version),
+/// its route and policy as any service's.
+fn external_config(
+    state: &crate::state::registry::State,
+    host: &str,
+    x: &crate::state::records::ExternalRecord,
+) -> pb::ServiceConfig {
+    pb::ServiceConfig {
+        name: host.to_string(),
+        endpoints: x
+            .addresses
+            .iter()
+            .map(|a| pb::Endpoint {
+                id: a.clone(),
+                address: a.clone(),
+                ready: true,
+                ..Default::default()
+            })
+            .collect(),
+        route: state.routes.get(host).map(|r| r.current.route.clone()),
+        policy: state.policies.get(host).map(|p| p.policy.clone()),
+        external: Some(pb::External {
+            host: host.to_string(),
+            port: u32::from(x.port),
+            tls: x.tls,
+            ca_pem: x.ca_pem.clone(),
+            sni: x.sni.clone(),
+            client_cert_pem: x.client_cert_pem.clone(),
+            client_key_pem: x.client_key_pem.clone(),
+            addresses: x.addresses.clone(),
+        }),
+        ..Default::default()
+    }
 }
 
 /// A service's authorization as proxies apply it: its rules plus its namespace's default

@@ -1,6 +1,8 @@
 //! One proxy's discovery stream.
 
-use super::{ALL_SERVICES, ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config};
+use super::{
+    ALL_SERVICES, EGRESS_RESOURCE, ProxyTable, SERVICE_PREFIX, TRUST_RESOURCE, service_config,
+};
 use crate::observe::metrics::cp_metrics;
 use crate::state::registry::Registry;
 use mesh_proto::v1 as pb;
@@ -238,6 +240,11 @@ fn current(
         .map(|svc| mesh_model::service::absolute(svc, namespace));
     let version = match &key {
         None if name == TRUST_RESOURCE => state.trust.as_ref().map(|_| state.trust_version)?,
+        // One version per mode; absent (allow-any, the default) is "removed".
+        None if name == EGRESS_RESOURCE => match state.egress.get(namespace)?.as_str() {
+            "registry-only" => 2,
+            _ => 1,
+        },
         None => return None,
         Some(key) => {
             state.services.get(key)?;
@@ -250,6 +257,13 @@ fn current(
     };
     if sent == Some(&Some(version)) {
         return Some((version, None));
+    }
+    if name == EGRESS_RESOURCE {
+        let mode = state.egress.get(namespace)?.clone();
+        return Some((
+            version,
+            Some(pb::resource::Kind::Egress(pb::Egress { mode })),
+        ));
     }
     let kind = match (name.strip_prefix(SERVICE_PREFIX), &key) {
         (Some(svc), Some(key)) => {

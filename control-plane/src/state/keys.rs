@@ -55,6 +55,8 @@ pub enum Key<'a> {
     Endpoint(&'a str, &'a str),
     /// A namespace's default authorization action.
     AuthzDefault(&'a str),
+    /// A namespace's egress mode.
+    Egress(&'a str),
     /// The proxies connected to one control-plane replica.
     Presence(&'a str),
     /// A bootstrap token, by the SHA-256 of its secret.
@@ -75,6 +77,7 @@ impl<'a> Key<'a> {
         Some(match (kind, b) {
             ("endpoints", Some(id)) if !id.is_empty() => Key::Endpoint(a, id),
             ("authz-defaults", None) => Key::AuthzDefault(a),
+            ("egress", None) => Key::Egress(a),
             ("presence", None) => Key::Presence(a),
             ("tokens", None) => Key::Token(a),
             ("revocations", None) => Key::Revocation(a),
@@ -108,6 +111,7 @@ impl fmt::Display for Key<'_> {
             Key::Of(k, s) => write!(f, "{}/{s}", k.prefix()),
             Key::Endpoint(s, id) => write!(f, "endpoints/{s}/{id}"),
             Key::AuthzDefault(ns) => write!(f, "authz-defaults/{ns}"),
+            Key::Egress(ns) => write!(f, "egress/{ns}"),
             Key::Presence(r) => write!(f, "presence/{r}"),
             Key::Token(h) => write!(f, "tokens/{h}"),
             Key::Revocation(k) => write!(f, "revocations/{k}"),
@@ -143,6 +147,7 @@ mod tests {
             Key::Of(ServiceKind::Protocols, "a.b"),
             Key::Endpoint("a.b", "pod-1.b"),
             Key::AuthzDefault("shop"),
+            Key::Egress("shop"),
             Key::Presence("replica-1"),
             Key::Token("ab12"),
             Key::Revocation("identity:shop:catalog"),

@@ -12,8 +12,28 @@ pub const ROUTE_HISTORY_LEN: usize = 20;
 pub struct ServiceRecord {
     pub name: String,
     pub namespace: String,
-    /// SPIFFE identity all endpoints of this service present.
+    /// SPIFFE identity all endpoints of this service present (empty for an external one).
     pub identity: String,
+    /// Set for a service outside the mesh (`meshctl external add`), keyed by its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRecord>,
+}
+
+/// A service outside the mesh: where it is and how callers' proxies connect to it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ExternalRecord {
+    pub port: u16,
+    pub tls: bool,
+    #[serde(default)]
+    pub ca_pem: String,
+    #[serde(default)]
+    pub sni: String,
+    #[serde(default)]
+    pub client_cert_pem: String,
+    #[serde(default)]
+    pub client_key_pem: String,
+    /// ip:port each.
+    pub addresses: Vec<String>,
 }
 
 /// A service's virtual IPs (Kubernetes ClusterIPs) and their ports, each with the app port it

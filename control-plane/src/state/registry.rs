@@ -62,6 +62,8 @@ pub struct State {
     pub authz: BTreeMap<String, AuthzRecord>,
     /// Default authorization action per namespace (absent: allow-all).
     pub authz_defaults: BTreeMap<String, String>,
+    /// Egress mode per namespace (absent: allow-any).
+    pub egress: BTreeMap<String, String>,
     /// mTLS mode per service when not strict (absent: strict).
     pub mtls_modes: BTreeMap<String, String>,
     /// App protocols per service declared with meshctl (app port → protocol).
@@ -173,6 +175,7 @@ impl State {
                 self.trust = value.map(|v| de(key, v)).transpose()?;
                 self.trust_version = rev;
             }
+            Key::Egress(ns) => set(&mut self.egress, ns, key, value)?,
             Key::Presence(r) => set(&mut self.presence, r, key, value)?,
             Key::Token(h) => set(&mut self.tokens, h, key, value)?,
             Key::Revocation(r) => set(&mut self.revocations, r, key, value)?,
@@ -533,6 +536,7 @@ impl Registry {
                     name: name.into(),
                     namespace: namespace.into(),
                     identity: identity_s.clone(),
+                    external: None,
                 },
             )?]),
         })
@@ -594,6 +598,7 @@ impl Registry {
                         name: name.into(),
                         namespace: namespace.into(),
                         identity: identity_s.clone(),
+                        external: None,
                     },
                 )?),
             }
@@ -955,6 +960,118 @@ impl Registry {
                 Key::AuthzDefault(namespace).to_string(),
                 &action.as_str(),
             )?])
+        })
+        .await
+    }
+
+    /// Sets a namespace's egress mode: `allow-any` (removes the record: the default) or
+    /// `registry-only`.
+    pub async fn set_egress_mode(&self, namespace: &str, mode: &str) -> Result<u64, RegistryError> {
+        check_name("namespace", namespace)?;
+        let key = Key::Egress(namespace).to_string();
+        match mode {
+            "allow-any" => {
+                self.write(|st| {
+                    Ok(if st.egress.contains_key(namespace) {
+                        vec![Op::Delete(key.clone())]
+                    } else {
+                        Vec::new()
+                    })
+                })
+                .await
+            }
+            "registry-only" => self.write(|_| Ok(vec![put(key.clone(), &mode)?])).await,
+            other => Err(RegistryError::Invalid(format!(
+                "egress mode {other:?}: use allow-any or registry-only"
+            ))),
+        }
+    }
+
+    /// Declares (or replaces) a service outside the mesh under its `host` (a DNS name with at
+    /// least one dot, so it never reads as a mesh service's `name.namespace`... unless it is
+    /// one: a mesh service of that key is refused).
+    pub async fn set_external(
+        &self,
+        host: &str,
+        rec: ExternalRecord,
+    ) -> Result<u64, RegistryError> {
+        let invalid = |m: String| RegistryError::Invalid(m);
+        mesh_model::route::HostMatch::parse(host)
+            .ok()
+            .filter(|h| matches!(h, mesh_model::route::HostMatch::Exact(_)) && host.contains('.'))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "external host {host:?}: a DNS name with a dot, no wildcard"
+                ))
+            })?;
+        if rec.port == 0 {
+            return Err(invalid(format!("external {host:?}: port 0")));
+        }
+        if rec.addresses.is_empty() {
+            return Err(invalid(format!("external {host:?}: no address")));
+        }
+        for a in &rec.addresses {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| invalid(format!("external {host:?}: address {a:?} is not ip:port")))?;
+        }
+        if rec.tls {
+            let pems = [
+                ("CA", &rec.ca_pem),
+                ("client certificate", &rec.client_cert_pem),
+            ];
+            for (what, pem) in pems {
+                if !pem.is_empty() && !pem.contains("BEGIN CERTIFICATE") {
+                    return Err(invalid(format!("external {host:?}: {what} is not PEM")));
+                }
+            }
+            if rec.client_cert_pem.is_empty() != rec.client_key_pem.is_empty() {
+                return Err(invalid(format!(
+                    "external {host:?}: a client certificate needs its key, and a key its certificate"
+                )));
+            }
+        } else if !rec.ca_pem.is_empty() || !rec.client_cert_pem.is_empty() || !rec.sni.is_empty() {
+            return Err(invalid(format!(
+                "external {host:?}: CA, SNI and client certificate need --tls"
+            )));
+        }
+        let key = Key::Of(ServiceKind::Service, host).to_string();
+        self.write(|st| {
+            if let Some(s) = st.services.get(host)
+                && s.external.is_none()
+            {
+                return Err(RegistryError::Invalid(format!(
+                    "{host:?} is a mesh service, not an external one"
+                )));
+            }
+            Ok(vec![put(
+                key.clone(),
+                &ServiceRecord {
+                    name: host.into(),
+                    namespace: String::new(),
+                    identity: String::new(),
+                    external: Some(rec.clone()),
+                },
+            )?])
+        })
+        .await
+    }
+
+    /// Removes an external service (and its route and policy).
+    pub async fn remove_external(&self, host: &str) -> Result<u64, RegistryError> {
+        self.write(|st| match st.services.get(host) {
+            Some(s) if s.external.is_some() => {
+                let mut ops = vec![Op::Delete(Key::Of(ServiceKind::Service, host).to_string())];
+                if st.routes.contains_key(host) {
+                    ops.push(Op::Delete(Key::Of(ServiceKind::Route, host).to_string()));
+                }
+                if st.policies.contains_key(host) {
+                    ops.push(Op::Delete(Key::Of(ServiceKind::Policy, host).to_string()));
+                }
+                Ok(ops)
+            }
+            _ => Err(RegistryError::NotFound(format!(
+                "no external service {host:?}"
+            ))),
         })
         .await
     }

@@ -1,7 +1,7 @@
 //! The proxy side of the discovery stream: subscribe, apply each response atomically into a new
 //! snapshot (or NACK it and keep the last good one), reconnect with backoff.
 
-use super::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE, convert};
+use super::{ALL_SERVICES, EGRESS_RESOURCE, SERVICE_PREFIX, TRUST_RESOURCE, convert};
 use crate::bootstrap::Bootstrap;
 use crate::identity::control_plane::ControlPlane;
 use crate::snapshot::{Service, Snapshot, Snapshots};
@@ -72,7 +72,8 @@ impl DiscoveryClient {
                 version_label: self.bootstrap.version_label.clone().unwrap_or_default(),
                 proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             }),
-            subscribe: std::iter::once(TRUST_RESOURCE.to_string())
+            subscribe: [TRUST_RESOURCE.to_string(), EGRESS_RESOURCE.to_string()]
+                .into_iter()
                 .chain(self.bootstrap.transparent.then(|| ALL_SERVICES.to_string()))
                 .chain(
                     self.snapshots
@@ -133,7 +134,20 @@ impl DiscoveryClient {
     fn apply(&self, resp: pb::DiscoveryResponse) -> Result<(), String> {
         let mut updates = HashMap::new();
         let mut trust = None;
+        let cur = self.snapshots.load();
+        let mut registry_only = cur.registry_only;
+        if resp.removed.iter().any(|n| n == EGRESS_RESOURCE) {
+            registry_only = false;
+        }
         for r in resp.resources {
+            if let Some(pb::resource::Kind::Egress(e)) = &r.kind {
+                registry_only = match e.mode.as_str() {
+                    "registry-only" => true,
+                    "allow-any" | "" => false,
+                    other => return Err(format!("unknown egress mode {other:?}")),
+                };
+                continue;
+            }
             if let Some(pb::resource::Kind::Trust(t)) = r.kind {
                 let bundle =
                     Bundle::from_pem(&t.bundle_pem).map_err(|e| format!("trust bundle: {e}"))?;
@@ -146,7 +160,6 @@ impl DiscoveryClient {
             };
             updates.insert(Arc::<str>::from(svc_name), (cfg, version));
         }
-        let cur = self.snapshots.load();
         let mut services = cur.services.clone();
         let mut missing = cur.missing.clone();
         for name in &resp.removed {
@@ -169,7 +182,11 @@ impl DiscoveryClient {
             services,
             missing,
             synced: true,
+            registry_only,
         });
+        if registry_only != cur.registry_only {
+            tracing::info!(registry_only, "egress mode changed");
+        }
         if let Some((bundle, signer)) = trust {
             tracing::info!(roots = bundle.anchors.len(), %signer, "trust bundle updated");
             self.tls.set_bundle(bundle);

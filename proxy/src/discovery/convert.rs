@@ -28,7 +28,14 @@ impl TryFrom<pb::ServiceConfig> for ServiceConfig {
         if c.name.is_empty() {
             return Err(bad("empty name".into()));
         }
-        if !c.identity.starts_with("spiffe://") {
+        let external = c
+            .external
+            .as_ref()
+            .map(crate::outbound::external::External::from_proto)
+            .transpose()
+            .map_err(bad)?
+            .map(Arc::new);
+        if external.is_none() && !c.identity.starts_with("spiffe://") {
             return Err(bad(format!("identity {:?} is not a SPIFFE id", c.identity)));
         }
         let mut endpoints = Vec::with_capacity(c.endpoints.len());
@@ -105,6 +112,7 @@ impl TryFrom<pb::ServiceConfig> for ServiceConfig {
             })
             .collect();
         Ok(ServiceConfig {
+            external,
             backend_services,
             vips,
             vip_ports,
@@ -130,7 +138,9 @@ pub fn resource(r: pb::Resource) -> Result<(String, ServiceConfig, u64), Convert
             let s = ServiceConfig::try_from(cfg)?;
             Ok((r.name, s, r.version))
         }
-        Some(pb::resource::Kind::Trust(_)) | None => Err(ConvertError::Empty(r.name)),
+        Some(pb::resource::Kind::Trust(_) | pb::resource::Kind::Egress(_)) | None => {
+            Err(ConvertError::Empty(r.name))
+        }
     }
 }
 
@@ -167,6 +177,7 @@ mod tests {
             ports: Vec::new(),
             app_protocols: Vec::new(),
             backend_services: Vec::new(),
+            external: None,
         }
     }
 

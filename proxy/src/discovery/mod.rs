@@ -5,4 +5,4 @@ pub mod convert;
 
 pub use client::DiscoveryClient;
 
-pub use mesh_proto::resources::{ALL_SERVICES, SERVICE_PREFIX, TRUST_RESOURCE};
+pub use mesh_proto::resources::{ALL_SERVICES, EGRESS_RESOURCE, SERVICE_PREFIX, TRUST_RESOURCE};

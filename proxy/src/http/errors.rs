@@ -22,6 +22,9 @@ pub enum ProxyError {
     DiscoveryUnavailable(String),
     #[error("too many distinct destinations")]
     TooManyServices,
+    /// The namespace's egress mode is registry-only and the destination is in no registry.
+    #[error("{0} is outside the mesh and not declared (egress is registry-only)")]
+    EgressDenied(String),
     /// A gateway's route has no rule for the request's host and path (and no default).
     #[error("no route for {0:?}")]
     NoRoute(String),
@@ -73,7 +76,7 @@ pub enum ProxyError {
 }
 
 /// Every `x-mesh-error` reason the proxy sends (metrics count by index into it).
-pub const REASONS: [&str; 21] = [
+pub const REASONS: [&str; 22] = [
     "no-authority",
     "bad-request",
     "malformed-request",
@@ -95,6 +98,7 @@ pub const REASONS: [&str; 21] = [
     "denied",
     "not-ready",
     "no-route",
+    "egress-denied",
 ];
 
 /// Index of `reason` in `REASONS` (`REASONS.len()` for one not in it).
@@ -117,6 +121,7 @@ impl ProxyError {
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", 14, I),
             UnknownService(_) => (StatusCode::NOT_FOUND, "unknown-service", 12, D),
             NoRoute(_) => (StatusCode::NOT_FOUND, "no-route", 12, D),
+            EgressDenied(_) => (StatusCode::BAD_GATEWAY, "egress-denied", 7, D),
             TooManyServices => (StatusCode::SERVICE_UNAVAILABLE, "too-many-services", 8, D),
             DiscoveryUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -279,6 +284,8 @@ mod tests {
             ProxyError::FaultAbort(503),
             ProxyError::App(String::new()),
             ProxyError::Denied(String::new()),
+            ProxyError::NoRoute(String::new()),
+            ProxyError::EgressDenied(String::new()),
         ];
         let mut seen: Vec<usize> = all
             .iter()

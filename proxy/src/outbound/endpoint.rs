@@ -39,6 +39,8 @@ pub struct Endpoint {
     pub pool: Arc<Pool>,
     /// The service's cumulative ejection counter (`/metrics`; set with `outlier`).
     pub ejections: Option<Arc<AtomicU64>>,
+    /// A service outside the mesh: its addresses are reached by its own TLS (or plaintext).
+    pub external: Option<Arc<super::external::External>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -145,6 +147,10 @@ impl Endpoint {
                 t.push(&picked);
             }
             let (addr, id) = (picked.addr, picked.id.clone());
+            if let Some(x) = &self.external {
+                // Rare, and boxed so that a mesh request's future does not grow by it.
+                return Box::pin(self.send_external(x, picked, tried, req)).await;
+            }
             let sender = match self
                 .connect(addr, picked.answered.identity_or(&self.identity))
                 .await
@@ -215,6 +221,38 @@ impl Endpoint {
                     }
                     return Err(ProxyError::Refused(what));
                 }
+            }
+        }
+    }
+}
+
+impl Endpoint {
+    /// One attempt to an external service's address (hyper's client retries a request its
+    /// pooled connection gave back unsent; the policy's retries do the rest).
+    async fn send_external(
+        self: &Arc<Self>,
+        x: &super::external::External,
+        picked: Picked,
+        tried: Option<Tried>,
+        req: Request<ReqBody>,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        match x.send(picked.addr, self.connect_timeout, req).await {
+            Ok(resp) => {
+                if let Some(t) = &tried {
+                    t.ended(Ok(resp.status().as_u16()));
+                }
+                // The verdict is the head's: an external answer's body is not watched for
+                // trailers.
+                if resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                    picked.refused();
+                } else {
+                    self.finish(picked, !resp.status().is_server_error());
+                }
+                Ok(resp.map(RespBody::Left))
+            }
+            Err(e) => {
+                self.failed(picked, tried.as_ref(), || e.to_string());
+                Err(e)
             }
         }
     }

@@ -5,6 +5,7 @@
 //! route's weights and the balancer, over mTLS HTTP/2 to its sidecar.
 
 pub mod endpoint;
+pub mod external;
 pub mod pool;
 pub mod route;
 pub mod stack;
@@ -163,6 +164,9 @@ impl Outbound {
             None => mesh_model::service::host_key(host_of(&authority), &self.namespace),
         };
         let svc = self.snapshots.resolve(name).await.map_err(|e| match e {
+            ResolveError::Unknown if self.snapshots.load().registry_only => {
+                ProxyError::EgressDenied(name.to_string())
+            }
             ResolveError::Unknown => ProxyError::UnknownService(name.to_string()),
             ResolveError::Unavailable => ProxyError::DiscoveryUnavailable(name.to_string()),
             ResolveError::TooMany => ProxyError::TooManyServices,

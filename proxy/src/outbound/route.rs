@@ -169,7 +169,7 @@ impl Mirror {
         let Mirror {
             to, permit, copy, ..
         } = *self;
-        let shadow = stack::endpoint(&svc.name, &svc.identity, &to, policy, pool);
+        let shadow = stack::endpoint((&svc.name, &svc.identity, &svc.external), &to, policy, pool);
         let req = copy.map(|()| body);
         tokio::spawn(async move {
             use tower::ServiceExt;

@@ -3,6 +3,7 @@
 //! so a service without a policy costs what the bare endpoint call costs.
 
 use super::endpoint::{Endpoint, EndpointService};
+use super::external::External;
 use super::pool::Pool;
 use crate::balance::Balancer;
 use crate::policy::circuit_breaker::{Limit, LimitsLayer};
@@ -23,13 +24,17 @@ pub type Stack = Policies<EndpointService>;
 /// `identity`), sending to `balancer` (the default backends' or a rule's). Layer state
 /// (buckets, budget, limits, endpoint stats) lives in the service's policy state and the
 /// endpoint states, so rebuilding on a config change keeps it.
+/// What an endpoint service sends to: the service, the identity its endpoints present, and
+/// for a service outside the mesh how it is reached.
+pub type Dest<'a> = (&'a Arc<str>, &'a Arc<str>, &'a Option<Arc<External>>);
+
 pub fn build(
-    service: &Arc<str>,
-    identity: &Arc<str>,
+    dest: Dest<'_>,
     balancer: &Arc<Balancer>,
     (p, state): (&Policy, &PolicyState),
     pool: &Arc<Pool>,
 ) -> Stack {
+    let service = dest.0;
     policies(
         p,
         state,
@@ -39,7 +44,7 @@ pub fn build(
             ejections: p
                 .outlier
                 .map(|_| crate::telemetry::metrics::metrics().ejections(service)),
-            ..endpoint_config(service, identity, balancer, p, pool)
+            ..endpoint_config(dest, balancer, p, pool)
         })),
     )
 }
@@ -48,26 +53,23 @@ pub fn build(
 /// settings, without outlier recording (mirror copies use it as is: no policies, no retries,
 /// and no lookup of counters per copy).
 pub fn endpoint(
-    service: &Arc<str>,
-    identity: &Arc<str>,
+    dest: Dest<'_>,
     balancer: &Arc<Balancer>,
     p: &Policy,
     pool: &Arc<Pool>,
 ) -> EndpointService {
-    EndpointService(Arc::new(endpoint_config(
-        service, identity, balancer, p, pool,
-    )))
+    EndpointService(Arc::new(endpoint_config(dest, balancer, p, pool)))
 }
 
 /// What `endpoint` shares, without outlier recording.
 fn endpoint_config(
-    service: &Arc<str>,
-    identity: &Arc<str>,
+    (service, identity, external): Dest<'_>,
     balancer: &Arc<Balancer>,
     p: &Policy,
     pool: &Arc<Pool>,
 ) -> Endpoint {
     Endpoint {
+        external: external.clone(),
         service: service.clone(),
         identity: identity.clone(),
         balancer: balancer.clone(),

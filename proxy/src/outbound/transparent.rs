@@ -8,7 +8,10 @@
 //! - any other port of a mesh endpoint's IP, or a protocol that is not HTTP: an opaque stream
 //!   over mTLS to that endpoint's sidecar (ALPN `mesh.opaque/1`), which connects it to that
 //!   port of its app;
-//! - anywhere else: passed through as is.
+//! - an address of a declared external service: HTTP is served as calls of it (so the proxy
+//!   originates its TLS), anything else is passed through;
+//! - anywhere else: passed through as is, unless the namespace's egress is registry-only:
+//!   then HTTP is answered 502 `x-mesh-error: egress-denied` and other streams are closed.
 //!
 //! The protocol is told by the first bytes the client sends; a client that sends nothing for
 //! `DETECT_TIMEOUT` is served opaque, so server-first protocols (the server speaks first) do
@@ -178,7 +181,24 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         return;
     }
     let Some(t) = app.clone().or(endpoint) else {
-        passthrough(s, orig).await;
+        let (external, registry_only) = {
+            let snap = out.snapshots.load();
+            (
+                snap.app_addrs.by_external_ip.get(&orig.ip()).cloned(),
+                snap.registry_only,
+            )
+        };
+        match external {
+            Some(service) => {
+                if detect_http(&out.ports, &s, orig.port(), None).await {
+                    serve_http(out, service, s, watcher).await;
+                } else {
+                    passthrough(s, orig).await;
+                }
+            }
+            None if registry_only => deny(&out, s, orig, watcher).await,
+            None => passthrough(s, orig).await,
+        }
         return;
     };
     // Only an app address can be served as HTTP for its service; any other port is opaque.
@@ -314,6 +334,27 @@ async fn opaque(
     let (from_caller, to_caller) = r.as_ref().copied().unwrap_or_default();
     counted.closed(from_caller, to_caller);
     r.map(|_| ())
+}
+
+/// A destination outside the registry under registry-only egress: HTTP gets a 502 that says
+/// why; any other protocol cannot carry one, and the connection is closed.
+async fn deny(out: &Outbound, s: TcpStream, orig: SocketAddr, watcher: Watcher) {
+    tracing::debug!(%orig, "egress denied: not a mesh service or a declared external");
+    if !detect_http(&out.ports, &s, orig.port(), None).await {
+        return;
+    }
+    let why = orig.to_string();
+    serve(
+        s,
+        hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
+            let grpc = crate::http::is_grpc(r.headers());
+            let resp = crate::http::errors::ProxyError::EgressDenied(why.clone()).to_response(grpc);
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        }),
+        Client::App,
+        watcher,
+    )
+    .await;
 }
 
 /// Not a mesh destination: connect to it directly (the proxy's own traffic is not redirected)

@@ -81,10 +81,17 @@ fn labels(
             )
         }
     };
-    let fqdn = if dst.0.is_empty() {
-        "unknown".to_string()
+    // A destination without a mesh identity is a service outside the mesh, named by its host
+    // (as Istio names a ServiceEntry's): `api.example.com`, not a Kubernetes service name.
+    let external = l.direction == Direction::Outbound
+        && l.dst_identity.is_empty()
+        && !l.dst_service.is_empty();
+    let (dst, fqdn) = if external {
+        ((&*l.dst_service, "", ""), l.dst_service.to_string())
+    } else if dst.0.is_empty() {
+        (dst, "unknown".to_string())
     } else {
-        format!("{}.{}.svc.cluster.local", dst.0, dst.1)
+        (dst, format!("{}.{}.svc.cluster.local", dst.0, dst.1))
     };
     let or_unknown = |s: &str| {
         if s.is_empty() {

@@ -106,6 +106,42 @@ fn authz_info(
     }))
 }
 
+/// What `meshctl external` shows of an external service (no key material).
+fn external_info(host: &str, x: &crate::state::records::ExternalRecord) -> pb::ExternalInfo {
+    pb::ExternalInfo {
+        host: host.to_string(),
+        port: u32::from(x.port),
+        tls: x.tls,
+        custom_ca: !x.ca_pem.is_empty(),
+        sni: x.sni.clone(),
+        client_certificate: !x.client_cert_pem.is_empty(),
+        addresses: x.addresses.clone(),
+    }
+}
+
+/// The addresses of `host` (DNS, as the control plane's host resolves it), for an external
+/// service declared without any.
+async fn resolve(host: &str, port: u16) -> Result<Vec<String>, Status> {
+    let found = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::lookup_host((host, port)),
+    )
+    .await
+    .map_err(|_| Status::unavailable(format!("resolving {host:?} timed out; give --address")))?
+    .map_err(|e| {
+        Status::invalid_argument(format!("cannot resolve {host:?} ({e}); give --address"))
+    })?;
+    let mut out: Vec<String> = found.map(|a| a.to_string()).collect();
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{host:?} resolves to no address; give --address"
+        )));
+    }
+    Ok(out)
+}
+
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
     pb::RouteInfo {
         service: service.to_string(),
@@ -141,6 +177,71 @@ impl pb::admin_server::Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn set_external(
+        &self,
+        req: Request<pb::SetExternalRequest>,
+    ) -> Result<Response<pb::ExternalInfo>, Status> {
+        let x = req
+            .into_inner()
+            .external
+            .ok_or_else(|| Status::invalid_argument("external is required"))?;
+        let host = x.host.to_ascii_lowercase();
+        let port = u16::try_from(x.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument(format!("port {} is not a port", x.port)))?;
+        let addresses = if x.addresses.is_empty() {
+            resolve(&host, port).await?
+        } else {
+            x.addresses
+        };
+        let rec = crate::state::records::ExternalRecord {
+            port,
+            tls: x.tls,
+            ca_pem: x.ca_pem,
+            sni: x.sni,
+            client_cert_pem: x.client_cert_pem,
+            client_key_pem: x.client_key_pem,
+            addresses,
+        };
+        self.registry.set_external(&host, rec.clone()).await?;
+        tracing::info!(%host, port, tls = rec.tls, addresses = ?rec.addresses, "external service set");
+        Ok(Response::new(external_info(&host, &rec)))
+    }
+
+    async fn remove_external(
+        &self,
+        req: Request<pb::RemoveExternalRequest>,
+    ) -> Result<Response<pb::RemoveExternalResponse>, Status> {
+        let host = req.into_inner().host.to_ascii_lowercase();
+        self.registry.remove_external(&host).await?;
+        tracing::info!(%host, "external service removed");
+        Ok(Response::new(pb::RemoveExternalResponse {}))
+    }
+
+    async fn list_externals(
+        &self,
+        _: Request<pb::ListExternalsRequest>,
+    ) -> Result<Response<pb::ListExternalsResponse>, Status> {
+        let st = self.registry.state();
+        let externals = st
+            .services
+            .iter()
+            .filter_map(|(k, s)| s.external.as_ref().map(|x| external_info(k, x)))
+            .collect();
+        Ok(Response::new(pb::ListExternalsResponse { externals }))
+    }
+
+    async fn set_egress_mode(
+        &self,
+        req: Request<pb::SetEgressModeRequest>,
+    ) -> Result<Response<pb::SetEgressModeResponse>, Status> {
+        let m = req.into_inner();
+        let revision = self.registry.set_egress_mode(&m.namespace, &m.mode).await?;
+        tracing::info!(namespace = %m.namespace, mode = %m.mode, revision, "egress mode set");
+        Ok(Response::new(pb::SetEgressModeResponse { revision }))
     }
 
     async fn list_endpoints(

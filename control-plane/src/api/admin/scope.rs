@@ -83,10 +83,10 @@ pub fn required(method: &str) -> Option<Scope> {
     Some(match method {
         "ListServices" | "ListEndpoints" | "GetRoute" | "ListRoutes" | "RouteHistory"
         | "GetPolicy" | "GetAuthz" | "CheckAuthz" | "GetCanary" | "Top" | "Tap" | "ListProxies"
-        | "GetVersion" | "ListTokens" | "GetCa" => Scope::Read,
+        | "GetVersion" | "ListTokens" | "GetCa" | "ListExternals" => Scope::Read,
         "AddEndpoint" | "RemoveEndpoint" | "SetRoute" | "RollbackRoute" | "SetPolicy"
         | "SetAuthz" | "SetAuthzDefault" | "SetMtlsMode" | "SetAppProtocols" | "StartCanary"
-        | "CanaryAction" => Scope::Write,
+        | "CanaryAction" | "SetExternal" | "RemoveExternal" | "SetEgressMode" => Scope::Write,
         "CreateToken" | "RevokeToken" | "RevokeIdentity" | "RotateCa" => Scope::Identity,
         _ => return None,
     })

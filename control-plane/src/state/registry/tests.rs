@@ -168,6 +168,7 @@ fn a_store_without_namespaces_gets_renamed_keys() {
             name: "api".into(),
             namespace: ns.into(),
             identity: format!("spiffe://mesh.local/ns/{ns}/sa/api"),
+            external: None,
         })
         .unwrap()
     };
