@@ -275,8 +275,9 @@ pub struct AppAddrs {
     pub by_ip: HashMap<std::net::IpAddr, AppTarget>,
     /// Service virtual IP and port → the service, and the app port the port reaches.
     pub by_vip: HashMap<SocketAddr, (Arc<str>, u16)>,
-    /// An external service's addresses' IPs → the service.
-    pub by_external_ip: HashMap<std::net::IpAddr, Arc<str>>,
+    /// An external service's addresses, and port 80 of their IPs (where an app calls
+    /// `http://<host>`) → the service.
+    pub by_external: HashMap<SocketAddr, Arc<str>>,
 }
 
 /// The service and endpoint an app address belongs to.
@@ -294,7 +295,10 @@ pub fn app_addrs(services: &FastMap<Arc<str>, Arc<Service>>) -> AppAddrs {
     for (name, s) in services {
         if s.external.is_some() {
             for e in &s.endpoints {
-                m.by_external_ip.insert(e.addr.ip(), name.clone());
+                m.by_external.insert(e.addr, name.clone());
+                m.by_external
+                    .entry(SocketAddr::new(e.addr.ip(), 80))
+                    .or_insert_with(|| name.clone());
             }
             continue;
         }

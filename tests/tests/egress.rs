@@ -253,6 +253,31 @@ async fn registry_only_egress_refuses_what_no_registry_names() -> anyhow::Result
     mesh.wait_endpoints("backend", 1).await?;
     let j = until_json(c.outbound, "http://status.partner.example/hello").await?;
     assert_eq!(j["app"], "node", "plaintext external: {j}");
+    // Its route applies (a header set on the way back).
+    mesh.meshctl(&[
+        "route",
+        "set",
+        "status.partner.example",
+        "--match",
+        "prefix:/",
+        "--name",
+        "all",
+        "--set-response-header",
+        "x-via=mesh",
+    ])
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out) = via(c.outbound, "http://status.partner.example/hello").await?;
+        if out.to_ascii_lowercase().contains("x-via: mesh") {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "route not applied: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let (status, out) = via(c.outbound, "http://unknown.partner.example/").await?;
     assert_eq!(status, 404, "{out}");

@@ -262,7 +262,10 @@ fn banner_via(ns: &str, dst: &str) -> anyhow::Result<Duration> {
 /// caller's SPIFFE identity; the server's sidecar counts an mTLS handshake and an inbound
 /// request from it), a server-first opaque TCP protocol on another port passes without
 /// stalling, a destination outside the mesh is passed through, and a client outside the mesh
-/// cannot reach the server app in plaintext.
+/// cannot reach the server app in plaintext. Egress (issue 30): HTTP to a declared external's
+/// address goes through the sidecar as a call of it; under registry-only egress an undeclared
+/// destination gets 502 `egress-denied` (HTTP) or a closed stream (TCP) while the external
+/// still answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
     use std::io::{Read, Write};
@@ -601,5 +604,125 @@ async fn pods_talk_by_plain_ip_with_mtls_on_the_wire() -> anyhow::Result<()> {
         ],
     )?;
     assert!(inbound.values().sum::<f64>() >= 1.0, "{m}");
+
+    // Issue 30, egress. A plaintext HTTP server outside the mesh (the bridge's address, :7001)
+    // declared as external `status.partner.example`: the pod's HTTP to it is served through
+    // its sidecar as calls of the external (its route's response header shows it).
+    let meshctl = |args: &[&str]| -> anyhow::Result<String> {
+        let data = d("cp");
+        let mut a = vec!["--server", "https://10.201.0.1:15011", "--data-dir", &data];
+        a.extend_from_slice(args);
+        let (ok, out, err) = pods.sw.exec(&bin_dir().join("meshctl"), &a)?;
+        anyhow::ensure!(ok, "meshctl {args:?}: {err}");
+        Ok(out)
+    };
+    let http_outside = outside_http(&pods.sw.0, "10.201.0.1:7001")?;
+    meshctl(&[
+        "external",
+        "add",
+        "status.partner.example",
+        "--port",
+        "7001",
+        "--address",
+        "10.201.0.1:7001",
+    ])?;
+    meshctl(&[
+        "route",
+        "set",
+        "status.partner.example",
+        "--match",
+        "prefix:/",
+        "--name",
+        "all",
+        "--set-response-header",
+        "x-via=mesh",
+    ])?;
+    const EXT: &[u8] =
+        b"GET /ext HTTP/1.1\r\nHost: status.partner.example:7001\r\nConnection: close\r\n\r\n";
+    let via_mesh = |ns: &str| -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = exchange(ns, "10.201.0.1:7001", EXT)?;
+            if r.to_ascii_lowercase().contains("x-via: mesh") {
+                return Ok(r);
+            }
+            if std::time::Instant::now() >= deadline {
+                let dump = exchange(
+                    &pods.sw.0,
+                    "10.201.0.2:15000",
+                    b"GET /config_dump HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap_or_default();
+                anyhow::bail!("not through the mesh: {r}\nconfig: {dump}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r = via_mesh(&pods.a.0)?;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("GET /ext"),
+        "{r}"
+    );
+
+    // Registry-only: HTTP to an undeclared destination is answered 502 egress-denied, a TCP
+    // stream to one is closed without reaching it; the declared external still answers.
+    meshctl(&["egress", "default", "registry-only"])?;
+    let denied = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = exchange(
+                &pods.a.0,
+                "10.201.0.1:7003",
+                b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n",
+            )?;
+            if r.starts_with("HTTP/1.1 502") {
+                break r;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "not denied: {r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert!(denied.contains("x-mesh-error: egress-denied"), "{denied}");
+    let l = in_netns(&pods.sw.0, || Ok(TcpListener::bind("10.201.0.1:7002")?))?;
+    l.set_nonblocking(true)?;
+    assert_eq!(
+        exchange(&pods.a.0, "10.201.0.1:7002", b"")?,
+        "",
+        "a denied stream is closed"
+    );
+    assert!(
+        matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a denied stream must not reach its destination"
+    );
+    via_mesh(&pods.a.0)?;
+    drop(http_outside);
     Ok(())
+}
+
+/// A plaintext HTTP server in namespace `ns` on `addr` (outside the mesh): answers every
+/// request 200 with its request head as the body, until the returned listener's thread ends
+/// with the process.
+fn outside_http(ns: &str, addr: &'static str) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use std::io::{BufRead, Write};
+    let l = in_netns(ns, move || Ok(TcpListener::bind(addr)?))?;
+    Ok(std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut r = std::io::BufReader::new(&c);
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut w = &c;
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                head.len()
+            );
+        }
+    }))
 }

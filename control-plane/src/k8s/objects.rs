@@ -320,6 +320,11 @@ async fn sync_once<K: Kind>(
         let Some(svc) = state.services.get(&service) else {
             continue;
         };
+        // An external service is in no namespace: its route and policy have no object (they
+        // live in the registry's store, the API server's too).
+        if svc.external.is_some() {
+            continue;
+        }
         let current = K::current(&state, &service);
         if current == default {
             continue;

@@ -8,8 +8,8 @@
 //! - any other port of a mesh endpoint's IP, or a protocol that is not HTTP: an opaque stream
 //!   over mTLS to that endpoint's sidecar (ALPN `mesh.opaque/1`), which connects it to that
 //!   port of its app;
-//! - an address of a declared external service: HTTP is served as calls of it (so the proxy
-//!   originates its TLS), anything else is passed through;
+//! - an address of a declared external service, or port 80 of its IP: HTTP is served as
+//!   calls of it (so the proxy originates its TLS), anything else is passed through;
 //! - anywhere else: passed through as is, unless the namespace's egress is registry-only:
 //!   then HTTP is answered 502 `x-mesh-error: egress-denied` and other streams are closed.
 //!
@@ -184,7 +184,7 @@ pub async fn handle(out: Arc<Outbound>, s: TcpStream, orig: SocketAddr, watcher:
         let (external, registry_only) = {
             let snap = out.snapshots.load();
             (
-                snap.app_addrs.by_external_ip.get(&orig.ip()).cloned(),
+                snap.app_addrs.by_external.get(&orig).cloned(),
                 snap.registry_only,
             )
         };
