@@ -3,6 +3,7 @@
 pub mod cpu_limit;
 pub mod cpu_pin;
 pub mod mesh;
+pub mod oha;
 
 use mesh_proto::v1 as pb;
 use mesh_proxy::snapshot::Service;

@@ -15,6 +15,8 @@ use tokio::process::Command;
 
 /// How long each process has to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
+/// The mesh's trust domain in the benchmarks.
+pub const TRUST_DOMAIN: &str = "mesh.local";
 /// Time a sidecar has to drain and exit on SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -35,8 +37,12 @@ pub struct Mesh {
     pub app_pid: u32,
     /// The `web` sidecar's outbound listener: the mTLS pair's entry.
     pub pair_port: u16,
-    /// The `backend` sidecar's inbound listener, taking plaintext: the one-proxy entry.
+    /// The `backend-plain` sidecar's inbound listener, taking plaintext: the one-proxy entry.
     pub single_port: u16,
+    /// The `backend` sidecar's inbound listener (STRICT mTLS): where gateways send.
+    pub backend_inbound: u16,
+    /// The `backend` sidecar.
+    pub backend_pid: u32,
     /// The pair's sidecars, outbound first.
     pub pair_pids: Vec<u32>,
     /// The one-proxy topology's sidecar (PERMISSIVE, plaintext from the load tool).
@@ -185,6 +191,8 @@ impl Mesh {
             app_pid,
             pair_port: port_of(&ready[2], "outbound")?,
             single_port: port_of(&ready[1], "inbound")?,
+            backend_inbound: port_of(&ready[0], "inbound")?,
+            backend_pid: pids[0],
             single_pid: pids[1],
             pair_pids: vec![pids[2], pids[0]],
             sidecars,
@@ -322,5 +330,36 @@ pub async fn app_view_check(port: u16, caller: &str) -> anyhow::Result<()> {
             v["peer"]
         );
     }
+    Ok(())
+}
+
+/// A key and certificate from the mesh CA for `sa`, written as `<sa>.crt` / `<sa>.key`.
+pub async fn certify_files(
+    admin: &mut meshctl::client::Admin,
+    grpc: SocketAddr,
+    ca_pem: &str,
+    dir: &Path,
+    sa: &str,
+) -> anyhow::Result<()> {
+    let token = meshctl::client::bootstrap_token(admin, &format!("default/{sa}"), 0).await?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}").try_into()?,
+    )];
+    let csr_pem = p.serialize_request(&key)?.pem()?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("mesh-control-plane");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let r = pb::identity_client::IdentityClient::new(ch)
+        .certify(pb::CertifyRequest { csr_pem, token })
+        .await?
+        .into_inner();
+    std::fs::write(dir.join(format!("{sa}.crt")), r.cert_chain_pem)?;
+    std::fs::write(dir.join(format!("{sa}.key")), key.serialize_pem())?;
     Ok(())
 }

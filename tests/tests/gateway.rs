@@ -39,6 +39,16 @@ fn head_and_body(out: &str) -> (&str, &str) {
 
 /// A gateway `edge` (identity default/edge) with HTTPS and HTTP listeners, serving `certs`.
 async fn gateway(mesh: &mut Mesh, certs: &str, extra: &[&str]) -> anyhow::Result<Sidecar> {
+    gateway_replica(mesh, "edge-1", certs, extra).await
+}
+
+/// One replica of gateway `edge`, as node `node`.
+async fn gateway_replica(
+    mesh: &mut Mesh,
+    node: &str,
+    certs: &str,
+    extra: &[&str],
+) -> anyhow::Result<Sidecar> {
     let mut flags = vec![
         "--gateway-https-addr",
         "127.0.0.1:0",
@@ -51,7 +61,7 @@ async fn gateway(mesh: &mut Mesh, certs: &str, extra: &[&str]) -> anyhow::Result
     mesh.sidecar(SidecarOpts {
         service: Some("edge"),
         service_account: "edge",
-        node_id: Some("edge-1"),
+        node_id: Some(node),
         extra: &flags,
         ..Default::default()
     })
@@ -593,5 +603,25 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 404, "{out}");
+
+    // A second replica of the same gateway (behind a balancer, each its own address) serves
+    // the same route, and the route stays accepted.
+    let gw2 = gateway_replica(&mut mesh, "edge-2", &certs, &[]).await?;
+    let https2 = gw2.gateway_https.expect("HTTPS listener");
+    wait_config(gw2.admin, Duration::from_secs(10), |d| {
+        rules_in_dump(d, "edge").len() == 2
+    })
+    .await?;
+    for addr in [https, https2] {
+        let (status, body) =
+            curl_https(addr, &ca_file, "shop.example.com", "/hello/py", &[]).await?;
+        assert_eq!(status, 200, "{addr}: {body}");
+        assert_eq!(json(&body)["app"], "python");
+    }
+    assert!(
+        conditions(&api)
+            .iter()
+            .any(|(s, r, _)| s == "True" && r == "Accepted")
+    );
     Ok(())
 }

@@ -18,18 +18,14 @@ use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
 use mesh_benches::cpu_pin::CpuSplit;
 use mesh_benches::mesh::{
-    Mesh, READY, app_view_check, free_port, grpc_check, grpc_request, proxy_bin,
+    Mesh, READY, TRUST_DOMAIN, app_view_check, certify_files, free_port, grpc_check, grpc_request,
+    proxy_bin,
 };
-use mesh_proto::v1 as pb;
-use meshctl::client::bootstrap_token;
 use meshctl::process::bin_dir;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Command;
-
-const TRUST_DOMAIN: &str = "mesh.local";
 
 #[derive(clap::Parser)]
 struct Args {
@@ -101,6 +97,7 @@ struct Args {
 }
 
 use mesh_benches::cpu_secs;
+use mesh_benches::oha::{Counted, run_load_tool};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum H2Tool {
@@ -249,91 +246,35 @@ fn streams_per_conn(args: &Args) -> String {
     (args.connections / 4).max(1).to_string()
 }
 
-/// Runs a load tool to its end; its standard output, or an error with what it printed.
-async fn run_load_tool(cmd: &mut Command, bin: &Path) -> anyhow::Result<Vec<u8>> {
-    let out = cmd
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("running {}", bin.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}{}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
-
 async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(&args.oha);
-    cmd.args([
-        "--no-tui",
-        "--output-format",
-        "json",
-        "-z",
-        &format!("{secs}s"),
-    ])
-    .args(["--connect-to", &format!("backend:80:127.0.0.1:{port}")]);
+    let mut a: Vec<String> = vec![
+        "-z".into(),
+        format!("{secs}s"),
+        "--connect-to".into(),
+        format!("backend:80:127.0.0.1:{port}"),
+    ];
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     if load.http2() {
-        cmd.args(["--http2", "-c", "4", "-p", &streams_per_conn(args)]);
+        a.extend(s(&["--http2", "-c", "4", "-p", &streams_per_conn(args)]));
     } else if load == Load::H1Fixed1000 {
-        cmd.args(["-c", "4", "-q", "1000"]);
+        a.extend(s(&["-c", "4", "-q", "1000"]));
     } else {
-        cmd.args(["-c", &args.connections.to_string()]);
+        a.extend(s(&["-c", &args.connections.to_string()]));
     }
     if load.grpc() {
-        cmd.args(["-m", "POST", "-H", "content-type: application/grpc"])
-            .args(["-H", "te: trailers", "-D"])
-            .arg(&args.grpc_body);
+        a.extend(s(&["-m", "POST", "-H", "content-type: application/grpc"]));
+        a.extend(s(&["-H", "te: trailers", "-D"]));
+        a.push(args.grpc_body.display().to_string());
     }
-    cmd.arg(format!("http://backend{}", load.path(args.body)));
-    let out = run_load_tool(&mut cmd, &args.oha).await?;
-    Ok(serde_json::from_slice(&out)?)
-}
-
-/// What one timed load run gave, whichever tool made it.
-struct Counted {
-    ok: u64,
-    errors: u64,
-    rps: f64,
-    /// p50, p90, p99 in ms.
-    percentiles: [f64; 3],
+    a.push(format!("http://backend{}", load.path(args.body)));
+    mesh_benches::oha::report(&args.oha, &a).await
 }
 
 /// An oha run, counted. Requests still in flight when a timed run ends are cut by oha, not
 /// failed by the proxy.
 async fn oha_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<Counted> {
     let v = oha(args, port, load, secs).await?;
-    let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
-    let total: u64 = v["statusCodeDistribution"]
-        .as_object()
-        .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
-        .unwrap_or(0);
-    let errors = v["errorDistribution"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(k, _)| k.as_str() != "aborted due to deadline")
-                .filter_map(|(_, x)| x.as_u64())
-                .sum()
-        })
-        .unwrap_or(0)
-        + (total - ok);
-    if errors > 0 {
-        eprintln!(
-            "  errors on port {port}: {} (status codes {})",
-            v["errorDistribution"], v["statusCodeDistribution"]
-        );
-    }
-    let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
-    Ok(Counted {
-        ok,
-        errors,
-        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-        percentiles: [ms("p50"), ms("p90"), ms("p99")],
-    })
+    Ok(mesh_benches::oha::counted(&v, &format!("port {port}")))
 }
 
 /// An h2load run (HTTP/2 or gRPC), counted. h2load prints no percentiles, so they come from
@@ -614,37 +555,6 @@ static_resources:
     load_assignment: {{cluster_name: backend, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}}}]}}]}}
 "#
     )
-}
-
-/// A key and certificate from the mesh CA for `sa`, written as `<sa>.crt` / `<sa>.key`.
-async fn certify_files(
-    admin: &mut meshctl::client::Admin,
-    grpc: SocketAddr,
-    ca_pem: &str,
-    dir: &Path,
-    sa: &str,
-) -> anyhow::Result<()> {
-    let token = bootstrap_token(admin, &format!("default/{sa}"), 0).await?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}").try_into()?,
-    )];
-    let csr_pem = p.serialize_request(&key)?.pem()?;
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-        .domain_name("mesh-control-plane");
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    let r = pb::identity_client::IdentityClient::new(ch)
-        .certify(pb::CertifyRequest { csr_pem, token })
-        .await?
-        .into_inner();
-    std::fs::write(dir.join(format!("{sa}.crt")), r.cert_chain_pem)?;
-    std::fs::write(dir.join(format!("{sa}.key")), key.serialize_pem())?;
-    Ok(())
 }
 
 #[tokio::main]

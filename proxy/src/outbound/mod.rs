@@ -97,24 +97,25 @@ fn host_of(authority: &str) -> &str {
 }
 
 impl Outbound {
-    /// hyper service entry point: never fails; errors become responses.
-    pub async fn handle(
+    /// hyper service entry point: never fails; errors become responses. (A plain fn returning
+    /// `respond`'s future: an async wrapper would nest it in one more future, moved per poll.)
+    pub fn handle(
         self: Arc<Self>,
         fixed: Option<Arc<str>>,
         req: Request<Incoming>,
-    ) -> Result<Response<ObservedBody>, Infallible> {
-        self.respond(fixed, Entry::App, req).await
+    ) -> impl Future<Output = Result<Response<ObservedBody>, Infallible>> + Send {
+        self.respond(fixed, Entry::App, req)
     }
 
     /// As [`Outbound::handle`], for a gateway's request: routed by the route of the gateway's
     /// own `service` (its rules name hosts and other services); a request no rule takes, when
     /// the route has no default backends, gets 404 `no-route`.
-    pub async fn gateway(
+    pub fn gateway(
         self: Arc<Self>,
         service: Arc<str>,
         req: Request<Incoming>,
-    ) -> Result<Response<ObservedBody>, Infallible> {
-        self.respond(Some(service), Entry::Gateway, req).await
+    ) -> impl Future<Output = Result<Response<ObservedBody>, Infallible>> + Send {
+        self.respond(Some(service), Entry::Gateway, req)
     }
 
     async fn respond(
