@@ -363,3 +363,37 @@ pub async fn certify_files(
     std::fs::write(dir.join(format!("{sa}.key")), key.serialize_pem())?;
     Ok(())
 }
+
+/// Envoy's cluster `backend`: HTTP/2 over mTLS (TLS 1.3) to the backend's mesh sidecar at
+/// `peer`, with the certificate `certify_files` wrote for `sa`, the backend's SPIFFE id
+/// checked. The `clusters:` block of a static config.
+pub fn envoy_mtls_cluster(dir: &Path, sa: &str, peer: u16) -> String {
+    let f = |n: String| dir.join(n).display().to_string();
+    let (crt, key, ca) = (
+        f(format!("{sa}.crt")),
+        f(format!("{sa}.key")),
+        f("ca.pem".into()),
+    );
+    format!(
+        r#"  clusters:
+  - name: backend
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+          alpn_protocols: [h2]
+          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"}}}}]
+    load_assignment: {{cluster_name: backend, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}}}]}}]}}
+"#
+    )
+}

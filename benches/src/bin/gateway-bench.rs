@@ -11,7 +11,7 @@
 //! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
-use mesh_benches::mesh::{Mesh, READY, TRUST_DOMAIN, certify_files, free_port, proxy_bin};
+use mesh_benches::mesh::{Mesh, READY, certify_files, envoy_mtls_cluster, free_port, proxy_bin};
 use mesh_proto::v1 as pb;
 use meshctl::process::{Process, bin_dir, proxy_command};
 use std::fmt::Write as _;
@@ -132,13 +132,8 @@ async fn measure(args: &Args, g: &Gateway) -> anyhow::Result<Measured> {
 /// the client's protocol as the mesh's gateway does (`x-mesh-orig-proto`), nothing else added.
 fn envoy_edge(dir: &Path, port: u16, admin: u16, backend: u16) -> String {
     let f = |n: &str| dir.join(n).display().to_string();
-    let (gw_crt, gw_key, crt, key, ca) = (
-        f("gateway.crt"),
-        f("gateway.key"),
-        f("edge-envoy.crt"),
-        f("edge-envoy.key"),
-        f("ca.pem"),
-    );
+    let (gw_crt, gw_key) = (f("gateway.crt"), f("gateway.key"));
+    let cluster = envoy_mtls_cluster(dir, "edge-envoy", backend);
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
 static_resources:
@@ -164,26 +159,7 @@ static_resources:
           server_header_transformation: PASS_THROUGH
           route_config: {{virtual_hosts: [{{name: shop, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}, request_headers_to_add: [{{header: {{key: x-mesh-orig-proto, value: "%PROTOCOL%"}}}}]}}]}}]}}
           http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppress_envoy_headers: true}}}}]
-  clusters:
-  - name: backend
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-          alpn_protocols: [h2]
-          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{ca}"}}
-            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"}}}}]
-    load_assignment: {{cluster_name: backend, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}}}]}}]}}
-"#
+{cluster}"#
     )
 }
 

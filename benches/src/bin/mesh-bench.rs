@@ -18,8 +18,8 @@ use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
 use mesh_benches::cpu_pin::CpuSplit;
 use mesh_benches::mesh::{
-    Mesh, READY, TRUST_DOMAIN, app_view_check, certify_files, free_port, grpc_check, grpc_request,
-    proxy_bin,
+    Mesh, READY, TRUST_DOMAIN, app_view_check, certify_files, envoy_mtls_cluster, free_port,
+    grpc_check, grpc_request, proxy_bin,
 };
 use meshctl::process::bin_dir;
 use std::fmt::Write as _;
@@ -515,8 +515,7 @@ static_resources:
 /// Envoy as the outbound sidecar: plain HTTP from the app, HTTP/2 over mTLS to the peer, whose
 /// certificate must carry the backend's SPIFFE id.
 fn envoy_outbound(dir: &Path, port: u16, admin: u16, peer: u16) -> String {
-    let (crt, key) = envoy_tls_files(dir, "web");
-    let ca = dir.join("ca.pem").display().to_string();
+    let cluster = envoy_mtls_cluster(dir, "web", peer);
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
 static_resources:
@@ -534,26 +533,7 @@ static_resources:
           server_header_transformation: PASS_THROUGH
           route_config: {{virtual_hosts: [{{name: backend, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}, request_headers_to_add: [{{header: {{key: {ORIG_PROTO}, value: "%PROTOCOL%"}}}}]}}]}}]}}
           http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppress_envoy_headers: true}}}}]
-  clusters:
-  - name: backend
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-          alpn_protocols: [h2]
-          tls_certificates: [{{certificate_chain: {{filename: "{crt}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{ca}"}}
-            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"}}}}]
-    load_assignment: {{cluster_name: backend, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}}}]}}]}}
-"#
+{cluster}"#
     )
 }
 
