@@ -1036,6 +1036,7 @@ const READ_RPCS: &[&str] = &[
     "GetVersion",
     "ListTokens",
     "GetCa",
+    "ListExternals",
 ];
 const WRITE_RPCS: &[&str] = &[
     "AddEndpoint",
@@ -1049,6 +1050,9 @@ const WRITE_RPCS: &[&str] = &[
     "SetAppProtocols",
     "StartCanary",
     "CanaryAction",
+    "SetExternal",
+    "RemoveExternal",
+    "SetEgressMode",
 ];
 const IDENTITY_RPCS: &[&str] = &["CreateToken", "RevokeToken", "RevokeIdentity", "RotateCa"];
 

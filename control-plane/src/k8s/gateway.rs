@@ -83,17 +83,19 @@ pub enum Parent {
 }
 
 /// The Services and Gateways a route object attaches to, as service keys, with each
-/// parentRef. A parentRef's group and kind default to Gateway API's (a Gateway).
+/// parentRef. A parentRef's kind defaults to Gateway API's (a Gateway), its group to the
+/// kind's.
 pub fn parents(obj: &Value, ns: &str) -> Vec<(String, Value, Parent)> {
     obj["spec"]["parentRefs"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|p| {
-            let group = p["group"].as_str().unwrap_or(GROUP);
-            let parent = match (group, p["kind"].as_str().unwrap_or("Gateway")) {
-                ("", "Service") => Parent::Service,
-                (GROUP, "Gateway") => Parent::Gateway,
+            // A Service parent is taken without its (empty) group too, as it was before
+            // Gateways were.
+            let parent = match (p["group"].as_str(), p["kind"].as_str().unwrap_or("Gateway")) {
+                (None | Some(""), "Service") => Parent::Service,
+                (None | Some(GROUP), "Gateway") => Parent::Gateway,
                 _ => return None,
             };
             let name = p["name"].as_str()?;
