@@ -280,6 +280,11 @@ pub async fn run(
             registry.clone(),
             leader.clone(),
         ));
+        tokio::spawn(crate::k8s::externals::sync(
+            client.clone(),
+            registry.clone(),
+            leader.clone(),
+        ));
         tokio::spawn(crate::k8s::publish_bundle(
             client.clone(),
             registry.clone(),

@@ -105,12 +105,50 @@ pub struct MeshAuthorizationSpec {
     pub authz: pb::Authz,
 }
 
+/// A service outside the mesh, mesh-wide (cluster-scoped, like its DNS name): apps call it by
+/// its host through their sidecars, which originate TLS to it. `meshctl external add` declares
+/// the same; an object's external replaces one of the same host. Client certificates are
+/// declared with meshctl only (a key does not belong in an object's spec).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "mesh.io",
+    version = "v1alpha1",
+    kind = "MeshExternal",
+    status = "MeshStatus",
+    shortname = "mx",
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+    printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
+    printcolumn = r#"{"name":"TLS","type":"boolean","jsonPath":".spec.tls"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct MeshExternalSpec {
+    /// Its DNS name, as apps call it, e.g. api.payments.example (default: the object's name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// The port it listens on.
+    pub port: u16,
+    /// The calling sidecars originate TLS to it (else plaintext HTTP).
+    #[serde(default)]
+    pub tls: bool,
+    /// Roots that verify its certificate, PEM (default: the system's roots).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca_pem: String,
+    /// The name sent in SNI and verified in its certificate (default: the host).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sni: String,
+    /// Its addresses, ip:port (default: the host as the control plane resolves it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
 /// Every CRD of the mesh, for `meshctl install`.
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![
         MeshRoute::crd(),
         MeshPolicy::crd(),
         MeshAuthorization::crd(),
+        MeshExternal::crd(),
     ]
 }
 
@@ -130,8 +168,14 @@ mod tests {
                 crd.metadata.name.unwrap_or_default()
             );
             let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+            // What names the object's subject: a service, or an external's host.
+            let subject = if v["spec"]["names"]["kind"] == "MeshExternal" {
+                "host"
+            } else {
+                "service"
+            };
             assert!(
-                spec["properties"]["service"]["description"].is_string(),
+                spec["properties"][subject]["description"].is_string(),
                 "{spec}"
             );
             let cols: Vec<&str> = version["additionalPrinterColumns"]

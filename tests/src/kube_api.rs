@@ -23,6 +23,8 @@ pub enum Kind {
     MeshRoute,
     MeshPolicy,
     MeshAuthorization,
+    /// Cluster-scoped: stored under namespace `default`.
+    MeshExternal,
     ConfigMap,
     HttpRoute,
     GrpcRoute,
@@ -41,6 +43,7 @@ impl Kind {
             "/apis/mesh.io/v1alpha1/meshroutes" => Some(Kind::MeshRoute),
             "/apis/mesh.io/v1alpha1/meshpolicies" => Some(Kind::MeshPolicy),
             "/apis/mesh.io/v1alpha1/meshauthorizations" => Some(Kind::MeshAuthorization),
+            "/apis/mesh.io/v1alpha1/meshexternals" => Some(Kind::MeshExternal),
             "/apis/gateway.networking.k8s.io/v1/httproutes" => Some(Kind::HttpRoute),
             "/apis/gateway.networking.k8s.io/v1/grpcroutes" => Some(Kind::GrpcRoute),
             _ => None,
@@ -55,6 +58,7 @@ impl Kind {
             Kind::MeshRoute => ("mesh.io/v1alpha1", "MeshRouteList"),
             Kind::MeshPolicy => ("mesh.io/v1alpha1", "MeshPolicyList"),
             Kind::MeshAuthorization => ("mesh.io/v1alpha1", "MeshAuthorizationList"),
+            Kind::MeshExternal => ("mesh.io/v1alpha1", "MeshExternalList"),
             Kind::ConfigMap => ("v1", "ConfigMapList"),
             Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRouteList"),
             Kind::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRouteList"),
@@ -342,6 +346,33 @@ async fn apply_mesh_object(
     // A merge patch of the status subresource:
     // /apis/mesh.io/v1alpha1/namespaces/<ns>/<plural>/<name>/status.
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // ... or of a cluster-scoped one: /apis/mesh.io/v1alpha1/meshexternals/<name>/status.
+    if let [
+        "apis",
+        "mesh.io",
+        "v1alpha1",
+        "meshexternals",
+        name,
+        "status",
+    ] = parts.as_slice()
+    {
+        let k = (
+            Kind::MeshExternal as u8,
+            "default".to_string(),
+            name.to_string(),
+        );
+        let current = {
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.objects.get(&k).cloned()
+        };
+        let Some(mut stored) = current else {
+            let (code, v) = status(404, "NotFound", "no such object");
+            return json_response(code, &v);
+        };
+        stored["status"] = obj["status"].clone();
+        let stored = record(state, events, Kind::MeshExternal, "MODIFIED", stored);
+        return json_response(hyper::StatusCode::OK, &stored);
+    }
     if let [
         "apis",
         "mesh.io",

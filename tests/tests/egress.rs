@@ -360,3 +360,73 @@ async fn registry_only_egress_refuses_what_no_registry_names() -> anyhow::Result
     }
     Ok(())
 }
+
+/// On Kubernetes, a `MeshExternal` object declares an external service as `meshctl external
+/// add` does: the sidecar originates TLS to it with the object's CA, the object's status says
+/// Accepted; a bad one is refused in its status, naming why, and changes nothing; deleting
+/// the object removes the external.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_external_objects_declare_externals_on_kubernetes() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(Vec::new()).await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let dir = mesh.data_dir().join("payments-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("payments CA")?;
+    let (crt, key) = ca.leaf(&dir, "api", &["api.payments.example"])?;
+    let tls_api = peers::tls_api(&mut mesh, &crt, &key, None).await?;
+    let c = mesh.client("shop").await?;
+    let object = |generation: u64, port: u16| {
+        serde_json::json!({
+            "apiVersion": "mesh.io/v1alpha1", "kind": "MeshExternal",
+            "metadata": {"name": "api.payments.example", "generation": generation},
+            "spec": {"port": port, "tls": true, "ca_pem": ca.pem,
+                     "addresses": [tls_api.to_string()]}
+        })
+    };
+    let accepted = |api: &FakeKubeApi| -> Option<(String, String)> {
+        let o = api.object(Kind::MeshExternal, "default", "api.payments.example")?;
+        let c = o["status"]["conditions"].as_array()?.first()?.clone();
+        Some((
+            c["status"].as_str()?.to_string(),
+            c["message"].as_str()?.to_string(),
+        ))
+    };
+    api.apply(Kind::MeshExternal, "ADDED", object(1, tls_api.port()));
+    let j = until_json(c.outbound, "http://api.payments.example/hello").await?;
+    assert_eq!(j["sni"], "api.payments.example", "{j}");
+    until(Duration::from_secs(10), "the object accepted", || {
+        let a = accepted(&api);
+        async move { Ok(a.is_some_and(|(s, _)| s == "True")) }
+    })
+    .await?;
+    let listed = mesh.meshctl(&["external", "list"]).await?;
+    assert!(listed.contains("api.payments.example"), "{listed}");
+
+    // Port 0: refused in the status, the external in force unchanged.
+    api.apply(Kind::MeshExternal, "MODIFIED", object(2, 0));
+    until(Duration::from_secs(10), "the bad object refused", || {
+        let a = accepted(&api);
+        async move { Ok(a.is_some_and(|(s, m)| s == "False" && m.contains("port"))) }
+    })
+    .await?;
+    let j = until_json(c.outbound, "http://api.payments.example/hello").await?;
+    assert_eq!(j["app"], "tls-api");
+
+    // Deleted: the external goes; the name is unknown again.
+    api.apply(Kind::MeshExternal, "DELETED", object(2, 0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, out) = via(c.outbound, "http://api.payments.example/hello").await?;
+        if status == 404 {
+            assert!(out.contains("unknown-service"), "{out}");
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still {status}: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

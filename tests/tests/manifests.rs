@@ -260,6 +260,7 @@ fn manifests_agree_with_each_other_and_the_binaries() {
         "meshroutes",
         "meshpolicies",
         "meshauthorizations",
+        "meshexternals",
         "httproutes",
         "grpcroutes",
     ] {

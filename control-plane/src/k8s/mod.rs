@@ -8,6 +8,7 @@
 //! ClusterIP is a call of that service. After every change the endpoints and virtual IPs the
 //! registry holds from Kubernetes are reconciled with what the watches say.
 
+pub mod externals;
 pub mod gateway;
 pub mod objects;
 pub mod webhook;

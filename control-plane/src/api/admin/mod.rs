@@ -120,24 +120,22 @@ fn external_info(host: &str, x: &crate::state::records::ExternalRecord) -> pb::E
 }
 
 /// The addresses of `host` (DNS, as the control plane's host resolves it), for an external
-/// service declared without any.
-async fn resolve(host: &str, port: u16) -> Result<Vec<String>, Status> {
+/// service declared without any (here, or by a MeshExternal object).
+pub(crate) async fn resolve(host: &str, port: u16) -> Result<Vec<String>, String> {
     let found = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::lookup_host((host, port)),
     )
     .await
-    .map_err(|_| Status::unavailable(format!("resolving {host:?} timed out; give --address")))?
-    .map_err(|e| {
-        Status::invalid_argument(format!("cannot resolve {host:?} ({e}); give --address"))
-    })?;
+    .map_err(|_| format!("resolving {host:?} timed out; give its addresses"))?
+    .map_err(|e| format!("cannot resolve {host:?} ({e}); give its addresses"))?;
     let mut out: Vec<String> = found.map(|a| a.to_string()).collect();
     out.sort();
     out.dedup();
     if out.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "{host:?} resolves to no address; give --address"
-        )));
+        return Err(format!(
+            "{host:?} resolves to no address; give its addresses"
+        ));
     }
     Ok(out)
 }
@@ -193,7 +191,9 @@ impl pb::admin_server::Admin for AdminService {
             .filter(|p| *p != 0)
             .ok_or_else(|| Status::invalid_argument(format!("port {} is not a port", x.port)))?;
         let addresses = if x.addresses.is_empty() {
-            resolve(&host, port).await?
+            resolve(&host, port)
+                .await
+                .map_err(Status::invalid_argument)?
         } else {
             x.addresses
         };
