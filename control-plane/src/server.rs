@@ -254,6 +254,10 @@ pub async fn run(
         view.clone(),
         leader.clone(),
     ));
+    tokio::spawn(crate::api::admin::externals::refresh_externals(
+        registry.clone(),
+        leader.clone(),
+    ));
     if let Some(client) = &kube {
         tokio::spawn(crate::k8s::run(client.clone(), registry.clone()));
         use crate::k8s::objects::{Authorizations, Policies, Routes, sync};

@@ -39,8 +39,9 @@ async fn wanted(obj: &DynamicObject) -> Result<(String, ExternalRecord), String>
     if spec.port == 0 {
         return Err("spec.port: 0 is not a port".into());
     }
-    let addresses = if spec.addresses.is_empty() {
-        crate::api::admin::resolve(&host, spec.port).await?
+    let resolved = spec.addresses.is_empty();
+    let addresses = if resolved {
+        crate::api::admin::externals::resolve(&host, spec.port).await?
     } else {
         spec.addresses
     };
@@ -54,6 +55,7 @@ async fn wanted(obj: &DynamicObject) -> Result<(String, ExternalRecord), String>
             client_cert_pem: String::new(),
             client_key_pem: String::new(),
             addresses,
+            resolved,
         },
     ))
 }

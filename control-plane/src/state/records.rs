@@ -34,6 +34,10 @@ pub struct ExternalRecord {
     pub client_key_pem: String,
     /// ip:port each.
     pub addresses: Vec<String>,
+    /// The addresses were resolved from the host (none were given): resolved again every
+    /// `api::admin::RESOLVE_INTERVAL`.
+    #[serde(default)]
+    pub resolved: bool,
 }
 
 /// A service's virtual IPs (Kubernetes ClusterIPs) and their ports, each with the app port it

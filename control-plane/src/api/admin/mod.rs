@@ -1,5 +1,6 @@
 //! The admin API meshctl calls, behind a bearer credential with scopes (`scope`).
 
+pub mod externals;
 pub mod kube_auth;
 pub mod scope;
 
@@ -12,6 +13,7 @@ use mesh_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+use externals::{external_info, resolve};
 use mesh_proto::NAMESPACE_HEADER;
 
 /// A request naming a service.
@@ -106,40 +108,6 @@ fn authz_info(
     }))
 }
 
-/// What `meshctl external` shows of an external service (no key material).
-fn external_info(host: &str, x: &crate::state::records::ExternalRecord) -> pb::ExternalInfo {
-    pb::ExternalInfo {
-        host: host.to_string(),
-        port: u32::from(x.port),
-        tls: x.tls,
-        custom_ca: !x.ca_pem.is_empty(),
-        sni: x.sni.clone(),
-        client_certificate: !x.client_cert_pem.is_empty(),
-        addresses: x.addresses.clone(),
-    }
-}
-
-/// The addresses of `host` (DNS, as the control plane's host resolves it), for an external
-/// service declared without any (here, or by a MeshExternal object).
-pub(crate) async fn resolve(host: &str, port: u16) -> Result<Vec<String>, String> {
-    let found = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::lookup_host((host, port)),
-    )
-    .await
-    .map_err(|_| format!("resolving {host:?} timed out; give its addresses"))?
-    .map_err(|e| format!("cannot resolve {host:?} ({e}); give its addresses"))?;
-    let mut out: Vec<String> = found.map(|a| a.to_string()).collect();
-    out.sort();
-    out.dedup();
-    if out.is_empty() {
-        return Err(format!(
-            "{host:?} resolves to no address; give its addresses"
-        ));
-    }
-    Ok(out)
-}
-
 fn route_info(service: &str, v: RouteVersion) -> pb::RouteInfo {
     pb::RouteInfo {
         service: service.to_string(),
@@ -190,7 +158,8 @@ impl pb::admin_server::Admin for AdminService {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| Status::invalid_argument(format!("port {} is not a port", x.port)))?;
-        let addresses = if x.addresses.is_empty() {
+        let resolved = x.addresses.is_empty();
+        let addresses = if resolved {
             resolve(&host, port)
                 .await
                 .map_err(Status::invalid_argument)?
@@ -205,6 +174,7 @@ impl pb::admin_server::Admin for AdminService {
             client_cert_pem: x.client_cert_pem,
             client_key_pem: x.client_key_pem,
             addresses,
+            resolved,
         };
         self.registry.set_external(&host, rec.clone()).await?;
         tracing::info!(%host, port, tls = rec.tls, addresses = ?rec.addresses, "external service set");
