@@ -28,6 +28,7 @@ pub enum Kind {
     ConfigMap,
     HttpRoute,
     GrpcRoute,
+    Gateway,
 }
 
 impl Kind {
@@ -46,6 +47,7 @@ impl Kind {
             "/apis/mesh.io/v1alpha1/meshexternals" => Some(Kind::MeshExternal),
             "/apis/gateway.networking.k8s.io/v1/httproutes" => Some(Kind::HttpRoute),
             "/apis/gateway.networking.k8s.io/v1/grpcroutes" => Some(Kind::GrpcRoute),
+            "/apis/gateway.networking.k8s.io/v1/gateways" => Some(Kind::Gateway),
             _ => None,
         }
     }
@@ -62,6 +64,7 @@ impl Kind {
             Kind::ConfigMap => ("v1", "ConfigMapList"),
             Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRouteList"),
             Kind::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRouteList"),
+            Kind::Gateway => ("gateway.networking.k8s.io/v1", "GatewayList"),
         }
     }
 }
@@ -625,6 +628,7 @@ async fn patch_route_status(
     let (kind, ns, name) = match parts.as_slice() {
         [ns, "httproutes", name, "status"] => (Kind::HttpRoute, *ns, *name),
         [ns, "grpcroutes", name, "status"] => (Kind::GrpcRoute, *ns, *name),
+        [ns, "gateways", name, "status"] => (Kind::Gateway, *ns, *name),
         _ => {
             let (code, v) = status(404, "NotFound", "no such route status");
             return json_response(code, &v);

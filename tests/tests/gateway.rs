@@ -534,6 +534,44 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
         }
     });
     api.apply(Kind::HttpRoute, "ADDED", route);
+    // The Gateway object: class mesh, one HTTPS listener for the shop's host.
+    api.apply(
+        Kind::Gateway,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "default", "generation": 1},
+            "spec": {"gatewayClassName": "mesh", "listeners": [
+                {"name": "https", "hostname": "shop.example.com", "port": 443, "protocol": "HTTPS",
+                 "tls": {"certificateRefs": [{"name": "shop-tls"}]}}]}
+        }),
+    );
+    let gateway_status = |api: &FakeKubeApi| -> (String, u64) {
+        let o = api
+            .object(Kind::Gateway, "default", "edge")
+            .unwrap_or_default();
+        let programmed = o["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Programmed")
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or("")
+            .to_string();
+        let attached = o["status"]["listeners"][0]["attachedRoutes"]
+            .as_u64()
+            .unwrap_or(0);
+        (programmed, attached)
+    };
+    until(
+        Duration::from_secs(10),
+        "the Gateway not yet programmed",
+        || {
+            let g = gateway_status(&api);
+            async move { Ok(g.0 == "False") }
+        },
+    )
+    .await?;
     let conditions = |api: &FakeKubeApi| -> Vec<(String, String, String)> {
         let o = api
             .object(Kind::HttpRoute, "default", "shop")
@@ -603,6 +641,46 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 404, "{out}");
+
+    // The Gateway is programmed, with the one route attached.
+    until(Duration::from_secs(10), "the Gateway programmed", || {
+        let g = gateway_status(&api);
+        async move { Ok(g == ("True".to_string(), 1)) }
+    })
+    .await?;
+
+    // A route for a host the Gateway's listeners do not take is refused, saying so; the
+    // route in force stays.
+    api.apply(
+        Kind::HttpRoute,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "stray", "namespace": "default", "generation": 1,
+                         "creationTimestamp": "2026-12-07T11:00:00Z"},
+            "spec": {"parentRefs": [{"name": "edge"}], "hostnames": ["other.example.net"],
+                     "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}
+        }),
+    );
+    until(Duration::from_secs(10), "the stray route refused", || {
+        let o = api
+            .object(Kind::HttpRoute, "default", "stray")
+            .unwrap_or_default();
+        async move {
+            Ok(o["status"]
+                .to_string()
+                .contains("NoMatchingListenerHostname"))
+        }
+    })
+    .await?;
+    let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/hello/py", &[]).await?;
+    assert_eq!(status, 200, "{body}");
+    api.apply(
+        Kind::HttpRoute,
+        "DELETED",
+        api.object(Kind::HttpRoute, "default", "stray")
+            .unwrap_or_default(),
+    );
 
     // A second replica of the same gateway (behind a balancer, each its own address) serves
     // the same route, and the route stays accepted.

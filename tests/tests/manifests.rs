@@ -263,6 +263,7 @@ fn manifests_agree_with_each_other_and_the_binaries() {
         "meshexternals",
         "httproutes",
         "grpcroutes",
+        "gateways",
     ] {
         assert!(
             role.rules.iter().flatten().any(|r| {

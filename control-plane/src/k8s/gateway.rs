@@ -419,9 +419,12 @@ fn rule(
 /// The mesh route of one Service (or a Gateway's service) from the route objects attached to
 /// it, in creation order. Attached to a Gateway, a route's `hostnames` become a host condition
 /// of each of its matches (a Service's route has one host, and Gateway API ignores them there).
+/// `listeners`: the hostnames the parent Gateway's listeners take, which bound the routes'
+/// (None: any host, or no Gateway object).
 pub fn translate(
     routes: &[(RouteKind, &Value)],
     parent: Parent,
+    listeners: Option<&Vec<String>>,
 ) -> Result<pb::Route, (usize, Refusal)> {
     let mut out = pb::Route::default();
     for (i, (kind, obj)) in routes.iter().enumerate() {
@@ -438,6 +441,11 @@ pub fn translate(
             mesh_model::route::HostMatch::parse(h)
                 .map_err(|m| (i, refuse("Accepted", "UnsupportedValue", m)))?;
         }
+        let hosts = match parent {
+            Parent::Gateway => super::listeners::effective(&hosts, listeners)
+                .map_err(|m| (i, refuse("Accepted", "NoMatchingListenerHostname", m)))?,
+            Parent::Service => hosts,
+        };
         for (j, r) in list(&obj["spec"]["rules"]).enumerate() {
             let mut r = rule(*kind, name, ns, r, j).map_err(|e| (i, e))?;
             for m in &mut r.matches {
@@ -478,7 +486,12 @@ struct Object {
 pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
     let (http, http_events) = super::objects::reflect(&client, &RouteKind::Http.resource());
     let (grpc, grpc_events) = super::objects::reflect(&client, &RouteKind::Grpc.resource());
-    let events = futures_util::stream::select(http_events, grpc_events);
+    let (gateways, gateway_events) =
+        super::objects::reflect(&client, &super::listeners::resource());
+    let events = futures_util::stream::select(
+        futures_util::stream::select(http_events, grpc_events),
+        gateway_events,
+    );
     let mut events = std::pin::pin!(events);
     let mut changes = registry.watch();
     // Services whose route this controller set, so a route removed resets its Service.
@@ -492,7 +505,7 @@ pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
             return;
         }
         if leader.is_leader() {
-            sync_once(&client, &registry, [&http, &grpc], &mut managed).await;
+            sync_once(&client, &registry, [&http, &grpc], &gateways, &mut managed).await;
         }
     }
 }
@@ -501,8 +514,15 @@ async fn sync_once(
     client: &Client,
     registry: &Registry,
     stores: [&Store<DynamicObject>; 2],
+    gateways: &Store<DynamicObject>,
     managed: &mut BTreeSet<String>,
 ) {
+    let gateways: Vec<Value> = gateways
+        .state()
+        .iter()
+        .filter_map(|g| serde_json::to_value(&**g).ok())
+        .collect();
+    let listener_hosts = super::listeners::hostnames(&gateways);
     let mut objects: Vec<Object> = Vec::new();
     for (kind, store) in [RouteKind::Http, RouteKind::Grpc].into_iter().zip(stores) {
         for o in store.state() {
@@ -559,7 +579,11 @@ async fn sync_once(
             .iter()
             .map(|i| (objects[*i].kind, &objects[*i].obj))
             .collect();
-        let result = match translate(&routes, *parent) {
+        let listeners = match parent {
+            Parent::Gateway => listener_hosts.get(service).and_then(Option::as_ref),
+            Parent::Service => None,
+        };
+        let result = match translate(&routes, *parent, listeners) {
             Err((bad, why)) => {
                 // The object that cannot be translated is refused; the others stand as they are.
                 for (k, i) in idx.iter().enumerate() {
@@ -609,6 +633,24 @@ async fn sync_once(
         if !ours.is_empty() {
             write_status(client, o, &ours).await;
         }
+    }
+    // The mesh's Gateways: programmed once a proxy of theirs declared their service, with the
+    // routes attached to them that were taken.
+    let state = registry.state();
+    for g in gateways
+        .iter()
+        .filter(|g| g["spec"]["gatewayClassName"] == super::listeners::CLASS)
+    {
+        let key = mesh_model::service::absolute(
+            g["metadata"]["name"].as_str().unwrap_or(""),
+            g["metadata"]["namespace"].as_str().unwrap_or("default"),
+        );
+        let attached = outcomes
+            .iter()
+            .filter(|((_, s), r)| *s == key && r.is_ok())
+            .count();
+        let programmed = state.services.contains_key(&key);
+        super::listeners::write_status(client, g, programmed, attached).await;
     }
 }
 
@@ -732,7 +774,7 @@ mod tests {
     fn flaggers_httproute_becomes_weights_on_two_services() {
         let obj = flagger();
         assert_eq!(parents(&obj, "test")[0].0, "podinfo.test");
-        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service, None).unwrap();
         assert!(
             route.rules.is_empty(),
             "a catch-all rule is the default split"
@@ -766,7 +808,7 @@ mod tests {
                 "retry": {"attempts": 3, "codes": [503], "backoff": "100ms"}
             }]}
         });
-        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service, None).unwrap();
         let r = &route.rules[0];
         assert_eq!(r.name, "api-beta");
         assert_eq!(r.matches[0].method, "GET");
@@ -789,7 +831,7 @@ mod tests {
 
         let mut bad = obj.clone();
         bad["spec"]["rules"][0]["filters"] = json!([{"type": "URLRewrite"}]);
-        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service).unwrap_err();
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service, None).unwrap_err();
         assert_eq!(
             (why.condition, why.reason),
             ("Accepted", "UnsupportedValue")
@@ -797,7 +839,7 @@ mod tests {
         assert!(why.message.contains("URLRewrite"), "{}", why.message);
         bad["spec"]["rules"][0]["filters"] = json!([]);
         bad["spec"]["rules"][0]["backendRefs"] = json!([{"kind": "ServiceImport", "name": "x"}]);
-        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service).unwrap_err();
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Service, None).unwrap_err();
         assert_eq!((why.condition, why.reason), ("ResolvedRefs", "InvalidKind"));
     }
 
@@ -825,7 +867,7 @@ mod tests {
                 ("web.edge".to_string(), Parent::Service)
             ]
         );
-        let route = translate(&[(RouteKind::Http, &obj)], Parent::Gateway).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Gateway, None).unwrap();
         assert!(
             route.backends.is_empty(),
             "a host-bound catch-all is a rule"
@@ -839,11 +881,11 @@ mod tests {
         }
         assert_eq!(route.rules[0].backends[0].service, "api.shop");
         // The same object on a Service ignores hostnames (GAMMA).
-        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service).unwrap();
+        let route = translate(&[(RouteKind::Http, &obj)], Parent::Service, None).unwrap();
         assert!(route.rules[0].matches[0].hosts.is_empty());
         let mut bad = obj.clone();
         bad["spec"]["hostnames"] = json!(["10.0.0.1"]);
-        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Gateway).unwrap_err();
+        let (_, why) = translate(&[(RouteKind::Http, &bad)], Parent::Gateway, None).unwrap_err();
         assert!(why.message.contains("IP address"), "{}", why.message);
     }
 
@@ -857,7 +899,7 @@ mod tests {
                 "backendRefs": [{"name": "echo-v2"}]
             }]}
         });
-        let route = translate(&[(RouteKind::Grpc, &obj)], Parent::Service).unwrap();
+        let route = translate(&[(RouteKind::Grpc, &obj)], Parent::Service, None).unwrap();
         let paths: Vec<_> = route.rules[0]
             .matches
             .iter()

@@ -10,6 +10,7 @@
 
 pub mod externals;
 pub mod gateway;
+pub mod listeners;
 pub mod objects;
 pub mod webhook;
 
