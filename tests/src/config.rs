@@ -172,3 +172,31 @@ pub async fn meshctl_manifest(
     );
     Ok(serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?)
 }
+
+/// A settings file shipped in deploy/systemd/ (`name`), each `KEY=` line in `ours` given this
+/// test's value, every other line kept. Errs if a key of `ours` is not in the shipped file (it
+/// would have lost a setting users copy).
+pub fn shipped_config(name: &str, ours: &[(&str, String)]) -> anyhow::Result<String> {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/systemd/{name}")),
+    )?;
+    let mut replaced = 0;
+    let text: String = shipped
+        .lines()
+        .map(|l| match l.split_once('=') {
+            Some((k, _)) if !l.starts_with('#') => match ours.iter().find(|(o, _)| *o == k) {
+                Some((_, v)) => {
+                    replaced += 1;
+                    format!("{k}={v}\n")
+                }
+                None => format!("{l}\n"),
+            },
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    anyhow::ensure!(
+        replaced == ours.len(),
+        "the shipped {name} lost a key:\n{shipped}"
+    );
+    Ok(text)
+}

@@ -703,3 +703,96 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// On a VM the gateway runs from the settings file shipped in deploy/systemd/ (the unit
+/// `mesh-proxy@edge`), nothing on its command line but `--config-file` and no MESH_*
+/// environment: it declares itself, serves its route over TLS, and its plaintext listener
+/// redirects to the balancer's port 443 (no port in the location).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let node = peers::node_app(&mut mesh).await?;
+    mesh.front("web", node, &[]).await?;
+    let token_file = dir.join("edge.token");
+    std::fs::write(&token_file, mesh.token("edge").await?)?;
+    let (https, http) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let ours = [
+        ("MESH_CONTROL_PLANE", format!("https://{}", mesh.grpc)),
+        (
+            "MESH_CA_FILE",
+            mesh.data_dir().join("ca/bundle.pem").display().to_string(),
+        ),
+        ("MESH_TOKEN_FILE", token_file.display().to_string()),
+        ("MESH_GATEWAY_HTTPS_ADDR", https.to_string()),
+        ("MESH_GATEWAY_HTTP_ADDR", http.to_string()),
+        (
+            "MESH_GATEWAY_CERT",
+            format!("{}:{}", crt.display(), key.display()),
+        ),
+        ("MESH_OUTBOUND_ADDR", "127.0.0.1:0".into()),
+        ("MESH_ADMIN_ADDR", "127.0.0.1:0".into()),
+    ];
+    let file = dir.join("proxy-edge.env");
+    std::fs::write(&file, shipped_config("proxy-edge.env", &ours)?)?;
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-proxy"));
+    cmd.arg("--config-file")
+        .arg(&file)
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stderr(mesh.log("edge-file-proxy")?);
+    let (p, ready) = process::Process::spawn_ready("edge gateway", cmd, READY_TIMEOUT).await?;
+    mesh.procs.push(p);
+    assert_eq!(ready["gateway_https"], https.to_string(), "{ready}");
+    mesh.wait_endpoints("web", 1).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The route can be set once the gateway has declared its service.
+        let (code, _, err) = mesh
+            .meshctl_exit(&[
+                "route",
+                "set",
+                "edge",
+                "--name",
+                "shop",
+                "--match",
+                "host:shop.example.com",
+                "--to",
+                "svc/web",
+            ])
+            .await?;
+        if code == 0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "route set: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until(
+        Duration::from_secs(10),
+        "the gateway serving its route",
+        || {
+            let ca_file = ca_file.clone();
+            async move {
+                let (s, _) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
+                Ok(s == 200)
+            }
+        },
+    )
+    .await?;
+    let url = format!("http://{http}/a?b=c");
+    let (status, out) = curl(&["-i", "-H", "Host: shop.example.com", &url]).await?;
+    assert_eq!(status, 301, "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("location: https://shop.example.com/a?b=c"),
+        "{out}"
+    );
+    Ok(())
+}

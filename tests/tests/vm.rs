@@ -226,29 +226,7 @@ async fn standalone_proxy_runs_from_the_shipped_config_file() -> anyhow::Result<
         ("MESH_OUTBOUND_ADDR", "127.0.0.1:0".into()),
         ("MESH_ADMIN_ADDR", "127.0.0.1:0".into()),
     ];
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/systemd/proxy-catalog.env"
-    ))?;
-    let mut replaced = 0;
-    let text: String = shipped
-        .lines()
-        .map(|l| match l.split_once('=') {
-            Some((k, _)) if !l.starts_with('#') => match ours.iter().find(|(o, _)| *o == k) {
-                Some((_, v)) => {
-                    replaced += 1;
-                    format!("{k}={v}\n")
-                }
-                None => format!("{l}\n"),
-            },
-            _ => format!("{l}\n"),
-        })
-        .collect();
-    assert_eq!(
-        replaced,
-        ours.len(),
-        "the shipped file lost a key:\n{shipped}"
-    );
+    let text = shipped_config("proxy-catalog.env", &ours)?;
     let file = dir.join("proxy-catalog.env");
     std::fs::write(&file, text)?;
 
