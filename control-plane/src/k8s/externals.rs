@@ -4,13 +4,14 @@
 //! none) and says in its status whether it is in force; deleting the object removes the
 //! external it put there. An external added with meshctl and no object is left alone.
 
+use super::objects::{Standing, write_status};
 use crate::replicas::leader::Leadership;
 use crate::state::records::ExternalRecord;
 use crate::state::registry::Registry;
 use futures_util::StreamExt;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::Store;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use mesh_crds::MeshExternalSpec;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -119,7 +120,11 @@ async fn sync_once(
             Err(e) => tracing::warn!(%host, error = %e, "MeshExternal refused; nothing changed"),
         }
         memory.insert(host, spec);
-        write_status(client, ar, &obj, result).await;
+        let standing = match result {
+            Ok(()) => Standing::Accepted,
+            Err(why) => Standing::Refused(why),
+        };
+        write_status(client, ar, &obj, &standing, None, None).await;
     }
     // Objects deleted: the externals they put there go.
     let gone: Vec<String> = memory
@@ -133,46 +138,5 @@ async fn sync_once(
             Ok(_) => tracing::info!(%host, "MeshExternal deleted: external service removed"),
             Err(e) => tracing::debug!(%host, error = %e, "MeshExternal deleted"),
         }
-    }
-}
-
-async fn write_status(
-    client: &Client,
-    ar: &ApiResource,
-    obj: &DynamicObject,
-    result: Result<(), String>,
-) {
-    let generation = obj.metadata.generation;
-    let (status, reason, message) = match result {
-        Ok(()) => ("True", "Accepted", "in force".to_string()),
-        Err(why) => ("False", "Invalid", why),
-    };
-    let before = obj.data.get("status").cloned().unwrap_or_default();
-    let wanted = mesh_crds::MeshStatus {
-        observed_generation: generation,
-        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-            type_: "Accepted".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: generation,
-            last_transition_time: super::transition_time(&before["conditions"], "Accepted", status),
-        }],
-        applied_revision: None,
-        proxies_applied: None,
-    };
-    let Ok(wanted) = serde_json::to_value(&wanted) else {
-        return;
-    };
-    if wanted == before {
-        return;
-    }
-    let name = obj.name_any();
-    let patch = serde_json::json!({ "status": wanted });
-    if let Err(e) = Api::<DynamicObject>::all_with(client.clone(), ar)
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        tracing::warn!(object = %name, error = %e, "cannot write a MeshExternal's status");
     }
 }

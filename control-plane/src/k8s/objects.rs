@@ -165,7 +165,7 @@ struct Memory<S> {
 }
 
 /// How an object stands, for its status.
-enum Standing {
+pub(crate) enum Standing {
     Accepted,
     Refused(String),
 }
@@ -405,8 +405,9 @@ impl Acked {
     }
 }
 
-/// Writes an object's status when it differs from what it says (the transition time aside).
-async fn write_status(
+/// Writes an object's status when it differs from what it says (the transition time aside);
+/// an object without a namespace is cluster-scoped (`MeshExternal`).
+pub(crate) async fn write_status(
     client: &Client,
     ar: &ApiResource,
     obj: &DynamicObject,
@@ -443,7 +444,11 @@ async fn write_status(
     let ns = obj.metadata.namespace.clone().unwrap_or_default();
     let name = obj.metadata.name.clone().unwrap_or_default();
     let patch = serde_json::json!({ "status": wanted });
-    if let Err(e) = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, ar)
+    let api = match &obj.metadata.namespace {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar),
+        None => Api::<DynamicObject>::all_with(client.clone(), ar),
+    };
+    if let Err(e) = api
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
