@@ -38,7 +38,8 @@ pub struct RouteSetArgs {
     /// Redirect status (301, 302, 303, 307, 308; default 302).
     #[arg(long)]
     pub redirect_status: Option<u32>,
-    /// Copy a share of the requests to a shadow version, e.g. v2@10% (`off` stops it): for the
+    /// Copy a share of the requests to a shadow version, e.g. v2@10%, or another service,
+    /// svc/shadow@10% (`off` stops it): for the
     /// rule given with --match, else for the default backends.
     #[arg(long)]
     pub mirror: Option<String>,
@@ -52,10 +53,15 @@ fn parse_mirror(s: &str) -> Result<Option<pb::Mirror>, String> {
         .split_once('@')
         .ok_or_else(|| format!("--mirror {s:?}: expected <version>@<percent>, e.g. v2@10%"))?;
     let percent = super::policy::parse_percent(p).map_err(|e| format!("--mirror: {e}"))?;
+    // `svc/<name>@10%`: another service as the shadow.
+    let (service, version) = match v.trim().strip_prefix("svc/") {
+        Some(s) => (s.to_string(), String::new()),
+        None => (String::new(), v.trim().to_string()),
+    };
     Ok(Some(pb::Mirror {
-        version: v.trim().to_string(),
+        version,
         percent,
-        ..Default::default()
+        service,
     }))
 }
 

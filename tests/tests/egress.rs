@@ -148,6 +148,25 @@ async fn an_external_api_is_called_over_tls_the_sidecar_originates() -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // And a timeout: the API answers /stall/2000 after 2 s; the policy allows 300 ms.
+    mesh.meshctl(&[
+        "policy",
+        "set",
+        "api.payments.example",
+        "--timeout",
+        "300ms",
+    ])
+    .await?;
+    until(
+        Duration::from_secs(10),
+        "the external's timeout",
+        || async move {
+            let (status, out) = via(c.outbound, "http://api.payments.example/stall/2000").await?;
+            Ok(status == 504 && out.contains("x-mesh-error: timeout"))
+        },
+    )
+    .await?;
+
     // Its requests are in the caller's metrics under its host.
     let m = admin_get(c.admin, "/metrics").await?;
     let rows = samples(

@@ -796,3 +796,123 @@ async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The gateway's route and policy are the mesh's: a weighted split across two services, a
+/// mirror to a third, a rule's timeout, and a per-client limit keyed by the client's address
+/// (no header named), all at the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_splits_mirrors_times_out_and_limits_by_address() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let certs = format!("{}:{}", crt.display(), key.display());
+    let (node, py, shadow) = (
+        peers::node_app(&mut mesh).await?,
+        peers::python_app(&mut mesh).await?,
+        peers::node_app(&mut mesh).await?,
+    );
+    mesh.front("web", node, &[]).await?;
+    mesh.front("api", py, &[]).await?;
+    mesh.front("shadow", shadow, &[]).await?;
+    // Node's capacity app, every request taking a second before its head.
+    let slow = peers::capacity_app(&mut mesh, 8, 1, 100.0).await?;
+    mesh.front("slow", slow, &[]).await?;
+    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    let https = gw.gateway_https.expect("HTTPS listener");
+    for s in ["web", "api", "shadow", "slow"] {
+        mesh.wait_endpoints(s, 1).await?;
+    }
+    // Half and half between two services, every request copied to a third.
+    gateway_rule(
+        &mesh,
+        &gw,
+        "shop",
+        &[
+            "--match",
+            "host:shop.example.com",
+            "--to",
+            "svc/web=50,svc/api=50",
+            "--mirror",
+            "svc/shadow@100%",
+        ],
+    )
+    .await?;
+    let count = |app: SocketAddr| async move {
+        let (_, body) = curl(&[&format!("http://{app}/count")]).await?;
+        body.trim()
+            .parse::<u64>()
+            .map_err(|e| anyhow::anyhow!("{body:?}: {e}"))
+    };
+    let before = count(shadow).await?;
+    let mut by_app = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..40 {
+        let (status, body) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
+        assert_eq!(status, 200, "{body}");
+        *by_app
+            .entry(json(&body)["app"].as_str().unwrap_or("").to_string())
+            .or_default() += 1;
+    }
+    let (n, p) = (
+        by_app.get("node").copied().unwrap_or(0),
+        by_app.get("python").copied().unwrap_or(0),
+    );
+    assert!(n + p == 40 && (8..=32).contains(&n), "split: {by_app:?}");
+    until(
+        Duration::from_secs(10),
+        "the mirror's copies",
+        || async move { Ok(count(shadow).await? >= before + 40) },
+    )
+    .await?;
+
+    // A rule's own timeout: the slow app answers after 1 s, the rule allows 300 ms.
+    gateway_rule(
+        &mesh,
+        &gw,
+        "slow",
+        &[
+            "--match",
+            "host:shop.example.com",
+            "--match",
+            "prefix:/stall",
+            "--to",
+            "svc/slow",
+        ],
+    )
+    .await?;
+    mesh.set_policy(
+        gw.admin,
+        "edge",
+        &["--route", "slow", "--timeout", "300ms"],
+        &[],
+    )
+    .await?;
+    until(Duration::from_secs(10), "the rule's timeout", || {
+        let ca_file = ca_file.clone();
+        async move {
+            let (s, out) =
+                curl_https(https, &ca_file, "shop.example.com", "/stall", &["-i"]).await?;
+            Ok(s == 504 && out.contains("x-mesh-error: timeout"))
+        }
+    })
+    .await?;
+
+    // Each client address gets 3 in a burst.
+    mesh.set_policy(
+        gw.admin,
+        "edge",
+        &["--inbound-rate-limit-per-caller", "1/s,burst=3"],
+        &["rate_inbound_per_caller: Some"],
+    )
+    .await?;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (s, _) = curl_https(https, &ca_file, "shop.example.com", "/hello", &[]).await?;
+        codes.push(s);
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == 429), "{codes:?}");
+    Ok(())
+}
