@@ -798,10 +798,10 @@ async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
 }
 
 /// The gateway's route and policy are the mesh's: a weighted split across two services, a
-/// mirror to a third, a rule's timeout, and a per-client limit keyed by the client's address
-/// (no header named), all at the edge.
+/// mirror to a third, a rule's timeout, a rule's retries, and a per-client limit keyed by the
+/// client's address (no header named), all at the edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_splits_mirrors_times_out_and_limits_by_address() -> anyhow::Result<()> {
+async fn a_gateway_splits_mirrors_times_out_retries_and_limits_by_address() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
     let dir = mesh.data_dir().join("gateway-pki");
     std::fs::create_dir_all(&dir)?;
@@ -895,6 +895,46 @@ async fn a_gateway_splits_mirrors_times_out_and_limits_by_address() -> anyhow::R
             let (s, out) =
                 curl_https(https, &ca_file, "shop.example.com", "/stall", &["-i"]).await?;
             Ok(s == 504 && out.contains("x-mesh-error: timeout"))
+        }
+    })
+    .await?;
+
+    // Retries: an app failing half of its requests (the example app's /admin/sick/50), a rule
+    // retrying 5xx up to 3 times: every request answered.
+    let (flaky, _) = mesh.workload_app("flaky", "v1").await?;
+    mesh.wait_endpoints("flaky", 1).await?;
+    admin_get(flaky, "/admin/sick/50").await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "flaky",
+        &[
+            "--match",
+            "host:shop.example.com",
+            "--match",
+            "prefix:/flaky",
+            "--to",
+            "svc/flaky",
+        ],
+    )
+    .await?;
+    mesh.set_policy(
+        gw.admin,
+        "edge",
+        &["--route", "flaky", "--retries", "3", "--retry-on", "5xx"],
+        &[],
+    )
+    .await?;
+    until(Duration::from_secs(10), "the rule's retries", || {
+        let ca_file = ca_file.clone();
+        async move {
+            for _ in 0..20 {
+                let (s, _) = curl_https(https, &ca_file, "shop.example.com", "/flaky", &[]).await?;
+                if s != 200 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
         }
     })
     .await?;
