@@ -104,20 +104,29 @@ impl std::fmt::Display for HostMatch {
     }
 }
 
-/// The host a request names: the URI's authority, else the Host header; port stripped.
+/// The host part of an authority: port stripped; bracketed IPv6 hosts keep their brackets.
+/// (Inlined across crates: every outbound request asks it.)
+#[inline]
+pub fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// The host a request names: the URI's authority, else the Host header; userinfo and port
+/// stripped.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     let authority = match uri.authority() {
         Some(a) => a.as_str(),
         None => headers.get(http::header::HOST)?.to_str().ok()?,
     };
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if authority.starts_with('[') {
-        return authority.find(']').map(|i| &authority[..=i]);
-    }
-    Some(match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    })
+    Some(host_of(
+        authority.rsplit_once('@').map_or(authority, |(_, h)| h),
+    ))
 }
 
 /// All conditions must hold.

@@ -32,6 +32,17 @@ async fn curl_https(
     curl(&args).await
 }
 
+/// A CA of the test's own standing in for the operator's, and a certificate from it for
+/// `host`: (the CA's file, the `--gateway-cert` value).
+fn operator_cert(mesh: &Mesh, host: &str) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, host.split('.').next().unwrap_or("gw"), &[host])?;
+    Ok((ca_file, format!("{}:{}", crt.display(), key.display())))
+}
+
 /// The response's head and body from `curl -i` output.
 fn head_and_body(out: &str) -> (&str, &str) {
     out.split_once("\r\n\r\n").unwrap_or((out, ""))
@@ -335,12 +346,7 @@ async fn a_gateway_is_named_by_authorization_and_limits_its_clients() -> anyhow:
     let mut mesh = Mesh::start().await?;
     let access_log = mesh.data_dir().join("gateway-access.log");
     let log_flag = access_log.display().to_string();
-    let dir = mesh.data_dir().join("gateway-pki");
-    std::fs::create_dir_all(&dir)?;
-    let ca = TestCa::new("operator CA")?;
-    let ca_file = ca.write(&dir.join("ca.pem"))?;
-    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
-    let certs = format!("{}:{}", crt.display(), key.display());
+    let (ca_file, certs) = operator_cert(&mesh, "shop.example.com")?;
     let node = peers::node_app(&mut mesh).await?;
     mesh.front("web", node, &["--otlp-endpoint", &url]).await?;
     let gw = gateway(
@@ -504,12 +510,7 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
     use mesh_tests::kube_api::{FakeKubeApi, Kind};
     let api = FakeKubeApi::start(Vec::new()).await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let dir = mesh.data_dir().join("gateway-pki");
-    std::fs::create_dir_all(&dir)?;
-    let ca = TestCa::new("operator CA")?;
-    let ca_file = ca.write(&dir.join("ca.pem"))?;
-    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
-    let certs = format!("{}:{}", crt.display(), key.display());
+    let (ca_file, certs) = operator_cert(&mesh, "shop.example.com")?;
     let node = peers::node_app(&mut mesh).await?;
     let py = peers::python_app(&mut mesh).await?;
     mesh.front("web", node, &[]).await?;
@@ -711,11 +712,8 @@ async fn gateway_api_httproutes_configure_the_gateway() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
+    let (ca_file, certs) = operator_cert(&mesh, "shop.example.com")?;
     let dir = mesh.data_dir().join("gateway-pki");
-    std::fs::create_dir_all(&dir)?;
-    let ca = TestCa::new("operator CA")?;
-    let ca_file = ca.write(&dir.join("ca.pem"))?;
-    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
     let node = peers::node_app(&mut mesh).await?;
     mesh.front("web", node, &[]).await?;
     let token_file = dir.join("edge.token");
@@ -733,10 +731,7 @@ async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
         ("MESH_TOKEN_FILE", token_file.display().to_string()),
         ("MESH_GATEWAY_HTTPS_ADDR", https.to_string()),
         ("MESH_GATEWAY_HTTP_ADDR", http.to_string()),
-        (
-            "MESH_GATEWAY_CERT",
-            format!("{}:{}", crt.display(), key.display()),
-        ),
+        ("MESH_GATEWAY_CERT", certs),
         ("MESH_OUTBOUND_ADDR", "127.0.0.1:0".into()),
         ("MESH_ADMIN_ADDR", "127.0.0.1:0".into()),
     ];
@@ -803,12 +798,7 @@ async fn a_gateway_runs_from_the_shipped_config_file() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_splits_mirrors_times_out_retries_and_limits_by_address() -> anyhow::Result<()> {
     let mut mesh = Mesh::start().await?;
-    let dir = mesh.data_dir().join("gateway-pki");
-    std::fs::create_dir_all(&dir)?;
-    let ca = TestCa::new("operator CA")?;
-    let ca_file = ca.write(&dir.join("ca.pem"))?;
-    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
-    let certs = format!("{}:{}", crt.display(), key.display());
+    let (ca_file, certs) = operator_cert(&mesh, "shop.example.com")?;
     let (node, py, shadow) = (
         peers::node_app(&mut mesh).await?,
         peers::python_app(&mut mesh).await?,
@@ -966,12 +956,7 @@ async fn a_grpcroute_on_the_gateway_routes_grpc_by_method() -> anyhow::Result<()
     use mesh_tests::kube_api::{FakeKubeApi, Kind};
     let api = FakeKubeApi::start(Vec::new()).await?;
     let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
-    let dir = mesh.data_dir().join("gateway-pki");
-    std::fs::create_dir_all(&dir)?;
-    let ca = TestCa::new("operator CA")?;
-    let ca_file = ca.write(&dir.join("ca.pem"))?;
-    let (crt, key) = ca.leaf(&dir, "grpc", &["grpc.example.com"])?;
-    let certs = format!("{}:{}", crt.display(), key.display());
+    let (ca_file, certs) = operator_cert(&mesh, "grpc.example.com")?;
     mesh.workload("echo", "v1").await?;
     mesh.wait_endpoints("echo", 1).await?;
     let gw = gateway(&mut mesh, &certs, &[]).await?;

@@ -230,6 +230,38 @@ impl State {
 }
 
 /// Checks a route against the service's endpoints before it is stored.
+/// (name, namespace) of `service`, which a workload may register or declare only in its own
+/// identity's namespace.
+fn own_namespace<'a>(
+    service: &'a str,
+    identity: &SpiffeId,
+) -> Result<(&'a str, &'a str), RegistryError> {
+    let (name, namespace) = mesh_model::service::split(service);
+    if namespace != identity.namespace {
+        return Err(RegistryError::PermissionDenied(format!(
+            "service {service:?} is in namespace {namespace:?}; identity {identity} is not"
+        )));
+    }
+    Ok((name, namespace))
+}
+
+/// The write that creates `service`, whose workloads present `identity`.
+fn new_service(
+    service: &str,
+    (name, namespace): (&str, &str),
+    identity: &str,
+) -> Result<Op, RegistryError> {
+    put(
+        Key::Of(ServiceKind::Service, service).to_string(),
+        &ServiceRecord {
+            name: name.into(),
+            namespace: namespace.into(),
+            identity: identity.into(),
+            external: None,
+        },
+    )
+}
+
 pub fn validate_route(state: &State, service: &str, route: &Route) -> Result<(), RegistryError> {
     if !state.services.contains_key(service) {
         return Err(RegistryError::NotFound(format!(
@@ -518,27 +550,14 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         check_name("service", service)?;
         let identity_s = identity.to_string();
-        let (name, namespace) = mesh_model::service::split(service);
-        if namespace != identity.namespace {
-            return Err(RegistryError::PermissionDenied(format!(
-                "service {service:?} is in namespace {namespace:?}; identity {identity_s} is not"
-            )));
-        }
+        let (name, namespace) = own_namespace(service, identity)?;
         self.write(|st| match st.services.get(service) {
             Some(s) if s.identity == identity_s => Ok(Vec::new()),
             Some(s) => Err(RegistryError::PermissionDenied(format!(
                 "service {service:?} has identity {}, not {identity_s}",
                 s.identity
             ))),
-            None => Ok(vec![put(
-                Key::Of(ServiceKind::Service, service).to_string(),
-                &ServiceRecord {
-                    name: name.into(),
-                    namespace: namespace.into(),
-                    identity: identity_s.clone(),
-                    external: None,
-                },
-            )?]),
+            None => Ok(vec![new_service(service, (name, namespace), &identity_s)?]),
         })
         .await
     }
@@ -563,12 +582,7 @@ impl Registry {
                 ))
             })?;
         let identity_s = identity.to_string();
-        let (name, namespace) = mesh_model::service::split(service);
-        if namespace != identity.namespace {
-            return Err(RegistryError::PermissionDenied(format!(
-                "service {service:?} is in namespace {namespace:?}; identity {identity_s} is not"
-            )));
-        }
+        let (name, namespace) = own_namespace(service, identity)?;
         self.write(|st| {
             let mut ops = Vec::new();
             let existing = st.endpoints.get(service).and_then(|m| m.get(&endpoint.id));
@@ -592,15 +606,7 @@ impl Registry {
                         identity_s.clone()
                     };
                 }
-                None => ops.push(put(
-                    Key::Of(ServiceKind::Service, service).to_string(),
-                    &ServiceRecord {
-                        name: name.into(),
-                        namespace: namespace.into(),
-                        identity: identity_s.clone(),
-                        external: None,
-                    },
-                )?),
+                None => ops.push(new_service(service, (name, namespace), &identity_s)?),
             }
             // A pod's proxy and its EndpointSlice name the same endpoint (one id per pod):
             // a registration keeps the record's place in the Kubernetes view, so it is still

@@ -295,3 +295,10 @@ fn hosts_match_exactly_or_by_wildcard_and_rank_before_paths() {
     let e = route(p).unwrap_err();
     assert!(e.0.contains("expected a DNS name"), "{e}");
 }
+
+#[test]
+fn authorities_lose_their_port_only() {
+    assert_eq!(host_of("catalog:8080"), "catalog");
+    assert_eq!(host_of("catalog"), "catalog");
+    assert_eq!(host_of("[::1]:80"), "[::1]");
+}

@@ -83,37 +83,30 @@ impl GatewayConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Admits a gateway request under its own service's policy: all clients together
-/// (`rate_limit.inbound`), then each client (`inbound_per_caller`, keyed by
-/// `rate_limit.client_header`'s value, else the client's IP address).
+/// Admits a gateway request under its own service's inbound limits, as a service's proxy
+/// admits its callers (`PolicyState::check_inbound`); a client is the value of
+/// `rate_limit.client_header`, else its IP address. Clients without the header share one
+/// bucket.
 pub fn admit(gateway: &Service, parts: &http::request::Parts) -> Result<(), ProxyError> {
     let p = &gateway.policy;
-    if let Some(rate) = p.rate_inbound {
-        gateway
-            .state
-            .inbound
-            .check(rate)
-            .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
-    }
-    if let Some(rate) = p.rate_inbound_per_caller {
-        let key: Arc<str> = match &p.client_header {
-            Some(h) => match parts.headers.get(h).and_then(|v| v.to_str().ok()) {
-                Some(v) => format!("{h}={v}").into(),
-                // Clients without the header share one bucket.
-                None => format!("{h}=").into(),
-            },
-            None => match parts.extensions.get::<ClientAddr>() {
-                Some(a) => a.0.ip().to_string().into(),
-                None => "".into(),
-            },
-        };
-        gateway
-            .state
-            .per_caller
-            .check(&key, rate)
-            .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
-    }
-    Ok(())
+    let client = || -> Arc<str> {
+        match &p.client_header {
+            Some(h) => parts
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .into(),
+            None => parts
+                .extensions
+                .get::<ClientAddr>()
+                .map_or_else(|| "".into(), |a| a.0.ip().to_string().into()),
+        }
+    };
+    gateway
+        .state
+        .check_inbound(p, client)
+        .map_err(|retry_after| ProxyError::RateLimited { retry_after })
 }
 
 /// One gateway listener's request handling.

@@ -201,18 +201,9 @@ impl Inbound {
         normalize_path(req, strict)?;
         authorize(name, svc, caller, req.method().as_str(), req.uri().path())?;
         let p = &svc.policy;
-        if let Some(rate) = p.rate_inbound_per_caller {
-            svc.state
-                .per_caller
-                .check(caller, rate)
-                .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
-        }
-        if let Some(rate) = p.rate_inbound {
-            svc.state
-                .inbound
-                .check(rate)
-                .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
-        }
+        svc.state
+            .check_inbound(p, || caller.clone())
+            .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
         if let (Some(g), Some(shares)) = (p.rate_global, &svc.state.global) {
             shares
                 .check(g, caller)

@@ -24,6 +24,8 @@ type Connector = hyper_rustls::HttpsConnector<FixedAddr>;
 pub struct External {
     pub host: Arc<str>,
     pub port: u16,
+    /// `https://host[:port]` (or `http://`): what every request's target is put after.
+    origin: Box<str>,
     /// None: plaintext.
     tls: Option<rustls::ClientConfig>,
     /// The name verified in its certificate (and sent in SNI), when it is not `host`.
@@ -82,9 +84,16 @@ impl External {
             s => Some(ServerName::try_from(s.to_string()).map_err(|e| format!("SNI {s:?}: {e}"))?),
         };
         let tls = x.tls.then(|| client_config(x)).transpose()?;
+        let (scheme, default_port) = if x.tls { ("https", 443) } else { ("http", 80) };
+        let origin = if port == default_port {
+            format!("{scheme}://{}", x.host)
+        } else {
+            format!("{scheme}://{}:{port}", x.host)
+        };
         Ok(Self {
             host: x.host.as_str().into(),
             port,
+            origin: origin.into(),
             tls,
             sni,
             clients: dashmap::DashMap::new(),
@@ -93,16 +102,20 @@ impl External {
 
     /// The client for `addr` (made on first use).
     fn client(&self, addr: SocketAddr, connect_timeout: Duration) -> AnyClient {
-        if let Some(c) = self.clients.get(&addr) {
-            return c.clone();
-        }
+        self.clients
+            .entry(addr)
+            .or_insert_with(|| self.new_client(addr, connect_timeout))
+            .clone()
+    }
+
+    fn new_client(&self, addr: SocketAddr, connect_timeout: Duration) -> AnyClient {
         let inner = FixedAddr {
             addr,
             connect_timeout,
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(Duration::from_secs(90));
-        let client = match &self.tls {
+        match &self.tls {
             Some(cfg) => {
                 let c = hyper_rustls::HttpsConnectorBuilder::new()
                     .with_tls_config(cfg.clone())
@@ -116,9 +129,7 @@ impl External {
                 AnyClient::Tls(b.build(c.enable_all_versions().wrap_connector(inner)))
             }
             None => AnyClient::Plain(b.build(inner)),
-        };
-        self.clients.insert(addr, client.clone());
-        client
+        }
     }
 
     /// Sends `req` (as prepared for a mesh peer: absolute URI, HTTP/2) to `addr`, as the
@@ -129,15 +140,8 @@ impl External {
         connect_timeout: Duration,
         mut req: http::Request<ReqBody>,
     ) -> Result<http::Response<Incoming>, ProxyError> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let default_port = if self.tls.is_some() { 443 } else { 80 };
-        let authority = if self.port == default_port {
-            self.host.to_string()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        *req.uri_mut() = format!("{scheme}://{authority}{target}")
+        *req.uri_mut() = format!("{}{target}", self.origin)
             .parse()
             .map_err(|e| ProxyError::BadRequest(format!("{e}")))?;
         // hyper picks HTTP/2 when ALPN says so; the mesh's own header stays in the mesh.

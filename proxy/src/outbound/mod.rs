@@ -85,17 +85,6 @@ pub struct Outbound {
     pub namespace: Arc<str>,
 }
 
-/// The host part of an authority (port stripped; bracketed IPv6 hosts keep their brackets).
-fn host_of(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.find(']').map_or(authority, |i| &authority[..=i]);
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    }
-}
-
 impl Outbound {
     /// hyper service entry point: never fails; errors become responses. (A plain fn returning
     /// `respond`'s future: an async wrapper would nest it in one more future, moved per poll.)
@@ -162,7 +151,10 @@ impl Outbound {
         // Borrowed: an owned copy is made only for an error message.
         let name: &str = match &fixed {
             Some(f) => f,
-            None => mesh_model::service::host_key(host_of(&authority), &self.namespace),
+            None => mesh_model::service::host_key(
+                mesh_model::route::host_of(&authority),
+                &self.namespace,
+            ),
         };
         let svc = self.snapshots.resolve(name).await.map_err(|e| match e {
             ResolveError::Unknown if self.snapshots.load().registry_only => {
@@ -188,12 +180,10 @@ impl Outbound {
         let routed = Routed::route(&svc, &parts);
         if entry == Entry::Gateway {
             crate::gateway::admit(&svc, &parts)?;
-        }
-        if entry == Entry::Gateway && routed.rule.is_none() && svc.backends.is_empty() {
-            return Err(ProxyError::NoRoute(format!(
-                "{authority}{}",
-                parts.uri.path()
-            )));
+            if routed.rule.is_none() && svc.backends.is_empty() {
+                let path = parts.uri.path();
+                return Err(ProxyError::NoRoute(format!("{authority}{path}")));
+            }
         }
         obs.set_counters(Counters::Target(routed.metrics().clone()));
         if let Some(d) = obs.detail.as_mut() {
@@ -386,16 +376,4 @@ fn redirect(rd: &Redirect, authority: &str, uri: &http::Uri) -> Response<Body> {
         r.headers_mut().insert(http::header::LOCATION, v);
     }
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts() {
-        assert_eq!(host_of("catalog:8080"), "catalog");
-        assert_eq!(host_of("catalog"), "catalog");
-        assert_eq!(host_of("[::1]:80"), "[::1]");
-    }
 }

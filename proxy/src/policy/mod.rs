@@ -47,6 +47,23 @@ impl PolicyState {
         }
     }
 
+    /// The service's own inbound limits, as its proxy (or its gateway) admits a request: the
+    /// caller's bucket (`inbound_per_caller`, keyed by `caller()`, asked only then), then
+    /// all callers' (`inbound`). Err: how long until the request would pass.
+    pub fn check_inbound(
+        &self,
+        p: &Policy,
+        caller: impl FnOnce() -> Arc<str>,
+    ) -> Result<(), std::time::Duration> {
+        if let Some(rate) = p.rate_inbound_per_caller {
+            self.per_caller.check(&caller(), rate)?;
+        }
+        if let Some(rate) = p.rate_inbound {
+            self.inbound.check(rate)?;
+        }
+        Ok(())
+    }
+
     /// Keeps `old`'s counters; limits are kept only if their config did not change.
     pub fn inherit(&mut self, old: &PolicyState) {
         self.budget = old.budget.clone();
