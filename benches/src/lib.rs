@@ -2,6 +2,7 @@
 
 pub mod cpu_limit;
 pub mod cpu_pin;
+pub mod linkerd;
 pub mod mesh;
 pub mod oha;
 

@@ -247,11 +247,11 @@ pub fn echo_request(body: usize) -> mesh_proto::example::EchoRequest {
     }
 }
 
-/// A gRPC `Echo` client to `backend` through the listener on `port`.
+/// A gRPC `Echo` client to `backend` through the listener at `addr`.
 pub async fn echo_client(
-    port: u16,
+    addr: SocketAddr,
 ) -> anyhow::Result<mesh_proto::example::echo_client::EchoClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .origin("http://backend".parse()?)
         .connect()
         .await?;
@@ -259,11 +259,11 @@ pub async fn echo_client(
 }
 
 /// Checks that a real gRPC client gets an OK `Echo/Unary` answer with its message back through
-/// the listener on `port`: a gRPC error comes as an HTTP 200 with a grpc-status.
-pub async fn grpc_check(port: u16, body: usize) -> anyhow::Result<()> {
+/// the listener at `addr`: a gRPC error comes as an HTTP 200 with a grpc-status.
+pub async fn grpc_check(addr: SocketAddr, body: usize) -> anyhow::Result<()> {
     let req = echo_request(body);
     let want = req.message.clone();
-    let r = echo_client(port).await?.unary(req).await?.into_inner();
+    let r = echo_client(addr).await?.unary(req).await?.into_inner();
     anyhow::ensure!(r.message == want, "gRPC echo came back changed");
     Ok(())
 }
@@ -284,16 +284,16 @@ pub fn get_request(
         .body(http_body_util::Empty::new())?)
 }
 
-/// One GET for `path` of service `backend` through the listener on `port`, over HTTP/2 (prior
+/// One GET for `path` of service `backend` through the listener at `addr`, over HTTP/2 (prior
 /// knowledge) or HTTP/1.1; the status and the whole body.
 pub async fn get_once(
-    port: u16,
+    addr: SocketAddr,
     h2: bool,
     path: &str,
 ) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
     use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let io = TokioIo::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
     let req = get_request(path, h2)?;
     let resp = if h2 {
         let (mut tx, conn) =
@@ -310,13 +310,13 @@ pub async fn get_once(
 }
 
 /// Checks that every topology gives the app the same view, so that it does the same work under
-/// the same load: the app behind `port` is spoken to in its caller's protocol, HTTP/1.1 and
+/// the same load: the app behind `addr` is spoken to in its caller's protocol, HTTP/1.1 and
 /// HTTP/2 alike (the mesh keeps it; the Envoy configs are set to do the same), and it is told
 /// the caller's identity `caller` in `x-forwarded-client-cert` (`""`: no identity, as from a
 /// plaintext caller).
-pub async fn app_view_check(port: u16, caller: &str) -> anyhow::Result<()> {
+pub async fn app_view_check(addr: SocketAddr, caller: &str) -> anyhow::Result<()> {
     for (h2, want) in [(false, "HTTP/1.1"), (true, "HTTP/2.0")] {
-        let (status, body) = get_once(port, h2, "/app-view").await?;
+        let (status, body) = get_once(addr, h2, "/app-view").await?;
         anyhow::ensure!(status == http::StatusCode::OK, "answered {status}");
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         anyhow::ensure!(

@@ -123,10 +123,13 @@ const MAX_BYTES: usize = 1 << 20;
 struct ResetOnPurpose;
 
 /// The caller identity from `x-forwarded-client-cert: By=…;URI=<caller>`.
+/// The caller's identity as its sidecar told it: the mesh's and Envoy's `x-forwarded-client-cert`
+/// URI, or Linkerd's `l5d-client-id`.
 fn peer_of(h: &http::HeaderMap) -> String {
     h.get("x-forwarded-client-cert")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
+        .or_else(|| h.get("l5d-client-id").and_then(|v| v.to_str().ok()))
         .unwrap_or("")
         .to_string()
 }

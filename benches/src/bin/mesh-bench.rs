@@ -4,6 +4,10 @@
 //! - `mesh-1` / `envoy-1`: load tool → one proxy (plaintext, the inbound side) → app
 //! - `mesh`: load tool → mesh-proxy (outbound) → mTLS HTTP/2 → mesh-proxy (inbound) → app
 //! - `envoy`: the same sidecar pair with Envoy (mTLS, SPIFFE SAN checks, HTTP/2 between them)
+//! - `l5d-1` / `l5d`: the same with linkerd2-proxy, when its binary is there
+//!   (`benches/build-linkerd2-proxy.sh`): sidecars that find their traffic by iptables
+//!   redirection, under a minimal controller (`mesh_benches::linkerd`), mTLS checked by their
+//!   own metrics
 //!
 //! Each proxy runs one worker thread. Load comes from `oha` (or, for HTTP/2 and gRPC,
 //! `h2load` with `--h2-tool h2load`): closed-loop saturation over HTTP/1.1, HTTP/2 and gRPC
@@ -17,12 +21,14 @@
 use anyhow::Context;
 use mesh_benches::cpu_limit::CpuLimit;
 use mesh_benches::cpu_pin::CpuSplit;
+use mesh_benches::linkerd::{self, Linkerd};
 use mesh_benches::mesh::{
     Mesh, READY, TRUST_DOMAIN, app_view_check, certify_files, envoy_mtls_cluster, free_port,
     grpc_check, grpc_request, proxy_bin,
 };
 use meshctl::process::bin_dir;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Command;
@@ -62,7 +68,11 @@ struct Args {
     /// Where the Markdown table goes.
     #[arg(long, default_value = "target/bench-results.md")]
     out: PathBuf,
-    /// Measure only these topologies (direct, mesh-1, envoy-1, mesh, envoy), e.g. to profile
+    /// linkerd2-proxy binary (`benches/build-linkerd2-proxy.sh` builds it at its pinned tag).
+    /// The `l5d` topologies run when it is given or when that script's output is there.
+    #[arg(long)]
+    linkerd2_proxy: Option<PathBuf>,
+    /// Measure only these topologies (direct, mesh-1, envoy-1, l5d-1, mesh, envoy, l5d), e.g. to profile
     /// one; the ratios then lack their other side.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -87,8 +97,9 @@ struct Args {
     /// saturation cells move with it, Envoy's and the mesh's differently (BENCHMARKS.md).
     #[arg(long)]
     app_threads: Option<std::num::NonZeroUsize>,
-    /// Worker threads of each proxy: `mesh-proxy --workers`, `envoy --concurrency`. 0 runs
-    /// each with its own default, as users run them (the mesh 2, Envoy one per core).
+    /// Worker threads of each proxy: `mesh-proxy --workers`, `envoy --concurrency`,
+    /// `LINKERD2_PROXY_CORES`. 0 runs each with its own default, as users run them (the mesh 2,
+    /// Envoy and linkerd2-proxy one per core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// The gRPC request body file (written at start).
@@ -98,6 +109,9 @@ struct Args {
 
 use mesh_benches::cpu_secs;
 use mesh_benches::oha::{Counted, run_load_tool};
+
+/// Where `benches/build-linkerd2-proxy.sh` puts the binary.
+const LINKERD2_PROXY: &str = "target/linkerd2-proxy/linkerd2-proxy";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum H2Tool {
@@ -113,7 +127,7 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 /// A topology under test: where the load goes and which processes are "the proxy".
 struct Topology {
     name: &'static str,
-    port: u16,
+    addr: SocketAddr,
     proxies: Vec<u32>,
 }
 
@@ -246,12 +260,17 @@ fn streams_per_conn(args: &Args) -> String {
     (args.connections / 4).max(1).to_string()
 }
 
-async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<serde_json::Value> {
+async fn oha(
+    args: &Args,
+    addr: SocketAddr,
+    load: Load,
+    secs: u64,
+) -> anyhow::Result<serde_json::Value> {
     let mut a: Vec<String> = vec![
         "-z".into(),
         format!("{secs}s"),
         "--connect-to".into(),
-        format!("backend:80:127.0.0.1:{port}"),
+        format!("backend:80:{}:{}", addr.ip(), addr.port()),
     ];
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     if load.http2() {
@@ -272,15 +291,25 @@ async fn oha(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<se
 
 /// An oha run, counted. Requests still in flight when a timed run ends are cut by oha, not
 /// failed by the proxy.
-async fn oha_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<Counted> {
-    let v = oha(args, port, load, secs).await?;
-    Ok(mesh_benches::oha::counted(&v, &format!("port {port}")))
+async fn oha_counted(
+    args: &Args,
+    addr: SocketAddr,
+    load: Load,
+    secs: u64,
+) -> anyhow::Result<Counted> {
+    let v = oha(args, addr, load, secs).await?;
+    Ok(mesh_benches::oha::counted(&v, &addr.to_string()))
 }
 
 /// An h2load run (HTTP/2 or gRPC), counted. h2load prints no percentiles, so they come from
 /// its per-request log; its successes are HTTP statuses (the gRPC status of every topology is
 /// checked before the runs, `grpc_check`).
-async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow::Result<Counted> {
+async fn h2load_counted(
+    args: &Args,
+    addr: SocketAddr,
+    load: Load,
+    secs: u64,
+) -> anyhow::Result<Counted> {
     let log = args.grpc_body.with_file_name("h2load.log");
     // h2load appends to its log.
     match std::fs::remove_file(&log) {
@@ -301,7 +330,7 @@ async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow
         ])
         .arg(&args.grpc_body);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}{}", load.path(args.body)));
+    cmd.arg(format!("http://{addr}{}", load.path(args.body)));
     let out = run_load_tool(&mut cmd, &args.h2load).await?;
     let stdout = String::from_utf8_lossy(&out);
     let summary = H2loadSummary::parse(&stdout)?;
@@ -320,7 +349,7 @@ async fn h2load_counted(args: &Args, port: u16, load: Load, secs: u64) -> anyhow
         n => ms[(((n as f64) * p).ceil() as usize).clamp(1, n) - 1],
     };
     if summary.errors > 0 {
-        eprintln!("  errors on port {port}: {stdout}");
+        eprintln!("  errors on {addr}: {stdout}");
     }
     Ok(Counted {
         ok: summary.ok,
@@ -391,9 +420,9 @@ async fn measure(args: &Args, t: &Topology, load: Load) -> anyhow::Result<Run> {
         _ => args.secs,
     };
     let c = if load.http2() && args.h2_tool == H2Tool::H2load {
-        h2load_counted(args, t.port, load, secs).await?
+        h2load_counted(args, t.addr, load, secs).await?
     } else {
-        oha_counted(args, t.port, load, secs).await?
+        oha_counted(args, t.addr, load, secs).await?
     };
     let (cpu1, rss_load) = (t.cpu(), t.rss());
     let [p50, p90, p99] = c.percentiles;
@@ -555,8 +584,10 @@ async fn run() -> anyhow::Result<()> {
     let proxy = proxy_bin(args.proxy.clone(), &bins)?;
     // Taken before anything starts: a machine with one CPU cannot be split.
     let split = args.pin.then(CpuSplit::of_this_process).transpose()?;
-    let dir = tempfile::tempdir()?;
-    let d = dir.path();
+    // Kept, run or failed: the processes' logs are in it.
+    let dir = tempfile::tempdir()?.keep();
+    eprintln!("process logs in {}", dir.display());
+    let d = dir.as_path();
     args.grpc_body = d.join("grpc-echo.bin");
     std::fs::write(&args.grpc_body, grpc_request(args.body))?;
     let log = |n: &str| std::fs::File::create(d.join(format!("{n}.log")));
@@ -623,40 +654,77 @@ async fn run() -> anyhow::Result<()> {
         envoys.push(child);
     }
 
-    let topologies = [
+    // linkerd2-proxy's pair and single sidecar, with certificates from the same CA.
+    let l5d_bin = args.linkerd2_proxy.clone().or_else(|| {
+        let p = PathBuf::from(LINKERD2_PROXY);
+        p.exists().then_some(p)
+    });
+    let linkerd = match &l5d_bin {
+        Some(bin) => {
+            let l = Linkerd::start(bin, d, &d.join("cp"), &ca_pem, app_port, args.workers)
+                .await
+                .context("linkerd2-proxy")?;
+            eprintln!("linkerd2-proxy sidecars: {}", bin.display());
+            Some(l)
+        }
+        None => {
+            eprintln!(
+                "linkerd2-proxy not run: no {LINKERD2_PROXY} (benches/build-linkerd2-proxy.sh) and no --linkerd2-proxy"
+            );
+            None
+        }
+    };
+
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut topologies = vec![
         Topology {
             name: "direct",
-            port: app_port,
+            addr: local(app_port),
             proxies: vec![],
         },
         Topology {
             name: "mesh-1",
-            port: mesh.single_port,
+            addr: local(mesh.single_port),
             proxies: vec![mesh.single_pid],
         },
         Topology {
             name: "envoy-1",
-            port: e_single_port,
+            addr: local(e_single_port),
             proxies: envoy_pids[2..].to_vec(),
         },
         Topology {
             name: "mesh",
-            port: mesh.pair_port,
+            addr: local(mesh.pair_port),
             proxies: mesh.pair_pids.clone(),
         },
         Topology {
             name: "envoy",
-            port: e_out_port,
+            addr: local(e_out_port),
             proxies: envoy_pids[..2].to_vec(),
         },
     ];
+    if let Some(l) = &linkerd {
+        topologies.insert(
+            3,
+            Topology {
+                name: "l5d-1",
+                addr: l.single,
+                proxies: vec![l.single_pid],
+            },
+        );
+        topologies.push(Topology {
+            name: "l5d",
+            addr: l.pair,
+            proxies: l.pair_pids.clone(),
+        });
+    }
 
     // Warm up connections and the mesh's on-demand discovery; check that gRPC is answered OK
     // end to end (the PERMISSIVE mode has reached the backend's sidecar once mesh-1 answers).
     let deadline = tokio::time::Instant::now() + READY;
     for t in &topologies {
         loop {
-            let warm = oha(&args, t.port, Load::H1Saturation, 1).await;
+            let warm = oha(&args, t.addr, Load::H1Saturation, 1).await;
             let all_ok = warm.as_ref().is_ok_and(|v| {
                 v["statusCodeDistribution"]
                     .as_object()
@@ -672,18 +740,24 @@ async fn run() -> anyhow::Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        grpc_check(t.port, args.body)
+        grpc_check(t.addr, args.body)
             .await
             .with_context(|| format!("gRPC through {}", t.name))?;
         // Through a sidecar pair the app learns the caller's identity; else there is none.
         let caller = match t.name {
             "mesh" | "envoy" => format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/web"),
+            "l5d" => linkerd::identity("web"),
             _ => String::new(),
         };
-        app_view_check(t.port, &caller)
+        app_view_check(t.addr, &caller)
             .await
             .with_context(|| format!("what the app sees through {}", t.name))?;
     }
+    // The Linkerd pair's traffic went over its mTLS, by both proxies' own counts.
+    let l5d_mtls_before = match &linkerd {
+        Some(l) => Some(l.mtls_requests().await?),
+        None => None,
+    };
 
     // Each proxy's RSS idle after the warm-up traffic (what a sidecar holds between bursts;
     // before any request it has not yet grown its buffers and pools).
@@ -752,6 +826,12 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     drop(envoys);
+    // Every request the load runs sent through the Linkerd pair went over its mTLS.
+    let l5d_mtls = match (&linkerd, l5d_mtls_before) {
+        (Some(l), Some(before)) => Some(l.mtls_requests().await? - before),
+        _ => None,
+    };
+    drop(linkerd);
     let results: Vec<(Load, &str, Run)> = rounds
         .into_iter()
         .map(|(l, n, runs)| (l, n, Run::median(&runs)))
@@ -906,6 +986,45 @@ async fn run() -> anyhow::Result<()> {
         started("envoy-1"),
         loaded("envoy-1"),
     )?;
+    if let Some(n) = l5d_mtls {
+        let l5d = ("mesh", "l5d");
+        writeln!(
+            md,
+            "\nRatios mesh / linkerd2-proxy (targets in parentheses); the Linkerd pair carried \
+             {n} requests of the runs over its mTLS, by both proxies' metrics:\n"
+        )?;
+        writeln!(
+            md,
+            "- CPU per request, mTLS pair (≤ 0.7×): at saturation {}; HTTP/1.1 at 1,000 rps {}; \
+             each sidecar held to {} CPU: {}",
+            by_protocol(saturation, l5d, cpu),
+            ratio(Load::H1Fixed1000, l5d, cpu),
+            args.cpu_limit,
+            by_protocol(limited, l5d, cpu),
+        )?;
+        writeln!(
+            md,
+            "- p99 added at 1,000 rps (≤ 0.8×): mTLS pair {}, one proxy {}",
+            added_ratio(l5d),
+            added_ratio(("mesh-1", "l5d-1")),
+        )?;
+        writeln!(
+            md,
+            "- saturation throughput through the mTLS pair: {}; each sidecar held to {} CPU: {}",
+            by_protocol(saturation, l5d, rps),
+            args.cpu_limit,
+            by_protocol(limited, l5d, rps),
+        )?;
+        writeln!(
+            md,
+            "- RSS of one proxy, idle after warm-up traffic / after all runs (≤ 1×): mesh {:.1} / {} MiB, linkerd2-proxy {:.1} / {} MiB = {:.2}×",
+            started("mesh-1"),
+            loaded("mesh-1"),
+            started("l5d-1"),
+            loaded("l5d-1"),
+            started("mesh-1") / started("l5d-1"),
+        )?;
+    }
     println!("{md}");
     if let Some(p) = args.out.parent() {
         std::fs::create_dir_all(p)?;
@@ -914,7 +1033,7 @@ async fn run() -> anyhow::Result<()> {
     eprintln!(
         "table written to {}; process logs in {} (kept)",
         args.out.display(),
-        dir.keep().display()
+        d.display()
     );
     mesh.stop();
     Ok(())

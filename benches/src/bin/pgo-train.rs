@@ -92,7 +92,7 @@ async fn h2_conn(port: u16, body: usize, streams: usize, until: Instant) -> anyh
 
 /// `calls` concurrent `Echo/Unary` calls over one gRPC channel until `until`.
 async fn grpc_conn(port: u16, body: usize, calls: usize, until: Instant) -> anyhow::Result<u64> {
-    let client = echo_client(port).await?;
+    let client = echo_client(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let tasks = (0..calls).map(|_| {
         let mut client = client.clone();
         tokio::spawn(async move {
@@ -155,7 +155,7 @@ async fn warm_up(port: u16, body: usize) -> anyhow::Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    grpc_check(port, body).await
+    grpc_check(std::net::SocketAddr::from(([127, 0, 0, 1], port)), body).await
 }
 
 #[tokio::main]
