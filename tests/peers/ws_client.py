@@ -1,10 +1,21 @@
 """A WebSocket client on the `websockets` library: connects to the URL given, sends each
-further argument as a message and prints each answer on a line; exits non-zero on any error."""
+further argument as a message and prints each answer on a line; exits non-zero on any error.
+With WS_CONNECT=HOST:PORT it dials that address instead of the URL's host (which still names
+the server: Host, and SNI for wss://), and with WS_CA=FILE it trusts that CA for wss://."""
+import os
+import socket
+import ssl
 import sys
 from websockets.sync.client import connect
 
 url, messages = sys.argv[1], sys.argv[2:]
-with connect(url, open_timeout=10, close_timeout=5) as ws:
+kw = {}
+if os.environ.get("WS_CONNECT"):
+    host, port = os.environ["WS_CONNECT"].rsplit(":", 1)
+    kw["sock"] = socket.create_connection((host, int(port)), timeout=10)
+if os.environ.get("WS_CA"):
+    kw["ssl"] = ssl.create_default_context(cafile=os.environ["WS_CA"])
+with connect(url, open_timeout=10, close_timeout=5, **kw) as ws:
     for m in messages:
         ws.send(m)
         print(ws.recv(timeout=10), flush=True)

@@ -145,15 +145,25 @@ pub async fn websocket_app(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
 
 /// Runs the `websockets` client against `url`, sending `messages`; returns the answers.
 pub async fn websocket_client(url: &str, messages: &[&str]) -> anyhow::Result<Vec<String>> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(venv_python()?)
-            .arg(scripts().join("ws_client.py"))
-            .arg(url)
-            .args(messages)
-            .kill_on_drop(true)
-            .output(),
-    )
+    websocket_client_via(url, None, messages).await
+}
+
+/// As [`websocket_client`], dialling `via` (an address, and the CA file to trust for `wss://`)
+/// instead of the URL's host, which still names the server (Host, SNI).
+pub async fn websocket_client_via(
+    url: &str,
+    via: Option<(SocketAddr, &Path)>,
+    messages: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let mut cmd = Command::new(venv_python()?);
+    cmd.arg(scripts().join("ws_client.py"))
+        .arg(url)
+        .args(messages)
+        .kill_on_drop(true);
+    if let Some((addr, ca)) = via {
+        cmd.env("WS_CONNECT", addr.to_string()).env("WS_CA", ca);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
     .await
     .context("websocket client timed out")??;
     anyhow::ensure!(

@@ -1009,3 +1009,105 @@ async fn a_grpcroute_on_the_gateway_routes_grpc_by_method() -> anyhow::Result<()
     assert!(out.contains("x-mesh-error: no-route"), "{out}");
     Ok(())
 }
+
+/// Clients the gateway had not met: a WebSocket client (the `websockets` library) over
+/// `wss://` to a WebSocket app behind its sidecar, and Envoy as an outside load balancer in
+/// front of the gateway, originating TLS to it over HTTP/2 with the host's SNI, as a cloud
+/// balancer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_and_an_outside_envoy_cross_the_gateway() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (ca, certs) = operator_cert(&mesh, "shop.example.com")?;
+    let ws = peers::websocket_app(&mut mesh).await?;
+    mesh.front("chat", ws, &[]).await?;
+    let node = peers::node_app(&mut mesh).await?;
+    mesh.front("web", node, &[]).await?;
+    let gw = gateway(&mut mesh, &certs, &[]).await?;
+    let https = gw.gateway_https.expect("the gateway's HTTPS listener");
+    mesh.wait_endpoints("chat", 1).await?;
+    mesh.wait_endpoints("web", 1).await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "chat",
+        &[
+            "--match",
+            "host:shop.example.com",
+            "--match",
+            "prefix:/room",
+            "--to",
+            "svc/chat",
+        ],
+    )
+    .await?;
+    gateway_rule(
+        &mesh,
+        &gw,
+        "shop",
+        &["--match", "host:shop.example.com", "--to", "svc/web"],
+    )
+    .await?;
+
+    // The WebSocket handshake (HTTP/1.1 Upgrade over TLS) and two messages each way.
+    let answers = peers::websocket_client_via(
+        &format!("wss://shop.example.com:{}/room", https.port()),
+        Some((https, &ca)),
+        &["hello", "second"],
+    )
+    .await?;
+    assert_eq!(answers, ["echo:hello", "echo:second"]);
+
+    // Envoy takes plaintext from the client and sends to the gateway over TLS (SNI and
+    // certificate checked against the operator CA), HTTP/2 by ALPN.
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = format!(
+        r#"static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {front_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config: {{virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: gateway}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: gateway
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: gateway, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {gw_port}}}}}}}}}]}}]}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: shop.example.com
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{filename: "{ca}"}}
+            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: shop.example.com}}}}]
+"#,
+        front_port = front.port(),
+        gw_port = https.port(),
+        ca = ca.display(),
+    );
+    peers::envoy(&mut mesh, &config, &[front]).await?;
+    let (status, body) = curl(&[
+        "-H",
+        "Host: shop.example.com",
+        &format!("http://{front}/hello?via=envoy"),
+    ])
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let j = json(&body);
+    assert_eq!(j["app"], "node", "{body}");
+    assert_eq!(j["url"], "/hello?via=envoy", "{body}");
+    assert_eq!(j["hosts"], serde_json::json!(["shop.example.com"]), "{body}");
+    // Envoy's hop to the gateway was TLS: the gateway says so to the app.
+    assert_eq!(j["forwarded_proto"], "https", "{body}");
+    Ok(())
+}
