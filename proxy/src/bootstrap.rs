@@ -91,8 +91,11 @@ pub struct Args {
     /// How often golden metrics are reported to the control plane, milliseconds.
     #[arg(long, env = "MESH_TELEMETRY_INTERVAL_MS", default_value_t = 1000)]
     pub telemetry_interval_ms: u64,
-    /// Tokio worker threads.
-    #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
+    /// Tokio worker threads. One by default, as Linkerd's sidecar: on a current-thread runtime,
+    /// where no wakeup crosses threads, the pair takes a third less CPU per request at 1,000
+    /// requests a second than on two workers, and adds a quarter less p99 (BENCHMARKS.md,
+    /// "linkerd2-proxy side by side"). More for a sidecar or gateway with over a core of work.
+    #[arg(long, env = "MESH_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// Time a client has to send a request head, milliseconds (slowloris bound).
     #[arg(long, env = "MESH_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]

@@ -98,8 +98,8 @@ struct Args {
     #[arg(long)]
     app_threads: Option<std::num::NonZeroUsize>,
     /// Worker threads of each proxy: `mesh-proxy --workers`, `envoy --concurrency`,
-    /// `LINKERD2_PROXY_CORES`. 0 runs each with its own default, as users run them (the mesh 2,
-    /// Envoy and linkerd2-proxy one per core).
+    /// `LINKERD2_PROXY_CORES`. 0 runs each with its own default, as users run them (the mesh
+    /// and linkerd2-proxy 1, Envoy one per core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// The gRPC request body file (written at start).
