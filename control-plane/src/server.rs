@@ -279,10 +279,13 @@ pub async fn run(
             leader.clone(),
             proxies.clone(),
         ));
+        let mut inject = cfg.inject.clone();
+        inject.trust_domain = cfg.trust_domain.clone();
         tokio::spawn(crate::k8s::gateway::sync(
             client.clone(),
             registry.clone(),
             leader.clone(),
+            Arc::new(inject),
         ));
         tokio::spawn(crate::k8s::externals::sync(
             client.clone(),

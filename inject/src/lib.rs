@@ -8,6 +8,7 @@
 //! Always` whose startup probe on `/ready` holds the app containers back until the proxy has
 //! its certificate and first config). Idempotent: a pod that has `mesh-proxy` is left alone.
 
+pub mod gateway;
 pub mod manifest;
 pub mod probes;
 pub mod review;
@@ -494,8 +495,10 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// The native sidecar. Configured through the environment (every proxy flag has a variable).
-fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
-    let mut vars = vec![
+/// What every mesh proxy in a pod is told: who it is (from the pod), where the control plane
+/// is, its trust bundle and token, and its outbound and admin listeners.
+fn proxy_env(cfg: &InjectConfig) -> Vec<EnvVar> {
+    vec![
         env_field("POD_NAME", "metadata.name"),
         env_field("MESH_NAMESPACE", "metadata.namespace"),
         env_field("MESH_SERVICE_ACCOUNT", "spec.serviceAccountName"),
@@ -507,9 +510,47 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
         env("MESH_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
         env("MESH_OUTBOUND_ADDR", format!("127.0.0.1:{OUTBOUND_PORT}")),
         env("MESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
-        // mesh-init redirects the pod's traffic to the listeners.
-        env("MESH_TRANSPARENT", "true"),
-    ];
+    ]
+}
+
+/// The proxy's user, no privilege, read-only root.
+fn proxy_security() -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(PROXY_UID),
+        run_as_group: Some(PROXY_UID),
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The trust bundle and the token, mounted where [`proxy_env`] says.
+fn proxy_mounts() -> Vec<VolumeMount> {
+    vec![
+        VolumeMount {
+            name: "mesh-ca".into(),
+            mount_path: CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "mesh-token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ]
+}
+
+fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
+    let mut vars = proxy_env(cfg);
+    // mesh-init redirects the pod's traffic to the listeners.
+    vars.push(env("MESH_TRANSPARENT", "true"));
     if let Some(p) = o.app_port {
         vars.extend([
             env("MESH_APP_PORT", p.to_string()),
@@ -555,32 +596,8 @@ fn proxy_container(cfg: &InjectConfig, o: &PodOptions) -> Container {
         startup_probe: Some(http_probe("/ready", 1, 120)),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 3)),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(PROXY_UID),
-            run_as_group: Some(PROXY_UID),
-            run_as_non_root: Some(true),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "mesh-ca".into(),
-                mount_path: CA_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "mesh-token".into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        security_context: Some(proxy_security()),
+        volume_mounts: Some(proxy_mounts()),
         ..Default::default()
     }
 }

@@ -205,7 +205,9 @@ impl FakeKubeApi {
                                 );
                             }
                             if req.method() == hyper::Method::PATCH {
-                                return Ok::<_, Infallible>(apply_config_map(req, &state).await);
+                                return Ok::<_, Infallible>(
+                                    apply_object(req, &state, &events).await,
+                                );
                             }
                             if let Some(r) = config_map_object(&req) {
                                 return Ok::<_, Infallible>(
@@ -277,6 +279,13 @@ impl FakeKubeApi {
     pub fn webhook_configuration(&self, name: &str) -> Option<Value> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.webhook_configs.get(name).cloned()
+    }
+
+    /// An object the control plane applied that is served at `path` (a Deployment or a
+    /// ServiceAccount).
+    pub fn applied(&self, path: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.by_path.get(path).cloned()
     }
 
     /// A ConfigMap as the control plane last applied it.
@@ -863,10 +872,13 @@ async fn stored_config_map(
     json_response(code, &out)
 }
 
-/// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`).
-async fn apply_config_map(
+/// Server-side apply of a ConfigMap (`PATCH /api/v1/namespaces/<ns>/configmaps/<name>`), or of
+/// a Gateway's Deployment, ServiceAccount or Service: the first two then answer GET at their
+/// path, and the Service is recorded as a change the watches see.
+async fn apply_object(
     req: hyper::Request<hyper::body::Incoming>,
     state: &Mutex<State>,
+    events: &broadcast::Sender<(Kind, String)>,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -878,6 +890,31 @@ async fn apply_config_map(
             st.config_maps
                 .insert((ns.to_string(), name.to_string()), obj.clone());
             (hyper::StatusCode::OK, obj)
+        }
+        ["apis", "apps", "v1", "namespaces", _, "deployments", _]
+            if obj["kind"] == "Deployment" =>
+        {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.by_path.insert(path.clone(), obj.clone());
+            (hyper::StatusCode::OK, obj)
+        }
+        ["api", "v1", "namespaces", _, "serviceaccounts", _] if obj["kind"] == "ServiceAccount" => {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.by_path.insert(path.clone(), obj.clone());
+            (hyper::StatusCode::OK, obj)
+        }
+        ["api", "v1", "namespaces", ns, "services", name] if obj["kind"] == "Service" => {
+            let event = {
+                let st = state.lock().unwrap_or_else(|p| p.into_inner());
+                let k = (Kind::Service as u8, ns.to_string(), name.to_string());
+                if st.objects.contains_key(&k) {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                }
+            };
+            let out = record(state, events, Kind::Service, event, obj);
+            (hyper::StatusCode::OK, out)
         }
         _ => (
             hyper::StatusCode::NOT_FOUND,

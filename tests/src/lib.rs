@@ -7,8 +7,8 @@
 //! By what it starts: `mesh` (the control plane and its replicas, meshctl, logs), `workloads`
 //! (sidecars and example apps), `clients` (HTTP clients and load), `config` (what a sidecar
 //! applied), `identity` (certificates by CSR); third-party peers in `peers`, Kubernetes' API
-//! stand-in in `kube_api`, real pods in `pods`, network namespaces in `netns`, etcd, an OTLP
-//! collector and Chromium in their own modules.
+//! stand-in in `kube_api` and the kubelet's part in `kubelet`, real pods in `pods`, network
+//! namespaces in `netns`, etcd, an OTLP collector and Chromium in their own modules.
 
 pub mod browser;
 mod clients;
@@ -16,6 +16,7 @@ mod config;
 pub mod etcd;
 mod identity;
 pub mod kube_api;
+pub mod kubelet;
 mod mesh;
 pub mod netns;
 pub mod otlp;

@@ -164,8 +164,8 @@ pub async fn websocket_client_via(
         cmd.env("WS_CONNECT", addr.to_string()).env("WS_CA", ca);
     }
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-    .await
-    .context("websocket client timed out")??;
+        .await
+        .context("websocket client timed out")??;
     anyhow::ensure!(
         out.status.success(),
         "websocket client failed: {}",

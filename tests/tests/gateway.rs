@@ -1106,8 +1106,181 @@ async fn a_websocket_and_an_outside_envoy_cross_the_gateway() -> anyhow::Result<
     let j = json(&body);
     assert_eq!(j["app"], "node", "{body}");
     assert_eq!(j["url"], "/hello?via=envoy", "{body}");
-    assert_eq!(j["hosts"], serde_json::json!(["shop.example.com"]), "{body}");
+    assert_eq!(
+        j["hosts"],
+        serde_json::json!(["shop.example.com"]),
+        "{body}"
+    );
     // Envoy's hop to the gateway was TLS: the gateway says so to the app.
     assert_eq!(j["forwarded_proto"], "https", "{body}");
+    Ok(())
+}
+
+/// A Gateway object of class mesh gets its gateway proxies from the control plane: a
+/// ServiceAccount, a LoadBalancer Service with the listeners' ports, and a Deployment whose
+/// container, run as the kubelet runs it (its environment, its mounted Secret, trust bundle
+/// and token), serves the HTTPS listener's port with the Secret's certificate, redirects the
+/// HTTP listener's port to it, and routes the HTTPRoute attached to the Gateway. A listener it
+/// cannot serve says why in the Gateway's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_object_gets_its_proxies_from_the_control_plane() -> anyhow::Result<()> {
+    use mesh_tests::kube_api::{FakeKubeApi, Kind};
+    let api = FakeKubeApi::start(Vec::new()).await?;
+    let mut mesh = Mesh::start_with(&["--kube-api", &api.url]).await?;
+    let dir = mesh.data_dir().join("gateway-pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new("operator CA")?;
+    let ca_file = ca.write(&dir.join("ca.pem"))?;
+    let (crt, key) = ca.leaf(&dir, "shop", &["shop.example.com"])?;
+    let node = peers::node_app(&mut mesh).await?;
+    mesh.front("web", node, &[]).await?;
+    mesh.wait_endpoints("web", 1).await?;
+
+    let (https, http) = (free_port(), free_port());
+    api.apply(
+        Kind::Gateway,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "default", "generation": 1, "uid": "gw-1"},
+            "spec": {"gatewayClassName": "mesh", "listeners": [
+                {"name": "https", "hostname": "shop.example.com", "port": https, "protocol": "HTTPS",
+                 "tls": {"certificateRefs": [{"name": "shop-tls"}]}},
+                {"name": "http", "hostname": "shop.example.com", "port": http, "protocol": "HTTP"},
+                {"name": "postgres", "port": 5432, "protocol": "TCP"}]}
+        }),
+    );
+    api.apply(
+        Kind::HttpRoute,
+        "ADDED",
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "shop", "namespace": "default", "generation": 1,
+                         "creationTimestamp": "2026-12-07T10:00:00Z"},
+            "spec": {"parentRefs": [{"name": "edge"}],
+                     "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}
+        }),
+    );
+
+    let deployment_path = "/apis/apps/v1/namespaces/default/deployments/edge-mesh";
+    until(
+        Duration::from_secs(10),
+        "the Gateway's Deployment, Service and ServiceAccount applied",
+        || {
+            let done = api.applied(deployment_path).is_some()
+                && api.object(Kind::Service, "default", "edge").is_some()
+                && api
+                    .applied("/api/v1/namespaces/default/serviceaccounts/edge")
+                    .is_some();
+            async move { Ok(done) }
+        },
+    )
+    .await?;
+    let service = api
+        .object(Kind::Service, "default", "edge")
+        .unwrap_or_default();
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    let ports: Vec<u64> = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert_eq!(ports, [u64::from(https), u64::from(http)]);
+    let deployment = api.applied(deployment_path).unwrap_or_default();
+    assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "gw-1");
+    // The TCP listener is not served, and the status says so in Gateway API's terms.
+    let listener_condition = |name: &str, t: &str| -> (String, String) {
+        let g = api
+            .object(Kind::Gateway, "default", "edge")
+            .unwrap_or_default();
+        g["status"]["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["name"] == name)
+            .flat_map(|l| l["conditions"].as_array().cloned().unwrap_or_default())
+            .find(|c| c["type"] == t)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .unwrap_or_default()
+    };
+    until(
+        Duration::from_secs(10),
+        "the TCP listener refused in status",
+        || {
+            let c = listener_condition("postgres", "Accepted");
+            async move { Ok(c == ("False".to_string(), "UnsupportedProtocol".to_string())) }
+        },
+    )
+    .await?;
+
+    // The kubelet's part: the Deployment's container with the Secret `shop-tls` mounted.
+    let secrets = mesh_tests::kubelet::Secrets::from([(
+        "shop-tls".to_string(),
+        vec![
+            ("tls.crt".to_string(), std::fs::read(&crt)?),
+            ("tls.key".to_string(), std::fs::read(&key)?),
+        ],
+    )]);
+    let ready = mesh_tests::kubelet::run_deployment(&mut mesh, &deployment, &secrets).await?;
+    assert_eq!(
+        ready["gateway_https"].as_str(),
+        Some(format!("127.0.0.1:{https}").as_str()),
+        "{ready}"
+    );
+    until(
+        Duration::from_secs(10),
+        "the Gateway programmed, its HTTPS listener with the route attached",
+        || {
+            let ok = listener_condition("https", "Programmed").0 == "True";
+            async move { Ok(ok) }
+        },
+    )
+    .await?;
+    let https_addr = SocketAddr::from(([127, 0, 0, 1], https));
+    let mut answered = false;
+    for _ in 0..100 {
+        let (status, out) = curl_https(
+            https_addr,
+            &ca_file,
+            "shop.example.com",
+            "/hello?from=gateway-object",
+            &["-i"],
+        )
+        .await?;
+        if status == 200 {
+            let (_, body) = head_and_body(&out);
+            let j = json(body);
+            assert_eq!(j["app"], "node");
+            assert_eq!(j["url"], "/hello?from=gateway-object");
+            assert_eq!(j["forwarded_proto"], "https");
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered,
+        "the route never answered through the Gateway's proxy"
+    );
+    // The HTTP listener's port sends to the HTTPS one.
+    let (status, out) = curl(&[
+        "-i",
+        "--resolve",
+        &format!("shop.example.com:{http}:127.0.0.1"),
+        &format!("http://shop.example.com:{http}/hello"),
+    ])
+    .await?;
+    assert_eq!(status, 301, "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains(&format!("location: https://shop.example.com:{https}/hello")),
+        "{out}"
+    );
     Ok(())
 }

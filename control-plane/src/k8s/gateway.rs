@@ -483,7 +483,12 @@ struct Object {
 
 /// Keeps the registry's routes equal to the Gateway API routes attached to Services, and their
 /// status current; runs until the process ends.
-pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
+pub async fn sync(
+    client: Client,
+    registry: Arc<Registry>,
+    leader: Leadership,
+    inject: Arc<mesh_inject::InjectConfig>,
+) {
     let (http, http_events) = super::objects::reflect(&client, &RouteKind::Http.resource());
     let (grpc, grpc_events) = super::objects::reflect(&client, &RouteKind::Grpc.resource());
     let (gateways, gateway_events) =
@@ -496,6 +501,8 @@ pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
     let mut changes = registry.watch();
     // Services whose route this controller set, so a route removed resets its Service.
     let mut managed: BTreeSet<String> = BTreeSet::new();
+    // The Gateways' objects as last applied, so an unchanged one is not applied again.
+    let mut applied: BTreeMap<String, Value> = BTreeMap::new();
     loop {
         tokio::select! {
             e = events.next() => if e.is_none() { return },
@@ -505,9 +512,27 @@ pub async fn sync(client: Client, registry: Arc<Registry>, leader: Leadership) {
             return;
         }
         if leader.is_leader() {
-            sync_once(&client, &registry, [&http, &grpc], &gateways, &mut managed).await;
+            let gateway_objects = GatewayObjects {
+                inject: &inject,
+                applied: &mut applied,
+            };
+            sync_once(
+                &client,
+                &registry,
+                [&http, &grpc],
+                &gateways,
+                &mut managed,
+                gateway_objects,
+            )
+            .await;
         }
     }
+}
+
+/// What the Gateways' own objects are made with, and what was applied of them.
+struct GatewayObjects<'a> {
+    inject: &'a mesh_inject::InjectConfig,
+    applied: &'a mut BTreeMap<String, Value>,
 }
 
 async fn sync_once(
@@ -516,6 +541,7 @@ async fn sync_once(
     stores: [&Store<DynamicObject>; 2],
     gateways: &Store<DynamicObject>,
     managed: &mut BTreeSet<String>,
+    objects_of: GatewayObjects<'_>,
 ) {
     let gateways: Vec<Value> = gateways
         .state()
@@ -634,8 +660,9 @@ async fn sync_once(
             write_status(client, o, &ours).await;
         }
     }
-    // The mesh's Gateways: programmed once a proxy of theirs declared their service, with the
-    // routes attached to them that were taken.
+    // The mesh's Gateways: their Deployment, Service and ServiceAccount applied; programmed
+    // once a proxy of theirs declared their service, with the routes attached to them that
+    // were taken, and what of their listeners cannot be served.
     let state = registry.state();
     for g in gateways
         .iter()
@@ -650,7 +677,9 @@ async fn sync_once(
             .filter(|((_, s), r)| *s == key && r.is_ok())
             .count();
         let programmed = state.services.contains_key(&key);
-        super::listeners::write_status(client, g, programmed, attached).await;
+        let plan = mesh_inject::gateway::plan(g, objects_of.inject);
+        super::listeners::apply_objects(client, &plan.objects, objects_of.applied).await;
+        super::listeners::write_status(client, g, programmed, attached, &plan.issues).await;
     }
 }
 

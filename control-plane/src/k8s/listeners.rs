@@ -1,9 +1,10 @@
 //! Gateway API `Gateway` objects of class `mesh`: the ingress gateways of the mesh. A Gateway
-//! named `edge` is served by the gateway proxies of service `edge` in its namespace (their
-//! flags hold the listeners' addresses and certificates). What the control plane reads of it
-//! is its listeners' hostnames, which bound the hostnames of the routes attached to it; what
-//! it writes is its status: Accepted, Programmed once a gateway proxy of it has started, and
-//! each listener's attached routes.
+//! named `edge` is served by the gateway proxies of service `edge` in its namespace. The
+//! control plane applies their Deployment, Service and ServiceAccount (`mesh_inject::gateway`:
+//! the listeners' ports and certificate Secrets become the proxies' listeners and mounted
+//! files); the listeners' hostnames bound the hostnames of the routes attached to it; and it
+//! writes the Gateway's status: Accepted, Programmed once a gateway proxy of it has started,
+//! each listener's attached routes and what of it cannot be served.
 
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
@@ -81,9 +82,63 @@ pub fn effective(route: &[String], listeners: Option<&Vec<String>>) -> Result<Ve
     Ok(out)
 }
 
+/// Applies a Gateway's objects (server-side, as their owner) that changed since last applied.
+pub async fn apply_objects(
+    client: &Client,
+    objects: &[Value],
+    applied: &mut BTreeMap<String, Value>,
+) {
+    for o in objects {
+        let (Some(kind), Some(ns), Some(name)) = (
+            o["kind"].as_str(),
+            o["metadata"]["namespace"].as_str(),
+            o["metadata"]["name"].as_str(),
+        ) else {
+            continue;
+        };
+        let key = format!("{kind}/{ns}/{name}");
+        if applied.get(&key) == Some(o) {
+            continue;
+        }
+        let (group, plural) = match kind {
+            "Deployment" => ("apps", "deployments"),
+            "Service" => ("", "services"),
+            _ => ("", "serviceaccounts"),
+        };
+        let gvk = kube::api::GroupVersionKind::gvk(group, "v1", kind);
+        let api = Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            ns,
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        );
+        match api
+            .patch(
+                name,
+                &PatchParams::apply("mesh-control-plane").force(),
+                &Patch::Apply(o),
+            )
+            .await
+        {
+            Ok(_) => {
+                applied.insert(key, o.clone());
+            }
+            Err(e) => {
+                tracing::warn!(%kind, namespace = %ns, %name, error = %e, "cannot apply a Gateway's object")
+            }
+        }
+    }
+}
+
 /// Writes a Gateway's status when it differs: Accepted; Programmed once a proxy of it has
-/// started (`programmed`); each listener with `attached` routes.
-pub async fn write_status(client: &Client, obj: &Value, programmed: bool, attached: usize) {
+/// started (`programmed`); each listener with `attached` routes, and not accepted, not
+/// programmed or with unresolved references as `issues` say.
+pub async fn write_status(
+    client: &Client,
+    obj: &Value,
+    programmed: bool,
+    attached: usize,
+    issues: &[mesh_inject::gateway::ListenerIssue],
+) {
     let generation = obj["metadata"]["generation"].clone();
     let cond = |t: &str, ok: bool, reason: &str, message: &str| {
         let before = &obj["status"]["conditions"];
@@ -105,12 +160,29 @@ pub async fn write_status(client: &Client, obj: &Value, programmed: bool, attach
         .into_iter()
         .flatten()
         .map(|l| {
-            json!({"name": l["name"], "attachedRoutes": attached,
+            let name = l["name"].as_str().unwrap_or_default();
+            let issue = |condition: &str| {
+                issues
+                    .iter()
+                    .find(|i| i.listener == name && i.condition == condition)
+            };
+            let condition = |t: &str, ok_reason: &str, default: (bool, &str, &str)| match issue(t)
+            {
+                Some(i) => cond(t, false, i.reason, &i.message),
+                None => cond(t, default.0, if default.0 { ok_reason } else { default.1 }, default.2),
+            };
+            let accepted = issue("Accepted").is_none();
+            let served = accepted && issue("Programmed").is_none();
+            json!({"name": l["name"], "attachedRoutes": if served { attached } else { 0 },
                    "supportedKinds": [{"group": super::gateway::GROUP, "kind": "HTTPRoute"},
                                       {"group": super::gateway::GROUP, "kind": "GRPCRoute"}],
-                   "conditions": [cond("Accepted", true, "Accepted", ""),
-                                  cond("Programmed", programmed, reason, message),
-                                  cond("ResolvedRefs", true, "ResolvedRefs", "")]})
+                   "conditions": [condition("Accepted", "Accepted", (true, "", "")),
+                                  if accepted {
+                                      condition("Programmed", "Programmed", (programmed, reason, message))
+                                  } else {
+                                      cond("Programmed", false, "Invalid", "the listener is not accepted")
+                                  },
+                                  condition("ResolvedRefs", "ResolvedRefs", (true, "", ""))]})
         })
         .collect();
     let wanted = json!({
