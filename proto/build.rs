@@ -11,7 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["."])?;
+    let (mesh, example) = files.split_at(files.len() - 1);
+    let fds = protox::compile(mesh, ["."])?;
     // Policies, routes and authorization rules are stored by the control plane as JSON, so they derive serde
     // (fields default when absent, so stored values survive added fields).
     let mut b = tonic_prost_build::configure();
@@ -71,6 +72,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ".mesh.v1.RateLimit.global_per_caller",
         "#[serde(skip_serializing_if = \"std::ops::Not::not\")]",
     );
-    b.compile_fds(fds)?;
+    // The mesh's own streams (a discovery and a telemetry stream per proxy, held open) start
+    // with small codec buffers; the example app keeps tonic's defaults, as an app would.
+    b.codec_path("crate::codec::SmallBuffers")
+        .compile_fds(fds)?;
+    tonic_prost_build::configure().compile_fds(protox::compile(example, ["."])?)?;
     Ok(())
 }

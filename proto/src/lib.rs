@@ -6,6 +6,48 @@ pub mod v1 {
     tonic::include_proto!("mesh.v1");
 }
 
+/// The codec of the `mesh.v1` services.
+pub mod codec {
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// Each gRPC stream's encode and decode buffer starts at this size (tonic's default is
+    /// 8 KiB) and grows for a larger message. The control plane holds a discovery and a
+    /// telemetry stream open per proxy, whose messages are mostly far smaller: with tonic's
+    /// default the four buffers were about half of what a connected proxy costs it.
+    pub const BUFFER_BYTES: usize = 1024;
+    /// Bytes encoded before a stream yields to others (tonic's default).
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// Prost encoding, as `tonic_prost::ProstCodec`, with [`BUFFER_BYTES`] buffers.
+    pub struct SmallBuffers<T, U>(std::marker::PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBuffers<T, U> {
+        fn default() -> Self {
+            Self(std::marker::PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SmallBuffers<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        }
+    }
+}
+
 /// The example echo service used by the demo and the end-to-end tests.
 pub mod example {
     tonic::include_proto!("mesh.example.v1");
