@@ -89,8 +89,21 @@ async fn hedged_requests_cut_the_tail_of_a_stalling_endpoint() -> anyhow::Result
     );
     assert_eq!(sent_plain, n as u64, "no extra requests without hedging");
 
-    mesh.meshctl(&["policy", "set", "api", "--route", "reads", "--hedge", "p95"])
-        .await?;
+    // A rule's policy is the whole policy of its requests: round robin again, so that the
+    // balancer keeps sending the stalling endpoint its half (P2C would steer away from it and
+    // leave the hedges little to do).
+    mesh.meshctl(&[
+        "policy",
+        "set",
+        "api",
+        "--route",
+        "reads",
+        "--hedge",
+        "p95",
+        "--lb",
+        "round-robin",
+    ])
+    .await?;
     wait_config(c.admin, Duration::from_secs(10), |d| {
         d["services"].as_array().is_some_and(|s| {
             s.iter().any(|s| {
