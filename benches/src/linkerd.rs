@@ -21,6 +21,7 @@
 //! proxy's own (matched by its user id, as linkerd-init matches the proxy's), which are sent on
 //! to the app's listener on 127.0.0.1.
 
+use crate::mesh::free_port;
 use anyhow::Context;
 use futures_util::StreamExt as _;
 use linkerd2_proxy_api as api;
@@ -214,26 +215,8 @@ impl Linkerd {
     /// inbound requests from `web`'s identity over TLS, and `web`'s outbound ones to the
     /// backend's. An error unless both sides count the same traffic as mTLS.
     pub async fn mtls_requests(&self) -> anyhow::Result<u64> {
-        let inbound = metric_sum(
-            self.backend_admin,
-            "request_total{",
-            &[
-                r#"direction="inbound""#,
-                r#"tls="true""#,
-                &format!(r#"client_id="{}""#, identity("web")),
-            ],
-        )
-        .await?;
-        let outbound = metric_sum(
-            self.web_admin,
-            "request_total{",
-            &[
-                r#"direction="outbound""#,
-                r#"tls="true""#,
-                &format!(r#"server_id="{}""#, identity("backend")),
-            ],
-        )
-        .await?;
+        let inbound = tls_requests(self.backend_admin, "inbound", "client_id", "web").await?;
+        let outbound = tls_requests(self.web_admin, "outbound", "server_id", "backend").await?;
         anyhow::ensure!(
             inbound > 0 && outbound > 0,
             "linkerd2-proxy pair: {outbound} request(s) sent and {inbound} received over mTLS"
@@ -242,14 +225,24 @@ impl Linkerd {
     }
 }
 
-/// The sum of the samples of `metric` (a name with its opening brace) whose labels include all
-/// of `labels`, from the admin listener at `admin`.
-async fn metric_sum(admin: SocketAddr, metric: &str, labels: &[&str]) -> anyhow::Result<u64> {
+/// A proxy's `request_total` over TLS in `direction` whose `peer_label` is service account
+/// `sa`'s identity, from its admin listener at `admin`.
+async fn tls_requests(
+    admin: SocketAddr,
+    direction: &str,
+    peer_label: &str,
+    sa: &str,
+) -> anyhow::Result<u64> {
     let (status, body) = http_get(admin, "/metrics").await?;
     anyhow::ensure!(status == 200, "{admin}/metrics answered {status}");
+    let labels = [
+        format!(r#"direction="{direction}""#),
+        r#"tls="true""#.to_string(),
+        format!(r#"{peer_label}="{}""#, identity(sa)),
+    ];
     Ok(body
         .lines()
-        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
+        .filter(|l| l.starts_with("request_total{") && labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64)
 }
@@ -273,10 +266,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)>
         .context("no status")?;
     // The admin server may answer chunked; the metrics lines survive the chunk sizes.
     Ok((status, body.to_string()))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    crate::mesh::free_port()
 }
 
 /// What a proxy does in the run: the outbound side of the pair (its outbound listener), or an
@@ -407,8 +396,8 @@ impl Signer {
         p.not_before = now - time::Duration::minutes(1);
         p.not_after = now + time::Duration::days(1);
         p.use_authority_key_identifier_extension = true;
+        let until = p.not_after.into();
         req.params = p;
-        let until = std::time::SystemTime::now() + Duration::from_secs(86_400);
         Ok((req.signed_by(&self.issuer)?.der().to_vec(), until))
     }
 }
