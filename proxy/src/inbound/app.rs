@@ -72,17 +72,12 @@ impl AppH1 {
 
     /// The most recently used ready connection, taken out of the list; closed ones are dropped.
     fn take_ready(&self) -> Option<Http1Sender<AppBody>> {
-        let mut conns = self.conns();
-        let mut i = conns.len();
-        while i > 0 {
-            i -= 1;
-            if conns[i].sender.is_closed() {
-                conns.swap_remove(i);
-            } else if conns[i].sender.is_ready() {
-                return Some(conns.swap_remove(i).sender);
-            }
-        }
-        None
+        take_latest(
+            &mut self.conns(),
+            |c| c.sender.is_closed(),
+            |c| c.sender.is_ready(),
+        )
+        .map(|c| c.sender)
     }
 
     /// Puts a connection back as soon as the answer's head is in; it is not ready for another
@@ -185,6 +180,21 @@ impl AppH1 {
             .filter(|c| !c.sender.is_closed())
             .count()
     }
+}
+
+/// Drops the closed entries of `list`, which is in the order entries were put back, and takes
+/// the last ready one. The order is kept (`remove`, not `swap_remove`, which would move the
+/// newest entry to where an older one was taken), so that requests keep to the most recently
+/// used connections and the others go idle and are swept. The list is as long as the most
+/// requests the app has had at once: a few entries.
+fn take_latest<T>(
+    list: &mut Vec<T>,
+    closed: impl Fn(&T) -> bool,
+    ready: impl Fn(&T) -> bool,
+) -> Option<T> {
+    list.retain(|c| !closed(c));
+    let i = list.iter().rposition(ready)?;
+    Some(list.remove(i))
 }
 
 /// The one HTTP/2 connection to the app, shared by every request that goes to it over
@@ -494,6 +504,31 @@ mod h1_tests {
             3,
             "idle connections are reused"
         );
+    }
+
+    /// Entries `(id, closed, ready)`; what `take_latest` takes, and the order it leaves.
+    #[test]
+    fn app_h1_takes_the_latest_ready_connection_and_keeps_the_order() {
+        let take = |l: &mut Vec<(u8, bool, bool)>| take_latest(l, |c| c.1, |c| c.2).map(|c| c.0);
+        // Put back oldest first: 1, 2, 3, 4; the two newest still busy with their bodies.
+        let mut l = vec![
+            (1, false, true),
+            (2, false, true),
+            (3, false, false),
+            (4, false, false),
+        ];
+        assert_eq!(take(&mut l), Some(2));
+        assert_eq!(l.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3, 4]);
+        assert_eq!(take(&mut l), Some(1));
+        assert_eq!(
+            l.iter().map(|c| c.0).collect::<Vec<_>>(),
+            [3, 4],
+            "the newest stays last, so it is the next one taken once ready"
+        );
+        // Closed ones are dropped on the way; none ready: none taken, the rest in order.
+        let mut l = vec![(1, false, false), (2, true, true), (3, false, false)];
+        assert_eq!(take(&mut l), None);
+        assert_eq!(l.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[tokio::test]
