@@ -102,6 +102,10 @@ struct Args {
     /// and linkerd2-proxy 1, Envoy one per core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Run no loads: keep the topologies up this many seconds after the warm-up, each one's
+    /// address and proxy pids printed, for tools from outside (perf, strace, `oha --db-url`).
+    #[arg(long)]
+    hold: Option<u64>,
     /// The gRPC request body file (written at start).
     #[arg(skip)]
     grpc_body: PathBuf,
@@ -763,6 +767,16 @@ async fn run() -> anyhow::Result<()> {
     // before any request it has not yet grown its buffers and pools).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_warm: Vec<f64> = topologies.iter().map(Topology::rss).collect();
+    if let Some(secs) = args.hold {
+        for t in &topologies {
+            eprintln!("held: {} {} pids {:?}", t.name, t.addr, t.proxies);
+        }
+        eprintln!("held: app pid {}; {secs} s", mesh.app_pid);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        drop(envoys);
+        mesh.stop();
+        return Ok(());
+    }
 
     let loads = [
         Load::H1Saturation,
@@ -832,6 +846,13 @@ async fn run() -> anyhow::Result<()> {
         _ => None,
     };
     drop(linkerd);
+    // Each topology's p99 at 1,000 rps round by round: a round's cells run minutes apart at
+    // most, so a ratio within a round shows how much of the spread is the machine's.
+    let fixed_p99: Vec<(&str, Vec<f64>)> = rounds
+        .iter()
+        .filter(|(l, _, _)| *l == Load::H1Fixed1000)
+        .map(|(_, n, runs)| (*n, runs.iter().map(|r| r.p99).collect()))
+        .collect();
     let results: Vec<(Load, &str, Run)> = rounds
         .into_iter()
         .map(|(l, n, runs)| (l, n, Run::median(&runs)))
@@ -936,7 +957,22 @@ async fn run() -> anyhow::Result<()> {
     };
     let direct_p99 = get(Load::H1Fixed1000, "direct").map(|r| r.p99);
     let added = |t: &str| Some(get(Load::H1Fixed1000, t)?.p99 - direct_p99?);
-    let added_ratio = |t: (&str, &str)| times(added(t.0).zip(added(t.1)).map(|(a, b)| a / b));
+    let by_round = |t: &str| fixed_p99.iter().find(|(n, _)| *n == t).map(|(_, v)| v);
+    // The median ratio, and with more than one round each round's own.
+    let added_ratio = |t: (&str, &str)| {
+        let median = times(added(t.0).zip(added(t.1)).map(|(a, b)| a / b));
+        match (by_round("direct"), by_round(t.0), by_round(t.1)) {
+            (Some(d), Some(a), Some(b)) if d.len() > 1 && a.len() == d.len() => {
+                let each: Vec<String> = d
+                    .iter()
+                    .zip(a.iter().zip(b))
+                    .map(|(d, (a, b))| format!("{:.2}", (a - d) / (b - d)))
+                    .collect();
+                format!("{median} (by round {})", each.join(", "))
+            }
+            _ => median,
+        }
+    };
     writeln!(
         md,
         "- CPU per request, mTLS pair (≤ 0.4×): at saturation {}; HTTP/1.1 at 1,000 rps {}",
