@@ -1,17 +1,16 @@
 //! Compiles the mesh protos with protox (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
+    let mesh = [
         "mesh/v1/discovery.proto",
         "mesh/v1/identity.proto",
         "mesh/v1/admin.proto",
         "mesh/v1/telemetry.proto",
         "mesh/v1/replicas.proto",
-        "mesh/example/v1/echo.proto",
     ];
-    for f in &files {
+    let example = ["mesh/example/v1/echo.proto"];
+    for f in mesh.iter().chain(&example) {
         println!("cargo:rerun-if-changed={f}");
     }
-    let (mesh, example) = files.split_at(files.len() - 1);
     let fds = protox::compile(mesh, ["."])?;
     // Policies, routes and authorization rules are stored by the control plane as JSON, so they derive serde
     // (fields default when absent, so stored values survive added fields).

@@ -846,16 +846,9 @@ async fn run() -> anyhow::Result<()> {
         _ => None,
     };
     drop(linkerd);
-    // Each topology's p99 at 1,000 rps round by round: a round's cells run minutes apart at
-    // most, so a ratio within a round shows how much of the spread is the machine's.
-    let fixed_p99: Vec<(&str, Vec<f64>)> = rounds
-        .iter()
-        .filter(|(l, _, _)| *l == Load::H1Fixed1000)
-        .map(|(_, n, runs)| (*n, runs.iter().map(|r| r.p99).collect()))
-        .collect();
     let results: Vec<(Load, &str, Run)> = rounds
-        .into_iter()
-        .map(|(l, n, runs)| (l, n, Run::median(&runs)))
+        .iter()
+        .map(|(l, n, runs)| (*l, *n, Run::median(runs)))
         .collect();
 
     // None: the cell was not run (`--only`, `--loads`).
@@ -957,7 +950,14 @@ async fn run() -> anyhow::Result<()> {
     };
     let direct_p99 = get(Load::H1Fixed1000, "direct").map(|r| r.p99);
     let added = |t: &str| Some(get(Load::H1Fixed1000, t)?.p99 - direct_p99?);
-    let by_round = |t: &str| fixed_p99.iter().find(|(n, _)| *n == t).map(|(_, v)| v);
+    // A topology's runs at 1,000 rps, round by round: a round's cells run minutes apart at
+    // most, so a ratio within a round shows how much of the spread is the machine's.
+    let by_round = |t: &str| {
+        rounds
+            .iter()
+            .find(|(l, n, _)| *l == Load::H1Fixed1000 && *n == t)
+            .map(|(_, _, runs)| runs)
+    };
     // The median ratio, and with more than one round each round's own.
     let added_ratio = |t: (&str, &str)| {
         let median = times(added(t.0).zip(added(t.1)).map(|(a, b)| a / b));
@@ -966,7 +966,7 @@ async fn run() -> anyhow::Result<()> {
                 let each: Vec<String> = d
                     .iter()
                     .zip(a.iter().zip(b))
-                    .map(|(d, (a, b))| format!("{:.2}", (a - d) / (b - d)))
+                    .map(|(d, (a, b))| format!("{:.2}", (a.p99 - d.p99) / (b.p99 - d.p99)))
                     .collect();
                 format!("{median} (by round {})", each.join(", "))
             }

@@ -182,19 +182,27 @@ impl AppH1 {
     }
 }
 
-/// Drops the closed entries of `list`, which is in the order entries were put back, and takes
-/// the last ready one. The order is kept (`remove`, not `swap_remove`, which would move the
-/// newest entry to where an older one was taken), so that requests keep to the most recently
-/// used connections and the others go idle and are swept. The list is as long as the most
-/// requests the app has had at once: a few entries.
+/// Takes the last ready entry of `list`, which is in the order entries were put back, and
+/// drops the closed ones it passes on the way; the scan stops at the first ready one from the
+/// end, usually the last. The order is kept (`remove`, not `swap_remove`, which would move
+/// the newest entry to where an older one was taken), so that requests keep to the most
+/// recently used connections and the others go idle and are swept.
 fn take_latest<T>(
     list: &mut Vec<T>,
     closed: impl Fn(&T) -> bool,
     ready: impl Fn(&T) -> bool,
 ) -> Option<T> {
-    list.retain(|c| !closed(c));
-    let i = list.iter().rposition(ready)?;
-    Some(list.remove(i))
+    let mut i = list.len();
+    while i > 0 {
+        i -= 1;
+        let c = list.get(i)?;
+        if closed(c) {
+            list.remove(i);
+        } else if ready(c) {
+            return Some(list.remove(i));
+        }
+    }
+    None
 }
 
 /// The one HTTP/2 connection to the app, shared by every request that goes to it over
