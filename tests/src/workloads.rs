@@ -227,6 +227,31 @@ impl Mesh {
         Ok((c, port))
     }
 
+    /// Waits until the registry has `service` (in namespace default), with or without
+    /// endpoints: a gateway declares its own once ready, after its ready line (bounded).
+    pub async fn wait_service(&mut self, service: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let all = self
+                .admin
+                .list_services(pb::ListServicesRequest {})
+                .await?
+                .into_inner();
+            if all
+                .services
+                .iter()
+                .any(|s| s.name == service && s.namespace == "default")
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{service} is not registered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `service` has `n` ready endpoints in the registry (bounded).
     pub async fn wait_endpoints(&mut self, service: &str, n: usize) -> anyhow::Result<()> {
         let key = mesh_model::service::absolute(service, "default");

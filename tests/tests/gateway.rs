@@ -69,14 +69,18 @@ async fn gateway_replica(
         certs,
     ];
     flags.extend_from_slice(extra);
-    mesh.sidecar(SidecarOpts {
-        service: Some("edge"),
-        service_account: "edge",
-        node_id: Some(node),
-        extra: &flags,
-        ..Default::default()
-    })
-    .await
+    let gw = mesh
+        .sidecar(SidecarOpts {
+            service: Some("edge"),
+            service_account: "edge",
+            node_id: Some(node),
+            extra: &flags,
+            ..Default::default()
+        })
+        .await?;
+    // Routes for `edge` are refused until the gateway has declared it.
+    mesh.wait_service("edge").await?;
+    Ok(gw)
 }
 
 /// `meshctl route set edge <args>`, then waits until the gateway runs a rule named `name`.
