@@ -254,7 +254,7 @@ pub async fn run(b: Bootstrap) -> anyhow::Result<()> {
             stop: lifecycle.closing(),
         }));
         let i = inbound.clone();
-        tokio::spawn(every(SWEEP_INTERVAL, move || i.sweep()));
+        tokio::spawn(every(crate::inbound::APP_SWEEP_INTERVAL, move || i.sweep()));
         loops.push(tokio::spawn(accept_loop(
             l,
             lifecycle.clone(),
@@ -324,7 +324,7 @@ async fn prune_pool(outbound: Arc<Outbound>) {
     }
 }
 
-/// How often idle connections (to peers, to the app) are looked for.
+/// How often idle connections to peer sidecars are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs `f` every `period`: the idle sweeps of the peer pool and of the app connections.

@@ -33,8 +33,16 @@ async fn connect_app(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     Ok(s)
 }
 
-/// How long an HTTP/1.1 connection to the app may stay unused.
-pub(super) const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an HTTP/1.1 connection to the app may stay unused: 3 s, as Linkerd's inbound
+/// HTTP/1.1 pool. It is under the keep-alive timeouts app servers close idle connections with
+/// (Node's `http` and uvicorn 5 s), so the sidecar closes first instead of racing the app's
+/// close with a request, and connections opened for a burst close soon after it, since
+/// requests keep to the most recently used ones (`take_latest`).
+pub(super) const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often `AppH1::sweep` runs: often enough that a connection closes within about
+/// `APP_IDLE_TIMEOUT` + 1 s of its last use, still under a 5 s app timeout.
+pub(crate) const APP_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// HTTP/1.1 connections to the app, one request at a time each. Every open connection is in
 /// `conns`, busy or not: a request takes the most recently used one that is ready for a new

@@ -27,6 +27,7 @@ mod app;
 
 use crate::http::body::Resend;
 use crate::http::body::{ReqBody, Upload};
+pub(crate) use app::APP_SWEEP_INTERVAL;
 use app::{APP_IDLE_TIMEOUT, AppBody, AppH1, AppH2};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
