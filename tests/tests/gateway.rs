@@ -1052,13 +1052,16 @@ async fn a_websocket_and_an_outside_envoy_cross_the_gateway() -> anyhow::Result<
     )
     .await?;
 
-    // The WebSocket handshake (HTTP/1.1 Upgrade over TLS) and two messages each way.
+    // The WebSocket handshake (HTTP/1.1 Upgrade over TLS) and two messages each way. The
+    // sidecars' logs are shown when it fails (a test that returns an error does not panic,
+    // which is when `Mesh` shows them by itself).
     let answers = peers::websocket_client_via(
         &format!("wss://shop.example.com:{}/room", https.port()),
         Some((https, &ca)),
         &["hello", "second"],
     )
-    .await?;
+    .await
+    .inspect_err(|_| mesh.dump_logs())?;
     assert_eq!(answers, ["echo:hello", "echo:second"]);
 
     // Envoy takes plaintext from the client and sends to the gateway over TLS (SNI and
