@@ -4,13 +4,23 @@
 // answers how many requests arrived; /sink reads the whole body and answers its size in bytes;
 // /bytes/<n> streams n bytes in 64 KiB chunks as the socket drains; /stall/<ms> sends the head
 // and one chunk, then nothing for that long before ending; /healthz answers 200 while healthy
-// and the request carries `x-probe: 1` (401 without it), 500 once /sick was called; anything
-// else 404. Prints one JSON readiness line.
+// and the request carries `x-probe: 1` (401 without it), 500 once /sick was called; /conns
+// answers, as JSON, how many connections that carried any other request have closed, and of
+// those how many the caller closed first (Node saw its FIN) rather than Node's own keep-alive
+// timeout (5 s by default, kept), itself not counted anywhere; anything else 404. Prints one
+// JSON readiness line.
 const http = require('http');
 let count = 0;
 let healthy = true;
+const conns = { closed: 0, closed_by_caller: 0 };
 const server = http.createServer((req, res) => {
+  if (req.url === '/conns') {
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify(conns));
+    return;
+  }
   count += 1;
+  req.socket.counted = true;
   if (req.url === '/healthz') {
     res.statusCode = req.headers['x-probe'] !== '1' ? 401 : healthy ? 200 : 500;
     res.end(healthy ? 'ok\n' : 'sick\n');
@@ -74,6 +84,14 @@ const server = http.createServer((req, res) => {
     forwarded_proto: req.headers['x-forwarded-proto'] || null,
     mesh_debug: req.headers['x-mesh-debug'] || null,
   }));
+});
+server.on('connection', (socket) => {
+  socket.on('end', () => { socket.endedByCaller = true; });
+  socket.on('close', () => {
+    if (!socket.counted) return;
+    conns.closed += 1;
+    if (socket.endedByCaller) conns.closed_by_caller += 1;
+  });
 });
 server.listen(0, '127.0.0.1', () => {
   const a = server.address();

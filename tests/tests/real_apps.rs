@@ -78,6 +78,59 @@ async fn raw(addr: SocketAddr, request: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out).to_string())
 }
 
+/// The inbound sidecar closes an HTTP/1.1 connection to the app left unused for 3 s (swept
+/// every second), before the app's own keep-alive timeout would: Node's `http` closes idle
+/// connections after 5 s, and a request sent as it closes one would meet a closed connection
+/// (RFC 9110 §9.2.2). Node tells which side closed: it saw the sidecar's FIN first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_app_connections_close_from_the_sidecar_before_the_apps_keepalive_timeout()
+-> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let node = peers::node_app(&mut mesh).await?;
+    mesh.front("nodeapp", node, &[]).await?;
+    let c = mesh.client("caller").await?;
+    mesh.wait_endpoints("nodeapp", 1).await?;
+    let proxy = format!("http://{}", c.outbound);
+    let (status, body) = curl(&["-x", &proxy, "http://nodeapp/hello"]).await?;
+    assert_eq!(status, 200, "{body}");
+    let used = tokio::time::Instant::now();
+    // Asked of the app directly, on connections of the test's own (not counted by the app).
+    let conns = || async {
+        let out = raw(
+            node,
+            "GET /conns HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        anyhow::Ok(json(body))
+    };
+    let closed = loop {
+        let j = conns().await?;
+        if j["closed"].as_u64().unwrap_or(0) >= 1 {
+            break j;
+        }
+        anyhow::ensure!(
+            used.elapsed() < Duration::from_secs(8),
+            "the app's connection still open 8 s after its request: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = used.elapsed();
+    assert_eq!(
+        closed,
+        serde_json::json!({"closed": 1, "closed_by_caller": 1}),
+        "the sidecar, not the app's timeout, closed it ({after:?} after the request)"
+    );
+    assert!(
+        after >= Duration::from_millis(2500),
+        "kept until the idle timeout, not closed after the answer: {after:?}"
+    );
+    Ok(())
+}
+
 /// Issue 24 item 8: ambiguous framing (RFC 9112 §3.2, §6.3) is answered 400 with the
 /// connection closed, and the app never sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
