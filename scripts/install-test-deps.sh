@@ -45,6 +45,9 @@ fi
 missing=()
 command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
+# The pods' infra (pause) container runs catatonit, which podman only recommends, and
+# recommended packages are not installed here.
+[ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null || missing+=(catatonit)
 command -v tcpdump >/dev/null || missing+=(tcpdump)
 command -v nsenter >/dev/null || missing+=(util-linux)
 apt_install install-test-deps "${missing[@]}"
