@@ -229,27 +229,23 @@ impl Mesh {
 
     /// Waits until the registry has `service` (in namespace default), with or without
     /// endpoints: a gateway declares its own once ready, after its ready line (bounded).
-    pub async fn wait_service(&mut self, service: &str) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let all = self
-                .admin
-                .list_services(pb::ListServicesRequest {})
-                .await?
-                .into_inner();
-            if all
-                .services
-                .iter()
-                .any(|s| s.name == service && s.namespace == "default")
-            {
-                return Ok(());
+    pub async fn wait_service(&self, service: &str) -> anyhow::Result<()> {
+        let what = format!("{service} registered");
+        until(Duration::from_secs(10), &what, || {
+            let mut admin = self.admin.clone();
+            async move {
+                let all = admin
+                    .list_services(pb::ListServicesRequest {})
+                    .await?
+                    .into_inner();
+                Ok(all
+                    .services
+                    .iter()
+                    .any(|s| s.name == service && s.namespace == "default"))
             }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{service} is not registered"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Waits until `service` has `n` ready endpoints in the registry (bounded).
