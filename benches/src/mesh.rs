@@ -15,6 +15,23 @@ use tokio::process::Command;
 
 /// How long each process has to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
+
+/// Waits until a listener on 127.0.0.1:`port` accepts, at most [`READY`]; `what` names it in
+/// the error.
+pub async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
 /// The mesh's trust domain in the benchmarks.
 pub const TRUST_DOMAIN: &str = "mesh.local";
 /// Time a sidecar has to drain and exit on SIGTERM.

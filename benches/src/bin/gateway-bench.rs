@@ -11,7 +11,9 @@
 //! (`--out`) with the mesh/Envoy ratios.
 
 use anyhow::Context;
-use mesh_benches::mesh::{Mesh, READY, certify_files, envoy_mtls_cluster, free_port, proxy_bin};
+use mesh_benches::mesh::{
+    Mesh, READY, certify_files, envoy_mtls_cluster, free_port, proxy_bin, wait_listening,
+};
 use mesh_proto::v1 as pb;
 use meshctl::process::{Process, bin_dir, proxy_command};
 use std::fmt::Write as _;
@@ -174,21 +176,6 @@ fn operator_certificate(dir: &Path) -> anyhow::Result<()> {
     let leaf = rcgen::CertificateParams::new(vec![HOST.to_string()])?.signed_by(&key, &issuer)?;
     std::fs::write(dir.join("gateway.crt"), leaf.pem())?;
     std::fs::write(dir.join("gateway.key"), key.serialize_pem())?;
-    Ok(())
-}
-
-async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + READY;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use mesh_benches::cpu_pin::CpuSplit;
 use mesh_benches::linkerd::{self, Linkerd};
 use mesh_benches::mesh::{
     Mesh, READY, TRUST_DOMAIN, app_view_check, certify_files, envoy_mtls_cluster, free_port,
-    grpc_check, grpc_request, proxy_bin,
+    grpc_check, grpc_request, proxy_bin, wait_listening,
 };
 use meshctl::process::bin_dir;
 use std::fmt::Write as _;
@@ -72,8 +72,9 @@ struct Args {
     /// The `l5d` topologies run when it is given or when that script's output is there.
     #[arg(long)]
     linkerd2_proxy: Option<PathBuf>,
-    /// Measure only these topologies (direct, mesh-1, envoy-1, l5d-1, mesh, envoy, l5d), e.g. to profile
-    /// one; the ratios then lack their other side.
+    /// Measure only these topologies (direct, relay, mesh-1, envoy-1, l5d-1, mesh, envoy, l5d),
+    /// e.g. to profile one; the ratios then lack their other side. `relay` is the floor: two
+    /// plain TCP relays in a chain, the pair's hops with no TLS and no HTTP.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only these loads (h1, h2, grpc, fixed, h1-limited, h2-limited, grpc-limited).
@@ -642,21 +643,32 @@ async fn run() -> anyhow::Result<()> {
                 )
             })?;
         envoy_pids.push(child.id().context("pid")?);
-        // Ready when the listener accepts.
-        let deadline = tokio::time::Instant::now() + READY;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{name} did not listen; see {}",
-                d.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(port, &format!("{name} (logs in {})", d.display())).await?;
         envoys.push(child);
     }
+
+    // The floor: two plain TCP relays chained in front of the app, the pair's hops without
+    // anything a proxy does (`tcp-relay`).
+    let (r_out_port, r_in_port) = (free_port()?, free_port()?);
+    let mut relays = Vec::new();
+    for (name, port, upstream) in [
+        ("relay-in", r_in_port, app_port),
+        ("relay-out", r_out_port, r_in_port),
+    ] {
+        let child = Command::new(bins.join("tcp-relay"))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{upstream}"))
+            .stderr(log(name)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting tcp-relay (cargo build --release -p mesh-benches)")?;
+        wait_listening(port, &format!("{name} (logs in {})", d.display())).await?;
+        relays.push(child);
+    }
+    let relay_pids = relays
+        .iter()
+        .map(|c| c.id().context("pid"))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
 
     // linkerd2-proxy's pair and single sidecar, with certificates from the same CA.
     let l5d_bin = args.linkerd2_proxy.clone().or_else(|| {
@@ -687,6 +699,11 @@ async fn run() -> anyhow::Result<()> {
             proxies: vec![],
         },
         Topology {
+            name: "relay",
+            addr: local(r_out_port),
+            proxies: relay_pids,
+        },
+        Topology {
             name: "mesh-1",
             addr: local(mesh.single_port),
             proxies: vec![mesh.single_pid],
@@ -709,7 +726,7 @@ async fn run() -> anyhow::Result<()> {
     ];
     if let Some(l) = &linkerd {
         topologies.insert(
-            3,
+            4,
             Topology {
                 name: "l5d-1",
                 addr: l.single,
@@ -773,7 +790,7 @@ async fn run() -> anyhow::Result<()> {
         }
         eprintln!("held: app pid {}; {secs} s", mesh.app_pid);
         tokio::time::sleep(Duration::from_secs(secs)).await;
-        drop(envoys);
+        drop((envoys, relays));
         mesh.stop();
         return Ok(());
     }
@@ -839,7 +856,7 @@ async fn run() -> anyhow::Result<()> {
             }
         }
     }
-    drop(envoys);
+    drop((envoys, relays));
     // Every request the load runs sent through the Linkerd pair went over its mTLS.
     let l5d_mtls = match (&linkerd, l5d_mtls_before) {
         (Some(l), Some(before)) => Some(l.mtls_requests().await? - before),
@@ -984,6 +1001,16 @@ async fn run() -> anyhow::Result<()> {
         "- p99 added at 1,000 rps (≤ 0.33×): mTLS pair {}, one proxy {}",
         added_ratio(pair),
         added_ratio(single),
+    )?;
+    let ms = |x: Option<f64>| x.map_or_else(|| "not run".to_string(), |x| format!("{x:.3} ms"));
+    writeln!(
+        md,
+        "- the floor, two plain TCP relays (`relay`: the pair's hops, no TLS, no HTTP): p99 added \
+         at 1,000 rps {} (the mesh pair {}, Envoy's {}); relay / Envoy {}: no pair can beat that",
+        ms(added("relay")),
+        ms(added(pair.0)),
+        ms(added(pair.1)),
+        added_ratio(("relay", pair.1)),
     )?;
     writeln!(
         md,
