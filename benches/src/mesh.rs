@@ -16,6 +16,17 @@ use tokio::process::Command;
 /// How long each process has to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
 
+/// The mesh's trust domain in the benchmarks.
+pub const TRUST_DOMAIN: &str = "mesh.local";
+/// Time a sidecar has to drain and exit on SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Waits until a listener on 127.0.0.1:`port` accepts, at most [`READY`]; `what` names it in
 /// the error.
 pub async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
@@ -31,16 +42,6 @@ pub async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-/// The mesh's trust domain in the benchmarks.
-pub const TRUST_DOMAIN: &str = "mesh.local";
-/// Time a sidecar has to drain and exit on SIGTERM.
-const DRAIN: Duration = Duration::from_secs(10);
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The running mesh. Dropping it kills every process; [`Mesh::stop_sidecars`] stops the
